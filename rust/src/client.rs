@@ -1,0 +1,453 @@
+//! HTTP/1.1 client side of a lane: endpoints, a keep-alive connection pool, and the execution
+//! of one request with per-event timing.
+//!
+//! Everything here runs on one lane's current-thread runtime, so the pool needs no locks.
+
+use std::cell::RefCell;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::error::EngineError;
+use crate::records::{ErrorKind, RequestRecord};
+use crate::sse::{decode_event, EventKind, SseParser};
+
+/// One target URL, resolved once before the run.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub addr: SocketAddr,
+    pub host_header: HeaderValue,
+    pub uri: Uri,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Self, EngineError> {
+        let bad = |reason: &str| EngineError::InvalidEndpoint {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(bad("https is not supported yet; use http://")),
+            _ => return Err(bad("URL must start with http://")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("URL has no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let addr = (authority.host().trim_matches(['[', ']']), port)
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("cannot resolve host: {e}")))?
+            .next()
+            .ok_or_else(|| bad("host resolves to no address"))?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid host"))?;
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let path_uri: Uri = path.parse().map_err(|_| bad("invalid path"))?;
+        Ok(Self {
+            url: url.to_owned(),
+            addr,
+            host_header,
+            uri: path_uri,
+        })
+    }
+}
+
+/// Client settings shared by every request of a run.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub stream: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_body_bytes: usize,
+    /// `Authorization` value, marked sensitive so it never appears in debug output.
+    pub authorization: Option<HeaderValue>,
+}
+
+impl ClientConfig {
+    pub fn bearer(api_key: &str) -> Option<HeaderValue> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {api_key}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+}
+
+pub type Sender = SendRequest<Full<Bytes>>;
+
+/// Idle keep-alive connections per endpoint, most recently used first.
+pub struct Pool {
+    endpoints: Rc<[Endpoint]>,
+    idle: RefCell<Vec<Vec<Sender>>>,
+    connect_timeout: Duration,
+}
+
+type Failure = (ErrorKind, String);
+
+impl Pool {
+    pub fn new(endpoints: Rc<[Endpoint]>, connect_timeout: Duration) -> Self {
+        let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
+        Self {
+            endpoints,
+            idle,
+            connect_timeout,
+        }
+    }
+
+    pub fn endpoint(&self, i: usize) -> &Endpoint {
+        &self.endpoints[i]
+    }
+
+    pub fn idle_count(&self, endpoint: usize) -> usize {
+        self.idle.borrow()[endpoint].len()
+    }
+
+    /// Opens a new connection; its driver task runs on the current `LocalSet`.
+    pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
+        let addr = self.endpoints[endpoint].addr;
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+        {
+            Err(_) => {
+                return Err((
+                    ErrorKind::ConnectTimeout,
+                    format!("connect to {addr} timed out after {:?}", self.connect_timeout),
+                ))
+            }
+            Ok(Err(e)) => return Err((ErrorKind::Connect, describe_connect_error(addr, &e))),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| (ErrorKind::Connect, format!("HTTP handshake with {addr}: {e}")))?;
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    pub fn put(&self, endpoint: usize, sender: Sender) {
+        if !sender.is_closed() {
+            self.idle.borrow_mut()[endpoint].push(sender);
+        }
+    }
+
+    /// An idle ready connection, or a new one.
+    pub async fn take(&self, endpoint: usize) -> Result<Sender, Failure> {
+        loop {
+            let candidate = self.idle.borrow_mut()[endpoint].pop();
+            match candidate {
+                Some(mut s) => {
+                    if s.is_closed() {
+                        continue;
+                    }
+                    if s.is_ready() || s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                None => return self.connect(endpoint).await,
+            }
+        }
+    }
+}
+
+fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => format!(
+            "connect to {addr}: no free local port (ephemeral ports exhausted); \
+             widen net.ipv4.ip_local_port_range or use more source addresses"
+        ),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => {
+            format!("connect to {addr}: too many open files; raise `ulimit -n`")
+        }
+        _ => format!("connect to {addr}: {e}"),
+    }
+}
+
+/// Monotonic ns since the run's start instant.
+#[derive(Debug, Clone, Copy)]
+pub struct RunClock {
+    pub t0: Instant,
+}
+
+impl RunClock {
+    pub fn now_ns(&self) -> i64 {
+        let now = Instant::now();
+        if now >= self.t0 {
+            (now - self.t0).as_nanos() as i64
+        } else {
+            -((self.t0 - now).as_nanos() as i64)
+        }
+    }
+}
+
+/// Runs one request on `pool`, filling `rec`. Returns the failure, if any; a partially filled
+/// `rec` (timestamps so far) is kept either way.
+///
+/// `sent_ns` is stamped, and `on_sent` called, when the request leaves the pacer for the
+/// network: before taking a connection, so a connection that had to be opened on the spot
+/// counts in TTFT (as users feel it) and a connect failure is a sent-and-failed request.
+pub async fn execute(
+    pool: &Pool,
+    cfg: &ClientConfig,
+    clock: RunClock,
+    endpoint: usize,
+    body: Bytes,
+    rec: &mut RequestRecord,
+    on_sent: impl FnOnce(),
+) -> Result<(), Failure> {
+    rec.sent_ns = clock.now_ns();
+    on_sent();
+    let mut sender = pool.take(endpoint).await?;
+    let ep = pool.endpoint(endpoint);
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(ep.uri.clone())
+        .header(HOST, ep.host_header.clone())
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header(USER_AGENT, HeaderValue::from_static(concat!("fineserve/", env!("CARGO_PKG_VERSION"))));
+    if let Some(auth) = &cfg.authorization {
+        builder = builder.header(AUTHORIZATION, auth.clone());
+    }
+    let req = builder
+        .body(Full::new(body))
+        .map_err(|e| (ErrorKind::InvalidResponse, format!("building request: {e}")))?;
+
+    let resp = match tokio::time::timeout(cfg.first_byte_timeout, sender.send_request(req)).await {
+        Err(_) => {
+            return Err((
+                ErrorKind::FirstByteTimeout,
+                format!("no response headers within {:?}", cfg.first_byte_timeout),
+            ))
+        }
+        Ok(Err(e)) => return Err((ErrorKind::Transport, transport_message(&e))),
+        Ok(Ok(r)) => r,
+    };
+    rec.first_byte_ns = clock.now_ns();
+    rec.http_status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut body = resp.into_body();
+
+    let status = http::StatusCode::from_u16(rec.http_status).unwrap_or(http::StatusCode::OK);
+    if !status.is_success() {
+        let mut snippet = Vec::new();
+        let complete = read_limited(&mut body, cfg.idle_timeout, 2048, &mut snippet).await;
+        rec.done_ns = clock.now_ns();
+        if complete {
+            pool.put(endpoint, sender);
+        }
+        let text = String::from_utf8_lossy(&snippet);
+        return Err((
+            ErrorKind::HttpStatus,
+            format!("HTTP {}: {}", rec.http_status, text.trim()),
+        ));
+    }
+
+    let is_sse = content_type.starts_with("text/event-stream");
+    let is_json = content_type.starts_with("application/json");
+    if cfg.stream && !is_sse && !is_json {
+        return Err((
+            ErrorKind::InvalidResponse,
+            format!("expected text/event-stream, got content-type {content_type:?}"),
+        ));
+    }
+    let outcome = if is_sse {
+        read_stream(&mut body, cfg, clock, rec).await
+    } else {
+        read_whole(&mut body, cfg, clock, rec).await
+    };
+    rec.done_ns = clock.now_ns();
+    if outcome.is_ok() {
+        pool.put(endpoint, sender);
+    }
+    outcome
+}
+
+fn transport_message(e: &hyper::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// Reads up to `limit` bytes; true if the body ended (so the connection is reusable).
+async fn read_limited(
+    body: &mut hyper::body::Incoming,
+    idle: Duration,
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    let room = limit.saturating_sub(out.len());
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                    if out.len() >= limit {
+                        return false;
+                    }
+                }
+            }
+            Ok(None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+async fn next_frame(
+    body: &mut hyper::body::Incoming,
+    idle: Duration,
+) -> Result<Option<Bytes>, Failure> {
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err((
+                    ErrorKind::IdleTimeout,
+                    format!("no bytes from the server for {idle:?}"),
+                ))
+            }
+            Ok(None) => return Ok(None),
+            Ok(Some(Err(e))) => return Err((ErrorKind::Transport, transport_message(&e))),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct StreamState {
+    done: bool,
+    finished: bool,
+    failure: Option<Failure>,
+}
+
+impl StreamState {
+    fn on_event(&mut self, data: &[u8], t_ns: i64, rec: &mut RequestRecord) {
+        if self.failure.is_some() {
+            return;
+        }
+        match decode_event(data) {
+            Ok(EventKind::Done) => self.done = true,
+            Ok(EventKind::Chunk(info)) => {
+                if let Some(msg) = info.error {
+                    self.failure = Some((
+                        ErrorKind::InvalidResponse,
+                        format!("server error in stream: {msg}"),
+                    ));
+                    return;
+                }
+                if info.has_content {
+                    if rec.first_token_ns < 0 {
+                        rec.first_token_ns = t_ns;
+                    }
+                    rec.chunk_ns.push(t_ns);
+                }
+                self.finished |= info.finish_reason;
+                if let Some(c) = info.completion_tokens {
+                    rec.completion_tokens = c;
+                }
+                if let Some(p) = info.prompt_tokens {
+                    rec.prompt_tokens = p;
+                }
+            }
+            Err(msg) => self.failure = Some((ErrorKind::InvalidResponse, msg)),
+        }
+    }
+}
+
+async fn read_stream(
+    body: &mut hyper::body::Incoming,
+    cfg: &ClientConfig,
+    clock: RunClock,
+    rec: &mut RequestRecord,
+) -> Result<(), Failure> {
+    let mut parser = SseParser::new();
+    let mut state = StreamState::default();
+    while let Some(data) = next_frame(body, cfg.idle_timeout).await? {
+        let t_ns = clock.now_ns();
+        parser.feed(&data, |ev| state.on_event(ev, t_ns, rec));
+        if let Some(f) = state.failure.take() {
+            return Err(f);
+        }
+        if parser.bytes_seen() > cfg.max_body_bytes as u64 {
+            return Err((
+                ErrorKind::TooLarge,
+                format!("stream exceeded {} bytes", cfg.max_body_bytes),
+            ));
+        }
+    }
+    let t_ns = clock.now_ns();
+    parser.finish(|ev| state.on_event(ev, t_ns, rec));
+    if let Some(f) = state.failure.take() {
+        return Err(f);
+    }
+    if !state.done && !state.finished {
+        return Err((
+            ErrorKind::Incomplete,
+            "stream ended without [DONE] or a finish_reason".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+async fn read_whole(
+    body: &mut hyper::body::Incoming,
+    cfg: &ClientConfig,
+    clock: RunClock,
+    rec: &mut RequestRecord,
+) -> Result<(), Failure> {
+    let mut buf = Vec::new();
+    while let Some(data) = next_frame(body, cfg.idle_timeout).await? {
+        if buf.len() + data.len() > cfg.max_body_bytes {
+            return Err((
+                ErrorKind::TooLarge,
+                format!("response exceeded {} bytes", cfg.max_body_bytes),
+            ));
+        }
+        buf.extend_from_slice(&data);
+    }
+    let t_ns = clock.now_ns();
+    match decode_event(&buf) {
+        Ok(EventKind::Chunk(info)) => {
+            if let Some(msg) = info.error {
+                return Err((ErrorKind::InvalidResponse, format!("server error: {msg}")));
+            }
+            // Without streaming the whole answer becomes visible at once: first token = end.
+            if info.has_content {
+                rec.first_token_ns = t_ns;
+                rec.chunk_ns.push(t_ns);
+            }
+            if let Some(c) = info.completion_tokens {
+                rec.completion_tokens = c;
+            }
+            if let Some(p) = info.prompt_tokens {
+                rec.prompt_tokens = p;
+            }
+            Ok(())
+        }
+        Ok(EventKind::Done) => Err((ErrorKind::InvalidResponse, "bare [DONE] body".to_owned())),
+        Err(msg) => Err((ErrorKind::InvalidResponse, msg)),
+    }
+}

@@ -1,0 +1,19 @@
+//! fineserve's engine: open-loop dispatch of a columnar schedule with per-event timing,
+//! and an embedded OpenAI-compatible mock server. The Python bindings live in `python`
+//! (feature `python`), so `cargo test` needs no libpython.
+
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod mock;
+pub mod records;
+pub mod sse;
+pub mod timer;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use engine::{start, EngineConfig, RunHandle, RunOutput, Schedule};
+pub use error::EngineError;
+pub use mock::{MockConfig, MockServer};
+pub use records::{ErrorKind, RecordColumns};

@@ -1,0 +1,303 @@
+//! The thin pyo3 layer: `fineserve._engine`. All conversion between Python and the engine
+//! happens here, and `EngineError` is the one exception the engine raises.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use numpy::{IntoPyArray, PyReadonlyArray1};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::client::ClientConfig;
+use crate::engine::{self, EngineConfig, RunHandle, Schedule};
+use crate::error::EngineError as CoreError;
+use crate::mock::{MockConfig, MockServer};
+use crate::records::ErrorKind;
+
+create_exception!(_engine, EngineError, PyException, "A run could not start: bad schedule, endpoint or configuration.");
+
+impl From<CoreError> for PyErr {
+    fn from(e: CoreError) -> Self {
+        EngineError::new_err(e.to_string())
+    }
+}
+
+fn secs(name: &str, v: f64) -> PyResult<Duration> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(EngineError::new_err(format!("{name} must be a positive number of seconds, got {v}")))
+    }
+}
+
+/// A run in progress; see `start_run`.
+#[pyclass(name = "Run", module = "fineserve._engine")]
+struct PyRun {
+    handle: Mutex<Option<RunHandle>>,
+}
+
+impl PyRun {
+    fn with<T>(&self, f: impl FnOnce(&RunHandle) -> T) -> PyResult<T> {
+        let guard = self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("run state poisoned"))?;
+        guard
+            .as_ref()
+            .map(f)
+            .ok_or_else(|| PyRuntimeError::new_err("results() was already called on this run"))
+    }
+}
+
+#[pymethods]
+impl PyRun {
+    /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
+    /// elapsed_ns, started, warm_connections, warm_failures.
+    fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.with(|h| h.progress())?;
+        let d = PyDict::new(py);
+        d.set_item("scheduled", p.scheduled)?;
+        d.set_item("dispatched", p.dispatched)?;
+        d.set_item("sent", p.sent)?;
+        d.set_item("succeeded", p.succeeded)?;
+        d.set_item("failed", p.failed)?;
+        d.set_item("not_sent", p.not_sent)?;
+        d.set_item("in_flight", p.in_flight)?;
+        d.set_item("elapsed_ns", p.elapsed_ns)?;
+        d.set_item("started", p.started)?;
+        d.set_item("warm_connections", p.warm_connections)?;
+        d.set_item("warm_failures", p.warm_failures)?;
+        Ok(d)
+    }
+
+    /// Waits up to `timeout_s` with the GIL released; True once every request is done.
+    fn wait(&self, py: Python<'_>, timeout_s: f64) -> PyResult<bool> {
+        let waiter = self.with(|h| h.waiter())?;
+        let d = Duration::from_secs_f64(timeout_s.max(0.0));
+        Ok(py.detach(move || waiter.wait(d)))
+    }
+
+    /// Stops dispatching; requests in flight continue until done or `cancel()`.
+    fn stop(&self) -> PyResult<()> {
+        self.with(|h| h.stop())
+    }
+
+    /// Aborts requests in flight (recorded as cancelled) and stops dispatching.
+    fn cancel(&self) -> PyResult<()> {
+        self.with(|h| h.cancel())
+    }
+
+    /// Blocks (GIL released) until the run ends and returns its records as numpy columns.
+    fn results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let handle = self
+            .handle
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("run state poisoned"))?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("results() was already called on this run"))?;
+        let out = py.detach(move || handle.finish());
+        let c = out.columns;
+        let d = PyDict::new(py);
+        d.set_item("scheduled_ns", c.scheduled_ns.into_pyarray(py))?;
+        d.set_item("sent_ns", c.sent_ns.into_pyarray(py))?;
+        d.set_item("first_byte_ns", c.first_byte_ns.into_pyarray(py))?;
+        d.set_item("first_token_ns", c.first_token_ns.into_pyarray(py))?;
+        d.set_item("done_ns", c.done_ns.into_pyarray(py))?;
+        d.set_item("n_chunks", c.n_chunks.into_pyarray(py))?;
+        d.set_item("completion_tokens", c.completion_tokens.into_pyarray(py))?;
+        d.set_item("prompt_tokens", c.prompt_tokens.into_pyarray(py))?;
+        d.set_item("http_status", c.http_status.into_pyarray(py))?;
+        d.set_item("error_kind", c.error_kind.into_pyarray(py))?;
+        d.set_item("endpoint_idx", c.endpoint_idx.into_pyarray(py))?;
+        d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
+        d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;
+        let (idx, msgs): (Vec<i64>, Vec<String>) = c
+            .error_messages
+            .into_iter()
+            .map(|(i, m)| (i as i64, m))
+            .unzip();
+        d.set_item("error_index", idx.into_pyarray(py))?;
+        d.set_item("error_message", msgs)?;
+        d.set_item("t0_unix_ns", out.t0_unix_ns)?;
+        d.set_item("stopped", out.stopped)?;
+        Ok(d)
+    }
+}
+
+/// Starts an open-loop run over a columnar schedule and returns at once.
+#[pyfunction]
+#[pyo3(signature = (
+    endpoints, t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, *,
+    stream = true, max_concurrency = None, lanes = 2, warm_connections = 0, spin_us = 200,
+    start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
+    idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
+    api_key = None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn start_run(
+    endpoints: Vec<String>,
+    t_ns: PyReadonlyArray1<'_, i64>,
+    body_idx: PyReadonlyArray1<'_, u32>,
+    bodies: Vec<Bound<'_, PyBytes>>,
+    endpoint_idx: PyReadonlyArray1<'_, u32>,
+    expected_output_tokens: PyReadonlyArray1<'_, u32>,
+    stream: bool,
+    max_concurrency: Option<usize>,
+    lanes: usize,
+    warm_connections: usize,
+    spin_us: u64,
+    start_delay_ms: f64,
+    connect_timeout_s: f64,
+    first_byte_timeout_s: f64,
+    idle_timeout_s: f64,
+    total_timeout_s: f64,
+    max_body_bytes: usize,
+    api_key: Option<String>,
+) -> PyResult<PyRun> {
+    let schedule = Schedule {
+        t_ns: t_ns.as_slice()?.to_vec(),
+        body_idx: body_idx.as_slice()?.to_vec(),
+        endpoint_idx: endpoint_idx.as_slice()?.to_vec(),
+        expected_output_tokens: expected_output_tokens.as_slice()?.to_vec(),
+        bodies: bodies
+            .iter()
+            .map(|b| Bytes::copy_from_slice(b.as_bytes()))
+            .collect(),
+    };
+    let api_key = api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
+    let client = ClientConfig {
+        stream,
+        connect_timeout: secs("connect_timeout_s", connect_timeout_s)?,
+        first_byte_timeout: secs("first_byte_timeout_s", first_byte_timeout_s)?,
+        idle_timeout: secs("idle_timeout_s", idle_timeout_s)?,
+        total_timeout: secs("total_timeout_s", total_timeout_s)?,
+        max_body_bytes,
+        authorization: api_key
+            .filter(|k| !k.is_empty())
+            .and_then(|k| ClientConfig::bearer(&k)),
+    };
+    let config = EngineConfig {
+        endpoints,
+        client,
+        max_concurrency,
+        lanes,
+        warm_connections,
+        spin: Duration::from_micros(spin_us),
+        start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
+    };
+    let handle = engine::start(schedule, config)?;
+    Ok(PyRun {
+        handle: Mutex::new(Some(handle)),
+    })
+}
+
+/// The embedded OpenAI-compatible mock server, running on its own threads.
+#[pyclass(name = "MockServer", module = "fineserve._engine")]
+struct PyMockServer {
+    server: Mutex<Option<MockServer>>,
+    host: String,
+    port: u16,
+}
+
+#[pymethods]
+impl PyMockServer {
+    #[new]
+    #[pyo3(signature = (
+        host = "127.0.0.1".to_owned(), port = 0, *, model = "fineserve-mock".to_owned(),
+        ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
+        default_max_tokens = 16, workers = 1,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        host: String,
+        port: u16,
+        model: String,
+        ttft_ms: f64,
+        ttft_per_prompt_token_ms: f64,
+        itl_ms: f64,
+        itl_jitter_ms: f64,
+        default_max_tokens: u32,
+        workers: usize,
+    ) -> PyResult<Self> {
+        let ms = |name: &str, v: f64| -> PyResult<Duration> {
+            if v.is_finite() && v >= 0.0 {
+                Ok(Duration::from_secs_f64(v / 1e3))
+            } else {
+                Err(EngineError::new_err(format!("{name} must be >= 0 ms, got {v}")))
+            }
+        };
+        let cfg = MockConfig {
+            model,
+            ttft: ms("ttft_ms", ttft_ms)?,
+            ttft_per_prompt_token: ms("ttft_per_prompt_token_ms", ttft_per_prompt_token_ms)?,
+            itl: ms("itl_ms", itl_ms)?,
+            itl_jitter: ms("itl_jitter_ms", itl_jitter_ms)?,
+            default_max_tokens,
+            workers,
+        };
+        let server = MockServer::start(&host, port, cfg)?;
+        let addr = server.addr();
+        Ok(Self {
+            server: Mutex::new(Some(server)),
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        })
+    }
+
+    #[getter]
+    fn host(&self) -> String {
+        self.host.clone()
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Counters: requests, completions, active_streams, bad_requests.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = PyDict::new(py);
+        let guard = self
+            .server
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("mock state poisoned"))?;
+        if let Some(s) = guard.as_ref() {
+            let st = s.stats();
+            d.set_item("requests", st.requests.load(Relaxed))?;
+            d.set_item("completions", st.completions.load(Relaxed))?;
+            d.set_item("active_streams", st.active_streams.load(Relaxed))?;
+            d.set_item("bad_requests", st.bad_requests.load(Relaxed))?;
+        }
+        Ok(d)
+    }
+
+    /// Stops accepting and closes every connection. Idempotent.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let server = self
+            .server
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("mock state poisoned"))?
+            .take();
+        if let Some(mut s) = server {
+            py.detach(move || s.stop());
+        }
+        Ok(())
+    }
+}
+
+#[pymodule]
+#[pyo3(name = "_engine")]
+fn engine_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRun>()?;
+    m.add_class::<PyMockServer>()?;
+    m.add_function(wrap_pyfunction!(start_run, m)?)?;
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
+    let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.name()).collect();
+    m.add("ERROR_KINDS", kinds)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

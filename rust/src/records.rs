@@ -1,0 +1,205 @@
+//! Per-request results: what each request did, as columns the Python side reads without
+//! per-request objects.
+
+/// Why a request did not succeed. The numeric values cross the Python boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorKind {
+    Ok = 0,
+    /// Never sent: the run was stopped (Ctrl-C, stop()) before its scheduled time.
+    NotSent = 1,
+    /// TCP connect failed (refused, unreachable, port exhaustion).
+    Connect = 2,
+    ConnectTimeout = 3,
+    /// No response headers within the first-byte timeout.
+    FirstByteTimeout = 4,
+    /// The stream went silent for longer than the idle timeout.
+    IdleTimeout = 5,
+    /// The whole request exceeded the total timeout.
+    TotalTimeout = 6,
+    /// Non-2xx HTTP status.
+    HttpStatus = 7,
+    /// Connection reset, closed mid-response, or another transport error.
+    Transport = 8,
+    /// The response is not what an OpenAI-compatible server sends (malformed SSE/JSON,
+    /// wrong content type, error object inside the stream).
+    InvalidResponse = 9,
+    /// The stream ended without `[DONE]` and without a finish reason.
+    Incomplete = 10,
+    /// In flight when the run was stopped and the drain grace period ran out.
+    Cancelled = 11,
+    /// The response exceeded the body size limit.
+    TooLarge = 12,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::Ok,
+        ErrorKind::NotSent,
+        ErrorKind::Connect,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::FirstByteTimeout,
+        ErrorKind::IdleTimeout,
+        ErrorKind::TotalTimeout,
+        ErrorKind::HttpStatus,
+        ErrorKind::Transport,
+        ErrorKind::InvalidResponse,
+        ErrorKind::Incomplete,
+        ErrorKind::Cancelled,
+        ErrorKind::TooLarge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Ok => "ok",
+            ErrorKind::NotSent => "not_sent",
+            ErrorKind::Connect => "connect",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::FirstByteTimeout => "first_byte_timeout",
+            ErrorKind::IdleTimeout => "idle_timeout",
+            ErrorKind::TotalTimeout => "total_timeout",
+            ErrorKind::HttpStatus => "http_status",
+            ErrorKind::Transport => "transport",
+            ErrorKind::InvalidResponse => "invalid_response",
+            ErrorKind::Incomplete => "incomplete",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::TooLarge => "too_large",
+        }
+    }
+}
+
+/// The outcome of one request. Times are ns since the run's start instant; -1 = never happened.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub index: usize,
+    pub sent_ns: i64,
+    pub first_byte_ns: i64,
+    pub first_token_ns: i64,
+    pub done_ns: i64,
+    pub completion_tokens: i64,
+    pub prompt_tokens: i64,
+    pub http_status: u16,
+    pub error: ErrorKind,
+    pub error_message: String,
+    /// Arrival instant of every token-bearing event.
+    pub chunk_ns: Vec<i64>,
+}
+
+impl RequestRecord {
+    pub fn new(index: usize, expected_chunks: usize) -> Self {
+        Self {
+            index,
+            sent_ns: -1,
+            first_byte_ns: -1,
+            first_token_ns: -1,
+            done_ns: -1,
+            completion_tokens: -1,
+            prompt_tokens: -1,
+            http_status: 0,
+            error: ErrorKind::Ok,
+            error_message: String::new(),
+            chunk_ns: Vec::with_capacity(expected_chunks),
+        }
+    }
+
+    pub fn fail(&mut self, kind: ErrorKind, message: impl Into<String>) {
+        self.error = kind;
+        self.error_message = message.into();
+    }
+}
+
+/// All records of a run as columns, in schedule order.
+#[derive(Debug, Default)]
+pub struct RecordColumns {
+    pub scheduled_ns: Vec<i64>,
+    pub sent_ns: Vec<i64>,
+    pub first_byte_ns: Vec<i64>,
+    pub first_token_ns: Vec<i64>,
+    pub done_ns: Vec<i64>,
+    pub n_chunks: Vec<u32>,
+    pub completion_tokens: Vec<i64>,
+    pub prompt_tokens: Vec<i64>,
+    pub http_status: Vec<u16>,
+    pub error_kind: Vec<u8>,
+    pub endpoint_idx: Vec<u32>,
+    /// (index, message) for every request with a non-empty error message.
+    pub error_messages: Vec<(usize, String)>,
+    pub chunk_ns: Vec<i64>,
+    /// `chunk_ns[chunk_offsets[i]..chunk_offsets[i+1]]` belongs to request i.
+    pub chunk_offsets: Vec<u64>,
+}
+
+impl RecordColumns {
+    /// Assembles columns from records given in any order; a schedule slot without a record
+    /// (never dispatched) becomes `NotSent` with `not_sent_reason`.
+    pub fn assemble(
+        scheduled_ns: &[i64],
+        endpoint_idx: &[u32],
+        mut records: Vec<RequestRecord>,
+        not_sent_reason: &str,
+    ) -> Self {
+        let n = scheduled_ns.len();
+        records.sort_unstable_by_key(|r| r.index);
+        let mut cols = RecordColumns {
+            scheduled_ns: scheduled_ns.to_vec(),
+            endpoint_idx: endpoint_idx.to_vec(),
+            sent_ns: vec![-1; n],
+            first_byte_ns: vec![-1; n],
+            first_token_ns: vec![-1; n],
+            done_ns: vec![-1; n],
+            n_chunks: vec![0; n],
+            completion_tokens: vec![-1; n],
+            prompt_tokens: vec![-1; n],
+            http_status: vec![0; n],
+            error_kind: vec![ErrorKind::NotSent as u8; n],
+            error_messages: Vec::new(),
+            chunk_ns: Vec::with_capacity(records.iter().map(|r| r.chunk_ns.len()).sum()),
+            chunk_offsets: Vec::with_capacity(n + 1),
+        };
+        let mut it = records.into_iter().peekable();
+        cols.chunk_offsets.push(0);
+        for i in 0..n {
+            match it.next_if(|r| r.index == i) {
+                Some(r) => {
+                    cols.sent_ns[i] = r.sent_ns;
+                    cols.first_byte_ns[i] = r.first_byte_ns;
+                    cols.first_token_ns[i] = r.first_token_ns;
+                    cols.done_ns[i] = r.done_ns;
+                    cols.n_chunks[i] = r.chunk_ns.len() as u32;
+                    cols.completion_tokens[i] = r.completion_tokens;
+                    cols.prompt_tokens[i] = r.prompt_tokens;
+                    cols.http_status[i] = r.http_status;
+                    cols.error_kind[i] = r.error as u8;
+                    if !r.error_message.is_empty() {
+                        cols.error_messages.push((i, r.error_message));
+                    }
+                    cols.chunk_ns.extend_from_slice(&r.chunk_ns);
+                }
+                None => cols.error_messages.push((i, not_sent_reason.to_owned())),
+            }
+            cols.chunk_offsets.push(cols.chunk_ns.len() as u64);
+        }
+        cols
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assemble_orders_records_and_marks_missing_as_not_sent() {
+        let mut a = RequestRecord::new(2, 0);
+        a.sent_ns = 20;
+        a.chunk_ns = vec![21, 22];
+        let mut b = RequestRecord::new(0, 0);
+        b.sent_ns = 1;
+        b.chunk_ns = vec![5];
+        let cols = RecordColumns::assemble(&[0, 10, 20], &[0, 0, 1], vec![a, b], "stopped");
+        assert_eq!(cols.sent_ns, vec![1, -1, 20]);
+        assert_eq!(cols.chunk_offsets, vec![0, 1, 1, 3]);
+        assert_eq!(cols.chunk_ns, vec![5, 21, 22]);
+        assert_eq!(cols.error_kind[1], ErrorKind::NotSent as u8);
+        assert_eq!(cols.error_messages, vec![(1, "stopped".to_owned())]);
+    }
+}
