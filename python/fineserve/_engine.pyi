@@ -1,0 +1,97 @@
+"""Type stub for the Rust extension ``fineserve._engine``.
+
+Times in records are nanoseconds since the run's start instant (``t0``); ``-1`` means the
+event never happened.
+"""
+
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+#: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
+ERROR_KINDS: list[str]
+
+class EngineError(Exception):
+    """A run or mock could not start: bad schedule, endpoint or configuration."""
+
+class Run:
+    """A run in progress, returned by :func:`start_run`."""
+
+    def progress(self) -> dict[str, int | bool]:
+        """Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent,
+        in_flight, elapsed_ns, started, warm_connections, warm_failures."""
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` (GIL released); True once every request is done."""
+    def stop(self) -> None:
+        """Stop dispatching; requests in flight go on until done or :meth:`cancel`."""
+    def cancel(self) -> None:
+        """Abort requests in flight (recorded as ``cancelled``) and stop dispatching."""
+    def results(self) -> dict[str, npt.NDArray[np.generic] | list[str] | int | bool]:
+        """Block until the run ends and return its records as columns.
+
+        Keys: scheduled_ns, sent_ns, first_byte_ns, first_token_ns, done_ns (int64);
+        n_chunks (uint32); completion_tokens, prompt_tokens (int64, -1 = not reported);
+        http_status (uint16, 0 = none); error_kind (uint8, see ERROR_KINDS);
+        endpoint_idx (uint32); chunk_ns (int64) with chunk_offsets (uint64, n+1) so that
+        ``chunk_ns[chunk_offsets[i]:chunk_offsets[i+1]]`` are request i's token-event
+        arrival times; error_index (int64) with error_message (list[str]); t0_unix_ns;
+        stopped. Can be called once.
+        """
+
+def start_run(
+    endpoints: list[str],
+    t_ns: npt.NDArray[np.int64],
+    body_idx: npt.NDArray[np.uint32],
+    bodies: list[bytes],
+    endpoint_idx: npt.NDArray[np.uint32],
+    expected_output_tokens: npt.NDArray[np.uint32],
+    *,
+    stream: bool = True,
+    max_concurrency: int | None = None,
+    lanes: int = 2,
+    warm_connections: int = 0,
+    spin_us: int = 200,
+    start_delay_ms: float = 10.0,
+    connect_timeout_s: float = 10.0,
+    first_byte_timeout_s: float = 600.0,
+    idle_timeout_s: float = 600.0,
+    total_timeout_s: float = 3600.0,
+    max_body_bytes: int = 67_108_864,
+    api_key: str | None = None,
+) -> Run:
+    """Start an open-loop run and return at once.
+
+    ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
+    ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).
+    ``warm_connections`` per endpoint are opened before the start instant. The bearer
+    token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears in any output.
+    """
+
+class MockServer:
+    """The embedded OpenAI-compatible mock server (own threads; ``port=0`` picks one)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        model: str = "fineserve-mock",
+        ttft_ms: float = 20.0,
+        ttft_per_prompt_token_ms: float = 0.0,
+        itl_ms: float = 5.0,
+        itl_jitter_ms: float = 0.0,
+        default_max_tokens: int = 16,
+        workers: int = 1,
+    ) -> None: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, completions, active_streams, bad_requests."""
+    def stop(self) -> None:
+        """Stop accepting and close every connection. Idempotent."""
+
+__all__ = ["ERROR_KINDS", "EngineError", "MockServer", "Run", "start_run"]
+

@@ -1,0 +1,89 @@
+"""OpenAI-compatible request bodies per backend.
+
+Bodies are built from a JSON template per run, so each request costs one ``json.dumps``
+of its prompt rather than of a whole dict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import FineserveError
+
+BACKENDS = ("vllm", "openai", "openai-chat")
+
+#: The default path per backend, appended to the base URL.
+DEFAULT_ENDPOINT = {
+    "vllm": "/v1/completions",
+    "openai": "/v1/completions",
+    "openai-chat": "/v1/chat/completions",
+}
+
+_PROMPT = "__FINESERVE_PROMPT__"
+_MAX_TOKENS = 987654321
+
+
+def parse_extra_body(text: str | None) -> dict[str, Any]:
+    """``--extra-request-body`` as a JSON object, or a one-line error."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FineserveError(f"--extra-request-body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise FineserveError("--extra-request-body must be a JSON object")
+    return value
+
+
+class BodyTemplate:
+    """The request body of one run with the prompt and ``max_tokens`` left open."""
+
+    def __init__(
+        self,
+        backend: str,
+        model: str,
+        *,
+        stream: bool,
+        ignore_eos: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise FineserveError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        body: dict[str, Any] = {"model": model}
+        if backend == "openai-chat":
+            body["messages"] = [{"role": "user", "content": _PROMPT}]
+            body["max_completion_tokens"] = _MAX_TOKENS
+        else:
+            body["prompt"] = _PROMPT
+            body["max_tokens"] = _MAX_TOKENS
+        body["temperature"] = 0.0
+        body["stream"] = stream
+        if stream:
+            # Ask for server-side token counts in the last chunk (OpenAI/vLLM/SGLang).
+            body["stream_options"] = {"include_usage": True}
+        if ignore_eos and backend == "vllm":
+            body["ignore_eos"] = True
+        body.update(extra or {})
+        text = json.dumps(body, separators=(",", ":"))
+        if f'"{_PROMPT}"' not in text or str(_MAX_TOKENS) not in text:
+            raise FineserveError("--extra-request-body must not replace the prompt or max_tokens")
+        head, rest = text.split(f'"{_PROMPT}"', 1)
+        if str(_MAX_TOKENS) in head:
+            mid_a, tail_a = head.split(str(_MAX_TOKENS), 1)
+            self._parts = (mid_a, tail_a, rest, True)
+        else:
+            mid, tail = rest.split(str(_MAX_TOKENS), 1)
+            self._parts = (head, mid, tail, False)
+
+    def render(self, prompt: str, max_tokens: int) -> bytes:
+        a, b, c, tokens_first = self._parts
+        p = json.dumps(prompt)
+        if tokens_first:
+            return f"{a}{max_tokens}{b}{p}{c}".encode()
+        return f"{a}{p}{b}{max_tokens}{c}".encode()
+
+    def render_all(self, prompts: Iterable[str], max_tokens: Iterable[int]) -> list[bytes]:
+        return [self.render(p, int(m)) for p, m in zip(prompts, max_tokens)]

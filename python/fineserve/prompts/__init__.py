@@ -1,0 +1,5 @@
+"""Prompt construction."""
+
+from .synthetic import SyntheticPromptBuilder
+
+__all__ = ["SyntheticPromptBuilder"]

@@ -1,0 +1,54 @@
+"""Deterministic synthetic prompts for when no tokenizer is given.
+
+Each prompt is ``input_len`` space-separated words: a request-unique opening word (so no
+two prompts share a prefix and a prefix cache sees only intended sharing), then words from
+a fixed pool of common lowercase English words. Each such word is one token for the
+common BPE tokenizers (Llama, GPT, Qwen), so lengths are approximate: typically exact to
+within a few tokens, never checked. The embedded mock counts words, so against it they are
+exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_VOCAB = (
+    "the of and to in is that for it as was with be by on not he this are or his from at "
+    "which but have an they you were her she there one all we their can has more when will "
+    "would who so no time about other into year some could them then than these may only "
+    "first new two like now its our over also after most made many such even well way work "
+    "back just any where much through long down should great must each part world life good "
+    "state right same under very high own last still every place while might small old day "
+    "people between house end know because take number set both three hand home point water "
+    "little power open large thing found few general system again group school form order"
+).split()
+
+
+class SyntheticPromptBuilder:
+    """Builds prompts by slicing one pooled text, so each prompt costs one string copy."""
+
+    def __init__(self, seed: int, pool_words: int = 1 << 16) -> None:
+        rng = np.random.default_rng(seed)
+        words = np.asarray(_VOCAB)[rng.integers(0, len(_VOCAB), size=pool_words)]
+        # Pool twice over so any window of up to pool_words words is one contiguous slice.
+        text_words = np.concatenate([words, words]).tolist()
+        lengths = np.fromiter((len(w) + 1 for w in text_words), dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self._text = " ".join(text_words) + " "
+        self._pool_words = pool_words
+
+    def build(self, index: int, input_len: int) -> str:
+        """The prompt of request ``index``: exactly ``input_len`` words."""
+        rest = input_len - 1
+        if rest > self._pool_words:
+            reps, rem = divmod(rest, self._pool_words)
+            body = self._slice(0, self._pool_words) * reps + self._slice(0, rem)
+        else:
+            offset = (index * 7919) % self._pool_words
+            body = self._slice(offset, rest)
+        return (f"r{index:x} " + body).rstrip()
+
+    def _slice(self, start: int, count: int) -> str:
+        if count <= 0:
+            return ""
+        return self._text[self._starts[start] : self._starts[start + count] - 1] + " "

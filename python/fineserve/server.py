@@ -1,0 +1,63 @@
+"""Finding the target server and checking it speaks the OpenAI API before a run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+from .errors import ServerUnreachable
+
+
+def base_url_from(base_url: str | None, host: str | None, port: int | None) -> str | None:
+    """``--base-url`` or ``--host/--port`` as ``http://host:port`` (no trailing slash)."""
+    if base_url:
+        if not base_url.startswith(("http://", "https://")):
+            base_url = "http://" + base_url
+        return base_url.rstrip("/")
+    if host is None and port is None:
+        return None
+    return f"http://{host or '127.0.0.1'}:{port or 8000}"
+
+
+def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> list[str]:
+    """Model ids from ``GET /v1/models``; raises :class:`ServerUnreachable` with one line."""
+    url = f"{base_url}/v1/models"
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            raw = resp.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        raise ServerUnreachable(f"GET {url} answered HTTP {e.code}; pass --model explicitly") from None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused (is the server running? check --base-url/--host/--port)"
+        elif isinstance(reason, socket.timeout):
+            why = f"no answer within {timeout_s:g}s"
+        else:
+            why = str(reason)
+        raise ServerUnreachable(f"cannot reach {base_url}: {why}") from None
+    except (TimeoutError, socket.timeout):
+        raise ServerUnreachable(f"cannot reach {base_url}: no answer within {timeout_s:g}s") from None
+    except (ConnectionError, OSError) as e:
+        raise ServerUnreachable(f"cannot reach {base_url}: {e}") from None
+    try:
+        data = json.loads(raw)
+        ids = [m["id"] for m in data["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise ServerUnreachable(
+            f"{base_url} is not an OpenAI-compatible server: GET /v1/models did not return a "
+            "model list"
+        ) from None
+    return [str(i) for i in ids]
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ServerUnreachable(f"{url}: only http:// URLs are supported")
