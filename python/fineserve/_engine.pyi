@@ -4,9 +4,11 @@ Times in records are nanoseconds since the run's start instant (``t0``); ``-1`` 
 event never happened.
 """
 
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
 
 __version__: str
 #: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
@@ -15,6 +17,7 @@ ERROR_KINDS: list[str]
 class EngineError(Exception):
     """A run or mock could not start: bad schedule, endpoint or configuration."""
 
+@final
 class Run:
     """A run in progress, returned by :func:`start_run`."""
 
@@ -68,22 +71,23 @@ def start_run(
     token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears in any output.
     """
 
+@final
 class MockServer:
     """The embedded OpenAI-compatible mock server (own threads; ``port=0`` picks one)."""
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
+    def __new__(
+        cls,
+        host: str = ...,  # "127.0.0.1"
         port: int = 0,
         *,
-        model: str = "fineserve-mock",
+        model: str = ...,  # "fineserve-mock"
         ttft_ms: float = 20.0,
         ttft_per_prompt_token_ms: float = 0.0,
         itl_ms: float = 5.0,
         itl_jitter_ms: float = 0.0,
         default_max_tokens: int = 16,
         workers: int = 1,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def host(self) -> str: ...
     @property
@@ -93,5 +97,4 @@ class MockServer:
     def stop(self) -> None:
         """Stop accepting and close every connection. Idempotent."""
 
-__all__ = ["ERROR_KINDS", "EngineError", "MockServer", "Run", "start_run"]
-
+__all__ = ["ERROR_KINDS", "EngineError", "MockServer", "Run", "__version__", "start_run"]

@@ -38,60 +38,130 @@ def cli() -> None:
 
 
 def _mock_options(f: Any) -> Any:
-    f = click.option("--mock-ttft-ms", type=float, default=20.0, show_default=True,
-                     help="Embedded mock: time to first token.")(f)
-    f = click.option("--mock-itl-ms", type=float, default=5.0, show_default=True,
-                     help="Embedded mock: inter-token latency.")(f)
+    f = click.option(
+        "--mock-ttft-ms",
+        type=float,
+        default=20.0,
+        show_default=True,
+        help="Embedded mock: time to first token.",
+    )(f)
+    f = click.option(
+        "--mock-itl-ms",
+        type=float,
+        default=5.0,
+        show_default=True,
+        help="Embedded mock: inter-token latency.",
+    )(f)
     return f
 
 
 @cli.command("blast")
 @click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True)
-@click.option("--base-url", help="Server base URL, e.g. http://10.0.0.5:8000. "
-              "Without it (and without --host/--port) the embedded mock is started.")
+@click.option(
+    "--base-url",
+    help="Server base URL, e.g. http://10.0.0.5:8000. "
+    "Without it (and without --host/--port) the embedded mock is started.",
+)
 @click.option("--host", help="Server host (with --port).")
 @click.option("--port", type=int, help="Server port.")
-@click.option("--endpoint", help="API path; default /v1/completions, or "
-              "/v1/chat/completions for openai-chat.")
+@click.option(
+    "--endpoint", help="API path; default /v1/completions, or /v1/chat/completions for openai-chat."
+)
 @click.option("--model", help="Model name; default: the first id from GET /v1/models.")
-@click.option("--tokenizer", help="Tokenizer for exact prompt lengths (accepted; used once "
-              "real prompt datasets land).")
+@click.option(
+    "--tokenizer",
+    help="Tokenizer for exact prompt lengths (accepted; used once real prompt datasets land).",
+)
 @click.option("--mode", type=click.Choice(["poisson"]), default="poisson", show_default=True)
-@click.option("--request-rate", type=float, default=math.inf, show_default=True,
-              help="Requests per second; inf sends everything at once.")
-@click.option("--burstiness", type=float, default=1.0, show_default=True,
-              help="Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).")
+@click.option(
+    "--request-rate",
+    type=float,
+    default=math.inf,
+    show_default=True,
+    help="Requests per second; inf sends everything at once.",
+)
+@click.option(
+    "--burstiness",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
+)
 @click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--max-concurrency", type=click.IntRange(min=1),
-              help="Cap on requests in flight; excess requests queue (queueing shows as "
-              "dispatch lag).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for arrivals, lengths and prompts; -1 = from the clock.")
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    help="Cap on requests in flight; excess requests queue (queueing shows as dispatch lag).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
+)
 @click.option("--disable-stream", is_flag=True, help="Send non-streaming requests.")
 @click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm).")
 @click.option("--extra-request-body", help="JSON object merged into every request body.")
-@click.option("--warmup-requests", type=click.IntRange(min=0), default=1, show_default=True,
-              help="Requests sent (and discarded) before the timed run.")
-@click.option("--output-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the result JSON here (.jsonl: append one line, as FineServe).")
+@click.option(
+    "--warmup-requests",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Requests sent (and discarded) before the timed run.",
+)
+@click.option(
+    "--output-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the result JSON here (.jsonl: append one line, as FineServe).",
+)
 @click.option("--disable-tqdm", is_flag=True, help="No progress bar.")
 @click.option("--random-input-len", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--random-output-len", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--random-range-ratio", type=float, default=0.0, show_default=True,
-              help="Lengths uniform in [len·(1−r), len·(1+r)].")
-@click.option("--lanes", type=click.IntRange(min=1), help="Engine threads (default: CPUs, "
-              "at most 4).")
-@click.option("--warm-connections", type=click.IntRange(min=0), help="Connections opened "
-              "before the start (default: peak requests in any 1 s, capped).")
+@click.option(
+    "--random-range-ratio",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Lengths uniform in [len·(1−r), len·(1+r)].",
+)
+@click.option(
+    "--lanes", type=click.IntRange(min=1), help="Engine threads (default: CPUs, at most 4)."
+)
+@click.option(
+    "--warm-connections",
+    type=click.IntRange(min=0),
+    help="Connections opened before the start (default: peak requests in any 1 s, capped).",
+)
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds.")
-@click.option("--first-byte-timeout", type=float, default=600.0, show_default=True,
-              help="Seconds until response headers.")
-@click.option("--idle-timeout", type=float, default=600.0, show_default=True,
-              help="Seconds without a byte mid-response.")
-@click.option("--request-timeout", type=float, default=3600.0, show_default=True,
-              help="Seconds for a whole request.")
-@click.option("--drain-grace", type=float, default=30.0, show_default=True,
-              help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.")
+@click.option(
+    "--first-byte-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds until response headers.",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds without a byte mid-response.",
+)
+@click.option(
+    "--request-timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Seconds for a whole request.",
+)
+@click.option(
+    "--drain-grace",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
+)
 @_mock_options
 def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
@@ -102,9 +172,11 @@ def blast_command(**o: Any) -> None:
     if base is None:
         mock = MockServer(ttft_ms=o["mock_ttft_ms"], itl_ms=o["mock_itl_ms"])
         base = mock.base_url
-        note(f"no server given: started the embedded mock server at {base} "
-             f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms); "
-             "pass --base-url or --host/--port to target a real server")
+        note(
+            f"no server given: started the embedded mock server at {base} "
+            f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms); "
+            "pass --base-url or --host/--port to target a real server"
+        )
     try:
         _blast(o, base, seed, extra, mock is not None)
     finally:
@@ -142,14 +214,19 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         output_len=random_lengths(n, o["random_output_len"], o["random_range_ratio"], rng),
     )
     if o["tokenizer"]:
-        note("--tokenizer is accepted but prompts are still synthetic words; "
-             "input lengths are approximate")
+        note(
+            "--tokenizer is accepted but prompts are still synthetic words; "
+            "input lengths are approximate"
+        )
     elif not is_mock:
         note("no --tokenizer: synthetic word prompts, input token counts are approximate")
     builder = SyntheticPromptBuilder(seed)
     template = BodyTemplate(
-        o["backend"], model, stream=not o["disable_stream"],
-        ignore_eos=not o["disable_ignore_eos"], extra=extra,
+        o["backend"],
+        model,
+        stream=not o["disable_stream"],
+        ignore_eos=not o["disable_ignore_eos"],
+        extra=extra,
     )
     bodies = template.render_all(
         (builder.build(i, int(ln)) for i, ln in enumerate(schedule.input_len)),
@@ -162,10 +239,15 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         peak = schedule.peak_in_window(1_000_000_000)
         warm = min(n, o["max_concurrency"] or peak, _AUTO_WARM_CAP)
     options = EngineOptions(
-        stream=not o["disable_stream"], max_concurrency=o["max_concurrency"], lanes=lanes,
-        warm_connections=warm, connect_timeout_s=o["connect_timeout"],
-        first_byte_timeout_s=o["first_byte_timeout"], idle_timeout_s=o["idle_timeout"],
-        total_timeout_s=o["request_timeout"], drain_grace_s=o["drain_grace"],
+        stream=not o["disable_stream"],
+        max_concurrency=o["max_concurrency"],
+        lanes=lanes,
+        warm_connections=warm,
+        connect_timeout_s=o["connect_timeout"],
+        first_byte_timeout_s=o["first_byte_timeout"],
+        idle_timeout_s=o["idle_timeout"],
+        total_timeout_s=o["request_timeout"],
+        drain_grace_s=o["drain_grace"],
     )
     show = not o["disable_tqdm"]
 
@@ -173,16 +255,25 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         _warm_up(url, template, builder, o["warmup_requests"], schedule, options)
 
     rate = o["request_rate"]
-    note(f"{n} requests to {url} (model {model}), rate "
-         f"{'inf' if math.isinf(rate) else f'{rate:g}/s'}, seed {seed}, {lanes} lanes, "
-         f"{warm} warm connections")
+    note(
+        f"{n} requests to {url} (model {model}), rate "
+        f"{'inf' if math.isinf(rate) else f'{rate:g}/s'}, seed {seed}, {lanes} lanes, "
+        f"{warm} warm connections"
+    )
     records = run_engine(
-        [url], schedule.t_ns, bodies, np.arange(n, dtype=np.uint32),
-        np.zeros(n, dtype=np.uint32), schedule.output_len, options, show_progress=show,
+        [url],
+        schedule.t_ns,
+        bodies,
+        np.arange(n, dtype=np.uint32),
+        np.zeros(n, dtype=np.uint32),
+        schedule.output_len,
+        options,
+        show_progress=show,
     )
     metrics = compute_metrics(records.columns, schedule.input_len)
     header = {
-        "backend": o["backend"], "mode": o["mode"],
+        "backend": o["backend"],
+        "mode": o["mode"],
         "request_rate": "inf" if math.isinf(rate) else rate,
         "max_concurrency": o["max_concurrency"],
     }
@@ -197,16 +288,30 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         sys.exit(130)
 
 
-def _warm_up(url: str, template: BodyTemplate, builder: SyntheticPromptBuilder, count: int,
-             schedule: Schedule, options: EngineOptions) -> None:
+def _warm_up(
+    url: str,
+    template: BodyTemplate,
+    builder: SyntheticPromptBuilder,
+    count: int,
+    schedule: Schedule,
+    options: EngineOptions,
+) -> None:
     """FineServe's warm-up: ``count`` copies of the first prompt, at most 32 tokens out."""
-    body = template.render(builder.build(0, int(schedule.input_len[0])),
-                           min(int(schedule.output_len[0]), 32))
-    warm_opts = EngineOptions(**{**options.__dict__, "warm_connections": 0,
-                                 "max_concurrency": None})
+    body = template.render(
+        builder.build(0, int(schedule.input_len[0])), min(int(schedule.output_len[0]), 32)
+    )
+    warm_opts = EngineOptions(
+        **{**options.__dict__, "warm_connections": 0, "max_concurrency": None}
+    )
     rec = run_engine(
-        [url], np.zeros(count, dtype=np.int64), [body], np.zeros(count, dtype=np.uint32),
-        np.zeros(count, dtype=np.uint32), np.full(count, 32), warm_opts, show_progress=False,
+        [url],
+        np.zeros(count, dtype=np.int64),
+        [body],
+        np.zeros(count, dtype=np.uint32),
+        np.zeros(count, dtype=np.uint32),
+        np.full(count, 32),
+        warm_opts,
+        show_progress=False,
     )
     kinds = rec.col("error_kind")
     if rec.interrupted:
@@ -216,8 +321,15 @@ def _warm_up(url: str, template: BodyTemplate, builder: SyntheticPromptBuilder, 
         raise FineserveError(f"warm-up failed: all {count} requests failed ({msg})")
 
 
-def _result_json(o: dict[str, Any], m: dict[str, Any], header: dict[str, Any], model: str,
-                 seed: int, url: str, partial: bool) -> dict[str, Any]:
+def _result_json(
+    o: dict[str, Any],
+    m: dict[str, Any],
+    header: dict[str, Any],
+    model: str,
+    seed: int,
+    url: str,
+    partial: bool,
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "fineserve_version": __version__,
@@ -257,17 +369,34 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
 @click.option("--ttft-per-prompt-token-ms", type=float, default=0.0, show_default=True)
 @click.option("--itl-ms", type=float, default=5.0, show_default=True)
 @click.option("--itl-jitter-ms", type=float, default=0.0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Server threads.")
-def mock_command(host: str, port: int, model: str, ttft_ms: float,
-                 ttft_per_prompt_token_ms: float, itl_ms: float, itl_jitter_ms: float,
-                 workers: int) -> None:
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
+)
+def mock_command(
+    host: str,
+    port: int,
+    model: str,
+    ttft_ms: float,
+    ttft_per_prompt_token_ms: float,
+    itl_ms: float,
+    itl_jitter_ms: float,
+    workers: int,
+) -> None:
     """Run the embedded OpenAI-compatible mock server until Ctrl-C."""
-    server = MockServer(host, port, model=model, ttft_ms=ttft_ms,
-                        ttft_per_prompt_token_ms=ttft_per_prompt_token_ms, itl_ms=itl_ms,
-                        itl_jitter_ms=itl_jitter_ms, workers=workers)
-    out(f"fineserve mock serving {model!r} at {server.base_url} "
-        f"(TTFT {ttft_ms:g} ms, ITL {itl_ms:g} ms); Ctrl-C to stop")
+    server = MockServer(
+        host,
+        port,
+        model=model,
+        ttft_ms=ttft_ms,
+        ttft_per_prompt_token_ms=ttft_per_prompt_token_ms,
+        itl_ms=itl_ms,
+        itl_jitter_ms=itl_jitter_ms,
+        workers=workers,
+    )
+    out(
+        f"fineserve mock serving {model!r} at {server.base_url} "
+        f"(TTFT {ttft_ms:g} ms, ITL {itl_ms:g} ms); Ctrl-C to stop"
+    )
     sys.stdout.flush()
     try:
         while True:

@@ -32,7 +32,9 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             raw = resp.read(1 << 20)
     except urllib.error.HTTPError as e:
-        raise ServerUnreachable(f"GET {url} answered HTTP {e.code}; pass --model explicitly") from None
+        raise ServerUnreachable(
+            f"GET {url} answered HTTP {e.code}; pass --model explicitly"
+        ) from None
     except urllib.error.URLError as e:
         reason = e.reason
         if isinstance(reason, ConnectionRefusedError):
@@ -43,7 +45,9 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
             why = str(reason)
         raise ServerUnreachable(f"cannot reach {base_url}: {why}") from None
     except (TimeoutError, socket.timeout):
-        raise ServerUnreachable(f"cannot reach {base_url}: no answer within {timeout_s:g}s") from None
+        raise ServerUnreachable(
+            f"cannot reach {base_url}: no answer within {timeout_s:g}s"
+        ) from None
     except (ConnectionError, OSError) as e:
         raise ServerUnreachable(f"cannot reach {base_url}: {e}") from None
     try:

@@ -114,22 +114,29 @@ impl Pool {
     /// Opens a new connection; its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
         let addr = self.endpoints[endpoint].addr;
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-        {
-            Err(_) => {
-                return Err((
-                    ErrorKind::ConnectTimeout,
-                    format!("connect to {addr} timed out after {:?}", self.connect_timeout),
-                ))
-            }
-            Ok(Err(e)) => return Err((ErrorKind::Connect, describe_connect_error(addr, &e))),
-            Ok(Ok(s)) => s,
-        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Err(_) => {
+                    return Err((
+                        ErrorKind::ConnectTimeout,
+                        format!(
+                            "connect to {addr} timed out after {:?}",
+                            self.connect_timeout
+                        ),
+                    ))
+                }
+                Ok(Err(e)) => return Err((ErrorKind::Connect, describe_connect_error(addr, &e))),
+                Ok(Ok(s)) => s,
+            };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| (ErrorKind::Connect, format!("HTTP handshake with {addr}: {e}")))?;
+            .map_err(|e| {
+                (
+                    ErrorKind::Connect,
+                    format!("HTTP handshake with {addr}: {e}"),
+                )
+            })?;
         tokio::task::spawn_local(async move {
             let _ = conn.await;
         });
@@ -215,7 +222,10 @@ pub async fn execute(
         .uri(ep.uri.clone())
         .header(HOST, ep.host_header.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header(USER_AGENT, HeaderValue::from_static(concat!("fineserve/", env!("CARGO_PKG_VERSION"))));
+        .header(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("fineserve/", env!("CARGO_PKG_VERSION"))),
+        );
     if let Some(auth) = &cfg.authorization {
         builder = builder.header(AUTHORIZATION, auth.clone());
     }

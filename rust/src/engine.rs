@@ -160,7 +160,9 @@ pub fn start(schedule: Schedule, config: EngineConfig) -> Result<RunHandle, Engi
         return Err(EngineError::InvalidConfig("lanes must be >= 1".into()));
     }
     if config.max_concurrency == Some(0) {
-        return Err(EngineError::InvalidConfig("max_concurrency must be >= 1".into()));
+        return Err(EngineError::InvalidConfig(
+            "max_concurrency must be >= 1".into(),
+        ));
     }
     let endpoints = config
         .endpoints
@@ -467,13 +469,22 @@ async fn collect_warm(shared: &Shared, pool: &Pool, ep: usize, set: &mut WarmSet
                     .fetch_add(1, Ordering::Relaxed);
             }
             _ => {
-                shared.progress.warm_failures.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .progress
+                    .warm_failures
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, pool: &Rc<Pool>, state: &Rc<LaneState>, clock: RunClock, i: usize) {
+fn dispatch(
+    shared: &Arc<Shared>,
+    pool: &Rc<Pool>,
+    state: &Rc<LaneState>,
+    clock: RunClock,
+    i: usize,
+) {
     let sched = &shared.schedule;
     let body = sched.bodies[sched.body_idx[i] as usize].clone();
     let endpoint = sched.endpoint_idx[i] as usize;
@@ -497,7 +508,10 @@ fn dispatch(shared: &Arc<Shared>, pool: &Rc<Pool>, state: &Rc<LaneState>, clock:
         match outcome {
             None => {
                 if rec.sent_ns < 0 {
-                    rec.fail(ErrorKind::NotSent, "cancelled while queued for a concurrency slot");
+                    rec.fail(
+                        ErrorKind::NotSent,
+                        "cancelled while queued for a concurrency slot",
+                    );
                 } else {
                     rec.fail(ErrorKind::Cancelled, "in flight when the run was cancelled");
                 }
@@ -552,7 +566,10 @@ async fn run_request(
     match result {
         Err(_) => Err((
             ErrorKind::TotalTimeout,
-            format!("request exceeded the total timeout of {:?}", cfg.total_timeout),
+            format!(
+                "request exceeded the total timeout of {:?}",
+                cfg.total_timeout
+            ),
         )),
         Ok(r) => r,
     }

@@ -85,7 +85,9 @@ impl MockServer {
                     .and_then(|mut a| a.next())
                     .ok_or(())
             })
-            .map_err(|_| EngineError::InvalidConfig(format!("cannot bind mock to {host}:{port}")))?;
+            .map_err(|_| {
+                EngineError::InvalidConfig(format!("cannot bind mock to {host}:{port}"))
+            })?;
         let listener = rt.block_on(async {
             let sock = if bind.is_ipv4() {
                 TcpSocket::new_v4()
@@ -97,8 +99,8 @@ impl MockServer {
             // A deep backlog: a load generator warms thousands of connections at once.
             sock.listen(65_535)
         });
-        let listener =
-            listener.map_err(|e| EngineError::io(format!("binding the mock server to {bind}"), e))?;
+        let listener = listener
+            .map_err(|e| EngineError::io(format!("binding the mock server to {bind}"), e))?;
         let addr = listener
             .local_addr()
             .map_err(|e| EngineError::io("reading the mock address", e))?;
@@ -223,7 +225,10 @@ async fn handle(
         .or_else(|| parsed.get("max_tokens"))
         .and_then(|v| v.as_u64())
         .map_or(cfg.default_max_tokens, |v| v.min(u32::MAX as u64) as u32);
-    let stream = parsed.get("stream").and_then(|v| v.as_bool()).unwrap_or(false);
+    let stream = parsed
+        .get("stream")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     let include_usage = parsed
         .pointer("/stream_options/include_usage")
         .and_then(|v| v.as_bool())
@@ -258,8 +263,10 @@ async fn handle(
         ("application/json", MockBody::delayed_whole(gen, guard))
     };
     let mut r = Response::new(body);
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
     Ok(r)
 }
 
@@ -360,7 +367,11 @@ impl Generation {
     }
 
     fn usage_event(&self) -> Bytes {
-        let obj = if self.chat { "chat.completion.chunk" } else { "text_completion" };
+        let obj = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         Bytes::from(format!(
             "data: {{\"id\":\"cmpl-{}\",\"object\":\"{obj}\",\"created\":0,\"model\":\"{}\",\"choices\":[],\"usage\":{}}}\n\n",
             self.id,
@@ -416,7 +427,11 @@ impl MockBody {
     }
 
     fn stream(gen: Generation, guard: ActiveGuard) -> Self {
-        let phase = if gen.n_tokens == 0 { Phase::Usage } else { Phase::Tokens };
+        let phase = if gen.n_tokens == 0 {
+            Phase::Usage
+        } else {
+            Phase::Tokens
+        };
         Self {
             phase,
             gen: Some(gen),
@@ -449,7 +464,9 @@ impl MockBody {
                 }
                 s
             }
-            None => self.sleep.insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         if sleep.as_mut().poll(cx).is_ready() {
             self.sleep = None;

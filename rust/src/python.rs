@@ -17,7 +17,12 @@ use crate::error::EngineError as CoreError;
 use crate::mock::{MockConfig, MockServer};
 use crate::records::ErrorKind;
 
-create_exception!(_engine, EngineError, PyException, "A run could not start: bad schedule, endpoint or configuration.");
+create_exception!(
+    _engine,
+    EngineError,
+    PyException,
+    "A run could not start: bad schedule, endpoint or configuration."
+);
 
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> Self {
@@ -29,7 +34,9 @@ fn secs(name: &str, v: f64) -> PyResult<Duration> {
     if v.is_finite() && v > 0.0 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(EngineError::new_err(format!("{name} must be a positive number of seconds, got {v}")))
+        Err(EngineError::new_err(format!(
+            "{name} must be a positive number of seconds, got {v}"
+        )))
     }
 }
 
@@ -226,7 +233,9 @@ impl PyMockServer {
             if v.is_finite() && v >= 0.0 {
                 Ok(Duration::from_secs_f64(v / 1e3))
             } else {
-                Err(EngineError::new_err(format!("{name} must be >= 0 ms, got {v}")))
+                Err(EngineError::new_err(format!(
+                    "{name} must be >= 0 ms, got {v}"
+                )))
             }
         };
         let cfg = MockConfig {

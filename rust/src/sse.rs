@@ -191,8 +191,9 @@ pub fn decode_event(data: &[u8]) -> Result<EventKind, String> {
             d.as_ref()
                 .is_some_and(|d| non_empty(&d.content) || non_empty(&d.reasoning_content))
         };
-        info.has_content =
-            non_empty(&choice.text) || delta_content(&choice.delta) || delta_content(&choice.message);
+        info.has_content = non_empty(&choice.text)
+            || delta_content(&choice.delta)
+            || delta_content(&choice.message);
         info.finish_reason = choice.finish_reason.is_some();
     }
     if let Some(u) = wire.usage {
@@ -210,7 +211,7 @@ pub fn decode_event(data: &[u8]) -> Result<EventKind, String> {
         };
         info.error = Some(msg);
     }
-    Ok(info).map(EventKind::Chunk)
+    Ok(EventKind::Chunk(info))
 }
 
 #[cfg(test)]

@@ -1,0 +1,106 @@
+//! The engine against the embedded mock, through the crate's Rust API.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fineserve_engine::client::ClientConfig;
+use fineserve_engine::{start, EngineConfig, ErrorKind, MockConfig, MockServer, Schedule};
+
+fn config(url: String, warm: usize) -> EngineConfig {
+    EngineConfig {
+        endpoints: vec![url],
+        client: ClientConfig {
+            stream: true,
+            connect_timeout: Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            total_timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            authorization: None,
+        },
+        max_concurrency: None,
+        lanes: 2,
+        warm_connections: warm,
+        spin: Duration::from_micros(200),
+        start_delay: Duration::from_millis(5),
+    }
+}
+
+fn schedule(n: usize, gap_ns: i64, max_tokens: u32, chat: bool) -> Schedule {
+    let body = if chat {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"a b c"}}],"max_tokens":{max_tokens},"stream":true}}"#
+        )
+    } else {
+        format!(
+            r#"{{"model":"m","prompt":"a b c","max_tokens":{max_tokens},"stream":true,"stream_options":{{"include_usage":true}}}}"#
+        )
+    };
+    Schedule {
+        t_ns: (0..n as i64).map(|i| i * gap_ns).collect(),
+        body_idx: vec![0; n],
+        endpoint_idx: vec![0; n],
+        expected_output_tokens: vec![max_tokens; n],
+        bodies: vec![Bytes::from(body)],
+    }
+}
+
+#[test]
+fn completions_and_chat_streams_are_timed_per_token() {
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            ttft: Duration::from_millis(10),
+            itl: Duration::from_millis(2),
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    for (path, chat) in [("/v1/completions", false), ("/v1/chat/completions", true)] {
+        let url = format!("http://{}{}", mock.addr(), path);
+        let run = start(schedule(50, 1_000_000, 6, chat), config(url, 16)).expect("start");
+        assert!(run.wait(Duration::from_secs(20)));
+        let out = run.finish();
+        let c = out.columns;
+        assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8));
+        assert!(c.n_chunks.iter().all(|&n| n == 6));
+        let want_usage = if chat { -1 } else { 6 };
+        assert!(c.completion_tokens.iter().all(|&t| t == want_usage));
+        for i in 0..50 {
+            assert!(c.sent_ns[i] >= c.scheduled_ns[i]);
+            let ttft_ms = (c.first_token_ns[i] - c.sent_ns[i]) as f64 / 1e6;
+            assert!((10.0..20.0).contains(&ttft_ms), "ttft {ttft_ms}");
+        }
+    }
+}
+
+#[test]
+fn unreachable_endpoint_fails_every_request_with_connect() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let run = start(
+        schedule(10, 0, 4, false),
+        config(format!("http://{addr}/v1/completions"), 0),
+    )
+    .expect("start");
+    assert!(run.wait(Duration::from_secs(20)));
+    let c = run.finish().columns;
+    assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Connect as u8));
+    assert_eq!(c.error_messages.len(), 10);
+}
+
+#[test]
+fn invalid_schedules_are_rejected() {
+    let mut s = schedule(3, 10, 4, false);
+    s.t_ns = vec![0, 20, 10];
+    let err = start(s, config("http://127.0.0.1:9/v1/completions".into(), 0))
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("not sorted at index 2"));
+    let err = start(schedule(1, 0, 4, false), config("ftp://x/".into(), 0))
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("http://"));
+}

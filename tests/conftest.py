@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fineserve import EngineOptions, MockServer, run_engine
+from fineserve.api import BodyTemplate
+from fineserve.runner import RunRecords
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def mock() -> Iterator[MockServer]:
+    with MockServer(ttft_ms=20, itl_ms=5) as m:
+        yield m
+
+
+def completion_bodies(n: int, max_tokens: int = 8, words: int = 16) -> list[bytes]:
+    t = BodyTemplate("vllm", "fineserve-mock", stream=True, ignore_eos=True)
+    return [t.render(f"r{i} " + "word " * (words - 1), max_tokens) for i in range(n)]
+
+
+def run_schedule(
+    url: str,
+    t_ns: np.ndarray,
+    max_tokens: int = 8,
+    options: EngineOptions | None = None,
+    bodies: list[bytes] | None = None,
+) -> RunRecords:
+    n = len(t_ns)
+    bodies = bodies if bodies is not None else completion_bodies(n, max_tokens)
+    return run_engine(
+        [url],
+        np.asarray(t_ns, dtype=np.int64),
+        bodies,
+        np.arange(n, dtype=np.uint32) % len(bodies),
+        np.zeros(n, dtype=np.uint32),
+        np.full(n, max_tokens),
+        options or EngineOptions(warm_connections=min(n, 64)),
+        show_progress=False,
+    )
+
+
+class RawHttpServer:
+    """A TCP server whose every connection is answered by ``respond(conn)``: lets tests
+    send byte-exact, badly behaved HTTP."""
+
+    def __init__(self, respond: Callable[[socket.socket], None]) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self._respond = respond
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/completions"
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, _, body = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            while len(body) < length:
+                body += conn.recv(65536)
+            self._respond(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self._sock.close()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -1,0 +1,178 @@
+"""The CLI end to end: the embedded-mock demo, result files and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import RawHttpServer, free_port
+from fineserve.cli import cli
+from fineserve.mock import MockServer
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def test_blast_without_server_uses_embedded_mock(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    r = invoke(
+        "blast",
+        "--num-prompts",
+        "50",
+        "--request-rate",
+        "200",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "8",
+        "--disable-tqdm",
+        "--output-file",
+        str(out),
+    )
+    assert r.exit_code == 0, r.output
+    assert "started the embedded mock server" in r.output
+    assert "Successful requests:                     50" in r.output
+    res = json.loads(out.read_text())
+    for key in (
+        "completed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "input_throughput",
+        "output_throughput",
+        "mean_e2e_latency_ms",
+        "median_ttft_ms",
+        "p99_tpot_ms",
+        "p95_itl_ms",
+        "concurrency",
+        "duration",
+    ):
+        assert key in res
+    assert res["completed"] == 50 and res["failed"] == 0
+    assert res["total_input_tokens"] == 50 * 32  # mock counts words: synthetic prompts exact
+    assert res["total_output_tokens"] == 50 * 8
+    assert res["scheduled"] == res["sent"] + res["not_sent"]
+
+
+def test_jsonl_output_appends(tmp_path: Path) -> None:
+    out = tmp_path / "runs.jsonl"
+    for _ in range(2):
+        r = invoke(
+            "blast",
+            "--num-prompts",
+            "5",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "2",
+            "--disable-tqdm",
+            "--output-file",
+            str(out),
+        )
+        assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["completed"] == 5 for x in lines)
+
+
+def test_blast_against_explicit_server_and_chat_backend() -> None:
+    with MockServer(ttft_ms=5, itl_ms=1, model="my-model") as m:
+        r = invoke(
+            "blast",
+            "--base-url",
+            m.base_url,
+            "--backend",
+            "openai-chat",
+            "--num-prompts",
+            "20",
+            "--random-input-len",
+            "10",
+            "--random-output-len",
+            "3",
+            "--disable-tqdm",
+        )
+        stats = m.stats()
+    assert r.exit_code == 0, r.output
+    assert "embedded mock" not in r.output
+    assert "model my-model" in r.output
+    assert "Successful requests:                     20" in r.output
+    assert stats["completions"] == 21  # 20 + 1 warm-up
+
+
+def test_unreachable_server_is_one_line_error() -> None:
+    r = invoke("blast", "--port", str(free_port()), "--num-prompts", "3", "--disable-tqdm")
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output
+    assert "connection refused" in r.output
+    assert len([x for x in r.output.splitlines() if x.startswith("Error")]) == 1
+
+
+def test_non_openai_server_is_one_line_error() -> None:
+    def html(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 6\r\n\r\n<html>"
+        )
+
+    server = RawHttpServer(html)
+    try:
+        r = invoke("blast", "--port", str(server.port), "--num-prompts", "3", "--disable-tqdm")
+    finally:
+        server.close()
+    assert r.exit_code == 1
+    assert "not an OpenAI-compatible server" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--extra-request-body", "{oops"], "--extra-request-body is not valid JSON"),
+        (["--extra-request-body", "[1]"], "must be a JSON object"),
+        (["--request-rate", "-3"], "--request-rate must be > 0 or inf"),
+        (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1)"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
+    r = invoke("blast", "--num-prompts", "2", "--disable-tqdm", *args)
+    assert r.exit_code != 0
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_api_key_is_sent_but_never_echoed() -> None:
+    seen: list[bytes] = []
+    secret = "sk-test-SECRET-123"
+
+    def capture(conn: socket.socket) -> None:
+        # Answer /v1/models and completions with a 401 that echoes nothing.
+        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno")
+
+    class Capturing(RawHttpServer):
+        def _handle(self, conn: socket.socket) -> None:
+            data = conn.recv(65536, socket.MSG_PEEK)
+            seen.append(data)
+            super()._handle(conn)
+
+    server = Capturing(capture)
+    try:
+        r = invoke(
+            "blast",
+            "--port",
+            str(server.port),
+            "--model",
+            "m",
+            "--num-prompts",
+            "2",
+            "--warmup-requests",
+            "0",
+            "--disable-tqdm",
+            env={"OPENAI_API_KEY": secret},
+        )
+    finally:
+        server.close()
+    assert any(f"Bearer {secret}".encode() in s for s in seen)
+    assert secret not in r.output
+    assert "http_status" in r.output
