@@ -23,7 +23,8 @@ class Run:
 
     def progress(self) -> dict[str, int | bool]:
         """Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent,
-        in_flight, elapsed_ns, started, warm_connections, warm_failures."""
+        in_flight, elapsed_ns, started, warm_connections, warm_failures,
+        realtime_lanes."""
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` (GIL released); True once every request is done."""
     def stop(self) -> None:
@@ -62,6 +63,7 @@ def start_run(
     total_timeout_s: float = 3600.0,
     max_body_bytes: int = 67_108_864,
     api_key: str | None = None,
+    realtime_priority: bool = False,
 ) -> Run:
     """Start an open-loop run and return at once.
 
@@ -69,6 +71,8 @@ def start_run(
     ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).
     ``warm_connections`` per endpoint are opened before the start instant. The bearer
     token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears in any output.
+    ``realtime_priority`` runs the lanes under SCHED_FIFO when the process may (root or
+    CAP_SYS_NICE); otherwise lanes only ask for nice -10.
     """
 
 @final

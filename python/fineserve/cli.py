@@ -21,7 +21,7 @@ from .errors import FineserveError
 from .metrics import compute_metrics, format_summary
 from .mock import MockServer
 from .prompts import SyntheticPromptBuilder
-from .runner import EngineOptions, run_engine
+from .runner import EngineOptions, default_lanes, run_engine
 from .schedule import Schedule
 from .server import base_url_from, check_url, fetch_models
 from .workloads import poisson_arrivals_ns, random_lengths
@@ -126,7 +126,7 @@ def _mock_options(f: Any) -> Any:
     help="Lengths uniform in [len·(1−r), len·(1+r)].",
 )
 @click.option(
-    "--lanes", type=click.IntRange(min=1), help="Engine threads (default: CPUs, at most 4)."
+    "--lanes", type=click.IntRange(min=1), help="Engine threads (default: half the CPUs, 1 to 8)."
 )
 @click.option(
     "--warm-connections",
@@ -161,6 +161,18 @@ def _mock_options(f: Any) -> Any:
     default=30.0,
     show_default=True,
     help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
+)
+@click.option(
+    "--realtime-priority",
+    is_flag=True,
+    help="Run engine lanes under SCHED_FIFO "
+    "(needs root or CAP_SYS_NICE): fewer late sends when cores are contended.",
+)
+@click.option(
+    "--realtime-priority",
+    is_flag=True,
+    help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late sends "
+    "when cores are contended.",
 )
 @_mock_options
 def blast_command(**o: Any) -> None:
@@ -233,7 +245,7 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         schedule.output_len,
     )
 
-    lanes = o["lanes"] or max(1, min(4, os.cpu_count() or 1))
+    lanes = o["lanes"] or default_lanes()
     warm = o["warm_connections"]
     if warm is None:
         peak = schedule.peak_in_window(1_000_000_000)
@@ -247,6 +259,7 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         first_byte_timeout_s=o["first_byte_timeout"],
         idle_timeout_s=o["idle_timeout"],
         total_timeout_s=o["request_timeout"],
+        realtime_priority=o["realtime_priority"],
         drain_grace_s=o["drain_grace"],
     )
     show = not o["disable_tqdm"]

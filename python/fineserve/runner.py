@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -17,11 +18,17 @@ from .console import note
 from .errors import FineserveError
 
 
+def default_lanes() -> int:
+    """Half the CPUs (at least 1, at most 8): each lane can keep a core busy while it paces,
+    and the rest is left for parsing responses, Python and, often, a co-located server."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 @dataclass
 class EngineOptions:
     stream: bool = True
     max_concurrency: int | None = None
-    lanes: int = 2
+    lanes: int = field(default_factory=default_lanes)
     warm_connections: int = 0
     spin_us: int = 200
     connect_timeout_s: float = 10.0
@@ -29,6 +36,7 @@ class EngineOptions:
     idle_timeout_s: float = 600.0
     total_timeout_s: float = 3600.0
     drain_grace_s: float = 30.0
+    realtime_priority: bool = False
 
 
 @dataclass
@@ -95,10 +103,13 @@ def run_engine(
             first_byte_timeout_s=options.first_byte_timeout_s,
             idle_timeout_s=options.idle_timeout_s,
             total_timeout_s=options.total_timeout_s,
+            realtime_priority=options.realtime_priority,
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None
 
+    if options.realtime_priority:
+        _report_realtime(run)
     bar = _ProgressBar(len(t_ns), description) if show_progress else None
     interrupted = False
     started = time.monotonic()
@@ -116,6 +127,17 @@ def run_engine(
     final = run.progress()
     columns = run.results()
     return RunRecords(columns, interrupted, time.monotonic() - started, dict(final))
+
+
+def _report_realtime(run: _engine.Run) -> None:
+    """Says whether SCHED_FIFO took effect once the lanes have started."""
+    while not run.progress()["started"] and not run.wait(0.005):
+        pass
+    if not run.progress()["realtime_lanes"]:
+        note(
+            "--realtime-priority: not permitted here (needs root or CAP_SYS_NICE); "
+            "lanes run at normal priority"
+        )
 
 
 def _drain(run: _engine.Run, grace_s: float) -> None:

@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{execute, ClientConfig, Endpoint, Pool, RunClock};
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RecordColumns, RequestRecord};
-use crate::timer::{lower_timer_slack, sleep_until_precise, HiResSleep};
+use crate::timer::{
+    lower_timer_slack, raise_thread_priority, set_realtime_priority, sleep_until_precise,
+    HiResSleep,
+};
 
 /// A whole run's schedule, columnar.
 #[derive(Debug, Clone, Default)]
@@ -94,6 +97,8 @@ pub struct EngineConfig {
     pub spin: Duration,
     /// Gap between the end of warm-up and the start instant.
     pub start_delay: Duration,
+    /// Run lanes under SCHED_FIFO when the process may (see `timer::set_realtime_priority`).
+    pub realtime_priority: bool,
 }
 
 /// Live counters, readable from any thread while the run goes on.
@@ -108,6 +113,7 @@ pub struct Progress {
     pub in_flight: AtomicU64,
     pub warm_connections: AtomicU64,
     pub warm_failures: AtomicU64,
+    pub realtime_lanes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -123,6 +129,7 @@ pub struct ProgressSnapshot {
     pub started: bool,
     pub warm_connections: u64,
     pub warm_failures: u64,
+    pub realtime_lanes: u64,
 }
 
 struct Shared {
@@ -263,6 +270,7 @@ impl RunHandle {
             started: t0.is_some(),
             warm_connections: p.warm_connections.load(Ordering::Relaxed),
             warm_failures: p.warm_failures.load(Ordering::Relaxed),
+            realtime_lanes: p.realtime_lanes.load(Ordering::Relaxed),
         }
     }
 
@@ -326,6 +334,16 @@ impl Drop for RunHandle {
 
 fn run_lane(shared: &Arc<Shared>, lane: usize, lanes: usize) -> Vec<RequestRecord> {
     lower_timer_slack();
+    let realtime = shared.config.realtime_priority && set_realtime_priority();
+    if !realtime {
+        raise_thread_priority();
+    }
+    if realtime {
+        shared
+            .progress
+            .realtime_lanes
+            .fetch_add(1, Ordering::Relaxed);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -254,6 +254,7 @@ async fn handle(
         rng: seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
         emitted: 0,
         last_deadline: arrival,
+        pending: None,
     };
     stats.active_streams.fetch_add(1, Ordering::Relaxed);
     let guard = ActiveGuard(Arc::clone(&stats));
@@ -318,6 +319,8 @@ struct Generation {
     rng: u64,
     emitted: u32,
     last_deadline: Instant,
+    /// Deadline of the next token once computed (jitter is drawn once per token).
+    pending: Option<Instant>,
 }
 
 impl Generation {
@@ -496,21 +499,38 @@ impl Body for MockBody {
         };
         let out = match this.phase {
             Phase::Tokens => {
-                let deadline = if this.sleep.is_some() {
-                    gen.last_deadline
-                } else {
-                    gen.next_deadline()
+                let deadline = match gen.pending {
+                    Some(d) => d,
+                    None => {
+                        let d = gen.next_deadline();
+                        gen.pending = Some(d);
+                        d
+                    }
                 };
                 if !this.wait(cx, deadline) {
                     this.gen = Some(gen);
                     return Poll::Pending;
                 }
-                gen.emitted += 1;
-                let last = gen.emitted >= gen.n_tokens;
-                if last {
-                    this.phase = Phase::Usage;
+                // Emit every token already due in one frame: a server that is behind sends
+                // what it has, and with ITL 0 a whole stream costs one write.
+                let mut frame = Vec::with_capacity(160);
+                let now = Instant::now();
+                loop {
+                    gen.pending = None;
+                    gen.emitted += 1;
+                    let last = gen.emitted >= gen.n_tokens;
+                    frame.extend_from_slice(&gen.token_event(last));
+                    if last {
+                        this.phase = Phase::Usage;
+                        break;
+                    }
+                    let next = gen.next_deadline();
+                    gen.pending = Some(next);
+                    if next > now || frame.len() > 16 * 1024 {
+                        break;
+                    }
                 }
-                gen.token_event(last)
+                Bytes::from(frame)
             }
             Phase::Usage => {
                 this.phase = Phase::Done;

@@ -62,7 +62,7 @@ impl PyRun {
 #[pymethods]
 impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
-    /// elapsed_ns, started, warm_connections, warm_failures.
+    /// elapsed_ns, started, warm_connections, warm_failures, realtime_lanes.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
         let d = PyDict::new(py);
@@ -77,6 +77,7 @@ impl PyRun {
         d.set_item("started", p.started)?;
         d.set_item("warm_connections", p.warm_connections)?;
         d.set_item("warm_failures", p.warm_failures)?;
+        d.set_item("realtime_lanes", p.realtime_lanes)?;
         Ok(d)
     }
 
@@ -141,7 +142,7 @@ impl PyRun {
     stream = true, max_concurrency = None, lanes = 2, warm_connections = 0, spin_us = 200,
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
-    api_key = None,
+    api_key = None, realtime_priority = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -163,6 +164,7 @@ fn start_run(
     total_timeout_s: f64,
     max_body_bytes: usize,
     api_key: Option<String>,
+    realtime_priority: bool,
 ) -> PyResult<PyRun> {
     let schedule = Schedule {
         t_ns: t_ns.as_slice()?.to_vec(),
@@ -194,6 +196,7 @@ fn start_run(
         warm_connections,
         spin: Duration::from_micros(spin_us),
         start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
+        realtime_priority,
     };
     let handle = engine::start(schedule, config)?;
     Ok(PyRun {

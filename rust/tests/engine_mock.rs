@@ -23,6 +23,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
         warm_connections: warm,
         spin: Duration::from_micros(200),
         start_delay: Duration::from_millis(5),
+        realtime_priority: false,
     }
 }
 
