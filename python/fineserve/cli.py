@@ -165,12 +165,6 @@ def _mock_options(f: Any) -> Any:
 @click.option(
     "--realtime-priority",
     is_flag=True,
-    help="Run engine lanes under SCHED_FIFO "
-    "(needs root or CAP_SYS_NICE): fewer late sends when cores are contended.",
-)
-@click.option(
-    "--realtime-priority",
-    is_flag=True,
     help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late sends "
     "when cores are contended.",
 )
