@@ -166,7 +166,8 @@ def _mock_options(f: Any) -> Any:
     "--realtime-priority",
     is_flag=True,
     help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late sends "
-    "when cores are contended.",
+    "for sparse or bursty schedules on contended cores; harmful when a lane is busy all the "
+    "time (above ~2k req/s per lane the kernel's RT throttling pauses it for 50 ms a second).",
 )
 @_mock_options
 def blast_command(**o: Any) -> None:
