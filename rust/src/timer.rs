@@ -154,22 +154,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn precise_sleep_lands_within_a_millisecond() {
+    fn precise_sleep_never_wakes_early_and_usually_on_time() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async {
             let t = HiResSleep::new().expect("timerfd");
-            let mut worst = Duration::ZERO;
+            let mut late = Vec::new();
             for _ in 0..50 {
                 let deadline = Instant::now() + Duration::from_micros(700);
                 sleep_until_precise(&t, deadline, Duration::from_micros(200)).await;
-                let late = Instant::now() - deadline;
-                worst = worst.max(late);
+                let now = Instant::now();
+                assert!(now >= deadline, "woke before the deadline");
+                late.push(now - deadline);
             }
-            // Generous functional bound; precision figures live in benches/.
-            assert!(worst < Duration::from_millis(1), "worst lateness {worst:?}");
+            late.sort();
+            // Generous functional bound on the median (other tests share the cores);
+            // precision figures live in benches/.
+            assert!(
+                late[25] < Duration::from_millis(1),
+                "median lateness {:?}",
+                late[25]
+            );
         });
     }
 }
