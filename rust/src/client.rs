@@ -107,10 +107,6 @@ impl Pool {
         &self.endpoints[i]
     }
 
-    pub fn idle_count(&self, endpoint: usize) -> usize {
-        self.idle.borrow()[endpoint].len()
-    }
-
     /// Opens a new connection; its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
         let addr = self.endpoints[endpoint].addr;

@@ -578,7 +578,10 @@ async fn run_request(
     let progress = &shared.progress;
     let result = tokio::time::timeout(
         cfg.total_timeout,
-        execute_counted(pool, cfg, clock, endpoint, body, rec, progress),
+        execute(pool, cfg, clock, endpoint, body, rec, || {
+            progress.sent.fetch_add(1, Ordering::Relaxed);
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+        }),
     )
     .await;
     match result {
@@ -591,20 +594,4 @@ async fn run_request(
         )),
         Ok(r) => r,
     }
-}
-
-async fn execute_counted(
-    pool: &Pool,
-    cfg: &ClientConfig,
-    clock: RunClock,
-    endpoint: usize,
-    body: Bytes,
-    rec: &mut RequestRecord,
-    progress: &Progress,
-) -> Result<(), (ErrorKind, String)> {
-    execute(pool, cfg, clock, endpoint, body, rec, || {
-        progress.sent.fetch_add(1, Ordering::Relaxed);
-        progress.in_flight.fetch_add(1, Ordering::Relaxed);
-    })
-    .await
 }

@@ -32,11 +32,6 @@ impl SseParser {
         self.bytes_seen
     }
 
-    /// Bytes of a line not yet terminated plus data of an event not yet dispatched.
-    pub fn buffered_len(&self) -> usize {
-        self.line.len() + self.data.len()
-    }
-
     /// Feeds `chunk`; calls `on_event` with the data of every event it completes.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8])) {
         self.bytes_seen += chunk.len() as u64;
