@@ -31,16 +31,33 @@ class Run:
         """Stop dispatching; requests in flight go on until done or :meth:`cancel`."""
     def cancel(self) -> None:
         """Abort requests in flight (recorded as ``cancelled``) and stop dispatching."""
+    def feed(
+        self,
+        t_ns: npt.NDArray[np.int64],
+        body_idx: npt.NDArray[np.uint32],
+        bodies: list[bytes],
+        endpoint_idx: npt.NDArray[np.uint32],
+        expected_output_tokens: npt.NDArray[np.uint32],
+    ) -> None:
+        """Append a chunk to the schedule of a run started with ``more=True``; its send
+        offsets continue the previous chunk's. Raises :class:`EngineError`, accepting
+        nothing, once the input is closed or the run is stopping."""
+    def close_input(self) -> None:
+        """Declare the schedule complete; the run ends when every fed request is done."""
+    def drain(self) -> dict[str, npt.NDArray[np.generic] | list[str]]:
+        """Records completed since the last drain, as in :meth:`results` but in
+        completion order and without ``t0_unix_ns``/``stopped``."""
     def results(self) -> dict[str, npt.NDArray[np.generic] | list[str] | int | bool]:
-        """Block until the run ends and return its records as columns.
+        """Close the input, block until the run ends and return the records not drained
+        yet, in schedule order.
 
-        Keys: scheduled_ns, sent_ns, first_byte_ns, first_token_ns, done_ns (int64);
+        Keys: index (uint64, position in the whole schedule); scheduled_ns, sent_ns, first_byte_ns, first_token_ns, done_ns (int64);
         n_chunks (uint32); completion_tokens, prompt_tokens (int64, -1 = not reported);
         http_status (uint16, 0 = none); error_kind (uint8, see ERROR_KINDS);
         endpoint_idx (uint32); chunk_ns (int64) with chunk_offsets (uint64, n+1) so that
-        ``chunk_ns[chunk_offsets[i]:chunk_offsets[i+1]]`` are request i's token-event
-        arrival times; error_index (int64) with error_message (list[str]); t0_unix_ns;
-        stopped. Can be called once.
+        ``chunk_ns[chunk_offsets[r]:chunk_offsets[r+1]]`` are row r's token-event
+        arrival times; error_index (int64 rows) with error_message (list[str]);
+        t0_unix_ns; stopped. Can be called once.
         """
 
 def start_run(
@@ -64,6 +81,7 @@ def start_run(
     max_body_bytes: int = 67_108_864,
     api_key: str | None = None,
     realtime_priority: bool = False,
+    more: bool = False,
 ) -> Run:
     """Start an open-loop run and return at once.
 
@@ -72,7 +90,8 @@ def start_run(
     ``warm_connections`` per endpoint are opened before the start instant. The bearer
     token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears in any output.
     ``realtime_priority`` runs the lanes under SCHED_FIFO when the process may (root or
-    CAP_SYS_NICE); otherwise lanes only ask for nice -10.
+    CAP_SYS_NICE); otherwise lanes only ask for nice -10. With ``more``, the input stays
+    open for :meth:`Run.feed` until :meth:`Run.close_input`.
     """
 
 @final

@@ -73,6 +73,155 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@dataclass
+class EngineChunk:
+    """One chunk of a schedule as the engine takes it, plus per-request columns
+    (``extra``, e.g. ``input_len``) that are joined back onto the records."""
+
+    t_ns: npt.NDArray[np.int64]
+    bodies: list[bytes]
+    body_idx: npt.NDArray[np.uint32]
+    endpoint_idx: npt.NDArray[np.uint32]
+    expected_output_tokens: npt.NDArray[np.int64]
+    extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.t_ns)
+
+    def engine_args(self) -> tuple[Any, ...]:
+        return (
+            np.ascontiguousarray(self.t_ns, dtype=np.int64),
+            np.ascontiguousarray(self.body_idx, dtype=np.uint32),
+            self.bodies,
+            np.ascontiguousarray(self.endpoint_idx, dtype=np.uint32),
+            np.ascontiguousarray(
+                np.clip(self.expected_output_tokens, 0, 2**32 - 1), dtype=np.uint32
+            ),
+        )
+
+
+class RecordSink:
+    """Receives drained record batches; ``extra`` holds the chunk columns of each row."""
+
+    def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
+        raise NotImplementedError
+
+    def add_not_sent(self, count: int, reason: str) -> None:
+        """Requests that were generated but never reached the engine."""
+        raise NotImplementedError
+
+
+class _PendingExtras:
+    """Per-request chunk columns kept until every request of the chunk has a record, so
+    memory holds only the part of the schedule still in flight."""
+
+    def __init__(self) -> None:
+        self._bases: list[int] = []
+        self._extras: list[dict[str, npt.NDArray[Any]]] = []
+        self._left: list[int] = []
+
+    def push(self, base: int, chunk: EngineChunk) -> None:
+        self._bases.append(base)
+        self._extras.append(chunk.extra)
+        self._left.append(len(chunk))
+
+    def take(self, index: npt.NDArray[np.uint64]) -> dict[str, npt.NDArray[Any]]:
+        if not len(index) or not self._bases:
+            return {}
+        idx = index.astype(np.int64)
+        which = np.searchsorted(np.asarray(self._bases), idx, side="right") - 1
+        names = self._extras[0].keys()
+        out: dict[str, npt.NDArray[Any]] = {}
+        for name in names:
+            sample = self._extras[0][name]
+            col = np.empty(len(idx), dtype=sample.dtype)
+            for c in np.unique(which):
+                rows = which == c
+                col[rows] = self._extras[c][name][idx[rows] - self._bases[c]]
+            out[name] = col
+        for c, n in zip(*np.unique(which, return_counts=True)):
+            self._left[c] -= int(n)
+        while self._left and self._left[0] == 0:
+            del self._bases[0], self._extras[0], self._left[0]
+        return out
+
+
+class _CollectingSink(RecordSink):
+    """Keeps every batch; concatenated in schedule order at the end (short runs)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]] = []
+        self.not_sent = 0
+
+    def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
+        if len(columns["index"]):
+            self.batches.append((columns, extra))
+
+    def add_not_sent(self, count: int, reason: str) -> None:
+        self.not_sent += count
+
+    def columns(self) -> dict[str, Any]:
+        return concat_record_batches([b for b, _ in self.batches], sort=True)
+
+
+_SCALAR_COLUMNS = (
+    "index",
+    "scheduled_ns",
+    "sent_ns",
+    "first_byte_ns",
+    "first_token_ns",
+    "done_ns",
+    "n_chunks",
+    "completion_tokens",
+    "prompt_tokens",
+    "http_status",
+    "error_kind",
+    "endpoint_idx",
+)
+
+
+def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[str, Any]:
+    """One column dict from drained batches (row-aligned chunk and error columns kept
+    consistent); ``sort`` orders rows by schedule index."""
+    if not batches:
+        empty: dict[str, Any] = {c: np.zeros(0, dtype=np.int64) for c in _SCALAR_COLUMNS}
+        empty.update(
+            chunk_ns=np.zeros(0, np.int64),
+            chunk_offsets=np.zeros(1, np.uint64),
+            error_index=np.zeros(0, np.int64),
+            error_message=[],
+        )
+        return empty
+    out: dict[str, Any] = {
+        c: np.concatenate([np.asarray(b[c]) for b in batches]) for c in _SCALAR_COLUMNS
+    }
+    counts = np.concatenate([np.diff(np.asarray(b["chunk_offsets"], np.int64)) for b in batches])
+    chunk_ns = np.concatenate([np.asarray(b["chunk_ns"]) for b in batches])
+    messages: dict[int, str] = {}
+    row0 = 0
+    for b in batches:
+        for r, m in zip(np.asarray(b["error_index"]).tolist(), b["error_message"]):
+            messages[row0 + r] = m
+        row0 += len(b["index"])
+    order = np.argsort(out["index"], kind="stable") if sort else np.arange(row0)
+    if sort:
+        for c in _SCALAR_COLUMNS:
+            out[c] = out[c][order]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        sel = counts[order]
+        gather = np.repeat(starts[order] - np.concatenate([[0], np.cumsum(sel)[:-1]]), sel)
+        chunk_ns = chunk_ns[gather + np.arange(int(sel.sum()))]
+        counts = sel
+    out["chunk_ns"] = chunk_ns
+    out["chunk_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+    position = np.empty(row0, dtype=np.int64)
+    position[order] = np.arange(row0)
+    rows = sorted((int(position[r]), m) for r, m in messages.items())
+    out["error_index"] = np.array([r for r, _ in rows], dtype=np.int64)
+    out["error_message"] = [m for _, m in rows]
+    return out
+
+
 def run_engine(
     endpoints: list[str],
     t_ns: npt.NDArray[np.int64],
@@ -85,15 +234,61 @@ def run_engine(
     show_progress: bool = True,
     description: str = "requests",
 ) -> RunRecords:
-    """Runs one schedule to completion (or interruption) and returns its records."""
+    """Runs one whole schedule to completion (or interruption) and returns its records
+    in schedule order."""
+    sink = _CollectingSink()
+    chunk = EngineChunk(t_ns, bodies, body_idx, endpoint_idx, expected_output_tokens)
+    outcome = run_stream(
+        endpoints,
+        iter([chunk]),
+        options,
+        sink,
+        total=len(t_ns),
+        show_progress=show_progress,
+        description=description,
+    )
+    columns = sink.columns()
+    columns["t0_unix_ns"] = outcome.t0_unix_ns
+    columns["stopped"] = outcome.interrupted
+    return RunRecords(columns, outcome.interrupted, outcome.wall_s, outcome.progress)
+
+
+@dataclass
+class StreamOutcome:
+    interrupted: bool
+    wall_s: float
+    t0_unix_ns: int
+    progress: dict[str, Any]
+    fed: int
+    generated_not_fed: int
+
+
+def run_stream(
+    endpoints: list[str],
+    chunks: Iterator[EngineChunk],
+    options: EngineOptions,
+    sink: RecordSink,
+    *,
+    total: int | None = None,
+    lookahead_s: float = 20.0,
+    show_progress: bool = True,
+    description: str = "requests",
+) -> StreamOutcome:
+    """Runs a schedule given as chunks (send offsets continue across chunks).
+
+    Chunks are fed while the fed schedule reaches less than ``lookahead_s`` past the
+    run's clock, and records drain into ``sink`` as they complete, so memory follows the
+    requests in flight, not the run's length. On Ctrl-C/SIGTERM dispatch stops, in-flight
+    requests drain within ``options.drain_grace_s``, and requests already generated but
+    not fed are reported to the sink as not sent.
+    """
+    first = next(chunks, None)
+    if first is None:
+        return StreamOutcome(False, 0.0, 0, {}, 0, 0)
     try:
         run = _engine.start_run(
             endpoints,
-            np.ascontiguousarray(t_ns, dtype=np.int64),
-            np.ascontiguousarray(body_idx, dtype=np.uint32),
-            bodies,
-            np.ascontiguousarray(endpoint_idx, dtype=np.uint32),
-            np.ascontiguousarray(np.clip(expected_output_tokens, 0, 2**32 - 1), dtype=np.uint32),
+            *first.engine_args(),
             stream=options.stream,
             max_concurrency=options.max_concurrency,
             lanes=options.lanes,
@@ -104,29 +299,80 @@ def run_engine(
             idle_timeout_s=options.idle_timeout_s,
             total_timeout_s=options.total_timeout_s,
             realtime_priority=options.realtime_priority,
+            more=True,
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None
+    pending = _PendingExtras()
+    pending.push(0, first)
+    fed = len(first)
+    fed_until_ns = int(first.t_ns[-1]) if len(first) else 0
+    exhausted = False
+    held: EngineChunk | None = None  # generated, waiting for its turn
 
     if options.realtime_priority:
         _report_realtime(run)
-    bar = _ProgressBar(len(t_ns), description) if show_progress else None
+    bar = _ProgressBar(total, description) if show_progress else None
     interrupted = False
     started = time.monotonic()
+    lookahead_ns = int(lookahead_s * 1e9)
+
+    def drain() -> None:
+        cols = run.drain()
+        if len(cols["index"]):
+            sink.add(cols, pending.take(cols["index"]))
+
     with _sigterm_as_interrupt():
         try:
-            while not run.wait(0.1):
+            while True:
+                if not exhausted:
+                    elapsed = int(run.progress()["elapsed_ns"])
+                    while not exhausted and fed_until_ns < elapsed + lookahead_ns:
+                        if held is None:
+                            held = next(chunks, None)
+                            if held is None:
+                                exhausted = True
+                                run.close_input()
+                                break
+                        try:
+                            run.feed(*held.engine_args())
+                        except _engine.EngineError as e:
+                            raise FineserveError(str(e)) from None
+                        pending.push(fed, held)
+                        fed += len(held)
+                        if len(held):
+                            fed_until_ns = int(held.t_ns[-1])
+                        held = None
+                done = run.wait(0.1 if exhausted else 0.02)
+                drain()
                 if bar:
                     bar.update(run.progress())
+                if done:
+                    break
         except KeyboardInterrupt:
             interrupted = True
             _drain(run, options.drain_grace_s)
+        except BaseException:
+            run.cancel()
+            raise
+    generated_not_fed = len(held) if held is not None else 0
+    if generated_not_fed:
+        sink.add_not_sent(generated_not_fed, "run stopped before this request was fed")
     if bar:
         bar.update(run.progress())
         bar.close()
-    final = run.progress()
-    columns = run.results()
-    return RunRecords(columns, interrupted, time.monotonic() - started, dict(final))
+    final = dict(run.progress())
+    last = run.results()
+    if len(last["index"]):
+        sink.add(last, pending.take(last["index"]))
+    return StreamOutcome(
+        interrupted,
+        time.monotonic() - started,
+        int(last["t0_unix_ns"]),
+        final,
+        fed,
+        generated_not_fed,
+    )
 
 
 def _report_realtime(run: _engine.Run) -> None:
@@ -162,7 +408,7 @@ def _drain(run: _engine.Run, grace_s: float) -> None:
 class _ProgressBar:
     """tqdm over finished requests, with the engine's live counters as postfix."""
 
-    def __init__(self, total: int, description: str) -> None:
+    def __init__(self, total: int | None, description: str) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(total=total, desc=description, unit="req", dynamic_ncols=True)

@@ -5,8 +5,12 @@
 //! connection on the thread that owns it, without cross-thread wake-ups or work stealing in
 //! between. Each lane paces its share of the schedule (request i goes to lane i % lanes)
 //! against one common start instant, so bursts split across lanes still leave together.
+//!
+//! The schedule arrives in chunks (`RunHandle::feed`), so a run of any length holds only
+//! the part of its schedule that has not left yet; records are taken out as they complete
+//! (`RunHandle::drain`), so they do not pile up either.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
@@ -14,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{execute, ClientConfig, Endpoint, Pool, RunClock};
@@ -25,10 +29,10 @@ use crate::timer::{
     HiResSleep,
 };
 
-/// A whole run's schedule, columnar.
+/// A run's schedule, or one chunk of it, columnar.
 #[derive(Debug, Clone, Default)]
 pub struct Schedule {
-    /// Send offset from the run's start instant, non-decreasing.
+    /// Send offset from the run's start instant, non-decreasing (also across chunks).
     pub t_ns: Vec<i64>,
     /// Index into `bodies` for each request.
     pub body_idx: Vec<u32>,
@@ -47,7 +51,8 @@ impl Schedule {
         self.t_ns.is_empty()
     }
 
-    pub fn validate(&self, n_endpoints: usize) -> Result<(), EngineError> {
+    /// Checks the columns; `after_ns` is the last send offset of the previous chunk.
+    pub fn validate(&self, n_endpoints: usize, after_ns: i64) -> Result<(), EngineError> {
         let n = self.t_ns.len();
         let bad = |m: String| Err(EngineError::InvalidSchedule(m));
         if self.body_idx.len() != n
@@ -63,6 +68,13 @@ impl Schedule {
         }
         if let Some(i) = self.t_ns.iter().position(|&t| t < 0) {
             return bad(format!("t_ns[{i}] is negative"));
+        }
+        if let Some(&first) = self.t_ns.first() {
+            if first < after_ns {
+                return bad(format!(
+                    "t_ns[0] = {first} is before the previous chunk's last send offset {after_ns}"
+                ));
+            }
         }
         if let Some(i) = self.t_ns.windows(2).position(|w| w[1] < w[0]) {
             return bad(format!("t_ns is not sorted at index {}", i + 1));
@@ -132,8 +144,20 @@ pub struct ProgressSnapshot {
     pub realtime_lanes: u64,
 }
 
-struct Shared {
+/// A chunk as the lanes see it: where it starts in the whole schedule, and its columns.
+struct Chunk {
+    base: u64,
     schedule: Schedule,
+}
+
+/// The feeding side of a run: one channel per lane, plus what validation needs.
+struct Feeder {
+    senders: Vec<mpsc::UnboundedSender<Arc<Chunk>>>,
+    next_index: u64,
+    last_t_ns: i64,
+}
+
+struct Shared {
     endpoints: Vec<Endpoint>,
     config: EngineConfig,
     progress: Progress,
@@ -145,6 +169,8 @@ struct Shared {
     t0_unix_ns: OnceLock<i64>,
     finished_lanes: Mutex<usize>,
     finished_cv: Condvar,
+    /// Completed records not yet drained, one vector per lane (uncontended locks).
+    records: Vec<Mutex<Vec<RequestRecord>>>,
 }
 
 pub struct RunOutput {
@@ -156,10 +182,25 @@ pub struct RunOutput {
 /// A run in progress. Dropping it without `finish` cancels and joins the lanes.
 pub struct RunHandle {
     shared: Arc<Shared>,
-    lanes: Vec<JoinHandle<Vec<RequestRecord>>>,
+    lanes: Vec<JoinHandle<()>>,
+    feeder: Mutex<Option<Feeder>>,
 }
 
+/// Starts a run over a whole schedule (fed at once, input closed).
 pub fn start(schedule: Schedule, config: EngineConfig) -> Result<RunHandle, EngineError> {
+    let n = schedule.len();
+    let handle = start_streaming(config, n)?;
+    handle.feed(schedule)?;
+    handle.close_input();
+    Ok(handle)
+}
+
+/// Starts a run whose schedule comes later, in chunks, through `RunHandle::feed`.
+/// `expected_len` (0 if unknown) only bounds the number of lanes for tiny schedules.
+pub fn start_streaming(
+    config: EngineConfig,
+    expected_len: usize,
+) -> Result<RunHandle, EngineError> {
     if config.endpoints.is_empty() {
         return Err(EngineError::InvalidConfig("no endpoint given".into()));
     }
@@ -176,9 +217,12 @@ pub fn start(schedule: Schedule, config: EngineConfig) -> Result<RunHandle, Engi
         .iter()
         .map(|u| Endpoint::parse(u))
         .collect::<Result<Vec<_>, _>>()?;
-    schedule.validate(endpoints.len())?;
     crate::timer::raise_nofile_limit();
-    let lanes = config.lanes.min(schedule.len().max(1));
+    let lanes = if expected_len > 0 {
+        config.lanes.min(expected_len)
+    } else {
+        config.lanes
+    };
     let shared = Arc::new(Shared {
         progress: Progress::default(),
         stopping: AtomicBool::new(false),
@@ -189,26 +233,24 @@ pub fn start(schedule: Schedule, config: EngineConfig) -> Result<RunHandle, Engi
         t0_unix_ns: OnceLock::new(),
         finished_lanes: Mutex::new(0),
         finished_cv: Condvar::new(),
+        records: (0..lanes).map(|_| Mutex::new(Vec::new())).collect(),
         endpoints,
-        schedule,
         config,
     });
-    shared
-        .progress
-        .scheduled
-        .store(shared.schedule.len() as u64, Ordering::Relaxed);
     let mut handles = Vec::with_capacity(lanes);
+    let mut senders = Vec::with_capacity(lanes);
     for lane in 0..lanes {
         let sh = Arc::clone(&shared);
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
         let h = std::thread::Builder::new()
             .name(format!("fineserve-lane-{lane}"))
             .spawn(move || {
-                let recs = run_lane(&sh, lane, lanes);
+                run_lane(&sh, lane, lanes, rx);
                 if let Ok(mut n) = sh.finished_lanes.lock() {
                     *n += 1;
                 }
                 sh.finished_cv.notify_all();
-                recs
             })
             .map_err(|e| EngineError::io("spawning a lane thread", e))?;
         handles.push(h);
@@ -216,6 +258,11 @@ pub fn start(schedule: Schedule, config: EngineConfig) -> Result<RunHandle, Engi
     Ok(RunHandle {
         shared,
         lanes: handles,
+        feeder: Mutex::new(Some(Feeder {
+            senders,
+            next_index: 0,
+            last_t_ns: 0,
+        })),
     })
 }
 
@@ -279,8 +326,83 @@ impl RunHandle {
         self.waiter().wait(timeout)
     }
 
+    /// Appends a chunk to the schedule. Its send offsets continue the previous chunk's
+    /// (same start instant). Fails, accepting nothing, once the input is closed or the run
+    /// is stopping; the caller then accounts for those requests itself.
+    pub fn feed(&self, chunk: Schedule) -> Result<(), EngineError> {
+        let mut guard = self
+            .feeder
+            .lock()
+            .map_err(|_| EngineError::InvalidConfig("feeder poisoned".into()))?;
+        let Some(feeder) = guard.as_mut() else {
+            return Err(EngineError::InputClosed(
+                "the schedule input is closed".into(),
+            ));
+        };
+        if self.is_stopping() {
+            return Err(EngineError::InputClosed("the run is stopping".into()));
+        }
+        chunk.validate(self.shared.endpoints.len(), feeder.last_t_ns)?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let n = chunk.len() as u64;
+        feeder.last_t_ns = chunk.t_ns[chunk.len() - 1];
+        let c = Arc::new(Chunk {
+            base: feeder.next_index,
+            schedule: chunk,
+        });
+        // A lane that has already quit (stopped) closed its receiver: those sends fail and
+        // the lane accounted for nothing of this chunk, so the chunk is refused as a whole.
+        let lanes = feeder.senders.len() as u64;
+        let mut accepted = true;
+        for (lane, tx) in feeder.senders.iter().enumerate() {
+            let has_work = first_in_chunk(c.base, lane as u64, lanes) < n;
+            if has_work && tx.send(Arc::clone(&c)).is_err() {
+                accepted = false;
+            }
+        }
+        if !accepted {
+            return Err(EngineError::InputClosed("the run is stopping".into()));
+        }
+        feeder.next_index += n;
+        self.shared
+            .progress
+            .scheduled
+            .fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// No more chunks: lanes finish once what was fed is done.
+    pub fn close_input(&self) {
+        if let Ok(mut g) = self.feeder.lock() {
+            g.take();
+        }
+    }
+
+    /// Takes the records completed since the last drain (completion order).
+    pub fn drain(&self) -> RecordColumns {
+        RecordColumns::from_records(self.take_records(), false)
+    }
+
+    fn take_records(&self) -> Vec<RequestRecord> {
+        let mut all = Vec::new();
+        for m in &self.shared.records {
+            if let Ok(mut v) = m.lock() {
+                if all.is_empty() {
+                    all = std::mem::take(&mut *v);
+                } else {
+                    all.append(&mut v);
+                }
+            }
+        }
+        all
+    }
+
     /// Stops dispatching; requests in flight go on until they end or `cancel` is called.
     pub fn stop(&self) {
+        // Under the feeder lock, so a chunk is either fed whole before the stop or refused.
+        let _feeder = self.feeder.lock();
         self.shared.stopping.store(true, Ordering::SeqCst);
     }
 
@@ -294,25 +416,14 @@ impl RunHandle {
         self.shared.stopping.load(Ordering::SeqCst)
     }
 
-    /// Joins the lanes and assembles the records.
+    /// Closes the input, joins the lanes and returns the records not drained yet, in
+    /// schedule order.
     pub fn finish(mut self) -> RunOutput {
-        let mut records = Vec::with_capacity(self.shared.schedule.len());
+        self.close_input();
         for h in self.lanes.drain(..) {
-            if let Ok(r) = h.join() {
-                records.extend(r);
-            }
+            let _ = h.join();
         }
-        let reason = if self.is_stopping() {
-            "run stopped before this request's scheduled time"
-        } else {
-            "lane ended before dispatch (internal error)"
-        };
-        let columns = RecordColumns::assemble(
-            &self.shared.schedule.t_ns,
-            &self.shared.schedule.endpoint_idx,
-            records,
-            reason,
-        );
+        let columns = RecordColumns::from_records(self.take_records(), true);
         RunOutput {
             columns,
             t0_unix_ns: self.shared.t0_unix_ns.get().copied().unwrap_or(0),
@@ -325,6 +436,7 @@ impl Drop for RunHandle {
     fn drop(&mut self) {
         if !self.lanes.is_empty() {
             self.cancel();
+            self.close_input();
             for h in self.lanes.drain(..) {
                 let _ = h.join();
             }
@@ -332,7 +444,54 @@ impl Drop for RunHandle {
     }
 }
 
-fn run_lane(shared: &Arc<Shared>, lane: usize, lanes: usize) -> Vec<RequestRecord> {
+/// First position in a chunk starting at `base` that belongs to `lane`.
+fn first_in_chunk(base: u64, lane: u64, lanes: u64) -> u64 {
+    (lane + lanes - base % lanes) % lanes
+}
+
+/// Positions in `chunk` that belong to `lane`, from `from` on.
+fn lane_positions(
+    chunk: &Chunk,
+    from: u64,
+    lane: usize,
+    lanes: usize,
+) -> impl Iterator<Item = usize> {
+    let first = first_in_chunk(chunk.base, lane as u64, lanes as u64);
+    let start = if from <= first {
+        first
+    } else {
+        first + (from - first).div_ceil(lanes as u64) * lanes as u64
+    };
+    (start as usize..chunk.schedule.len()).step_by(lanes)
+}
+
+fn push_record(shared: &Shared, lane: usize, rec: RequestRecord) {
+    if let Ok(mut v) = shared.records[lane].lock() {
+        v.push(rec);
+    }
+}
+
+/// Records `chunk`'s requests of this lane from position `from` on as not sent.
+fn mark_not_sent(shared: &Shared, lane: usize, lanes: usize, chunk: &Chunk, from: u64, why: &str) {
+    let s = &chunk.schedule;
+    let mut n = 0u64;
+    for j in lane_positions(chunk, from, lane, lanes) {
+        let mut r = RequestRecord::new(chunk.base + j as u64, s.t_ns[j], s.endpoint_idx[j], 0);
+        r.fail(ErrorKind::NotSent, why);
+        push_record(shared, lane, r);
+        n += 1;
+    }
+    shared.progress.not_sent.fetch_add(n, Ordering::Relaxed);
+}
+
+const STOPPED_REASON: &str = "run stopped before this request's scheduled time";
+
+fn run_lane(
+    shared: &Arc<Shared>,
+    lane: usize,
+    lanes: usize,
+    mut rx: mpsc::UnboundedReceiver<Arc<Chunk>>,
+) {
     lower_timer_slack();
     let realtime = shared.config.realtime_priority && set_realtime_priority();
     if !realtime {
@@ -352,30 +511,47 @@ fn run_lane(shared: &Arc<Shared>, lane: usize, lanes: usize) -> Vec<RequestRecor
         Err(e) => {
             // Cannot run this lane: its requests stay unsent and say why.
             shared.start_gate.wait();
-            return lane_indices(shared.schedule.len(), lane, lanes)
-                .map(|i| {
-                    let mut r = RequestRecord::new(i, 0);
-                    r.fail(ErrorKind::NotSent, format!("lane runtime failed: {e}"));
-                    r
-                })
-                .collect();
+            let why = format!("lane runtime failed: {e}");
+            while let Some(chunk) = rx.blocking_recv() {
+                mark_not_sent(shared, lane, lanes, &chunk, 0, &why);
+            }
+            return;
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, lane_main(Arc::clone(shared), lane, lanes))
-}
-
-fn lane_indices(n: usize, lane: usize, lanes: usize) -> impl Iterator<Item = usize> {
-    (lane..n).step_by(lanes)
+    local.block_on(&rt, lane_main(Arc::clone(shared), lane, lanes, rx));
 }
 
 struct LaneState {
-    records: RefCell<Vec<RequestRecord>>,
     in_flight: Cell<usize>,
     idle: Notify,
 }
 
-async fn lane_main(shared: Arc<Shared>, lane: usize, lanes: usize) -> Vec<RequestRecord> {
+/// Next chunk for this lane; None once the input is closed or the run is stopping.
+async fn next_chunk(
+    shared: &Shared,
+    rx: &mut mpsc::UnboundedReceiver<Arc<Chunk>>,
+) -> Option<Arc<Chunk>> {
+    loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return None;
+        }
+        match tokio::time::timeout(STOP_POLL, rx.recv()).await {
+            Ok(chunk) => return chunk,
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Wake at least this often to notice a stop.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+async fn lane_main(
+    shared: Arc<Shared>,
+    lane: usize,
+    lanes: usize,
+    mut rx: mpsc::UnboundedReceiver<Arc<Chunk>>,
+) {
     let endpoints: Rc<[Endpoint]> = shared.endpoints.clone().into();
     let pool = Rc::new(Pool::new(endpoints, shared.config.client.connect_timeout));
     warm_pool(&shared, &pool, lanes).await;
@@ -394,40 +570,38 @@ async fn lane_main(shared: Arc<Shared>, lane: usize, lanes: usize) -> Vec<Reques
     let clock = RunClock { t0 };
 
     let state = Rc::new(LaneState {
-        records: RefCell::new(Vec::new()),
         in_flight: Cell::new(0),
         idle: Notify::new(),
     });
     let timer = HiResSleep::new().ok();
     let spin = shared.config.spin;
-    let sched = &shared.schedule;
     let mut since_yield = 0usize;
-    let mut not_dispatched = 0u64;
-    let mut indices = lane_indices(sched.len(), lane, lanes);
-    for i in indices.by_ref() {
-        let deadline = t0 + Duration::from_nanos(sched.t_ns[i] as u64);
-        if !wait_for(&shared, timer.as_ref(), deadline, spin).await {
-            not_dispatched += 1;
-            break;
-        }
-        dispatch(&shared, &pool, &state, clock, i);
-        since_yield += 1;
-        // Far behind schedule, every deadline has passed: let the spawned requests run.
-        if since_yield >= 32 {
-            since_yield = 0;
-            tokio::task::yield_now().await;
+    'chunks: while let Some(chunk) = next_chunk(&shared, &mut rx).await {
+        for j in lane_positions(&chunk, 0, lane, lanes) {
+            let deadline = t0 + Duration::from_nanos(chunk.schedule.t_ns[j] as u64);
+            if !wait_for(&shared, timer.as_ref(), deadline, spin).await {
+                mark_not_sent(&shared, lane, lanes, &chunk, j as u64, STOPPED_REASON);
+                break 'chunks;
+            }
+            dispatch(&shared, &pool, &state, clock, lane, &chunk, j);
+            since_yield += 1;
+            // Far behind schedule, every deadline has passed: let the spawned requests run.
+            if since_yield >= 32 {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
         }
     }
-    not_dispatched += indices.count() as u64;
-    shared
-        .progress
-        .not_sent
-        .fetch_add(not_dispatched, Ordering::Relaxed);
+    // Stopping (or input closed): nothing more can be fed to this lane; what was fed and
+    // not reached is recorded as not sent.
+    rx.close();
+    while let Ok(chunk) = rx.try_recv() {
+        mark_not_sent(&shared, lane, lanes, &chunk, 0, STOPPED_REASON);
+    }
 
     while state.in_flight.get() > 0 {
         state.idle.notified().await;
     }
-    state.records.take()
 }
 
 /// Sleeps until `deadline`; false if the run was stopped meanwhile.
@@ -437,8 +611,6 @@ async fn wait_for(
     deadline: Instant,
     spin: Duration,
 ) -> bool {
-    // Wake at least this often to notice a stop.
-    const STOP_POLL: Duration = Duration::from_millis(20);
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
             return false;
@@ -501,21 +673,25 @@ fn dispatch(
     pool: &Rc<Pool>,
     state: &Rc<LaneState>,
     clock: RunClock,
-    i: usize,
+    lane: usize,
+    chunk: &Chunk,
+    j: usize,
 ) {
-    let sched = &shared.schedule;
-    let body = sched.bodies[sched.body_idx[i] as usize].clone();
-    let endpoint = sched.endpoint_idx[i] as usize;
-    let expected = sched.expected_output_tokens[i] as usize;
+    let sched = &chunk.schedule;
+    let body = sched.bodies[sched.body_idx[j] as usize].clone();
+    let endpoint = sched.endpoint_idx[j];
+    let scheduled_ns = sched.t_ns[j];
+    let index = chunk.base + j as u64;
+    let expected = sched.expected_output_tokens[j] as usize;
     state.in_flight.set(state.in_flight.get() + 1);
     shared.progress.dispatched.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(shared);
     let pool = Rc::clone(pool);
     let state = Rc::clone(state);
     tokio::task::spawn_local(async move {
-        let mut rec = RequestRecord::new(i, expected + 1);
+        let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
         let outcome = {
-            let work = run_request(&shared, &pool, clock, endpoint, body, &mut rec);
+            let work = run_request(&shared, &pool, clock, endpoint as usize, body, &mut rec);
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => None,
@@ -548,7 +724,7 @@ fn dispatch(
         } else {
             p.not_sent.fetch_add(1, Ordering::Relaxed);
         }
-        state.records.borrow_mut().push(rec);
+        push_record(&shared, lane, rec);
         let n = state.in_flight.get() - 1;
         state.in_flight.set(n);
         if n == 0 {
@@ -593,5 +769,41 @@ async fn run_request(
             ),
         )),
         Ok(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(base: u64, len: usize) -> Chunk {
+        Chunk {
+            base,
+            schedule: Schedule {
+                t_ns: vec![0; len],
+                ..Schedule::default()
+            },
+        }
+    }
+
+    #[test]
+    fn lanes_partition_every_chunk_by_global_index() {
+        for lanes in 1..5usize {
+            for base in 0..7u64 {
+                let c = chunk(base, 11);
+                for from in 0..12u64 {
+                    let mut seen: Vec<usize> = (0..lanes)
+                        .flat_map(|lane| lane_positions(&c, from, lane, lanes))
+                        .collect();
+                    seen.sort_unstable();
+                    let want: Vec<usize> = (from as usize..11).collect();
+                    assert_eq!(seen, want, "lanes {lanes} base {base} from {from}");
+                }
+                for lane in 0..lanes {
+                    assert!(lane_positions(&c, 0, lane, lanes)
+                        .all(|j| (base as usize + j) % lanes == lane));
+                }
+            }
+        }
     }
 }

@@ -7,6 +7,8 @@ pub enum EngineError {
     InvalidSchedule(String),
     #[error("invalid endpoint {url:?}: {reason}")]
     InvalidEndpoint { url: String, reason: String },
+    #[error("schedule not accepted: {0}")]
+    InputClosed(String),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     #[error("{context}: {source}")]

@@ -13,7 +13,7 @@ pub mod timer;
 #[cfg(feature = "python")]
 mod python;
 
-pub use engine::{start, EngineConfig, RunHandle, RunOutput, Schedule};
+pub use engine::{start, start_streaming, EngineConfig, RunHandle, RunOutput, Schedule};
 pub use error::EngineError;
 pub use mock::{MockConfig, MockServer};
 pub use records::{ErrorKind, RecordColumns};

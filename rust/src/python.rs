@@ -15,7 +15,7 @@ use crate::client::ClientConfig;
 use crate::engine::{self, EngineConfig, RunHandle, Schedule};
 use crate::error::EngineError as CoreError;
 use crate::mock::{MockConfig, MockServer};
-use crate::records::ErrorKind;
+use crate::records::{ErrorKind, RecordColumns};
 
 create_exception!(
     _engine,
@@ -98,7 +98,33 @@ impl PyRun {
         self.with(|h| h.cancel())
     }
 
-    /// Blocks (GIL released) until the run ends and returns its records as numpy columns.
+    /// Appends a chunk to the schedule (see `start_run(..., more=True)`). Raises
+    /// `EngineError`, accepting nothing, once the input is closed or the run is stopping.
+    fn feed(
+        &self,
+        t_ns: PyReadonlyArray1<'_, i64>,
+        body_idx: PyReadonlyArray1<'_, u32>,
+        bodies: Vec<Bound<'_, PyBytes>>,
+        endpoint_idx: PyReadonlyArray1<'_, u32>,
+        expected_output_tokens: PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<()> {
+        let chunk = schedule_from(t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens)?;
+        self.with(|h| h.feed(chunk))?.map_err(PyErr::from)
+    }
+
+    /// Declares the schedule complete; the run ends once every fed request is done.
+    fn close_input(&self) -> PyResult<()> {
+        self.with(|h| h.close_input())
+    }
+
+    /// Records completed since the last drain, as numpy columns in completion order.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let cols = self.with(|h| h.drain())?;
+        columns_dict(py, cols)
+    }
+
+    /// Closes the input, blocks (GIL released) until the run ends and returns the records
+    /// not drained yet, in schedule order, with `t0_unix_ns` and `stopped`.
     fn results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let handle = self
             .handle
@@ -107,42 +133,67 @@ impl PyRun {
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("results() was already called on this run"))?;
         let out = py.detach(move || handle.finish());
-        let c = out.columns;
-        let d = PyDict::new(py);
-        d.set_item("scheduled_ns", c.scheduled_ns.into_pyarray(py))?;
-        d.set_item("sent_ns", c.sent_ns.into_pyarray(py))?;
-        d.set_item("first_byte_ns", c.first_byte_ns.into_pyarray(py))?;
-        d.set_item("first_token_ns", c.first_token_ns.into_pyarray(py))?;
-        d.set_item("done_ns", c.done_ns.into_pyarray(py))?;
-        d.set_item("n_chunks", c.n_chunks.into_pyarray(py))?;
-        d.set_item("completion_tokens", c.completion_tokens.into_pyarray(py))?;
-        d.set_item("prompt_tokens", c.prompt_tokens.into_pyarray(py))?;
-        d.set_item("http_status", c.http_status.into_pyarray(py))?;
-        d.set_item("error_kind", c.error_kind.into_pyarray(py))?;
-        d.set_item("endpoint_idx", c.endpoint_idx.into_pyarray(py))?;
-        d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
-        d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;
-        let (idx, msgs): (Vec<i64>, Vec<String>) = c
-            .error_messages
-            .into_iter()
-            .map(|(i, m)| (i as i64, m))
-            .unzip();
-        d.set_item("error_index", idx.into_pyarray(py))?;
-        d.set_item("error_message", msgs)?;
+        let d = columns_dict(py, out.columns)?;
         d.set_item("t0_unix_ns", out.t0_unix_ns)?;
         d.set_item("stopped", out.stopped)?;
         Ok(d)
     }
 }
 
-/// Starts an open-loop run over a columnar schedule and returns at once.
+fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("index", c.index.into_pyarray(py))?;
+    d.set_item("scheduled_ns", c.scheduled_ns.into_pyarray(py))?;
+    d.set_item("sent_ns", c.sent_ns.into_pyarray(py))?;
+    d.set_item("first_byte_ns", c.first_byte_ns.into_pyarray(py))?;
+    d.set_item("first_token_ns", c.first_token_ns.into_pyarray(py))?;
+    d.set_item("done_ns", c.done_ns.into_pyarray(py))?;
+    d.set_item("n_chunks", c.n_chunks.into_pyarray(py))?;
+    d.set_item("completion_tokens", c.completion_tokens.into_pyarray(py))?;
+    d.set_item("prompt_tokens", c.prompt_tokens.into_pyarray(py))?;
+    d.set_item("http_status", c.http_status.into_pyarray(py))?;
+    d.set_item("error_kind", c.error_kind.into_pyarray(py))?;
+    d.set_item("endpoint_idx", c.endpoint_idx.into_pyarray(py))?;
+    d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
+    d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;
+    let (rows, msgs): (Vec<i64>, Vec<String>) = c
+        .error_messages
+        .into_iter()
+        .map(|(i, m)| (i as i64, m))
+        .unzip();
+    d.set_item("error_index", rows.into_pyarray(py))?;
+    d.set_item("error_message", msgs)?;
+    Ok(d)
+}
+
+fn schedule_from(
+    t_ns: PyReadonlyArray1<'_, i64>,
+    body_idx: PyReadonlyArray1<'_, u32>,
+    bodies: Vec<Bound<'_, PyBytes>>,
+    endpoint_idx: PyReadonlyArray1<'_, u32>,
+    expected_output_tokens: PyReadonlyArray1<'_, u32>,
+) -> PyResult<Schedule> {
+    Ok(Schedule {
+        t_ns: t_ns.as_slice()?.to_vec(),
+        body_idx: body_idx.as_slice()?.to_vec(),
+        endpoint_idx: endpoint_idx.as_slice()?.to_vec(),
+        expected_output_tokens: expected_output_tokens.as_slice()?.to_vec(),
+        bodies: bodies
+            .iter()
+            .map(|b| Bytes::copy_from_slice(b.as_bytes()))
+            .collect(),
+    })
+}
+
+/// Starts an open-loop run over a columnar schedule and returns at once. With `more`, the
+/// input stays open for `Run.feed` chunks until `Run.close_input`.
 #[pyfunction]
 #[pyo3(signature = (
     endpoints, t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, *,
     stream = true, max_concurrency = None, lanes = 2, warm_connections = 0, spin_us = 200,
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
-    api_key = None, realtime_priority = false,
+    api_key = None, realtime_priority = false, more = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -165,17 +216,9 @@ fn start_run(
     max_body_bytes: usize,
     api_key: Option<String>,
     realtime_priority: bool,
+    more: bool,
 ) -> PyResult<PyRun> {
-    let schedule = Schedule {
-        t_ns: t_ns.as_slice()?.to_vec(),
-        body_idx: body_idx.as_slice()?.to_vec(),
-        endpoint_idx: endpoint_idx.as_slice()?.to_vec(),
-        expected_output_tokens: expected_output_tokens.as_slice()?.to_vec(),
-        bodies: bodies
-            .iter()
-            .map(|b| Bytes::copy_from_slice(b.as_bytes()))
-            .collect(),
-    };
+    let schedule = schedule_from(t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens)?;
     let api_key = api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
     let client = ClientConfig {
         stream,
@@ -198,7 +241,12 @@ fn start_run(
         start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
         realtime_priority,
     };
-    let handle = engine::start(schedule, config)?;
+    let expected_len = if more { 0 } else { schedule.len() };
+    let handle = engine::start_streaming(config, expected_len)?;
+    handle.feed(schedule)?;
+    if !more {
+        handle.close_input();
+    }
     Ok(PyRun {
         handle: Mutex::new(Some(handle)),
     })

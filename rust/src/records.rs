@@ -71,7 +71,10 @@ impl ErrorKind {
 /// The outcome of one request. Times are ns since the run's start instant; -1 = never happened.
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
-    pub index: usize,
+    /// Position in the whole schedule (over all chunks fed to the run).
+    pub index: u64,
+    pub scheduled_ns: i64,
+    pub endpoint_idx: u32,
     pub sent_ns: i64,
     pub first_byte_ns: i64,
     pub first_token_ns: i64,
@@ -86,9 +89,11 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn new(index: usize, expected_chunks: usize) -> Self {
+    pub fn new(index: u64, scheduled_ns: i64, endpoint_idx: u32, expected_chunks: usize) -> Self {
         Self {
             index,
+            scheduled_ns,
+            endpoint_idx,
             sent_ns: -1,
             first_byte_ns: -1,
             first_token_ns: -1,
@@ -108,9 +113,10 @@ impl RequestRecord {
     }
 }
 
-/// All records of a run as columns, in schedule order.
+/// Records as columns. `index` says which scheduled request each row is.
 #[derive(Debug, Default)]
 pub struct RecordColumns {
+    pub index: Vec<u64>,
     pub scheduled_ns: Vec<i64>,
     pub sent_ns: Vec<i64>,
     pub first_byte_ns: Vec<i64>,
@@ -122,64 +128,66 @@ pub struct RecordColumns {
     pub http_status: Vec<u16>,
     pub error_kind: Vec<u8>,
     pub endpoint_idx: Vec<u32>,
-    /// (index, message) for every request with a non-empty error message.
+    /// (row, message) for every row with a non-empty error message.
     pub error_messages: Vec<(usize, String)>,
     pub chunk_ns: Vec<i64>,
-    /// `chunk_ns[chunk_offsets[i]..chunk_offsets[i+1]]` belongs to request i.
+    /// `chunk_ns[chunk_offsets[r]..chunk_offsets[r+1]]` belongs to row r.
     pub chunk_offsets: Vec<u64>,
 }
 
 impl RecordColumns {
-    /// Assembles columns from records given in any order; a schedule slot without a record
-    /// (never dispatched) becomes `NotSent` with `not_sent_reason`.
-    pub fn assemble(
-        scheduled_ns: &[i64],
-        endpoint_idx: &[u32],
-        mut records: Vec<RequestRecord>,
-        not_sent_reason: &str,
-    ) -> Self {
-        let n = scheduled_ns.len();
-        records.sort_unstable_by_key(|r| r.index);
+    /// Columns from records, in schedule order when `sort` is set, else as given.
+    pub fn from_records(mut records: Vec<RequestRecord>, sort: bool) -> Self {
+        if sort {
+            records.sort_unstable_by_key(|r| r.index);
+        }
+        let n = records.len();
         let mut cols = RecordColumns {
-            scheduled_ns: scheduled_ns.to_vec(),
-            endpoint_idx: endpoint_idx.to_vec(),
-            sent_ns: vec![-1; n],
-            first_byte_ns: vec![-1; n],
-            first_token_ns: vec![-1; n],
-            done_ns: vec![-1; n],
-            n_chunks: vec![0; n],
-            completion_tokens: vec![-1; n],
-            prompt_tokens: vec![-1; n],
-            http_status: vec![0; n],
-            error_kind: vec![ErrorKind::NotSent as u8; n],
+            index: Vec::with_capacity(n),
+            scheduled_ns: Vec::with_capacity(n),
+            sent_ns: Vec::with_capacity(n),
+            first_byte_ns: Vec::with_capacity(n),
+            first_token_ns: Vec::with_capacity(n),
+            done_ns: Vec::with_capacity(n),
+            n_chunks: Vec::with_capacity(n),
+            completion_tokens: Vec::with_capacity(n),
+            prompt_tokens: Vec::with_capacity(n),
+            http_status: Vec::with_capacity(n),
+            error_kind: Vec::with_capacity(n),
+            endpoint_idx: Vec::with_capacity(n),
             error_messages: Vec::new(),
             chunk_ns: Vec::with_capacity(records.iter().map(|r| r.chunk_ns.len()).sum()),
             chunk_offsets: Vec::with_capacity(n + 1),
         };
-        let mut it = records.into_iter().peekable();
         cols.chunk_offsets.push(0);
-        for i in 0..n {
-            match it.next_if(|r| r.index == i) {
-                Some(r) => {
-                    cols.sent_ns[i] = r.sent_ns;
-                    cols.first_byte_ns[i] = r.first_byte_ns;
-                    cols.first_token_ns[i] = r.first_token_ns;
-                    cols.done_ns[i] = r.done_ns;
-                    cols.n_chunks[i] = r.chunk_ns.len() as u32;
-                    cols.completion_tokens[i] = r.completion_tokens;
-                    cols.prompt_tokens[i] = r.prompt_tokens;
-                    cols.http_status[i] = r.http_status;
-                    cols.error_kind[i] = r.error as u8;
-                    if !r.error_message.is_empty() {
-                        cols.error_messages.push((i, r.error_message));
-                    }
-                    cols.chunk_ns.extend_from_slice(&r.chunk_ns);
-                }
-                None => cols.error_messages.push((i, not_sent_reason.to_owned())),
+        for (row, r) in records.into_iter().enumerate() {
+            cols.index.push(r.index);
+            cols.scheduled_ns.push(r.scheduled_ns);
+            cols.sent_ns.push(r.sent_ns);
+            cols.first_byte_ns.push(r.first_byte_ns);
+            cols.first_token_ns.push(r.first_token_ns);
+            cols.done_ns.push(r.done_ns);
+            cols.n_chunks.push(r.chunk_ns.len() as u32);
+            cols.completion_tokens.push(r.completion_tokens);
+            cols.prompt_tokens.push(r.prompt_tokens);
+            cols.http_status.push(r.http_status);
+            cols.error_kind.push(r.error as u8);
+            cols.endpoint_idx.push(r.endpoint_idx);
+            if !r.error_message.is_empty() {
+                cols.error_messages.push((row, r.error_message));
             }
+            cols.chunk_ns.extend_from_slice(&r.chunk_ns);
             cols.chunk_offsets.push(cols.chunk_ns.len() as u64);
         }
         cols
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
     }
 }
 
@@ -188,15 +196,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn assemble_orders_records_and_marks_missing_as_not_sent() {
-        let mut a = RequestRecord::new(2, 0);
+    fn from_records_sorts_by_index_and_keeps_chunk_offsets() {
+        let mut a = RequestRecord::new(2, 20, 1, 0);
         a.sent_ns = 20;
         a.chunk_ns = vec![21, 22];
-        let mut b = RequestRecord::new(0, 0);
+        let mut b = RequestRecord::new(0, 0, 0, 0);
         b.sent_ns = 1;
         b.chunk_ns = vec![5];
-        let cols = RecordColumns::assemble(&[0, 10, 20], &[0, 0, 1], vec![a, b], "stopped");
+        let mut c = RequestRecord::new(1, 10, 0, 0);
+        c.fail(ErrorKind::NotSent, "stopped");
+        let cols = RecordColumns::from_records(vec![a, b, c], true);
+        assert_eq!(cols.index, vec![0, 1, 2]);
         assert_eq!(cols.sent_ns, vec![1, -1, 20]);
+        assert_eq!(cols.scheduled_ns, vec![0, 10, 20]);
+        assert_eq!(cols.endpoint_idx, vec![0, 0, 1]);
         assert_eq!(cols.chunk_offsets, vec![0, 1, 1, 3]);
         assert_eq!(cols.chunk_ns, vec![5, 21, 22]);
         assert_eq!(cols.error_kind[1], ErrorKind::NotSent as u8);

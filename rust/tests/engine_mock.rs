@@ -105,3 +105,43 @@ fn invalid_schedules_are_rejected() {
         .expect("must fail");
     assert!(err.to_string().contains("http://"));
 }
+
+#[test]
+fn schedule_fed_in_chunks_runs_as_one_and_drains_incrementally() {
+    let mock = MockServer::start("127.0.0.1", 0, MockConfig::default()).expect("mock");
+    let url = format!("http://{}/v1/completions", mock.addr());
+    let run = fineserve_engine::start_streaming(config(url, 4), 0).expect("start");
+    let whole = schedule(90, 2_000_000, 2, false);
+    let mut drained = Vec::new();
+    for part in 0..3 {
+        let r = part * 30..(part + 1) * 30;
+        run.feed(Schedule {
+            t_ns: whole.t_ns[r.clone()].to_vec(),
+            body_idx: whole.body_idx[r.clone()].to_vec(),
+            endpoint_idx: whole.endpoint_idx[r.clone()].to_vec(),
+            expected_output_tokens: whole.expected_output_tokens[r].to_vec(),
+            bodies: whole.bodies.clone(),
+        })
+        .expect("feed");
+        std::thread::sleep(Duration::from_millis(40));
+        drained.extend(run.drain().index);
+    }
+    // A chunk that goes back in time is refused.
+    let back = Schedule {
+        t_ns: vec![0],
+        ..schedule(1, 0, 2, false)
+    };
+    assert!(run.feed(back).is_err());
+    run.close_input();
+    assert!(run.wait(Duration::from_secs(20)));
+    let out = run.finish();
+    drained.extend(out.columns.index.iter().copied());
+    drained.sort_unstable();
+    assert_eq!(drained, (0..90).collect::<Vec<u64>>());
+    assert!(run_progress_ok(&out.columns));
+}
+
+fn run_progress_ok(c: &fineserve_engine::RecordColumns) -> bool {
+    c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8)
+        && c.index.windows(2).all(|w| w[0] < w[1])
+}

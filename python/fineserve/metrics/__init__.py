@@ -1,5 +1,6 @@
-"""Serving metrics computed from engine records."""
+"""Serving metrics from per-request records."""
 
-from .serving import compute_metrics, format_summary
+from .histogram import LogHistogram
+from .serving import MetricsAccumulator, compute_metrics, format_summary
 
-__all__ = ["compute_metrics", "format_summary"]
+__all__ = ["LogHistogram", "MetricsAccumulator", "compute_metrics", "format_summary"]
