@@ -51,7 +51,8 @@ class Run:
         """Close the input, block until the run ends and return the records not drained
         yet, in schedule order.
 
-        Keys: index (uint64, position in the whole schedule); scheduled_ns, sent_ns, first_byte_ns, first_token_ns, done_ns (int64);
+        Keys: index (uint64, position in the whole schedule); scheduled_ns, sent_ns,
+        first_byte_ns, first_token_ns, done_ns (int64);
         n_chunks (uint32); completion_tokens, prompt_tokens (int64, -1 = not reported);
         http_status (uint16, 0 = none); error_kind (uint8, see ERROR_KINDS);
         endpoint_idx (uint32); chunk_ns (int64) with chunk_offsets (uint64, n+1) so that
