@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,14 @@ from . import __version__
 from .api import BACKENDS, DEFAULT_ENDPOINT, BodyTemplate, parse_extra_body
 from .console import note, out, warn
 from .errors import FineserveError
-from .metrics import compute_metrics, format_summary
+from .metrics import MetricsAccumulator, format_summary
 from .mock import MockServer
 from .prompts import SyntheticPromptBuilder
-from .runner import EngineOptions, default_lanes, run_engine
-from .schedule import Schedule
+from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
+from .schedule import Schedule, write_schedule
 from .server import base_url_from, check_url, fetch_models
-from .workloads import poisson_arrivals_ns, random_lengths
+from .traces import FORMATS
+from .workloads.spec import MODES, build_workload
 
 #: Cap on connections opened before the start instant when sized automatically.
 _AUTO_WARM_CAP = 16_384
@@ -55,6 +58,164 @@ def _mock_options(f: Any) -> Any:
     return f
 
 
+def _workload_options(f: Any) -> Any:
+    """Options that define the schedule; shared by ``generate`` and ``blast``."""
+    opts = [
+        click.option(
+            "--mode",
+            type=click.Choice(MODES),
+            default="poisson",
+            show_default=True,
+            help="How arrivals and lengths are made.",
+        ),
+        click.option(
+            "--schedule",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Replay a schedule written by `fineserve generate` exactly (overrides --mode).",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
+        ),
+        click.option(
+            "--num-prompts",
+            type=click.IntRange(min=1),
+            help="Requests (poisson; default 100) or a cap on the others.",
+        ),
+        click.option(
+            "--request-rate",
+            type=float,
+            default=math.inf,
+            show_default=True,
+            help="poisson: requests/s (inf = all at once); servegen/burstgpt: target mean rate.",
+        ),
+        click.option(
+            "--burstiness",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
+        ),
+        click.option("--ramp", type=click.Choice(["linear", "step"]), help="poisson: rate ramp."),
+        click.option("--ramp-start-rate", type=float, default=1.0, show_default=True),
+        click.option("--ramp-end-rate", type=float, default=10.0, show_default=True),
+        click.option("--ramp-steps", type=int, default=5, show_default=True),
+        click.option(
+            "--random-input-len", type=click.IntRange(min=1), default=1024, show_default=True
+        ),
+        click.option(
+            "--random-output-len", type=click.IntRange(min=1), default=128, show_default=True
+        ),
+        click.option(
+            "--random-range-ratio",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Lengths uniform in [len·(1−r), len·(1+r)].",
+        ),
+        click.option(
+            "--request-lengths-csv",
+            type=click.Path(path_type=Path),
+            help="Sample (input, output) length pairs from this CSV (poisson/parametric).",
+        ),
+        click.option(
+            "--request-trace-csv",
+            type=click.Path(path_type=Path),
+            help="replay: FineServe-style trace CSV.",
+        ),
+        click.option(
+            "--trace",
+            type=click.Path(path_type=Path),
+            help="replay/burstgpt: a trace in any supported format (detected from content).",
+        ),
+        click.option("--trace-format", type=click.Choice(FORMATS), help="Override detection."),
+        click.option("--timestamp-column", help="Trace timestamp column (format default)."),
+        click.option("--input-length-column", help="Input length column (format default)."),
+        click.option("--output-length-column", help="Output length column (format default)."),
+        click.option(
+            "--timestamp-unit",
+            type=click.Choice(["us", "ms", "s"]),
+            help="Trace timestamp unit (default: the format's: FineServe us, BurstGPT s, "
+            "Mooncake ms).",
+        ),
+        click.option("--burstgpt-model", help="BurstGPT: keep rows of this Model."),
+        click.option("--burstgpt-log-type", help="BurstGPT: keep rows of this Log Type."),
+        click.option(
+            "--time-scale",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
+        ),
+        click.option("--start", type=float, default=0.0, help="Trace seconds to skip."),
+        click.option("--duration", type=float, help="Trace seconds to generate or replay."),
+        click.option(
+            "--model-class",
+            multiple=True,
+            help="parametric: FineServe class (e.g. Dense_lt10B); repeat to mix classes.",
+        ),
+        click.option(
+            "--datasets-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Directory with Parametric/gamma and Parametric/nb "
+            "(also $FINESERVE_DATASETS, then the project's datasets/).",
+        ),
+        click.option("--gamma-params-csv", type=click.Path(path_type=Path)),
+        click.option("--window-start-column", default="window_start_ms", show_default=True),
+        click.option("--window-end-column", default="window_end_ms", show_default=True),
+        click.option("--gamma-shape-column", default="gamma_shape", show_default=True),
+        click.option("--gamma-scale-column", default="gamma_scale", show_default=True),
+        click.option("--parametric-window-seconds", type=float, default=300.0, show_default=True),
+        click.option(
+            "--parametric-extension-mode",
+            type=click.Choice(["repeat_jitter", "model_sample"]),
+            default="repeat_jitter",
+            show_default=True,
+            help="How windows past the parameter file's end are made.",
+        ),
+        click.option("--parametric-jitter-ratio", type=float, default=0.05, show_default=True),
+        click.option(
+            "--parametric-nb-json",
+            type=click.Path(path_type=Path),
+            help="NB micro-burst parameters (enables the NB layer for any class).",
+        ),
+        click.option(
+            "--disable-parametric-nb-lt10b",
+            is_flag=True,
+            help="No NB micro-bursts for *lt10B* classes.",
+        ),
+        click.option(
+            "--parametric-nb-zero",
+            type=click.Choice(["truncate", "empty"]),
+            default="truncate",
+            show_default=True,
+            help="A zero NB draw is redrawn (truncate) or empties its slot.",
+        ),
+        click.option(
+            "--servegen-pool",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="servegen: directory of chunk-<i>-trace.csv / chunk-<i>-dataset.json.",
+        ),
+        click.option("--servegen-clients", help="servegen: client ids to use, e.g. 0,1."),
+        click.option(
+            "--burstgpt-params",
+            type=click.Path(path_type=Path),
+            help="burstgpt: parameter JSON (else fitted from --trace).",
+        ),
+        click.option(
+            "--rate-scale",
+            type=float,
+            help="servegen/burstgpt: multiply every rate (instead of --request-rate).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @cli.command("blast")
 @click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True)
 @click.option(
@@ -72,33 +233,10 @@ def _mock_options(f: Any) -> Any:
     "--tokenizer",
     help="Tokenizer for exact prompt lengths (accepted; used once real prompt datasets land).",
 )
-@click.option("--mode", type=click.Choice(["poisson"]), default="poisson", show_default=True)
-@click.option(
-    "--request-rate",
-    type=float,
-    default=math.inf,
-    show_default=True,
-    help="Requests per second; inf sends everything at once.",
-)
-@click.option(
-    "--burstiness",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
-)
-@click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option(
     "--max-concurrency",
     type=click.IntRange(min=1),
     help="Cap on requests in flight; excess requests queue (queueing shows as dispatch lag).",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
 )
 @click.option("--disable-stream", is_flag=True, help="Send non-streaming requests.")
 @click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm).")
@@ -116,15 +254,6 @@ def _mock_options(f: Any) -> Any:
     help="Write the result JSON here (.jsonl: append one line, as FineServe).",
 )
 @click.option("--disable-tqdm", is_flag=True, help="No progress bar.")
-@click.option("--random-input-len", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--random-output-len", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option(
-    "--random-range-ratio",
-    type=float,
-    default=0.0,
-    show_default=True,
-    help="Lengths uniform in [len·(1−r), len·(1+r)].",
-)
 @click.option(
     "--lanes", type=click.IntRange(min=1), help="Engine threads (default: half the CPUs, 1 to 8)."
 )
@@ -170,6 +299,7 @@ def _mock_options(f: Any) -> Any:
     "time (above ~2k req/s per lane the kernel's RT throttling pauses it for 50 ms a second).",
 )
 @_mock_options
+@_workload_options
 def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     extra = parse_extra_body(o["extra_request_body"])
@@ -211,15 +341,13 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
     endpoint = o["endpoint"] or DEFAULT_ENDPOINT[o["backend"]]
     url = base + (endpoint if endpoint.startswith("/") else "/" + endpoint)
     check_url(url)
+    workload = build_workload(o, seed)
+    for line in workload.notes:
+        note(line)
     model = _resolve_model(base, o["model"], api_key)
-
-    rng = np.random.default_rng(seed)
-    n = o["num_prompts"]
-    schedule = Schedule(
-        t_ns=poisson_arrivals_ns(n, o["request_rate"], rng, o["burstiness"]),
-        input_len=random_lengths(n, o["random_input_len"], o["random_range_ratio"], rng),
-        output_len=random_lengths(n, o["random_output_len"], o["random_range_ratio"], rng),
-    )
+    first = next(workload.chunks, None)
+    if first is None or not len(first):
+        raise FineserveError("the workload has no requests")
     if o["tokenizer"]:
         note(
             "--tokenizer is accepted but prompts are still synthetic words; "
@@ -235,16 +363,12 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         ignore_eos=not o["disable_ignore_eos"],
         extra=extra,
     )
-    bodies = template.render_all(
-        (builder.build(i, int(ln)) for i, ln in enumerate(schedule.input_len)),
-        schedule.output_len,
-    )
 
     lanes = o["lanes"] or default_lanes()
     warm = o["warm_connections"]
     if warm is None:
-        peak = schedule.peak_in_window(1_000_000_000)
-        warm = min(n, o["max_concurrency"] or peak, _AUTO_WARM_CAP)
+        peak = first.peak_in_window(1_000_000_000)
+        warm = min(o["max_concurrency"] or peak, _AUTO_WARM_CAP)
     options = EngineOptions(
         stream=not o["disable_stream"],
         max_concurrency=o["max_concurrency"],
@@ -260,40 +384,81 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
     show = not o["disable_tqdm"]
 
     if o["warmup_requests"]:
-        _warm_up(url, template, builder, o["warmup_requests"], schedule, options)
+        _warm_up(url, template, builder, o["warmup_requests"], first, options)
 
-    rate = o["request_rate"]
+    mode = workload.info.get("mode", o["mode"])
+    total = workload.total
     note(
-        f"{n} requests to {url} (model {model}), rate "
-        f"{'inf' if math.isinf(rate) else f'{rate:g}/s'}, seed {seed}, {lanes} lanes, "
-        f"{warm} warm connections"
+        f"{total if total is not None else 'streamed'} requests to {url} (model {model}), "
+        f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections"
     )
-    records = run_engine(
+    sink = MetricsSink()
+    outcome = run_stream(
         [url],
-        schedule.t_ns,
-        bodies,
-        np.arange(n, dtype=np.uint32),
-        np.zeros(n, dtype=np.uint32),
-        schedule.output_len,
+        _engine_chunks(itertools.chain([first], workload.chunks), builder, template),
         options,
+        sink,
+        total=total,
         show_progress=show,
     )
-    metrics = compute_metrics(records.columns, schedule.input_len)
+    metrics = sink.acc.result()
+    rate = o["request_rate"]
     header = {
         "backend": o["backend"],
-        "mode": o["mode"],
+        "mode": mode,
         "request_rate": "inf" if math.isinf(rate) else rate,
         "max_concurrency": o["max_concurrency"],
     }
+    if mode != "poisson":
+        header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
     out(format_summary(metrics, header))
-    if records.interrupted:
+    if outcome.interrupted:
         warn("the run was interrupted: results are partial")
     if o["output_file"]:
-        result = _result_json(o, metrics, header, model, seed, url, records.interrupted)
+        result = _result_json(o, metrics, header, model, seed, url, outcome.interrupted)
+        result["workload"] = workload.info
         _write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
-    if records.interrupted:
+    if outcome.interrupted:
         sys.exit(130)
+
+
+class MetricsSink(RecordSink):
+    """Folds drained records into the metrics as they arrive (bounded memory)."""
+
+    def __init__(self) -> None:
+        self.acc = MetricsAccumulator()
+        self.span_s = 0.0
+
+    def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.acc.add(columns, extra["input_len"])
+        if len(columns["scheduled_ns"]):
+            self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
+
+    def add_not_sent(self, count: int, reason: str) -> None:
+        self.acc.add_not_sent(count, reason)
+
+
+def _engine_chunks(
+    chunks: Iterator[Schedule], builder: SyntheticPromptBuilder, template: BodyTemplate
+) -> Iterator[EngineChunk]:
+    """Schedule chunks → request bodies; prompt i is unique to request i of the run."""
+    base = 0
+    for c in chunks:
+        n = len(c)
+        bodies = template.render_all(
+            (builder.build(base + i, int(ln)) for i, ln in enumerate(c.input_len)),
+            c.output_len,
+        )
+        yield EngineChunk(
+            t_ns=c.t_ns,
+            bodies=bodies,
+            body_idx=np.arange(n, dtype=np.uint32),
+            endpoint_idx=np.zeros(n, dtype=np.uint32),
+            expected_output_tokens=c.output_len,
+            extra={"input_len": c.input_len},
+        )
+        base += n
 
 
 def _warm_up(
@@ -346,7 +511,7 @@ def _result_json(
         "endpoint": url,
         "model_id": model,
         "tokenizer_id": o["tokenizer"],
-        "num_prompts": o["num_prompts"],
+        "num_prompts": m["scheduled"],
         "request_rate": header["request_rate"],
         "burstiness": o["burstiness"],
         "max_concurrency": o["max_concurrency"],
@@ -367,6 +532,73 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
             path.write_text(json.dumps(result, indent=2) + "\n")
     except OSError as e:
         raise FineserveError(f"cannot write {path}: {e.strerror}") from None
+
+
+@cli.command("generate")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Schedule file to write (Parquet).",
+)
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the printed summary as JSON.",
+)
+@_workload_options
+def generate_command(output: Path, summary_json: Path | None, **o: Any) -> None:
+    """Write a schedule (Parquet) without sending anything, and summarise it."""
+    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
+    workload = build_workload(o, seed)
+    for line in workload.notes:
+        note(line)
+    meta = {
+        "fineserve_version": __version__,
+        "command": " ".join(sys.argv),
+        "workload": workload.info,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    started = time.perf_counter()
+    summary = write_schedule(output, workload.chunks, meta)
+    elapsed = time.perf_counter() - started
+    summary["generation_s"] = elapsed
+    out(format_schedule_summary(summary, workload.info))
+    note(f"wrote {output} ({summary['requests'] / max(elapsed, 1e-9) / 1e6:.2f} M requests/s)")
+    if summary_json:
+        _write_result(summary_json, {"workload": workload.info, **summary})
+
+
+def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
+    lines = ["{s:{c}^{n}}".format(s=" Schedule ", n=50, c="=")]
+
+    def row(label: str, value: Any) -> None:
+        lines.append(f"{label:<40} {value}")
+
+    row("Mode:", info.get("mode"))
+    row("Requests:", s["requests"])
+    row("Span (s):", f"{s['span_s']:.3f}")
+    row("Mean rate (req/s):", f"{s['mean_rate_rps']:.2f}")
+    row("Total input tokens:", s["total_input_tokens"])
+    row("Total output tokens:", s["total_output_tokens"])
+    windows = s["windows"]
+    if windows:
+        rates = np.array([w["rate_rps"] for w in windows])
+        cvs = np.array([w["iat_cv"] for w in windows])
+        row("Windows (300 s):", len(windows))
+        row(
+            "  rate min/median/max (req/s):",
+            f"{rates.min():.2f} / {np.median(rates):.2f} / {rates.max():.2f}",
+        )
+        row("  IAT CV min/median/max:", f"{cvs.min():.2f} / {np.median(cvs):.2f} / {cvs.max():.2f}")
+    row(f"Occupied {s['slot_ms']:g} ms slots:", s["occupied_slots"])
+    row("  mean requests per occupied slot:", f"{s['mean_per_occupied_slot']:.3f}")
+    row("  max requests in one slot:", s["max_per_slot"])
+    row("  requests in multi-request slots (%):", f"{100 * s['fraction_in_bursts']:.2f}")
+    row("Digest (t, input, output):", s["digest"])
+    lines.append("=" * 50)
+    return "\n".join(lines)
 
 
 @cli.command("mock")

@@ -1,29 +1,64 @@
 """The schedule: what to send and when, as columns.
 
 ``t_ns`` is the absolute send offset from the run's start instant (never a relative sleep,
-which drifts); ``input_len``/``output_len`` are token counts.
+which drifts); ``input_len``/``output_len`` are token counts. Optional columns ride along in
+``extra``: ``class`` (str), ``client_id``, ``session_id``, ``turn`` (int64),
+``reason_ratio`` (float64), and prefix blocks as ``hash_ids`` with ``hash_offsets``
+(request i's block ids are ``hash_ids[hash_offsets[i]:hash_offsets[i+1]]``).
+
+Long schedules travel as an iterator of chunks (consecutive pieces of one schedule, send
+offsets continuing across chunks), so nothing holds a whole day of requests at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import FineserveError
 
+#: Per-request optional columns and their dtypes.
+EXTRA_COLUMNS: dict[str, str] = {
+    "class": "str",
+    "client_id": "int64",
+    "session_id": "int64",
+    "turn": "int64",
+    "reason_ratio": "float64",
+}
 
-@dataclass(frozen=True)
+
+@dataclass
 class Schedule:
     t_ns: npt.NDArray[np.int64]
     input_len: npt.NDArray[np.int64]
     output_len: npt.NDArray[np.int64]
+    extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    hash_ids: npt.NDArray[np.int64] | None = None
+    hash_offsets: npt.NDArray[np.int64] | None = None
 
     def __post_init__(self) -> None:
+        self.t_ns = np.asarray(self.t_ns, dtype=np.int64)
+        self.input_len = np.asarray(self.input_len, dtype=np.int64)
+        self.output_len = np.asarray(self.output_len, dtype=np.int64)
         n = len(self.t_ns)
         if len(self.input_len) != n or len(self.output_len) != n:
             raise FineserveError("schedule columns have different lengths")
+        for name, col in self.extra.items():
+            if name not in EXTRA_COLUMNS:
+                raise FineserveError(f"unknown schedule column {name!r}")
+            if len(col) != n:
+                raise FineserveError(f"schedule column {name!r} has a different length")
+        if (self.hash_ids is None) != (self.hash_offsets is None):
+            raise FineserveError("hash_ids and hash_offsets go together")
+        if self.hash_offsets is not None and len(self.hash_offsets) != n + 1:
+            raise FineserveError("hash_offsets must have one entry more than the schedule")
         if n and (np.any(self.t_ns < 0) or np.any(np.diff(self.t_ns) < 0)):
             raise FineserveError("schedule send times must be non-negative and sorted")
         if n and (np.any(self.input_len < 1) or np.any(self.output_len < 1)):
@@ -42,3 +77,288 @@ class Schedule:
             return 0
         ends = np.searchsorted(self.t_ns, self.t_ns + window_ns, side="left")
         return int(np.max(ends - np.arange(len(self))))
+
+    def take(self, rows: npt.NDArray[Any]) -> Schedule:
+        """The requests at ``rows`` (a sorted index array or boolean mask)."""
+        idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+        hash_ids = hash_offsets = None
+        if self.hash_ids is not None and self.hash_offsets is not None:
+            counts = np.diff(self.hash_offsets)[idx]
+            starts = self.hash_offsets[:-1][idx]
+            new_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            gather = np.repeat(starts - new_starts, counts) + np.arange(int(counts.sum()))
+            hash_ids = self.hash_ids[gather]
+            hash_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return Schedule(
+            self.t_ns[idx],
+            self.input_len[idx],
+            self.output_len[idx],
+            {k: v[idx] for k, v in self.extra.items()},
+            hash_ids,
+            hash_offsets,
+        )
+
+    def shifted(self, offset_ns: int) -> Schedule:
+        return Schedule(
+            self.t_ns + offset_ns,
+            self.input_len,
+            self.output_len,
+            self.extra,
+            self.hash_ids,
+            self.hash_offsets,
+        )
+
+
+def empty_schedule() -> Schedule:
+    z = np.zeros(0, dtype=np.int64)
+    return Schedule(z, z, z)
+
+
+def concat(parts: list[Schedule]) -> Schedule:
+    """Schedules whose times follow each other, as one (extra columns must agree)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return empty_schedule()
+    if len(parts) == 1:
+        return parts[0]
+    names = set(parts[0].extra)
+    if any(set(p.extra) != names for p in parts):
+        raise FineserveError("cannot join schedules with different optional columns")
+    hashed = [p.hash_ids is not None for p in parts]
+    if any(hashed) and not all(hashed):
+        raise FineserveError("cannot join schedules with and without prefix blocks")
+    hash_ids = hash_offsets = None
+    if all(hashed):
+        hash_ids = np.concatenate([p.hash_ids for p in parts])  # type: ignore[misc]
+        counts = np.concatenate([np.diff(p.hash_offsets) for p in parts])  # type: ignore[arg-type]
+        hash_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return Schedule(
+        np.concatenate([p.t_ns for p in parts]),
+        np.concatenate([p.input_len for p in parts]),
+        np.concatenate([p.output_len for p in parts]),
+        {k: np.concatenate([p.extra[k] for p in parts]) for k in names},
+        hash_ids,
+        hash_offsets,
+    )
+
+
+def merge_sorted(parts: list[Schedule]) -> Schedule:
+    """Interleaves schedules by send time (stable: ties keep part order)."""
+    joined = concat(parts)
+    if len(parts) <= 1:
+        return joined
+    return joined.take(np.argsort(joined.t_ns, kind="stable"))
+
+
+def rechunk(chunks: Iterable[Schedule], rows: int) -> Iterator[Schedule]:
+    """Regroups a chunk stream into chunks of about ``rows`` requests."""
+    buf: list[Schedule] = []
+    n = 0
+    for c in chunks:
+        if not len(c):
+            continue
+        buf.append(c)
+        n += len(c)
+        if n >= rows:
+            yield concat(buf)
+            buf, n = [], 0
+    if buf:
+        yield concat(buf)
+
+
+@dataclass
+class ScheduleStats:
+    """Streaming summary of a schedule: count, span, per-window rate and IAT CV, bursts."""
+
+    window_s: float = 300.0
+    slot_ns: int = 1_000_000
+    n: int = 0
+    last_t_ns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    _win_n: dict[int, int] = field(default_factory=dict)
+    _win_sum: dict[int, float] = field(default_factory=dict)
+    _win_sq: dict[int, float] = field(default_factory=dict)
+    _prev_t: int | None = None
+    slot_counts: dict[int, int] = field(default_factory=dict)
+    _open_slot: int = -1
+    _open_count: int = 0
+    _digest: Any = field(default_factory=hashlib.sha256)
+
+    def add(self, s: Schedule) -> None:
+        if not len(s):
+            return
+        t = s.t_ns
+        self.n += len(s)
+        self.last_t_ns = int(t[-1])
+        self.input_tokens += int(s.input_len.sum())
+        self.output_tokens += int(s.output_len.sum())
+        for col in (t, s.input_len, s.output_len):
+            self._digest.update(np.ascontiguousarray(col).tobytes())
+        prev = t[0] if self._prev_t is None else self._prev_t
+        gaps = np.diff(np.concatenate([[prev], t])).astype(np.float64)
+        if self._prev_t is None:
+            gaps = gaps[1:]
+            wt = t[1:]
+        else:
+            wt = t
+        self._prev_t = int(t[-1])
+        win = (wt // int(self.window_s * 1e9)).astype(np.int64)
+        for w, cnt, sm, sq in _group_sums(win, gaps):
+            self._win_n[w] = self._win_n.get(w, 0) + cnt
+            self._win_sum[w] = self._win_sum.get(w, 0.0) + sm
+            self._win_sq[w] = self._win_sq.get(w, 0.0) + sq
+        slots = t // self.slot_ns
+        uniq, counts = np.unique(slots, return_counts=True)
+        if uniq[0] == self._open_slot:
+            counts[0] += self._open_count
+        elif self._open_count:
+            self.slot_counts[self._open_count] = self.slot_counts.get(self._open_count, 0) + 1
+        for c in counts[:-1]:
+            self.slot_counts[int(c)] = self.slot_counts.get(int(c), 0) + 1
+        self._open_slot, self._open_count = int(uniq[-1]), int(counts[-1])
+
+    def finish(self) -> dict[str, Any]:
+        if self._open_count:
+            self.slot_counts[self._open_count] = self.slot_counts.get(self._open_count, 0) + 1
+            self._open_count = 0
+        span_s = self.last_t_ns / 1e9
+        windows = []
+        for w in sorted(self._win_n):
+            k = self._win_n[w]
+            mean = self._win_sum[w] / k
+            var = max(self._win_sq[w] / k - mean * mean, 0.0)
+            windows.append(
+                {
+                    "window": w,
+                    "start_s": w * self.window_s,
+                    "requests": k,
+                    "rate_rps": k / self.window_s,
+                    "iat_cv": float(np.sqrt(var) / mean) if mean > 0 else 0.0,
+                }
+            )
+        occupied = sum(self.slot_counts.values())
+        in_bursts = sum(c * m for c, m in self.slot_counts.items() if c > 1)
+        return {
+            "requests": self.n,
+            "span_s": span_s,
+            "mean_rate_rps": self.n / span_s if span_s > 0 else float("inf"),
+            "total_input_tokens": self.input_tokens,
+            "total_output_tokens": self.output_tokens,
+            "windows": windows,
+            "occupied_slots": occupied,
+            "mean_per_occupied_slot": self.n / occupied if occupied else 0.0,
+            "max_per_slot": max(self.slot_counts, default=0),
+            "fraction_in_bursts": in_bursts / self.n if self.n else 0.0,
+            "slot_ms": self.slot_ns / 1e6,
+            "digest": self._digest.hexdigest()[:16],
+        }
+
+
+def _group_sums(
+    keys: npt.NDArray[np.int64], values: npt.NDArray[np.float64]
+) -> Iterator[tuple[int, int, float, float]]:
+    if not len(keys):
+        return
+    uniq, start = np.unique(keys, return_index=True)
+    counts = np.diff(np.append(start, len(keys)))
+    sums = np.add.reduceat(values, start)
+    sqs = np.add.reduceat(values * values, start)
+    for k, c, s, q in zip(uniq, counts, sums, sqs):
+        yield int(k), int(c), float(s), float(q)
+
+
+# ---------------------------------------------------------------- Parquet round trip
+
+_META_KEY = b"fineserve.schedule"
+
+
+def write_schedule(
+    path: Path, chunks: Iterable[Schedule], metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """Streams chunks into a Parquet file (one row group per chunk); returns the summary."""
+    import pyarrow.parquet as pq
+
+    stats = ScheduleStats()
+    writer: pq.ParquetWriter | None = None
+    try:
+        for c in chunks:
+            if not len(c):
+                continue
+            table = _to_arrow(c)
+            if writer is None:
+                schema = table.schema.with_metadata({_META_KEY: json.dumps(metadata)})
+                writer = pq.ParquetWriter(str(path), schema, compression="zstd")
+            writer.write_table(table.cast(writer.schema))
+            stats.add(c)
+        if writer is None:
+            raise FineserveError("the schedule is empty: nothing to write")
+    except OSError as e:
+        raise FineserveError(f"cannot write {path}: {e}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    return stats.finish()
+
+
+def _to_arrow(s: Schedule) -> Any:
+    import pyarrow as pa
+
+    cols: dict[str, Any] = {
+        "t_ns": pa.array(s.t_ns),
+        "input_len": pa.array(s.input_len),
+        "output_len": pa.array(s.output_len),
+    }
+    for name, col in s.extra.items():
+        cols[name] = pa.array(col.astype(str) if EXTRA_COLUMNS[name] == "str" else col)
+    if s.hash_ids is not None and s.hash_offsets is not None:
+        cols["hash_ids"] = pa.ListArray.from_arrays(
+            pa.array(s.hash_offsets.astype(np.int32)), pa.array(s.hash_ids)
+        )
+    return pa.table(cols)
+
+
+def read_schedule(path: Path, chunk_rows: int = 65_536) -> tuple[Iterator[Schedule], int, dict]:
+    """Opens a schedule written by :func:`write_schedule`: (chunks, rows, metadata)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (OSError, ValueError) as e:
+        raise FineserveError(f"{path}: not a readable Parquet schedule ({e})") from None
+    names = set(pf.schema_arrow.names)
+    missing = {"t_ns", "input_len", "output_len"} - names
+    if missing:
+        raise FineserveError(f"{path}: not a fineserve schedule (missing {sorted(missing)})")
+    raw = (pf.schema_arrow.metadata or {}).get(_META_KEY)
+    meta = json.loads(raw) if raw else {}
+
+    def chunks() -> Iterator[Schedule]:
+        for batch in pf.iter_batches(batch_size=chunk_rows):
+            yield _from_arrow(batch)
+
+    return chunks(), pf.metadata.num_rows, meta
+
+
+def _from_arrow(batch: Any) -> Schedule:
+    names = batch.schema.names
+    col = {n: batch.column(n) for n in names}
+    extra = {}
+    for name, kind in EXTRA_COLUMNS.items():
+        if name in col:
+            a = col[name].to_numpy(zero_copy_only=False)
+            extra[name] = a.astype(object) if kind == "str" else a
+    hash_ids = hash_offsets = None
+    if "hash_ids" in col:
+        lst = col["hash_ids"]
+        hash_offsets = lst.offsets.to_numpy().astype(np.int64)
+        hash_ids = lst.values.to_numpy().astype(np.int64)[hash_offsets[0] : hash_offsets[-1]]
+        hash_offsets = hash_offsets - hash_offsets[0]
+    return Schedule(
+        col["t_ns"].to_numpy(),
+        col["input_len"].to_numpy(),
+        col["output_len"].to_numpy(),
+        extra,
+        hash_ids,
+        hash_offsets,
+    )

@@ -1,5 +1,13 @@
-"""Workload generators: each returns a :class:`fineserve.schedule.Schedule`."""
+"""Workload generators: each yields a schedule as chunks (see :mod:`fineserve.schedule`)."""
 
-from .poisson import poisson_arrivals_ns, random_lengths
+from .lengths import EmpiricalLengths, LengthSampler, RandomLengths, random_lengths
+from .poisson import poisson_arrivals_ns, poisson_chunks
 
-__all__ = ["poisson_arrivals_ns", "random_lengths"]
+__all__ = [
+    "EmpiricalLengths",
+    "LengthSampler",
+    "RandomLengths",
+    "poisson_arrivals_ns",
+    "poisson_chunks",
+    "random_lengths",
+]

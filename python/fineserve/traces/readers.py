@@ -1,0 +1,327 @@
+"""Trace readers: FineServe CSV, BurstGPT CSV, Mooncake/Qwen-Bailian JSONL, Azure LLM CSV.
+
+All parse with pyarrow (columnar; no per-row Python except on the rare malformed line) and
+hand back a :class:`~fineserve.traces.base.Trace`. The format is detected from the content
+(header line or first JSON object); ``trace_format`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FineserveError
+from .base import UNIT_NS, Trace, finish_trace, numeric, require_columns
+
+FORMATS = ("fineserve", "burstgpt", "mooncake", "azure")
+
+#: Each format's own column names and timestamp unit.
+DEFAULTS: dict[str, dict[str, str]] = {
+    "fineserve": {
+        "timestamp": "timestamp",
+        "input": "input_length",
+        "output": "output_length",
+        "unit": "us",  # FineServe's shipped CSVs, although its README says ms
+    },
+    "burstgpt": {
+        "timestamp": "Timestamp",
+        "input": "Request tokens",
+        "output": "Response tokens",
+        "unit": "s",
+    },
+    "mooncake": {
+        "timestamp": "timestamp",
+        "input": "input_length",
+        "output": "output_length",
+        "unit": "ms",
+    },
+    "azure": {
+        "timestamp": "TIMESTAMP",
+        "input": "ContextTokens",
+        "output": "GeneratedTokens",
+        "unit": "datetime",
+    },
+}
+
+
+@dataclass
+class TraceOptions:
+    """User overrides; None means the format's default."""
+
+    trace_format: str | None = None
+    timestamp_column: str | None = None
+    input_length_column: str | None = None
+    output_length_column: str | None = None
+    timestamp_unit: str | None = None
+    burstgpt_model: str | None = None
+    burstgpt_log_type: str | None = None
+
+
+def detect_format(path: Path) -> str:
+    """Guesses the format from the first line."""
+    try:
+        with path.open("rb") as f:
+            head = f.readline(65_536).decode("utf-8", "replace").strip()
+    except OSError as e:
+        raise FineserveError(f"cannot read trace {path}: {e.strerror}") from None
+    if not head:
+        raise FineserveError(f"{path}: empty trace file")
+    if head.startswith("{"):
+        return "mooncake"
+    cols = [c.strip().strip('"') for c in head.split(",")]
+    if "TIMESTAMP" in cols and "ContextTokens" in cols:
+        return "azure"
+    if "Timestamp" in cols and "Request tokens" in cols:
+        return "burstgpt"
+    if "timestamp" in cols or "input_length" in cols:
+        return "fineserve"
+    raise FineserveError(
+        f"{path}: cannot tell the trace format from its first line ({head[:80]!r}); "
+        f"pass --trace-format ({', '.join(FORMATS)})"
+    )
+
+
+def load_trace(path: Path, options: TraceOptions | None = None) -> Trace:
+    """Reads a trace file in any supported format."""
+    options = options or TraceOptions()
+    path = Path(path)
+    if not path.is_file():
+        raise FineserveError(f"trace file not found: {path}")
+    fmt = options.trace_format or detect_format(path)
+    if fmt not in FORMATS:
+        raise FineserveError(f"unknown trace format {fmt!r}; choose from {', '.join(FORMATS)}")
+    d = DEFAULTS[fmt]
+    ts_col = options.timestamp_column or d["timestamp"]
+    in_col = options.input_length_column or d["input"]
+    out_col = options.output_length_column or d["output"]
+    unit = options.timestamp_unit or d["unit"]
+    if unit not in UNIT_NS and unit != "datetime":
+        raise FineserveError(f"--timestamp-unit must be one of us, ms, s (got {unit!r})")
+    if fmt == "mooncake":
+        return _read_mooncake(path, ts_col, in_col, out_col, unit)
+    return _read_csv_trace(path, fmt, ts_col, in_col, out_col, unit, options)
+
+
+def _read_csv(path: Path) -> tuple[Any, int]:
+    """The whole CSV as strings (conversion is checked per column), and the number of
+    malformed lines (wrong field count) skipped."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    bad = 0
+
+    def on_invalid(row: Any) -> str:
+        nonlocal bad
+        bad += 1
+        return "skip"
+
+    try:
+        with path.open("rb") as f:
+            header = f.readline().decode("utf-8", "replace").strip().split(",")
+        names = [h.strip().strip('"') for h in header]
+        table = pacsv.read_csv(
+            str(path),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=True
+            ),
+        )
+    except (OSError, pa.ArrowInvalid) as e:
+        raise FineserveError(f"{path}: cannot parse as CSV: {e}") from None
+    return table, bad
+
+
+def _read_csv_trace(
+    path: Path,
+    fmt: str,
+    ts_col: str,
+    in_col: str,
+    out_col: str,
+    unit: str,
+    options: TraceOptions,
+) -> Trace:
+    import pyarrow.compute as pc
+
+    table, bad = _read_csv(path)
+    names = table.column_names
+    require_columns(
+        path,
+        names,
+        {
+            "--timestamp-column": ts_col,
+            "--input-length-column": in_col,
+            "--output-length-column": out_col,
+        },
+    )
+    skipped: Counter[str] = Counter()
+    if bad:
+        skipped["malformed line"] = bad
+    rows_read = table.num_rows + bad
+    if fmt == "burstgpt":
+        for opt, col, want in (
+            ("--burstgpt-model", "Model", options.burstgpt_model),
+            ("--burstgpt-log-type", "Log Type", options.burstgpt_log_type),
+        ):
+            if want is None:
+                continue
+            if col not in names:
+                raise FineserveError(f"{path}: {opt} needs a {col!r} column")
+            mask = pc.fill_null(pc.equal(table[col], want), False)
+            n_out = table.num_rows - int(pc.sum(mask).as_py() or 0)
+            if n_out:
+                skipped[f"filtered out by {opt} {want}"] += n_out
+            table = table.filter(mask)
+    ts = table[ts_col]
+    if unit == "datetime":
+        t_ns = _datetime_ns(ts)
+    else:
+        t_ns = numeric(ts) * UNIT_NS[unit]
+    inp, outp = numeric(table[in_col]), numeric(table[out_col])
+    if fmt == "burstgpt":
+        failed = np.isfinite(outp) & (outp == 0)
+        if failed.any():
+            skipped["failed request in trace (0 response tokens)"] += int(failed.sum())
+            t_ns, inp, outp = t_ns[~failed], inp[~failed], outp[~failed]
+    return finish_trace(
+        path,
+        fmt,
+        t_ns,
+        inp,
+        outp,
+        rows_read=rows_read,
+        skipped=skipped,
+        unit="" if unit == "datetime" else unit,
+    )
+
+
+def _datetime_ns(col: Any) -> Any:
+    """Wall-clock strings (Azure: 7 fractional digits) to ns; NaN where unparsable."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    # Azure writes 100 ns ticks (7 digits); pad/cut to 9 so strptime's %f reads ns.
+    parts = pc.split_pattern(text, ".", max_splits=1)
+    secs = pc.list_element(parts, 0)
+    frac = pc.fill_null(pc.list_element(pc.list_slice(parts, 1, 2), 0), "0")
+    frac = pc.utf8_slice_codeunits(pc.utf8_rpad(frac, 9, "0"), 0, 9)
+    ok = pc.fill_null(pc.match_substring_regex(frac, r"^\d{9}$"), False)
+    stamp = pc.strptime(secs, format="%Y-%m-%d %H:%M:%S", unit="s", error_is_null=True)
+    ok = pc.and_(ok, pc.is_valid(stamp))
+    valid = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+    out = np.full(len(valid), np.nan)
+    if valid.any():
+        # Integer ns first: epoch ns do not fit float64's 53-bit mantissa.
+        sec = pc.filter(stamp, ok).cast(pa.int64()).to_numpy()
+        ns = sec * 1_000_000_000 + pc.filter(frac, ok).cast(pa.int64()).to_numpy()
+        out[valid] = (ns - ns.min()).astype(np.float64)
+    return out
+
+
+def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str) -> Trace:
+    """Mooncake/Qwen-Bailian JSONL: ``timestamp`` (ms), lengths, ``hash_ids`` (512-token
+    prompt blocks), and for Bailian ``chat_id``/``parent_chat_id``/``turn``."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    skipped: Counter[str] = Counter()
+    try:
+        table = pajson.read_json(str(path))
+        rows_read = table.num_rows
+    except pa.ArrowInvalid:
+        # pyarrow rejects the whole file on one bad line; only then parse line by line so
+        # that malformed lines are counted and the rest is kept.
+        table, rows_read, bad = _read_jsonl_lenient(path)
+        skipped["malformed line"] += bad
+    except OSError as e:
+        raise FineserveError(f"cannot read trace {path}: {e.strerror}") from None
+    names = table.column_names
+    require_columns(
+        path,
+        names,
+        {
+            "--timestamp-column": ts_col,
+            "--input-length-column": in_col,
+            "--output-length-column": out_col,
+        },
+    )
+    t_ns = numeric(table[ts_col]) * UNIT_NS[unit]
+    extra: dict[str, Any] = {}
+    for src, dst in (("chat_id", "session_id"), ("turn", "turn")):
+        if src in names:
+            v = numeric(table[src])
+            extra[dst] = np.where(np.isfinite(v), v, -1).astype(np.int64)
+    hash_ids = hash_offsets = None
+    if "hash_ids" in names:
+        col = table["hash_ids"].combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col = pc_fill_empty_lists(col)
+            hash_offsets = col.offsets.to_numpy().astype(np.int64)
+            hash_ids = col.values.cast(pa.int64()).to_numpy(zero_copy_only=False)
+            hash_ids = hash_ids[hash_offsets[0] : hash_offsets[-1]]
+            hash_offsets = hash_offsets - hash_offsets[0]
+    return finish_trace(
+        path,
+        "mooncake",
+        t_ns,
+        numeric(table[in_col]),
+        numeric(table[out_col]),
+        rows_read=rows_read,
+        skipped=skipped,
+        extra=extra,
+        hash_ids=hash_ids,
+        hash_offsets=hash_offsets,
+        unit=unit,
+    )
+
+
+def pc_fill_empty_lists(col: Any) -> Any:
+    """Null lists become empty lists, so offsets describe every row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if col.null_count:
+        empty = pa.scalar([], type=col.type)
+        col = pc.if_else(pc.is_null(col), empty, col)
+    return col
+
+
+def _read_jsonl_lenient(path: Path) -> tuple[Any, int, int]:
+    import pyarrow as pa
+
+    good: list[dict[str, Any]] = []
+    bad = rows = 0
+    try:
+        with path.open("r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                rows += 1
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    bad += 1
+                    continue
+                if not isinstance(obj, dict):
+                    bad += 1
+                    continue
+                if "hash_ids" in obj and not (
+                    isinstance(obj["hash_ids"], list)
+                    and all(isinstance(h, int) for h in obj["hash_ids"])
+                ):
+                    obj["hash_ids"] = None
+                good.append(obj)
+    except OSError as e:
+        raise FineserveError(f"cannot read trace {path}: {e.strerror}") from None
+    if not good:
+        raise FineserveError(f"{path}: no valid JSON object on any of {rows} lines")
+    try:
+        table = pa.Table.from_pylist(good)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise FineserveError(f"{path}: inconsistent JSON objects: {e}") from None
+    return table, rows, bad

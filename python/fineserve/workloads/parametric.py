@@ -1,0 +1,327 @@
+"""FineServe's parametric workload: Gamma inter-arrivals per window, plus the Negative
+Binomial micro-burst layer in 1 ms slots.
+
+Model (FineServe, two layers):
+
+1. *When*: arrival events form a renewal process whose gaps are Gamma(shape, scale) with
+   the parameters of the window the previous event lies in (``gamma_scale`` in ms).
+2. *How many*: with the NB layer, events are discretised to slots of ``slot_ms`` (1 ms)
+   of trace time. Each slot that holds at least one event emits NB(nb_mu, nb_alpha)
+   requests (variance mu + alpha·mu²) — one draw per slot, however many events fell in it,
+   because FineServe fitted the NB to requests per *occupied* slot. Stacking draws per
+   event would inflate the count (Dense_lt10B: ~2.6 → ~3.9 per occupied slot).
+   A zero draw is, by default, redrawn (``nb_zero="truncate"``: every occupied slot keeps
+   ≥ 1 request, so the slot process of the Gamma layer is preserved and counts follow the
+   zero-truncated NB, mean mu/(1−P0)); ``nb_zero="empty"`` lets it empty the slot instead
+   (counts over the slots that stay occupied follow the same zero-truncated NB, and fewer
+   slots are occupied). Effective rate = occupied slots/s × mean count; ``generate``
+   prints it.
+   Each request of a slot gets an independent uniform position inside its slot (sorted),
+   so a burst of K leaves within that millisecond, not at one instant.
+
+Without the NB layer each event is one request at its own time.
+
+``time_scale`` > 1 compresses trace time uniformly after generation (a 1 ms slot becomes
+1/time_scale ms of wall time), so the rate scales exactly and bursts stay bursts.
+
+Windows past the end of the parameter file (``duration`` longer than the file) are
+extended by ``repeat_jitter`` (the windows again, cyclically, each parameter multiplied by
+1 + N(0, jitter_ratio), clipped at ±3σ) or ``model_sample`` (parameters drawn from a
+Gaussian fitted to [log shape, log scale] over the file's windows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import FineserveError
+from ..schedule import Schedule
+from .lengths import LengthSampler
+
+DATASETS_ENV = "FINESERVE_DATASETS"
+EXTENSION_MODES = ("repeat_jitter", "model_sample")
+
+
+@dataclass
+class GammaWindows:
+    """Per-window Gamma parameters; times in ms of trace time."""
+
+    start_ms: npt.NDArray[np.float64]
+    end_ms: npt.NDArray[np.float64]
+    shape: npt.NDArray[np.float64]
+    scale_ms: npt.NDArray[np.float64]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.shape)
+
+    @property
+    def span_ms(self) -> float:
+        return float(self.end_ms[-1] - self.start_ms[0])
+
+
+@dataclass
+class NegBinom:
+    mu: float
+    alpha: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mu) and self.mu > 0):
+            raise FineserveError(f"{self.source or 'NB'}: nb_mu must be > 0, got {self.mu}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise FineserveError(f"{self.source or 'NB'}: nb_alpha must be > 0, got {self.alpha}")
+
+    def draw(self, n: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+        r = 1.0 / self.alpha
+        return rng.negative_binomial(r, r / (r + self.mu), size=n).astype(np.int64)
+
+    def pmf(self, k: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        from scipy.stats import nbinom
+
+        r = 1.0 / self.alpha
+        return np.asarray(nbinom.pmf(k, r, r / (r + self.mu)), dtype=np.float64)
+
+
+def datasets_dirs(user_dir: Path | None) -> list[Path]:
+    """Where ``--model-class`` looks: --datasets-dir, $FINESERVE_DATASETS, the project's
+    ``datasets/`` (source checkout)."""
+    dirs = []
+    if user_dir is not None:
+        dirs.append(Path(user_dir))
+    if os.environ.get(DATASETS_ENV):
+        dirs.append(Path(os.environ[DATASETS_ENV]))
+    dirs.append(Path(__file__).resolve().parents[3] / "datasets")
+    return dirs
+
+
+def resolve_class_files(model_class: str, user_dir: Path | None) -> tuple[Path, Path | None]:
+    """``<datasets>/Parametric/gamma/<class>_gamma_5min.csv`` and, if present, the NB json."""
+    tried = []
+    for d in datasets_dirs(user_dir):
+        gamma = d / "Parametric" / "gamma" / f"{model_class}_gamma_5min.csv"
+        tried.append(str(gamma))
+        if gamma.is_file():
+            nb = d / "Parametric" / "nb" / f"{model_class}_nb.json"
+            return gamma, nb if nb.is_file() else None
+    raise FineserveError(
+        f"--model-class {model_class}: no parameter file; looked for {', '.join(tried)} "
+        f"(pass --datasets-dir or set ${DATASETS_ENV})"
+    )
+
+
+def load_gamma_windows(
+    path: Path,
+    *,
+    window_seconds: float = 300.0,
+    window_start_column: str = "window_start_ms",
+    window_end_column: str = "window_end_ms",
+    gamma_shape_column: str = "gamma_shape",
+    gamma_scale_column: str = "gamma_scale",
+) -> GammaWindows:
+    """FineServe's gamma CSV. Window start/end columns are optional; without them windows
+    are consecutive and ``window_seconds`` long. Rows with invalid parameters are errors
+    (a window cannot be skipped without shifting everything after it)."""
+    from ..traces.base import numeric, require_columns
+    from ..traces.readers import _read_csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FineserveError(f"--gamma-params-csv: file not found: {path}")
+    if not (window_seconds > 0 and math.isfinite(window_seconds)):
+        raise FineserveError("--parametric-window-seconds must be > 0")
+    table, bad = _read_csv(path)
+    if bad:
+        raise FineserveError(f"{path}: {bad} malformed lines (wrong number of fields)")
+    names = table.column_names
+    require_columns(
+        path,
+        names,
+        {"--gamma-shape-column": gamma_shape_column, "--gamma-scale-column": gamma_scale_column},
+    )
+    shape = numeric(table[gamma_shape_column])
+    scale = numeric(table[gamma_scale_column])
+    if not len(shape):
+        raise FineserveError(f"{path}: no windows")
+    for col, v in ((gamma_shape_column, shape), (gamma_scale_column, scale)):
+        bad_rows = np.flatnonzero(~(np.isfinite(v) & (v > 0)))
+        if len(bad_rows):
+            r = int(bad_rows[0])
+            got = table[col][r].as_py()
+            raise FineserveError(
+                f"{path}:{r + 2}: {col} must be a positive number (got {got!r}); "
+                f"{len(bad_rows)} such rows"
+            )
+    if window_start_column in names and window_end_column in names:
+        start = numeric(table[window_start_column])
+        end = numeric(table[window_end_column])
+        if not (np.all(np.isfinite(start)) and np.all(np.isfinite(end)) and np.all(end > start)):
+            raise FineserveError(f"{path}: window start/end must be numbers with end > start")
+        if np.any(np.diff(start) < 0):
+            raise FineserveError(f"{path}: windows are not in time order")
+    else:
+        w = window_seconds * 1e3
+        start = np.arange(len(shape)) * w
+        end = start + w
+    return GammaWindows(start, end, shape, scale, source=str(path))
+
+
+def load_nb_json(path: Path) -> NegBinom:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise FineserveError(f"--parametric-nb-json: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict) or "nb_mu" not in d or "nb_alpha" not in d:
+        raise FineserveError(f"{path}: expected an object with nb_mu and nb_alpha")
+    try:
+        return NegBinom(float(d["nb_mu"]), float(d["nb_alpha"]), source=str(path))
+    except (TypeError, ValueError):
+        raise FineserveError(f"{path}: nb_mu and nb_alpha must be numbers") from None
+
+
+def window_params(
+    windows: GammaWindows,
+    count: int,
+    mode: str,
+    jitter_ratio: float,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(start_ms, shape, scale_ms) of ``count`` consecutive windows, extending the file's
+    windows by ``mode`` when ``count`` exceeds them. Window k covers
+    [start_ms[k], start_ms[k+1])."""
+    n = len(windows)
+    if mode not in EXTENSION_MODES:
+        raise FineserveError(f"--parametric-extension-mode must be one of {EXTENSION_MODES}")
+    if not (0 <= jitter_ratio < 1):
+        raise FineserveError("--parametric-jitter-ratio must be in [0, 1)")
+    k = np.arange(count)
+    lengths = windows.end_ms - windows.start_ms
+    cycle = windows.span_ms
+    start = windows.start_ms[k % n] + (k // n) * cycle
+    shape = windows.shape[k % n].copy()
+    scale = windows.scale_ms[k % n].copy()
+    ext = k >= n
+    m = int(ext.sum())
+    if m and mode == "repeat_jitter" and jitter_ratio > 0:
+        noise = np.clip(rng.standard_normal((2, m)), -3, 3) * jitter_ratio
+        shape[ext] *= 1 + noise[0]
+        scale[ext] *= 1 + noise[1]
+    elif m and mode == "model_sample":
+        logs = np.log(np.stack([windows.shape, windows.scale_ms]))
+        mean = logs.mean(axis=1)
+        cov = np.cov(logs) if n > 1 else np.zeros((2, 2))
+        draw = rng.multivariate_normal(mean, cov, size=m, method="cholesky")
+        shape[ext], scale[ext] = np.exp(draw[:, 0]), np.exp(draw[:, 1])
+    del lengths
+    return start, shape, scale
+
+
+def parametric_chunks(
+    windows: GammaWindows,
+    lengths: LengthSampler,
+    rng: np.random.Generator,
+    *,
+    nb: NegBinom | None = None,
+    nb_zero: str = "truncate",
+    slot_ms: float = 1.0,
+    time_scale: float = 1.0,
+    duration_s: float | None = None,
+    extension_mode: str = "repeat_jitter",
+    jitter_ratio: float = 0.05,
+    max_requests: int | None = None,
+) -> Iterator[Schedule]:
+    """One chunk per window. ``duration_s`` is in trace time (default: the file's span)."""
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise FineserveError("--time-scale must be a positive number")
+    if nb_zero not in ("truncate", "empty"):
+        raise FineserveError("nb_zero must be 'truncate' or 'empty'")
+    if not slot_ms > 0:
+        raise FineserveError("the burst slot must be > 0 ms")
+    span_ms = windows.span_ms if duration_s is None else duration_s * 1e3
+    if not span_ms > 0:
+        raise FineserveError("--duration must be > 0")
+    mean_len = float(np.mean(windows.end_ms - windows.start_ms))
+    count = max(1, math.ceil(span_ms / mean_len) + 1)
+    starts, shapes, scales = window_params(windows, count, extension_mode, jitter_ratio, rng)
+    origin = starts[0]
+    end_all = origin + span_ms
+    last_event = origin
+    emitted = 0
+    prev_slot = -1
+    for w in range(count):
+        w_start = starts[w]
+        w_end = min(starts[w + 1] if w + 1 < count else math.inf, end_all)
+        if w_start >= end_all:
+            break
+        events = _gamma_events(last_event, w_end, shapes[w], scales[w], rng)
+        if len(events):
+            last_event = float(events[-1])
+        else:
+            last_event = max(last_event, w_start)
+        if nb is not None:
+            t_ms = _nb_bursts(events, nb, nb_zero, slot_ms, rng, skip_slot=prev_slot)
+            if len(events):
+                prev_slot = int(events[-1] // slot_ms)
+        else:
+            t_ms = events
+        if max_requests is not None and emitted + len(t_ms) > max_requests:
+            t_ms = t_ms[: max_requests - emitted]
+        if not len(t_ms):
+            continue
+        t_ns = np.rint((t_ms - origin) * (1e6 / time_scale)).astype(np.int64)
+        inp, out = lengths.sample(len(t_ns), rng)
+        emitted += len(t_ns)
+        yield Schedule(t_ns, inp, out)
+        if max_requests is not None and emitted >= max_requests:
+            return
+
+
+def _gamma_events(
+    after_ms: float, end_ms: float, shape: float, scale_ms: float, rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """Renewal events in (after_ms, end_ms) with Gamma(shape, scale_ms) gaps."""
+    mean = shape * scale_ms
+    expected = (end_ms - after_ms) / mean
+    parts = []
+    t = after_ms
+    while t < end_ms:
+        k = int(expected * 1.1 + 4 * math.sqrt(expected) + 16)
+        gaps = rng.gamma(shape, scale_ms, size=k)
+        ts = t + np.cumsum(gaps)
+        parts.append(ts[ts < end_ms])
+        t = float(ts[-1])
+        expected = (end_ms - t) / mean
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _nb_bursts(
+    events_ms: npt.NDArray[np.float64],
+    nb: NegBinom,
+    nb_zero: str,
+    slot_ms: float,
+    rng: np.random.Generator,
+    skip_slot: int,
+) -> npt.NDArray[np.float64]:
+    """Request times: one NB draw per occupied slot, members uniform inside it."""
+    slots = np.unique(np.floor(events_ms / slot_ms).astype(np.int64))
+    # The previous window's last slot already had its draw.
+    slots = slots[slots != skip_slot]
+    counts = nb.draw(len(slots), rng)
+    if nb_zero == "truncate":
+        zero = np.flatnonzero(counts == 0)
+        while len(zero):
+            counts[zero] = nb.draw(len(zero), rng)
+            zero = zero[counts[zero] == 0]
+    owner = np.repeat(slots, counts)
+    return np.sort(owner + rng.random(len(owner))) * slot_ms

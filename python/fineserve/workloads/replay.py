@@ -1,0 +1,58 @@
+"""Trace replay: the trace's own arrivals and lengths, optionally a slice, time-scaled."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import FineserveError
+from ..schedule import Schedule
+from ..traces.base import Trace
+from .poisson import CHUNK_ROWS
+
+
+def replay_chunks(
+    trace: Trace,
+    *,
+    time_scale: float = 1.0,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    max_requests: int | None = None,
+) -> Iterator[Schedule]:
+    """Requests with ``start_s <= t < start_s + duration_s`` (trace seconds from the first
+    request), sent at ``(t - start_s) / time_scale``: gaps are the trace's, compressed by
+    ``time_scale`` (> 1 is faster), rounded to the nanosecond once (no drift)."""
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise FineserveError(f"--time-scale must be a positive number, got {time_scale}")
+    if start_s < 0:
+        raise FineserveError("--start must be >= 0")
+    if duration_s is not None and not duration_s > 0:
+        raise FineserveError("--duration must be > 0")
+    start_ns = round(start_s * 1e9)
+    lo = int(np.searchsorted(trace.t_ns, start_ns, side="left"))
+    hi = len(trace)
+    if duration_s is not None:
+        hi = int(np.searchsorted(trace.t_ns, start_ns + round(duration_s * 1e9), "left"))
+    if max_requests is not None:
+        hi = min(hi, lo + max_requests)
+    if hi <= lo:
+        raise FineserveError(
+            f"no request of {trace.path.name} in the slice --start {start_s:g}s"
+            + (f" --duration {duration_s:g}s" if duration_s is not None else "")
+            + f" (the trace spans {trace.span_s:.1f}s)"
+        )
+    full = Schedule(
+        trace.t_ns,
+        trace.input_len,
+        trace.output_len,
+        dict(trace.extra),
+        trace.hash_ids,
+        trace.hash_offsets,
+    )
+    for a in range(lo, hi, CHUNK_ROWS):
+        b = min(hi, a + CHUNK_ROWS)
+        part = full.take(np.arange(a, b))
+        part.t_ns = np.rint((part.t_ns - start_ns) / time_scale).astype(np.int64)
+        yield part

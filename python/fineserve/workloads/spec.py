@@ -1,0 +1,263 @@
+"""From command-line options to a workload: a chunk iterator plus what describes it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FineserveError
+from ..schedule import Schedule, read_schedule
+from ..traces import TraceOptions, load_trace
+from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
+from .lengths import EmpiricalLengths, LengthSampler, RandomLengths
+from .mix import label, merge_streams
+from .parametric import (
+    NegBinom,
+    load_gamma_windows,
+    load_nb_json,
+    parametric_chunks,
+    resolve_class_files,
+)
+from .poisson import poisson_chunks
+from .replay import replay_chunks
+from .servegen import load_client_pool, servegen_chunks
+
+MODES = ("poisson", "replay", "parametric", "servegen", "burstgpt")
+
+
+@dataclass
+class Workload:
+    chunks: Iterator[Schedule]
+    #: Number of requests when known before generating (poisson, replay, a schedule file).
+    total: int | None
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_workload(o: dict[str, Any], seed: int) -> Workload:
+    """``o`` holds the workload options of ``generate``/``blast`` (click's names)."""
+    if o.get("schedule"):
+        chunks, rows, meta = read_schedule(Path(o["schedule"]))
+        return Workload(
+            chunks, rows, {"mode": "schedule", "schedule": str(o["schedule"]), "generated_by": meta}
+        )
+    mode = o["mode"]
+    rng = np.random.default_rng(seed)
+    info: dict[str, Any] = {"mode": mode, "seed": seed}
+    notes: list[str] = []
+    time_scale = o.get("time_scale") or 1.0
+    duration = o.get("duration")
+    cap = o.get("num_prompts")
+
+    if mode == "poisson":
+        n = cap if cap is not None else 100
+        ramp = None
+        if o.get("ramp"):
+            ramp = (o["ramp"], o["ramp_start_rate"], o["ramp_end_rate"], o["ramp_steps"])
+        info.update(request_rate=o["request_rate"], burstiness=o["burstiness"], ramp=o.get("ramp"))
+        chunks = poisson_chunks(
+            n, o["request_rate"], _lengths(o, notes), rng, burstiness=o["burstiness"], ramp=ramp
+        )
+        return Workload(chunks, n, info, notes)
+
+    if mode == "replay":
+        path = o.get("trace") or o.get("request_trace_csv")
+        if not path:
+            raise FineserveError("--mode replay needs --request-trace-csv or --trace")
+        trace = load_trace(Path(path), _trace_options(o))
+        notes.append(trace.skip_summary())
+        notes.extend(trace.notes)
+        info.update(
+            trace=str(path),
+            trace_format=trace.format,
+            time_scale=time_scale,
+            skipped=dict(trace.skipped),
+        )
+        chunks = replay_chunks(
+            trace,
+            time_scale=time_scale,
+            start_s=o.get("start") or 0.0,
+            duration_s=duration,
+            max_requests=cap,
+        )
+        start_ns = int((o.get("start") or 0.0) * 1e9)
+        lo = int(np.searchsorted(trace.t_ns, start_ns))
+        hi = (
+            len(trace)
+            if duration is None
+            else int(np.searchsorted(trace.t_ns, start_ns + int(duration * 1e9)))
+        )
+        total = max(0, hi - lo) if cap is None else min(cap, max(0, hi - lo))
+        return Workload(chunks, total, info, notes)
+
+    if mode == "parametric":
+        return _parametric(o, rng, info, notes, time_scale, duration, cap)
+
+    if mode == "servegen":
+        if not o.get("servegen_pool"):
+            raise FineserveError("--mode servegen needs --servegen-pool DIR")
+        clients = None
+        if o.get("servegen_clients"):
+            try:
+                clients = [int(x) for x in o["servegen_clients"].split(",") if x.strip()]
+            except ValueError:
+                raise FineserveError("--servegen-clients takes ids like 0,1,5") from None
+        pool = load_client_pool(Path(o["servegen_pool"]), clients)
+        rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
+        info.update(
+            servegen_pool=str(pool.path),
+            clients=[c.client_id for c in pool.clients],
+            request_rate=rate,
+            rate_scale=o.get("rate_scale"),
+        )
+        chunks = servegen_chunks(
+            pool,
+            rng,
+            request_rate=rate,
+            rate_scale=o.get("rate_scale") or 1.0,
+            start_s=o.get("start") or 0.0,
+            duration_s=duration,
+            time_scale=time_scale,
+        )
+        return Workload(_capped(chunks, cap), None, info, notes)
+
+    if mode == "burstgpt":
+        if o.get("burstgpt_params"):
+            params = load_burstgpt_params(Path(o["burstgpt_params"]))
+        elif o.get("trace") or o.get("request_trace_csv"):
+            opts = _trace_options(o)
+            opts.trace_format = opts.trace_format or "burstgpt"
+            trace = load_trace(Path(o.get("trace") or o["request_trace_csv"]), opts)
+            notes.append(trace.skip_summary())
+            params = fit_burstgpt(trace)
+            notes.append(
+                f"fitted BurstGPT model: {sum(w['alpha'] > 0 for w in params['windows'])} "
+                f"active 20-min windows, Zipf a = {params['input_zipf_a']:.3f} (input), "
+                f"{params['output_zipf_a']:.3f} (output)"
+            )
+        else:
+            raise FineserveError("--mode burstgpt needs --burstgpt-params or --trace BurstGPT.csv")
+        rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
+        info.update(request_rate=rate, rate_scale=o.get("rate_scale"), time_scale=time_scale)
+        chunks = burstgpt_chunks(
+            params,
+            rng,
+            rate_scale=o.get("rate_scale") or 1.0,
+            request_rate=rate,
+            time_scale=time_scale,
+            duration_s=duration,
+        )
+        return Workload(_capped(chunks, cap), None, info, notes)
+
+    raise FineserveError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _parametric(
+    o: dict[str, Any],
+    rng: np.random.Generator,
+    info: dict[str, Any],
+    notes: list[str],
+    time_scale: float,
+    duration: float | None,
+    cap: int | None,
+) -> Workload:
+    classes: list[tuple[str, Path, Path | None]] = []
+    datasets_dir = Path(o["datasets_dir"]) if o.get("datasets_dir") else None
+    for cls in o.get("model_class") or ():
+        gamma, nb = resolve_class_files(cls, datasets_dir)
+        classes.append((cls, gamma, nb))
+    if o.get("gamma_params_csv"):
+        p = Path(o["gamma_params_csv"])
+        classes.append((p.stem.replace("_gamma_5min", ""), p, None))
+    if not classes:
+        raise FineserveError("--mode parametric needs --model-class or --gamma-params-csv")
+    explicit_nb = (
+        load_nb_json(Path(o["parametric_nb_json"])) if o.get("parametric_nb_json") else None
+    )
+    lengths = _lengths(o, notes)
+    streams = []
+    seeds = np.random.SeedSequence(int(rng.integers(2**63))).spawn(len(classes))
+    info["classes"] = []
+    for (cls, gamma_path, nb_path), ss in zip(classes, seeds):
+        windows = load_gamma_windows(
+            gamma_path,
+            window_seconds=o.get("parametric_window_seconds") or 300.0,
+            window_start_column=o.get("window_start_column") or "window_start_ms",
+            window_end_column=o.get("window_end_column") or "window_end_ms",
+            gamma_shape_column=o.get("gamma_shape_column") or "gamma_shape",
+            gamma_scale_column=o.get("gamma_scale_column") or "gamma_scale",
+        )
+        nb: NegBinom | None = explicit_nb
+        if nb is None and "lt10B" in cls and not o.get("disable_parametric_nb_lt10b"):
+            if nb_path is None:
+                notes.append(f"{cls}: no NB file next to the gamma parameters: no micro-bursts")
+            else:
+                nb = load_nb_json(nb_path)
+        info["classes"].append(
+            {
+                "class": cls,
+                "gamma_params": str(gamma_path),
+                "nb": None if nb is None else {"mu": nb.mu, "alpha": nb.alpha, "source": nb.source},
+            }
+        )
+        streams.append(
+            label(
+                parametric_chunks(
+                    windows,
+                    lengths,
+                    np.random.default_rng(ss),
+                    nb=nb,
+                    nb_zero=o.get("parametric_nb_zero") or "truncate",
+                    time_scale=time_scale,
+                    duration_s=duration,
+                    extension_mode=o.get("parametric_extension_mode") or "repeat_jitter",
+                    jitter_ratio=o.get("parametric_jitter_ratio", 0.05),
+                ),
+                cls,
+            )
+        )
+    info.update(time_scale=time_scale, duration_s=duration)
+    return Workload(_capped(merge_streams(streams), cap), None, info, notes)
+
+
+def _capped(chunks: Iterator[Schedule], cap: int | None) -> Iterator[Schedule]:
+    if cap is None:
+        yield from chunks
+        return
+    left = cap
+    for c in chunks:
+        if left <= 0:
+            return
+        if len(c) > left:
+            c = c.take(np.arange(left))
+        left -= len(c)
+        yield c
+
+
+def _lengths(o: dict[str, Any], notes: list[str]) -> LengthSampler:
+    if o.get("request_lengths_csv"):
+        sampler, summary = EmpiricalLengths.from_csv(
+            Path(o["request_lengths_csv"]),
+            o.get("input_length_column") or "input_length",
+            o.get("output_length_column") or "output_length",
+        )
+        notes.append(summary)
+        return sampler
+    return RandomLengths(o["random_input_len"], o["random_output_len"], o["random_range_ratio"])
+
+
+def _trace_options(o: dict[str, Any]) -> TraceOptions:
+    return TraceOptions(
+        trace_format=o.get("trace_format"),
+        timestamp_column=o.get("timestamp_column"),
+        input_length_column=o.get("input_length_column"),
+        output_length_column=o.get("output_length_column"),
+        timestamp_unit=o.get("timestamp_unit"),
+        burstgpt_model=o.get("burstgpt_model"),
+        burstgpt_log_type=o.get("burstgpt_log_type"),
+    )
