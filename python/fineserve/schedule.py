@@ -42,6 +42,8 @@ class Schedule:
     extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     hash_ids: npt.NDArray[np.int64] | None = None
     hash_offsets: npt.NDArray[np.int64] | None = None
+    #: Off only for an intermediate that is re-ordered right after (see merge_sorted).
+    check_order: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.t_ns = np.asarray(self.t_ns, dtype=np.int64)
@@ -59,7 +61,9 @@ class Schedule:
             raise FineserveError("hash_ids and hash_offsets go together")
         if self.hash_offsets is not None and len(self.hash_offsets) != n + 1:
             raise FineserveError("hash_offsets must have one entry more than the schedule")
-        if n and (np.any(self.t_ns < 0) or np.any(np.diff(self.t_ns) < 0)):
+        if n and np.any(self.t_ns < 0):
+            raise FineserveError("schedule send times must be non-negative")
+        if n and self.check_order and np.any(np.diff(self.t_ns) < 0):
             raise FineserveError("schedule send times must be non-negative and sorted")
         if n and (np.any(self.input_len < 1) or np.any(self.output_len < 1)):
             raise FineserveError("schedule lengths must be >= 1 token")
@@ -114,7 +118,7 @@ def empty_schedule() -> Schedule:
     return Schedule(z, z, z)
 
 
-def concat(parts: list[Schedule]) -> Schedule:
+def concat(parts: list[Schedule], *, check_order: bool = True) -> Schedule:
     """Schedules whose times follow each other, as one (extra columns must agree)."""
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -139,14 +143,15 @@ def concat(parts: list[Schedule]) -> Schedule:
         {k: np.concatenate([p.extra[k] for p in parts]) for k in names},
         hash_ids,
         hash_offsets,
+        check_order=check_order,
     )
 
 
 def merge_sorted(parts: list[Schedule]) -> Schedule:
     """Interleaves schedules by send time (stable: ties keep part order)."""
-    joined = concat(parts)
+    joined = concat(parts, check_order=False)
     if len(parts) <= 1:
-        return joined
+        return concat(parts)
     return joined.take(np.argsort(joined.t_ns, kind="stable"))
 
 
@@ -183,7 +188,10 @@ class ScheduleStats:
     slot_counts: dict[int, int] = field(default_factory=dict)
     _open_slot: int = -1
     _open_count: int = 0
-    _digest: Any = field(default_factory=hashlib.sha256)
+    #: One hash per column, so the digest does not depend on how the schedule was chunked.
+    _digests: tuple[Any, ...] = field(
+        default_factory=lambda: (hashlib.sha256(), hashlib.sha256(), hashlib.sha256())
+    )
 
     def add(self, s: Schedule) -> None:
         if not len(s):
@@ -193,8 +201,8 @@ class ScheduleStats:
         self.last_t_ns = int(t[-1])
         self.input_tokens += int(s.input_len.sum())
         self.output_tokens += int(s.output_len.sum())
-        for col in (t, s.input_len, s.output_len):
-            self._digest.update(np.ascontiguousarray(col).tobytes())
+        for h, col in zip(self._digests, (t, s.input_len, s.output_len)):
+            h.update(np.ascontiguousarray(col, dtype="<i8").tobytes())
         prev = t[0] if self._prev_t is None else self._prev_t
         gaps = np.diff(np.concatenate([[prev], t])).astype(np.float64)
         if self._prev_t is None:
@@ -251,7 +259,7 @@ class ScheduleStats:
             "max_per_slot": max(self.slot_counts, default=0),
             "fraction_in_bursts": in_bursts / self.n if self.n else 0.0,
             "slot_ms": self.slot_ns / 1e6,
-            "digest": self._digest.hexdigest()[:16],
+            "digest": hashlib.sha256(b"".join(h.digest() for h in self._digests)).hexdigest()[:16],
         }
 
 

@@ -104,6 +104,12 @@ def finish_trace(
         rows = rows[order]
         t_kept = t_kept[order]
     origin = float(t_kept[0]) if len(t_kept) else 0.0
+    if len(t_kept) and t_kept[-1] - origin > 2.0**62:
+        years = (t_kept[-1] - origin) / 1e9 / 86_400 / 365
+        raise FineserveError(
+            f"{path}: timestamps span {years:.3g} years read as {unit or 'given'}: "
+            "implausible; is --timestamp-unit right?"
+        )
     rel = np.rint(t_kept - origin).astype(np.int64)
 
     h_ids = h_off = None

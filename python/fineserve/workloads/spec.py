@@ -169,8 +169,8 @@ def _parametric(
     classes: list[tuple[str, Path, Path | None]] = []
     datasets_dir = Path(o["datasets_dir"]) if o.get("datasets_dir") else None
     for cls in o.get("model_class") or ():
-        gamma, nb = resolve_class_files(cls, datasets_dir)
-        classes.append((cls, gamma, nb))
+        gamma_file, nb_file = resolve_class_files(cls, datasets_dir)
+        classes.append((cls, gamma_file, nb_file))
     if o.get("gamma_params_csv"):
         p = Path(o["gamma_params_csv"])
         classes.append((p.stem.replace("_gamma_5min", ""), p, None))
