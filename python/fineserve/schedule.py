@@ -102,16 +102,6 @@ class Schedule:
             hash_offsets,
         )
 
-    def shifted(self, offset_ns: int) -> Schedule:
-        return Schedule(
-            self.t_ns + offset_ns,
-            self.input_len,
-            self.output_len,
-            self.extra,
-            self.hash_ids,
-            self.hash_offsets,
-        )
-
 
 def empty_schedule() -> Schedule:
     z = np.zeros(0, dtype=np.int64)
@@ -153,22 +143,6 @@ def merge_sorted(parts: list[Schedule]) -> Schedule:
     if len(parts) <= 1:
         return concat(parts)
     return joined.take(np.argsort(joined.t_ns, kind="stable"))
-
-
-def rechunk(chunks: Iterable[Schedule], rows: int) -> Iterator[Schedule]:
-    """Regroups a chunk stream into chunks of about ``rows`` requests."""
-    buf: list[Schedule] = []
-    n = 0
-    for c in chunks:
-        if not len(c):
-            continue
-        buf.append(c)
-        n += len(c)
-        if n >= rows:
-            yield concat(buf)
-            buf, n = [], 0
-    if buf:
-        yield concat(buf)
 
 
 @dataclass

@@ -181,14 +181,6 @@ impl RecordColumns {
         }
         cols
     }
-
-    pub fn len(&self) -> usize {
-        self.index.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
-    }
 }
 
 #[cfg(test)]

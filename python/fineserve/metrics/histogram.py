@@ -50,24 +50,6 @@ class LogHistogram:
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
 
-    def merge(self, other: LogHistogram) -> None:
-        if other._log_base != self._log_base:
-            raise ValueError("histograms with different resolutions")
-        if not other.count:
-            return
-        if len(other._counts) > len(self._counts):
-            self._counts = np.concatenate(
-                [self._counts, np.zeros(len(other._counts) - len(self._counts), np.int64)]
-            )
-        self._counts[: len(other._counts)] += other._counts
-        total = self.count + other.count
-        delta = other._mean - self._mean
-        self._mean += delta * other.count / total
-        self._m2 += other._m2 + delta * delta * self.count * other.count / total
-        self.count = total
-        self.min = min(self.min, other.min)
-        self.max = max(self.max, other.max)
-
     @property
     def mean(self) -> float:
         return self._mean if self.count else 0.0

@@ -64,7 +64,6 @@ def finish_trace(
     rows_read: int,
     skipped: Counter[str],
     extra: dict[str, npt.NDArray[Any]] | None = None,
-    hash_lists: list[list[int]] | None = None,
     hash_ids: npt.NDArray[np.int64] | None = None,
     hash_offsets: npt.NDArray[np.int64] | None = None,
     unit: str = "",
@@ -113,14 +112,7 @@ def finish_trace(
     rel = np.rint(t_kept - origin).astype(np.int64)
 
     h_ids = h_off = None
-    if hash_lists is not None:
-        kept_lists = [hash_lists[i] for i in rows]
-        counts = np.fromiter((len(x) for x in kept_lists), dtype=np.int64, count=len(rows))
-        h_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        h_ids = np.fromiter(
-            (h for x in kept_lists for h in x), dtype=np.int64, count=int(h_off[-1])
-        )
-    elif hash_ids is not None and hash_offsets is not None:
+    if hash_ids is not None and hash_offsets is not None:
         counts = np.diff(hash_offsets)[rows]
         starts = hash_offsets[:-1][rows]
         h_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -206,7 +206,6 @@ def window_params(
     if not (0 <= jitter_ratio < 1):
         raise FineserveError("--parametric-jitter-ratio must be in [0, 1)")
     k = np.arange(count)
-    lengths = windows.end_ms - windows.start_ms
     cycle = windows.span_ms
     start = windows.start_ms[k % n] + (k // n) * cycle
     shape = windows.shape[k % n].copy()
@@ -223,7 +222,6 @@ def window_params(
         cov = np.cov(logs) if n > 1 else np.zeros((2, 2))
         draw = rng.multivariate_normal(mean, cov, size=m, method="cholesky")
         shape[ext], scale[ext] = np.exp(draw[:, 0]), np.exp(draw[:, 1])
-    del lengths
     return start, shape, scale
 
 
