@@ -16,6 +16,7 @@ import numpy.typing as npt
 from . import _engine
 from .console import note
 from .errors import FineserveError
+from .ragged import offsets_from_counts, take_ragged
 
 
 def default_lanes() -> int:
@@ -203,17 +204,14 @@ def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[
         for r, m in zip(np.asarray(b["error_index"]).tolist(), b["error_message"]):
             messages[row0 + r] = m
         row0 += len(b["index"])
+    offsets = offsets_from_counts(counts)
     order = np.argsort(out["index"], kind="stable") if sort else np.arange(row0)
     if sort:
         for c in _SCALAR_COLUMNS:
             out[c] = out[c][order]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        sel = counts[order]
-        gather = np.repeat(starts[order] - np.concatenate([[0], np.cumsum(sel)[:-1]]), sel)
-        chunk_ns = chunk_ns[gather + np.arange(int(sel.sum()))]
-        counts = sel
+        chunk_ns, offsets = take_ragged(chunk_ns, offsets, order)
     out["chunk_ns"] = chunk_ns
-    out["chunk_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint64)
+    out["chunk_offsets"] = offsets.astype(np.uint64)
     position = np.empty(row0, dtype=np.int64)
     position[order] = np.arange(row0)
     rows = sorted((int(position[r]), m) for r, m in messages.items())

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import FineserveError
+from .ragged import offsets_from_counts, take_ragged
 
 #: Per-request optional columns and their dtypes.
 EXTRA_COLUMNS: dict[str, str] = {
@@ -87,12 +88,7 @@ class Schedule:
         idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
         hash_ids = hash_offsets = None
         if self.hash_ids is not None and self.hash_offsets is not None:
-            counts = np.diff(self.hash_offsets)[idx]
-            starts = self.hash_offsets[:-1][idx]
-            new_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            gather = np.repeat(starts - new_starts, counts) + np.arange(int(counts.sum()))
-            hash_ids = self.hash_ids[gather]
-            hash_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            hash_ids, hash_offsets = take_ragged(self.hash_ids, self.hash_offsets, idx)
         return Schedule(
             self.t_ns[idx],
             self.input_len[idx],
@@ -125,7 +121,7 @@ def concat(parts: list[Schedule], *, check_order: bool = True) -> Schedule:
     if all(hashed):
         hash_ids = np.concatenate([p.hash_ids for p in parts])  # type: ignore[misc]
         counts = np.concatenate([np.diff(p.hash_offsets) for p in parts])  # type: ignore[arg-type]
-        hash_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        hash_offsets = offsets_from_counts(counts)
     return Schedule(
         np.concatenate([p.t_ns for p in parts]),
         np.concatenate([p.input_len for p in parts]),

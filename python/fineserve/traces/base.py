@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import FineserveError
+from ..ragged import take_ragged
 
 UNIT_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 
@@ -113,11 +114,7 @@ def finish_trace(
 
     h_ids = h_off = None
     if hash_ids is not None and hash_offsets is not None:
-        counts = np.diff(hash_offsets)[rows]
-        starts = hash_offsets[:-1][rows]
-        h_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        gather = np.repeat(starts - h_off[:-1], counts) + np.arange(int(counts.sum()))
-        h_ids = hash_ids[gather]
+        h_ids, h_off = take_ragged(hash_ids, hash_offsets, rows)
 
     trace = Trace(
         path=path,
