@@ -107,7 +107,7 @@ def load_trace(path: Path, options: TraceOptions | None = None) -> Trace:
     return _read_csv_trace(path, fmt, ts_col, in_col, out_col, unit, options)
 
 
-def _read_csv(path: Path) -> tuple[Any, int]:
+def read_csv_strings(path: Path) -> tuple[Any, int]:
     """The whole CSV as strings (conversion is checked per column), and the number of
     malformed lines (wrong field count) skipped."""
     import pyarrow as pa
@@ -136,6 +136,20 @@ def _read_csv(path: Path) -> tuple[Any, int]:
     return table, bad
 
 
+def _require_trace_columns(
+    path: Path, names: list[str], ts_col: str, in_col: str, out_col: str
+) -> None:
+    require_columns(
+        path,
+        names,
+        {
+            "--timestamp-column": ts_col,
+            "--input-length-column": in_col,
+            "--output-length-column": out_col,
+        },
+    )
+
+
 def _read_csv_trace(
     path: Path,
     fmt: str,
@@ -147,17 +161,9 @@ def _read_csv_trace(
 ) -> Trace:
     import pyarrow.compute as pc
 
-    table, bad = _read_csv(path)
+    table, bad = read_csv_strings(path)
     names = table.column_names
-    require_columns(
-        path,
-        names,
-        {
-            "--timestamp-column": ts_col,
-            "--input-length-column": in_col,
-            "--output-length-column": out_col,
-        },
-    )
+    _require_trace_columns(path, names, ts_col, in_col, out_col)
     skipped: Counter[str] = Counter()
     if bad:
         skipped["malformed line"] = bad
@@ -241,15 +247,7 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
     except OSError as e:
         raise FineserveError(f"cannot read trace {path}: {e.strerror}") from None
     names = table.column_names
-    require_columns(
-        path,
-        names,
-        {
-            "--timestamp-column": ts_col,
-            "--input-length-column": in_col,
-            "--output-length-column": out_col,
-        },
-    )
+    _require_trace_columns(path, names, ts_col, in_col, out_col)
     t_ns = numeric(table[ts_col]) * UNIT_NS[unit]
     extra: dict[str, Any] = {}
     for src, dst in (("chat_id", "session_id"), ("turn", "turn")):

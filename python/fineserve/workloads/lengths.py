@@ -64,12 +64,12 @@ class EmpiricalLengths(LengthSampler):
         """Reads a lengths CSV (e.g. FineServe's replay CSVs); returns the sampler and a
         one-line summary of rows used/skipped."""
         from ..traces.base import numeric, require_columns
-        from ..traces.readers import _read_csv
+        from ..traces.readers import read_csv_strings
 
         path = Path(path)
         if not path.is_file():
             raise FineserveError(f"--request-lengths-csv: file not found: {path}")
-        table, bad = _read_csv(path)
+        table, bad = read_csv_strings(path)
         require_columns(
             path,
             table.column_names,

@@ -131,14 +131,14 @@ def load_gamma_windows(
     are consecutive and ``window_seconds`` long. Rows with invalid parameters are errors
     (a window cannot be skipped without shifting everything after it)."""
     from ..traces.base import numeric, require_columns
-    from ..traces.readers import _read_csv
+    from ..traces.readers import read_csv_strings
 
     path = Path(path)
     if not path.is_file():
         raise FineserveError(f"--gamma-params-csv: file not found: {path}")
     if not (window_seconds > 0 and math.isfinite(window_seconds)):
         raise FineserveError("--parametric-window-seconds must be > 0")
-    table, bad = _read_csv(path)
+    table, bad = read_csv_strings(path)
     if bad:
         raise FineserveError(f"{path}: {bad} malformed lines (wrong number of fields)")
     names = table.column_names
