@@ -13,19 +13,14 @@ from ..traces.base import Trace
 from .poisson import CHUNK_ROWS
 
 
-def replay_chunks(
+def replay_slice(
     trace: Trace,
-    *,
-    time_scale: float = 1.0,
     start_s: float = 0.0,
     duration_s: float | None = None,
     max_requests: int | None = None,
-) -> Iterator[Schedule]:
-    """Requests with ``start_s <= t < start_s + duration_s`` (trace seconds from the first
-    request), sent at ``(t - start_s) / time_scale``: gaps are the trace's, compressed by
-    ``time_scale`` (> 1 is faster), rounded to the nanosecond once (no drift)."""
-    if not (time_scale > 0 and math.isfinite(time_scale)):
-        raise FineserveError(f"--time-scale must be a positive number, got {time_scale}")
+) -> tuple[int, int]:
+    """Rows [lo, hi) of the requests with ``start_s <= t < start_s + duration_s`` (trace
+    seconds from the first request), at most ``max_requests``; an empty slice is an error."""
     if start_s < 0:
         raise FineserveError("--start must be >= 0")
     if duration_s is not None and not duration_s > 0:
@@ -43,6 +38,24 @@ def replay_chunks(
             + (f" --duration {duration_s:g}s" if duration_s is not None else "")
             + f" (the trace spans {trace.span_s:.1f}s)"
         )
+    return lo, hi
+
+
+def replay_chunks(
+    trace: Trace,
+    *,
+    time_scale: float = 1.0,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    max_requests: int | None = None,
+) -> Iterator[Schedule]:
+    """The requests of :func:`replay_slice`, sent at ``(t - start_s) / time_scale``: gaps
+    are the trace's, compressed by ``time_scale`` (> 1 is faster), rounded to the
+    nanosecond once (no drift)."""
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise FineserveError(f"--time-scale must be a positive number, got {time_scale}")
+    lo, hi = replay_slice(trace, start_s, duration_s, max_requests)
+    start_ns = round(start_s * 1e9)
     full = Schedule(
         trace.t_ns,
         trace.input_len,

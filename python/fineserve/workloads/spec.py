@@ -24,7 +24,7 @@ from .parametric import (
     resolve_class_files,
 )
 from .poisson import poisson_chunks
-from .replay import replay_chunks
+from .replay import replay_chunks, replay_slice
 from .servegen import load_client_pool, servegen_chunks
 
 MODES = ("poisson", "replay", "parametric", "servegen", "burstgpt")
@@ -78,22 +78,12 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
             time_scale=time_scale,
             skipped=dict(trace.skipped),
         )
+        start_s = o.get("start") or 0.0
+        lo, hi = replay_slice(trace, start_s, duration, cap)
         chunks = replay_chunks(
-            trace,
-            time_scale=time_scale,
-            start_s=o.get("start") or 0.0,
-            duration_s=duration,
-            max_requests=cap,
+            trace, time_scale=time_scale, start_s=start_s, duration_s=duration, max_requests=cap
         )
-        start_ns = int((o.get("start") or 0.0) * 1e9)
-        lo = int(np.searchsorted(trace.t_ns, start_ns))
-        hi = (
-            len(trace)
-            if duration is None
-            else int(np.searchsorted(trace.t_ns, start_ns + int(duration * 1e9)))
-        )
-        total = max(0, hi - lo) if cap is None else min(cap, max(0, hi - lo))
-        return Workload(chunks, total, info, notes)
+        return Workload(chunks, hi - lo, info, notes)
 
     if mode == "parametric":
         return _parametric(o, rng, info, notes, time_scale, duration, cap)
