@@ -352,8 +352,9 @@ impl RunHandle {
             base: feeder.next_index,
             schedule: chunk,
         });
-        // A lane that has already quit (stopped) closed its receiver: those sends fail and
-        // the lane accounted for nothing of this chunk, so the chunk is refused as a whole.
+        // Lanes close their receivers only after a stop, and stop() waits for this lock, so
+        // these sends cannot fail; checked anyway so that a broken invariant is an error,
+        // not requests that silently vanish.
         let lanes = feeder.senders.len() as u64;
         let mut accepted = true;
         for (lane, tx) in feeder.senders.iter().enumerate() {
