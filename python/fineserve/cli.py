@@ -18,6 +18,8 @@ import numpy as np
 
 from . import __version__
 from .api import BACKENDS, DEFAULT_ENDPOINT, BodyTemplate, parse_extra_body
+from .cli_fit import compare_command, fit_command
+from .cli_options import trace_format_options
 from .console import note, out, warn
 from .errors import FineserveError
 from .metrics import MetricsAccumulator, format_summary
@@ -26,7 +28,6 @@ from .prompts import SyntheticPromptBuilder
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
 from .schedule import Schedule, write_schedule
 from .server import base_url_from, check_url, fetch_models
-from .traces import FORMATS
 from .workloads.spec import MODES, build_workload
 
 #: Cap on connections opened before the start instant when sized automatically.
@@ -131,18 +132,7 @@ def _workload_options(f: Any) -> Any:
             type=click.Path(path_type=Path),
             help="replay/burstgpt: a trace in any supported format (detected from content).",
         ),
-        click.option("--trace-format", type=click.Choice(FORMATS), help="Override detection."),
-        click.option("--timestamp-column", help="Trace timestamp column (format default)."),
-        click.option("--input-length-column", help="Input length column (format default)."),
-        click.option("--output-length-column", help="Output length column (format default)."),
-        click.option(
-            "--timestamp-unit",
-            type=click.Choice(["us", "ms", "s"]),
-            help="Trace timestamp unit (default: the format's: FineServe us, BurstGPT s, "
-            "Mooncake ms).",
-        ),
-        click.option("--burstgpt-model", help="BurstGPT: keep rows of this Model."),
-        click.option("--burstgpt-log-type", help="BurstGPT: keep rows of this Log Type."),
+        trace_format_options,
         click.option(
             "--time-scale",
             type=float,
@@ -160,7 +150,7 @@ def _workload_options(f: Any) -> Any:
         click.option(
             "--datasets-dir",
             type=click.Path(file_okay=False, path_type=Path),
-            help="Directory with Parametric/gamma and Parametric/nb "
+            help="Directory with Parametric/gamma, Parametric/nb and Parametric/lengths "
             "(also $FINESERVE_DATASETS, then the project's datasets/).",
         ),
         click.option("--gamma-params-csv", type=click.Path(path_type=Path)),
@@ -186,6 +176,13 @@ def _workload_options(f: Any) -> Any:
             "--disable-parametric-nb-lt10b",
             is_flag=True,
             help="No NB micro-bursts for *lt10B* classes.",
+        ),
+        click.option(
+            "--class-lengths/--no-class-lengths",
+            default=True,
+            show_default=True,
+            help="parametric: draw lengths from a class's fitted histogram "
+            "(Parametric/lengths/<class>_lengths.json) when present, instead of --random-*.",
         ),
         click.option(
             "--parametric-nb-zero",
@@ -647,6 +644,10 @@ def mock_command(
         stats = server.stats()
         server.stop()
         note(f"mock stopped after {stats.get('requests', 0)} requests")
+
+
+cli.add_command(fit_command)
+cli.add_command(compare_command)
 
 
 def main() -> None:

@@ -28,15 +28,18 @@ MIN_WINDOW_REQUESTS = 10
 
 def fit_zipf(x: npt.NDArray[np.int64], max_value: int) -> float:
     """MLE exponent of a Zipf law on 1..max_value (truncated, so any a > 0 is valid)."""
-    from scipy.optimize import minimize_scalar
-
     x = np.asarray(x, dtype=np.float64)
     x = x[x >= 1]
     if not len(x):
         raise FineserveError("no lengths to fit a Zipf law to")
-    support = np.arange(1, max_value + 1, dtype=np.float64)
-    log_s = np.log(support)
-    mean_log = float(np.mean(np.log(x)))
+    return fit_zipf_mean_log(float(np.mean(np.log(x))), max_value)
+
+
+def fit_zipf_mean_log(mean_log: float, max_value: int) -> float:
+    """The same MLE from its sufficient statistic, the mean of log x."""
+    from scipy.optimize import minimize_scalar
+
+    log_s = np.log(np.arange(1, max_value + 1, dtype=np.float64))
 
     def nll(a: float) -> float:
         # per-sample negative log-likelihood: a·E[log x] + log Σ k^-a

@@ -1,9 +1,11 @@
-"""Request lengths: vLLM-style uniform ranges, or (input, output) pairs sampled from a CSV."""
+"""Request lengths: vLLM-style uniform ranges, (input, output) pairs sampled from a CSV, or a
+joint histogram fitted by ``fineserve fit``."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -89,3 +91,107 @@ class EmpiricalLengths(LengthSampler):
     def sample(self, n: int, rng: np.random.Generator) -> Lengths:
         idx = rng.integers(0, len(self.input_len), size=n)
         return self.input_len[idx], self.output_len[idx]
+
+
+class HistogramLengths(LengthSampler):
+    """(input, output) pairs from a length file written by ``fineserve fit``: a bin pair
+    is drawn from the joint histogram, then a value inside each bin from that marginal's
+    distinct-value counts (so the marginals are exact and the dependence is kept at bin
+    resolution; see ``fit.lengths``)."""
+
+    def __init__(
+        self,
+        input_edges: npt.NDArray[np.int64],
+        output_edges: npt.NDArray[np.int64],
+        joint: npt.NDArray[np.int64],
+        input_values: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+        output_values: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]],
+        source: str = "",
+    ) -> None:
+        self.bin_in, self.bin_out = joint[:, 0], joint[:, 1]
+        self.cdf = np.cumsum(joint[:, 2].astype(np.float64))
+        self.inp = _BinnedValues(input_edges, *input_values)
+        self.out = _BinnedValues(output_edges, *output_values)
+        self.source = source
+
+    @classmethod
+    def from_json(cls, path: Path) -> HistogramLengths:
+        import json
+
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            edges_in = np.asarray(d["input_bin_edges"], dtype=np.int64)
+            edges_out = np.asarray(d["output_bin_edges"], dtype=np.int64)
+            joint = np.asarray(d["joint_counts"], dtype=np.int64).reshape(-1, 3)
+            values_in = (
+                np.asarray(d["input_values"], dtype=np.int64),
+                np.asarray(d["input_value_counts"], dtype=np.int64),
+            )
+            values_out = (
+                np.asarray(d["output_values"], dtype=np.int64),
+                np.asarray(d["output_value_counts"], dtype=np.int64),
+            )
+        except OSError as e:
+            raise FineserveError(f"cannot read lengths file {path}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError):
+            raise FineserveError(
+                f"{path}: not a fineserve lengths file (bin edges, joint_counts, values)"
+            ) from None
+        ok = (
+            len(joint)
+            and np.all((joint[:, 0] >= 0) & (joint[:, 0] < len(edges_in) - 1))
+            and np.all((joint[:, 1] >= 0) & (joint[:, 1] < len(edges_out) - 1))
+            and np.all(joint[:, 2] >= 0)
+            and joint[:, 2].sum() > 0
+        )
+        if not ok:
+            raise FineserveError(f"{path}: invalid joint length histogram")
+        try:
+            inp = _BinnedValues(edges_in, *values_in)
+            out = _BinnedValues(edges_out, *values_out)
+            # Every bin the joint can pick must hold some value of its marginal.
+            if np.any(inp.mass[joint[:, 0]] == 0) or np.any(out.mass[joint[:, 1]] == 0):
+                raise ValueError
+        except ValueError:
+            raise FineserveError(
+                f"{path}: length values do not match the histogram's bins"
+            ) from None
+        return cls(edges_in, edges_out, joint, values_in, values_out, source=str(path))
+
+    def sample(self, n: int, rng: np.random.Generator) -> Lengths:
+        pick = np.searchsorted(self.cdf, rng.random(n) * self.cdf[-1], side="right")
+        pick = np.minimum(pick, len(self.cdf) - 1)
+        return self.inp.draw(self.bin_in[pick], rng), self.out.draw(self.bin_out[pick], rng)
+
+
+class _BinnedValues:
+    """Distinct values with counts, grouped by bin: draws a value inside a given bin."""
+
+    def __init__(
+        self,
+        edges: npt.NDArray[np.int64],
+        values: npt.NDArray[np.int64],
+        counts: npt.NDArray[np.int64],
+    ) -> None:
+        if (
+            len(edges) < 2
+            or len(values) != len(counts)
+            or not len(values)
+            or np.any(np.diff(edges) <= 0)
+            or np.any(np.diff(values) <= 0)
+            or values[0] < max(1, edges[0])
+            or values[-1] >= edges[-1]
+            or np.any(counts < 0)
+        ):
+            raise ValueError("bad binned values")
+        self.values = values
+        self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)
+        first = np.searchsorted(values, edges)  # value index where each bin starts
+        self.lo_c = self.cum[first[:-1]]
+        self.mass = self.cum[first[1:]] - self.lo_c
+
+    def draw(self, bins: npt.NDArray[np.int64], rng: np.random.Generator) -> Any:
+        x = self.lo_c[bins] + rng.random(len(bins)) * self.mass[bins]
+        idx = np.searchsorted(self.cum, x, side="right") - 1
+        return self.values[np.clip(idx, 0, len(self.values) - 1)]

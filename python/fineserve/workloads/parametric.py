@@ -38,6 +38,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,25 +71,79 @@ class GammaWindows:
 
 @dataclass
 class NegBinom:
+    """Requests per occupied slot: NB(mu, alpha), or a mixture of NB components
+    (``components``: (weight, mu, alpha) triples, as ``fineserve fit`` may choose)."""
+
     mu: float
     alpha: float
     source: str = ""
+    components: list[tuple[float, float, float]] | None = None
+    #: Set when the sibling gamma file was fitted on occupied slots (``fineserve fit``):
+    #: the burst layer is then part of the class's model whatever its name.
+    fitted_on_slots: bool = False
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.mu) and self.mu > 0):
-            raise FineserveError(f"{self.source or 'NB'}: nb_mu must be > 0, got {self.mu}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise FineserveError(f"{self.source or 'NB'}: nb_alpha must be > 0, got {self.alpha}")
+        where = self.source or "NB"
+        for mu, alpha in [(self.mu, self.alpha)] + [(c[1], c[2]) for c in self.components or []]:
+            if not (math.isfinite(mu) and mu > 0):
+                raise FineserveError(f"{where}: nb_mu must be > 0, got {mu}")
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise FineserveError(f"{where}: nb_alpha must be > 0, got {alpha}")
+        if self.components is not None:
+            w = np.array([c[0] for c in self.components])
+            if not len(w) or not np.all(np.isfinite(w) & (w >= 0)) or not w.sum() > 0:
+                raise FineserveError(f"{where}: component weights must be >= 0 with a positive sum")
 
-    def draw(self, n: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-        r = 1.0 / self.alpha
-        return rng.negative_binomial(r, r / (r + self.mu), size=n).astype(np.int64)
+    def _parts(self) -> list[tuple[float, float, float]]:
+        return self.components or [(1.0, self.mu, self.alpha)]
+
+    @staticmethod
+    def _draw_one(
+        mu: float, alpha: float, n: int, rng: np.random.Generator
+    ) -> npt.NDArray[np.int64]:
+        r = 1.0 / alpha
+        return rng.negative_binomial(r, r / (r + mu), size=n).astype(np.int64)
+
+    def draw(
+        self, n: int, rng: np.random.Generator, *, truncate: bool = False
+    ) -> npt.NDArray[np.int64]:
+        """``n`` counts; with ``truncate`` zeros are redrawn *within their component*, so
+        a mixture yields Σ w·ZTNB (the law ``fineserve fit`` estimates)."""
+        parts = self._parts()
+        if len(parts) == 1:
+            which = np.zeros(n, dtype=np.int64)
+        else:
+            w = np.array([c[0] for c in parts])
+            which = rng.choice(len(parts), size=n, p=w / w.sum())
+        out = np.zeros(n, dtype=np.int64)
+        for c, (_, mu, alpha) in enumerate(parts):
+            idx = np.flatnonzero(which == c)
+            vals = self._draw_one(mu, alpha, len(idx), rng)
+            if truncate:
+                zero = np.flatnonzero(vals == 0)
+                while len(zero):
+                    vals[zero] = self._draw_one(mu, alpha, len(zero), rng)
+                    zero = zero[vals[zero] == 0]
+            out[idx] = vals
+        return out
 
     def pmf(self, k: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Plain (not truncated) pmf of the mixture."""
         from scipy.stats import nbinom
 
-        r = 1.0 / self.alpha
-        return np.asarray(nbinom.pmf(k, r, r / (r + self.mu)), dtype=np.float64)
+        parts = self._parts()
+        total = sum(c[0] for c in parts)
+        out = np.zeros(len(k))
+        for w, mu, alpha in parts:
+            r = 1.0 / alpha
+            out += (w / total) * nbinom.pmf(k, r, r / (r + mu))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"mu": self.mu, "alpha": self.alpha, "source": self.source}
+        if self.components:
+            d["components"] = [list(c) for c in self.components]
+        return d
 
 
 def datasets_dirs(user_dir: Path | None) -> list[Path]:
@@ -103,15 +158,31 @@ def datasets_dirs(user_dir: Path | None) -> list[Path]:
     return dirs
 
 
-def resolve_class_files(model_class: str, user_dir: Path | None) -> tuple[Path, Path | None]:
-    """``<datasets>/Parametric/gamma/<class>_gamma_5min.csv`` and, if present, the NB json."""
+@dataclass
+class ClassFiles:
+    gamma: Path
+    nb: Path | None
+    lengths: Path | None
+
+
+def resolve_class_files(model_class: str, user_dir: Path | None) -> ClassFiles:
+    """``<datasets>/Parametric/gamma/<class>_gamma_5min.csv`` (or another window length,
+    ``_gamma_<W>s.csv``) and, if present, the NB json and fitted lengths next to it."""
     tried = []
     for d in datasets_dirs(user_dir):
-        gamma = d / "Parametric" / "gamma" / f"{model_class}_gamma_5min.csv"
+        gamma_dir = d / "Parametric" / "gamma"
+        gamma = gamma_dir / f"{model_class}_gamma_5min.csv"
         tried.append(str(gamma))
-        if gamma.is_file():
-            nb = d / "Parametric" / "nb" / f"{model_class}_nb.json"
-            return gamma, nb if nb.is_file() else None
+        if not gamma.is_file():
+            others = sorted(gamma_dir.glob(f"{model_class}_gamma_*s.csv"))
+            if not others:
+                continue
+            gamma = others[0]
+        nb = d / "Parametric" / "nb" / f"{model_class}_nb.json"
+        lengths = d / "Parametric" / "lengths" / f"{model_class}_lengths.json"
+        return ClassFiles(
+            gamma, nb if nb.is_file() else None, lengths if lengths.is_file() else None
+        )
     raise FineserveError(
         f"--model-class {model_class}: no parameter file; looked for {', '.join(tried)} "
         f"(pass --datasets-dir or set ${DATASETS_ENV})"
@@ -185,9 +256,32 @@ def load_nb_json(path: Path) -> NegBinom:
     if not isinstance(d, dict) or "nb_mu" not in d or "nb_alpha" not in d:
         raise FineserveError(f"{path}: expected an object with nb_mu and nb_alpha")
     try:
-        return NegBinom(float(d["nb_mu"]), float(d["nb_alpha"]), source=str(path))
-    except (TypeError, ValueError):
-        raise FineserveError(f"{path}: nb_mu and nb_alpha must be numbers") from None
+        components = None
+        comps = d.get("components")
+        if isinstance(comps, list) and len(comps) > 1:
+            components = [
+                (float(c["weight"]), float(c["nb_mu"]), float(c["nb_alpha"])) for c in comps
+            ]
+        elif isinstance(comps, list) and len(comps) == 1:
+            # A single fitted component may differ from the FineServe-compatible top level
+            # (e.g. zero-truncated MLE vs moments): the component is the chosen model.
+            return NegBinom(
+                float(comps[0]["nb_mu"]),
+                float(comps[0]["nb_alpha"]),
+                source=str(path),
+                fitted_on_slots=d.get("event_process") == "occupied_slots",
+            )
+        return NegBinom(
+            float(d["nb_mu"]),
+            float(d["nb_alpha"]),
+            source=str(path),
+            components=components,
+            fitted_on_slots=d.get("event_process") == "occupied_slots",
+        )
+    except (TypeError, ValueError, KeyError):
+        raise FineserveError(
+            f"{path}: nb_mu, nb_alpha and components' weight/nb_mu/nb_alpha must be numbers"
+        ) from None
 
 
 def window_params(
@@ -315,11 +409,6 @@ def _nb_bursts(
     slots = np.unique(np.floor(events_ms / slot_ms).astype(np.int64))
     # The previous window's last slot already had its draw.
     slots = slots[slots != skip_slot]
-    counts = nb.draw(len(slots), rng)
-    if nb_zero == "truncate":
-        zero = np.flatnonzero(counts == 0)
-        while len(zero):
-            counts[zero] = nb.draw(len(zero), rng)
-            zero = zero[counts[zero] == 0]
+    counts = nb.draw(len(slots), rng, truncate=nb_zero == "truncate")
     owner = np.repeat(slots, counts)
     return np.sort(owner + rng.random(len(owner))) * slot_ms

@@ -14,9 +14,10 @@ from ..errors import FineserveError
 from ..schedule import Schedule, read_schedule
 from ..traces import TraceOptions, load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
-from .lengths import EmpiricalLengths, LengthSampler, RandomLengths
+from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
 from .mix import label, merge_streams
 from .parametric import (
+    ClassFiles,
     NegBinom,
     load_gamma_windows,
     load_nb_json,
@@ -69,7 +70,7 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
         path = o.get("trace") or o.get("request_trace_csv")
         if not path:
             raise FineserveError("--mode replay needs --request-trace-csv or --trace")
-        trace = load_trace(Path(path), _trace_options(o))
+        trace = load_trace(Path(path), trace_options_from(o))
         notes.append(trace.skip_summary())
         notes.extend(trace.notes)
         info.update(
@@ -120,7 +121,7 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
         if o.get("burstgpt_params"):
             params = load_burstgpt_params(Path(o["burstgpt_params"]))
         elif o.get("trace") or o.get("request_trace_csv"):
-            opts = _trace_options(o)
+            opts = trace_options_from(o)
             opts.trace_format = opts.trace_format or "burstgpt"
             trace = load_trace(Path(o.get("trace") or o["request_trace_csv"]), opts)
             notes.append(trace.skip_summary())
@@ -156,26 +157,25 @@ def _parametric(
     duration: float | None,
     cap: int | None,
 ) -> Workload:
-    classes: list[tuple[str, Path, Path | None]] = []
+    classes: list[tuple[str, ClassFiles]] = []
     datasets_dir = Path(o["datasets_dir"]) if o.get("datasets_dir") else None
     for cls in o.get("model_class") or ():
-        gamma_file, nb_file = resolve_class_files(cls, datasets_dir)
-        classes.append((cls, gamma_file, nb_file))
+        classes.append((cls, resolve_class_files(cls, datasets_dir)))
     if o.get("gamma_params_csv"):
         p = Path(o["gamma_params_csv"])
-        classes.append((p.stem.replace("_gamma_5min", ""), p, None))
+        classes.append((p.stem.replace("_gamma_5min", ""), ClassFiles(p, None, None)))
     if not classes:
         raise FineserveError("--mode parametric needs --model-class or --gamma-params-csv")
     explicit_nb = (
         load_nb_json(Path(o["parametric_nb_json"])) if o.get("parametric_nb_json") else None
     )
-    lengths = _lengths(o, notes)
+    default_lengths = _lengths(o, notes)
     streams = []
     seeds = np.random.SeedSequence(int(rng.integers(2**63))).spawn(len(classes))
     info["classes"] = []
-    for (cls, gamma_path, nb_path), ss in zip(classes, seeds):
+    for (cls, files), ss in zip(classes, seeds):
         windows = load_gamma_windows(
-            gamma_path,
+            files.gamma,
             window_seconds=o.get("parametric_window_seconds") or 300.0,
             window_start_column=o.get("window_start_column") or "window_start_ms",
             window_end_column=o.get("window_end_column") or "window_end_ms",
@@ -183,16 +183,31 @@ def _parametric(
             gamma_scale_column=o.get("gamma_scale_column") or "gamma_scale",
         )
         nb: NegBinom | None = explicit_nb
-        if nb is None and "lt10B" in cls and not o.get("disable_parametric_nb_lt10b"):
-            if nb_path is None:
-                notes.append(f"{cls}: no NB file next to the gamma parameters: no micro-bursts")
-            else:
-                nb = load_nb_json(nb_path)
+        if nb is None and files.nb is not None:
+            class_nb = load_nb_json(files.nb)
+            # FineServe enables its NB layer for the lt10B class; a class fitted by
+            # ``fineserve fit`` on occupied slots needs it whatever its name.
+            wanted = "lt10B" in cls or class_nb.fitted_on_slots
+            if wanted and not o.get("disable_parametric_nb_lt10b"):
+                nb = class_nb
+        elif nb is None and "lt10B" in cls:
+            notes.append(f"{cls}: no NB file next to the gamma parameters: no micro-bursts")
+        lengths = default_lengths
+        lengths_source = "options"
+        if (
+            files.lengths is not None
+            and not o.get("request_lengths_csv")
+            and o.get("class_lengths", True)
+        ):
+            lengths = HistogramLengths.from_json(files.lengths)
+            lengths_source = str(files.lengths)
+            notes.append(f"{cls}: lengths from the fitted histogram {files.lengths}")
         info["classes"].append(
             {
                 "class": cls,
-                "gamma_params": str(gamma_path),
-                "nb": None if nb is None else {"mu": nb.mu, "alpha": nb.alpha, "source": nb.source},
+                "gamma_params": str(files.gamma),
+                "nb": None if nb is None else nb.describe(),
+                "lengths": lengths_source,
             }
         )
         streams.append(
@@ -241,7 +256,8 @@ def _lengths(o: dict[str, Any], notes: list[str]) -> LengthSampler:
     return RandomLengths(o["random_input_len"], o["random_output_len"], o["random_range_ratio"])
 
 
-def _trace_options(o: dict[str, Any]) -> TraceOptions:
+def trace_options_from(o: dict[str, Any]) -> TraceOptions:
+    """Trace-reading options from click's option names."""
     return TraceOptions(
         trace_format=o.get("trace_format"),
         timestamp_column=o.get("timestamp_column"),

@@ -1,0 +1,356 @@
+"""``fineserve fit``: workload parameters from a trace, in the files the generator reads.
+
+Output layout (the layout ``--model-class`` resolves, FineServe's):
+
+- ``Parametric/gamma/<name>_gamma_5min.csv`` (``_gamma_<W>s.csv`` for other windows):
+  FineServe's ``gamma_shape,gamma_scale`` (scale in ms) plus window bounds, counts, CV,
+  the per-window best model and the Weibull/Exponential alternatives;
+- ``Parametric/nb/<name>_nb.json``: the micro-burst model (only when bursts are modelled);
+- ``Parametric/lengths/<name>_lengths.json``: the joint length histogram and fitted laws;
+- ``<name>_fit.json``: everything above plus the fit quality, for scripts.
+
+Consistency with the generator: with micro-bursts modelled, the Gamma windows are fitted
+on the *occupied slots* (the generator's events), not on requests, and each window's
+scale is then corrected for events that the generator merges into one slot (two Gamma
+events less than a slot apart land in the same slot and get one draw), so the generated
+rate of occupied slots matches the trace's; the NB layer then restores the requests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special
+
+from ..errors import FineserveError
+from ..traces.base import Trace
+from .arrivals import MIN_GAPS, WindowFit, fit_windows
+from .bursts import MIN_MULTI_SHARE, MIN_SLOTS, BurstFit, fit_bursts, slot_counts
+from .lengths import LengthFit, fit_lengths
+
+BURST_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class FitResult:
+    name: str
+    source: str
+    n_requests: int
+    span_s: float
+    window_s: float
+    slot_ms: float
+    windows: WindowFit
+    bursts: BurstFit | None
+    lengths: LengthFit
+    #: Why micro-bursts are (not) modelled, in words.
+    burst_decision: str
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def gamma_file_name(name: str, window_s: float) -> str:
+    suffix = "5min" if window_s == 300 else f"{window_s:g}s"
+    return f"{name}_gamma_{suffix}.csv"
+
+
+def slot_merge_scale(
+    shape: npt.NDArray[np.float64],
+    scale_ms: npt.NDArray[np.float64],
+    slot_ms: float,
+) -> npt.NDArray[np.float64]:
+    """Gamma scales for which the generator's rate of occupied slots equals the rate of
+    the fitted events (mean gap = shape·scale).
+
+    An event at a uniform position inside its slot, followed by a gap g, opens a new slot
+    with probability min(g/s, 1); so the generator's occupied-slot rate is
+    E[min(g, s)] / (s·E[g]), and E[min(g, s)] = kθ·P(Gamma(k+1, θ) < s) + s·P(Gamma(k, θ) ≥ s).
+    That rate falls monotonically with θ, so each window is solved by bisection on log θ.
+    """
+    target_gap = shape * scale_ms
+
+    def slot_gap(theta: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        x = slot_ms / theta
+        e_min = shape * theta * special.gammainc(shape + 1, x) + slot_ms * special.gammaincc(
+            shape, x
+        )
+        return slot_ms * shape * theta / np.maximum(e_min, 1e-300)
+
+    lo = np.log(scale_ms) - 30.0
+    hi = np.log(scale_ms)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        too_sparse = slot_gap(np.exp(mid)) > target_gap
+        hi = np.where(too_sparse, mid, hi)
+        lo = np.where(too_sparse, lo, mid)
+    out = np.exp(hi)
+    # A mean gap below one slot cannot be reached by merging slots: leave those as fitted.
+    return np.where(target_gap > slot_ms, out, scale_ms)
+
+
+def fit_trace(
+    trace: Trace,
+    *,
+    name: str,
+    window_s: float = 300.0,
+    slot_ms: float = 1.0,
+    bursts: str = "auto",
+    min_gaps: int = MIN_GAPS,
+) -> FitResult:
+    if bursts not in BURST_MODES:
+        raise FineserveError(f"--bursts must be one of {', '.join(BURST_MODES)}")
+    if not (window_s > 0 and math.isfinite(window_s)):
+        raise FineserveError("--window-seconds must be > 0")
+    if not (slot_ms > 0 and math.isfinite(slot_ms)):
+        raise FineserveError("--slot-ms must be > 0")
+    if len(trace) < 2:
+        raise FineserveError(f"{trace.path}: {len(trace)} usable requests; a fit needs at least 2")
+    t_ns = trace.t_ns
+    _, counts = slot_counts(t_ns, slot_ms)
+    multi = float((counts > 1).mean())
+    burst_fit: BurstFit | None = None
+    if bursts == "on" or (
+        bursts == "auto" and multi >= MIN_MULTI_SHARE and len(counts) >= MIN_SLOTS
+    ):
+        if multi == 0:
+            raise FineserveError(
+                f"--bursts on: no {slot_ms:g} ms slot holds more than one request; nothing to fit"
+            )
+        burst_fit = fit_bursts(counts, slot_ms)
+        decision = (
+            f"modelled: {multi:.1%} of {len(counts)} occupied {slot_ms:g} ms slots hold more than "
+            "one request"
+        )
+    elif bursts == "off":
+        decision = "off (--bursts off)"
+    else:
+        decision = (
+            f"not modelled: {multi:.2%} of {len(counts)} occupied {slot_ms:g} ms slots hold more "
+            f"than one request (auto needs >= {MIN_MULTI_SHARE:.0%} of >= {MIN_SLOTS} slots)"
+        )
+    notes: list[str] = []
+    if burst_fit is not None:
+        # Events are the occupied slots, timed by their first request.
+        event_ns = t_ns[np.concatenate([[0], np.cumsum(counts)[:-1]])]
+        windows = fit_windows(event_ns, t_ns, window_s, min_gaps=min_gaps)
+        fitted = np.isin(windows.model, ("gamma", "weibull", "exponential"))
+        corrected = slot_merge_scale(
+            windows.gamma_shape[fitted], windows.gamma_scale_ms[fitted], slot_ms
+        )
+        if len(corrected):
+            change = float(np.median(corrected / windows.gamma_scale_ms[fitted]))
+            notes.append(
+                f"gamma scales corrected for events merged into one slot by the generator "
+                f"(median factor {change:.3f})"
+            )
+        windows.gamma_scale_ms[fitted] = corrected
+    else:
+        windows = fit_windows(t_ns, t_ns, window_s, min_gaps=min_gaps)
+    if windows.tied_gaps:
+        notes.append(
+            f"{windows.tied_gaps} gaps of 0 (tied timestamps) treated as {windows.tie_ms:g} ms, "
+            "half the smallest positive gap"
+        )
+    lengths = fit_lengths(trace.input_len, trace.output_len)
+    return FitResult(
+        name=name,
+        source=str(trace.path),
+        n_requests=len(trace),
+        span_s=trace.span_s,
+        window_s=window_s,
+        slot_ms=slot_ms,
+        windows=windows,
+        bursts=burst_fit,
+        lengths=lengths,
+        burst_decision=decision,
+        notes=notes,
+    )
+
+
+WINDOW_COLUMNS = (
+    "window_start_ms",
+    "window_end_ms",
+    "gamma_shape",
+    "gamma_scale",
+    "n_requests",
+    "n_events",
+    "cv",
+    "model",
+    "ks_gamma",
+    "weibull_shape",
+    "weibull_scale",
+    "exponential_scale",
+    "loglik_gamma",
+    "loglik_weibull",
+    "loglik_exponential",
+)
+
+
+def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[str, Path]:
+    """Writes the parameter files; returns their paths by kind."""
+    out_dir = Path(out_dir)
+    gamma_path = out_dir / "Parametric" / "gamma" / gamma_file_name(result.name, result.window_s)
+    nb_path = out_dir / "Parametric" / "nb" / f"{result.name}_nb.json"
+    len_path = out_dir / "Parametric" / "lengths" / f"{result.name}_lengths.json"
+    summary_path = out_dir / f"{result.name}_fit.json"
+    try:
+        for p in (gamma_path, nb_path, len_path):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        w = result.windows
+        exp_scale = np.where(
+            np.isfinite(w.loglik["exponential"]),
+            # the Exponential MLE scale is the mean gap, which the Gamma MLE preserves
+            w.gamma_shape * w.gamma_scale_ms,
+            math.nan,
+        )
+        with gamma_path.open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(WINDOW_COLUMNS)
+            for i in range(len(w)):
+                out.writerow(
+                    [
+                        _num(w.start_ms[i]),
+                        _num(w.end_ms[i]),
+                        _num(w.gamma_shape[i]),
+                        _num(w.gamma_scale_ms[i]),
+                        int(w.n_requests[i]),
+                        int(w.n_events[i]),
+                        _num(w.cv[i]),
+                        w.model[i],
+                        _num(w.ks_gamma[i]),
+                        _num(w.weibull_shape[i]),
+                        _num(w.weibull_scale_ms[i]),
+                        _num(exp_scale[i]),
+                        _num(w.loglik["gamma"][i]),
+                        _num(w.loglik["weibull"][i]),
+                        _num(w.loglik["exponential"][i]),
+                    ]
+                )
+        files = {"gamma": gamma_path, "lengths": len_path, "summary": summary_path}
+        meta = {"source": result.source, "fitted_by": "fineserve fit", "command": command}
+        if result.bursts is not None:
+            nb_path.write_text(json.dumps({**result.bursts.to_json(), **meta}, indent=1) + "\n")
+            files["nb"] = nb_path
+        elif nb_path.exists():
+            # A stale burst file from an earlier fit would silently re-enable bursts.
+            nb_path.unlink()
+        len_path.write_text(json.dumps({**result.lengths.to_json(), **meta}) + "\n")
+        summary_path.write_text(json.dumps({**fit_summary(result), **meta}, indent=1) + "\n")
+    except OSError as e:
+        raise FineserveError(f"cannot write fit results under {out_dir}: {e.strerror}") from None
+    result.files = files
+    return files
+
+
+def _num(x: float) -> str:
+    return "" if not math.isfinite(x) else f"{x:.10g}"
+
+
+def fit_summary(r: FitResult) -> dict[str, Any]:
+    w = r.windows
+    fitted = np.isin(w.model, ("gamma", "weibull", "exponential"))
+    models, model_counts = np.unique(w.model, return_counts=True)
+    out: dict[str, Any] = {
+        "name": r.name,
+        "n_requests": r.n_requests,
+        "span_s": r.span_s,
+        "window_s": r.window_s,
+        "windows": {
+            "count": len(w),
+            "models": {str(m): int(c) for m, c in zip(models, model_counts)},
+            "ks_gamma_median": _finite_or_none(
+                np.nanmedian(w.ks_gamma) if fitted.any() else math.nan
+            ),
+            "ks_gamma_p90": _finite_or_none(
+                np.nanpercentile(w.ks_gamma, 90) if fitted.any() else math.nan
+            ),
+            "ks_all_gaps": _finite_or_none(w.ks_all),
+            "min_gaps_rule": (
+                f"windows with < {MIN_GAPS} gaps: Exponential at the window's rate ('sparse'); "
+                "with no event: shape 1, scale 1000 x window ('idle')"
+            ),
+        },
+        "bursts": None if r.bursts is None else r.bursts.to_json(),
+        "burst_decision": r.burst_decision,
+        "lengths": {
+            "fitted": r.lengths.params,
+            "ks_stat": r.lengths.ks,
+            "correlation": r.lengths.correlation,
+        },
+        "notes": r.notes,
+    }
+    return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def format_fit_summary(r: FitResult) -> str:
+    s = fit_summary(r)
+    w = s["windows"]
+    lines = [
+        f"Fit of {r.source} as '{r.name}': {r.n_requests} requests over {r.span_s:.1f} s",
+        f"  arrivals   {w['count']} windows of {r.window_s:g} s; best model per window: "
+        + ", ".join(f"{m} {c}" for m, c in w["models"].items()),
+    ]
+    if w["ks_gamma_median"] is not None:
+        lines.append(
+            f"             Gamma KS per window: median {w['ks_gamma_median']:.3f}, "
+            f"p90 {w['ks_gamma_p90']:.3f}; all gaps through their window's CDF: "
+            f"{w['ks_all_gaps']:.3f}"
+        )
+    lines.append(f"  bursts     {r.burst_decision}")
+    if r.bursts is not None:
+        b = r.bursts
+        lines.append(
+            f"             {b.num_samples} slots, mean {b.mean:.3f}, variance {b.variance:.3f}, "
+            f"max {b.max_count}; chosen: {b.chosen} (KS {b.best.ks:.4f})"
+        )
+        for c in b.candidates.values():
+            params = "; ".join(
+                f"w={x.weight:.3f} mu={x.mu:.4g} alpha={x.alpha:.4g}" for x in c.components
+            )
+            plain = "" if math.isnan(c.ks_plain) else f", KS as plain NB {c.ks_plain:.4f}"
+            lines.append(
+                f"               {c.name:<14} KS {c.ks:.4f}{plain}, BIC {c.bic:.1f}  [{params}]"
+            )
+        if "nb_moments" not in b.candidates:
+            lines.append(
+                "               nb_moments     undefined: variance <= mean (FineServe's estimator "
+                "needs over-dispersed counts)"
+            )
+    ln = r.lengths
+    pl = ln.params["input_pareto_lognormal"]
+    lines += [
+        f"  lengths    input: Pareto+LogNormal (w={pl['weight_pareto']:.3f}, "
+        f"a={pl['pareto_a']:.3g}, mu={pl['lognorm_mu']:.3f}, sigma={pl['lognorm_sigma']:.3f}) KS "
+        f"{ln.ks['input_pareto_lognormal']:.3f}; Zipf a={ln.params['input_zipf']['a']:.3f} KS "
+        f"{ln.ks['input_zipf']:.3f}",
+        f"             output: Exponential mean {ln.params['output_exponential']['mean']:.1f} KS "
+        f"{ln.ks['output_exponential']:.3f}; Zipf a={ln.params['output_zipf']['a']:.3f} KS "
+        f"{ln.ks['output_zipf']:.3f}",
+        f"             correlation: Pearson {ln.correlation['pearson']:.3f}, on logs "
+        f"{ln.correlation['pearson_log']:.3f}, Spearman {ln.correlation['spearman']:.3f}; the "
+        "generator samples the joint histogram, which keeps it",
+    ]
+    lines += [f"  note       {n}" for n in r.notes]
+    for kind, p in r.files.items():
+        lines.append(f"  wrote      {kind}: {p}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BURST_MODES",
+    "FitResult",
+    "fit_trace",
+    "format_fit_summary",
+    "gamma_file_name",
+    "write_fit",
+]
