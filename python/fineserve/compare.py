@@ -20,7 +20,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from .errors import FineserveError
-from .fit.bursts import slot_counts
+from .fit.bursts import best_slot_phase_ns, slot_counts
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -176,8 +176,9 @@ def compare_arrivals(
     n_win = max(1, math.ceil(span_s / window_s))
     rate_r, cv_r = window_stats(real.t_ns, window_s, n_win)
     rate_g, cv_g = window_stats(gen.t_ns, window_s, n_win)
-    _, slots_r = slot_counts(real.t_ns, slot_ms)
-    _, slots_g = slot_counts(gen.t_ns, slot_ms)
+    # Each side at its own best grid phase (see fit.bursts.best_slot_phase_ns).
+    _, slots_r = slot_counts(real.t_ns + best_slot_phase_ns(real.t_ns, slot_ms), slot_ms)
+    _, slots_g = slot_counts(gen.t_ns + best_slot_phase_ns(gen.t_ns, slot_ms), slot_ms)
     gaps_r = np.diff(real.t_ns) / 1e6
     gaps_g = np.diff(gen.t_ns) / 1e6
 

@@ -32,7 +32,14 @@ from scipy import special
 from ..errors import FineserveError
 from ..traces.base import Trace
 from .arrivals import MIN_GAPS, WindowFit, fit_windows
-from .bursts import MIN_MULTI_SHARE, MIN_SLOTS, BurstFit, fit_bursts, slot_counts
+from .bursts import (
+    MIN_MULTI_SHARE,
+    MIN_SLOTS,
+    BurstFit,
+    best_slot_phase_ns,
+    fit_bursts,
+    slot_counts,
+)
 from .lengths import LengthFit, fit_lengths
 
 BURST_MODES = ("auto", "on", "off")
@@ -111,7 +118,10 @@ def fit_trace(
         raise FineserveError("--slot-ms must be > 0")
     if len(trace) < 2:
         raise FineserveError(f"{trace.path}: {len(trace)} usable requests; a fit needs at least 2")
-    t_ns = trace.t_ns
+    # Shift by the grid phase that splits the fewest clusters (best_slot_phase_ns), so the
+    # slots seen by the fit are the generator's slots.
+    phase_ns = best_slot_phase_ns(trace.t_ns, slot_ms)
+    t_ns = trace.t_ns + phase_ns
     _, counts = slot_counts(t_ns, slot_ms)
     multi = float((counts > 1).mean())
     burst_fit: BurstFit | None = None

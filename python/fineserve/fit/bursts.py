@@ -54,6 +54,24 @@ def slot_counts(t_ns: IntArray, slot_ms: float = 1.0) -> tuple[IntArray, IntArra
     return slot[starts].astype(np.int64), counts.astype(np.int64)
 
 
+def best_slot_phase_ns(t_ns: IntArray, slot_ms: float = 1.0, candidates: int = 16) -> int:
+    """The offset of the slot grid (0 ≤ φ < slot) that leaves the fewest occupied slots.
+
+    A trace has no slot grid: a cluster of requests narrower than a slot straddles a grid
+    line at an arbitrary phase and would count as two smaller bursts. The generator's
+    bursts sit inside its grid, so fit and compare measure every workload at the phase
+    that splits its clusters least, which makes counts independent of where time 0 is.
+    """
+    slot_ns = slot_ms * 1e6
+    best, best_phase = None, 0
+    for phase in np.arange(candidates) * (slot_ns / candidates):
+        shifted = np.floor((t_ns + phase) / slot_ns)
+        occupied = int(np.count_nonzero(np.diff(shifted))) + 1
+        if best is None or occupied < best:
+            best, best_phase = occupied, int(round(phase))
+    return best_phase
+
+
 def _nb_logpmf(k: FloatArray, mu: float, alpha: float) -> FloatArray:
     r = 1.0 / alpha
     return (
@@ -174,47 +192,61 @@ def discrete_ks(values: IntArray, freq: IntArray, pmf_at: FloatArray) -> float:
 def _fit_zt_nb(
     values: FloatArray, freq: FloatArray, start: tuple[float, float]
 ) -> tuple[float, float, float]:
+    """Weighted ZTNB MLE on (log mu, log alpha), bounded so that a degenerate component
+    cannot run off to infinity."""
+
     def nll(p: FloatArray) -> float:
         mu, alpha = math.exp(p[0]), MIN_ALPHA + math.exp(p[1])
         return -float(np.dot(freq, zt_nb_logpmf(values, mu, alpha)))
 
-    x0 = np.log([max(start[0], 1e-3), max(start[1], 1e-3)])
-    res = optimize.minimize(nll, x0, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-6})
+    x0 = np.log([min(max(start[0], 1e-3), 1e3), min(max(start[1], 1e-4), 1e2)])
+    bounds = [(math.log(1e-6), math.log(1e4)), (math.log(MIN_ALPHA), math.log(1e3))]
+    res = optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds)
+    res = optimize.minimize(
+        nll, res.x, method="Nelder-Mead", bounds=bounds, options={"xatol": 1e-7, "fatol": 1e-9}
+    )
     return math.exp(res.x[0]), MIN_ALPHA + math.exp(res.x[1]), -float(res.fun)
 
 
-def _fit_mixture(
-    values: FloatArray, freq: FloatArray, single: tuple[float, float]
-) -> tuple[list[Component], float]:
-    def unpack(p: FloatArray) -> list[Component]:
-        w = special.expit(p[0])
-        return [
-            Component(float(w), math.exp(p[1]), MIN_ALPHA + math.exp(p[2])),
-            Component(float(1 - w), math.exp(p[3]), MIN_ALPHA + math.exp(p[4])),
-        ]
-
-    def nll(p: FloatArray) -> float:
-        pm = mixture_pmf(unpack(p), values)
-        return -float(np.dot(freq, np.log(np.maximum(pm, 1e-300))))
-
-    mu, alpha = single
-    best = None
-    # A "mostly lone requests" component plus a heavier one, from a few starting points.
-    for w0, lo, hi in ((0.7, 0.05, 3.0), (0.5, 0.3, 2.0), (0.9, 0.01, 5.0)):
-        x0 = np.array(
-            [
-                special.logit(w0),
-                math.log(mu * lo),
-                math.log(alpha),
-                math.log(mu * hi),
-                math.log(alpha),
-            ]
-        )
-        res = optimize.minimize(nll, x0, method="Nelder-Mead", options={"maxiter": 4000})
-        if best is None or res.fun < best.fun:
-            best = res
+def _fit_mixture(values: FloatArray, freq: FloatArray) -> tuple[list[Component], float]:
+    """Two ZTNB components by EM on the histogram (each M-step is a weighted two-parameter
+    fit, which keeps the likelihood rising where a joint five-parameter search stalls).
+    Started from a split at each small count, the best end point is kept."""
+    n = freq.sum()
+    best: tuple[list[Component], float] | None = None
+    for split in (1, 2, 3):
+        low = values <= split
+        if low.all() or not low.any():
+            continue
+        comps = []
+        for part in (low, ~low):
+            m = float(np.dot(values[part], freq[part]) / freq[part].sum())
+            v = float(np.dot((values[part] - m) ** 2, freq[part]) / freq[part].sum())
+            comps.append(
+                Component(
+                    float(freq[part].sum() / n), max(m - 0.9, 1e-2), max((v - m) / m**2, 0.05)
+                )
+            )
+        ll_prev = -math.inf
+        for _ in range(200):
+            dens = np.stack([c.weight * np.exp(zt_nb_logpmf(values, c.mu, c.alpha)) for c in comps])
+            total = np.maximum(dens.sum(axis=0), 1e-300)
+            ll = float(np.dot(freq, np.log(total)))
+            resp = dens / total
+            new = []
+            for c, r in zip(comps, resp):
+                wf = freq * r
+                mu, alpha, _ = _fit_zt_nb(values, wf, (c.mu, c.alpha))
+                new.append(Component(float(wf.sum() / n), mu, alpha))
+            comps = new
+            if ll - ll_prev < 1e-7 * abs(ll):
+                break
+            ll_prev = ll
+        ll = float(np.dot(freq, np.log(np.maximum(mixture_pmf(comps, values), 1e-300))))
+        if best is None or ll > best[1]:
+            best = (comps, ll)
     assert best is not None
-    return unpack(best.x), -float(best.fun)
+    return best
 
 
 def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
@@ -259,7 +291,7 @@ def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
     mu_z, alpha_z, ll_z = _fit_zt_nb(v, f, start)
     add("zt_nb", [Component(1.0, mu_z, alpha_z)], ll_z, 2)
     if len(values) >= 3:
-        comps, ll_mix = _fit_mixture(v, f, (mu_z, alpha_z))
+        comps, ll_mix = _fit_mixture(v, f)
         add("zt_nb_mixture", comps, ll_mix, 5)
     fit.chosen = min(fit.candidates.values(), key=lambda c: c.bic).name
     # Conservative for discrete data (the KS null distribution assumes a continuous CDF).
