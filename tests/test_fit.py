@@ -327,9 +327,9 @@ def test_bad_parameter_files_give_one_line(tmp_path: Path) -> None:
     )
     assert r.exit_code != 0 and "not a fineserve lengths file" in r.output
     nb = tmp_path / "nb.json"
-    nb.write_text(
-        '{"nb_mu": 1, "nb_alpha": 1, "components": [{"weight": 1, "nb_mu": -1, "nb_alpha": 1}, {"weight": 1, "nb_mu": 1, "nb_alpha": 1}]}'
-    )
+    bad = {"weight": 1, "nb_mu": -1, "nb_alpha": 1}
+    good = {"weight": 1, "nb_mu": 1, "nb_alpha": 1}
+    nb.write_text(json.dumps({"nb_mu": 1, "nb_alpha": 1, "components": [bad, good]}))
     with pytest.raises(Exception, match="nb_mu must be > 0"):
         load_nb_json(nb)
 
@@ -356,3 +356,27 @@ def test_azure_bursts_beat_fineserve_estimator(tmp_path: Path) -> None:
     assert nb["variance"] < nb["mean"]
     assert "nb_moments" not in nb["candidates"]
     assert nb["ks_stat"] < 0.001
+
+
+def test_shipped_datasets_resolve_with_bursts_and_lengths(tmp_path: Path) -> None:
+    datasets = Path(__file__).resolve().parents[1] / "datasets"
+    sched = tmp_path / "a.parquet"
+    summary = tmp_path / "a.json"
+    r = invoke(
+        "generate", "--mode", "parametric", "--model-class", "azure_code",
+        "--datasets-dir", str(datasets), "--duration", "600", "-o", str(sched),
+        "--summary-json", str(summary),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads(summary.read_text())["workload"]["classes"][0]
+    assert info["nb"] is not None and info["nb"]["source"].endswith("azure_code_nb.json")
+    assert info["lengths"].endswith("azure_code_lengths.json")
+    s = json.loads(summary.read_text())
+    assert 0.05 < s["fraction_in_bursts"] < 0.4  # bursts enabled by event_process
+    r = invoke(
+        "generate", "--mode", "parametric", "--model-class", "mooncake_synthetic",
+        "--datasets-dir", str(datasets), "--duration", "300", "-o", str(sched),
+        "--summary-json", str(summary),
+    )  # fmt: skip
+    info = json.loads(summary.read_text())["workload"]["classes"][0]
+    assert info["nb"] is None

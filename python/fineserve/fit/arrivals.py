@@ -127,9 +127,11 @@ def fit_windows(
     start = np.arange(n_win) * w_ms
     end = np.minimum(start + w_ms, max(span_ms, 1e-3))
     end[-1] = max(end[-1], start[-1] + 1e-3)
-    n_req = np.bincount(
-        np.minimum((requests_ns / 1e6 / w_ms).astype(np.int64), n_win - 1), minlength=n_win
-    )
+    if float(w_ms * 1e6).is_integer():
+        req_win = requests_ns // int(w_ms * 1e6)
+    else:
+        req_win = (requests_ns / (w_ms * 1e6)).astype(np.int64)
+    n_req = np.bincount(np.minimum(req_win, n_win - 1), minlength=n_win)
     ev_win = np.minimum((t_ms / w_ms).astype(np.int64), n_win - 1)
     n_ev = np.bincount(ev_win, minlength=n_win)
 
@@ -138,9 +140,12 @@ def fit_windows(
     # Ties (timestamps coarser than the events): a zero gap has no log; count them and
     # treat them as half the smallest positive gap, i.e. half the timestamp resolution.
     tied = gaps <= 0
-    positive = gaps[~tied]
-    tie_ms = float(positive.min()) / 2 if len(positive) else 0.5
-    gaps = np.where(tied, tie_ms, gaps)
+    n_tied = int(np.count_nonzero(tied))
+    tie_ms = 0.5
+    if n_tied:
+        positive = gaps[~tied]
+        tie_ms = float(positive.min()) / 2 if len(positive) else 0.5
+        gaps = np.where(tied, tie_ms, gaps)
 
     counts, nonempty, starts = _segments(seg, n_win)
     n = counts[nonempty].astype(np.float64)
@@ -194,23 +199,26 @@ def fit_windows(
     # KS of each window's gaps to the Gamma written for it, and one KS over all gaps after
     # the probability integral transform through their own window's Gamma CDF.
     u = special.gammainc(gamma_shape[seg], gaps / gamma_scale[seg])
-    order = np.lexsort((u, seg))
-    u_sorted = u[order]
-    seg_sorted = seg[order]
+    # seg is sorted (time order), so sorting seg + u (u in [0, 1]) sorts u within each
+    # window without a permutation; float64 keeps u exact to ~1e-13 for any window count.
+    u_sorted = np.sort(seg + u) - seg
+    # ECDF just after each sorted value: (rank + 1) / n_w, and just before: that − 1 / n_w.
+    inv_n = 1.0 / np.maximum(counts, 1)
     seg_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(u)) - seg_start[seg_sorted]
-    nn = counts[seg_sorted]
-    dev = np.maximum((rank + 1) / nn - u_sorted, u_sorted - rank / nn)
+    after = np.arange(1, len(u) + 1, dtype=np.float64)
+    after -= seg_start[seg]
+    after *= inv_n[seg]
+    dev = np.maximum(after - u_sorted, u_sorted - (after - inv_n[seg]))
     ks_gamma = np.full(n_win, math.nan)
     if len(dev):
         ks_gamma[nonempty] = np.maximum.reduceat(dev, starts)
     ks_gamma[sparse] = math.nan
-    u_all = np.sort(u)
-    m = len(u_all)
+    u.sort()
+    m = len(u)
     ks_all = math.nan
     if m:
-        ranks = np.arange(m)
-        ks_all = float(np.max(np.maximum((ranks + 1) / m - u_all, u_all - ranks / m)))
+        after = np.arange(1, m + 1, dtype=np.float64) / m
+        ks_all = float(max(np.max(after - u), np.max(u - (after - 1.0 / m))))
     return WindowFit(
         start_ms=start,
         end_ms=end,
@@ -229,6 +237,6 @@ def fit_windows(
         model=model.astype(str),
         ks_gamma=ks_gamma,
         ks_all=ks_all,
-        tied_gaps=int(tied.sum()),
+        tied_gaps=n_tied,
         tie_ms=tie_ms,
     )

@@ -68,7 +68,7 @@ def best_slot_phase_ns(t_ns: IntArray, slot_ms: float = 1.0, candidates: int = 1
         shifted = np.floor((t_ns + phase) / slot_ns)
         occupied = int(np.count_nonzero(np.diff(shifted))) + 1
         if best is None or occupied < best:
-            best, best_phase = occupied, int(round(phase))
+            best, best_phase = occupied, round(float(phase))
     return best_phase
 
 
