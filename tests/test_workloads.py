@@ -114,18 +114,27 @@ def test_repeat_jitter_and_model_sample_extend_windows() -> None:
         rng.uniform(0.2, 1.0, 50),
         rng.uniform(5, 50, 50),
     )
-    start, shape, scale = window_params(base, 500, "repeat_jitter", 0.05, rng)
+    start, shape, scale, weibull = window_params(base, 500, "repeat_jitter", 0.05, rng)
+    assert not weibull.any()
     assert np.array_equal(shape[:50], base.shape) and np.array_equal(scale[:50], base.scale_ms)
     ratio = shape[50:] / np.tile(base.shape, 9)
     assert abs(ratio.mean() - 1) < 0.01 and abs(ratio.std() - 0.05) < 0.01
     assert np.all(np.diff(start) > 0)
-    _, shape2, scale2 = window_params(base, 5000, "model_sample", 0.05, rng)
+    _, shape2, scale2, _ = window_params(base, 5000, "model_sample", 0.05, rng)
     logs = np.log(np.stack([shape2[50:], scale2[50:]]))
     want = np.log(np.stack([base.shape, base.scale_ms]))
     assert np.allclose(logs.mean(axis=1), want.mean(axis=1), atol=0.05)
     assert np.allclose(np.cov(logs), np.cov(want), atol=0.03)
     with pytest.raises(FineserveError):
         window_params(base, 10, "nope", 0.05, rng)
+    # Mixed families: extended windows keep the family they repeat, and model_sample
+    # draws each family from its own windows.
+    base.weibull = np.arange(50) % 2 == 1
+    base.shape[base.weibull] *= 10
+    _, shape3, _, weibull3 = window_params(base, 5000, "model_sample", 0.05, rng)
+    assert np.array_equal(weibull3, np.arange(5000) % 2 == 1)
+    ext = np.arange(5000) >= 50
+    assert np.median(shape3[ext & weibull3]) > 5 * np.median(shape3[ext & ~weibull3])
 
 
 def test_same_seed_same_schedule_and_chunking_does_not_matter() -> None:

@@ -168,6 +168,14 @@ def _workload_options(f: Any) -> Any:
         ),
         click.option("--parametric-jitter-ratio", type=float, default=0.05, show_default=True),
         click.option(
+            "--parametric-arrivals",
+            type=click.Choice(["auto", "gamma"]),
+            default="auto",
+            show_default=True,
+            help="auto: the per-window family `fineserve fit` chose (Gamma, Weibull, "
+            "Exponential) when the file records it; gamma: the Gamma columns (FineServe).",
+        ),
+        click.option(
             "--parametric-nb-json",
             type=click.Path(path_type=Path),
             help="NB micro-burst parameters (enables the NB layer for any class).",

@@ -62,6 +62,29 @@ class FitResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def _correct_for_slot_merging(windows: WindowFit, slot_ms: float, notes: list[str]) -> None:
+    """Every family's scale, so whichever the generator uses keeps the slot rate."""
+    fitted = np.isin(windows.model, ("gamma", "weibull", "exponential"))
+    if not fitted.any():
+        return
+    target = windows.exponential_scale_ms[fitted]  # the mean event gap
+    before = windows.gamma_scale_ms[fitted].copy()
+    windows.gamma_scale_ms[fitted] = slot_merge_scale(
+        windows.gamma_shape[fitted], before, target, slot_ms
+    )
+    windows.weibull_scale_ms[fitted] = slot_merge_scale(
+        windows.weibull_shape[fitted], windows.weibull_scale_ms[fitted], target, slot_ms, "weibull"
+    )
+    windows.exponential_scale_ms[fitted] = slot_merge_scale(
+        np.ones(int(fitted.sum())), target, target, slot_ms
+    )
+    change = float(np.median(windows.gamma_scale_ms[fitted] / before))
+    notes.append(
+        "scales corrected for events the generator merges into one slot "
+        f"(median Gamma factor {change:.3f})"
+    )
+
+
 def gamma_file_name(name: str, window_s: float) -> str:
     suffix = "5min" if window_s == 300 else f"{window_s:g}s"
     return f"{name}_gamma_{suffix}.csv"
@@ -70,19 +93,25 @@ def gamma_file_name(name: str, window_s: float) -> str:
 def slot_merge_scale(
     shape: npt.NDArray[np.float64],
     scale_ms: npt.NDArray[np.float64],
+    target_gap_ms: npt.NDArray[np.float64],
     slot_ms: float,
+    family: str = "gamma",
 ) -> npt.NDArray[np.float64]:
-    """Gamma scales for which the generator's rate of occupied slots equals the rate of
-    the fitted events (mean gap = shape·scale).
+    """Scales for which the generator's mean gap between *occupied slots* equals
+    ``target_gap_ms`` (the trace's), keeping each window's shape.
 
     An event at a uniform position inside its slot, followed by a gap g, opens a new slot
-    with probability min(g/s, 1); so the generator's occupied-slot rate is
-    E[min(g, s)] / (s·E[g]), and E[min(g, s)] = kθ·P(Gamma(k+1, θ) < s) + s·P(Gamma(k, θ) ≥ s).
-    That rate falls monotonically with θ, so each window is solved by bisection on log θ.
+    with probability min(g/s, 1); so the mean gap between occupied slots is
+    s·E[g] / E[min(g, s)]. For Gamma(k, θ): E[min(g, s)] = kθ·P(k+1, s/θ) + s·Q(k, s/θ);
+    for Weibull(k, λ): E[min(g, s)] / E[g] = P(1/k, (s/λ)^k) (P, Q: regularised incomplete
+    gamma). That gap grows monotonically with the scale, so each window is solved by
+    bisection on log scale.
     """
-    target_gap = shape * scale_ms
 
     def slot_gap(theta: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        if family == "weibull":
+            ratio = special.gammainc(1 / shape, (slot_ms / theta) ** shape)
+            return slot_ms / np.maximum(ratio, 1e-300)
         x = slot_ms / theta
         e_min = shape * theta * special.gammainc(shape + 1, x) + slot_ms * special.gammaincc(
             shape, x
@@ -90,15 +119,14 @@ def slot_merge_scale(
         return slot_ms * shape * theta / np.maximum(e_min, 1e-300)
 
     lo = np.log(scale_ms) - 30.0
-    hi = np.log(scale_ms)
+    hi = np.log(scale_ms) + 5.0
     for _ in range(80):
         mid = (lo + hi) / 2
-        too_sparse = slot_gap(np.exp(mid)) > target_gap
+        too_sparse = slot_gap(np.exp(mid)) > target_gap_ms
         hi = np.where(too_sparse, mid, hi)
         lo = np.where(too_sparse, lo, mid)
-    out = np.exp(hi)
     # A mean gap below one slot cannot be reached by merging slots: leave those as fitted.
-    return np.where(target_gap > slot_ms, out, scale_ms)
+    return np.where(target_gap_ms > slot_ms, np.exp(hi), scale_ms)
 
 
 def fit_trace(
@@ -149,17 +177,7 @@ def fit_trace(
         # Events are the occupied slots, timed by their first request.
         event_ns = t_ns[np.concatenate([[0], np.cumsum(counts)[:-1]])]
         windows = fit_windows(event_ns, t_ns, window_s, min_gaps=min_gaps)
-        fitted = np.isin(windows.model, ("gamma", "weibull", "exponential"))
-        corrected = slot_merge_scale(
-            windows.gamma_shape[fitted], windows.gamma_scale_ms[fitted], slot_ms
-        )
-        if len(corrected):
-            change = float(np.median(corrected / windows.gamma_scale_ms[fitted]))
-            notes.append(
-                f"gamma scales corrected for events merged into one slot by the generator "
-                f"(median factor {change:.3f})"
-            )
-        windows.gamma_scale_ms[fitted] = corrected
+        _correct_for_slot_merging(windows, slot_ms, notes)
     else:
         windows = fit_windows(t_ns, t_ns, window_s, min_gaps=min_gaps)
     if windows.tied_gaps:
@@ -193,6 +211,7 @@ WINDOW_COLUMNS = (
     "cv",
     "model",
     "ks_gamma",
+    "ks_model",
     "weibull_shape",
     "weibull_scale",
     "exponential_scale",
@@ -213,12 +232,6 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
         for p in (gamma_path, nb_path, len_path):
             p.parent.mkdir(parents=True, exist_ok=True)
         w = result.windows
-        exp_scale = np.where(
-            np.isfinite(w.loglik["exponential"]),
-            # the Exponential MLE scale is the mean gap, which the Gamma MLE preserves
-            w.gamma_shape * w.gamma_scale_ms,
-            math.nan,
-        )
         with gamma_path.open("w", newline="") as f:
             out = csv.writer(f)
             out.writerow(WINDOW_COLUMNS)
@@ -234,9 +247,10 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
                         _num(w.cv[i]),
                         w.model[i],
                         _num(w.ks_gamma[i]),
+                        _num(w.ks_model[i]),
                         _num(w.weibull_shape[i]),
                         _num(w.weibull_scale_ms[i]),
-                        _num(exp_scale[i]),
+                        _num(w.exponential_scale_ms[i]),
                         _num(w.loglik["gamma"][i]),
                         _num(w.loglik["weibull"][i]),
                         _num(w.loglik["exponential"][i]),
@@ -281,6 +295,7 @@ def fit_summary(r: FitResult) -> dict[str, Any]:
                 np.nanpercentile(w.ks_gamma, 90) if fitted.any() else math.nan
             ),
             "ks_all_gaps": _finite_or_none(w.ks_all),
+            "ks_all_gaps_chosen_model": _finite_or_none(w.ks_all_model),
             "min_gaps_rule": (
                 f"windows with < {MIN_GAPS} gaps: Exponential at the window's rate ('sparse'); "
                 "with no event: shape 1, scale 1000 x window ('idle')"
@@ -314,7 +329,7 @@ def format_fit_summary(r: FitResult) -> str:
         lines.append(
             f"             Gamma KS per window: median {w['ks_gamma_median']:.3f}, "
             f"p90 {w['ks_gamma_p90']:.3f}; all gaps through their window's CDF: "
-            f"{w['ks_all_gaps']:.3f}"
+            f"{w['ks_all_gaps']:.3f} (Gamma), {w['ks_all_gaps_chosen_model']:.3f} (best model)"
         )
     lines.append(f"  bursts     {r.burst_decision}")
     if r.bursts is not None:

@@ -45,6 +45,7 @@ class WindowFit:
     gamma_scale_ms: FloatArray
     weibull_shape: FloatArray
     weibull_scale_ms: FloatArray
+    exponential_scale_ms: FloatArray
     loglik: dict[str, FloatArray]
     #: "gamma" / "weibull" / "exponential" (best by AIC), or "idle" / "sparse" (rule above).
     model: npt.NDArray[np.str_]
@@ -52,6 +53,9 @@ class WindowFit:
     ks_gamma: FloatArray
     #: KS distance of all gaps, each mapped through its window's Gamma CDF, to U(0, 1).
     ks_all: float
+    #: The same two for the model chosen per window (``model``).
+    ks_model: FloatArray
+    ks_all_model: float
     tied_gaps: int
     tie_ms: float
 
@@ -196,29 +200,23 @@ def fit_windows(
     model[idle] = "idle"
     gamma_shape[idle] = 1.0
     gamma_scale[idle] = 1000.0 * win_len[idle]
-    # KS of each window's gaps to the Gamma written for it, and one KS over all gaps after
-    # the probability integral transform through their own window's Gamma CDF.
-    u = special.gammainc(gamma_shape[seg], gaps / gamma_scale[seg])
-    # seg is sorted (time order), so sorting seg + u (u in [0, 1]) sorts u within each
-    # window without a permutation; float64 keeps u exact to ~1e-13 for any window count.
-    u_sorted = np.sort(seg + u) - seg
-    # ECDF just after each sorted value: (rank + 1) / n_w, and just before: that − 1 / n_w.
-    inv_n = 1.0 / np.maximum(counts, 1)
-    seg_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    after = np.arange(1, len(u) + 1, dtype=np.float64)
-    after -= seg_start[seg]
-    after *= inv_n[seg]
-    dev = np.maximum(after - u_sorted, u_sorted - (after - inv_n[seg]))
-    ks_gamma = np.full(n_win, math.nan)
-    if len(dev):
-        ks_gamma[nonempty] = np.maximum.reduceat(dev, starts)
+    weibull_shape = spread(w_shape, math.nan)
+    weibull_scale = spread(w_scale, math.nan)
+    exp_scale = spread(mean, math.nan)
+    # KS of each window's gaps to the Gamma written for it, and to the model chosen for it
+    # (Gamma params for sparse/idle windows), per window and over all gaps after the
+    # probability integral transform through their own window's CDF.
+    u_gamma = special.gammainc(gamma_shape[seg], gaps / gamma_scale[seg])
+    family = model[seg]
+    u_model = u_gamma.copy()
+    wb = family == "weibull"
+    u_model[wb] = -np.expm1(-((gaps[wb] / weibull_scale[seg[wb]]) ** weibull_shape[seg[wb]]))
+    ex = family == "exponential"
+    u_model[ex] = -np.expm1(-gaps[ex] / exp_scale[seg[ex]])
+    ks_gamma, ks_all = _pit_ks(u_gamma, seg, counts, nonempty, starts)
+    ks_model, ks_all_model = _pit_ks(u_model, seg, counts, nonempty, starts)
     ks_gamma[sparse] = math.nan
-    u.sort()
-    m = len(u)
-    ks_all = math.nan
-    if m:
-        after = np.arange(1, m + 1, dtype=np.float64) / m
-        ks_all = float(max(np.max(after - u), np.max(u - (after - 1.0 / m))))
+    ks_model[sparse] = math.nan
     return WindowFit(
         start_ms=start,
         end_ms=end,
@@ -227,8 +225,9 @@ def fit_windows(
         cv=cv,
         gamma_shape=gamma_shape,
         gamma_scale_ms=gamma_scale,
-        weibull_shape=spread(w_shape, math.nan),
-        weibull_scale_ms=spread(w_scale, math.nan),
+        weibull_shape=weibull_shape,
+        weibull_scale_ms=weibull_scale,
+        exponential_scale_ms=exp_scale,
         loglik={
             "gamma": spread(ll_gamma, math.nan),
             "weibull": spread(ll_weibull, math.nan),
@@ -237,6 +236,38 @@ def fit_windows(
         model=model.astype(str),
         ks_gamma=ks_gamma,
         ks_all=ks_all,
+        ks_model=ks_model,
+        ks_all_model=ks_all_model,
         tied_gaps=n_tied,
         tie_ms=tie_ms,
     )
+
+
+def _pit_ks(
+    u: FloatArray,
+    seg: IntArray,
+    counts: IntArray,
+    nonempty: npt.NDArray[np.bool_],
+    starts: IntArray,
+) -> tuple[FloatArray, float]:
+    """KS distance to U(0, 1) of PIT values ``u``, per window (``seg`` sorted) and pooled."""
+    n_win = len(counts)
+    # Sorting seg + u (u in [0, 1]) sorts u within each window without a permutation;
+    # float64 keeps u exact to ~1e-13 for any window count.
+    u_sorted = np.sort(seg + u) - seg
+    # ECDF just after each sorted value: (rank + 1) / n_w; just before: that − 1 / n_w.
+    inv_n = 1.0 / np.maximum(counts, 1)
+    seg_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    after = np.arange(1, len(u) + 1, dtype=np.float64)
+    after -= seg_start[seg]
+    after *= inv_n[seg]
+    dev = np.maximum(after - u_sorted, u_sorted - (after - inv_n[seg]))
+    per_window = np.full(n_win, math.nan)
+    if len(dev):
+        per_window[nonempty] = np.maximum.reduceat(dev, starts)
+    pooled = np.sort(u)
+    m = len(pooled)
+    if not m:
+        return per_window, math.nan
+    after = np.arange(1, m + 1, dtype=np.float64) / m
+    return per_window, float(max(np.max(after - pooled), np.max(pooled - (after - 1.0 / m))))

@@ -4,7 +4,9 @@ Binomial micro-burst layer in 1 ms slots.
 Model (FineServe, two layers):
 
 1. *When*: arrival events form a renewal process whose gaps are Gamma(shape, scale) with
-   the parameters of the window the previous event lies in (``gamma_scale`` in ms).
+   the parameters of the window the previous event lies in (``gamma_scale`` in ms). A
+   file written by ``fineserve fit`` also records the best family per window; with
+   ``--parametric-arrivals auto`` (default) its Weibull/Exponential windows use those.
 2. *How many*: with the NB layer, events are discretised to slots of ``slot_ms`` (1 ms)
    of trace time. Each slot that holds at least one event emits NB(nb_mu, nb_alpha)
    requests (variance mu + alpha·mu²) — one draw per slot, however many events fell in it,
@@ -49,17 +51,25 @@ from .lengths import LengthSampler
 
 DATASETS_ENV = "FINESERVE_DATASETS"
 EXTENSION_MODES = ("repeat_jitter", "model_sample")
+ARRIVAL_MODES = ("auto", "gamma")
 
 
 @dataclass
 class GammaWindows:
-    """Per-window Gamma parameters; times in ms of trace time."""
+    """Per-window inter-arrival parameters; times in ms of trace time. Gaps are
+    Gamma(shape, scale), or Weibull(shape, scale) where ``weibull`` is set (a file written
+    by ``fineserve fit`` records the best family per window)."""
 
     start_ms: npt.NDArray[np.float64]
     end_ms: npt.NDArray[np.float64]
     shape: npt.NDArray[np.float64]
     scale_ms: npt.NDArray[np.float64]
     source: str = ""
+    weibull: npt.NDArray[np.bool_] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weibull is None:
+            self.weibull = np.zeros(len(self.shape), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.shape)
@@ -197,10 +207,15 @@ def load_gamma_windows(
     window_end_column: str = "window_end_ms",
     gamma_shape_column: str = "gamma_shape",
     gamma_scale_column: str = "gamma_scale",
+    arrivals: str = "auto",
 ) -> GammaWindows:
     """FineServe's gamma CSV. Window start/end columns are optional; without them windows
     are consecutive and ``window_seconds`` long. Rows with invalid parameters are errors
-    (a window cannot be skipped without shifting everything after it)."""
+    (a window cannot be skipped without shifting everything after it).
+
+    ``arrivals="auto"`` uses the family that ``fineserve fit`` chose per window (its
+    ``model`` column: Weibull or Exponential windows take their own columns) when the
+    file has one; ``"gamma"`` always uses the Gamma columns, as FineServe does."""
     from ..traces.base import numeric, require_columns
     from ..traces.readers import read_csv_strings
 
@@ -242,7 +257,31 @@ def load_gamma_windows(
         w = window_seconds * 1e3
         start = np.arange(len(shape)) * w
         end = start + w
-    return GammaWindows(start, end, shape, scale, source=str(path))
+    weibull = np.zeros(len(shape), dtype=bool)
+    if arrivals not in ARRIVAL_MODES:
+        raise FineserveError(f"--parametric-arrivals must be one of {', '.join(ARRIVAL_MODES)}")
+    if arrivals == "auto" and "model" in names:
+        model = np.asarray(table["model"].to_pylist(), dtype=object)
+        shape, scale = shape.copy(), scale.copy()
+        for family, cols in (
+            ("weibull", ("weibull_shape", "weibull_scale")),
+            ("exponential", (None, "exponential_scale")),
+        ):
+            rows = np.flatnonzero(model == family)
+            if not len(rows):
+                continue
+            missing = [c for c in cols if c is not None and c not in names]
+            if missing:
+                raise FineserveError(f"{path}: {family} windows but no {missing[0]} column")
+            k = np.ones(len(rows)) if cols[0] is None else numeric(table[cols[0]])[rows]
+            theta = numeric(table[cols[1]])[rows]
+            if not np.all(np.isfinite(k) & (k > 0) & np.isfinite(theta) & (theta > 0)):
+                raise FineserveError(
+                    f"{path}:{int(rows[0]) + 2}: {family} parameters must be positive numbers"
+                )
+            shape[rows], scale[rows] = k, theta
+            weibull[rows] = family == "weibull"
+    return GammaWindows(start, end, shape, scale, source=str(path), weibull=weibull)
 
 
 def load_nb_json(path: Path) -> NegBinom:
@@ -290,20 +329,28 @@ def window_params(
     mode: str,
     jitter_ratio: float,
     rng: np.random.Generator,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(start_ms, shape, scale_ms) of ``count`` consecutive windows, extending the file's
-    windows by ``mode`` when ``count`` exceeds them. Window k covers
-    [start_ms[k], start_ms[k+1])."""
+) -> tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.bool_],
+]:
+    """(start_ms, shape, scale_ms, weibull) of ``count`` consecutive windows, extending
+    the file's windows by ``mode`` when ``count`` exceeds them. Window k covers
+    [start_ms[k], start_ms[k+1]); an extended window keeps the family of the file window it
+    repeats (``model_sample`` fits its Gaussian per family)."""
     n = len(windows)
     if mode not in EXTENSION_MODES:
         raise FineserveError(f"--parametric-extension-mode must be one of {EXTENSION_MODES}")
     if not (0 <= jitter_ratio < 1):
         raise FineserveError("--parametric-jitter-ratio must be in [0, 1)")
+    assert windows.weibull is not None
     k = np.arange(count)
     cycle = windows.span_ms
     start = windows.start_ms[k % n] + (k // n) * cycle
     shape = windows.shape[k % n].copy()
     scale = windows.scale_ms[k % n].copy()
+    weibull = windows.weibull[k % n].copy()
     ext = k >= n
     m = int(ext.sum())
     if m and mode == "repeat_jitter" and jitter_ratio > 0:
@@ -311,12 +358,17 @@ def window_params(
         shape[ext] *= 1 + noise[0]
         scale[ext] *= 1 + noise[1]
     elif m and mode == "model_sample":
-        logs = np.log(np.stack([windows.shape, windows.scale_ms]))
-        mean = logs.mean(axis=1)
-        cov = np.cov(logs) if n > 1 else np.zeros((2, 2))
-        draw = rng.multivariate_normal(mean, cov, size=m, method="cholesky")
-        shape[ext], scale[ext] = np.exp(draw[:, 0]), np.exp(draw[:, 1])
-    return start, shape, scale
+        for fam in (False, True):
+            src = windows.weibull == fam
+            dst = ext & (weibull == fam)
+            if not dst.any():
+                continue
+            logs = np.log(np.stack([windows.shape[src], windows.scale_ms[src]]))
+            mean = logs.mean(axis=1)
+            cov = np.cov(logs) if src.sum() > 1 else np.zeros((2, 2))
+            draw = rng.multivariate_normal(mean, cov, size=int(dst.sum()), method="cholesky")
+            shape[dst], scale[dst] = np.exp(draw[:, 0]), np.exp(draw[:, 1])
+    return start, shape, scale, weibull
 
 
 def parametric_chunks(
@@ -345,7 +397,9 @@ def parametric_chunks(
         raise FineserveError("--duration must be > 0")
     mean_len = float(np.mean(windows.end_ms - windows.start_ms))
     count = max(1, math.ceil(span_ms / mean_len) + 1)
-    starts, shapes, scales = window_params(windows, count, extension_mode, jitter_ratio, rng)
+    starts, shapes, scales, weibull = window_params(
+        windows, count, extension_mode, jitter_ratio, rng
+    )
     origin = starts[0]
     end_all = origin + span_ms
     last_event = origin
@@ -356,7 +410,7 @@ def parametric_chunks(
         w_end = min(starts[w + 1] if w + 1 < count else math.inf, end_all)
         if w_start >= end_all:
             break
-        events = _gamma_events(last_event, w_end, shapes[w], scales[w], rng)
+        events = _renewal_events(last_event, w_end, shapes[w], scales[w], weibull[w], rng)
         if len(events):
             last_event = float(events[-1])
         else:
@@ -379,17 +433,24 @@ def parametric_chunks(
             return
 
 
-def _gamma_events(
-    after_ms: float, end_ms: float, shape: float, scale_ms: float, rng: np.random.Generator
+def _renewal_events(
+    after_ms: float,
+    end_ms: float,
+    shape: float,
+    scale_ms: float,
+    weibull: bool,
+    rng: np.random.Generator,
 ) -> npt.NDArray[np.float64]:
-    """Renewal events in (after_ms, end_ms) with Gamma(shape, scale_ms) gaps."""
-    mean = shape * scale_ms
+    """Renewal events in (after_ms, end_ms) with Gamma(shape, scale_ms) gaps, or Weibull."""
+    mean = scale_ms * math.gamma(1 + 1 / shape) if weibull else shape * scale_ms
     expected = (end_ms - after_ms) / mean
     parts = []
     t = after_ms
     while t < end_ms:
         k = int(expected * 1.1 + 4 * math.sqrt(expected) + 16)
-        gaps = rng.gamma(shape, scale_ms, size=k)
+        gaps = (
+            scale_ms * rng.weibull(shape, size=k) if weibull else rng.gamma(shape, scale_ms, size=k)
+        )
         ts = t + np.cumsum(gaps)
         parts.append(ts[ts < end_ms])
         t = float(ts[-1])

@@ -181,6 +181,7 @@ def _parametric(
             window_end_column=o.get("window_end_column") or "window_end_ms",
             gamma_shape_column=o.get("gamma_shape_column") or "gamma_shape",
             gamma_scale_column=o.get("gamma_scale_column") or "gamma_scale",
+            arrivals=o.get("parametric_arrivals") or "auto",
         )
         nb: NegBinom | None = explicit_nb
         if nb is None and files.nb is not None:
@@ -206,6 +207,7 @@ def _parametric(
             {
                 "class": cls,
                 "gamma_params": str(files.gamma),
+                "weibull_windows": int(np.count_nonzero(windows.weibull)),
                 "nb": None if nb is None else nb.describe(),
                 "lengths": lengths_source,
             }
