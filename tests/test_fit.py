@@ -406,3 +406,11 @@ def test_shipped_datasets_resolve_with_bursts_and_lengths(tmp_path: Path) -> Non
     )  # fmt: skip
     info = json.loads(summary.read_text())["workload"]["classes"][0]
     assert info["nb"] is None
+
+
+def test_model_class_resolves_the_project_datasets_from_the_repo_root(monkeypatch) -> None:
+    monkeypatch.delenv("FINESERVE_DATASETS", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    files = resolve_class_files("azure_code", None)
+    assert files.gamma.name == "azure_code_gamma_5min.csv"
+    assert files.nb is not None and files.lengths is not None

@@ -158,13 +158,17 @@ class NegBinom:
 
 def datasets_dirs(user_dir: Path | None) -> list[Path]:
     """Where ``--model-class`` looks: --datasets-dir, $FINESERVE_DATASETS, the project's
-    ``datasets/`` (source checkout)."""
+    ``datasets/`` next to the package (editable install), then ``./datasets`` (a
+    non-editable install run from the repository root; the wheel does not carry them)."""
     dirs = []
     if user_dir is not None:
         dirs.append(Path(user_dir))
     if os.environ.get(DATASETS_ENV):
         dirs.append(Path(os.environ[DATASETS_ENV]))
     dirs.append(Path(__file__).resolve().parents[3] / "datasets")
+    cwd = Path.cwd() / "datasets"
+    if cwd.resolve() != dirs[-1].resolve():
+        dirs.append(cwd)
     return dirs
 
 
