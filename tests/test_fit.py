@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import SHARED_DATA
 from fineserve.cli import cli
@@ -307,6 +309,21 @@ def test_cli_fit_generate_compare_round_trip(tmp_path: Path) -> None:
     assert metrics["input length"]["ks"] < 0.03
     assert png.stat().st_size > 20_000
 
+    # A schedule made at time scale 10 compares like the original once --time-scale undoes it.
+    fast = tmp_path / "fast.parquet"
+    r = invoke(
+        "generate", "--mode", "parametric", "--model-class", "synth",
+        "--datasets-dir", str(params), "-o", str(fast), "--seed", "3", "--time-scale", "10",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for scale, close in (("10", True), ("1", False)):
+        r = invoke("compare", str(trace), str(fast), "--time-scale", scale, "--json", str(out_json))
+        assert r.exit_code == 0, r.output
+        metrics = {m["metric"]: m for m in json.loads(out_json.read_text())["metrics"]}
+        aligned = metrics["window rate, aligned"]["wasserstein"]
+        assert (aligned < 0.1) if close else (aligned > 0.5)
+        assert (metrics["requests per occupied slot"]["ks"] < 0.03) == close
+
 
 @pytest.mark.parametrize(
     "content, message",
@@ -314,6 +331,7 @@ def test_cli_fit_generate_compare_round_trip(tmp_path: Path) -> None:
         ("", "no"),
         ("timestamp,input_length,output_length\n5,10,10\n", "at least 2"),
         ("timestamp,input_length\n1,2\n", "output_length"),
+        ("timestamp,input_length,output_length\n5,10,10\n5,11,10\n", "same timestamp"),
     ],
 )
 def test_fit_bad_traces_give_one_line(tmp_path: Path, content: str, message: str) -> None:
@@ -414,3 +432,30 @@ def test_model_class_resolves_the_project_datasets_from_the_repo_root(monkeypatc
     files = resolve_class_files("azure_code", None)
     assert files.gamma.name == "azure_code_gamma_5min.csv"
     assert files.nb is not None and files.lengths is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gaps_ms=st.lists(
+        st.one_of(st.just(0.0), st.floats(0.001, 5e5, allow_nan=False)), min_size=1, max_size=400
+    ),
+    window_s=st.sampled_from([1.0, 60.0, 300.0]),
+    bursts=st.sampled_from(["auto", "off"]),
+)
+def test_fit_any_arrivals_gives_usable_parameters(
+    gaps_ms: list[float], window_s: float, bursts: str
+) -> None:
+    """Whatever the gaps (ties, long idle stretches, a handful of requests), every window
+    gets finite positive parameters the generator accepts, and the windows tile the span."""
+    t_ns = np.concatenate([[0], np.cumsum(np.round(np.array(gaps_ms) * 1e6))]).astype(np.int64)
+    if t_ns[-1] == 0:
+        return  # all tied: refused with a clear error (tested above)
+    r = fit_trace(as_trace(t_ns), name="h", window_s=window_s, bursts=bursts)
+    w = r.windows
+    for v in (w.gamma_shape, w.gamma_scale_ms):
+        assert np.all(np.isfinite(v) & (v > 0))
+    fitted = w.model == "weibull"
+    assert np.all(np.isfinite(w.weibull_shape[fitted]) & (w.weibull_scale_ms[fitted] > 0))
+    assert w.start_ms[0] == 0 and np.all(w.start_ms[1:] == w.end_ms[:-1])
+    assert w.end_ms[-1] >= t_ns[-1] / 1e6
+    assert int(w.n_requests.sum()) == len(t_ns)

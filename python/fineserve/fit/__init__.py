@@ -146,6 +146,11 @@ def fit_trace(
         raise FineserveError("--slot-ms must be > 0")
     if len(trace) < 2:
         raise FineserveError(f"{trace.path}: {len(trace)} usable requests; a fit needs at least 2")
+    if trace.t_ns[-1] == trace.t_ns[0]:
+        raise FineserveError(
+            f"{trace.path}: all {len(trace)} requests have the same timestamp; there are no "
+            "inter-arrival times to fit (check --timestamp-column / --timestamp-unit)"
+        )
     # Shift by the grid phase that splits the fewest clusters (best_slot_phase_ns), so the
     # slots seen by the fit are the generator's slots.
     phase_ns = best_slot_phase_ns(trace.t_ns, slot_ms)

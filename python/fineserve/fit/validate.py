@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 from ..compare import Arrivals, Comparison, compare_arrivals
+from ..errors import FineserveError
 from ..schedule import concat
 from ..traces.base import Trace
 from . import FitResult
@@ -51,6 +52,11 @@ def validate_fit(result: FitResult, trace: Trace, out_dir: Path, seed: int) -> C
     }
     workload = build_workload(options, seed)
     generated = concat(list(workload.chunks))
+    if len(generated) < 2:
+        raise FineserveError(
+            f"--validate: the fitted parameters generated {len(generated)} requests over the "
+            f"trace's {result.span_s:.3f} s; too few to compare"
+        )
     name = f"generated from {result.name} (seed {seed})"
     # Generated times stay on the generator's own clock: its slot grid starts at 0, and
     # shifting them would split bursts across slot boundaries.
