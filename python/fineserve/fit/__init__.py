@@ -347,7 +347,11 @@ def format_fit_summary(r: FitResult) -> str:
             params = "; ".join(
                 f"w={x.weight:.3f} mu={x.mu:.4g} alpha={x.alpha:.4g}" for x in c.components
             )
-            plain = "" if math.isnan(c.ks_plain) else f", KS as plain NB {c.ks_plain:.4f}"
+            plain = (
+                ""
+                if math.isnan(c.ks_plain)
+                else f", as plain NB {c.ks_plain:.4f} (scipy kstest convention {c.ks_scipy:.4f})"
+            )
             lines.append(
                 f"               {c.name:<14} KS {c.ks:.4f}{plain}, BIC {c.bic:.1f}  [{params}]"
             )
