@@ -115,13 +115,9 @@ def test_generate_errors_are_one_line(tmp_path: Path) -> None:
 class _Collect(RecordSink):
     def __init__(self) -> None:
         self.batches: list[dict] = []
-        self.not_sent = 0
 
     def add(self, columns: dict, extra: dict) -> None:
         self.batches.append({**columns, **extra})
-
-    def add_not_sent(self, count: int, reason: str) -> None:
-        self.not_sent += count
 
 
 def test_generated_schedule_replays_exactly_in_streamed_chunks(tmp_path: Path) -> None:

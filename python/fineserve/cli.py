@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import click
 import numpy as np
+import numpy.typing as npt
 
 from . import __version__
 from .api import BACKENDS, DEFAULT_ENDPOINT, BodyTemplate, parse_extra_body
@@ -23,8 +25,10 @@ from .cli_options import trace_format_options
 from .console import note, out, warn
 from .errors import FineserveError
 from .metrics import MetricsAccumulator, format_summary
+from .metrics.serving import parse_goodput
 from .mock import MockServer
 from .prompts import SyntheticPromptBuilder
+from .results import RequestsWriter, machine_info, records_to_batch
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
 from .schedule import Schedule, write_schedule
 from .server import base_url_from, check_url, fetch_models
@@ -258,6 +262,39 @@ def _workload_options(f: Any) -> Any:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the result JSON here (.jsonl: append one line, as FineServe).",
 )
+@click.option(
+    "--save-requests",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
+    "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
+    "read it with `fineserve report`.",
+)
+@click.option(
+    "--goodput",
+    multiple=True,
+    help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
+    '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el.',
+)
+@click.option(
+    "--percentile-metrics",
+    default="ttft,tpot,itl,e2el",
+    show_default=True,
+    help="Metrics that get the --metric-percentiles keys (vLLM).",
+)
+@click.option(
+    "--metric-percentiles",
+    default="99",
+    show_default=True,
+    help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
+)
+@click.option(
+    "--metrics-window",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
+    "TTFT/ITL mean and p99, ITL jitter).",
+)
 @click.option("--disable-tqdm", is_flag=True, help="No progress bar.")
 @click.option(
     "--lanes", type=click.IntRange(min=1), help="Engine threads (default: half the CPUs, 1 to 8)."
@@ -308,6 +345,12 @@ def _workload_options(f: Any) -> Any:
 def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     extra = parse_extra_body(o["extra_request_body"])
+    o["slos"] = parse_goodput(o["goodput"])
+    o["percentile_metrics_list"], o["metric_percentiles_list"] = _percentile_options(
+        o["percentile_metrics"], o["metric_percentiles"]
+    )
+    if not (o["metrics_window"] > 0 and math.isfinite(o["metrics_window"])):
+        raise FineserveError("--metrics-window must be a positive number of seconds")
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
     base = base_url_from(o["base_url"], o["host"], o["port"])
     mock: MockServer | None = None
@@ -324,6 +367,24 @@ def blast_command(**o: Any) -> None:
     finally:
         if mock is not None:
             mock.stop()
+
+
+def _percentile_options(
+    metrics: str, percentiles: str
+) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    bad = [m for m in names if m not in ("ttft", "tpot", "itl", "e2el")]
+    if bad:
+        raise FineserveError(
+            f"--percentile-metrics: unknown {bad[0]!r}; choose from ttft, tpot, itl, e2el"
+        )
+    try:
+        qs = tuple(float(q) for q in percentiles.split(",") if q.strip())
+    except ValueError:
+        raise FineserveError("--metric-percentiles takes numbers like 50,90,99") from None
+    if any(not 0 < q < 100 for q in qs):
+        raise FineserveError("--metric-percentiles must be between 0 and 100 (exclusive)")
+    return names, qs
 
 
 def _resolve_model(base: str, model: str | None, api_key: str | None) -> str:
@@ -397,16 +458,44 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
         f"{total if total is not None else 'streamed'} requests to {url} (model {model}), "
         f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections"
     )
-    sink = MetricsSink()
-    outcome = run_stream(
+    writer = None
+    if o["save_requests"]:
+        writer = RequestsWriter(
+            o["save_requests"],
+            {
+                "fineserve_version": __version__,
+                "command": shlex.join(["fineserve", *sys.argv[1:]]),
+                "seed": seed,
+                "endpoint": url,
+                "model": model,
+                "backend": o["backend"],
+                "workload": workload.info,
+                "machine": machine_info(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+    sink = MetricsSink(
+        MetricsAccumulator(slos=o["slos"], window_s=o["metrics_window"], groups=("class",)),
+        writer,
         [url],
-        _engine_chunks(itertools.chain([first], workload.chunks), builder, template),
-        options,
-        sink,
-        total=total,
-        show_progress=show,
     )
-    metrics = sink.acc.result()
+    try:
+        outcome = run_stream(
+            [url],
+            _engine_chunks(itertools.chain([first], workload.chunks), builder, template),
+            options,
+            sink,
+            total=total,
+            show_progress=show,
+        )
+    except BaseException:
+        if writer is not None:  # keep what finished, marked as cut short
+            writer.close({"partial": True, "aborted": True})
+        raise
+    metrics = sink.acc.result(
+        percentile_metrics=o["percentile_metrics_list"],
+        metric_percentiles=o["metric_percentiles_list"],
+    )
     rate = o["request_rate"]
     header = {
         "backend": o["backend"],
@@ -419,6 +508,16 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
     out(format_summary(metrics, header))
     if outcome.interrupted:
         warn("the run was interrupted: results are partial")
+    if writer is not None:
+        path = writer.close(
+            {
+                "partial": outcome.interrupted,
+                "schedule_digest": sink.digest.hexdigest()[:16],
+                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+                "header": header,
+            }
+        )
+        note(f"wrote {writer.rows} request records to {path}")
     if o["output_file"]:
         result = _result_json(o, metrics, header, model, seed, url, outcome.interrupted)
         result["workload"] = workload.info
@@ -429,19 +528,55 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
 
 
 class MetricsSink(RecordSink):
-    """Folds drained records into the metrics as they arrive (bounded memory)."""
+    """Folds drained records into the metrics as they arrive (bounded memory), and into the
+    per-request results file when one is asked for."""
 
-    def __init__(self) -> None:
-        self.acc = MetricsAccumulator()
+    def __init__(
+        self,
+        acc: MetricsAccumulator | None = None,
+        writer: RequestsWriter | None = None,
+        endpoints: list[str] | None = None,
+    ) -> None:
+        self.acc = acc or MetricsAccumulator()
+        self.writer = writer
+        self.endpoints = endpoints or [""]
         self.span_s = 0.0
+        # Digest of the scheduled send times in completion order would depend on timing;
+        # hash (index, scheduled_ns) pairs sorted within each batch instead (order-free sum).
+        self.digest = _OrderFreeDigest()
 
     def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
-        self.acc.add(columns, extra["input_len"])
+        labels = {k: v for k, v in extra.items() if k == "class"}
+        self.acc.add(columns, extra["input_len"], labels)
         if len(columns["scheduled_ns"]):
             self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
+        self.digest.add(np.asarray(columns["index"]), np.asarray(columns["scheduled_ns"]))
+        if self.writer is not None:
+            self.writer.write(records_to_batch(columns, extra, self.endpoints))
 
-    def add_not_sent(self, count: int, reason: str) -> None:
-        self.acc.add_not_sent(count, reason)
+
+class _OrderFreeDigest:
+    """A digest of (index, scheduled_ns) pairs that does not depend on the order records
+    complete in: the sum, modulo 2^64, of a 64-bit hash of each pair."""
+
+    def __init__(self) -> None:
+        self.total = np.uint64(0)
+
+    def add(self, index: npt.NDArray[Any], scheduled_ns: npt.NDArray[Any]) -> None:
+        if not len(index):
+            return
+        x = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ scheduled_ns.astype(np.uint64)
+        # splitmix64 finaliser: a cheap, well-mixed 64-bit hash, vectorised.
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        with np.errstate(over="ignore"):
+            self.total = np.uint64(self.total + np.sum(x, dtype=np.uint64))
+
+    def hexdigest(self) -> str:
+        return f"{int(self.total):016x}"
 
 
 def _engine_chunks(
@@ -461,7 +596,15 @@ def _engine_chunks(
             body_idx=np.arange(n, dtype=np.uint32),
             endpoint_idx=np.zeros(n, dtype=np.uint32),
             expected_output_tokens=c.output_len,
-            extra={"input_len": c.input_len},
+            extra={
+                "input_len": c.input_len,
+                "output_len": c.output_len,
+                **{
+                    k: v
+                    for k, v in c.extra.items()
+                    if k in ("class", "client_id", "session_id", "turn")
+                },
+            },
         )
         base += n
 

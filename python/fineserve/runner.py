@@ -107,10 +107,6 @@ class RecordSink:
     def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
         raise NotImplementedError
 
-    def add_not_sent(self, count: int, reason: str) -> None:
-        """Requests that were generated but never reached the engine."""
-        raise NotImplementedError
-
 
 class _PendingExtras:
     """Per-request chunk columns kept until every request of the chunk has a record, so
@@ -152,14 +148,10 @@ class _CollectingSink(RecordSink):
 
     def __init__(self) -> None:
         self.batches: list[tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]] = []
-        self.not_sent = 0
 
     def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
         if len(columns["index"]):
             self.batches.append((columns, extra))
-
-    def add_not_sent(self, count: int, reason: str) -> None:
-        self.not_sent += count
 
     def columns(self) -> dict[str, Any]:
         return concat_record_batches([b for b, _ in self.batches], sort=True)
@@ -354,8 +346,12 @@ def run_stream(
             run.cancel()
             raise
     generated_not_fed = len(held) if held is not None else 0
-    if generated_not_fed:
-        sink.add_not_sent(generated_not_fed, "run stopped before this request was fed")
+    if held is not None and generated_not_fed:
+        # Explicit records, so the results file accounts for them row by row too.
+        sink.add(
+            _not_sent_records(fed, held, "run stopped before this request was fed"),
+            held.extra,
+        )
     if bar:
         bar.update(run.progress())
         bar.close()
@@ -371,6 +367,30 @@ def run_stream(
         fed,
         generated_not_fed,
     )
+
+
+def _not_sent_records(base: int, chunk: EngineChunk, reason: str) -> dict[str, Any]:
+    """Record columns, as the engine drains them, for a chunk that was never fed."""
+    n = len(chunk)
+    never = np.full(n, -1, dtype=np.int64)
+    return {
+        "index": np.arange(base, base + n, dtype=np.uint64),
+        "scheduled_ns": np.asarray(chunk.t_ns, dtype=np.int64),
+        "sent_ns": never,
+        "first_byte_ns": never,
+        "first_token_ns": never,
+        "done_ns": never,
+        "n_chunks": np.zeros(n, dtype=np.uint32),
+        "completion_tokens": never,
+        "prompt_tokens": never,
+        "http_status": np.zeros(n, dtype=np.uint16),
+        "error_kind": np.full(n, _engine.ERROR_KINDS.index("not_sent"), dtype=np.uint8),
+        "endpoint_idx": np.asarray(chunk.endpoint_idx, dtype=np.uint32),
+        "chunk_ns": np.zeros(0, dtype=np.int64),
+        "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
+        "error_index": np.arange(n, dtype=np.int64),
+        "error_message": [reason] * n,
+    }
 
 
 def _report_realtime(run: _engine.Run) -> None:

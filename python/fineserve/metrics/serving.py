@@ -10,6 +10,13 @@ Definitions (those of FineServe's Generator and vLLM's benchmark, so numbers com
 - Only successful requests enter latency and token figures; duration runs from the start
   instant to the last response end; concurrency = Σ E2E / duration.
 - Dispatch lag = actual send − scheduled send, for every request that was sent.
+- Coordinated omission: TTFT and E2E are also measured from the *scheduled* send time
+  (``*_from_scheduled``), which adds client and queueing delay (e.g. ``--max-concurrency``
+  waits) that send-time latencies hide.
+- Goodput (vLLM's definition): successful requests meeting every given SLO (TTFT, TPOT,
+  E2E in ms; TPOT of a one-token request is 0) per second of duration.
+- Arrival fidelity: per second of the schedule, requests scheduled vs actually sent;
+  ``arrival_rate_error`` = Σ|sent − scheduled| / Σ scheduled over those seconds.
 - Percentiles come from log-bucketed histograms (within 0.05 % of numpy's), so that runs of
   any length summarise in bounded memory; means, standard deviations and counts are exact.
 """
@@ -24,6 +31,7 @@ import numpy.typing as npt
 
 from .._engine import ERROR_KINDS
 from .histogram import LogHistogram
+from .windows import WindowStats
 
 _NS_PER_MS = 1e6
 
@@ -46,13 +54,48 @@ def itl_ns(
     include: npt.NDArray[np.bool_],
 ) -> npt.NDArray[np.int64]:
     """Gaps between successive events of the same request, for requests in ``include``."""
+    return itl_with_times(chunk_ns, chunk_offsets, include)[0]
+
+
+def itl_with_times(
+    chunk_ns: npt.NDArray[np.int64],
+    chunk_offsets: npt.NDArray[np.uint64],
+    include: npt.NDArray[np.bool_],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """ITL gaps and the arrival time of the event that ends each gap."""
     counts = np.diff(chunk_offsets.astype(np.int64))
     if len(chunk_ns) < 2:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     owner = np.repeat(np.arange(len(counts)), counts)
     same = owner[:-1] == owner[1:]
     keep = same & include[owner[:-1]]
-    return np.diff(chunk_ns)[keep]
+    return np.diff(chunk_ns)[keep], chunk_ns[1:][keep]
+
+
+#: vLLM's ``--goodput`` SLO names.
+SLO_METRICS = ("ttft", "tpot", "e2el")
+
+
+def parse_goodput(items: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """``("ttft:200", "e2el:5000")`` → {"ttft": 200.0, ...} in ms (vLLM's syntax)."""
+    from ..errors import FineserveError
+
+    slos: dict[str, float] = {}
+    for item in items:
+        for part in item.replace(",", " ").split():
+            name, _, value = part.partition(":")
+            if name not in SLO_METRICS:
+                raise FineserveError(
+                    f"--goodput {part!r}: metric must be one of {', '.join(SLO_METRICS)}"
+                )
+            try:
+                ms = float(value)
+            except ValueError:
+                raise FineserveError(f"--goodput {part!r}: expected NAME:MILLISECONDS") from None
+            if not ms > 0:
+                raise FineserveError(f"--goodput {part!r}: the SLO must be > 0 ms")
+            slos[name] = ms
+    return slos
 
 
 class MetricsAccumulator:
@@ -60,30 +103,52 @@ class MetricsAccumulator:
 
     Latency distributions are :class:`LogHistogram` s (percentiles within 0.05 %, mean and
     std exact), so a run of any duration can be summarised as its records drain.
+    ``groups`` names label columns (e.g. ``class``, ``endpoint``) to break metrics down by.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        slos: dict[str, float] | None = None,
+        window_s: float | None = 10.0,
+        groups: tuple[str, ...] = (),
+    ) -> None:
         self.e2e = LogHistogram()
         self.ttft = LogHistogram()
         self.tpot = LogHistogram()
         self.itl = LogHistogram()
         self.lag = LogHistogram()
+        self.ttft_sched = LogHistogram()
+        self.e2e_sched = LogHistogram()
         self.scheduled = self.completed = self.failed = self.not_sent = 0
         self.total_input = self.total_output = self.server_reported = 0
         self.in_scheduled_ms = 0
+        self.good = 0
+        self.slos = dict(slos or {})
         self.last_end_ns = 0
         self.errors_by_kind: Counter[str] = Counter()
         self.first_error_by_kind: dict[str, str] = {}
+        self.scheduled_per_s = np.zeros(0, np.int64)
+        self.sent_per_s = np.zeros(0, np.int64)
+        self.windows = WindowStats(window_s) if window_s else None
+        self.group_names = groups
+        self.groups: dict[tuple[str, str], MetricsAccumulator] = {}
 
-    def add(self, columns: dict[str, Any], input_len: npt.ArrayLike) -> None:
-        """Adds one batch of records; ``input_len`` is aligned with the batch's rows."""
+    def add(
+        self,
+        columns: dict[str, Any],
+        input_len: npt.ArrayLike,
+        labels: dict[str, npt.NDArray[Any]] | None = None,
+    ) -> None:
+        """Adds one batch of records; ``input_len`` and ``labels`` are aligned with the
+        batch's rows (``labels`` feeds the breakdowns named by ``groups``)."""
         kind = np.asarray(columns["error_kind"])
-        sched = np.asarray(columns["scheduled_ns"])
-        sent = np.asarray(columns["sent_ns"])
-        first = np.asarray(columns["first_token_ns"])
-        done = np.asarray(columns["done_ns"])
+        sched = np.asarray(columns["scheduled_ns"]).astype(np.int64)
+        sent = np.asarray(columns["sent_ns"]).astype(np.int64)
+        first = np.asarray(columns["first_token_ns"]).astype(np.int64)
+        done = np.asarray(columns["done_ns"]).astype(np.int64)
         n_chunks = np.asarray(columns["n_chunks"]).astype(np.int64)
-        reported = np.asarray(columns["completion_tokens"])
+        reported = np.asarray(columns["completion_tokens"]).astype(np.int64)
         ok = kind == 0
         was_sent = sent >= 0
 
@@ -92,17 +157,29 @@ class MetricsAccumulator:
         if len(ends):
             self.last_end_ns = max(self.last_end_ns, int(ends.max()))
         ok_first = ok & (first >= 0)
-        self.ttft.add(first[ok_first] - sent[ok_first])
+        ttft = first[ok_first] - sent[ok_first]
+        self.ttft.add(ttft)
         self.e2e.add(done[ok] - sent[ok])
+        self.ttft_sched.add(first[ok_first] - sched[ok_first])
+        self.e2e_sched.add(done[ok] - sched[ok])
         multi = ok_first & (out_tokens > 1)
         self.tpot.add((done[multi] - first[multi]) / (out_tokens[multi] - 1))
-        self.itl.add(
-            itl_ns(np.asarray(columns["chunk_ns"]), np.asarray(columns["chunk_offsets"]), ok)
+        itl, itl_at = itl_with_times(
+            np.asarray(columns["chunk_ns"]).astype(np.int64),
+            np.asarray(columns["chunk_offsets"]),
+            ok,
         )
+        self.itl.add(itl)
         self.lag.add(sent[was_sent] - sched[was_sent])
         self.in_scheduled_ms += int(
             np.sum(sent[was_sent] // 1_000_000 == sched[was_sent] // 1_000_000)
         )
+        if self.slos:
+            self.good += self._count_good(ok, sent, first, done, out_tokens)
+        self.scheduled_per_s = _add_counts(self.scheduled_per_s, sched // 1_000_000_000)
+        self.sent_per_s = _add_counts(self.sent_per_s, sent[was_sent] // 1_000_000_000)
+        if self.windows is not None:
+            self.windows.add(sent, done, ok, out_tokens, ttft, first[ok_first], itl, itl_at)
 
         self.scheduled += len(kind)
         self.completed += int(ok.sum())
@@ -114,17 +191,76 @@ class MetricsAccumulator:
         self.errors_by_kind.update(ERROR_KINDS[k] for k in kind[~ok])
         for row, msg in zip(columns["error_index"], columns["error_message"]):
             self.first_error_by_kind.setdefault(ERROR_KINDS[kind[int(row)]], msg)
+        if self.group_names and labels:
+            self._add_groups(columns, np.asarray(input_len), labels)
 
-    def add_not_sent(self, count: int, reason: str) -> None:
-        """Requests that never reached the engine (e.g. generated after an interruption)."""
-        if count:
-            self.scheduled += count
-            self.not_sent += count
-            self.errors_by_kind["not_sent"] += count
-            self.first_error_by_kind.setdefault("not_sent", reason)
+    def _count_good(
+        self,
+        ok: npt.NDArray[np.bool_],
+        sent: npt.NDArray[np.int64],
+        first: npt.NDArray[np.int64],
+        done: npt.NDArray[np.int64],
+        out_tokens: npt.NDArray[np.int64],
+    ) -> int:
+        good = ok.copy()
+        if "ttft" in self.slos:
+            good &= (first >= 0) & ((first - sent) <= self.slos["ttft"] * _NS_PER_MS)
+        if "e2el" in self.slos:
+            good &= (done - sent) <= self.slos["e2el"] * _NS_PER_MS
+        if "tpot" in self.slos:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                tpot = np.where(out_tokens > 1, (done - first) / np.maximum(out_tokens - 1, 1), 0.0)
+            good &= tpot <= self.slos["tpot"] * _NS_PER_MS
+        return int(good.sum())
 
-    def result(self, lag_percentiles: tuple[float, ...] = (50, 99, 99.9)) -> dict[str, Any]:
-        """The FineServe metric set plus accounting, failures and dispatch lag."""
+    def _add_groups(
+        self, columns: dict[str, Any], input_len: npt.NDArray[Any], labels: dict[str, Any]
+    ) -> None:
+        from ..ragged import take_ragged
+
+        offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
+        chunk_ns = np.asarray(columns["chunk_ns"]).astype(np.int64)
+        err_rows = np.asarray(columns["error_index"]).astype(np.int64)
+        for name in self.group_names:
+            if name not in labels:
+                continue
+            values = np.asarray(labels[name])
+            for v in np.unique(values):
+                rows = np.flatnonzero(values == v)
+                sub = {
+                    c: np.asarray(columns[c])[rows]
+                    for c in (
+                        "index", "scheduled_ns", "sent_ns", "first_token_ns", "done_ns",
+                        "n_chunks", "completion_tokens", "error_kind",
+                    )
+                }  # fmt: skip
+                sub["chunk_ns"], sub_off = take_ragged(chunk_ns, offsets, rows)
+                sub["chunk_offsets"] = sub_off.astype(np.uint64)
+                position = {int(r): i for i, r in enumerate(rows)}
+                keep = [
+                    (position[int(r)], m)
+                    for r, m in zip(err_rows, columns["error_message"])
+                    if int(r) in position
+                ]
+                sub["error_index"] = np.array([k for k, _ in keep], dtype=np.int64)
+                sub["error_message"] = [m for _, m in keep]
+                key = (name, str(v))
+                acc = self.groups.get(key)
+                if acc is None:
+                    acc = self.groups[key] = MetricsAccumulator(slos=self.slos, window_s=None)
+                acc.add(sub, input_len[rows])
+
+    def result(
+        self,
+        lag_percentiles: tuple[float, ...] = (50, 99, 99.9),
+        *,
+        percentile_metrics: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el"),
+        metric_percentiles: tuple[float, ...] = (99,),
+    ) -> dict[str, Any]:
+        """The FineServe metric set (and vLLM's keys) plus accounting, failures, dispatch
+        fidelity, coordinated-omission latencies, goodput, windows and breakdowns.
+        ``percentile_metrics`` × ``metric_percentiles`` add ``p<q>_<metric>_ms`` keys
+        (vLLM's ``--percentile-metrics`` / ``--metric-percentiles``)."""
         duration_s = self.last_end_ns / 1e9
         dur = duration_s if duration_s > 0 else float("nan")
 
@@ -153,8 +289,18 @@ class MetricsAccumulator:
         m.update(_stats(self.ttft, "ttft"))
         m.update(_stats(self.tpot, "tpot"))
         m.update(_stats(self.itl, "itl", extra=(95,)))
+        hist = {"ttft": self.ttft, "tpot": self.tpot, "itl": self.itl, "e2el": self.e2e}
+        for name in percentile_metrics:
+            for q in metric_percentiles:
+                m[f"p{q:g}_{name}_ms".replace(".", "_")] = hist[name].percentile(q) / _NS_PER_MS
         m["max_itl_ms"] = self.itl.max / _NS_PER_MS if self.itl.count else 0.0
         m["concurrency"] = per_s(self.e2e.mean * self.e2e.count / 1e9)
+        m.update(_stats(self.ttft_sched, "ttft_from_scheduled"))
+        m.update(_stats(self.e2e_sched, "e2el_from_scheduled"))
+        if self.slos:
+            m["goodput_slos_ms"] = dict(self.slos)
+            m["good_requests"] = self.good
+            m["request_goodput"] = per_s(self.good)
         for p in lag_percentiles:
             key = f"p{p:g}_dispatch_lag_us".replace(".", "_")
             m[key] = self.lag.percentile(p) / 1e3
@@ -163,9 +309,50 @@ class MetricsAccumulator:
         m["sent_in_scheduled_ms_fraction"] = (
             self.in_scheduled_ms / self.lag.count if self.lag.count else 0.0
         )
+        n = max(len(self.scheduled_per_s), len(self.sent_per_s))
+        sched_s = np.pad(self.scheduled_per_s, (0, n - len(self.scheduled_per_s)))
+        sent_s = np.pad(self.sent_per_s, (0, n - len(self.sent_per_s)))
+        m["arrival_rate_error"] = (
+            float(np.abs(sent_s - sched_s).sum() / sched_s.sum()) if sched_s.sum() else 0.0
+        )
+        m["scheduled_per_second"] = sched_s.tolist()
+        m["sent_per_second"] = sent_s.tolist()
         m["errors_by_kind"] = dict(sorted(self.errors_by_kind.items()))
         m["first_error_by_kind"] = dict(self.first_error_by_kind)
+        if self.windows is not None:
+            m["window_s"] = self.windows.window_s
+            m["windows"] = self.windows.rows()
+        if self.groups:
+            breakdown: dict[str, dict[str, Any]] = {}
+            for (name, value), acc in sorted(self.groups.items()):
+                sub = acc.result(
+                    lag_percentiles,
+                    percentile_metrics=percentile_metrics,
+                    metric_percentiles=metric_percentiles,
+                )
+                # A group's duration is the run's, so its throughputs add up to the run's.
+                for key in ("request_throughput", "output_throughput", "request_goodput"):
+                    if key in sub:
+                        count = {
+                            "request_throughput": sub["completed"],
+                            "output_throughput": sub["total_output_tokens"],
+                            "request_goodput": sub.get("good_requests", 0),
+                        }[key]
+                        sub[key] = per_s(count)
+                for key in ("scheduled_per_second", "sent_per_second", "first_error_by_kind"):
+                    sub.pop(key, None)
+                breakdown.setdefault(name, {})[value] = sub
+            m["breakdown"] = breakdown
         return m
+
+
+def _add_counts(arr: npt.NDArray[np.int64], bins: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    if not len(bins):
+        return arr
+    n = max(len(arr), int(bins.max()) + 1)
+    out = np.bincount(bins, minlength=n).astype(np.int64)
+    out[: len(arr)] += arr
+    return out
 
 
 def compute_metrics(
@@ -204,6 +391,10 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Input token throughput (tok/s):", m["input_throughput"], ".2f")
     row("Output token throughput (tok/s):", m["output_throughput"], ".2f")
     row("Total token throughput (tok/s):", m["total_token_throughput"], ".2f")
+    if "request_goodput" in m:
+        slos = ", ".join(f"{k} <= {v:g} ms" for k, v in m["goodput_slos_ms"].items())
+        row("Request goodput (req/s):", m["request_goodput"], ".2f")
+        row("  good requests:", f"{m['good_requests']} ({slos})")
     row("Concurrency:", m["concurrency"], ".2f")
     section("End-to-End Latency")
     row("Mean E2E Latency (ms):", m["mean_e2e_latency_ms"], ".2f")
@@ -222,11 +413,26 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Mean TPOT (ms):", m["mean_tpot_ms"], ".2f")
     row("Median TPOT (ms):", m["median_tpot_ms"], ".2f")
     row("P99 TPOT (ms):", m["p99_tpot_ms"], ".2f")
+    shown = {"p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms", "p95_itl_ms", "p99_e2el_ms"}
+    more = [k for k in m if k.startswith("p") and k.endswith("_ms") and k not in shown
+            and k.split("_", 1)[1] in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+            and k[1].isdigit()]  # fmt: skip
+    if more:
+        section("Requested percentiles")
+        for k in more:
+            q, name = k[1:].split("_", 1)
+            row(f"P{q.replace('_', '.')} {name[:-3].upper()} (ms):", m[k], ".2f")
+    section("From scheduled send")
+    row("Mean TTFT from scheduled (ms):", m["mean_ttft_from_scheduled_ms"], ".2f")
+    row("P99 TTFT from scheduled (ms):", m["p99_ttft_from_scheduled_ms"], ".2f")
+    row("Mean E2E from scheduled (ms):", m["mean_e2el_from_scheduled_ms"], ".2f")
+    row("P99 E2E from scheduled (ms):", m["p99_e2el_from_scheduled_ms"], ".2f")
     section("Dispatch (sent - scheduled)")
     row("P50 dispatch lag (us):", m["p50_dispatch_lag_us"], ".1f")
     row("P99 dispatch lag (us):", m["p99_dispatch_lag_us"], ".1f")
     row("Max dispatch lag (us):", m["max_dispatch_lag_us"], ".1f")
     row("Sent in scheduled ms (%):", 100 * m["sent_in_scheduled_ms_fraction"], ".2f")
+    row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
     section("Accounting")
     row("Scheduled:", m["scheduled"])
     row("Sent:", m["sent"])
@@ -235,6 +441,16 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Not sent:", m["not_sent"])
     for name, count in m["errors_by_kind"].items():
         row(f"  {name}:", count)
+    for group, values in m.get("breakdown", {}).items():
+        if len(values) < 2:
+            continue
+        section(f"By {group}")
+        for value, sub in values.items():
+            row(
+                f"  {value[:22]}:",
+                f"{sub['completed']} ok, {sub['failed']} failed, "
+                f"TTFT p99 {sub['p99_ttft_ms']:.1f} ms, TPOT p99 {sub['p99_tpot_ms']:.1f} ms",
+            )
     lines.append("=" * 50)
     for name, msg in m["first_error_by_kind"].items():
         shown = msg if len(msg) <= 200 else msg[:197] + "..."

@@ -1,0 +1,201 @@
+"""Per-request results on disk, written as the run goes.
+
+While a run is going, each drained batch of records is appended to a *journal*
+(``<file>.journal``, an Arrow IPC stream: every batch is complete on disk once written,
+and a reader keeps every whole batch of a file cut short by a crash). When the run ends —
+normally, by Ctrl-C or by SIGTERM — the journal becomes the Parquet file, with the run's
+metadata in its footer, and the journal is removed. So a crash loses nothing that had
+finished and drained; ``fineserve report`` reads a leftover journal too.
+
+Columns (times in ns from the run's start instant, -1 = never happened):
+``index`` (position in the schedule), ``scheduled_ns``, ``sent_ns``, ``first_byte_ns``,
+``first_token_ns``, ``done_ns``, ``n_chunks``, ``completion_tokens`` / ``prompt_tokens``
+(server-reported usage, -1 = none), ``http_status`` (0 = none), ``error_kind`` (string,
+``ok`` for success), ``error_message`` (null when none), ``endpoint``, ``input_len`` and
+``output_len`` (requested), the schedule's labels when present (``class``, ``client_id``,
+``session_id``, ``turn``) and ``chunk_ns`` (list: arrival of each streamed token event).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from ._engine import ERROR_KINDS
+from .errors import FineserveError
+
+METADATA_KEY = b"fineserve.run"
+JOURNAL_SUFFIX = ".journal"
+
+_INT_COLUMNS = (
+    "index",
+    "scheduled_ns",
+    "sent_ns",
+    "first_byte_ns",
+    "first_token_ns",
+    "done_ns",
+    "n_chunks",
+    "completion_tokens",
+    "prompt_tokens",
+    "http_status",
+)
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def records_to_batch(
+    columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]], endpoints: list[str]
+) -> pa.RecordBatch:
+    """One Arrow batch from drained engine columns plus the chunk columns of each row."""
+    n = len(columns["index"])
+    arrays: dict[str, pa.Array] = {
+        c: pa.array(np.asarray(columns[c]).astype(np.int64)) for c in _INT_COLUMNS
+    }
+    kind = np.asarray(columns["error_kind"]).astype(np.int32)
+    arrays["error_kind"] = pa.DictionaryArray.from_arrays(
+        pa.array(kind), pa.array(ERROR_KINDS, pa.string())
+    )
+    messages: list[str | None] = [None] * n
+    for row, msg in zip(np.asarray(columns["error_index"]).tolist(), columns["error_message"]):
+        messages[int(row)] = msg
+    arrays["error_message"] = pa.array(messages, pa.string())
+    ep = np.asarray(columns["endpoint_idx"]).astype(np.int32)
+    arrays["endpoint"] = pa.DictionaryArray.from_arrays(
+        pa.array(ep), pa.array(endpoints, pa.string())
+    )
+    for name, values in extra.items():
+        v = np.asarray(values)
+        arrays[name] = pa.array(v.astype(str) if v.dtype == object else v)
+    offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
+    arrays["chunk_ns"] = pa.LargeListArray.from_arrays(
+        pa.array(offsets), pa.array(np.asarray(columns["chunk_ns"]).astype(np.int64))
+    )
+    return pa.RecordBatch.from_pydict(arrays)
+
+
+class RequestsWriter:
+    """Appends record batches to the journal; ``close`` turns it into the Parquet file."""
+
+    def __init__(self, path: Path, run_meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.journal = self.path.with_name(self.path.name + JOURNAL_SUFFIX)
+        self.meta = dict(run_meta)
+        self._writer: ipc.RecordBatchStreamWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._sink: Any = None
+        self.rows = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Fail now, not after an hour of load, if the destination is not writable.
+            self.journal.touch()
+        except OSError as e:
+            raise FineserveError(f"cannot write {self.journal}: {e.strerror}") from None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        if self._writer is None:
+            self._schema = batch.schema.with_metadata(
+                {METADATA_KEY: json.dumps({**self.meta, "complete": False}).encode()}
+            )
+            self._sink = pa.OSFile(str(self.journal), "wb")
+            self._writer = ipc.new_stream(self._sink, self._schema)
+        assert self._schema is not None
+        if batch.schema.names != self._schema.names:
+            raise FineserveError("internal: record batch columns changed during the run")
+        self._writer.write_batch(
+            batch.cast(self._schema) if batch.schema != self._schema else batch
+        )
+        self._sink.flush()
+        self.rows += batch.num_rows
+
+    def close(self, final_meta: dict[str, Any]) -> Path:
+        """Writes the Parquet file (rows in schedule order) and removes the journal."""
+        meta = {**self.meta, **final_meta, "complete": True, "rows": self.rows}
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            table = read_journal(self.journal)[0]
+        else:
+            table = pa.table({})
+        if table.num_rows:
+            table = table.sort_by("index")
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        try:
+            pq.write_table(table, self.path, compression="zstd")
+        except OSError as e:
+            raise FineserveError(f"cannot write {self.path}: {e.strerror}") from None
+        self.journal.unlink(missing_ok=True)
+        return self.path
+
+
+def read_journal(path: Path) -> tuple[pa.Table, bool]:
+    """Every whole batch of a journal; the flag says whether it ended cleanly."""
+    batches = []
+    clean = True
+    schema = None
+    try:
+        with pa.OSFile(str(path), "rb") as f:
+            reader = ipc.open_stream(f)
+            schema = reader.schema
+            while True:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+    except (pa.ArrowInvalid, OSError):
+        clean = False
+    if schema is None:
+        return pa.table({}), False
+    return pa.Table.from_batches(batches, schema=schema), clean
+
+
+def read_requests(path: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """A results Parquet (or a journal left by a crash) and its run metadata."""
+    path = Path(path)
+    if not path.is_file():
+        journal = path.with_name(path.name + JOURNAL_SUFFIX)
+        if journal.is_file():
+            path = journal
+        else:
+            raise FineserveError(f"file not found: {path}")
+    if path.name.endswith(JOURNAL_SUFFIX):
+        table, clean = read_journal(path)
+        meta = _meta(table.schema)
+        meta["complete"] = False
+        meta["journal_clean"] = clean
+        return table.sort_by("index") if table.num_rows else table, meta
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FineserveError(f"{path}: not a fineserve results file ({e})") from None
+    if "scheduled_ns" not in table.column_names:
+        raise FineserveError(f"{path}: not a fineserve results file (no scheduled_ns column)")
+    return table, _meta(table.schema)
+
+
+def _meta(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        out = json.loads(raw)
+        return out if isinstance(out, dict) else {}
+    except json.JSONDecodeError:
+        return {}
