@@ -369,6 +369,23 @@ def blast_command(**o: Any) -> None:
             mock.stop()
 
 
+def _jsonable(o: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in o.items():
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
+
+
 def _percentile_options(
     metrics: str, percentiles: str
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -465,6 +482,9 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
             {
                 "fineserve_version": __version__,
                 "command": shlex.join(["fineserve", *sys.argv[1:]]),
+                # The parsed options too: the command line is the process's, which is not
+                # this command's when fineserve runs inside another program (tests, scripts).
+                "options": _jsonable(o),
                 "seed": seed,
                 "endpoint": url,
                 "model": model,

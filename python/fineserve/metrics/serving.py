@@ -360,9 +360,10 @@ def compute_metrics(
     input_len: npt.ArrayLike,
     *,
     lag_percentiles: tuple[float, ...] = (50, 99, 99.9),
+    slos: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one batch of records (e.g. a whole short run)."""
-    acc = MetricsAccumulator()
+    acc = MetricsAccumulator(slos=slos)
     acc.add(columns, input_len)
     return acc.result(lag_percentiles)
 

@@ -1,0 +1,221 @@
+"""Per-request results on disk and the metrics built from them: every figure of the result
+JSON is recomputed here, independently, from the Parquet file."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from fineserve.cli import cli
+from fineserve.metrics import compute_metrics
+from fineserve.metrics.serving import MetricsAccumulator, parse_goodput
+from fineserve.results import JOURNAL_SUFFIX, RequestsWriter, read_requests, records_to_batch
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _hand_records(rows: list[tuple[int, int, int, int, int]]) -> dict:
+    """(sent, first_token, done, completion_tokens, error_kind) per request; scheduled = sent."""
+    n = len(rows)
+    sent = np.array([r[0] for r in rows], np.int64)
+    first = np.array([r[1] for r in rows], np.int64)
+    done = np.array([r[2] for r in rows], np.int64)
+    tokens = np.array([r[3] for r in rows], np.int64)
+    kind = np.array([r[4] for r in rows], np.uint8)
+    return {
+        "index": np.arange(n, dtype=np.uint64),
+        "scheduled_ns": sent.copy(),
+        "sent_ns": sent,
+        "first_byte_ns": first,
+        "first_token_ns": first,
+        "done_ns": done,
+        "n_chunks": tokens.astype(np.uint32),
+        "completion_tokens": tokens,
+        "prompt_tokens": np.full(n, -1),
+        "http_status": np.full(n, 200, np.uint16),
+        "error_kind": kind,
+        "endpoint_idx": np.zeros(n, np.uint32),
+        "chunk_ns": np.zeros(0, np.int64),
+        "chunk_offsets": np.zeros(n + 1, np.uint64),
+        "error_index": np.flatnonzero(kind != 0),
+        "error_message": ["boom"] * int((kind != 0).sum()),
+    }
+
+
+MS = 1_000_000
+
+
+def test_goodput_counts_requests_meeting_every_slo() -> None:
+    cols = _hand_records(
+        [
+            (0, 100 * MS, 1100 * MS, 11, 0),  # TTFT 100, TPOT 100, E2E 1100: good
+            (0, 300 * MS, 1300 * MS, 11, 0),  # TTFT 300: misses ttft
+            (0, 100 * MS, 2100 * MS, 11, 0),  # TPOT 200: misses tpot
+            (0, 100 * MS, 100 * MS, 1, 0),  # one token: TPOT 0, good
+            (0, -1, 50 * MS, 0, 7),  # failed: never good
+        ]
+    )
+    slos = parse_goodput(("ttft:200 tpot:150",))
+    m = compute_metrics(cols, np.ones(5), slos=slos)
+    assert m["good_requests"] == 2
+    assert m["request_goodput"] == pytest.approx(2 / m["duration"])
+    m = compute_metrics(cols, np.ones(5), slos=parse_goodput(["e2el:1200"]))
+    assert m["good_requests"] == 2  # requests 1 and 4
+
+
+@pytest.mark.parametrize("bad", ["ttft", "ttft:x", "foo:10", "ttft:-1"])
+def test_goodput_syntax_errors_are_one_line(bad: str) -> None:
+    r = CliRunner().invoke(cli, ["blast", "--goodput", bad, "--num-prompts", "1"])
+    assert r.exit_code != 0 and "--goodput" in r.output and "Traceback" not in r.output
+
+
+def test_blast_results_parquet_matches_the_summary(tmp_path: Path) -> None:
+    req = tmp_path / "req.parquet"
+    res = tmp_path / "res.json"
+    r = invoke(
+        "blast", "--num-prompts", "400", "--request-rate", "200", "--random-input-len", "16",
+        "--random-output-len", "12", "--random-range-ratio", "0.5", "--mock-itl-ms", "2",
+        "--save-requests", str(req), "--output-file", str(res), "--disable-tqdm",
+        "--goodput", "ttft:25", "--metric-percentiles", "50,90,99", "--metrics-window", "1",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert not Path(str(req) + JOURNAL_SUFFIX).exists()
+    table, meta = read_requests(req)
+    m = json.loads(res.read_text())
+    assert meta["complete"] is True and meta["partial"] is False
+    assert meta["seed"] == m["seed"] and meta["options"]["num_prompts"] == 400
+    assert table.num_rows == m["scheduled"] == 400
+    t = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names if c != "chunk_ns"}
+    assert np.array_equal(t["index"], np.arange(400))
+    ok = t["error_kind"] == "ok"
+    assert ok.sum() == m["completed"]
+
+    def close(a: float, b: float, rel: float = 1e-3) -> None:
+        assert a == pytest.approx(b, rel=rel, abs=1e-6)
+
+    ttft = (t["first_token_ns"] - t["sent_ns"])[ok] / 1e6
+    e2e = (t["done_ns"] - t["sent_ns"])[ok] / 1e6
+    close(m["mean_ttft_ms"], ttft.mean(), 1e-9)
+    close(m["p50_ttft_ms"], np.percentile(ttft, 50))
+    close(m["p90_ttft_ms"], np.percentile(ttft, 90))
+    close(m["p99_e2el_ms"], np.percentile(e2e, 99))
+    tokens = np.where(t["completion_tokens"] >= 0, t["completion_tokens"], t["n_chunks"])[ok]
+    assert m["total_output_tokens"] == tokens.sum()
+    assert m["total_input_tokens"] == t["input_len"][ok].sum()
+    tpot = ((t["done_ns"] - t["first_token_ns"])[ok] / (tokens - 1))[tokens > 1] / 1e6
+    close(m["mean_tpot_ms"], tpot.mean(), 1e-9)
+    chunks = table["chunk_ns"].to_pylist()
+    itl = np.concatenate([np.diff(c) for c, good in zip(chunks, ok) if good]) / 1e6
+    close(m["mean_itl_ms"], itl.mean(), 1e-9)
+    close(m["p99_itl_ms"], np.percentile(itl, 99))
+    lag = (t["sent_ns"] - t["scheduled_ns"]) / 1e3
+    close(m["p50_dispatch_lag_us"], np.percentile(lag, 50), 2e-3)
+    ttft_sched = (t["first_token_ns"] - t["scheduled_ns"])[ok] / 1e6
+    close(m["mean_ttft_from_scheduled_ms"], ttft_sched.mean(), 1e-9)
+    good = ok & ((t["first_token_ns"] - t["sent_ns"]) <= 25 * MS)
+    assert m["good_requests"] == good.sum()
+    duration = max(t["done_ns"].max(), t["sent_ns"].max()) / 1e9
+    close(m["duration"], duration, 1e-9)
+    close(m["request_throughput"], ok.sum() / duration, 1e-9)
+    # Per-second arrivals and the 1 s windows agree with the file.
+    sent_s = np.bincount(t["sent_ns"] // 1_000_000_000)
+    assert m["sent_per_second"][: len(sent_s)] == sent_s.tolist()
+    windows = m["windows"]
+    assert sum(w["completed_rps"] for w in windows) == pytest.approx(ok.sum())
+    first_w = (t["first_token_ns"][ok] // 1_000_000_000) == 0
+    assert windows[0]["mean_ttft_ms"] == pytest.approx(ttft[first_w].mean(), rel=1e-9)
+    assert windows[0]["p99_ttft_ms"] == pytest.approx(np.percentile(ttft[first_w], 99), rel=0.03)
+    assert list(m.keys())[:3] == ["date", "fineserve_version", "backend"]
+    # vLLM's --save-result keys that scripts read.
+    for key in ("request_throughput", "output_throughput", "total_token_throughput",
+                "mean_ttft_ms", "median_itl_ms", "p99_e2el_ms", "request_goodput"):  # fmt: skip
+        assert key in m
+
+
+def test_journal_keeps_finished_batches_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "r.parquet"
+    w = RequestsWriter(path, {"seed": 1})
+    rows = [(i * MS, i * MS + 5 * MS, i * MS + 9 * MS, 3, 0) for i in range(10)]
+    cols = _hand_records(rows)
+    for lo in (0, 5):
+        sub = {k: (v[lo : lo + 5] if k not in ("chunk_offsets", "error_index", "error_message")
+                   else v) for k, v in cols.items()}  # fmt: skip
+        sub["chunk_offsets"] = np.zeros(6, np.uint64)
+        w.write(records_to_batch(sub, {"input_len": np.arange(5)}, ["http://x"]))
+    # No close: the process "died". The results path resolves to the journal.
+    table, meta = read_requests(path)
+    assert table.num_rows == 10 and meta["complete"] is False and meta["journal_clean"]
+    assert meta["seed"] == 1
+    # A journal cut mid-batch keeps the whole batches before the cut.
+    journal = Path(str(path) + JOURNAL_SUFFIX)
+    data = journal.read_bytes()
+    journal.write_bytes(data[: len(data) - 40])
+    table, meta = read_requests(path)
+    assert table.num_rows == 5 and meta["journal_clean"] is False
+
+
+def test_breakdown_by_class_adds_up() -> None:
+    rows = [(i * MS, i * MS + 5 * MS, i * MS + 9 * MS, 3, 0 if i % 3 else 8) for i in range(30)]
+    cols = _hand_records(rows)
+    labels = {"class": np.array(["a" if i % 2 else "b" for i in range(30)], dtype=object)}
+    acc = MetricsAccumulator(groups=("class",))
+    acc.add(cols, np.ones(30), labels)
+    m = acc.result()
+    b = m["breakdown"]["class"]
+    assert set(b) == {"a", "b"}
+    assert b["a"]["completed"] + b["b"]["completed"] == m["completed"]
+    assert b["a"]["failed"] + b["b"]["failed"] == m["failed"] == 10
+    assert b["a"]["request_throughput"] + b["b"]["request_throughput"] == pytest.approx(
+        m["request_throughput"]
+    )
+
+
+def test_sigint_keeps_a_complete_results_file(tmp_path: Path) -> None:
+    req = tmp_path / "req.parquet"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fineserve.cli",
+            "blast",
+            "--num-prompts",
+            "600",
+            "--request-rate",
+            "100",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "4",
+            "--disable-tqdm",
+            "--save-requests",
+            str(req),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    table, meta = read_requests(req)
+    assert meta["partial"] is True and meta["complete"] is True
+    kinds = table["error_kind"].to_pylist()
+    # Every scheduled request has a row: sent (ok/failed) or not sent, with a reason.
+    assert table.num_rows == 600
+    not_sent = [i for i, k in enumerate(kinds) if k == "not_sent"]
+    assert 50 < len(not_sent) < 550
+    msgs = table["error_message"].to_pylist()
+    assert all(msgs[i] for i in not_sent)
+    assert isinstance(table.schema.field("chunk_ns").type, pa.LargeListType)
