@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -564,15 +565,31 @@ class MetricsSink(RecordSink):
         # Digest of the scheduled send times in completion order would depend on timing;
         # hash (index, scheduled_ns) pairs sorted within each batch instead (order-free sum).
         self.digest = _OrderFreeDigest()
+        self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
 
     def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
         labels = {k: v for k, v in extra.items() if k == "class"}
         self.acc.add(columns, extra["input_len"], labels)
+        ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
+        if ok.any():
+            ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
+            self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
         if len(columns["scheduled_ns"]):
             self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
         self.digest.add(np.asarray(columns["index"]), np.asarray(columns["scheduled_ns"]))
         if self.writer is not None:
             self.writer.write(records_to_batch(columns, extra, self.endpoints))
+
+    def live(self) -> dict[str, str]:
+        """TTFT p50/p99 of the requests that completed in the last 10 s."""
+        horizon = time.monotonic_ns() - 10_000_000_000
+        while self.recent_ttft and self.recent_ttft[0][0] < horizon:
+            self.recent_ttft.popleft()
+        if not self.recent_ttft:
+            return {}
+        ttft = np.concatenate([v for _, v in self.recent_ttft]) / 1e6
+        p50, p99 = np.percentile(ttft, [50, 99])
+        return {"ttft_p50": f"{p50:.0f}ms", "ttft_p99": f"{p99:.0f}ms"}
 
 
 class _OrderFreeDigest:

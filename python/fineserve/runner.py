@@ -107,6 +107,10 @@ class RecordSink:
     def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
         raise NotImplementedError
 
+    def live(self) -> dict[str, str]:
+        """Extra fields for the progress display (e.g. rolling latency percentiles)."""
+        return {}
+
 
 class _PendingExtras:
     """Per-request chunk columns kept until every request of the chunk has a record, so
@@ -336,7 +340,7 @@ def run_stream(
                 done = run.wait(0.1 if exhausted else 0.02)
                 drain()
                 if bar:
-                    bar.update(run.progress())
+                    bar.update(run.progress(), sink.live())
                 if done:
                     break
         except KeyboardInterrupt:
@@ -353,7 +357,7 @@ def run_stream(
             held.extra,
         )
     if bar:
-        bar.update(run.progress())
+        bar.update(run.progress(), sink.live())
         bar.close()
     final = dict(run.progress())
     last = run.results()
@@ -424,22 +428,41 @@ def _drain(run: _engine.Run, grace_s: float) -> None:
 
 
 class _ProgressBar:
-    """tqdm over finished requests, with the engine's live counters as postfix."""
+    """tqdm over finished requests, with the engine's live counters, the current send
+    rate and the sink's rolling figures as postfix (refreshed at most 4 times a second)."""
 
     def __init__(self, total: int | None, description: str) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(total=total, desc=description, unit="req", dynamic_ncols=True)
+        self._total = total
         self._done = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._rate = 0.0
+        self._shown_at = 0.0
 
-    def update(self, p: dict[str, Any]) -> None:
+    def update(self, p: dict[str, Any], live: dict[str, str] | None = None) -> None:
         done = int(p["succeeded"]) + int(p["failed"]) + int(p["not_sent"])
         if done > self._done:
             self._bar.update(done - self._done)
             self._done = done
-        self._bar.set_postfix(
-            sent=p["sent"], in_flight=p["in_flight"], failed=p["failed"], refresh=False
-        )
+        now = time.monotonic()
+        t0, sent0 = self._rate_mark
+        if now - t0 >= 1.0:
+            self._rate = (int(p["sent"]) - sent0) / (now - t0)
+            self._rate_mark = (now, int(p["sent"]))
+        if now - self._shown_at < 0.25:
+            return
+        self._shown_at = now
+        sent = f"{p['sent']}/{self._total}" if self._total else str(p["sent"])
+        fields = {
+            "sent": sent,
+            "in_flight": p["in_flight"],
+            "failed": p["failed"],
+            "rate": f"{self._rate:.0f}/s",
+            **(live or {}),
+        }
+        self._bar.set_postfix(fields, refresh=False)
 
     def close(self) -> None:
         self._bar.close()
