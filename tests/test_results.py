@@ -219,3 +219,58 @@ def test_sigint_keeps_a_complete_results_file(tmp_path: Path) -> None:
     msgs = table["error_message"].to_pylist()
     assert all(msgs[i] for i in not_sent)
     assert isinstance(table.schema.field("chunk_ns").type, pa.LargeListType)
+
+
+def _png_ok(path: Path) -> tuple[int, int]:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 800
+    assert float(img[..., :3].std()) > 0.02  # not a blank canvas
+    return img.shape[0], img.shape[1]
+
+
+def test_report_renders_every_panel_and_compares_runs(tmp_path: Path) -> None:
+    import base64
+    import re
+
+    from fineserve.report import PANELS
+
+    runs = []
+    for rate in ("150", "300"):
+        req = tmp_path / f"r{rate}.parquet"
+        r = invoke(
+            "blast", "--num-prompts", "300", "--request-rate", rate, "--disable-tqdm",
+            "--random-output-len", "8", "--save-requests", str(req),
+            "--output-file", str(tmp_path / f"r{rate}.json"),
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        runs.append(req)
+    out = tmp_path / "rep" / "one.html"
+    r = invoke("report", str(runs[0]), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    doc = out.read_text()
+    for key in PANELS:
+        _png_ok(out.with_name(f"one_{key}.png"))
+        m = re.search(rf'id="{key}"[^>]*src="data:image/png;base64,([^"]+)"', doc)
+        assert m, key
+        assert base64.b64decode(m.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    # The key-figures table shows the same numbers the run printed.
+    summary = json.loads((tmp_path / "r150.json").read_text())
+    assert f"<td>{summary['p99_ttft_ms']:.2f}</td>" in doc
+    assert f"<td>{summary['completed']}</td>" in doc
+    both = tmp_path / "both.html"
+    r = invoke("report", str(runs[0]), str(runs[1]), "-o", str(both))
+    assert r.exit_code == 0, r.output
+    doc = both.read_text()
+    assert "r150.parquet" in doc and "r300.parquet" in doc
+    assert doc.count("<th>r") >= 2
+
+
+def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "x.parquet"
+    bad.write_text("not parquet")
+    r = CliRunner().invoke(cli, ["report", str(bad), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code != 0 and "not a fineserve results file" in r.output
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.parquet")])
+    assert r.exit_code != 0 and "file not found" in r.output

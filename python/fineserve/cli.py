@@ -23,6 +23,7 @@ from . import __version__
 from .api import BACKENDS, DEFAULT_ENDPOINT, BodyTemplate, parse_extra_body
 from .cli_fit import compare_command, fit_command
 from .cli_options import trace_format_options
+from .cli_report import report_command
 from .console import note, out, warn
 from .errors import FineserveError
 from .metrics import MetricsAccumulator, format_summary
@@ -836,6 +837,7 @@ def mock_command(
 
 cli.add_command(fit_command)
 cli.add_command(compare_command)
+cli.add_command(report_command)
 
 
 def main() -> None:

@@ -1,0 +1,38 @@
+"""``fineserve report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .console import note
+from .errors import FineserveError
+
+
+@click.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("fineserve-report.html"),
+    show_default=True,
+    help="HTML file; each panel is also written as <stem>_<panel>.png next to it.",
+)
+@click.option(
+    "--window-seconds",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Window of the instantaneous metrics.",
+)
+def report_command(results: tuple[Path, ...], output: Path, window_seconds: float) -> None:
+    """Render per-request results (`blast --save-requests`) as a self-contained HTML
+    report with PNG panels; several files are compared side by side."""
+    from .report import render_report
+
+    if not window_seconds > 0:
+        raise FineserveError("--window-seconds must be > 0")
+    pngs = render_report(list(results), output, window_s=window_seconds)
+    note(f"wrote {output} and {len(pngs)} PNG panels ({output.stem}_*.png)")

@@ -1,0 +1,425 @@
+"""``fineserve report``: a self-contained HTML report (and PNGs) from results files.
+
+Every figure is recomputed from the per-request Parquet (``blast --save-requests``), with
+the same code as the live summary (:class:`~fineserve.metrics.MetricsAccumulator`), so
+the report and the printed table agree. One file: the run's panels. Several files: the
+runs side by side (overlaid CDFs, arrivals, windows, and a table of key figures).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from ._engine import ERROR_KINDS
+from .errors import FineserveError
+from .metrics import MetricsAccumulator
+from .results import read_requests
+
+#: Panels of a single-run report, in order (file stem → title).
+PANELS = {
+    "latency_cdfs": "Latency CDFs",
+    "latency_over_time": "TTFT, ITL and E2E over the run",
+    "arrivals": "Achieved vs scheduled arrivals",
+    "in_flight": "Requests in flight",
+    "burst_fidelity": "Dispatch lag and micro-burst fidelity",
+    "windows": "Instantaneous metrics per window",
+    "breakdown": "Breakdown by class, endpoint and outcome",
+}
+
+
+@dataclass
+class Run:
+    name: str
+    table: pa.Table
+    meta: dict[str, Any]
+    columns: dict[str, Any]
+    metrics: dict[str, Any]
+
+    def col(self, name: str) -> npt.NDArray[Any]:
+        return np.asarray(self.columns[name])
+
+
+def table_to_columns(table: pa.Table) -> dict[str, Any]:
+    """The engine's column layout from a results table (for the metrics code)."""
+    n = table.num_rows
+    cols: dict[str, Any] = {
+        c: table[c].to_numpy(zero_copy_only=False).astype(np.int64)
+        for c in (
+            "index", "scheduled_ns", "sent_ns", "first_byte_ns", "first_token_ns", "done_ns",
+            "n_chunks", "completion_tokens", "prompt_tokens", "http_status",
+        )
+    }  # fmt: skip
+    kinds = table["error_kind"].to_pylist()
+    code = {k: i for i, k in enumerate(ERROR_KINDS)}
+    cols["error_kind"] = np.array([code.get(k, code["invalid_response"]) for k in kinds], np.uint8)
+    endpoints = table["endpoint"].to_pylist()
+    names = sorted(set(endpoints), key=endpoints.index)
+    cols["endpoint_idx"] = np.array([names.index(e) for e in endpoints], np.uint32)
+    cols["endpoint_names"] = names
+    chunks = table["chunk_ns"].combine_chunks() if n else pa.array([], pa.large_list(pa.int64()))
+    cols["chunk_ns"] = chunks.flatten().to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
+    offsets = chunks.offsets.to_numpy().astype(np.int64) if n else np.zeros(1, np.int64)
+    cols["chunk_offsets"] = (offsets - offsets[0]).astype(np.uint64)
+    msgs = table["error_message"].to_pylist()
+    cols["error_index"] = np.array([i for i, m in enumerate(msgs) if m is not None], np.int64)
+    cols["error_message"] = [m for m in msgs if m is not None]
+    return cols
+
+
+def load_run(path: Path, window_s: float = 10.0) -> Run:
+    table, meta = read_requests(path)
+    if table.num_rows == 0:
+        raise FineserveError(f"{path}: no request records")
+    cols = table_to_columns(table)
+    slos = (meta.get("options") or {}).get("slos") or {}
+    labels = (
+        {"class": np.asarray(table["class"].to_pylist(), dtype=object)}
+        if ("class" in table.column_names)
+        else {}
+    )
+    labels["endpoint"] = np.asarray(table["endpoint"].to_pylist(), dtype=object)
+    acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=("class", "endpoint"))
+    acc.add(cols, table["input_len"].to_numpy(), labels)
+    metrics = acc.result()
+    name = Path(path).name
+    return Run(name, table, meta, cols, metrics)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return fig, ax
+
+
+def _ok(r: Run) -> npt.NDArray[np.bool_]:
+    return r.col("error_kind") == 0
+
+
+def _latencies(r: Run) -> dict[str, npt.NDArray[np.float64]]:
+    ok = _ok(r)
+    sent, first, done = r.col("sent_ns"), r.col("first_token_ns"), r.col("done_ns")
+    tokens = np.where(
+        r.col("completion_tokens") >= 0, r.col("completion_tokens"), r.col("n_chunks")
+    )
+    has_first = ok & (first >= 0)
+    multi = has_first & (tokens > 1)
+    offsets = r.col("chunk_offsets").astype(np.int64)
+    owner = np.repeat(np.arange(len(ok)), np.diff(offsets))
+    chunk = r.col("chunk_ns")
+    same = owner[:-1] == owner[1:] if len(owner) > 1 else np.zeros(0, bool)
+    keep = same & ok[owner[:-1]] if len(owner) > 1 else same
+    return {
+        "TTFT": (first - sent)[has_first] / 1e6,
+        "TPOT": ((done - first)[multi] / (tokens[multi] - 1)) / 1e6,
+        "ITL": np.diff(chunk)[keep] / 1e6 if len(chunk) > 1 else np.zeros(0),
+        "E2E": (done - sent)[ok] / 1e6,
+    }
+
+
+def _cdf(ax: Any, values: npt.NDArray[np.float64], label: str) -> None:
+    v = np.sort(values[values > 0])
+    if not len(v):
+        return
+    y = np.arange(1, len(v) + 1) / len(v)
+    step = max(1, len(v) // 3000)
+    ax.plot(v[::step], y[::step], label=label)
+
+
+def panel_latency_cdfs(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 4, (16, 3.6))
+    for r in runs:
+        for a, v in zip(ax[0], _latencies(r).values()):
+            _cdf(a, v, r.name)
+    for a, name in zip(ax[0], ("TTFT", "TPOT", "ITL", "E2E")):
+        a.set(title=f"{name} CDF", xlabel="ms", xscale="log", ylim=(0, 1))
+        a.grid(alpha=0.3)
+    ax[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def panel_latency_over_time(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 3, (16, 3.6))
+    for r in runs:
+        ok = _ok(r)
+        sent_s = r.col("sent_ns") / 1e9
+        first, done, sent = r.col("first_token_ns"), r.col("done_ns"), r.col("sent_ns")
+        has_first = ok & (first >= 0)
+        pick = _subsample(np.flatnonzero(has_first), 4000)
+        ax[0, 0].scatter(sent_s[pick], (first - sent)[pick] / 1e6, s=2, alpha=0.5, label=r.name)
+        pick = _subsample(np.flatnonzero(ok), 4000)
+        ax[0, 2].scatter(sent_s[pick], (done - sent)[pick] / 1e6, s=2, alpha=0.5, label=r.name)
+        w = r.metrics.get("windows") or []
+        t = [x["start_s"] for x in w]
+        ax[0, 1].plot(t, [x["mean_itl_ms"] for x in w], label=f"{r.name} mean")
+        ax[0, 1].plot(t, [x["p99_itl_ms"] for x in w], "--", label=f"{r.name} p99")
+    ax[0, 0].set(title="TTFT by send time", xlabel="s", ylabel="ms", yscale="log")
+    ax[0, 1].set(title="ITL per window", xlabel="s", ylabel="ms")
+    ax[0, 2].set(title="E2E by send time", xlabel="s", ylabel="ms", yscale="log")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+    ax[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _subsample(idx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
+    if len(idx) <= n:
+        return idx
+    return idx[np.linspace(0, len(idx) - 1, n).astype(np.int64)]
+
+
+def panel_arrivals(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 2, (16, 3.6))
+    for r in runs:
+        sched = np.asarray(r.metrics["scheduled_per_second"])
+        sent = np.asarray(r.metrics["sent_per_second"])
+        x = np.arange(len(sched))
+        ax[0, 0].step(x, sched, where="post", label=f"{r.name} scheduled")
+        ax[0, 0].step(np.arange(len(sent)), sent, where="post", label=f"{r.name} sent", alpha=0.8)
+        n = min(len(sched), len(sent))
+        ax[0, 1].plot(x[:n], sent[:n] - sched[:n], label=r.name)
+    ax[0, 0].set(title="requests per second", xlabel="s", ylabel="requests")
+    ax[0, 1].set(title="sent − scheduled, per second", xlabel="s", ylabel="requests")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def in_flight_series(r: Run, step_s: float = 0.1) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """Requests in flight (sent, not yet finished), sampled every ``step_s``."""
+    sent = r.col("sent_ns")
+    done = r.col("done_ns")
+    started = sent[sent >= 0]
+    ended = np.where(done >= 0, done, np.iinfo(np.int64).max)[sent >= 0]
+    end = int(max(started.max(initial=0), done.max(initial=0)))
+    t = np.arange(0, end + int(step_s * 1e9), int(step_s * 1e9))
+    count = np.searchsorted(np.sort(started), t, side="right") - np.searchsorted(
+        np.sort(ended), t, side="right"
+    )
+    return t / 1e9, count
+
+
+def panel_in_flight(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 1, (16, 3.2))
+    for r in runs:
+        t, c = in_flight_series(r)
+        ax[0, 0].plot(t, c, label=r.name)
+    ax[0, 0].set(title="requests in flight", xlabel="s", ylabel="requests")
+    ax[0, 0].grid(alpha=0.3)
+    ax[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def slot_fidelity(r: Run, slot_ns: int = 1_000_000) -> dict[str, Any]:
+    """Requests per occupied slot as scheduled and as sent, and the share of requests
+    sent inside their scheduled slot."""
+    sched = r.col("scheduled_ns")
+    sent = r.col("sent_ns")
+    was = sent >= 0
+    in_slot = float(np.mean(sent[was] // slot_ns == sched[was] // slot_ns)) if was.any() else 0.0
+    _, sched_counts = np.unique(sched // slot_ns, return_counts=True)
+    _, sent_counts = np.unique(sent[was] // slot_ns, return_counts=True)
+    return {"in_slot": in_slot, "scheduled": sched_counts, "sent": sent_counts}
+
+
+def panel_burst_fidelity(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 2, (16, 3.6))
+    for r in runs:
+        sent, sched = r.col("sent_ns"), r.col("scheduled_ns")
+        lag_us = (sent - sched)[sent >= 0] / 1e3
+        _cdf(ax[0, 0], np.maximum(lag_us, 0.01), r.name)
+        f = slot_fidelity(r)
+        top = int(max(f["scheduled"].max(initial=1), f["sent"].max(initial=1)))
+        k = np.arange(1, top + 1)
+        for key, style in (("scheduled", "o-"), ("sent", "x--")):
+            pmf = np.bincount(f[key], minlength=top + 1)[1:] / max(len(f[key]), 1)
+            label = f"{r.name} {key}"
+            if key == "sent":
+                label += f" ({100 * f['in_slot']:.2f} % in slot)"
+            ax[0, 1].plot(k, pmf, style, label=label)
+    ax[0, 0].set(title="dispatch lag CDF (sent − scheduled)", xlabel="µs", xscale="log")
+    ax[0, 1].set(title="requests per occupied 1 ms slot", xlabel="requests", yscale="log")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def panel_windows(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 4, (16, 3.6))
+    for r in runs:
+        w = r.metrics.get("windows") or []
+        t = [x["start_s"] for x in w]
+        ax[0, 0].plot(t, [x["completed_rps"] for x in w], label=r.name)
+        ax[0, 1].plot(t, [100 * x["failure_rate"] for x in w], label=r.name)
+        ax[0, 2].plot(t, [x["output_tokens_per_s"] for x in w], label=r.name)
+        ax[0, 3].plot(t, [x["itl_jitter_ms"] for x in w], label=r.name)
+    for a, title in zip(
+        ax[0], ("completed req/s", "failure rate (%)", "output tokens/s", "ITL jitter (std, ms)")
+    ):
+        a.set(title=title, xlabel="s")
+        a.grid(alpha=0.3)
+    ax[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def panel_breakdown(runs: list[Run]) -> bytes:
+    fig, ax = _figure(1, 2, (16, 3.6))
+    width = 0.8 / len(runs)
+    for i, r in enumerate(runs):
+        kinds = r.metrics["errors_by_kind"]
+        labels = ["ok", *kinds]
+        counts = [r.metrics["completed"], *kinds.values()]
+        x = np.arange(len(labels))
+        ax[0, 0].bar(x + i * width, counts, width, label=r.name)
+        ax[0, 0].set_xticks(x + width * (len(runs) - 1) / 2, labels, fontsize=8)
+        groups = {
+            f"{g}={v}": sub["p99_ttft_ms"]
+            for g, values in r.metrics.get("breakdown", {}).items()
+            for v, sub in values.items()
+        }
+        xs = np.arange(len(groups))
+        ax[0, 1].bar(xs + i * width, list(groups.values()), width, label=r.name)
+        ax[0, 1].set_xticks(xs + width * (len(runs) - 1) / 2, [g[:24] for g in groups], fontsize=7)
+    ax[0, 0].set(title="requests by outcome", yscale="log")
+    ax[0, 1].set(title="p99 TTFT by class / endpoint (ms)")
+    for a in ax[0]:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+_PANEL_FUNCS = {
+    "latency_cdfs": panel_latency_cdfs,
+    "latency_over_time": panel_latency_over_time,
+    "arrivals": panel_arrivals,
+    "in_flight": panel_in_flight,
+    "burst_fidelity": panel_burst_fidelity,
+    "windows": panel_windows,
+    "breakdown": panel_breakdown,
+}
+
+_KEY_FIGURES = (
+    ("scheduled", "requests scheduled", "d"),
+    ("completed", "succeeded", "d"),
+    ("failed", "failed", "d"),
+    ("not_sent", "not sent", "d"),
+    ("duration", "duration (s)", ".2f"),
+    ("request_throughput", "request throughput (req/s)", ".2f"),
+    ("request_goodput", "request goodput (req/s)", ".2f"),
+    ("output_throughput", "output tokens/s", ".1f"),
+    ("median_ttft_ms", "median TTFT (ms)", ".2f"),
+    ("p99_ttft_ms", "p99 TTFT (ms)", ".2f"),
+    ("p99_ttft_from_scheduled_ms", "p99 TTFT from scheduled (ms)", ".2f"),
+    ("median_tpot_ms", "median TPOT (ms)", ".2f"),
+    ("p99_tpot_ms", "p99 TPOT (ms)", ".2f"),
+    ("p99_itl_ms", "p99 ITL (ms)", ".2f"),
+    ("p99_e2el_ms", "p99 E2E (ms)", ".2f"),
+    ("p99_dispatch_lag_us", "p99 dispatch lag (µs)", ".1f"),
+    ("sent_in_scheduled_ms_fraction", "sent in scheduled ms", ".4f"),
+    ("arrival_rate_error", "arrivals/s error vs schedule", ".4f"),
+)
+
+
+def _table(runs: list[Run]) -> str:
+    head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
+    rows = []
+    for key, label, fmt in _KEY_FIGURES:
+        cells = []
+        for r in runs:
+            v = r.metrics.get(key)
+            cells.append("<td>-</td>" if v is None or (isinstance(v, float) and math.isnan(v))
+                         else f"<td>{format(v, fmt)}</td>")  # fmt: skip
+        rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;
+text-align:right}th{background:#f4f4f4}img{max-width:100%;display:block;margin:.5em 0 2em}
+.meta{color:#555;font-size:90%}"""
+
+
+def render_report(paths: list[Path], out: Path, *, window_s: float = 10.0) -> dict[str, Path]:
+    """Writes ``out`` (HTML, PNGs embedded) and one PNG per panel next to it
+    (``<out stem>_<panel>.png``); returns the PNG paths by panel."""
+    if not paths:
+        raise FineserveError("report: give at least one results file")
+    runs = [load_run(p, window_s) for p in paths]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # same file names from different directories
+        for i, r in enumerate(runs):
+            r.name = f"{i + 1}: {r.name}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FineserveError(f"cannot create {out.parent}: {e.strerror}") from None
+    pngs: dict[str, Path] = {}
+    sections = []
+    for key, title in PANELS.items():
+        data = _PANEL_FUNCS[key](runs)
+        png_path = out.with_name(f"{out.stem}_{key}.png")
+        try:
+            png_path.write_bytes(data)
+        except OSError as e:
+            raise FineserveError(f"cannot write {png_path}: {e.strerror}") from None
+        pngs[key] = png_path
+        b64 = base64.b64encode(data).decode()
+        sections.append(
+            f'<h2>{html.escape(title)}</h2><img id="{key}" alt="{html.escape(title)}" '
+            f'src="data:image/png;base64,{b64}">'
+        )
+    metas = []
+    for r in runs:
+        m = r.meta
+        bits = [
+            f"<b>{html.escape(r.name)}</b>",
+            html.escape(str(m.get("command", ""))),
+            f"seed {m.get('seed')}",
+            f"schedule digest {m.get('schedule_digest', '-')}",
+            f"fineserve {m.get('fineserve_version', '?')}",
+            html.escape(str((m.get("machine") or {}).get("hostname", ""))),
+        ]
+        if m.get("partial") or not m.get("complete", True):
+            bits.append("<b>partial run</b>")
+        metas.append("<p class=meta>" + " · ".join(b for b in bits if b) + "</p>")
+    title = "fineserve report: " + ", ".join(r.name for r in runs)
+    doc = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(metas)}"
+        f"<h2>Key figures</h2>{_table(runs)}{''.join(sections)}</body></html>"
+    )
+    try:
+        out.write_text(doc)
+    except OSError as e:
+        raise FineserveError(f"cannot write {out}: {e.strerror}") from None
+    return pngs
