@@ -97,7 +97,9 @@ def start_run(
 
 @final
 class MockServer:
-    """The embedded OpenAI-compatible mock server (own threads; ``port=0`` picks one)."""
+    """The embedded OpenAI-compatible mock server (own threads; ``port=0`` picks one).
+    ``max_concurrency`` > 0 serves at most that many generations at once; the rest wait
+    for a slot (their TTFT grows), like a server at its batch capacity."""
 
     def __new__(
         cls,
@@ -111,6 +113,7 @@ class MockServer:
         itl_jitter_ms: float = 0.0,
         default_max_tokens: int = 16,
         workers: int = 1,
+        max_concurrency: int = 0,
     ) -> Self: ...
     @property
     def host(self) -> str: ...

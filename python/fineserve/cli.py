@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ def _mock_options(f: Any) -> Any:
         default=5.0,
         show_default=True,
         help="Embedded mock: inter-token latency.",
+    )(f)
+    f = click.option(
+        "--mock-max-concurrency",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Embedded mock: generations served at once (0 = no limit; the rest queue).",
     )(f)
     return f
 
@@ -227,125 +235,175 @@ def _workload_options(f: Any) -> Any:
     return f
 
 
+def _blast_options(f: Any) -> Any:
+    """Options of `blast`, shared by `sweep` (server, request shape, engine, results)."""
+    opts = [
+        click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True),
+        click.option(
+            "--base-url",
+            help="Server base URL, e.g. http://10.0.0.5:8000. "
+            "Without it (and without --host/--port) the embedded mock is started.",
+        ),
+        click.option("--host", help="Server host (with --port)."),
+        click.option("--port", type=int, help="Server port."),
+        click.option(
+            "--endpoint",
+            help="API path; default /v1/completions, or /v1/chat/completions for openai-chat.",
+        ),
+        click.option("--model", help="Model name; default: the first id from GET /v1/models."),
+        click.option(
+            "--tokenizer",
+            help="Tokenizer for exact prompt lengths "
+            "(accepted; used once real prompt datasets land).",
+        ),
+        click.option(
+            "--max-concurrency",
+            type=click.IntRange(min=1),
+            help="Cap on requests in flight; excess requests queue "
+            "(queueing shows as dispatch lag).",
+        ),
+        click.option("--disable-stream", is_flag=True, help="Send non-streaming requests."),
+        click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm)."),
+        click.option("--extra-request-body", help="JSON object merged into every request body."),
+        click.option(
+            "--warmup-requests",
+            type=click.IntRange(min=0),
+            default=1,
+            show_default=True,
+            help="Requests sent (and discarded) before the timed run.",
+        ),
+        click.option(
+            "--output-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Write the result JSON here (.jsonl: append one line, as FineServe).",
+        ),
+        click.option(
+            "--save-requests",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
+            "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
+            "read it with `fineserve report`.",
+        ),
+        click.option(
+            "--goodput",
+            multiple=True,
+            help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
+            '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el.',
+        ),
+        click.option(
+            "--percentile-metrics",
+            default="ttft,tpot,itl,e2el",
+            show_default=True,
+            help="Metrics that get the --metric-percentiles keys (vLLM).",
+        ),
+        click.option(
+            "--metric-percentiles",
+            default="99",
+            show_default=True,
+            help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
+        ),
+        click.option(
+            "--metrics-window",
+            type=float,
+            default=10.0,
+            show_default=True,
+            help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
+            "TTFT/ITL mean and p99, ITL jitter).",
+        ),
+        click.option("--disable-tqdm", is_flag=True, help="No progress bar."),
+        click.option(
+            "--lanes",
+            type=click.IntRange(min=1),
+            help="Engine threads (default: half the CPUs, 1 to 8).",
+        ),
+        click.option(
+            "--warm-connections",
+            type=click.IntRange(min=0),
+            help="Connections opened before the start (default: peak requests in any 1 s, capped).",
+        ),
+        click.option(
+            "--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds."
+        ),
+        click.option(
+            "--first-byte-timeout",
+            type=float,
+            default=600.0,
+            show_default=True,
+            help="Seconds until response headers.",
+        ),
+        click.option(
+            "--idle-timeout",
+            type=float,
+            default=600.0,
+            show_default=True,
+            help="Seconds without a byte mid-response.",
+        ),
+        click.option(
+            "--request-timeout",
+            type=float,
+            default=3600.0,
+            show_default=True,
+            help="Seconds for a whole request.",
+        ),
+        click.option(
+            "--drain-grace",
+            type=float,
+            default=30.0,
+            show_default=True,
+            help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
+        ),
+        click.option(
+            "--realtime-priority",
+            is_flag=True,
+            help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late "
+            "sends for sparse or bursty schedules on contended cores; harmful when a lane is "
+            "busy all the time (above ~2k req/s per lane the kernel's RT throttling pauses it "
+            "for 50 ms a second).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 @cli.command("blast")
-@click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True)
-@click.option(
-    "--base-url",
-    help="Server base URL, e.g. http://10.0.0.5:8000. "
-    "Without it (and without --host/--port) the embedded mock is started.",
-)
-@click.option("--host", help="Server host (with --port).")
-@click.option("--port", type=int, help="Server port.")
-@click.option(
-    "--endpoint", help="API path; default /v1/completions, or /v1/chat/completions for openai-chat."
-)
-@click.option("--model", help="Model name; default: the first id from GET /v1/models.")
-@click.option(
-    "--tokenizer",
-    help="Tokenizer for exact prompt lengths (accepted; used once real prompt datasets land).",
-)
-@click.option(
-    "--max-concurrency",
-    type=click.IntRange(min=1),
-    help="Cap on requests in flight; excess requests queue (queueing shows as dispatch lag).",
-)
-@click.option("--disable-stream", is_flag=True, help="Send non-streaming requests.")
-@click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm).")
-@click.option("--extra-request-body", help="JSON object merged into every request body.")
-@click.option(
-    "--warmup-requests",
-    type=click.IntRange(min=0),
-    default=1,
-    show_default=True,
-    help="Requests sent (and discarded) before the timed run.",
-)
-@click.option(
-    "--output-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the result JSON here (.jsonl: append one line, as FineServe).",
-)
-@click.option(
-    "--save-requests",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
-    "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
-    "read it with `fineserve report`.",
-)
-@click.option(
-    "--goodput",
-    multiple=True,
-    help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
-    '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el.',
-)
-@click.option(
-    "--percentile-metrics",
-    default="ttft,tpot,itl,e2el",
-    show_default=True,
-    help="Metrics that get the --metric-percentiles keys (vLLM).",
-)
-@click.option(
-    "--metric-percentiles",
-    default="99",
-    show_default=True,
-    help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
-)
-@click.option(
-    "--metrics-window",
-    type=float,
-    default=10.0,
-    show_default=True,
-    help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
-    "TTFT/ITL mean and p99, ITL jitter).",
-)
-@click.option("--disable-tqdm", is_flag=True, help="No progress bar.")
-@click.option(
-    "--lanes", type=click.IntRange(min=1), help="Engine threads (default: half the CPUs, 1 to 8)."
-)
-@click.option(
-    "--warm-connections",
-    type=click.IntRange(min=0),
-    help="Connections opened before the start (default: peak requests in any 1 s, capped).",
-)
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds.")
-@click.option(
-    "--first-byte-timeout",
-    type=float,
-    default=600.0,
-    show_default=True,
-    help="Seconds until response headers.",
-)
-@click.option(
-    "--idle-timeout",
-    type=float,
-    default=600.0,
-    show_default=True,
-    help="Seconds without a byte mid-response.",
-)
-@click.option(
-    "--request-timeout",
-    type=float,
-    default=3600.0,
-    show_default=True,
-    help="Seconds for a whole request.",
-)
-@click.option(
-    "--drain-grace",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
-)
-@click.option(
-    "--realtime-priority",
-    is_flag=True,
-    help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late sends "
-    "for sparse or bursty schedules on contended cores; harmful when a lane is busy all the "
-    "time (above ~2k req/s per lane the kernel's RT throttling pauses it for 50 ms a second).",
-)
+@_blast_options
 @_mock_options
 @_workload_options
 def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
+    extra = _prepare_blast_options(o)
+    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
+    base, mock = _server(o)
+    try:
+        _blast(o, base, seed, extra, mock is not None)
+    finally:
+        if mock is not None:
+            mock.stop()
+
+
+def _server(o: dict[str, Any]) -> tuple[str, MockServer | None]:
+    """The target's base URL, starting the embedded mock when no server is given."""
+    base = base_url_from(o["base_url"], o["host"], o["port"])
+    if base is not None:
+        return base, None
+    mock = MockServer(
+        ttft_ms=o["mock_ttft_ms"],
+        itl_ms=o["mock_itl_ms"],
+        max_concurrency=o["mock_max_concurrency"],
+    )
+    cap = o["mock_max_concurrency"]
+    note(
+        f"no server given: started the embedded mock server at {mock.base_url} "
+        f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms"
+        + (f", {cap} generations at once" if cap else "")
+        + "); pass --base-url or --host/--port to target a real server"
+    )
+    return mock.base_url, mock
+
+
+def _prepare_blast_options(o: dict[str, Any]) -> dict:
+    """Parses the options that need more than click; returns the extra request body."""
     extra = parse_extra_body(o["extra_request_body"])
     o["slos"] = parse_goodput(o["goodput"])
     o["percentile_metrics_list"], o["metric_percentiles_list"] = _percentile_options(
@@ -353,22 +411,146 @@ def blast_command(**o: Any) -> None:
     )
     if not (o["metrics_window"] > 0 and math.isfinite(o["metrics_window"])):
         raise FineserveError("--metrics-window must be a positive number of seconds")
-    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    base = base_url_from(o["base_url"], o["host"], o["port"])
-    mock: MockServer | None = None
-    if base is None:
-        mock = MockServer(ttft_ms=o["mock_ttft_ms"], itl_ms=o["mock_itl_ms"])
-        base = mock.base_url
-        note(
-            f"no server given: started the embedded mock server at {base} "
-            f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms); "
-            "pass --base-url or --host/--port to target a real server"
+    return extra
+
+
+@cli.command("sweep")
+@click.option(
+    "--slo",
+    "slo_texts",
+    multiple=True,
+    required=True,
+    help="METRIC:pQ:MS, e.g. --slo ttft:p99:2250 --slo tpot:p99:500 (ttft, tpot, itl, e2el).",
+)
+@click.option(
+    "--scale",
+    type=click.Choice(["auto", "rate", "time-scale"]),
+    default="auto",
+    show_default=True,
+    help="What the load is: the Poisson request rate, or the time scale of any other mode "
+    "(auto: rate for poisson, time-scale otherwise).",
+)
+@click.option(
+    "--start-load", type=float, help="First load probed (default: --request-rate or --time-scale)."
+)
+@click.option(
+    "--step-seconds",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Wall seconds per probe (rate); for time-scale, the trace span of every probe is "
+    "--duration, or step-seconds x the starting time scale.",
+)
+@click.option("--max-failure-rate", type=float, default=0.01, show_default=True)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Stop when the bracket is this narrow (relative).",
+)
+@click.option("--max-probes", type=click.IntRange(min=2), default=14, show_default=True)
+@click.option(
+    "--target-load",
+    type=float,
+    help="Total load to provision for: prints the implied instance count.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG of load vs the SLO percentiles.",
+)
+@_blast_options
+@_mock_options
+@_workload_options
+def sweep_command(
+    slo_texts: tuple[str, ...],
+    scale: str,
+    start_load: float | None,
+    step_seconds: float,
+    max_failure_rate: float,
+    tolerance: float,
+    max_probes: int,
+    target_load: float | None,
+    plot_path: Path | None,
+    **o: Any,
+) -> None:
+    """Find the highest load (request rate or time scale) at which the workload still
+    meets the SLOs, by bracketing and bisection; --output-file writes the JSON."""
+    from .sweep import format_sweep, parse_slo, plot_sweep, search, sweep_json
+
+    slos = [parse_slo(t) for t in slo_texts]
+    extra = _prepare_blast_options(o)
+    if not (step_seconds > 0 and 0 <= max_failure_rate < 1 and tolerance > 0):
+        raise FineserveError(
+            "--step-seconds and --tolerance must be > 0, --max-failure-rate in [0, 1)"
         )
+    if o["save_requests"]:
+        warn("--save-requests is ignored by sweep (one file per probe is not written)")
+    mode = o["mode"] if not o["schedule"] else "schedule"
+    if scale == "auto":
+        scale = "rate" if mode == "poisson" else "time-scale"
+    if scale == "rate" and mode != "poisson":
+        raise FineserveError("--scale rate needs --mode poisson; use --scale time-scale")
+    if scale == "rate":
+        start = start_load or (o["request_rate"] if math.isfinite(o["request_rate"]) else 10.0)
+    else:
+        start = start_load or o["time_scale"] or 1.0
+    span = o["duration"] or step_seconds * start
+    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
+    o["percentile_metrics_list"] = tuple(
+        dict.fromkeys([*o["percentile_metrics_list"], *(x.metric for x in slos)])
+    )
+    o["metric_percentiles_list"] = tuple(
+        dict.fromkeys([*o["metric_percentiles_list"], *(x.percentile for x in slos)])
+    )
+    base, mock = _server(o)
+    probes_done = 0
+
+    def probe(load: float) -> dict[str, Any]:
+        nonlocal probes_done
+        step = {**o, "save_requests": None, "output_file": None, "disable_tqdm": True}
+        if probes_done:
+            step["warmup_requests"] = 0
+        if scale == "rate":
+            step.update(request_rate=load, num_prompts=max(20, round(load * step_seconds)))
+        else:
+            step.update(time_scale=load, duration=span)
+        probes_done += 1
+        run = _execute_blast(step, base, seed, extra, mock is not None, quiet=probes_done > 1)
+        if run.interrupted:
+            raise KeyboardInterrupt
+        return run.metrics
+
+    def log(p: Any) -> None:
+        note(
+            f"probe {len(result_probes) + 1}: {scale} {p.load:.3f} -> "
+            f"{'PASS' if p.passed else 'fail'} ({p.why})"
+        )
+        result_probes.append(p)
+
+    result_probes: list[Any] = []
     try:
-        _blast(o, base, seed, extra, mock is not None)
+        result = search(
+            probe,
+            start,
+            slos,
+            unit="req/s" if scale == "rate" else "time scale",
+            max_failure_rate=max_failure_rate,
+            rel_tolerance=tolerance,
+            max_probes=max_probes,
+            log=log,
+        )
     finally:
         if mock is not None:
             mock.stop()
+    out(format_sweep(result, target_load))
+    if o["output_file"]:
+        _write_result(o["output_file"], sweep_json(result, target_load))
+        note(f"wrote {o['output_file']}")
+    if plot_path:
+        note(f"wrote {plot_sweep(result, plot_path)}")
 
 
 def _jsonable(o: dict[str, Any]) -> dict[str, Any]:
@@ -421,19 +603,45 @@ def _resolve_model(base: str, model: str | None, api_key: str | None) -> str:
     return models[0]
 
 
-def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) -> None:
+@dataclass
+class BlastRun:
+    """What one run of the engine produced (for printing, files, or a sweep step)."""
+
+    metrics: dict[str, Any]
+    header: dict[str, Any]
+    interrupted: bool
+    model: str
+    url: str
+    workload_info: dict[str, Any]
+    writer: RequestsWriter | None
+    digest: str
+
+
+def _execute_blast(
+    o: dict[str, Any],
+    base: str,
+    seed: int,
+    extra: dict,
+    is_mock: bool,
+    *,
+    quiet: bool = False,
+) -> BlastRun:
+    """Builds the workload, runs it, and returns the metrics; the results file, if asked
+    for, is closed with the run's final metadata."""
     api_key = os.environ.get("OPENAI_API_KEY") or None
     endpoint = o["endpoint"] or DEFAULT_ENDPOINT[o["backend"]]
     url = base + (endpoint if endpoint.startswith("/") else "/" + endpoint)
     check_url(url)
     workload = build_workload(o, seed)
-    for line in workload.notes:
+    for line in workload.notes if not quiet else ():
         note(line)
     model = _resolve_model(base, o["model"], api_key)
     first = next(workload.chunks, None)
     if first is None or not len(first):
         raise FineserveError("the workload has no requests")
-    if o["tokenizer"]:
+    if quiet:
+        pass
+    elif o["tokenizer"]:
         note(
             "--tokenizer is accepted but prompts are still synthetic words; "
             "input lengths are approximate"
@@ -473,10 +681,11 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
 
     mode = workload.info.get("mode", o["mode"])
     total = workload.total
-    note(
-        f"{total if total is not None else 'streamed'} requests to {url} (model {model}), "
-        f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections"
-    )
+    if not quiet:
+        note(
+            f"{total if total is not None else 'streamed'} requests to {url} (model {model}), "
+            f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections"
+        )
     writer = None
     if o["save_requests"]:
         writer = RequestsWriter(
@@ -527,25 +736,33 @@ def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) 
     }
     if mode != "poisson":
         header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
-    out(format_summary(metrics, header))
-    if outcome.interrupted:
-        warn("the run was interrupted: results are partial")
+    digest = sink.digest.hexdigest()[:16]
     if writer is not None:
-        path = writer.close(
+        writer.close(
             {
                 "partial": outcome.interrupted,
-                "schedule_digest": sink.digest.hexdigest()[:16],
+                "schedule_digest": digest,
                 "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
                 "header": header,
             }
         )
-        note(f"wrote {writer.rows} request records to {path}")
+    return BlastRun(metrics, header, outcome.interrupted, model, url, workload.info, writer, digest)
+
+
+def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) -> None:
+    run = _execute_blast(o, base, seed, extra, is_mock)
+    out(format_summary(run.metrics, run.header))
+    if run.interrupted:
+        warn("the run was interrupted: results are partial")
+    if run.writer is not None:
+        note(f"wrote {run.writer.rows} request records to {run.writer.path}")
     if o["output_file"]:
-        result = _result_json(o, metrics, header, model, seed, url, outcome.interrupted)
-        result["workload"] = workload.info
+        result = _result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
+        result["workload"] = run.workload_info
+        result["schedule_digest"] = run.digest
         _write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
-    if outcome.interrupted:
+    if run.interrupted:
         sys.exit(130)
 
 
@@ -798,6 +1015,14 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
 )
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Generations served at once (0 = no limit); the rest queue, so TTFT grows past "
+    "capacity like a real server's.",
+)
 def mock_command(
     host: str,
     port: int,
@@ -807,6 +1032,7 @@ def mock_command(
     itl_ms: float,
     itl_jitter_ms: float,
     workers: int,
+    max_concurrency: int,
 ) -> None:
     """Run the embedded OpenAI-compatible mock server until Ctrl-C."""
     server = MockServer(
@@ -818,6 +1044,7 @@ def mock_command(
         itl_ms=itl_ms,
         itl_jitter_ms=itl_jitter_ms,
         workers=workers,
+        max_concurrency=max_concurrency,
     )
     out(
         f"fineserve mock serving {model!r} at {server.base_url} "

@@ -16,7 +16,8 @@ class MockServer:
 
     Streams exactly ``max_tokens`` tokens (as with ``ignore_eos``), TTFT = ``ttft_ms`` +
     ``ttft_per_prompt_token_ms`` × prompt words, tokens every ``itl_ms`` (± ``itl_jitter_ms``)
-    on absolute deadlines with tokio's ~1 ms timer granularity.
+    on absolute deadlines with tokio's ~1 ms timer granularity. ``max_concurrency`` > 0
+    serves that many generations at once and queues the rest (a server at capacity).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:

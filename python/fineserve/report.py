@@ -55,10 +55,18 @@ def table_to_columns(table: pa.Table) -> dict[str, Any]:
     cols: dict[str, Any] = {
         c: table[c].to_numpy(zero_copy_only=False).astype(np.int64)
         for c in (
-            "index", "scheduled_ns", "sent_ns", "first_byte_ns", "first_token_ns", "done_ns",
-            "n_chunks", "completion_tokens", "prompt_tokens", "http_status",
+            "index",
+            "scheduled_ns",
+            "sent_ns",
+            "first_byte_ns",
+            "first_token_ns",
+            "done_ns",
+            "n_chunks",
+            "completion_tokens",
+            "prompt_tokens",
+            "http_status",
         )
-    }  # fmt: skip
+    }
     kinds = table["error_kind"].to_pylist()
     code = {k: i for i, k in enumerate(ERROR_KINDS)}
     cols["error_kind"] = np.array([code.get(k, code["invalid_response"]) for k in kinds], np.uint8)
@@ -357,8 +365,11 @@ def _table(runs: list[Run]) -> str:
         cells = []
         for r in runs:
             v = r.metrics.get(key)
-            cells.append("<td>-</td>" if v is None or (isinstance(v, float) and math.isnan(v))
-                         else f"<td>{format(v, fmt)}</td>")  # fmt: skip
+            cells.append(
+                "<td>-</td>"
+                if v is None or (isinstance(v, float) and math.isnan(v))
+                else f"<td>{format(v, fmt)}</td>"
+            )
         rows.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
 

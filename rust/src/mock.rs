@@ -37,6 +37,9 @@ pub struct MockConfig {
     /// Tokens generated when a request names no `max_tokens`.
     pub default_max_tokens: u32,
     pub workers: usize,
+    /// Generations served at once (a server's batch capacity); requests beyond it wait
+    /// for a slot before their TTFT starts, so latency grows past capacity. 0 = no limit.
+    pub max_concurrency: usize,
 }
 
 impl Default for MockConfig {
@@ -49,6 +52,7 @@ impl Default for MockConfig {
             itl_jitter: Duration::ZERO,
             default_max_tokens: 16,
             workers: 1,
+            max_concurrency: 0,
         }
     }
 }
@@ -106,6 +110,8 @@ impl MockServer {
             .map_err(|e| EngineError::io("reading the mock address", e))?;
         let stats = Arc::new(MockStats::default());
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let slots = (config.max_concurrency > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)));
         let cfg = Arc::new(config);
         let st = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
@@ -124,9 +130,10 @@ impl MockServer {
                                 let _ = stream.set_nodelay(true);
                                 let cfg = Arc::clone(&cfg);
                                 let st = Arc::clone(&st);
+                                let slots = slots.clone();
                                 tokio::spawn(async move {
                                     let svc = hyper::service::service_fn(move |req| {
-                                        handle(req, Arc::clone(&cfg), Arc::clone(&st))
+                                        handle(req, Arc::clone(&cfg), Arc::clone(&st), slots.clone())
                                     });
                                     let _ = hyper::server::conn::http1::Builder::new()
                                         .serve_connection(TokioIo::new(stream), svc)
@@ -190,8 +197,9 @@ async fn handle(
     req: http::Request<Incoming>,
     cfg: Arc<MockConfig>,
     stats: Arc<MockStats>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 ) -> Result<Response<MockBody>, Infallible> {
-    let arrival = Instant::now();
+    let mut arrival = Instant::now();
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let chat = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => {
@@ -234,6 +242,22 @@ async fn handle(
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let prompt_tokens = count_prompt_tokens(&parsed, chat);
+    // Past capacity a request waits for a slot, and its generation starts when it gets one.
+    let permit = match slots {
+        Some(sem) => match sem.acquire_owned().await {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return Ok(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting down",
+                ))
+            }
+        },
+        None => None,
+    };
+    if permit.is_some() {
+        arrival = Instant::now();
+    }
     let ttft = cfg.ttft + cfg.ttft_per_prompt_token * prompt_tokens as u32;
     let seq = stats.completions.fetch_add(1, Ordering::Relaxed);
     let model: Arc<str> = parsed
@@ -257,7 +281,10 @@ async fn handle(
         pending: None,
     };
     stats.active_streams.fetch_add(1, Ordering::Relaxed);
-    let guard = ActiveGuard(Arc::clone(&stats));
+    let guard = ActiveGuard {
+        stats: Arc::clone(&stats),
+        _slot: permit,
+    };
     let (ctype, body) = if stream {
         ("text/event-stream", MockBody::stream(gen, guard))
     } else {
@@ -297,11 +324,15 @@ fn count_prompt_tokens(v: &serde_json::Value, chat: bool) -> u64 {
     }
 }
 
-struct ActiveGuard(Arc<MockStats>);
+/// Held for a generation's life: counts it as active and keeps its capacity slot.
+struct ActiveGuard {
+    stats: Arc<MockStats>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active_streams.fetch_sub(1, Ordering::Relaxed);
+        self.stats.active_streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

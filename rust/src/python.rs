@@ -266,7 +266,7 @@ impl PyMockServer {
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), port = 0, *, model = "fineserve-mock".to_owned(),
         ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
-        default_max_tokens = 16, workers = 1,
+        default_max_tokens = 16, workers = 1, max_concurrency = 0,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -279,6 +279,7 @@ impl PyMockServer {
         itl_jitter_ms: f64,
         default_max_tokens: u32,
         workers: usize,
+        max_concurrency: usize,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -297,6 +298,7 @@ impl PyMockServer {
             itl_jitter: ms("itl_jitter_ms", itl_jitter_ms)?,
             default_max_tokens,
             workers,
+            max_concurrency,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();

@@ -230,10 +230,16 @@ class MetricsAccumulator:
                 sub = {
                     c: np.asarray(columns[c])[rows]
                     for c in (
-                        "index", "scheduled_ns", "sent_ns", "first_token_ns", "done_ns",
-                        "n_chunks", "completion_tokens", "error_kind",
+                        "index",
+                        "scheduled_ns",
+                        "sent_ns",
+                        "first_token_ns",
+                        "done_ns",
+                        "n_chunks",
+                        "completion_tokens",
+                        "error_kind",
                     )
-                }  # fmt: skip
+                }
                 sub["chunk_ns"], sub_off = take_ragged(chunk_ns, offsets, rows)
                 sub["chunk_offsets"] = sub_off.astype(np.uint64)
                 position = {int(r): i for i, r in enumerate(rows)}
@@ -415,9 +421,15 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Median TPOT (ms):", m["median_tpot_ms"], ".2f")
     row("P99 TPOT (ms):", m["p99_tpot_ms"], ".2f")
     shown = {"p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms", "p95_itl_ms", "p99_e2el_ms"}
-    more = [k for k in m if k.startswith("p") and k.endswith("_ms") and k not in shown
-            and k.split("_", 1)[1] in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
-            and k[1].isdigit()]  # fmt: skip
+    more = [
+        k
+        for k in m
+        if k.startswith("p")
+        and k.endswith("_ms")
+        and k not in shown
+        and k.split("_", 1)[1] in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+        and k[1].isdigit()
+    ]
     if more:
         section("Requested percentiles")
         for k in more:

@@ -1,0 +1,227 @@
+"""Capacity search (ServeGen's and BurstGPT's provisioning use case): the highest load at
+which a workload still meets its SLOs.
+
+A load is a request rate (``poisson``) or a time scale (any other mode); each probe runs
+the workload at that load and checks the SLO percentiles plus a failure-rate ceiling.
+The search brackets first (doubling up from the starting load while it passes, halving
+down while it fails), then bisects the bracket until it is narrower than the tolerance.
+It assumes latency grows with load, as it does for a server past its capacity; a noisy
+probe near the knee can mislead bisection by one step, which the table makes visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FineserveError
+
+SLO_METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+@dataclass(frozen=True)
+class Slo:
+    metric: str
+    percentile: float
+    limit_ms: float
+
+    @property
+    def key(self) -> str:
+        return f"p{self.percentile:g}_{self.metric}_ms".replace(".", "_")
+
+    def __str__(self) -> str:
+        return f"P{self.percentile:g} {self.metric.upper()} <= {self.limit_ms:g} ms"
+
+
+def parse_slo(text: str) -> Slo:
+    """``ttft:p99:2250`` (metric, percentile, ms)."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in SLO_METRICS or not parts[1].lower().startswith("p"):
+        raise FineserveError(
+            f"--slo {text!r}: expected METRIC:pPERCENTILE:MS, e.g. ttft:p99:2250 "
+            f"(metrics: {', '.join(SLO_METRICS)})"
+        )
+    try:
+        q, ms = float(parts[1][1:]), float(parts[2])
+    except ValueError:
+        raise FineserveError(f"--slo {text!r}: percentile and limit must be numbers") from None
+    if not (0 < q < 100 and ms > 0):
+        raise FineserveError(f"--slo {text!r}: need 0 < percentile < 100 and a limit > 0 ms")
+    return Slo(parts[0], q, ms)
+
+
+@dataclass
+class Probe:
+    load: float
+    metrics: dict[str, Any]
+    passed: bool
+    why: str
+
+
+@dataclass
+class SweepResult:
+    unit: str
+    slos: list[Slo]
+    max_failure_rate: float
+    probes: list[Probe] = field(default_factory=list)
+
+    @property
+    def best(self) -> Probe | None:
+        ok = [p for p in self.probes if p.passed]
+        return max(ok, key=lambda p: p.load) if ok else None
+
+    def instances_for(self, target_load: float) -> int | None:
+        best = self.best
+        return math.ceil(target_load / best.load) if best and best.load > 0 else None
+
+
+def judge(metrics: dict[str, Any], slos: list[Slo], max_failure_rate: float) -> tuple[bool, str]:
+    sent = metrics["completed"] + metrics["failed"]
+    if not metrics["completed"]:
+        return False, "no request succeeded"
+    fail_rate = metrics["failed"] / sent if sent else 1.0
+    misses = []
+    if fail_rate > max_failure_rate:
+        misses.append(f"failures {100 * fail_rate:.1f}% > {100 * max_failure_rate:g}%")
+    for s in slos:
+        v = metrics.get(s.key)
+        if v is None or not v <= s.limit_ms:
+            misses.append(f"{s.key} {v:.1f} > {s.limit_ms:g}" if v is not None else s.key)
+    return not misses, "; ".join(misses) or "meets every SLO"
+
+
+def search(
+    probe: Callable[[float], dict[str, Any]],
+    start: float,
+    slos: list[Slo],
+    *,
+    unit: str,
+    max_failure_rate: float = 0.01,
+    rel_tolerance: float = 0.05,
+    max_probes: int = 14,
+    log: Callable[[Probe], None] | None = None,
+) -> SweepResult:
+    if not (start > 0 and math.isfinite(start)):
+        raise FineserveError("the sweep's starting load must be a positive number")
+    result = SweepResult(unit, slos, max_failure_rate)
+
+    def run(load: float) -> bool:
+        m = probe(load)
+        ok, why = judge(m, slos, max_failure_rate)
+        p = Probe(load, m, ok, why)
+        result.probes.append(p)
+        if log:
+            log(p)
+        return ok
+
+    lo: float | None = None  # highest passing load
+    hi: float | None = None  # lowest failing load
+    load = start
+    while len(result.probes) < max_probes:
+        if run(load):
+            lo = load
+            if hi is not None:
+                break
+            load *= 2
+        else:
+            hi = load
+            if lo is not None:
+                break
+            load /= 2
+    while lo is not None and hi is not None and len(result.probes) < max_probes:
+        if (hi - lo) / lo <= rel_tolerance:
+            break
+        mid = (lo + hi) / 2
+        if run(mid):
+            lo = mid
+        else:
+            hi = mid
+    return result
+
+
+def format_sweep(r: SweepResult, target_load: float | None = None) -> str:
+    head = (
+        f"{r.unit:>12} {'achieved rps':>12} {'ok':>6} {'failed':>6} "
+        + " ".join(f"{s.key:>16}" for s in r.slos)
+        + "  verdict"
+    )
+    lines = [
+        "Capacity sweep: "
+        + "; ".join(str(s) for s in r.slos)
+        + f"; failures <= {100 * r.max_failure_rate:g}%",
+        head,
+        "-" * len(head),
+    ]
+    for p in sorted(r.probes, key=lambda p: p.load):
+        m = p.metrics
+        cells = " ".join(f"{m.get(s.key, float('nan')):16.2f}" for s in r.slos)
+        lines.append(
+            f"{p.load:12.3f} {m['request_throughput']:12.2f} {m['completed']:6d} "
+            f"{m['failed']:6d} {cells}  {'PASS' if p.passed else 'fail: ' + p.why}"
+        )
+    best = r.best
+    if best is None:
+        lines.append("no probed load meets the SLOs")
+    else:
+        lines.append(
+            f"highest load meeting the SLOs: {best.load:.3f} ({r.unit}), "
+            f"{best.metrics['request_throughput']:.2f} req/s achieved"
+        )
+        if target_load is not None:
+            n = r.instances_for(target_load)
+            lines.append(f"instances needed for a total load of {target_load:g}: {n}")
+    return "\n".join(lines)
+
+
+def sweep_json(r: SweepResult, target_load: float | None) -> dict[str, Any]:
+    best = r.best
+    return {
+        "unit": r.unit,
+        "slos": [
+            {"metric": s.metric, "percentile": s.percentile, "limit_ms": s.limit_ms} for s in r.slos
+        ],
+        "max_failure_rate": r.max_failure_rate,
+        "best_load": best.load if best else None,
+        "best_achieved_rps": best.metrics["request_throughput"] if best else None,
+        "target_load": target_load,
+        "instances": r.instances_for(target_load) if target_load else None,
+        "probes": [
+            {
+                "load": p.load,
+                "passed": p.passed,
+                "why": p.why,
+                "metrics": {k: v for k, v in p.metrics.items() if not isinstance(v, (list, dict))},
+            }
+            for p in sorted(r.probes, key=lambda p: p.load)
+        ],
+    }
+
+
+def plot_sweep(r: SweepResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = sorted(r.probes, key=lambda p: p.load)
+    fig, ax = plt.subplots(1, len(r.slos), figsize=(5 * len(r.slos), 3.8), squeeze=False)
+    for a, s in zip(ax[0], r.slos):
+        x = [p.load for p in probes]
+        a.plot(x, [p.metrics.get(s.key, math.nan) for p in probes], "o-", label=s.key)
+        a.axhline(s.limit_ms, color="tab:red", ls="--", label=f"SLO {s.limit_ms:g} ms")
+        if r.best:
+            a.axvline(r.best.load, color="tab:green", ls=":", label=f"best {r.best.load:.3g}")
+        a.set(xlabel=r.unit, ylabel="ms", yscale="log", title=str(s))
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=90)
+    except OSError as e:
+        raise FineserveError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path
