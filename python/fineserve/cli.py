@@ -706,7 +706,9 @@ def _execute_blast(
             },
         )
     sink = MetricsSink(
-        MetricsAccumulator(slos=o["slos"], window_s=o["metrics_window"], groups=("class",)),
+        MetricsAccumulator(
+            slos=o["slos"], window_s=o["metrics_window"], groups=("class", "endpoint")
+        ),
         writer,
         [url],
     )
@@ -787,6 +789,9 @@ class MetricsSink(RecordSink):
 
     def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
         labels = {k: v for k, v in extra.items() if k == "class"}
+        if len(self.endpoints) > 1:
+            names = np.asarray(self.endpoints, dtype=object)
+            labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]
         self.acc.add(columns, extra["input_len"], labels)
         ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
         if ok.any():
