@@ -274,3 +274,17 @@ def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "not a fineserve results file" in r.output
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.parquet")])
     assert r.exit_code != 0 and "file not found" in r.output
+
+
+def test_blast_records_the_digest_generate_prints(tmp_path: Path) -> None:
+    sched, summary = tmp_path / "s.parquet", tmp_path / "s.json"
+    args = ["--mode", "poisson", "--request-rate", "300", "--num-prompts", "200", "--seed", "7"]
+    r = invoke("generate", *args, "-o", str(sched), "--summary-json", str(summary))
+    assert r.exit_code == 0, r.output
+    res = tmp_path / "r.json"
+    r = invoke("blast", *args, "--disable-tqdm", "--output-file", str(res))
+    assert r.exit_code == 0, r.output
+    digest = json.loads(summary.read_text())["digest"]
+    assert json.loads(res.read_text())["schedule_digest"] == digest
+    r = invoke("blast", *args[:-1], "8", "--disable-tqdm", "--output-file", str(res))
+    assert json.loads(res.read_text())["schedule_digest"] != digest

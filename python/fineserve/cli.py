@@ -33,7 +33,7 @@ from .mock import MockServer
 from .prompts import SyntheticPromptBuilder
 from .results import RequestsWriter, machine_info, records_to_batch
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
-from .schedule import Schedule, write_schedule
+from .schedule import Schedule, ScheduleDigest, write_schedule
 from .server import base_url_from, check_url, fetch_models
 from .workloads.spec import MODES, build_workload
 
@@ -712,10 +712,13 @@ def _execute_blast(
         writer,
         [url],
     )
+    schedule_digest = ScheduleDigest()
     try:
         outcome = run_stream(
             [url],
-            _engine_chunks(itertools.chain([first], workload.chunks), builder, template),
+            _engine_chunks(
+                itertools.chain([first], workload.chunks), builder, template, schedule_digest
+            ),
             options,
             sink,
             total=total,
@@ -738,7 +741,8 @@ def _execute_blast(
     }
     if mode != "poisson":
         header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
-    digest = sink.digest.hexdigest()[:16]
+    # Of the schedule generated so far: the whole one unless the run was interrupted.
+    digest = schedule_digest.hexdigest()
     if writer is not None:
         writer.close(
             {
@@ -782,9 +786,6 @@ class MetricsSink(RecordSink):
         self.writer = writer
         self.endpoints = endpoints or [""]
         self.span_s = 0.0
-        # Digest of the scheduled send times in completion order would depend on timing;
-        # hash (index, scheduled_ns) pairs sorted within each batch instead (order-free sum).
-        self.digest = _OrderFreeDigest()
         self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
 
     def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -799,7 +800,6 @@ class MetricsSink(RecordSink):
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
         if len(columns["scheduled_ns"]):
             self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
-        self.digest.add(np.asarray(columns["index"]), np.asarray(columns["scheduled_ns"]))
         if self.writer is not None:
             self.writer.write(records_to_batch(columns, extra, self.endpoints))
 
@@ -815,36 +815,17 @@ class MetricsSink(RecordSink):
         return {"ttft_p50": f"{p50:.0f}ms", "ttft_p99": f"{p99:.0f}ms"}
 
 
-class _OrderFreeDigest:
-    """A digest of (index, scheduled_ns) pairs that does not depend on the order records
-    complete in: the sum, modulo 2^64, of a 64-bit hash of each pair."""
-
-    def __init__(self) -> None:
-        self.total = np.uint64(0)
-
-    def add(self, index: npt.NDArray[Any], scheduled_ns: npt.NDArray[Any]) -> None:
-        if not len(index):
-            return
-        x = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ scheduled_ns.astype(np.uint64)
-        # splitmix64 finaliser: a cheap, well-mixed 64-bit hash, vectorised.
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-        with np.errstate(over="ignore"):
-            self.total = np.uint64(self.total + np.sum(x, dtype=np.uint64))
-
-    def hexdigest(self) -> str:
-        return f"{int(self.total):016x}"
-
-
 def _engine_chunks(
-    chunks: Iterator[Schedule], builder: SyntheticPromptBuilder, template: BodyTemplate
+    chunks: Iterator[Schedule],
+    builder: SyntheticPromptBuilder,
+    template: BodyTemplate,
+    digest: ScheduleDigest | None = None,
 ) -> Iterator[EngineChunk]:
     """Schedule chunks → request bodies; prompt i is unique to request i of the run."""
     base = 0
     for c in chunks:
+        if digest is not None:
+            digest.add(c)
         n = len(c)
         bodies = template.render_all(
             (builder.build(base + i, int(ln)) for i, ln in enumerate(c.input_len)),

@@ -141,6 +141,22 @@ def merge_sorted(parts: list[Schedule]) -> Schedule:
     return joined.take(np.argsort(joined.t_ns, kind="stable"))
 
 
+class ScheduleDigest:
+    """Digest of (send time, input length, output length) in schedule order; one hash per
+    column, so it does not depend on how the schedule was chunked. ``generate`` prints it
+    and ``blast`` records it, so a run can be matched to the schedule it sent."""
+
+    def __init__(self) -> None:
+        self._hashes = (hashlib.sha256(), hashlib.sha256(), hashlib.sha256())
+
+    def add(self, s: Schedule) -> None:
+        for h, col in zip(self._hashes, (s.t_ns, s.input_len, s.output_len)):
+            h.update(np.ascontiguousarray(col, dtype="<i8").tobytes())
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(b"".join(h.digest() for h in self._hashes)).hexdigest()[:16]
+
+
 @dataclass
 class ScheduleStats:
     """Streaming summary of a schedule: count, span, per-window rate and IAT CV, bursts."""
@@ -158,10 +174,7 @@ class ScheduleStats:
     slot_counts: dict[int, int] = field(default_factory=dict)
     _open_slot: int = -1
     _open_count: int = 0
-    #: One hash per column, so the digest does not depend on how the schedule was chunked.
-    _digests: tuple[Any, ...] = field(
-        default_factory=lambda: (hashlib.sha256(), hashlib.sha256(), hashlib.sha256())
-    )
+    _digest: ScheduleDigest = field(default_factory=lambda: ScheduleDigest())
 
     def add(self, s: Schedule) -> None:
         if not len(s):
@@ -171,8 +184,7 @@ class ScheduleStats:
         self.last_t_ns = int(t[-1])
         self.input_tokens += int(s.input_len.sum())
         self.output_tokens += int(s.output_len.sum())
-        for h, col in zip(self._digests, (t, s.input_len, s.output_len)):
-            h.update(np.ascontiguousarray(col, dtype="<i8").tobytes())
+        self._digest.add(s)
         prev = t[0] if self._prev_t is None else self._prev_t
         gaps = np.diff(np.concatenate([[prev], t])).astype(np.float64)
         if self._prev_t is None:
@@ -229,7 +241,7 @@ class ScheduleStats:
             "max_per_slot": max(self.slot_counts, default=0),
             "fraction_in_bursts": in_bursts / self.n if self.n else 0.0,
             "slot_ms": self.slot_ns / 1e6,
-            "digest": hashlib.sha256(b"".join(h.digest() for h in self._digests)).hexdigest()[:16],
+            "digest": self._digest.hexdigest(),
         }
 
 

@@ -57,7 +57,8 @@ class _Windowed:
         self.count += np.bincount(window, minlength=n)
         self.total += np.bincount(window, weights=v_ns, minlength=n)
         self.total_sq += np.bincount(window, weights=v_ns * v_ns, minlength=n)
-        np.add.at(self.hist, (window, _bins(v_ns)), 1)
+        flat = window * _N_BINS + _bins(v_ns)  # bincount: far faster than np.add.at
+        self.hist += np.bincount(flat, minlength=n * _N_BINS).reshape(n, _N_BINS).astype(np.int32)
 
     def mean_ms(self, w: int) -> float | None:
         return (
