@@ -11,9 +11,11 @@ from click.testing import CliRunner
 
 from conftest import SHARED_DATA
 from fineserve.api import BodyTemplate
-from fineserve.cli import _engine_chunks, cli
+from fineserve.blast import RequestShapes, engine_chunks
+from fineserve.cli import cli
 from fineserve.mock import MockServer
 from fineserve.prompts import SyntheticPromptBuilder
+from fineserve.routing import Deployment
 from fineserve.runner import EngineOptions, RecordSink, run_stream
 from fineserve.schedule import concat, read_schedule
 
@@ -143,9 +145,17 @@ def test_generated_schedule_replays_exactly_in_streamed_chunks(tmp_path: Path) -
     sink = _Collect()
     template = BodyTemplate("vllm", "fineserve-mock", stream=True, ignore_eos=True)
     with MockServer(ttft_ms=5, itl_ms=1) as m:
+        url = m.base_url + "/v1/completions"
+        shapes = RequestShapes(
+            SyntheticPromptBuilder(0),
+            {"fineserve-mock": template},
+            "fineserve-mock",
+            {},
+            Deployment([url]),
+        )
         outcome = run_stream(
-            [m.base_url + "/v1/completions"],
-            _engine_chunks(chunks, SyntheticPromptBuilder(0), template),
+            [url],
+            engine_chunks(chunks, shapes),
             EngineOptions(warm_connections=32),
             sink,
             total=rows,

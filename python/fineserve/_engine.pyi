@@ -83,8 +83,12 @@ def start_run(
     api_key: str | None = None,
     realtime_priority: bool = False,
     more: bool = False,
+    route_groups: list[list[int]] = ...,  # []
 ) -> Run:
     """Start an open-loop run and return at once.
+
+    ``endpoint_idx`` = ``len(endpoints) + g`` routes a request, when it is sent, to the
+    endpoint of ``route_groups[g]`` with the fewest requests outstanding.
 
     ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
     ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).

@@ -2,6 +2,19 @@
 
 Bodies are built from a JSON template per run, so each request costs one ``json.dumps``
 of its prompt rather than of a whole dict.
+
+The API follows the endpoint: a path ending in ``/chat/completions`` gets a chat body
+(``messages``), anything else a completions body (``prompt``). Forcing the output length
+to the schedule's, per backend:
+
+- ``vllm``, ``sglang``: ``max_tokens`` plus ``ignore_eos: true`` (both servers accept it on
+  their OpenAI routes), so exactly ``max_tokens`` tokens come back;
+- ``openai``, ``openai-chat``: only ``max_tokens`` (completions) or ``max_completion_tokens``
+  (chat) — strict servers (OpenAI, ``transformers serve``) reject unknown fields such as
+  ``ignore_eos`` with HTTP 4xx, so the output may end early at EOS;
+- ``tgi``: ``max_tokens`` (TGI's OpenAI routes have no ignore-EOS switch; same caveat).
+``--disable-ignore-eos`` drops ``ignore_eos``; ``--extra-request-body`` adds anything else
+(e.g. ``{"min_tokens": 128}`` for vLLM/SGLang).
 """
 
 from __future__ import annotations
@@ -12,14 +25,24 @@ from typing import Any
 
 from .errors import FineserveError
 
-BACKENDS = ("vllm", "openai", "openai-chat")
+BACKENDS = ("vllm", "sglang", "openai", "openai-chat", "tgi")
 
 #: The default path per backend, appended to the base URL.
 DEFAULT_ENDPOINT = {
     "vllm": "/v1/completions",
+    "sglang": "/v1/completions",
     "openai": "/v1/completions",
     "openai-chat": "/v1/chat/completions",
+    "tgi": "/v1/chat/completions",
 }
+
+#: Backends whose OpenAI routes accept ``ignore_eos``.
+IGNORE_EOS_BACKENDS = ("vllm", "sglang")
+
+
+def is_chat_endpoint(path: str) -> bool:
+    return path.rstrip("/").endswith("/chat/completions")
+
 
 _PROMPT = "__FINESERVE_PROMPT__"
 _MAX_TOKENS = 987654321
@@ -49,13 +72,19 @@ class BodyTemplate:
         stream: bool,
         ignore_eos: bool,
         extra: dict[str, Any] | None = None,
+        chat: bool | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise FineserveError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if chat is None:
+            chat = is_chat_endpoint(DEFAULT_ENDPOINT[backend])
+        self.chat = chat
         body: dict[str, Any] = {"model": model}
-        if backend == "openai-chat":
+        if chat:
             body["messages"] = [{"role": "user", "content": _PROMPT}]
-            body["max_completion_tokens"] = _MAX_TOKENS
+            # OpenAI's current name; vLLM, SGLang and TGI take max_tokens.
+            key = "max_completion_tokens" if backend == "openai-chat" else "max_tokens"
+            body[key] = _MAX_TOKENS
         else:
             body["prompt"] = _PROMPT
             body["max_tokens"] = _MAX_TOKENS
@@ -64,7 +93,7 @@ class BodyTemplate:
         if stream:
             # Ask for server-side token counts in the last chunk (OpenAI/vLLM/SGLang).
             body["stream_options"] = {"include_usage": True}
-        if ignore_eos and backend == "vllm":
+        if ignore_eos and backend in IGNORE_EOS_BACKENDS:
             body["ignore_eos"] = True
         body.update(extra or {})
         text = json.dumps(body, separators=(",", ":"))

@@ -2,43 +2,30 @@
 
 from __future__ import annotations
 
-import collections
-import itertools
-import json
 import math
-import os
-import shlex
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-import numpy.typing as npt
 
 from . import __version__
-from .api import BACKENDS, DEFAULT_ENDPOINT, BodyTemplate, parse_extra_body
+from .api import BACKENDS, parse_extra_body
+from .blast import execute_blast, result_json, write_result
 from .cli_fit import compare_command, fit_command
 from .cli_options import trace_format_options
 from .cli_report import report_command
 from .console import note, out, warn
 from .errors import FineserveError
-from .metrics import MetricsAccumulator, format_summary
+from .metrics import format_summary
 from .metrics.serving import parse_goodput
 from .mock import MockServer
-from .prompts import SyntheticPromptBuilder
-from .results import RequestsWriter, machine_info, records_to_batch
-from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
-from .schedule import Schedule, ScheduleDigest, write_schedule
-from .server import base_url_from, check_url, fetch_models
+from .schedule import write_schedule
+from .server import base_url_from
 from .workloads.spec import MODES, build_workload
-
-#: Cap on connections opened before the start instant when sized automatically.
-_AUTO_WARM_CAP = 16_384
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -241,8 +228,29 @@ def _blast_options(f: Any) -> Any:
         click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True),
         click.option(
             "--base-url",
-            help="Server base URL, e.g. http://10.0.0.5:8000. "
-            "Without it (and without --host/--port) the embedded mock is started.",
+            multiple=True,
+            help="Server base URL, e.g. http://10.0.0.5:8000; repeat for a deployment of "
+            "several instances. Without it (and without --host/--port) the embedded mock "
+            "is started.",
+        ),
+        click.option(
+            "--route",
+            type=click.Choice(["round-robin", "least-outstanding"]),
+            default="round-robin",
+            show_default=True,
+            help="How requests spread over several --base-url: in turn, or (decided when "
+            "each request leaves) to the endpoint with the fewest requests in flight.",
+        ),
+        click.option(
+            "--route-class",
+            multiple=True,
+            help="CLASS=URL[,URL...]: send a class's requests only to these --base-url "
+            "servers (repeat per class).",
+        ),
+        click.option(
+            "--class-model",
+            multiple=True,
+            help="CLASS=MODEL: the model a class's requests ask for (repeat per class).",
         ),
         click.option("--host", help="Server host (with --port)."),
         click.option("--port", type=int, help="Server port."),
@@ -253,8 +261,49 @@ def _blast_options(f: Any) -> Any:
         click.option("--model", help="Model name; default: the first id from GET /v1/models."),
         click.option(
             "--tokenizer",
-            help="Tokenizer for exact prompt lengths "
-            "(accepted; used once real prompt datasets land).",
+            help="Hugging Face tokenizer (a local directory, or a name already in the local "
+            "cache; never downloaded): prompts get exactly the schedule's input lengths.",
+        ),
+        click.option(
+            "--dataset-path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Prompt source text: ShareGPT JSON, FineServe JSON (input_text) or JSONL "
+            "(prompt/text); prompts are cut from it to exact lengths (needs --tokenizer).",
+        ),
+        click.option(
+            "--apply-chat-template",
+            is_flag=True,
+            help="Completions API: wrap each prompt in the tokenizer's chat template "
+            "(its length included).",
+        ),
+        click.option("--prompt-suffix", default="", help="Text appended to every prompt."),
+        click.option(
+            "--prefix-block-size",
+            type=click.IntRange(min=1),
+            default=512,
+            show_default=True,
+            help="Tokens per hash_ids block (Mooncake/Qwen-Bailian traces): equal ids give "
+            "identical blocks, so a prefix cache sees the trace's sharing.",
+        ),
+        click.option(
+            "--shared-prefix-groups",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Synthetic prefix sharing: request i uses group (i mod G)'s prefix.",
+        ),
+        click.option(
+            "--shared-prefix-len",
+            type=click.IntRange(min=0),
+            default=0,
+            help="Tokens of the shared prefix per group (the rest of a prompt is its own).",
+        ),
+        click.option(
+            "--prompt-check",
+            type=click.Choice(["sample", "all", "off"]),
+            default="sample",
+            show_default=True,
+            help="Re-encode prompts to check their length: a sample of each chunk (all of "
+            "them once one is off), every prompt, or none.",
         ),
         click.option(
             "--max-concurrency",
@@ -374,19 +423,24 @@ def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     extra = _prepare_blast_options(o)
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    base, mock = _server(o)
+    bases, mock = _servers(o)
     try:
-        _blast(o, base, seed, extra, mock is not None)
+        _blast(o, bases, seed, extra, mock is not None)
     finally:
         if mock is not None:
             mock.stop()
 
 
-def _server(o: dict[str, Any]) -> tuple[str, MockServer | None]:
-    """The target's base URL, starting the embedded mock when no server is given."""
-    base = base_url_from(o["base_url"], o["host"], o["port"])
-    if base is not None:
-        return base, None
+def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
+    """The targets' base URLs, starting the embedded mock when no server is given."""
+    bases = [b for b in (base_url_from(u, None, None) for u in o["base_url"]) if b]
+    if not bases:
+        single = base_url_from(None, o["host"], o["port"])
+        bases = [single] if single else []
+    elif o["host"] or o["port"]:
+        raise FineserveError("give either --base-url or --host/--port, not both")
+    if bases:
+        return bases, None
     mock = MockServer(
         ttft_ms=o["mock_ttft_ms"],
         itl_ms=o["mock_itl_ms"],
@@ -399,7 +453,7 @@ def _server(o: dict[str, Any]) -> tuple[str, MockServer | None]:
         + (f", {cap} generations at once" if cap else "")
         + "); pass --base-url or --host/--port to target a real server"
     )
-    return mock.base_url, mock
+    return [mock.base_url], mock
 
 
 def _prepare_blast_options(o: dict[str, Any]) -> dict:
@@ -505,7 +559,7 @@ def sweep_command(
     o["metric_percentiles_list"] = tuple(
         dict.fromkeys([*o["metric_percentiles_list"], *(x.percentile for x in slos)])
     )
-    base, mock = _server(o)
+    bases, mock = _servers(o)
     probes_done = 0
 
     def probe(load: float) -> dict[str, Any]:
@@ -518,7 +572,7 @@ def sweep_command(
         else:
             step.update(time_scale=load, duration=span)
         probes_done += 1
-        run = _execute_blast(step, base, seed, extra, mock is not None, quiet=probes_done > 1)
+        run = execute_blast(step, bases, seed, extra, mock is not None, quiet=probes_done > 1)
         if run.interrupted:
             raise KeyboardInterrupt
         return run.metrics
@@ -547,27 +601,10 @@ def sweep_command(
             mock.stop()
     out(format_sweep(result, target_load))
     if o["output_file"]:
-        _write_result(o["output_file"], sweep_json(result, target_load))
+        write_result(o["output_file"], sweep_json(result, target_load))
         note(f"wrote {o['output_file']}")
     if plot_path:
         note(f"wrote {plot_sweep(result, plot_path)}")
-
-
-def _jsonable(o: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in o.items():
-        if isinstance(v, Path):
-            v = str(v)
-        elif isinstance(v, tuple):
-            v = list(v)
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            continue
-        out[k] = v
-    return out
 
 
 def _percentile_options(
@@ -588,339 +625,21 @@ def _percentile_options(
     return names, qs
 
 
-def _resolve_model(base: str, model: str | None, api_key: str | None) -> str:
-    try:
-        models = fetch_models(base, api_key=api_key)
-    except FineserveError as e:
-        if model and "HTTP" in e.message:
-            warn(f"{e.message}; using --model {model}")
-            return model
-        raise
-    if model:
-        return model
-    if not models:
-        raise FineserveError(f"GET {base}/v1/models lists no model; pass --model")
-    return models[0]
-
-
-@dataclass
-class BlastRun:
-    """What one run of the engine produced (for printing, files, or a sweep step)."""
-
-    metrics: dict[str, Any]
-    header: dict[str, Any]
-    interrupted: bool
-    model: str
-    url: str
-    workload_info: dict[str, Any]
-    writer: RequestsWriter | None
-    digest: str
-
-
-def _execute_blast(
-    o: dict[str, Any],
-    base: str,
-    seed: int,
-    extra: dict,
-    is_mock: bool,
-    *,
-    quiet: bool = False,
-) -> BlastRun:
-    """Builds the workload, runs it, and returns the metrics; the results file, if asked
-    for, is closed with the run's final metadata."""
-    api_key = os.environ.get("OPENAI_API_KEY") or None
-    endpoint = o["endpoint"] or DEFAULT_ENDPOINT[o["backend"]]
-    url = base + (endpoint if endpoint.startswith("/") else "/" + endpoint)
-    check_url(url)
-    workload = build_workload(o, seed)
-    for line in workload.notes if not quiet else ():
-        note(line)
-    model = _resolve_model(base, o["model"], api_key)
-    first = next(workload.chunks, None)
-    if first is None or not len(first):
-        raise FineserveError("the workload has no requests")
-    if quiet:
-        pass
-    elif o["tokenizer"]:
-        note(
-            "--tokenizer is accepted but prompts are still synthetic words; "
-            "input lengths are approximate"
-        )
-    elif not is_mock:
-        note("no --tokenizer: synthetic word prompts, input token counts are approximate")
-    builder = SyntheticPromptBuilder(seed)
-    template = BodyTemplate(
-        o["backend"],
-        model,
-        stream=not o["disable_stream"],
-        ignore_eos=not o["disable_ignore_eos"],
-        extra=extra,
-    )
-
-    lanes = o["lanes"] or default_lanes()
-    warm = o["warm_connections"]
-    if warm is None:
-        peak = first.peak_in_window(1_000_000_000)
-        warm = min(o["max_concurrency"] or peak, _AUTO_WARM_CAP)
-    options = EngineOptions(
-        stream=not o["disable_stream"],
-        max_concurrency=o["max_concurrency"],
-        lanes=lanes,
-        warm_connections=warm,
-        connect_timeout_s=o["connect_timeout"],
-        first_byte_timeout_s=o["first_byte_timeout"],
-        idle_timeout_s=o["idle_timeout"],
-        total_timeout_s=o["request_timeout"],
-        realtime_priority=o["realtime_priority"],
-        drain_grace_s=o["drain_grace"],
-    )
-    show = not o["disable_tqdm"]
-
-    if o["warmup_requests"]:
-        _warm_up(url, template, builder, o["warmup_requests"], first, options)
-
-    mode = workload.info.get("mode", o["mode"])
-    total = workload.total
-    if not quiet:
-        note(
-            f"{total if total is not None else 'streamed'} requests to {url} (model {model}), "
-            f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections"
-        )
-    writer = None
-    if o["save_requests"]:
-        writer = RequestsWriter(
-            o["save_requests"],
-            {
-                "fineserve_version": __version__,
-                "command": shlex.join(["fineserve", *sys.argv[1:]]),
-                # The parsed options too: the command line is the process's, which is not
-                # this command's when fineserve runs inside another program (tests, scripts).
-                "options": _jsonable(o),
-                "seed": seed,
-                "endpoint": url,
-                "model": model,
-                "backend": o["backend"],
-                "workload": workload.info,
-                "machine": machine_info(),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
-    sink = MetricsSink(
-        MetricsAccumulator(
-            slos=o["slos"], window_s=o["metrics_window"], groups=("class", "endpoint")
-        ),
-        writer,
-        [url],
-    )
-    schedule_digest = ScheduleDigest()
-    try:
-        outcome = run_stream(
-            [url],
-            _engine_chunks(
-                itertools.chain([first], workload.chunks), builder, template, schedule_digest
-            ),
-            options,
-            sink,
-            total=total,
-            show_progress=show,
-        )
-    except BaseException:
-        if writer is not None:  # keep what finished, marked as cut short
-            writer.close({"partial": True, "aborted": True})
-        raise
-    metrics = sink.acc.result(
-        percentile_metrics=o["percentile_metrics_list"],
-        metric_percentiles=o["metric_percentiles_list"],
-    )
-    rate = o["request_rate"]
-    header = {
-        "backend": o["backend"],
-        "mode": mode,
-        "request_rate": "inf" if math.isinf(rate) else rate,
-        "max_concurrency": o["max_concurrency"],
-    }
-    if mode != "poisson":
-        header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
-    # Of the schedule generated so far: the whole one unless the run was interrupted.
-    digest = schedule_digest.hexdigest()
-    if writer is not None:
-        writer.close(
-            {
-                "partial": outcome.interrupted,
-                "schedule_digest": digest,
-                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
-                "header": header,
-            }
-        )
-    return BlastRun(metrics, header, outcome.interrupted, model, url, workload.info, writer, digest)
-
-
-def _blast(o: dict[str, Any], base: str, seed: int, extra: dict, is_mock: bool) -> None:
-    run = _execute_blast(o, base, seed, extra, is_mock)
+def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock: bool) -> None:
+    run = execute_blast(o, bases, seed, extra, is_mock)
     out(format_summary(run.metrics, run.header))
     if run.interrupted:
         warn("the run was interrupted: results are partial")
     if run.writer is not None:
         note(f"wrote {run.writer.rows} request records to {run.writer.path}")
     if o["output_file"]:
-        result = _result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
+        result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
         result["workload"] = run.workload_info
         result["schedule_digest"] = run.digest
-        _write_result(o["output_file"], result)
+        write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
     if run.interrupted:
         sys.exit(130)
-
-
-class MetricsSink(RecordSink):
-    """Folds drained records into the metrics as they arrive (bounded memory), and into the
-    per-request results file when one is asked for."""
-
-    def __init__(
-        self,
-        acc: MetricsAccumulator | None = None,
-        writer: RequestsWriter | None = None,
-        endpoints: list[str] | None = None,
-    ) -> None:
-        self.acc = acc or MetricsAccumulator()
-        self.writer = writer
-        self.endpoints = endpoints or [""]
-        self.span_s = 0.0
-        self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
-
-    def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
-        labels = {k: v for k, v in extra.items() if k == "class"}
-        if len(self.endpoints) > 1:
-            names = np.asarray(self.endpoints, dtype=object)
-            labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]
-        self.acc.add(columns, extra["input_len"], labels)
-        ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
-        if ok.any():
-            ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
-            self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
-        if len(columns["scheduled_ns"]):
-            self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
-        if self.writer is not None:
-            self.writer.write(records_to_batch(columns, extra, self.endpoints))
-
-    def live(self) -> dict[str, str]:
-        """TTFT p50/p99 of the requests that completed in the last 10 s."""
-        horizon = time.monotonic_ns() - 10_000_000_000
-        while self.recent_ttft and self.recent_ttft[0][0] < horizon:
-            self.recent_ttft.popleft()
-        if not self.recent_ttft:
-            return {}
-        ttft = np.concatenate([v for _, v in self.recent_ttft]) / 1e6
-        p50, p99 = np.percentile(ttft, [50, 99])
-        return {"ttft_p50": f"{p50:.0f}ms", "ttft_p99": f"{p99:.0f}ms"}
-
-
-def _engine_chunks(
-    chunks: Iterator[Schedule],
-    builder: SyntheticPromptBuilder,
-    template: BodyTemplate,
-    digest: ScheduleDigest | None = None,
-) -> Iterator[EngineChunk]:
-    """Schedule chunks → request bodies; prompt i is unique to request i of the run."""
-    base = 0
-    for c in chunks:
-        if digest is not None:
-            digest.add(c)
-        n = len(c)
-        bodies = template.render_all(
-            (builder.build(base + i, int(ln)) for i, ln in enumerate(c.input_len)),
-            c.output_len,
-        )
-        yield EngineChunk(
-            t_ns=c.t_ns,
-            bodies=bodies,
-            body_idx=np.arange(n, dtype=np.uint32),
-            endpoint_idx=np.zeros(n, dtype=np.uint32),
-            expected_output_tokens=c.output_len,
-            extra={
-                "input_len": c.input_len,
-                "output_len": c.output_len,
-                **{
-                    k: v
-                    for k, v in c.extra.items()
-                    if k in ("class", "client_id", "session_id", "turn")
-                },
-            },
-        )
-        base += n
-
-
-def _warm_up(
-    url: str,
-    template: BodyTemplate,
-    builder: SyntheticPromptBuilder,
-    count: int,
-    schedule: Schedule,
-    options: EngineOptions,
-) -> None:
-    """FineServe's warm-up: ``count`` copies of the first prompt, at most 32 tokens out."""
-    body = template.render(
-        builder.build(0, int(schedule.input_len[0])), min(int(schedule.output_len[0]), 32)
-    )
-    warm_opts = EngineOptions(
-        **{**options.__dict__, "warm_connections": 0, "max_concurrency": None}
-    )
-    rec = run_engine(
-        [url],
-        np.zeros(count, dtype=np.int64),
-        [body],
-        np.zeros(count, dtype=np.uint32),
-        np.zeros(count, dtype=np.uint32),
-        np.full(count, 32),
-        warm_opts,
-        show_progress=False,
-    )
-    kinds = rec.col("error_kind")
-    if rec.interrupted:
-        raise FineserveError("interrupted during warm-up")
-    if np.all(kinds != 0):
-        msg = rec.columns["error_message"][0] if rec.columns["error_message"] else "unknown"
-        raise FineserveError(f"warm-up failed: all {count} requests failed ({msg})")
-
-
-def _result_json(
-    o: dict[str, Any],
-    m: dict[str, Any],
-    header: dict[str, Any],
-    model: str,
-    seed: int,
-    url: str,
-    partial: bool,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
-        "fineserve_version": __version__,
-        "backend": o["backend"],
-        "mode": o["mode"],
-        "endpoint": url,
-        "model_id": model,
-        "tokenizer_id": o["tokenizer"],
-        "num_prompts": m["scheduled"],
-        "request_rate": header["request_rate"],
-        "burstiness": o["burstiness"],
-        "max_concurrency": o["max_concurrency"],
-        "seed": seed,
-        "partial": partial,
-    }
-    result.update(m)
-    return result
-
-
-def _write_result(path: Path, result: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".jsonl":
-            with path.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-        else:
-            path.write_text(json.dumps(result, indent=2) + "\n")
-    except OSError as e:
-        raise FineserveError(f"cannot write {path}: {e.strerror}") from None
 
 
 @cli.command("generate")
@@ -956,7 +675,7 @@ def generate_command(output: Path, summary_json: Path | None, **o: Any) -> None:
     out(format_schedule_summary(summary, workload.info))
     note(f"wrote {output} ({summary['requests'] / max(elapsed, 1e-9) / 1e6:.2f} M requests/s)")
     if summary_json:
-        _write_result(summary_json, {"workload": workload.info, **summary})
+        write_result(summary_json, {"workload": workload.info, **summary})
 
 
 def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:

@@ -38,6 +38,8 @@ class EngineOptions:
     total_timeout_s: float = 3600.0
     drain_grace_s: float = 30.0
     realtime_priority: bool = False
+    #: Least-outstanding routing groups (endpoint indices); see ``_engine.start_run``.
+    route_groups: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -294,6 +296,7 @@ def run_stream(
             total_timeout_s=options.total_timeout_s,
             realtime_priority=options.realtime_priority,
             more=True,
+            route_groups=options.route_groups,
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None

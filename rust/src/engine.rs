@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -52,7 +52,8 @@ impl Schedule {
     }
 
     /// Checks the columns; `after_ns` is the last send offset of the previous chunk.
-    pub fn validate(&self, n_endpoints: usize, after_ns: i64) -> Result<(), EngineError> {
+    /// `n_targets` counts endpoints plus route groups (see `EngineConfig::route_groups`).
+    pub fn validate(&self, n_targets: usize, after_ns: i64) -> Result<(), EngineError> {
         let n = self.t_ns.len();
         let bad = |m: String| Err(EngineError::InvalidSchedule(m));
         if self.body_idx.len() != n
@@ -89,9 +90,9 @@ impl Schedule {
         if let Some(i) = self
             .endpoint_idx
             .iter()
-            .position(|&e| e as usize >= n_endpoints)
+            .position(|&e| e as usize >= n_targets)
         {
-            return bad(format!("endpoint_idx[{i}] has no endpoint"));
+            return bad(format!("endpoint_idx[{i}] has no endpoint or route group"));
         }
         Ok(())
     }
@@ -111,6 +112,10 @@ pub struct EngineConfig {
     pub start_delay: Duration,
     /// Run lanes under SCHED_FIFO when the process may (see `timer::set_realtime_priority`).
     pub realtime_priority: bool,
+    /// Dynamic routing: a request whose `endpoint_idx` is `endpoints.len() + g` goes, when
+    /// it is sent, to the endpoint of group `g` with the fewest requests outstanding
+    /// (least-outstanding routing across the run's lanes).
+    pub route_groups: Vec<Vec<usize>>,
 }
 
 /// Live counters, readable from any thread while the run goes on.
@@ -171,6 +176,10 @@ struct Shared {
     finished_cv: Condvar,
     /// Completed records not yet drained, one vector per lane (uncontended locks).
     records: Vec<Mutex<Vec<RequestRecord>>>,
+    /// Requests sent and not finished, per endpoint (for least-outstanding routing).
+    outstanding: Vec<AtomicI64>,
+    /// Per route group, where the tie-breaking scan starts next (spreads ties).
+    route_cursor: Vec<AtomicU64>,
 }
 
 pub struct RunOutput {
@@ -217,6 +226,14 @@ pub fn start_streaming(
         .iter()
         .map(|u| Endpoint::parse(u))
         .collect::<Result<Vec<_>, _>>()?;
+    for (g, group) in config.route_groups.iter().enumerate() {
+        if group.is_empty() || group.iter().any(|&e| e >= endpoints.len()) {
+            return Err(EngineError::InvalidConfig(format!(
+                "route group {g} must list endpoints 0..{}",
+                endpoints.len()
+            )));
+        }
+    }
     crate::timer::raise_nofile_limit();
     let lanes = if expected_len > 0 {
         config.lanes.min(expected_len)
@@ -234,6 +251,10 @@ pub fn start_streaming(
         finished_lanes: Mutex::new(0),
         finished_cv: Condvar::new(),
         records: (0..lanes).map(|_| Mutex::new(Vec::new())).collect(),
+        outstanding: (0..endpoints.len()).map(|_| AtomicI64::new(0)).collect(),
+        route_cursor: (0..config.route_groups.len())
+            .map(|_| AtomicU64::new(0))
+            .collect(),
         endpoints,
         config,
     });
@@ -342,7 +363,10 @@ impl RunHandle {
         if self.is_stopping() {
             return Err(EngineError::InputClosed("the run is stopping".into()));
         }
-        chunk.validate(self.shared.endpoints.len(), feeder.last_t_ns)?;
+        chunk.validate(
+            self.shared.endpoints.len() + self.shared.config.route_groups.len(),
+            feeder.last_t_ns,
+        )?;
         if chunk.is_empty() {
             return Ok(());
         }
@@ -692,7 +716,7 @@ fn dispatch(
     tokio::task::spawn_local(async move {
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
         let outcome = {
-            let work = run_request(&shared, &pool, clock, endpoint as usize, body, &mut rec);
+            let work = run_request(&shared, &pool, clock, body, &mut rec);
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => None,
@@ -734,11 +758,42 @@ fn dispatch(
     });
 }
 
+/// Keeps an endpoint's outstanding count up while a request is on it.
+struct Outstanding<'a>(&'a AtomicI64);
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The endpoint for a request: its own, or for a route group the member with the fewest
+/// requests outstanding right now (ties broken round-robin).
+fn route(shared: &Shared, target: usize) -> usize {
+    let n = shared.endpoints.len();
+    if target < n {
+        return target;
+    }
+    let g = target - n;
+    let group = &shared.config.route_groups[g];
+    let start = shared.route_cursor[g].fetch_add(1, Ordering::Relaxed) as usize;
+    let mut best = group[start % group.len()];
+    let mut best_load = shared.outstanding[best].load(Ordering::Relaxed);
+    for k in 1..group.len() {
+        let e = group[(start + k) % group.len()];
+        let load = shared.outstanding[e].load(Ordering::Relaxed);
+        if load < best_load {
+            best = e;
+            best_load = load;
+        }
+    }
+    best
+}
+
 async fn run_request(
     shared: &Shared,
     pool: &Pool,
     clock: RunClock,
-    endpoint: usize,
     body: Bytes,
     rec: &mut RequestRecord,
 ) -> Result<(), (ErrorKind, String)> {
@@ -751,6 +806,12 @@ async fn run_request(
         ),
         None => None,
     };
+    // Routed when it can leave (after any concurrency wait), so the choice sees the
+    // endpoints' load at that moment.
+    let endpoint = route(shared, rec.endpoint_idx as usize);
+    rec.endpoint_idx = endpoint as u32;
+    shared.outstanding[endpoint].fetch_add(1, Ordering::Relaxed);
+    let _outstanding = Outstanding(&shared.outstanding[endpoint]);
     let cfg = &shared.config.client;
     let progress = &shared.progress;
     let result = tokio::time::timeout(

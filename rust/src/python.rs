@@ -193,7 +193,7 @@ fn schedule_from(
     stream = true, max_concurrency = None, lanes = 2, warm_connections = 0, spin_us = 200,
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
-    api_key = None, realtime_priority = false, more = false,
+    api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -217,6 +217,7 @@ fn start_run(
     api_key: Option<String>,
     realtime_priority: bool,
     more: bool,
+    route_groups: Vec<Vec<usize>>,
 ) -> PyResult<PyRun> {
     let schedule = schedule_from(t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens)?;
     let api_key = api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
@@ -240,6 +241,7 @@ fn start_run(
         spin: Duration::from_micros(spin_us),
         start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
         realtime_priority,
+        route_groups,
     };
     let expected_len = if more { 0 } else { schedule.len() };
     let handle = engine::start_streaming(config, expected_len)?;

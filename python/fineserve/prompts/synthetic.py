@@ -10,6 +10,8 @@ exact.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _VOCAB = (
@@ -25,9 +27,23 @@ _VOCAB = (
 
 
 class SyntheticPromptBuilder:
-    """Builds prompts by slicing one pooled text, so each prompt costs one string copy."""
+    """Builds prompts by slicing one pooled text, so each prompt costs one string copy.
+    Prefix sharing is kept at word level: equal ``hash_ids`` give identical blocks of
+    ``block_size`` words, and shared-prefix groups share their first words."""
 
-    def __init__(self, seed: int, pool_words: int = 1 << 16) -> None:
+    exact = False
+
+    def __init__(
+        self,
+        seed: int,
+        pool_words: int = 1 << 16,
+        *,
+        block_size: int = 512,
+        shared_prefix_groups: int = 0,
+        shared_prefix_len: int = 0,
+    ) -> None:
+        self.block_size = block_size
+        self.groups, self.prefix_len = shared_prefix_groups, shared_prefix_len
         rng = np.random.default_rng(seed)
         words = np.asarray(_VOCAB)[rng.integers(0, len(_VOCAB), size=pool_words)]
         # Pool twice over so any window of up to pool_words words is one contiguous slice.
@@ -39,6 +55,8 @@ class SyntheticPromptBuilder:
 
     def build(self, index: int, input_len: int) -> str:
         """The prompt of request ``index``: exactly ``input_len`` words."""
+        if input_len <= 0:
+            return ""
         rest = input_len - 1
         if rest > self._pool_words:
             reps, rem = divmod(rest, self._pool_words)
@@ -47,6 +65,35 @@ class SyntheticPromptBuilder:
             offset = (index * 7919) % self._pool_words
             body = self._slice(offset, rest)
         return (f"r{index:x} " + body).rstrip()
+
+    def build_chunk(self, base_index: int, schedule: Any) -> tuple[list[str], Any]:
+        """Prompts of a schedule chunk; lengths are approximate, so returned unchanged."""
+        lens = schedule.input_len.tolist()
+        if schedule.hash_ids is not None:
+            ids, offs = schedule.hash_ids.tolist(), schedule.hash_offsets.tolist()
+            prompts = []
+            for i, n in enumerate(lens):
+                parts, left = [], n
+                for b in ids[offs[i] : offs[i + 1]]:
+                    take = min(self.block_size, left)
+                    if take <= 0:
+                        break
+                    parts.append(self._slice((b * 7919) % self._pool_words, take))
+                    left -= take
+                if left > 0:
+                    parts.append(self._slice(((base_index + i) * 104729) % self._pool_words, left))
+                prompts.append("".join(parts).rstrip())
+            return prompts, schedule.input_len
+        if self.groups > 0 and self.prefix_len > 0:
+            prompts = []
+            for i, n in enumerate(lens):
+                idx = base_index + i
+                shared = min(self.prefix_len, n)
+                head = self._slice(((idx % self.groups) * 7919) % self._pool_words, shared)
+                tail = self.build(idx, n - shared) if n > shared else ""
+                prompts.append((head + tail).rstrip())
+            return prompts, schedule.input_len
+        return [self.build(base_index + i, n) for i, n in enumerate(lens)], schedule.input_len
 
     def _slice(self, start: int, count: int) -> str:
         if count <= 0:

@@ -1,0 +1,510 @@
+"""One `blast` run: workload → prompts → request bodies → engine → metrics and files.
+
+Kept apart from the command line so that ``sweep`` (and scripts) can run it many times.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import __version__
+from .api import DEFAULT_ENDPOINT, BodyTemplate, is_chat_endpoint
+from .console import note, warn
+from .errors import FineserveError
+from .metrics import MetricsAccumulator
+from .prompts import (
+    PrefixHitCounter,
+    SyntheticPromptBuilder,
+    TokenizedPromptBuilder,
+    load_prompt_texts,
+    load_tokenizer,
+)
+from .prompts.tokenized import prompt_cache_dir, source_text_from
+from .results import RequestsWriter, machine_info, records_to_batch
+from .routing import Deployment, parse_pairs
+from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
+from .schedule import Schedule, ScheduleDigest
+from .server import check_url, fetch_models
+from .workloads.spec import build_workload
+
+#: Cap on connections opened before the start instant when sized automatically.
+AUTO_WARM_CAP = 16_384
+#: Schedule columns carried into the records (labels for breakdowns and the results file).
+LABEL_COLUMNS = ("class", "client_id", "session_id", "turn")
+#: Prompt pools cover at least this many tokens per prompt (longer ones are refused).
+MIN_PROMPT_POOL_TOKENS = 65_536
+
+
+@dataclass
+class BlastRun:
+    """What one run of the engine produced (for printing, files, or a sweep step)."""
+
+    metrics: dict[str, Any]
+    header: dict[str, Any]
+    interrupted: bool
+    model: str
+    url: str
+    workload_info: dict[str, Any]
+    writer: RequestsWriter | None
+    digest: str
+
+
+def resolve_model(base: str, model: str | None, api_key: str | None) -> str:
+    try:
+        models = fetch_models(base, api_key=api_key)
+    except FineserveError as e:
+        if model and "HTTP" in e.message:
+            warn(f"{e.message}; using --model {model}")
+            return model
+        raise
+    if model:
+        return model
+    if not models:
+        raise FineserveError(f"GET {base}/v1/models lists no model; pass --model")
+    return models[0]
+
+
+def prompt_builder(
+    o: dict[str, Any], seed: int, first: Schedule, chat: bool, quiet: bool
+) -> SyntheticPromptBuilder | TokenizedPromptBuilder:
+    """Exact token lengths with ``--tokenizer``; approximate synthetic words without."""
+    groups, prefix_len = o.get("shared_prefix_groups") or 0, o.get("shared_prefix_len") or 0
+    block = o.get("prefix_block_size") or 512
+    if o.get("apply_chat_template") and chat:
+        raise FineserveError(
+            "--apply-chat-template is for the completions API; the chat API applies the "
+            "server's template itself"
+        )
+    if not o.get("tokenizer"):
+        if o.get("dataset_path") or o.get("apply_chat_template"):
+            raise FineserveError("--dataset-path and --apply-chat-template need --tokenizer")
+        if not quiet:
+            note(
+                "no --tokenizer: synthetic word prompts; input lengths are approximate "
+                "(one word ≈ one token for common tokenizers; the mock counts words)"
+            )
+        return SyntheticPromptBuilder(
+            seed, block_size=block, shared_prefix_groups=groups, shared_prefix_len=prefix_len
+        )
+    tok = load_tokenizer(o["tokenizer"])
+    source = None
+    if o.get("dataset_path"):
+        texts, summary = load_prompt_texts(Path(o["dataset_path"]))
+        if not quiet:
+            note(summary)
+        source = source_text_from(texts)
+    started = time.perf_counter()
+    builder = TokenizedPromptBuilder(
+        tok,
+        source_text=source,
+        seed=seed,
+        max_input_len=max(int(first.input_len.max()), MIN_PROMPT_POOL_TOKENS),
+        block_size=block,
+        apply_chat_template=bool(o.get("apply_chat_template")),
+        prompt_suffix=o.get("prompt_suffix") or "",
+        shared_prefix_groups=groups,
+        shared_prefix_len=prefix_len,
+        cache_dir=prompt_cache_dir(),
+        check=o.get("prompt_check") or "sample",
+    )
+    if not quiet:
+        note(
+            f"tokenizer {o['tokenizer']}: prompt pool of {builder.pool.n} tokens "
+            f"({'cached' if builder.pool.cached else 'tokenized'} in "
+            f"{time.perf_counter() - started:.1f} s)"
+        )
+    return builder
+
+
+class MetricsSink(RecordSink):
+    """Folds drained records into the metrics as they arrive (bounded memory), and into the
+    per-request results file when one is asked for."""
+
+    def __init__(
+        self,
+        acc: MetricsAccumulator | None = None,
+        writer: RequestsWriter | None = None,
+        endpoints: list[str] | None = None,
+    ) -> None:
+        self.acc = acc or MetricsAccumulator()
+        self.writer = writer
+        self.endpoints = endpoints or [""]
+        self.span_s = 0.0
+        self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
+
+    def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
+        labels = {k: v for k, v in extra.items() if k in ("class", "model")}
+        if len(self.endpoints) > 1:
+            names = np.asarray(self.endpoints, dtype=object)
+            labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]
+        self.acc.add(columns, extra["input_len"], labels)
+        ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
+        if ok.any():
+            ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
+            self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
+        if len(columns["scheduled_ns"]):
+            self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
+        if self.writer is not None:
+            self.writer.write(records_to_batch(columns, extra, self.endpoints))
+
+    def live(self) -> dict[str, str]:
+        """TTFT p50/p99 of the requests that completed in the last 10 s."""
+        horizon = time.monotonic_ns() - 10_000_000_000
+        while self.recent_ttft and self.recent_ttft[0][0] < horizon:
+            self.recent_ttft.popleft()
+        if not self.recent_ttft:
+            return {}
+        ttft = np.concatenate([v for _, v in self.recent_ttft]) / 1e6
+        p50, p99 = np.percentile(ttft, [50, 99])
+        return {"ttft_p50": f"{p50:.0f}ms", "ttft_p99": f"{p99:.0f}ms"}
+
+
+@dataclass
+class RequestShapes:
+    """How a schedule chunk becomes request bodies: prompts, body template per class's
+    model, and endpoint assignment."""
+
+    builder: SyntheticPromptBuilder | TokenizedPromptBuilder
+    templates: dict[str, BodyTemplate]  # model → template
+    default_model: str
+    class_models: dict[str, str]
+    deployment: Deployment
+
+
+def engine_chunks(
+    chunks: Iterator[Schedule],
+    shapes: RequestShapes,
+    digest: ScheduleDigest | None = None,
+    prefix: PrefixHitCounter | None = None,
+) -> Iterator[EngineChunk]:
+    """Schedule chunks → request bodies, in order; request i's prompt is its own unless
+    sharing is intended (hash_ids, shared-prefix groups)."""
+    base = 0
+    builder = shapes.builder
+    for c in chunks:
+        if digest is not None:
+            digest.add(c)
+        n = len(c)
+        prompts, actual_len = builder.build_chunk(base, c)
+        if prefix is not None:
+            if c.hash_ids is not None and c.hash_offsets is not None:
+                prefix.add(actual_len, c.hash_ids, c.hash_offsets)
+            elif builder.groups > 0 and builder.prefix_len > 0:
+                prefix.add_shared(base, actual_len, builder.groups, builder.prefix_len)
+            else:
+                prefix.add_plain(actual_len)
+        classes = c.extra.get("class")
+        if classes is not None and shapes.class_models:
+            models = np.array(
+                [shapes.class_models.get(str(k), shapes.default_model) for k in classes],
+                dtype=object,
+            )
+        else:
+            models = np.full(n, shapes.default_model, dtype=object)
+        bodies = [
+            shapes.templates[m].render(p, int(t))
+            for p, m, t in zip(prompts, models.tolist(), c.output_len.tolist())
+        ]
+        extra: dict[str, Any] = {
+            "input_len": np.asarray(actual_len, dtype=np.int64),
+            "output_len": c.output_len,
+            **{
+                k: v
+                for k, v in c.extra.items()
+                if k in ("class", "client_id", "session_id", "turn")
+            },
+        }
+        if len(shapes.templates) > 1:
+            extra["model"] = models
+        yield EngineChunk(
+            t_ns=c.t_ns,
+            bodies=bodies,
+            body_idx=np.arange(n, dtype=np.uint32),
+            endpoint_idx=shapes.deployment.assign(classes, n),
+            expected_output_tokens=c.output_len,
+            extra=extra,
+        )
+        base += n
+
+
+def warm_up(
+    urls: list[str],
+    shapes: RequestShapes,
+    count: int,
+    schedule: Schedule,
+    options: EngineOptions,
+) -> None:
+    """FineServe's warm-up: ``count`` copies of the first prompt, at most 32 tokens out,
+    to every endpoint."""
+    one = schedule.take(np.arange(1))
+    prompts, _ = shapes.builder.build_chunk(0, one)
+    body = shapes.templates[shapes.default_model].render(
+        prompts[0], min(int(schedule.output_len[0]), 32)
+    )
+    warm_opts = EngineOptions(
+        **{
+            **options.__dict__,
+            "warm_connections": 0,
+            "max_concurrency": None,
+            "route_groups": [],
+        }
+    )
+    total = count * len(urls)
+    rec = run_engine(
+        urls,
+        np.zeros(total, dtype=np.int64),
+        [body],
+        np.zeros(total, dtype=np.uint32),
+        np.repeat(np.arange(len(urls), dtype=np.uint32), count),
+        np.full(total, 32),
+        warm_opts,
+        show_progress=False,
+    )
+    kinds = rec.col("error_kind")
+    if rec.interrupted:
+        raise FineserveError("interrupted during warm-up")
+    for e, url in enumerate(urls):
+        mine = rec.col("endpoint_idx") == e
+        if np.all(kinds[mine] != 0):
+            rows = np.flatnonzero(mine & (kinds != 0))
+            msgs = dict(zip(rec.col("error_index").tolist(), rec.columns["error_message"]))
+            msg = msgs.get(int(rows[0]), "unknown") if len(rows) else "unknown"
+            raise FineserveError(f"warm-up failed: all {count} requests to {url} failed ({msg})")
+
+
+def execute_blast(
+    o: dict[str, Any],
+    bases: list[str],
+    seed: int,
+    extra: dict,
+    is_mock: bool,
+    *,
+    quiet: bool = False,
+) -> BlastRun:
+    """Builds the workload, runs it, and returns the metrics; the results file, if asked
+    for, is closed with the run's final metadata."""
+    api_key = os.environ.get("OPENAI_API_KEY") or None
+    endpoint = o["endpoint"] or DEFAULT_ENDPOINT[o["backend"]]
+    path = endpoint if endpoint.startswith("/") else "/" + endpoint
+    urls = [b + path for b in bases]
+    if len(set(urls)) < len(urls):
+        raise FineserveError("--base-url lists the same server twice")
+    for u in urls:
+        check_url(u)
+    chat = is_chat_endpoint(path)
+    workload = build_workload(o, seed)
+    for line in workload.notes if not quiet else ():
+        note(line)
+    served = [resolve_model(b, o["model"], api_key) for b in bases]
+    model = served[0]
+    if len(set(served)) > 1 and not o["model"] and not quiet:
+        warn(
+            f"the endpoints serve different first models {served}; every request asks for "
+            f"{model} (pass --model or --class-model)"
+        )
+    class_models = parse_pairs(o.get("class_model") or (), "--class-model")
+    first = next(workload.chunks, None)
+    if first is None or not len(first):
+        raise FineserveError("the workload has no requests")
+    builder = prompt_builder(o, seed, first, chat, quiet or is_mock)
+    templates = {
+        m: BodyTemplate(
+            o["backend"],
+            m,
+            stream=not o["disable_stream"],
+            ignore_eos=not o["disable_ignore_eos"],
+            extra=extra,
+            chat=chat,
+        )
+        for m in {model, *class_models.values()}
+    }
+    deployment = Deployment.from_options(
+        urls,
+        o.get("route") or "round-robin",
+        parse_pairs(o.get("route_class") or (), "--route-class"),
+        lambda u: u[: len(u) - len(path)],
+    )
+    shapes = RequestShapes(builder, templates, model, class_models, deployment)
+
+    lanes = o["lanes"] or default_lanes()
+    warm = o["warm_connections"]
+    if warm is None:
+        peak = first.peak_in_window(1_000_000_000)
+        warm = min(o["max_concurrency"] or max(1, peak // len(urls)), AUTO_WARM_CAP)
+    options = EngineOptions(
+        stream=not o["disable_stream"],
+        max_concurrency=o["max_concurrency"],
+        lanes=lanes,
+        warm_connections=warm,
+        connect_timeout_s=o["connect_timeout"],
+        first_byte_timeout_s=o["first_byte_timeout"],
+        idle_timeout_s=o["idle_timeout"],
+        total_timeout_s=o["request_timeout"],
+        realtime_priority=o["realtime_priority"],
+        drain_grace_s=o["drain_grace"],
+        route_groups=deployment.route_groups,
+    )
+    if o["warmup_requests"]:
+        warm_up(urls, shapes, o["warmup_requests"], first, options)
+
+    mode = workload.info.get("mode", o["mode"])
+    total = workload.total
+    target = urls[0] if len(urls) == 1 else f"{len(urls)} endpoints ({deployment.route})"
+    if not quiet:
+        note(
+            f"{total if total is not None else 'streamed'} requests to {target} (model {model}), "
+            f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections per endpoint"
+        )
+    writer = None
+    if o["save_requests"]:
+        writer = RequestsWriter(
+            o["save_requests"],
+            {
+                "fineserve_version": __version__,
+                "command": shlex.join(["fineserve", *sys.argv[1:]]),
+                # The parsed options too: the command line is the process's, which is not
+                # this command's when fineserve runs inside another program (tests, scripts).
+                "options": jsonable(o),
+                "seed": seed,
+                "endpoint": urls[0],
+                "endpoints": urls,
+                "model": model,
+                "backend": o["backend"],
+                "workload": workload.info,
+                "machine": machine_info(),
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+    sink = MetricsSink(
+        MetricsAccumulator(
+            slos=o["slos"], window_s=o["metrics_window"], groups=("class", "endpoint", "model")
+        ),
+        writer,
+        urls,
+    )
+    schedule_digest = ScheduleDigest()
+    prefix = PrefixHitCounter(builder.block_size)
+    try:
+        outcome = run_stream(
+            urls,
+            engine_chunks(
+                (c for part in ([first], workload.chunks) for c in part),
+                shapes,
+                schedule_digest,
+                prefix,
+            ),
+            options,
+            sink,
+            total=total,
+            show_progress=not o["disable_tqdm"],
+        )
+    except BaseException:
+        if writer is not None:  # keep what finished, marked as cut short
+            writer.close({"partial": True, "aborted": True})
+        raise
+    metrics = sink.acc.result(
+        percentile_metrics=o["percentile_metrics_list"],
+        metric_percentiles=o["metric_percentiles_list"],
+    )
+    metrics["prefix_hit_rate_theoretical"] = prefix.rate
+    if isinstance(builder, TokenizedPromptBuilder):
+        metrics["prompt_check"] = {
+            "checked": builder.report.checked,
+            "repaired": builder.report.repaired,
+            "mismatched": builder.report.mismatched,
+        }
+        if not quiet:
+            note(builder.report.summary())
+    rate = o["request_rate"]
+    header = {
+        "backend": o["backend"],
+        "mode": mode,
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "max_concurrency": o["max_concurrency"],
+    }
+    if mode != "poisson":
+        header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
+    digest = schedule_digest.hexdigest()
+    if writer is not None:
+        writer.close(
+            {
+                "partial": outcome.interrupted,
+                "schedule_digest": digest,
+                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+                "header": header,
+            }
+        )
+    return BlastRun(
+        metrics, header, outcome.interrupted, model, urls[0], workload.info, writer, digest
+    )
+
+
+def jsonable(o: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in o.items():
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = v
+    return out
+
+
+def result_json(
+    o: dict[str, Any],
+    m: dict[str, Any],
+    header: dict[str, Any],
+    model: str,
+    seed: int,
+    url: str,
+    partial: bool,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+        "fineserve_version": __version__,
+        "backend": o["backend"],
+        "mode": o["mode"],
+        "endpoint": url,
+        "model_id": model,
+        "tokenizer_id": o["tokenizer"],
+        "num_prompts": m["scheduled"],
+        "request_rate": header["request_rate"],
+        "burstiness": o["burstiness"],
+        "max_concurrency": o["max_concurrency"],
+        "seed": seed,
+        "partial": partial,
+    }
+    result.update(m)
+    return result
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".jsonl":
+            with path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        else:
+            path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise FineserveError(f"cannot write {path}: {e.strerror}") from None
