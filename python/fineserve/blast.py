@@ -251,7 +251,7 @@ def warm_up(
     """FineServe's warm-up: ``count`` copies of the first prompt, at most 32 tokens out,
     to every endpoint."""
     one = schedule.take(np.arange(1))
-    prompts, _ = shapes.builder.build_chunk(0, one)
+    prompts, _ = shapes.builder.build_chunk(0, one, record=False)
     body = shapes.templates[shapes.default_model].render(
         prompts[0], min(int(schedule.output_len[0]), 32)
     )

@@ -66,7 +66,9 @@ class SyntheticPromptBuilder:
             body = self._slice(offset, rest)
         return (f"r{index:x} " + body).rstrip()
 
-    def build_chunk(self, base_index: int, schedule: Any) -> tuple[list[str], Any]:
+    def build_chunk(
+        self, base_index: int, schedule: Any, *, record: bool = True
+    ) -> tuple[list[str], Any]:
         """Prompts of a schedule chunk; lengths are approximate, so returned unchanged."""
         lens = schedule.input_len.tolist()
         if schedule.hash_ids is not None:

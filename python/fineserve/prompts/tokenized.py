@@ -18,9 +18,12 @@ that from the start). The mismatch rate is always reported.
 - Unintended prefix sharing: each prompt starts with its own request tag (``#<hex id>``)
   and a window at its own offset, so a prefix cache sees only intended sharing.
 - Intended sharing: requests with ``hash_ids`` (Mooncake / Qwen-Bailian) are built block
-  by block: equal block ids give identical token blocks of ``block_size`` tokens (the last
-  block is cut to the request's length), so a prefix cache sees the trace's sharing. Such
-  prompts carry no request tag: their first block *is* their identity.
+  by block: equal block ids give identical token blocks of ``block_size`` tokens, so a
+  prefix cache sees the trace's sharing (a partial last block is its own window of its
+  length: equal id and length, equal tokens). Such prompts carry no request tag: their
+  first block *is* their identity. Shared-prefix groups (``shared_prefix_groups`` ×
+  ``shared_prefix_len``): request i starts with group (i mod groups)'s prefix, then its
+  own tag and text; a request shorter than the prefix is the prefix's start.
 - ``--apply-chat-template``: the user message is sized so that the templated prompt (as a
   completions-API prompt) has exactly ``input_len`` tokens.
 """
@@ -265,16 +268,19 @@ class TokenizedPromptBuilder:
 
     exact = True
 
-    def build_chunk(self, base_index: int, schedule: Any) -> tuple[list[str], Any]:
-        """Prompts of a schedule chunk and their checked token counts."""
+    def build_chunk(
+        self, base_index: int, schedule: Any, *, record: bool = True
+    ) -> tuple[list[str], Any]:
+        """Prompts of a schedule chunk and their checked token counts (``record``: count
+        them in the run's report; off for warm-up prompts)."""
         prompts, actual, report = self.build(
             base_index,
             schedule.input_len,
             schedule.hash_ids,
             schedule.hash_offsets,
-            check=self.check,
         )
-        self.report.add(report)
+        if record:
+            self.report.add(report)
         return prompts, actual
 
     def _prepare_template(self) -> None:
@@ -300,15 +306,17 @@ class TokenizedPromptBuilder:
         hash_ids: npt.NDArray[np.int64] | None = None,
         hash_offsets: npt.NDArray[np.int64] | None = None,
         *,
-        check: str = "sample",
+        check: str | None = None,
     ) -> tuple[list[str], npt.NDArray[np.int64], BuildReport]:
         """Prompts for requests ``base_index + i``; returns them, their token counts as
-        checked (the target unless a mismatch survived), and a report."""
+        checked (the target unless a mismatch survived), and a report. ``check`` defaults
+        to the builder's."""
         n = len(input_len)
         overhead = self.template_len + self.suffix_len
         tags = [self._tag(base_index + i) for i in range(n)]
         tag_lens = [len(x) for x in self.tok(tags, add_special_tokens=False)["input_ids"]]
         prompts: list[str] = []
+        must_check: list[int] = []
         for i in range(n):
             idx = base_index + i
             body_len = int(input_len[i]) - overhead
@@ -317,15 +325,19 @@ class TokenizedPromptBuilder:
                 body = self._blocks(blocks, body_len, idx)
             elif self.groups > 0 and self.prefix_len > 0:
                 g = idx % self.groups
+                s, e = self.pool.window(_mix(self.seed * 1_000_003 + g), self.prefix_len)
                 shared = min(self.prefix_len, body_len)
-                s, e = self.pool.window(_mix(self.seed * 1_000_003 + g), shared)
+                if shared < self.prefix_len:
+                    # A prompt shorter than the prefix is the prefix's start; that cut is
+                    # not a safe one, so this prompt is always checked.
+                    must_check.append(i)
                 rest = body_len - shared
                 tail = ""
                 if rest > 0:
                     tag = tags[i] if rest > tag_lens[i] else ""
                     ts, te = self.pool.window(_mix(idx + 17), rest - (tag_lens[i] if tag else 0))
                     tail = tag + self.pool.text_of(ts, te)
-                body = self.pool.text_of(s, e) + tail
+                body = self.pool.text_of(s, s + shared) + tail
             else:
                 if body_len > tag_lens[i]:
                     s, e = self.pool.window(_mix(self.seed * 7919 + idx), body_len - tag_lens[i])
@@ -336,6 +348,7 @@ class TokenizedPromptBuilder:
             prompts.append(self._wrap(body))
         report = BuildReport(prompts=n)
         actual = np.asarray(input_len, dtype=np.int64).copy()
+        check = check or self.check
         if check not in CHECK_MODES:
             raise FineserveError(f"--prompt-check must be one of {', '.join(CHECK_MODES)}")
         if n and check != "off":
@@ -343,7 +356,7 @@ class TokenizedPromptBuilder:
             if check == "sample" and not self.check_all:
                 k = min(n, max(256, n // 100))
                 rng = np.random.default_rng(base_index + self.seed)
-                rows = np.sort(rng.choice(n, size=k, replace=False))
+                rows = np.union1d(rng.choice(n, size=k, replace=False), must_check)
             self._verify(prompts, actual, rows, base_index, report)
             if report.repaired or report.mismatched:
                 if len(rows) < n:  # a sampled prompt was off: check the rest as well

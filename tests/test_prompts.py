@@ -1,0 +1,371 @@
+"""Prompts of exact token length under a real Hugging Face tokenizer (built offline in a
+fixture), intended and unintended prefix sharing, chat templates, backends' bodies, and
+multi-endpoint routing checked on the mocks' own counters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import json as _json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import SHARED_DATA
+from fineserve.api import BodyTemplate
+from fineserve.cli import cli
+from fineserve.mock import MockServer
+from fineserve.prompts import (
+    PrefixHitCounter,
+    TokenizedPromptBuilder,
+    load_prompt_texts,
+    load_tokenizer,
+)
+from fineserve.results import read_requests
+from fineserve.routing import Deployment
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|begin|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|begin|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer (GPT-2/Llama-3 style) trained on Python's own sources,
+    saved as a Hugging Face tokenizer directory with a chat template."""
+    import argparse
+    import collections
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import email.message
+    import json as json_mod
+    import logging
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [inspect.getsource(m) for m in (argparse, collections, email.message, json_mod,
+                                             logging, inspect)]  # fmt: skip
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000,
+        special_tokens=["<|begin|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>", eos_token="<|end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    return load_tokenizer(str(tokenizer_dir))
+
+
+def lengths(tok, prompts: list[str]) -> list[int]:  # type: ignore[no-untyped-def]
+    return [len(x) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
+
+
+def test_exact_lengths_round_trip(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(tok, seed=3, max_input_len=6000, check="all")
+    rng = np.random.default_rng(0)
+    want = np.concatenate([[1, 2, 3, 5, 8], rng.integers(1, 6000, 300)])
+    prompts, actual, report = b.build(0, want)
+    assert report.checked == len(want) and report.mismatched == 0
+    assert lengths(tok, prompts) == want.tolist() == actual.tolist()
+    # Distinct content up front: no two prompts share their first tokens by accident.
+    ids = tok(prompts[5:], add_special_tokens=False)["input_ids"]
+    firsts = {tuple(x[:8]) for x in ids if len(x) >= 8}
+    assert len(firsts) == sum(len(x) >= 8 for x in ids)
+
+
+def test_dataset_source_and_suffix(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    share = tmp_path / "sharegpt.json"
+    convs = [
+        {"conversations": [{"from": "human", "value": f"Question {i}: why is the sky blue?"},
+                           {"from": "gpt", "value": "Rayleigh scattering."}]}
+        for i in range(50)
+    ] + [{"conversation": []}, {"nothing": 1}]  # fmt: skip
+    share.write_text(json.dumps(convs))
+    texts, summary = load_prompt_texts(share)
+    assert len(texts) == 50 and "skipped 2 no prompt text" in summary
+    from fineserve.prompts.tokenized import source_text_from
+
+    b = TokenizedPromptBuilder(
+        tok, source_text=source_text_from(texts), seed=1, max_input_len=300,
+        prompt_suffix=" Answer briefly.", check="all",
+    )  # fmt: skip
+    prompts, _, report = b.build(10, np.array([40, 120, 300]))
+    assert report.mismatched == 0
+    assert all(p.endswith(" Answer briefly.") for p in prompts)
+    assert lengths(tok, prompts) == [40, 120, 300]
+    assert "sky" in " ".join(prompts)
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "a b c"}\nnot json\n{"text": "d e f"}\n')
+    texts, summary = load_prompt_texts(jl)
+    assert texts == ["a b c", "d e f"] and "1 malformed line" in summary
+
+
+def test_hash_ids_share_exactly_the_shared_blocks(tok) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(tok, seed=0, block_size=64, max_input_len=1000, check="all")
+    hash_ids = np.array([7, 8, 9, 7, 8, 10, 11, 7])
+    offsets = np.array([0, 3, 6, 7, 8])
+    want = np.array([180, 150, 60, 64])
+    prompts, _, report = b.build(0, want, hash_ids, offsets)
+    assert report.mismatched == 0
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    assert [len(x) for x in ids] == want.tolist()
+    assert ids[0][:128] == ids[1][:128]  # blocks 7, 8 shared
+    assert ids[0][128:134] != ids[1][128:134]  # block 9 vs 10
+    assert ids[2][:6] != ids[0][:6]  # block 11 shares nothing
+    assert ids[3] == ids[0][:64]  # block 7 alone
+
+
+def test_shared_prefix_groups(tok) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(
+        tok, seed=0, shared_prefix_groups=2, shared_prefix_len=50, check="all"
+    )
+    prompts, _, report = b.build(0, np.array([120, 120, 120, 120, 30]))
+    assert report.mismatched == 0
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    assert ids[0][:50] == ids[2][:50] and ids[1][:50] == ids[3][:50]
+    assert ids[0][:5] != ids[1][:5]
+    assert ids[0][50:55] != ids[2][50:55]  # the suffixes are the requests' own
+    assert len(ids[4]) == 30 and ids[4] == ids[0][:30]
+
+
+def test_chat_template_applied_with_exact_length(tok) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(tok, seed=0, apply_chat_template=True, check="all")
+    prompts, _, report = b.build(0, np.array([40, 400]))
+    assert report.mismatched == 0
+    for p in prompts:
+        assert p.startswith("<|begin|>user\n") and p.endswith("<|end|>\n<|begin|>assistant\n")
+    assert lengths(tok, prompts) == [40, 400]
+
+
+def test_prefix_hit_rate_matches_a_direct_count() -> None:
+    rng = np.random.default_rng(4)
+    n, bs = 400, 16
+    counts = rng.integers(1, 6, n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    # Ids drawn from a small space so that prefixes repeat.
+    ids = np.concatenate([np.cumsum(rng.integers(1, 4, c)) + rng.integers(0, 300) for c in counts])
+    lens = counts * bs - rng.integers(0, bs, n)
+    c = PrefixHitCounter(bs)
+    for lo in range(0, n, 64):  # in chunks, as a run feeds them
+        hi = min(n, lo + 64)
+        c.add(lens[lo:hi], ids[offsets[lo] : offsets[hi]], offsets[lo : hi + 1] - offsets[lo])
+    seen: set[int] = set()
+    hit = 0
+    for i in range(n):
+        prefix_ok = True
+        for j, b in enumerate(ids[offsets[i] : offsets[i + 1]].tolist()):
+            take = min(bs, int(lens[i]) - j * bs)
+            if prefix_ok and b in seen:
+                hit += take
+            else:
+                prefix_ok = False
+            seen.add(b)
+    assert c.rate == pytest.approx(hit / lens.sum())
+    assert 0.1 < c.rate < 0.9
+
+
+@pytest.mark.parametrize(
+    "backend, endpoint, must, must_not",
+    [
+        ("vllm", None, {"ignore_eos": True, "max_tokens": 9}, ["messages"]),
+        ("sglang", None, {"ignore_eos": True, "max_tokens": 9}, []),
+        ("openai", None, {"max_tokens": 9}, ["ignore_eos"]),
+        ("openai-chat", None, {"max_completion_tokens": 9}, ["ignore_eos", "prompt"]),
+        ("tgi", None, {"max_tokens": 9}, ["ignore_eos", "prompt"]),
+        ("vllm", "/v1/chat/completions", {"ignore_eos": True, "max_tokens": 9}, ["prompt"]),
+    ],
+)
+def test_backend_bodies(backend: str, endpoint: str | None, must: dict, must_not: list) -> None:
+    from fineserve.api import DEFAULT_ENDPOINT, is_chat_endpoint
+
+    chat = is_chat_endpoint(endpoint or DEFAULT_ENDPOINT[backend])
+    body = _json.loads(
+        BodyTemplate(backend, "m", stream=True, ignore_eos=True, chat=chat).render("hi x", 9)
+    )
+    for k, v in must.items():
+        assert body[k] == v
+    for k in must_not:
+        assert k not in body
+    if chat:
+        assert body["messages"] == [{"role": "user", "content": "hi x"}]
+    else:
+        assert body["prompt"] == "hi x"
+
+
+def test_blast_with_tokenizer_reports_exact_lengths(tokenizer_dir: Path, tmp_path: Path) -> None:
+    req = tmp_path / "r.parquet"
+    res = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "blast",
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--num-prompts",
+            "60",
+            "--request-rate",
+            "200",
+            "--random-input-len",
+            "300",
+            "--random-range-ratio",
+            "0.9",
+            "--random-output-len",
+            "4",
+            "--prompt-check",
+            "all",
+            "--disable-tqdm",
+            "--save-requests",
+            str(req),
+            "--output-file",
+            str(res),
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    assert m["prompt_check"] == {"checked": 60, "repaired": 0, "mismatched": 0}
+    table, _ = read_requests(req)
+    assert table["input_len"].to_pylist() == [x for x in table["input_len"].to_pylist()]
+    r = CliRunner().invoke(cli, ["blast", "--tokenizer", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "cannot load it offline" in r.output
+
+
+def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
+    fast1, fast2 = MockServer(ttft_ms=2, itl_ms=1), MockServer(ttft_ms=2, itl_ms=1)
+    slow = MockServer(ttft_ms=300, itl_ms=20)
+    try:
+        urls = [fast1.base_url, fast2.base_url, slow.base_url]
+        base = ["blast", "--num-prompts", "300", "--request-rate", "300",
+                "--random-output-len", "8", "--warmup-requests", "0", "--disable-tqdm"]  # fmt: skip
+        for u in urls:
+            base += ["--base-url", u]
+        r = CliRunner().invoke(cli, base, catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        got = [s.stats()["completions"] for s in (fast1, fast2, slow)]
+        assert got == [100, 100, 100]
+        res = tmp_path / "lo.json"
+        r = CliRunner().invoke(
+            cli, [*base, "--route", "least-outstanding", "--output-file", str(res)],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        after = [s.stats()["completions"] - g for s, g in zip((fast1, fast2, slow), got)]
+        assert sum(after) == 300
+        # The slow server holds its requests ~30x longer, so it gets far fewer.
+        assert after[2] < 30 and min(after[:2]) > 100
+        by_endpoint = json.loads(res.read_text())["breakdown"]["endpoint"]
+        assert sum(v["completed"] for v in by_endpoint.values()) == 300
+        assert by_endpoint[slow.base_url + "/v1/completions"]["completed"] == after[2]
+    finally:
+        for s in (fast1, fast2, slow):
+            s.stop()
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / "datasets").is_dir(), reason="no datasets")
+def test_route_class_and_class_model(tmp_path: Path) -> None:
+    datasets = Path(__file__).resolve().parents[1] / "datasets"
+    a, b = MockServer(ttft_ms=2, itl_ms=1), MockServer(ttft_ms=2, itl_ms=1)
+    try:
+        req = tmp_path / "r.parquet"
+        r = CliRunner().invoke(
+            cli,
+            [
+                "blast",
+                "--mode",
+                "parametric",
+                "--datasets-dir",
+                str(datasets),
+                "--model-class",
+                "azure_code",
+                "--model-class",
+                "mooncake_synthetic",
+                "--duration",
+                "60",
+                "--time-scale",
+                "5",
+                "--random-output-len",
+                "4",
+                "--base-url",
+                a.base_url,
+                "--base-url",
+                b.base_url,
+                "--route-class",
+                f"azure_code={a.base_url}",
+                "--class-model",
+                "mooncake_synthetic=other-model",
+                "--warmup-requests",
+                "0",
+                "--disable-tqdm",
+                "--save-requests",
+                str(req),
+            ],
+            catch_exceptions=False,
+        )
+        assert r.exit_code == 0, r.output
+        table, _ = read_requests(req)
+        cls = table["class"].to_pylist()
+        ep = table["endpoint"].to_pylist()
+        model = table["model"].to_pylist()
+        azure = [e for c, e in zip(cls, ep) if c == "azure_code"]
+        moon = [e for c, e in zip(cls, ep) if c == "mooncake_synthetic"]
+        assert azure and set(azure) == {a.base_url + "/v1/completions"}
+        assert len(set(moon)) == 2  # the other class spreads over both
+        assert {m for c, m in zip(cls, model) if c == "mooncake_synthetic"} == {"other-model"}
+        assert {m for c, m in zip(cls, model) if c == "azure_code"} == {"fineserve-mock"}
+        assert a.stats()["completions"] + b.stats()["completions"] == table.num_rows
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_deployment_errors() -> None:
+    from fineserve.errors import FineserveError
+
+    with pytest.raises(FineserveError, match="not one of the --base-url"):
+        Deployment.from_options(["http://a/v1/c"], "round-robin", {"x": "http://b"},
+                                lambda u: u[: -len("/v1/c")])  # fmt: skip
+    r = CliRunner().invoke(cli, ["blast", "--route-class", "novalue"])
+    assert r.exit_code != 0 and "NAME=VALUE" in r.output
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")
+def test_mooncake_replay_reports_prefix_hit_rate(tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "blast",
+            "--mode",
+            "replay",
+            "--trace",
+            str(SHARED_DATA / "mooncake/synthetic_trace.jsonl"),
+            "--num-prompts",
+            "200",
+            "--time-scale",
+            "20",
+            "--random-output-len",
+            "4",
+            "--disable-tqdm",
+            "--output-file",
+            str(res),
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    rate = json.loads(res.read_text())["prefix_hit_rate_theoretical"]
+    assert 0.0 < rate < 1.0
