@@ -88,6 +88,18 @@ def test_exact_lengths_round_trip(tok, tmp_path: Path) -> None:  # type: ignore[
     assert len(firsts) == sum(len(x) >= 8 for x in ids)
 
 
+def test_sampled_check_checks_a_sample_then_everything_after_a_miss(tok) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(tok, seed=5, max_input_len=2000)  # check="sample"
+    want = np.random.default_rng(1).integers(1, 2000, 1000)
+    prompts, _, report = b.build(0, want)
+    assert report.checked == 256 and report.mismatched == 0 and not b.check_all
+    assert lengths(tok, prompts) == want.tolist()
+    # A builder that saw a miss checks every later prompt.
+    b.check_all = True
+    _, _, report = b.build(1000, want[:300])
+    assert report.checked == 300
+
+
 def test_dataset_source_and_suffix(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     share = tmp_path / "sharegpt.json"
     convs = [

@@ -356,7 +356,9 @@ class TokenizedPromptBuilder:
             if check == "sample" and not self.check_all:
                 k = min(n, max(256, n // 100))
                 rng = np.random.default_rng(base_index + self.seed)
-                rows = np.union1d(rng.choice(n, size=k, replace=False), must_check)
+                rows = np.union1d(
+                    rng.choice(n, size=k, replace=False), np.asarray(must_check, dtype=np.int64)
+                )
             self._verify(prompts, actual, rows, base_index, report)
             if report.repaired or report.mismatched:
                 if len(rows) < n:  # a sampled prompt was off: check the rest as well
