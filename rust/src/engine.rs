@@ -11,6 +11,7 @@
 //! (`RunHandle::drain`), so they do not pile up either.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
@@ -40,6 +41,13 @@ pub struct Schedule {
     /// Used to size per-request buffers; the body itself carries `max_tokens`.
     pub expected_output_tokens: Vec<u32>,
     pub bodies: Vec<Bytes>,
+    /// Conversation turns (all three empty when there are none): the schedule index of the
+    /// turn this request follows (-1: none); it leaves `think_ns` after that turn ends,
+    /// not at `t_ns` (which then only orders the schedule).
+    pub parent: Vec<i64>,
+    pub think_ns: Vec<i64>,
+    /// How many later requests follow this one (its end is published for them).
+    pub followers: Vec<u32>,
 }
 
 impl Schedule {
@@ -93,6 +101,17 @@ impl Schedule {
             .position(|&e| e as usize >= n_targets)
         {
             return bad(format!("endpoint_idx[{i}] has no endpoint or route group"));
+        }
+        let turns = [self.parent.len(), self.think_ns.len(), self.followers.len()];
+        if turns.iter().any(|&l| l != 0) {
+            if turns.iter().any(|&l| l != n) {
+                return bad(
+                    "parent, think_ns and followers must all be given, one per request".into(),
+                );
+            }
+            if let Some(i) = self.think_ns.iter().position(|&t| t < 0) {
+                return bad(format!("think_ns[{i}] is negative"));
+            }
         }
         Ok(())
     }
@@ -180,6 +199,57 @@ struct Shared {
     outstanding: Vec<AtomicI64>,
     /// Per route group, where the tie-breaking scan starts next (spreads ties).
     route_cursor: Vec<AtomicU64>,
+    /// Ends of conversation turns that later turns wait for.
+    turns: TurnBoard,
+}
+
+/// How a turn ended: (done_ns, succeeded).
+type TurnEnd = Option<(i64, bool)>;
+
+/// Publishes the end of turns that other requests follow. A follower may start waiting
+/// before or after its turn ends; a `watch` channel per turn covers both, across lanes.
+#[derive(Default)]
+struct TurnBoard {
+    slots: Mutex<HashMap<u64, TurnSlot>>,
+}
+
+struct TurnSlot {
+    end: tokio::sync::watch::Sender<TurnEnd>,
+    /// Followers that have not read the end yet (the slot goes when none is left).
+    left: u32,
+}
+
+impl TurnBoard {
+    fn slot<R>(&self, index: u64, f: impl FnOnce(&mut TurnSlot) -> R) -> Option<R> {
+        let mut slots = self.slots.lock().ok()?;
+        let slot = slots.entry(index).or_insert_with(|| TurnSlot {
+            end: tokio::sync::watch::channel(None).0,
+            left: u32::MAX,
+        });
+        Some(f(slot))
+    }
+
+    fn publish(&self, index: u64, followers: u32, end: (i64, bool)) {
+        self.slot(index, |s| {
+            s.left = s.left.min(followers);
+            s.end.send_replace(Some(end));
+        });
+    }
+
+    fn subscribe(&self, index: u64) -> Option<tokio::sync::watch::Receiver<TurnEnd>> {
+        self.slot(index, |s| s.end.subscribe())
+    }
+
+    fn consumed(&self, index: u64) {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(s) = slots.get_mut(&index) {
+                s.left = s.left.saturating_sub(1);
+                if s.left == 0 {
+                    slots.remove(&index);
+                }
+            }
+        }
+    }
 }
 
 pub struct RunOutput {
@@ -255,6 +325,7 @@ pub fn start_streaming(
         route_cursor: (0..config.route_groups.len())
             .map(|_| AtomicU64::new(0))
             .collect(),
+        turns: TurnBoard::default(),
         endpoints,
         config,
     });
@@ -367,6 +438,17 @@ impl RunHandle {
             self.shared.endpoints.len() + self.shared.config.route_groups.len(),
             feeder.last_t_ns,
         )?;
+        let base = feeder.next_index;
+        if let Some(i) = chunk
+            .parent
+            .iter()
+            .enumerate()
+            .position(|(j, &p)| p >= (base + j as u64) as i64)
+        {
+            return Err(EngineError::InvalidSchedule(format!(
+                "parent[{i}] must be an earlier request of the schedule"
+            )));
+        }
         if chunk.is_empty() {
             return Ok(());
         }
@@ -708,6 +790,9 @@ fn dispatch(
     let scheduled_ns = sched.t_ns[j];
     let index = chunk.base + j as u64;
     let expected = sched.expected_output_tokens[j] as usize;
+    let parent = sched.parent.get(j).copied().unwrap_or(-1);
+    let think_ns = sched.think_ns.get(j).copied().unwrap_or(0);
+    let followers = sched.followers.get(j).copied().unwrap_or(0);
     state.in_flight.set(state.in_flight.get() + 1);
     shared.progress.dispatched.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(shared);
@@ -715,6 +800,21 @@ fn dispatch(
     let state = Rc::clone(state);
     tokio::task::spawn_local(async move {
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
+        if parent >= 0 {
+            match follow_turn(&shared, clock, parent as u64, think_ns).await {
+                Ok(release_ns) => rec.scheduled_ns = release_ns,
+                Err(why) => {
+                    rec.fail(ErrorKind::NotSent, why);
+                    shared.progress.not_sent.fetch_add(1, Ordering::Relaxed);
+                    if followers > 0 {
+                        shared.turns.publish(index, followers, (-1, false));
+                    }
+                    push_record(&shared, lane, rec);
+                    finish_in_lane(&state);
+                    return;
+                }
+            }
+        }
         let outcome = {
             let work = run_request(&shared, &pool, clock, body, &mut rec);
             tokio::select! {
@@ -749,13 +849,61 @@ fn dispatch(
         } else {
             p.not_sent.fetch_add(1, Ordering::Relaxed);
         }
-        push_record(&shared, lane, rec);
-        let n = state.in_flight.get() - 1;
-        state.in_flight.set(n);
-        if n == 0 {
-            state.idle.notify_one();
+        if followers > 0 {
+            let ok = rec.error == ErrorKind::Ok;
+            shared.turns.publish(index, followers, (rec.done_ns, ok));
         }
+        push_record(&shared, lane, rec);
+        finish_in_lane(&state);
     });
+}
+
+fn finish_in_lane(state: &LaneState) {
+    let n = state.in_flight.get() - 1;
+    state.in_flight.set(n);
+    if n == 0 {
+        state.idle.notify_one();
+    }
+}
+
+/// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
+/// offset, or why the follower cannot be sent (the turn failed, or the run stopped).
+async fn follow_turn(
+    shared: &Shared,
+    clock: RunClock,
+    parent: u64,
+    think_ns: i64,
+) -> Result<i64, &'static str> {
+    let Some(mut rx) = shared.turns.subscribe(parent) else {
+        return Err("turn bookkeeping failed");
+    };
+    let end = loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Err(STOPPED_REASON);
+        }
+        if let Some(end) = *rx.borrow_and_update() {
+            break end;
+        }
+        // Woken by the turn's end; the timeout only lets a stop be noticed.
+        let _ = tokio::time::timeout(STOP_POLL, rx.changed()).await;
+    };
+    shared.turns.consumed(parent);
+    let (done_ns, ok) = end;
+    if !ok {
+        return Err("the previous turn of its conversation failed or was not sent");
+    }
+    let release_ns = done_ns.saturating_add(think_ns);
+    let deadline = clock.t0 + Duration::from_nanos(release_ns.max(0) as u64);
+    loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Err(STOPPED_REASON);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(release_ns);
+        }
+        tokio::time::sleep_until(deadline.min(now + STOP_POLL).into()).await;
+    }
 }
 
 /// Keeps an endpoint's outstanding count up while a request is on it.

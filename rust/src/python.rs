@@ -100,6 +100,9 @@ impl PyRun {
 
     /// Appends a chunk to the schedule (see `start_run(..., more=True)`). Raises
     /// `EngineError`, accepting nothing, once the input is closed or the run is stopping.
+    #[pyo3(signature = (
+        t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, *, turns = None,
+    ))]
     fn feed(
         &self,
         t_ns: PyReadonlyArray1<'_, i64>,
@@ -107,8 +110,16 @@ impl PyRun {
         bodies: Vec<Bound<'_, PyBytes>>,
         endpoint_idx: PyReadonlyArray1<'_, u32>,
         expected_output_tokens: PyReadonlyArray1<'_, u32>,
+        turns: Turns<'_>,
     ) -> PyResult<()> {
-        let chunk = schedule_from(t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens)?;
+        let chunk = schedule_from(
+            t_ns,
+            body_idx,
+            bodies,
+            endpoint_idx,
+            expected_output_tokens,
+            turns,
+        )?;
         self.with(|h| h.feed(chunk))?.map_err(PyErr::from)
     }
 
@@ -166,13 +177,29 @@ fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>>
     Ok(d)
 }
 
+/// Conversation columns of a chunk: (parent, think_ns, followers), all or none.
+type Turns<'py> = Option<(
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, u32>,
+)>;
+
 fn schedule_from(
     t_ns: PyReadonlyArray1<'_, i64>,
     body_idx: PyReadonlyArray1<'_, u32>,
     bodies: Vec<Bound<'_, PyBytes>>,
     endpoint_idx: PyReadonlyArray1<'_, u32>,
     expected_output_tokens: PyReadonlyArray1<'_, u32>,
+    turns: Turns<'_>,
 ) -> PyResult<Schedule> {
+    let (parent, think_ns, followers) = match turns {
+        Some((p, t, f)) => (
+            p.as_slice()?.to_vec(),
+            t.as_slice()?.to_vec(),
+            f.as_slice()?.to_vec(),
+        ),
+        None => (Vec::new(), Vec::new(), Vec::new()),
+    };
     Ok(Schedule {
         t_ns: t_ns.as_slice()?.to_vec(),
         body_idx: body_idx.as_slice()?.to_vec(),
@@ -182,6 +209,9 @@ fn schedule_from(
             .iter()
             .map(|b| Bytes::copy_from_slice(b.as_bytes()))
             .collect(),
+        parent,
+        think_ns,
+        followers,
     })
 }
 
@@ -194,6 +224,7 @@ fn schedule_from(
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
     api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
+    turns = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -218,8 +249,16 @@ fn start_run(
     realtime_priority: bool,
     more: bool,
     route_groups: Vec<Vec<usize>>,
+    turns: Turns<'_>,
 ) -> PyResult<PyRun> {
-    let schedule = schedule_from(t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens)?;
+    let schedule = schedule_from(
+        t_ns,
+        body_idx,
+        bodies,
+        endpoint_idx,
+        expected_output_tokens,
+        turns,
+    )?;
     let api_key = api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
     let client = ClientConfig {
         stream,

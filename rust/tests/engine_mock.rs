@@ -44,6 +44,7 @@ fn schedule(n: usize, gap_ns: i64, max_tokens: u32, chat: bool) -> Schedule {
         endpoint_idx: vec![0; n],
         expected_output_tokens: vec![max_tokens; n],
         bodies: vec![Bytes::from(body)],
+        ..Schedule::default()
     }
 }
 
@@ -122,6 +123,7 @@ fn schedule_fed_in_chunks_runs_as_one_and_drains_incrementally() {
             endpoint_idx: whole.endpoint_idx[r.clone()].to_vec(),
             expected_output_tokens: whole.expected_output_tokens[r].to_vec(),
             bodies: whole.bodies.clone(),
+            ..Schedule::default()
         })
         .expect("feed");
         std::thread::sleep(Duration::from_millis(40));
@@ -145,4 +147,72 @@ fn schedule_fed_in_chunks_runs_as_one_and_drains_incrementally() {
 fn run_progress_ok(c: &fineserve_engine::RecordColumns) -> bool {
     c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8)
         && c.index.windows(2).all(|w| w[0] < w[1])
+}
+
+#[test]
+fn conversation_turns_leave_after_their_previous_turn_ends() {
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            ttft: Duration::from_millis(20),
+            itl: Duration::from_millis(5),
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    let url = format!("http://{}/v1/completions", mock.addr());
+    // 0 → 1 → 3 is one conversation (think 30 ms, then 10 ms); 2 is on its own. Request 3
+    // is scheduled early (t = 1 ms) but must wait for turn 1.
+    let mut s = schedule(4, 0, 4, false);
+    s.t_ns = vec![0, 0, 1_000_000, 1_000_000];
+    s.parent = vec![-1, 0, -1, 1];
+    s.think_ns = vec![0, 30_000_000, 0, 10_000_000];
+    s.followers = vec![1, 1, 0, 0];
+    let run = start(s, config(url, 4)).expect("start");
+    assert!(run.wait(Duration::from_secs(20)));
+    let c = run.finish().columns;
+    assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8));
+    // Released exactly think_ns after the previous turn's end, and sent then.
+    assert_eq!(c.scheduled_ns[1], c.done_ns[0] + 30_000_000);
+    assert_eq!(c.scheduled_ns[3], c.done_ns[1] + 10_000_000);
+    for i in [1, 3] {
+        let lag = c.sent_ns[i] - c.scheduled_ns[i];
+        assert!((0..5_000_000).contains(&lag), "turn {i} lag {lag}");
+    }
+    // The independent request kept its own time.
+    assert_eq!(c.scheduled_ns[2], 1_000_000);
+    assert!(c.sent_ns[2] < c.done_ns[0]);
+}
+
+#[test]
+fn a_failed_turn_leaves_its_followers_unsent_with_a_reason() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let mut s = schedule(3, 0, 4, false);
+    s.parent = vec![-1, 0, 1];
+    s.think_ns = vec![0, 0, 0];
+    s.followers = vec![1, 1, 0];
+    let run = start(s, config(format!("http://{addr}/v1/completions"), 0)).expect("start");
+    assert!(run.wait(Duration::from_secs(20)));
+    let c = run.finish().columns;
+    assert_eq!(c.error_kind[0], ErrorKind::Connect as u8);
+    assert_eq!(c.error_kind[1], ErrorKind::NotSent as u8);
+    assert_eq!(c.error_kind[2], ErrorKind::NotSent as u8);
+    assert!(c.sent_ns[1] < 0 && c.sent_ns[2] < 0);
+    let msgs: Vec<&str> = c.error_messages.iter().map(|m| m.1.as_str()).collect();
+    assert!(
+        msgs.iter().filter(|m| m.contains("previous turn")).count() == 2,
+        "{msgs:?}"
+    );
+    // A turn cannot follow a later request.
+    let mut bad = schedule(2, 0, 4, false);
+    bad.parent = vec![1, -1];
+    bad.think_ns = vec![0, 0];
+    bad.followers = vec![0, 1];
+    let err = start(bad, config("http://127.0.0.1:9/v1/completions".into(), 0))
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("earlier request"));
 }
