@@ -48,8 +48,10 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [inspect.getsource(m) for m in (argparse, collections, email.message, json_mod,
-                                             logging, inspect)]  # fmt: skip
+    corpus = [
+        inspect.getsource(m)
+        for m in (argparse, collections, email.message, json_mod, logging, inspect)
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -103,19 +105,27 @@ def test_sampled_check_checks_a_sample_then_everything_after_a_miss(tok) -> None
 def test_dataset_source_and_suffix(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     share = tmp_path / "sharegpt.json"
     convs = [
-        {"conversations": [{"from": "human", "value": f"Question {i}: why is the sky blue?"},
-                           {"from": "gpt", "value": "Rayleigh scattering."}]}
+        {
+            "conversations": [
+                {"from": "human", "value": f"Question {i}: why is the sky blue?"},
+                {"from": "gpt", "value": "Rayleigh scattering."},
+            ]
+        }
         for i in range(50)
-    ] + [{"conversation": []}, {"nothing": 1}]  # fmt: skip
+    ] + [{"conversation": []}, {"nothing": 1}]
     share.write_text(json.dumps(convs))
     texts, summary = load_prompt_texts(share)
     assert len(texts) == 50 and "skipped 2 no prompt text" in summary
     from fineserve.prompts.tokenized import source_text_from
 
     b = TokenizedPromptBuilder(
-        tok, source_text=source_text_from(texts), seed=1, max_input_len=300,
-        prompt_suffix=" Answer briefly.", check="all",
-    )  # fmt: skip
+        tok,
+        source_text=source_text_from(texts),
+        seed=1,
+        max_input_len=300,
+        prompt_suffix=" Answer briefly.",
+        check="all",
+    )
     prompts, _, report = b.build(10, np.array([40, 120, 300]))
     assert report.mismatched == 0
     assert all(p.endswith(" Answer briefly.") for p in prompts)
@@ -262,8 +272,18 @@ def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
     slow = MockServer(ttft_ms=300, itl_ms=20)
     try:
         urls = [fast1.base_url, fast2.base_url, slow.base_url]
-        base = ["blast", "--num-prompts", "300", "--request-rate", "300",
-                "--random-output-len", "8", "--warmup-requests", "0", "--disable-tqdm"]  # fmt: skip
+        base = [
+            "blast",
+            "--num-prompts",
+            "300",
+            "--request-rate",
+            "300",
+            "--random-output-len",
+            "8",
+            "--warmup-requests",
+            "0",
+            "--disable-tqdm",
+        ]
         for u in urls:
             base += ["--base-url", u]
         r = CliRunner().invoke(cli, base, catch_exceptions=False)
@@ -272,9 +292,10 @@ def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
         assert got == [100, 100, 100]
         res = tmp_path / "lo.json"
         r = CliRunner().invoke(
-            cli, [*base, "--route", "least-outstanding", "--output-file", str(res)],
+            cli,
+            [*base, "--route", "least-outstanding", "--output-file", str(res)],
             catch_exceptions=False,
-        )  # fmt: skip
+        )
         assert r.exit_code == 0, r.output
         after = [s.stats()["completions"] - g for s, g in zip((fast1, fast2, slow), got)]
         assert sum(after) == 300
@@ -349,8 +370,9 @@ def test_deployment_errors() -> None:
     from fineserve.errors import FineserveError
 
     with pytest.raises(FineserveError, match="not one of the --base-url"):
-        Deployment.from_options(["http://a/v1/c"], "round-robin", {"x": "http://b"},
-                                lambda u: u[: -len("/v1/c")])  # fmt: skip
+        Deployment.from_options(
+            ["http://a/v1/c"], "round-robin", {"x": "http://b"}, lambda u: u[: -len("/v1/c")]
+        )
     r = CliRunner().invoke(cli, ["blast", "--route-class", "novalue"])
     assert r.exit_code != 0 and "NAME=VALUE" in r.output
 
@@ -381,3 +403,99 @@ def test_mooncake_replay_reports_prefix_hit_rate(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     rate = json.loads(res.read_text())["prefix_hit_rate_theoretical"]
     assert 0.0 < rate < 1.0
+
+
+def _bailian_trace(path: Path, conversations: int = 12, turns: int = 3) -> None:
+    """Qwen-Bailian-shaped JSONL: each turn's input holds its history plus 40 new tokens;
+    turns of one conversation are 2 s apart, conversations start 0.3 s apart."""
+    rows = []
+    cid = 1000
+    for c in range(conversations):
+        parent, inp = -1, 60 + c
+        for t in range(turns):
+            rows.append(
+                {
+                    "chat_id": cid,
+                    "parent_chat_id": parent,
+                    "turn": t + 1,
+                    "timestamp": 300 * c + 2000 * t,
+                    "input_length": inp,
+                    "output_length": 8,
+                    "hash_ids": [cid],
+                }
+            )
+            parent, cid, inp = cid, cid + 1, inp + 8 + 40
+    rows.sort(key=lambda r: r["timestamp"])
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_bailian_turns_extend_their_history(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fineserve.blast import RequestShapes, engine_chunks
+    from fineserve.traces import TraceOptions, load_trace
+    from fineserve.workloads.replay import replay_chunks
+
+    path = tmp_path / "bailian.jsonl"
+    _bailian_trace(path)
+    trace = load_trace(path, TraceOptions())
+    assert (trace.extra["parent"] >= 0).sum() == 24
+    assert set(np.unique(trace.extra["followers"])) == {0, 1}
+    assert len(np.unique(trace.extra["session_id"])) == 12
+    b = TokenizedPromptBuilder(tok, seed=0, check="all")
+    template = BodyTemplate("vllm", "m", stream=True, ignore_eos=True)
+    shapes = RequestShapes(b, {"m": template}, "m", {}, Deployment(["http://x/v1/completions"]))
+    # Chunks of 5 rows, so parents and followers sit in different chunks.
+    import fineserve.workloads.replay as replay_mod
+
+    old = replay_mod.CHUNK_ROWS
+    replay_mod.CHUNK_ROWS = 5
+    try:
+        chunks = list(engine_chunks(replay_chunks(trace, time_scale=2.0), shapes))
+    finally:
+        replay_mod.CHUNK_ROWS = old
+    prompts = [_json.loads(body)["prompt"] for ch in chunks for body in ch.bodies]
+    parent = np.concatenate([ch.turns[0] for ch in chunks])
+    think = np.concatenate([ch.turns[1] for ch in chunks])
+    want = trace.input_len
+    assert lengths(tok, prompts) == want.tolist()
+    for i in np.flatnonzero(parent >= 0).tolist():
+        assert prompts[i].startswith(prompts[parent[i]])
+        assert think[i] == 1_000_000_000  # 2 s of trace at time scale 2
+    roots = np.flatnonzero(parent < 0)
+    assert len({p[:20] for p in (prompts[i] for i in roots)}) == len(roots)
+
+
+def test_blast_replays_conversations_turn_after_turn(tmp_path: Path) -> None:
+    path = tmp_path / "bailian.jsonl"
+    _bailian_trace(path, conversations=6)
+    req = tmp_path / "r.parquet"
+    r = CliRunner().invoke(
+        cli,
+        [
+            "blast",
+            "--mode",
+            "replay",
+            "--trace",
+            str(path),
+            "--time-scale",
+            "4",
+            "--disable-tqdm",
+            "--save-requests",
+            str(req),
+            "--warmup-requests",
+            "0",
+        ],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    table, _ = read_requests(req)
+    t = {c: np.asarray(table[c].to_pylist()) for c in ("sent_ns", "done_ns", "scheduled_ns")}
+    trace_rows = [_json.loads(x) for x in path.read_text().splitlines()]
+    ids = [row["chat_id"] for row in trace_rows]
+    assert all(k == "ok" for k in table["error_kind"].to_pylist())
+    for i, row in enumerate(trace_rows):
+        if row["parent_chat_id"] < 0:
+            continue
+        p = ids.index(row["parent_chat_id"])
+        # Released 0.5 s (2 s / 4) after the previous turn ended, and sent then.
+        assert t["scheduled_ns"][i] == t["done_ns"][p] + 500_000_000
+        assert 0 <= t["sent_ns"][i] - t["scheduled_ns"][i] < 5_000_000

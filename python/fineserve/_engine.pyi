@@ -4,7 +4,7 @@ Times in records are nanoseconds since the run's start instant (``t0``); ``-1`` 
 event never happened.
 """
 
-from typing import final
+from typing import TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +12,8 @@ from typing_extensions import Self
 
 __version__: str
 #: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
+#: Conversation columns: (parent, think_ns, followers).
+_Turns: TypeAlias = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint32]]
 ERROR_KINDS: list[str]
 
 class EngineError(Exception):
@@ -38,6 +40,8 @@ class Run:
         bodies: list[bytes],
         endpoint_idx: npt.NDArray[np.uint32],
         expected_output_tokens: npt.NDArray[np.uint32],
+        *,
+        turns: _Turns | None = None,
     ) -> None:
         """Append a chunk to the schedule of a run started with ``more=True``; its send
         offsets continue the previous chunk's. Raises :class:`EngineError`, accepting
@@ -84,11 +88,16 @@ def start_run(
     realtime_priority: bool = False,
     more: bool = False,
     route_groups: list[list[int]] = ...,  # []
+    turns: _Turns | None = None,
 ) -> Run:
     """Start an open-loop run and return at once.
 
     ``endpoint_idx`` = ``len(endpoints) + g`` routes a request, when it is sent, to the
-    endpoint of ``route_groups[g]`` with the fewest requests outstanding.
+    endpoint of ``route_groups[g]`` with the fewest requests outstanding. ``turns`` =
+    (parent, think_ns, followers) makes request i wait for request ``parent[i]`` (an
+    earlier schedule index; -1: none) to end and leave ``think_ns[i]`` later (its recorded
+    ``scheduled_ns`` is that release time); if that turn fails or is not sent, request i
+    is not sent. ``followers[i]`` counts the requests that follow request i.
 
     ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
     ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).

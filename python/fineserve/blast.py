@@ -195,11 +195,18 @@ def engine_chunks(
     sharing is intended (hash_ids, shared-prefix groups)."""
     base = 0
     builder = shapes.builder
+    # Prompts of turns that later turns extend: index → [text, tokens, answer, followers left].
+    history: dict[int, list[Any]] = {}
     for c in chunks:
         if digest is not None:
             digest.add(c)
         n = len(c)
         prompts, actual_len = builder.build_chunk(base, c)
+        turns = None
+        if "parent" in c.extra:
+            actual_len = np.asarray(actual_len, dtype=np.int64).copy()
+            extend_turns(builder, base, c, prompts, actual_len, history)
+            turns = (c.extra["parent"], c.extra["think_ns"], c.extra["followers"])
         if prefix is not None:
             if c.hash_ids is not None and c.hash_offsets is not None:
                 prefix.add(actual_len, c.hash_ids, c.hash_offsets)
@@ -237,8 +244,41 @@ def engine_chunks(
             endpoint_idx=shapes.deployment.assign(classes, n),
             expected_output_tokens=c.output_len,
             extra=extra,
+            turns=turns,
         )
         base += n
+
+
+def extend_turns(
+    builder: SyntheticPromptBuilder | TokenizedPromptBuilder,
+    base: int,
+    c: Schedule,
+    prompts: list[str],
+    actual_len: npt.NDArray[np.int64],
+    history: dict[int, list[Any]],
+) -> None:
+    """A turn's prompt is its previous turn's prompt, an answer of that turn's output
+    length, and new text up to its own input length, so a prefix cache sees the
+    conversation. A turn shorter than its history keeps its own prompt."""
+    parent = c.extra["parent"]
+    followers = c.extra["followers"]
+    for i in range(len(c)):
+        p = int(parent[i])
+        if p >= 0 and p in history:
+            text, tokens, answer, _ = entry = history[p]
+            new = int(actual_len[i]) - tokens - answer
+            if new > 0 and builder.extends_turns:
+                prompts[i] = text + builder.continuation(base + i, answer, new)
+            entry[3] -= 1
+            if entry[3] <= 0:
+                del history[p]
+        if followers[i] > 0:
+            history[base + i] = [
+                prompts[i],
+                int(actual_len[i]),
+                int(c.output_len[i]),
+                int(followers[i]),
+            ]
 
 
 def warm_up(

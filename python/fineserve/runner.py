@@ -87,9 +87,21 @@ class EngineChunk:
     endpoint_idx: npt.NDArray[np.uint32]
     expected_output_tokens: npt.NDArray[np.int64]
     extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
+    #: Conversation turns (parent, think_ns, followers) when the schedule has them.
+    turns: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
 
     def __len__(self) -> int:
         return len(self.t_ns)
+
+    def turn_args(self) -> Any:
+        if self.turns is None:
+            return None
+        parent, think, followers = self.turns
+        return (
+            np.ascontiguousarray(parent, dtype=np.int64),
+            np.ascontiguousarray(think, dtype=np.int64),
+            np.ascontiguousarray(followers, dtype=np.uint32),
+        )
 
     def engine_args(self) -> tuple[Any, ...]:
         return (
@@ -297,6 +309,7 @@ def run_stream(
             realtime_priority=options.realtime_priority,
             more=True,
             route_groups=options.route_groups,
+            turns=first.turn_args(),
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None
@@ -332,7 +345,7 @@ def run_stream(
                                 run.close_input()
                                 break
                         try:
-                            run.feed(*held.engine_args())
+                            run.feed(*held.engine_args(), turns=held.turn_args())
                         except _engine.EngineError as e:
                             raise FineserveError(str(e)) from None
                         pending.push(fed, held)

@@ -3,8 +3,10 @@
 ``t_ns`` is the absolute send offset from the run's start instant (never a relative sleep,
 which drifts); ``input_len``/``output_len`` are token counts. Optional columns ride along in
 ``extra``: ``class`` (str), ``client_id``, ``session_id``, ``turn`` (int64),
-``reason_ratio`` (float64), and prefix blocks as ``hash_ids`` with ``hash_offsets``
-(request i's block ids are ``hash_ids[hash_offsets[i]:hash_offsets[i+1]]``).
+``reason_ratio`` (float64), conversation turns (``parent``: the schedule index of the turn
+a request follows, -1 for none; ``think_ns``: how long after that turn ends it leaves;
+``followers``: how many later requests follow it), and prefix blocks as ``hash_ids`` with
+``hash_offsets`` (request i's block ids are ``hash_ids[hash_offsets[i]:hash_offsets[i+1]]``).
 
 Long schedules travel as an iterator of chunks (consecutive pieces of one schedule, send
 offsets continuing across chunks), so nothing holds a whole day of requests at once.
@@ -32,6 +34,9 @@ EXTRA_COLUMNS: dict[str, str] = {
     "session_id": "int64",
     "turn": "int64",
     "reason_ratio": "float64",
+    "parent": "int64",
+    "think_ns": "int64",
+    "followers": "int64",
 }
 
 

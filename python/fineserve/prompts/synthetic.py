@@ -32,6 +32,12 @@ class SyntheticPromptBuilder:
     ``block_size`` words, and shared-prefix groups share their first words."""
 
     exact = False
+    extends_turns = True
+
+    def continuation(self, index: int, answer_tokens: int, new_tokens: int) -> str:
+        """Words to append to a previous turn's prompt: an answer, then the new turn."""
+        answer = self._slice(((index * 31) % self._pool_words), answer_tokens)
+        return " " + (answer + self.build(index, new_tokens)).strip()
 
     def __init__(
         self,

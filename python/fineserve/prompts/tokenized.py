@@ -268,6 +268,25 @@ class TokenizedPromptBuilder:
 
     exact = True
 
+    @property
+    def extends_turns(self) -> bool:
+        """Turns extend their history unless a chat template wraps every prompt."""
+        return self.template is None
+
+    def continuation(self, index: int, answer_tokens: int, new_tokens: int) -> str:
+        """Text of exactly ``answer_tokens + new_tokens`` tokens to append to a previous
+        turn's prompt: an answer, then the new turn's own tag and text."""
+        s, e = self.pool.window(_mix(index * 31 + 7), answer_tokens) if answer_tokens else (0, 0)
+        tag = self._tag(index)
+        tag_len = len(self.tok(tag, add_special_tokens=False)["input_ids"])
+        if new_tokens > tag_len:
+            ts, te = self.pool.window(_mix(index + 12345), new_tokens - tag_len)
+            own = tag + self.pool.text_of(ts, te)
+        else:
+            ts, te = self.pool.window(_mix(index + 12345), new_tokens)
+            own = self.pool.text_of(ts, te)
+        return self.pool.text_of(s, e) + own
+
     def build_chunk(
         self, base_index: int, schedule: Any, *, record: bool = True
     ) -> tuple[list[str], Any]:

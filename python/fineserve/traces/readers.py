@@ -250,7 +250,8 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
     _require_trace_columns(path, names, ts_col, in_col, out_col)
     t_ns = numeric(table[ts_col]) * UNIT_NS[unit]
     extra: dict[str, Any] = {}
-    for src, dst in (("chat_id", "session_id"), ("turn", "turn")):
+    for src in ("chat_id", "parent_chat_id", "turn"):
+        dst = src
         if src in names:
             v = numeric(table[src])
             extra[dst] = np.where(np.isfinite(v), v, -1).astype(np.int64)
@@ -263,7 +264,7 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
             hash_ids = col.values.cast(pa.int64()).to_numpy(zero_copy_only=False)
             hash_ids = hash_ids[hash_offsets[0] : hash_offsets[-1]]
             hash_offsets = hash_offsets - hash_offsets[0]
-    return finish_trace(
+    trace = finish_trace(
         path,
         "mooncake",
         t_ns,
@@ -275,6 +276,47 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
         hash_ids=hash_ids,
         hash_offsets=hash_offsets,
         unit=unit,
+    )
+    link_turns(trace)
+    return trace
+
+
+def link_turns(trace: Trace) -> None:
+    """Bailian conversations: ``chat_id``/``parent_chat_id`` become ``parent`` (the row of
+    the previous turn, -1 for a first turn), ``think_ns`` (the trace's gap between the two
+    turns' arrivals: without the original latencies, an upper bound on the user's think
+    time, used as the delay after the previous turn *ends*), ``followers`` and
+    ``session_id`` (the chat id of the conversation's first turn). A turn whose parent is
+    not in the trace (or was skipped) starts its own conversation; they are counted."""
+    chat = trace.extra.pop("chat_id", None)
+    parent_chat = trace.extra.pop("parent_chat_id", None)
+    if chat is None:
+        return
+    if parent_chat is None or not np.any(parent_chat >= 0):
+        trace.extra["session_id"] = chat
+        return
+    order = np.argsort(chat, kind="stable")
+    pos = np.searchsorted(chat[order], parent_chat)
+    pos = np.minimum(pos, len(chat) - 1)
+    found = (parent_chat >= 0) & (chat[order][pos] == parent_chat)
+    parent = np.where(found, order[pos], -1).astype(np.int64)
+    # A parent that arrives after its child (clock skew, bad rows) cannot be waited for.
+    late = parent >= np.arange(len(parent))
+    parent[late] = -1
+    orphans = int(np.sum((parent_chat >= 0) & (parent < 0)))
+    if orphans:
+        trace.notes.append(
+            f"{orphans} turns whose previous turn is not in the trace start their own conversation"
+        )
+    think = np.where(parent >= 0, trace.t_ns - trace.t_ns[np.maximum(parent, 0)], 0)
+    session = chat.copy()
+    for i in np.flatnonzero(parent >= 0).tolist():  # parents come first: one pass
+        session[i] = session[parent[i]]
+    trace.extra.update(
+        parent=parent,
+        think_ns=think.astype(np.int64),
+        followers=np.bincount(parent[parent >= 0], minlength=len(parent)).astype(np.int64),
+        session_id=session,
     )
 
 

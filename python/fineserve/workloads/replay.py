@@ -64,8 +64,28 @@ def replay_chunks(
         trace.hash_ids,
         trace.hash_offsets,
     )
+    if "parent" in full.extra:
+        full.extra = {**full.extra, **_slice_turns(full.extra, lo, hi, time_scale)}
     for a in range(lo, hi, CHUNK_ROWS):
         b = min(hi, a + CHUNK_ROWS)
         part = full.take(np.arange(a, b))
         part.t_ns = np.rint((part.t_ns - start_ns) / time_scale).astype(np.int64)
         yield part
+
+
+def _slice_turns(
+    extra: dict[str, np.ndarray], lo: int, hi: int, time_scale: float
+) -> dict[str, np.ndarray]:
+    """Conversation links for the slice [lo, hi): parents become slice positions (a turn
+    whose parent is before the slice starts a conversation), followers are recounted, and
+    think times compress with the time scale."""
+    parent = extra["parent"].copy()
+    inside = parent >= lo
+    parent = np.where(inside, parent - lo, -1)
+    rows = np.arange(len(parent))
+    in_slice = (rows >= lo) & (rows < hi)
+    followers = np.zeros(len(parent), dtype=np.int64)
+    kids = parent[lo:hi]
+    followers[lo:hi] = np.bincount(kids[kids >= 0], minlength=hi - lo)[: hi - lo]
+    think = np.where(inside & in_slice, np.rint(extra["think_ns"] / time_scale), 0)
+    return {"parent": parent, "followers": followers, "think_ns": think.astype(np.int64)}
