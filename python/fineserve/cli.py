@@ -704,6 +704,11 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
     row("  mean requests per occupied slot:", f"{s['mean_per_occupied_slot']:.3f}")
     row("  max requests in one slot:", s["max_per_slot"])
     row("  requests in multi-request slots (%):", f"{100 * s['fraction_in_bursts']:.2f}")
+    if s.get("prefix_hit_rate_theoretical") is not None:
+        row(
+            "Prefix-cache hit rate, theoretical (%):",
+            f"{100 * s['prefix_hit_rate_theoretical']:.2f}",
+        )
     row("Digest (t, input, output):", s["digest"])
     lines.append("=" * 50)
     return "\n".join(lines)

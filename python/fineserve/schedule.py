@@ -180,6 +180,9 @@ class ScheduleStats:
     _open_slot: int = -1
     _open_count: int = 0
     _digest: ScheduleDigest = field(default_factory=lambda: ScheduleDigest())
+    #: Tokens per hash_ids block, for the theoretical prefix-hit rate.
+    block_size: int = 512
+    _prefix: Any = None
 
     def add(self, s: Schedule) -> None:
         if not len(s):
@@ -190,6 +193,12 @@ class ScheduleStats:
         self.input_tokens += int(s.input_len.sum())
         self.output_tokens += int(s.output_len.sum())
         self._digest.add(s)
+        if s.hash_ids is not None and s.hash_offsets is not None:
+            from .prompts.prefix import PrefixHitCounter
+
+            if self._prefix is None:
+                self._prefix = PrefixHitCounter(self.block_size)
+            self._prefix.add(s.input_len, s.hash_ids, s.hash_offsets)
         prev = t[0] if self._prev_t is None else self._prev_t
         gaps = np.diff(np.concatenate([[prev], t])).astype(np.float64)
         if self._prev_t is None:
@@ -247,6 +256,7 @@ class ScheduleStats:
             "fraction_in_bursts": in_bursts / self.n if self.n else 0.0,
             "slot_ms": self.slot_ns / 1e6,
             "digest": self._digest.hexdigest(),
+            "prefix_hit_rate_theoretical": self._prefix.rate if self._prefix else None,
         }
 
 

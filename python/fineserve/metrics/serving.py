@@ -446,6 +446,13 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Max dispatch lag (us):", m["max_dispatch_lag_us"], ".1f")
     row("Sent in scheduled ms (%):", 100 * m["sent_in_scheduled_ms_fraction"], ".2f")
     row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
+    if m.get("prefix_hit_rate_theoretical") or m.get("prompt_check"):
+        section("Prompts")
+    if m.get("prefix_hit_rate_theoretical"):
+        row("Prefix-cache hit rate, theor. (%):", 100 * m["prefix_hit_rate_theoretical"], ".2f")
+    if m.get("prompt_check"):
+        pc = m["prompt_check"]
+        row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
     section("Accounting")
     row("Scheduled:", m["scheduled"])
     row("Sent:", m["sent"])
