@@ -484,6 +484,8 @@ def execute_blast(
             {
                 "partial": outcome.interrupted,
                 "schedule_digest": digest,
+                # Wall clock of the run's start instant: record times + this = Unix ns.
+                "t0_unix_ns": outcome.t0_unix_ns,
                 "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
                 "header": header,
             }

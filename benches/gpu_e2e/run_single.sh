@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU: transformers serve (continuous batching) with a random-weight 0.75 B Llama-style
+# model, driven by fineserve: Poisson up to saturation, FineServe Dense_lt10B parametric
+# with NB micro-bursts, an Azure trace replay, a capacity sweep, and the agreement check.
+#
+#   WHEELS=.whl DATA=.gpu_data OUT=out bash benches/gpu_e2e/run_single.sh
+#
+# WHEELS: fineserve's wheel plus fastapi, uvicorn, starlette, pydantic(-core), openai and
+# their missing dependencies (see README.md). DATA: a folder with
+# Parametric/{gamma,nb}/Dense_lt10B_* (FineServe's published parameters) and
+# AzureLLMInferenceTrace_code.csv. OUT: where results go.
+set -uo pipefail
+WHEELS=${WHEELS:-.whl}; DATA=${DATA:-.gpu_data}; OUT=${OUT:-out}
+PY=${PY:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$OUT" ~/.cache/huggingface/hub   # `GET /v1/models` fails without the hub cache dir
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+log() { echo "[$(date +%T)] $*"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+MODEL=/tmp/model
+log "creating the model"; $PY "$HERE/make_model.py" $MODEL || exit 1
+log "starting the server"
+setsid nohup $PY "$HERE/serve_timed.py" "$OUT/server_timing.jsonl" -- serve $MODEL \
+    --continuous-batching --port 8000 --host 127.0.0.1 > /tmp/server.log 2>&1 < /dev/null &
+up() { $PY -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/v1/models', timeout=2).read()[:200])"; }
+for i in $(seq 1 180); do up > /dev/null 2>&1 && break; sleep 1; done
+up || { tail -50 /tmp/server.log; exit 1; }
+FS="$PY -m fineserve.cli"
+COMMON="--base-url http://127.0.0.1:8000 --backend openai --model $MODEL --tokenizer $MODEL \
+    --disable-tqdm --warmup-requests 2 --seed 1"
+log "poisson"
+for rate in 2 5 10 20 30; do
+    $FS blast $COMMON --request-rate $rate --num-prompts $((rate * 20)) \
+        --random-input-len 256 --random-output-len 64 --random-range-ratio 0.5 \
+        --output-file /tmp/poisson_$rate.json --save-requests /tmp/poisson_$rate.parquet \
+        > /tmp/poisson_$rate.txt 2>&1 || tail -5 /tmp/poisson_$rate.txt
+    grep -E "Successful|Failed|P99 TTFT|Mean ITL|Request throughput" /tmp/poisson_$rate.txt
+done
+log "parametric Dense_lt10B (NB micro-bursts)"
+$FS blast $COMMON --mode parametric --model-class Dense_lt10B --datasets-dir "$DATA" \
+    --duration 60 --time-scale 1.5 --random-input-len 256 --random-output-len 64 \
+    --output-file /tmp/parametric.json --save-requests /tmp/parametric.parquet \
+    > /tmp/parametric.txt 2>&1; grep -E "Successful|P99 TTFT|scheduled ms|Arrivals" /tmp/parametric.txt
+log "azure replay"
+$FS blast $COMMON --mode replay --trace "$DATA/AzureLLMInferenceTrace_code.csv" \
+    --duration 240 --time-scale 4 --output-file /tmp/replay.json \
+    --save-requests /tmp/replay.parquet > /tmp/replay.txt 2>&1
+grep -E "Successful|Failed|P99 TTFT|P99 E2E" /tmp/replay.txt
+log "sweep"
+$FS sweep $COMMON --slo ttft:p99:1000 --request-rate 8 --step-seconds 15 --max-probes 7 \
+    --random-input-len 256 --random-output-len 64 --target-load 200 \
+    --output-file /tmp/sweep.json --plot "$OUT/sweep.png" > /tmp/sweep.txt 2>&1
+tail -14 /tmp/sweep.txt
+log "agreement and reports"
+for run in poisson_10 parametric; do
+    $PY "$HERE/agreement.py" /tmp/$run.parquet "$OUT/server_timing.jsonl" --json /tmp/agree_$run.json \
+        > /dev/null || echo "agreement failed for $run"
+done
+$FS report /tmp/poisson_5.parquet /tmp/poisson_20.parquet /tmp/poisson_30.parquet \
+    -o /tmp/rep/poisson.html > /dev/null 2>&1 && cp /tmp/rep/poisson_latency_cdfs.png "$OUT/"
+$FS report /tmp/parametric.parquet -o /tmp/rep/parametric.html > /dev/null 2>&1 \
+    && cp /tmp/rep/parametric_burst_fidelity.png "$OUT/"
+$PY "$HERE/collect.py" /tmp "$OUT/summary.json"
+tail -30 /tmp/server.log > "$OUT/server_log_tail.txt"
+log "done"
