@@ -34,11 +34,18 @@ def main() -> None:
     first = np.asarray(table["first_token_ns"].to_pylist())
     done = np.asarray(table["done_ns"].to_pylist())
     t0 = int(meta.get("t0_unix_ns") or 0)
+    # The log holds every run against this server (and warm-up requests): keep the entries
+    # that arrived during this run, whose tags are this run's schedule indices.
+    lo = t0
+    hi = t0 + int(max(done.max(), sent.max())) + 1_000_000_000
     server = {}
     for line in args.timing.read_text().splitlines():
         r = json.loads(line)
-        if r.get("tag") is not None and "first_token_ns" in r:
-            server[int(r["tag"])] = r
+        if r.get("tag") is None or "first_token_ns" not in r:
+            continue
+        if t0 and not lo <= r["arrive_ns"] <= hi:
+            continue
+        server[int(r["tag"])] = r
     rows = [i for i in range(len(idx)) if ok[i] and int(idx[i]) in server]
     if not rows:
         sys.exit("no request could be matched to the server's log")
