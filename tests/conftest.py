@@ -59,6 +59,8 @@ class RawHttpServer:
         self.port = self._sock.getsockname()[1]
         self._respond = respond
         self._stop = False
+        #: Peer addresses of the accepted connections (the client's source addresses).
+        self.peers: list[str] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -70,9 +72,10 @@ class RawHttpServer:
         self._sock.settimeout(0.1)
         while not self._stop:
             try:
-                conn, _ = self._sock.accept()
+                conn, peer = self._sock.accept()
             except OSError:
                 continue
+            self.peers.append(peer[0])
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:

@@ -234,3 +234,51 @@ def test_invalid_schedule_is_rejected_with_one_line() -> None:
             np.zeros(1, dtype=np.uint32),
             np.zeros(1, dtype=np.uint32),
         )
+
+
+def test_connections_come_from_the_given_source_addresses() -> None:
+    """--source-ip: every connection is bound to one of the listed local addresses, in
+    turn, so more than one address's ephemeral ports can reach one server."""
+    done = b'data: {"choices":[{"text":"x","finish_reason":"length"}]}\n\ndata: [DONE]\n\n'
+    server = RawHttpServer(lambda c: _chunked(c, [done]))
+    try:
+        rec = run_schedule(
+            server.url,
+            np.zeros(12, dtype=np.int64),
+            options=EngineOptions(
+                warm_connections=0, lanes=2, source_ips=["127.0.0.2", "127.0.0.3"]
+            ),
+        )
+    finally:
+        server.close()
+    assert kinds(rec) == ["ok"] * 12
+    assert set(server.peers) == {"127.0.0.2", "127.0.0.3"}
+    # The raw server closes each connection after one response: 12 connections, spread.
+    assert len(server.peers) == 12 and server.peers.count("127.0.0.2") >= 4
+
+
+def test_bad_source_address_is_one_line() -> None:
+    import pytest
+
+    from fineserve.errors import FineserveError
+
+    with pytest.raises(FineserveError, match="not an IP address"):
+        run_schedule(
+            "http://127.0.0.1:9/v1/completions",
+            np.zeros(1, dtype=np.int64),
+            options=EngineOptions(source_ips=["nope"]),
+        )
+
+
+def test_unusable_source_address_is_reported_as_such() -> None:
+    server = RawHttpServer(lambda c: None)
+    try:
+        rec = run_schedule(
+            server.url,
+            np.zeros(2, dtype=np.int64),
+            options=EngineOptions(warm_connections=0, source_ips=["192.0.2.1"]),
+        )
+    finally:
+        server.close()
+    assert kinds(rec) == ["connect"] * 2
+    assert "cannot use source address 192.0.2.1" in rec.columns["error_message"][0]

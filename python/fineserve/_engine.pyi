@@ -89,6 +89,7 @@ def start_run(
     more: bool = False,
     route_groups: list[list[int]] = ...,  # []
     turns: _Turns | None = None,
+    source_ips: list[str] = ...,  # []
 ) -> Run:
     """Start an open-loop run and return at once.
 
@@ -98,6 +99,8 @@ def start_run(
     earlier schedule index; -1: none) to end and leave ``think_ns[i]`` later (its recorded
     ``scheduled_ns`` is that release time); if that turn fails or is not sent, request i
     is not sent. ``followers[i]`` counts the requests that follow request i.
+    ``source_ips``: local addresses new connections are bound to, in turn (each lane starts
+    at a different one), to get past one address's ~28k ephemeral ports per server.
 
     ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
     ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).

@@ -397,6 +397,7 @@ def execute_blast(
         realtime_priority=o["realtime_priority"],
         drain_grace_s=o["drain_grace"],
         route_groups=deployment.route_groups,
+        source_ips=[x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()],
     )
     if o["warmup_requests"]:
         warm_up(urls, shapes, o["warmup_requests"], first, options)

@@ -395,6 +395,12 @@ def _blast_options(f: Any) -> Any:
             help="Seconds for a whole request.",
         ),
         click.option(
+            "--source-ip",
+            help="Comma-separated local addresses to open connections from, in turn (e.g. "
+            "127.0.0.2,127.0.0.3 towards a server on loopback): past ~28k connections to "
+            "one server, one address runs out of ephemeral ports.",
+        ),
+        click.option(
             "--drain-grace",
             type=float,
             default=30.0,

@@ -40,6 +40,8 @@ class EngineOptions:
     realtime_priority: bool = False
     #: Least-outstanding routing groups (endpoint indices); see ``_engine.start_run``.
     route_groups: list[list[int]] = field(default_factory=list)
+    #: Local addresses new connections are bound to, in turn (``--source-ip``).
+    source_ips: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -310,6 +312,7 @@ def run_stream(
             more=True,
             route_groups=options.route_groups,
             turns=first.turn_args(),
+            source_ips=options.source_ips,
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None

@@ -3,8 +3,8 @@
 //!
 //! Everything here runs on one lane's current-thread runtime, so the pool needs no locks.
 
-use std::cell::RefCell;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RequestRecord};
@@ -72,6 +72,10 @@ pub struct ClientConfig {
     pub max_body_bytes: usize,
     /// `Authorization` value, marked sensitive so it never appears in debug output.
     pub authorization: Option<HeaderValue>,
+    /// Local addresses new connections are bound to, in turn (empty: the kernel picks).
+    /// One address has ~28k ephemeral ports towards one server; several lift that limit
+    /// (e.g. 127.0.0.2, 127.0.0.3, … towards a server on loopback).
+    pub source_ips: Vec<IpAddr>,
 }
 
 impl ClientConfig {
@@ -89,18 +93,54 @@ pub struct Pool {
     endpoints: Rc<[Endpoint]>,
     idle: RefCell<Vec<Vec<Sender>>>,
     connect_timeout: Duration,
+    source_ips: Vec<IpAddr>,
+    next_source: Cell<usize>,
 }
 
 type Failure = (ErrorKind, String);
 
 impl Pool {
-    pub fn new(endpoints: Rc<[Endpoint]>, connect_timeout: Duration) -> Self {
+    pub fn new(
+        endpoints: Rc<[Endpoint]>,
+        connect_timeout: Duration,
+        source_ips: Vec<IpAddr>,
+        first_source: usize,
+    ) -> Self {
         let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
         Self {
             endpoints,
             idle,
             connect_timeout,
+            source_ips,
+            next_source: Cell::new(first_source),
         }
+    }
+
+    /// A TCP connection to `addr`, from the next source address when there are several.
+    /// A source address that cannot be bound is its own error (not a port shortage).
+    async fn open(&self, addr: SocketAddr) -> Result<TcpStream, Failure> {
+        let connect_error =
+            |e: std::io::Error| (ErrorKind::Connect, describe_connect_error(addr, &e));
+        if self.source_ips.is_empty() {
+            return TcpStream::connect(addr).await.map_err(connect_error);
+        }
+        let i = self.next_source.get();
+        self.next_source.set(i.wrapping_add(1));
+        let src = self.source_ips[i % self.source_ips.len()];
+        let bind_error = |e: std::io::Error| {
+            (
+                ErrorKind::Connect,
+                format!("cannot use source address {src} to reach {addr}: {e} (is it an address of this machine, of the same IP version?)"),
+            )
+        };
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(bind_error)?;
+        sock.bind(SocketAddr::new(src, 0)).map_err(bind_error)?;
+        sock.connect(addr).await.map_err(connect_error)
     }
 
     pub fn endpoint(&self, i: usize) -> &Endpoint {
@@ -110,20 +150,19 @@ impl Pool {
     /// Opens a new connection; its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
         let addr = self.endpoints[endpoint].addr;
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-                Err(_) => {
-                    return Err((
-                        ErrorKind::ConnectTimeout,
-                        format!(
-                            "connect to {addr} timed out after {:?}",
-                            self.connect_timeout
-                        ),
-                    ))
-                }
-                Ok(Err(e)) => return Err((ErrorKind::Connect, describe_connect_error(addr, &e))),
-                Ok(Ok(s)) => s,
-            };
+        let stream = match tokio::time::timeout(self.connect_timeout, self.open(addr)).await {
+            Err(_) => {
+                return Err((
+                    ErrorKind::ConnectTimeout,
+                    format!(
+                        "connect to {addr} timed out after {:?}",
+                        self.connect_timeout
+                    ),
+                ))
+            }
+            Ok(Err(failure)) => return Err(failure),
+            Ok(Ok(s)) => s,
+        };
         let _ = stream.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

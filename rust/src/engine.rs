@@ -660,7 +660,12 @@ async fn lane_main(
     mut rx: mpsc::UnboundedReceiver<Arc<Chunk>>,
 ) {
     let endpoints: Rc<[Endpoint]> = shared.endpoints.clone().into();
-    let pool = Rc::new(Pool::new(endpoints, shared.config.client.connect_timeout));
+    let pool = Rc::new(Pool::new(
+        endpoints,
+        shared.config.client.connect_timeout,
+        shared.config.client.source_ips.clone(),
+        lane,
+    ));
     warm_pool(&shared, &pool, lanes).await;
 
     // Common start instant: the first lane through the gate fixes it.

@@ -224,7 +224,7 @@ fn schedule_from(
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
     api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
-    turns = None,
+    turns = None, source_ips = Vec::new(),
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -250,7 +250,16 @@ fn start_run(
     more: bool,
     route_groups: Vec<Vec<usize>>,
     turns: Turns<'_>,
+    source_ips: Vec<String>,
 ) -> PyResult<PyRun> {
+    let source_ips = source_ips
+        .iter()
+        .map(|s| {
+            s.trim().parse::<std::net::IpAddr>().map_err(|_| {
+                EngineError::new_err(format!("source address {s:?} is not an IP address"))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
     let schedule = schedule_from(
         t_ns,
         body_idx,
@@ -270,6 +279,7 @@ fn start_run(
         authorization: api_key
             .filter(|k| !k.is_empty())
             .and_then(|k| ClientConfig::bearer(&k)),
+        source_ips,
     };
     let config = EngineConfig {
         endpoints,

@@ -17,6 +17,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
             total_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
             authorization: None,
+            source_ips: Vec::new(),
         },
         max_concurrency: None,
         lanes: 2,
