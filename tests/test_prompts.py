@@ -499,3 +499,12 @@ def test_blast_replays_conversations_turn_after_turn(tmp_path: Path) -> None:
         # Released 0.5 s (2 s / 4) after the previous turn ended, and sent then.
         assert t["scheduled_ns"][i] == t["done_ns"][p] + 500_000_000
         assert 0 <= t["sent_ns"][i] - t["scheduled_ns"][i] < 5_000_000
+
+
+def test_pool_grows_for_a_longer_prompt_than_it_was_sized_for(tok) -> None:  # type: ignore[no-untyped-def]
+    b = TokenizedPromptBuilder(tok, seed=2, max_input_len=100, check="all")
+    small = b.pool.n
+    long = small // 2 + 1000  # more than the first pool can hold twice over
+    prompts, _, report = b.build(0, np.array([50, long]))
+    assert b.pool.n > small and report.mismatched == 0
+    assert lengths(tok, prompts) == [50, long]

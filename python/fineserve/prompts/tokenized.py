@@ -249,8 +249,8 @@ class TokenizedPromptBuilder:
         )
         self.groups, self.prefix_len = shared_prefix_groups, shared_prefix_len
         text = source_text if source_text else _synthetic_text(seed, 200_000)
-        need = max(MIN_POOL_TOKENS, 2 * (max_input_len + block_size) + 1024)
-        self.pool = TokenPool(tokenizer, text, need, cache_dir)
+        self._text, self._cache_dir = text, cache_dir
+        self.pool = TokenPool(tokenizer, text, self._pool_need(max_input_len), cache_dir)
         self.check_all = False
         if check not in CHECK_MODES:
             raise FineserveError(f"--prompt-check must be one of {', '.join(CHECK_MODES)}")
@@ -318,6 +318,15 @@ class TokenizedPromptBuilder:
     def _tag(self, index: int) -> str:
         return f"#{index:x}:"
 
+    def _pool_need(self, max_len: int) -> int:
+        return max(MIN_POOL_TOKENS, 2 * (max_len + self.block_size) + 1024)
+
+    def _ensure_pool(self, max_len: int) -> None:
+        """A longer prompt than the pool was sized for (a streamed schedule shows its
+        lengths chunk by chunk): the pool is re-made, larger (and cached)."""
+        if self._pool_need(max_len) > self.pool.n:
+            self.pool = TokenPool(self.tok, self._text, self._pool_need(max_len), self._cache_dir)
+
     def build(
         self,
         base_index: int,
@@ -331,6 +340,8 @@ class TokenizedPromptBuilder:
         checked (the target unless a mismatch survived), and a report. ``check`` defaults
         to the builder's."""
         n = len(input_len)
+        if n:
+            self._ensure_pool(int(np.max(input_len)))
         overhead = self.template_len + self.suffix_len
         tags = [self._tag(base_index + i) for i in range(n)]
         tag_lens = [len(x) for x in self.tok(tags, add_special_tokens=False)["input_ids"]]
