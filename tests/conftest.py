@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,3 +115,33 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def interrupted_blast(sig: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fineserve blast` of 600 requests at 100 req/s in its own process, sent ``sig``
+    2.5 s in; ``args`` are added to its command line."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fineserve.cli",
+            "blast",
+            "--num-prompts",
+            "600",
+            "--request-rate",
+            "100",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "4",
+            "--disable-tqdm",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

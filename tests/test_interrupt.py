@@ -5,43 +5,19 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import interrupted_blast
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_dispatch_and_keeps_partial_results(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "partial.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fineserve.cli",
-            "blast",
-            "--num-prompts",
-            "600",
-            "--request-rate",
-            "100",
-            "--random-input-len",
-            "8",
-            "--random-output-len",
-            "4",
-            "--disable-tqdm",
-            "--output-file",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(2.5)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    done = interrupted_blast(sig, "--output-file", str(out))
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted: dispatch stopped" in stderr
     assert "results are partial" in stderr

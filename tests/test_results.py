@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
+from conftest import interrupted_blast
 from fineserve.cli import cli
 from fineserve.metrics import compute_metrics
 from fineserve.metrics.serving import MetricsAccumulator, parse_goodput
@@ -183,32 +181,8 @@ def test_breakdown_by_class_adds_up() -> None:
 
 def test_sigint_keeps_a_complete_results_file(tmp_path: Path) -> None:
     req = tmp_path / "req.parquet"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fineserve.cli",
-            "blast",
-            "--num-prompts",
-            "600",
-            "--request-rate",
-            "100",
-            "--random-input-len",
-            "8",
-            "--random-output-len",
-            "4",
-            "--disable-tqdm",
-            "--save-requests",
-            str(req),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    done = interrupted_blast(signal.SIGINT, "--save-requests", str(req))
+    assert done.returncode == 130, done.stderr
     table, meta = read_requests(req)
     assert meta["partial"] is True and meta["complete"] is True
     kinds = table["error_kind"].to_pylist()

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from . import plotting
 from .errors import FineserveError
 from .fit.bursts import best_slot_phase_ns, slot_counts
 
@@ -282,13 +283,8 @@ def format_comparison(c: Comparison) -> str:
 
 def plot_comparison(c: Comparison, path: Path) -> Path:
     """Side-by-side panels as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = c.series
-    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    fig, ax = plotting.figure(2, 3, (15, 8))
     real_style = {"color": "tab:blue", "label": f"real ({c.real.name})"}
     gen_style = {"color": "tab:orange", "label": f"generated ({c.generated.name})"}
     x = s["window_start_s"] / 60
@@ -318,18 +314,8 @@ def plot_comparison(c: Comparison, path: Path) -> Path:
         else:
             ra, ga = getattr(c.real, key), getattr(c.generated, key)
         for v, style in ((ra, real_style), (ga, gen_style)):
-            v = np.sort(v[v > 0])
-            if len(v):
-                ax_y = np.arange(1, len(v) + 1) / len(v)
-                step = max(1, len(v) // 4000)  # a CDF needs no more points than pixels
-                a.plot(v[::step], ax_y[::step], **style)
+            plotting.cdf(a, v, **style)
         a.set(title=title, xscale="log", ylim=(0, 1))
     ax[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=90)
-    except OSError as e:
-        raise FineserveError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return plotting.save(fig, path)

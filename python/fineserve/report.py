@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,13 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from . import plotting
 from ._engine import ERROR_KINDS
 from .errors import FineserveError
 from .metrics import MetricsAccumulator
+from .metrics.serving import itl_ns
 from .results import read_requests
+from .runner import RECORD_INT_COLUMNS
 
 #: Panels of a single-run report, in order (file stem → title).
 PANELS = {
@@ -53,19 +55,7 @@ def table_to_columns(table: pa.Table) -> dict[str, Any]:
     """The engine's column layout from a results table (for the metrics code)."""
     n = table.num_rows
     cols: dict[str, Any] = {
-        c: table[c].to_numpy(zero_copy_only=False).astype(np.int64)
-        for c in (
-            "index",
-            "scheduled_ns",
-            "sent_ns",
-            "first_byte_ns",
-            "first_token_ns",
-            "done_ns",
-            "n_chunks",
-            "completion_tokens",
-            "prompt_tokens",
-            "http_status",
-        )
+        c: table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in RECORD_INT_COLUMNS
     }
     kinds = table["error_kind"].to_pylist()
     code = {k: i for i, k in enumerate(ERROR_KINDS)}
@@ -103,25 +93,6 @@ def load_run(path: Path, window_s: float = 10.0) -> Run:
     return Run(name, table, meta, cols, metrics)
 
 
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(rows, cols, figsize=size, squeeze=False)
-    return fig, ax
-
-
 def _ok(r: Run) -> npt.NDArray[np.bool_]:
     return r.col("error_kind") == 0
 
@@ -134,43 +105,29 @@ def _latencies(r: Run) -> dict[str, npt.NDArray[np.float64]]:
     )
     has_first = ok & (first >= 0)
     multi = has_first & (tokens > 1)
-    offsets = r.col("chunk_offsets").astype(np.int64)
-    owner = np.repeat(np.arange(len(ok)), np.diff(offsets))
-    chunk = r.col("chunk_ns")
-    same = owner[:-1] == owner[1:] if len(owner) > 1 else np.zeros(0, bool)
-    keep = same & ok[owner[:-1]] if len(owner) > 1 else same
     return {
         "TTFT": (first - sent)[has_first] / 1e6,
         "TPOT": ((done - first)[multi] / (tokens[multi] - 1)) / 1e6,
-        "ITL": np.diff(chunk)[keep] / 1e6 if len(chunk) > 1 else np.zeros(0),
+        "ITL": itl_ns(r.col("chunk_ns"), r.col("chunk_offsets"), ok) / 1e6,
         "E2E": (done - sent)[ok] / 1e6,
     }
 
 
-def _cdf(ax: Any, values: npt.NDArray[np.float64], label: str) -> None:
-    v = np.sort(values[values > 0])
-    if not len(v):
-        return
-    y = np.arange(1, len(v) + 1) / len(v)
-    step = max(1, len(v) // 3000)
-    ax.plot(v[::step], y[::step], label=label)
-
-
 def panel_latency_cdfs(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 4, (16, 3.6))
+    fig, ax = plotting.figure(1, 4, (16, 3.6))
     for r in runs:
         for a, v in zip(ax[0], _latencies(r).values()):
-            _cdf(a, v, r.name)
+            plotting.cdf(a, v, label=r.name)
     for a, name in zip(ax[0], ("TTFT", "TPOT", "ITL", "E2E")):
         a.set(title=f"{name} CDF", xlabel="ms", xscale="log", ylim=(0, 1))
         a.grid(alpha=0.3)
     ax[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def panel_latency_over_time(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 3, (16, 3.6))
+    fig, ax = plotting.figure(1, 3, (16, 3.6))
     for r in runs:
         ok = _ok(r)
         sent_s = r.col("sent_ns") / 1e9
@@ -191,7 +148,7 @@ def panel_latency_over_time(runs: list[Run]) -> bytes:
         a.grid(alpha=0.3)
     ax[0, 1].legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def _subsample(idx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
@@ -201,7 +158,7 @@ def _subsample(idx: npt.NDArray[np.int64], n: int) -> npt.NDArray[np.int64]:
 
 
 def panel_arrivals(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 2, (16, 3.6))
+    fig, ax = plotting.figure(1, 2, (16, 3.6))
     for r in runs:
         sched = np.asarray(r.metrics["scheduled_per_second"])
         sent = np.asarray(r.metrics["sent_per_second"])
@@ -216,7 +173,7 @@ def panel_arrivals(runs: list[Run]) -> bytes:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def in_flight_series(r: Run, step_s: float = 0.1) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
@@ -234,7 +191,7 @@ def in_flight_series(r: Run, step_s: float = 0.1) -> tuple[npt.NDArray[Any], npt
 
 
 def panel_in_flight(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 1, (16, 3.2))
+    fig, ax = plotting.figure(1, 1, (16, 3.2))
     for r in runs:
         t, c = in_flight_series(r)
         ax[0, 0].plot(t, c, label=r.name)
@@ -242,7 +199,7 @@ def panel_in_flight(runs: list[Run]) -> bytes:
     ax[0, 0].grid(alpha=0.3)
     ax[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def slot_fidelity(r: Run, slot_ns: int = 1_000_000) -> dict[str, Any]:
@@ -258,11 +215,11 @@ def slot_fidelity(r: Run, slot_ns: int = 1_000_000) -> dict[str, Any]:
 
 
 def panel_burst_fidelity(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 2, (16, 3.6))
+    fig, ax = plotting.figure(1, 2, (16, 3.6))
     for r in runs:
         sent, sched = r.col("sent_ns"), r.col("scheduled_ns")
         lag_us = (sent - sched)[sent >= 0] / 1e3
-        _cdf(ax[0, 0], np.maximum(lag_us, 0.01), r.name)
+        plotting.cdf(ax[0, 0], np.maximum(lag_us, 0.01), label=r.name)
         f = slot_fidelity(r)
         top = int(max(f["scheduled"].max(initial=1), f["sent"].max(initial=1)))
         k = np.arange(1, top + 1)
@@ -278,11 +235,11 @@ def panel_burst_fidelity(runs: list[Run]) -> bytes:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def panel_windows(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 4, (16, 3.6))
+    fig, ax = plotting.figure(1, 4, (16, 3.6))
     for r in runs:
         w = r.metrics.get("windows") or []
         t = [x["start_s"] for x in w]
@@ -297,11 +254,11 @@ def panel_windows(runs: list[Run]) -> bytes:
         a.grid(alpha=0.3)
     ax[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 def panel_breakdown(runs: list[Run]) -> bytes:
-    fig, ax = _figure(1, 2, (16, 3.6))
+    fig, ax = plotting.figure(1, 2, (16, 3.6))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         kinds = r.metrics["errors_by_kind"]
@@ -323,7 +280,7 @@ def panel_breakdown(runs: list[Run]) -> bytes:
     for a in ax[0]:
         a.legend(fontsize=7)
     fig.tight_layout()
-    return _png(fig)
+    return plotting.png_bytes(fig)
 
 
 _PANEL_FUNCS = {

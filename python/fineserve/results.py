@@ -32,22 +32,10 @@ import pyarrow.parquet as pq
 
 from ._engine import ERROR_KINDS
 from .errors import FineserveError
+from .runner import RECORD_INT_COLUMNS
 
 METADATA_KEY = b"fineserve.run"
 JOURNAL_SUFFIX = ".journal"
-
-_INT_COLUMNS = (
-    "index",
-    "scheduled_ns",
-    "sent_ns",
-    "first_byte_ns",
-    "first_token_ns",
-    "done_ns",
-    "n_chunks",
-    "completion_tokens",
-    "prompt_tokens",
-    "http_status",
-)
 
 
 def machine_info() -> dict[str, Any]:
@@ -65,7 +53,7 @@ def records_to_batch(
     """One Arrow batch from drained engine columns plus the chunk columns of each row."""
     n = len(columns["index"])
     arrays: dict[str, pa.Array] = {
-        c: pa.array(np.asarray(columns[c]).astype(np.int64)) for c in _INT_COLUMNS
+        c: pa.array(np.asarray(columns[c]).astype(np.int64)) for c in RECORD_INT_COLUMNS
     }
     kind = np.asarray(columns["error_kind"]).astype(np.int32)
     arrays["error_kind"] = pa.DictionaryArray.from_arrays(

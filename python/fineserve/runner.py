@@ -177,7 +177,8 @@ class _CollectingSink(RecordSink):
         return concat_record_batches([b for b, _ in self.batches], sort=True)
 
 
-_SCALAR_COLUMNS = (
+#: The engine's per-request integer columns (times, counts, usage, status).
+RECORD_INT_COLUMNS = (
     "index",
     "scheduled_ns",
     "sent_ns",
@@ -188,9 +189,8 @@ _SCALAR_COLUMNS = (
     "completion_tokens",
     "prompt_tokens",
     "http_status",
-    "error_kind",
-    "endpoint_idx",
 )
+_SCALAR_COLUMNS = (*RECORD_INT_COLUMNS, "error_kind", "endpoint_idx")
 
 
 def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[str, Any]:

@@ -201,13 +201,10 @@ def sweep_json(r: SweepResult, target_load: float | None) -> dict[str, Any]:
 
 
 def plot_sweep(r: SweepResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import plotting
 
     probes = sorted(r.probes, key=lambda p: p.load)
-    fig, ax = plt.subplots(1, len(r.slos), figsize=(5 * len(r.slos), 3.8), squeeze=False)
+    fig, ax = plotting.figure(1, len(r.slos), (5 * len(r.slos), 3.8))
     for a, s in zip(ax[0], r.slos):
         x = [p.load for p in probes]
         a.plot(x, [p.metrics.get(s.key, math.nan) for p in probes], "o-", label=s.key)
@@ -218,10 +215,4 @@ def plot_sweep(r: SweepResult, path: Path) -> Path:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=90)
-    except OSError as e:
-        raise FineserveError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
-    return path
+    return plotting.save(fig, path)

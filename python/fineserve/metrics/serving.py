@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from .._engine import ERROR_KINDS
 from .histogram import LogHistogram
-from .windows import WindowStats
+from .windows import WindowStats, add_counts
 
 _NS_PER_MS = 1e6
 
@@ -176,8 +176,8 @@ class MetricsAccumulator:
         )
         if self.slos:
             self.good += self._count_good(ok, sent, first, done, out_tokens)
-        self.scheduled_per_s = _add_counts(self.scheduled_per_s, sched // 1_000_000_000)
-        self.sent_per_s = _add_counts(self.sent_per_s, sent[was_sent] // 1_000_000_000)
+        self.scheduled_per_s = add_counts(self.scheduled_per_s, sched // 1_000_000_000)
+        self.sent_per_s = add_counts(self.sent_per_s, sent[was_sent] // 1_000_000_000)
         if self.windows is not None:
             self.windows.add(sent, done, ok, out_tokens, ttft, first[ok_first], itl, itl_at)
 
@@ -350,15 +350,6 @@ class MetricsAccumulator:
                 breakdown.setdefault(name, {})[value] = sub
             m["breakdown"] = breakdown
         return m
-
-
-def _add_counts(arr: npt.NDArray[np.int64], bins: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    if not len(bins):
-        return arr
-    n = max(len(arr), int(bins.max()) + 1)
-    out = np.bincount(bins, minlength=n).astype(np.int64)
-    out[: len(arr)] += arr
-    return out
 
 
 def compute_metrics(

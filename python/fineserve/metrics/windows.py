@@ -32,6 +32,21 @@ def _bin_value(b: int) -> float:
     return float(2 ** (_MIN_LOG2 + (b + 0.5) / _BINS_PER_OCTAVE))
 
 
+def add_counts(
+    counts: npt.NDArray[np.int64],
+    bins: npt.NDArray[np.int64],
+    weights: npt.NDArray[Any] | None = None,
+) -> npt.NDArray[np.int64]:
+    """``counts`` grown to cover ``bins``, plus how many (or how much ``weights``) fell in
+    each bin."""
+    if not len(bins):
+        return counts
+    n = max(len(counts), int(bins.max()) + 1)
+    out = np.zeros(n, np.int64)
+    out[: len(counts)] = counts
+    return out + np.rint(np.bincount(bins, weights=weights, minlength=n)).astype(np.int64)
+
+
 class _Windowed:
     """Per-window count / sum / sum of squares / coarse histogram of one quantity."""
 
@@ -98,14 +113,7 @@ class WindowStats:
         t_ns: npt.NDArray[np.int64],
         weights: npt.NDArray[Any] | None = None,
     ) -> npt.NDArray[np.int64]:
-        if not len(t_ns):
-            return arr
-        w = t_ns // self.window_ns
-        n = max(len(arr), int(w.max()) + 1)
-        add = np.bincount(w, weights=weights, minlength=n)
-        out = np.zeros(n, np.int64)
-        out[: len(arr)] = arr
-        return out + np.rint(add).astype(np.int64)
+        return add_counts(arr, t_ns // self.window_ns, weights)
 
     def add(
         self,
