@@ -11,9 +11,24 @@ the true value (0.05 % by default); count, mean, standard deviation, min and max
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+
+
+def linear_rank_value(
+    counts: npt.NDArray[np.int64], q: float, bucket_value: Callable[[int], float]
+) -> float:
+    """numpy's default ("linear") ``q``-th percentile of bucketed counts, on bucket values:
+    the two samples around rank ``q/100 * (n-1)`` are found by bucket and interpolated, so
+    a sparse tail is not rounded up to the next sample (nearest-rank would)."""
+    cum = np.cumsum(counts)
+    rank = q / 100.0 * (int(cum[-1]) - 1)
+    lo = int(np.searchsorted(cum, math.floor(rank) + 1))
+    hi = int(np.searchsorted(cum, math.ceil(rank) + 1))
+    frac = rank - math.floor(rank)
+    return (1 - frac) * bucket_value(lo) + frac * bucket_value(hi)
 
 
 class LogHistogram:
@@ -67,12 +82,7 @@ class LogHistogram:
             return self.min
         if q >= 100:
             return self.max
-        cum = np.cumsum(self._counts)
-        rank = q / 100.0 * (self.count - 1)  # numpy's "linear" rank, on bucket values
-        lo = int(np.searchsorted(cum, math.floor(rank) + 1))
-        hi = int(np.searchsorted(cum, math.ceil(rank) + 1))
-        frac = rank - math.floor(rank)
-        value = (1 - frac) * self._value(lo) + frac * self._value(hi)
+        value = linear_rank_value(self._counts, q, self._value)
         return min(max(value, self.min), self.max)
 
     def _value(self, key: int) -> float:
