@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 
 from fineserve import EngineOptions, MockServer, run_engine
 from fineserve.api import BodyTemplate
+from fineserve.cli import cli
 from fineserve.runner import RunRecords
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -22,6 +24,11 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def mock() -> Iterator[MockServer]:
     with MockServer(ttft_ms=20, itl_ms=5) as m:
         yield m
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Runs the CLI in-process; an exception that is not a one-line error fails the test."""
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
 def completion_bodies(n: int, max_tokens: int = 8, words: int = 16) -> list[bytes]:

@@ -7,15 +7,9 @@ import socket
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import RawHttpServer, free_port
-from fineserve.cli import cli
+from conftest import RawHttpServer, free_port, invoke
 from fineserve.mock import MockServer
-
-
-def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
 
 
 def test_blast_without_server_uses_embedded_mock(tmp_path: Path) -> None:

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA
-from fineserve.cli import cli
+from conftest import SHARED_DATA, invoke
 from fineserve.compare import Arrivals, compare_arrivals
 from fineserve.fit import fit_trace, slot_merge_scale, write_fit
 from fineserve.fit.arrivals import fit_windows
@@ -38,10 +36,6 @@ SHARED_TRACES = [
     "mooncake/synthetic_trace.jsonl",
     "azure/AzureLLMInferenceTrace_code.csv",
 ]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 def as_trace(t_ns, inp=None, out=None) -> Trace:
@@ -337,9 +331,7 @@ def test_cli_fit_generate_compare_round_trip(tmp_path: Path) -> None:
 def test_fit_bad_traces_give_one_line(tmp_path: Path, content: str, message: str) -> None:
     p = tmp_path / "bad.csv"
     p.write_text(content)
-    r = CliRunner().invoke(
-        cli, ["fit", str(p), "-o", str(tmp_path / "o"), "--trace-format", "fineserve"]
-    )
+    r = invoke("fit", str(p), "-o", str(tmp_path / "o"), "--trace-format", "fineserve")
     assert r.exit_code != 0
     assert r.exception is None or isinstance(r.exception, SystemExit)
     assert message in r.output
@@ -355,19 +347,16 @@ def test_bad_parameter_files_give_one_line(tmp_path: Path) -> None:
     (tmp_path / "Parametric" / "lengths" / "c_lengths.json").write_text(
         '{"input_bin_edges": [1, 2]}'
     )
-    r = CliRunner().invoke(
-        cli,
-        [
-            "generate",
-            "--mode",
-            "parametric",
-            "--model-class",
-            "c",
-            "--datasets-dir",
-            str(tmp_path),
-            "-o",
-            str(tmp_path / "g.parquet"),
-        ],
+    r = invoke(
+        "generate",
+        "--mode",
+        "parametric",
+        "--model-class",
+        "c",
+        "--datasets-dir",
+        str(tmp_path),
+        "-o",
+        str(tmp_path / "g.parquet"),
     )
     assert r.exit_code != 0 and "not a fineserve lengths file" in r.output
     nb = tmp_path / "nb.json"

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, invoke
 from fineserve.api import BodyTemplate
 from fineserve.blast import RequestShapes, engine_chunks
-from fineserve.cli import cli
 from fineserve.mock import MockServer
 from fineserve.prompts import SyntheticPromptBuilder
 from fineserve.routing import Deployment
@@ -20,10 +18,6 @@ from fineserve.runner import EngineOptions, RecordSink, run_stream
 from fineserve.schedule import concat, read_schedule
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 @needs_shared
@@ -98,19 +92,22 @@ def test_generate_replay_reports_skipped_rows(tmp_path: Path) -> None:
 
 
 def test_generate_errors_are_one_line(tmp_path: Path) -> None:
-    r = CliRunner().invoke(cli, ["generate", "--mode", "replay", "-o", str(tmp_path / "x.parquet")])
+    r = invoke("generate", "--mode", "replay", "-o", str(tmp_path / "x.parquet"))
     assert r.exit_code != 0 and "needs --request-trace-csv" in r.output
     bad = tmp_path / "g.csv"
     bad.write_text("gamma_shape,gamma_scale\n0.3,50\n-1,50\n")
-    r = CliRunner().invoke(
-        cli,
-        ["generate", "--mode", "parametric", "--gamma-params-csv", str(bad), "-o", "x.parquet"],
+    r = invoke(
+        "generate",
+        "--mode",
+        "parametric",
+        "--gamma-params-csv",
+        str(bad),
+        "-o",
+        "x.parquet",
     )
     assert r.exit_code != 0 and "g.csv:3: gamma_shape must be a positive number" in r.output
     assert "Traceback" not in r.output
-    r = CliRunner().invoke(
-        cli, ["generate", "--mode", "parametric", "--model-class", "Nope", "-o", "x.parquet"]
-    )
+    r = invoke("generate", "--mode", "parametric", "--model-class", "Nope", "-o", "x.parquet")
     assert r.exit_code != 0 and "no parameter file" in r.output
 
 

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, invoke
 from fineserve.api import BodyTemplate
-from fineserve.cli import cli
 from fineserve.mock import MockServer
 from fineserve.prompts import (
     PrefixHitCounter,
@@ -232,38 +230,34 @@ def test_backend_bodies(backend: str, endpoint: str | None, must: dict, must_not
 def test_blast_with_tokenizer_reports_exact_lengths(tokenizer_dir: Path, tmp_path: Path) -> None:
     req = tmp_path / "r.parquet"
     res = tmp_path / "r.json"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "blast",
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--num-prompts",
-            "60",
-            "--request-rate",
-            "200",
-            "--random-input-len",
-            "300",
-            "--random-range-ratio",
-            "0.9",
-            "--random-output-len",
-            "4",
-            "--prompt-check",
-            "all",
-            "--disable-tqdm",
-            "--save-requests",
-            str(req),
-            "--output-file",
-            str(res),
-        ],
-        catch_exceptions=False,
+    r = invoke(
+        "blast",
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--num-prompts",
+        "60",
+        "--request-rate",
+        "200",
+        "--random-input-len",
+        "300",
+        "--random-range-ratio",
+        "0.9",
+        "--random-output-len",
+        "4",
+        "--prompt-check",
+        "all",
+        "--disable-tqdm",
+        "--save-requests",
+        str(req),
+        "--output-file",
+        str(res),
     )
     assert r.exit_code == 0, r.output
     m = json.loads(res.read_text())
     assert m["prompt_check"] == {"checked": 60, "repaired": 0, "mismatched": 0}
     table, _ = read_requests(req)
     assert table["input_len"].to_pylist() == [x for x in table["input_len"].to_pylist()]
-    r = CliRunner().invoke(cli, ["blast", "--tokenizer", str(tmp_path / "nope")])
+    r = invoke("blast", "--tokenizer", str(tmp_path / "nope"))
     assert r.exit_code != 0 and "cannot load it offline" in r.output
 
 
@@ -286,16 +280,12 @@ def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
         ]
         for u in urls:
             base += ["--base-url", u]
-        r = CliRunner().invoke(cli, base, catch_exceptions=False)
+        r = invoke(*base)
         assert r.exit_code == 0, r.output
         got = [s.stats()["completions"] for s in (fast1, fast2, slow)]
         assert got == [100, 100, 100]
         res = tmp_path / "lo.json"
-        r = CliRunner().invoke(
-            cli,
-            [*base, "--route", "least-outstanding", "--output-file", str(res)],
-            catch_exceptions=False,
-        )
+        r = invoke(*base, "--route", "least-outstanding", "--output-file", str(res))
         assert r.exit_code == 0, r.output
         after = [s.stats()["completions"] - g for s, g in zip((fast1, fast2, slow), got)]
         assert sum(after) == 300
@@ -315,39 +305,35 @@ def test_route_class_and_class_model(tmp_path: Path) -> None:
     a, b = MockServer(ttft_ms=2, itl_ms=1), MockServer(ttft_ms=2, itl_ms=1)
     try:
         req = tmp_path / "r.parquet"
-        r = CliRunner().invoke(
-            cli,
-            [
-                "blast",
-                "--mode",
-                "parametric",
-                "--datasets-dir",
-                str(datasets),
-                "--model-class",
-                "azure_code",
-                "--model-class",
-                "mooncake_synthetic",
-                "--duration",
-                "60",
-                "--time-scale",
-                "5",
-                "--random-output-len",
-                "4",
-                "--base-url",
-                a.base_url,
-                "--base-url",
-                b.base_url,
-                "--route-class",
-                f"azure_code={a.base_url}",
-                "--class-model",
-                "mooncake_synthetic=other-model",
-                "--warmup-requests",
-                "0",
-                "--disable-tqdm",
-                "--save-requests",
-                str(req),
-            ],
-            catch_exceptions=False,
+        r = invoke(
+            "blast",
+            "--mode",
+            "parametric",
+            "--datasets-dir",
+            str(datasets),
+            "--model-class",
+            "azure_code",
+            "--model-class",
+            "mooncake_synthetic",
+            "--duration",
+            "60",
+            "--time-scale",
+            "5",
+            "--random-output-len",
+            "4",
+            "--base-url",
+            a.base_url,
+            "--base-url",
+            b.base_url,
+            "--route-class",
+            f"azure_code={a.base_url}",
+            "--class-model",
+            "mooncake_synthetic=other-model",
+            "--warmup-requests",
+            "0",
+            "--disable-tqdm",
+            "--save-requests",
+            str(req),
         )
         assert r.exit_code == 0, r.output
         table, _ = read_requests(req)
@@ -373,32 +359,28 @@ def test_deployment_errors() -> None:
         Deployment.from_options(
             ["http://a/v1/c"], "round-robin", {"x": "http://b"}, lambda u: u[: -len("/v1/c")]
         )
-    r = CliRunner().invoke(cli, ["blast", "--route-class", "novalue"])
+    r = invoke("blast", "--route-class", "novalue")
     assert r.exit_code != 0 and "NAME=VALUE" in r.output
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")
 def test_mooncake_replay_reports_prefix_hit_rate(tmp_path: Path) -> None:
     res = tmp_path / "r.json"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "blast",
-            "--mode",
-            "replay",
-            "--trace",
-            str(SHARED_DATA / "mooncake/synthetic_trace.jsonl"),
-            "--num-prompts",
-            "200",
-            "--time-scale",
-            "20",
-            "--random-output-len",
-            "4",
-            "--disable-tqdm",
-            "--output-file",
-            str(res),
-        ],
-        catch_exceptions=False,
+    r = invoke(
+        "blast",
+        "--mode",
+        "replay",
+        "--trace",
+        str(SHARED_DATA / "mooncake/synthetic_trace.jsonl"),
+        "--num-prompts",
+        "200",
+        "--time-scale",
+        "20",
+        "--random-output-len",
+        "4",
+        "--disable-tqdm",
+        "--output-file",
+        str(res),
     )
     assert r.exit_code == 0, r.output
     rate = json.loads(res.read_text())["prefix_hit_rate_theoretical"]
@@ -468,23 +450,19 @@ def test_blast_replays_conversations_turn_after_turn(tmp_path: Path) -> None:
     path = tmp_path / "bailian.jsonl"
     _bailian_trace(path, conversations=6)
     req = tmp_path / "r.parquet"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "blast",
-            "--mode",
-            "replay",
-            "--trace",
-            str(path),
-            "--time-scale",
-            "4",
-            "--disable-tqdm",
-            "--save-requests",
-            str(req),
-            "--warmup-requests",
-            "0",
-        ],
-        catch_exceptions=False,
+    r = invoke(
+        "blast",
+        "--mode",
+        "replay",
+        "--trace",
+        str(path),
+        "--time-scale",
+        "4",
+        "--disable-tqdm",
+        "--save-requests",
+        str(req),
+        "--warmup-requests",
+        "0",
     )
     assert r.exit_code == 0, r.output
     table, _ = read_requests(req)

@@ -10,17 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
 
-from conftest import interrupted_blast
-from fineserve.cli import cli
+from conftest import interrupted_blast, invoke
 from fineserve.metrics import compute_metrics
 from fineserve.metrics.serving import MetricsAccumulator, parse_goodput
 from fineserve.results import JOURNAL_SUFFIX, RequestsWriter, read_requests, records_to_batch
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 def _hand_records(rows: list[tuple[int, int, int, int, int]]) -> dict:
@@ -74,7 +68,7 @@ def test_goodput_counts_requests_meeting_every_slo() -> None:
 
 @pytest.mark.parametrize("bad", ["ttft", "ttft:x", "foo:10", "ttft:-1"])
 def test_goodput_syntax_errors_are_one_line(bad: str) -> None:
-    r = CliRunner().invoke(cli, ["blast", "--goodput", bad, "--num-prompts", "1"])
+    r = invoke("blast", "--goodput", bad, "--num-prompts", "1")
     assert r.exit_code != 0 and "--goodput" in r.output and "Traceback" not in r.output
 
 
@@ -244,9 +238,9 @@ def test_report_renders_every_panel_and_compares_runs(tmp_path: Path) -> None:
 def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "x.parquet"
     bad.write_text("not parquet")
-    r = CliRunner().invoke(cli, ["report", str(bad), "-o", str(tmp_path / "r.html")])
+    r = invoke("report", str(bad), "-o", str(tmp_path / "r.html"))
     assert r.exit_code != 0 and "not a fineserve results file" in r.output
-    r = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.parquet")])
+    r = invoke("report", str(tmp_path / "missing.parquet"))
     assert r.exit_code != 0 and "file not found" in r.output
 
 

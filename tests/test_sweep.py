@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from fineserve.cli import cli
+from conftest import invoke
 from fineserve.sweep import parse_slo, search
 
 
@@ -40,7 +39,7 @@ def test_failures_fail_a_probe() -> None:
 
 @pytest.mark.parametrize("bad", ["ttft:99:10", "foo:p99:10", "ttft:p100:10", "ttft:p99:-1", "x"])
 def test_bad_slo_is_one_line(bad: str) -> None:
-    r = CliRunner().invoke(cli, ["sweep", "--slo", bad])
+    r = invoke("sweep", "--slo", bad)
     assert r.exit_code != 0 and "--slo" in r.output and "Traceback" not in r.output
 
 
@@ -49,30 +48,26 @@ def test_sweep_finds_the_mock_capacity(tmp_path: Path) -> None:
     capacity ≈ 84 req/s. Below it p99 TTFT stays near 20 ms; past it requests queue."""
     out = tmp_path / "sweep.json"
     png = tmp_path / "sweep.png"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "sweep",
-            "--slo",
-            "ttft:p99:60",
-            "--mock-max-concurrency",
-            "8",
-            "--random-output-len",
-            "16",
-            "--request-rate",
-            "20",
-            "--step-seconds",
-            "2",
-            "--tolerance",
-            "0.1",
-            "--output-file",
-            str(out),
-            "--plot",
-            str(png),
-            "--target-load",
-            "1000",
-        ],
-        catch_exceptions=False,
+    r = invoke(
+        "sweep",
+        "--slo",
+        "ttft:p99:60",
+        "--mock-max-concurrency",
+        "8",
+        "--random-output-len",
+        "16",
+        "--request-rate",
+        "20",
+        "--step-seconds",
+        "2",
+        "--tolerance",
+        "0.1",
+        "--output-file",
+        str(out),
+        "--plot",
+        str(png),
+        "--target-load",
+        "1000",
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())

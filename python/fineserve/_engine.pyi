@@ -4,6 +4,7 @@ Times in records are nanoseconds since the run's start instant (``t0``); ``-1`` 
 event never happened.
 """
 
+from collections.abc import Sequence
 from typing import TypeAlias, final
 
 import numpy as np
@@ -11,10 +12,12 @@ import numpy.typing as npt
 from typing_extensions import Self
 
 __version__: str
-#: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
 #: Conversation columns: (parent, think_ns, followers).
 _Turns: TypeAlias = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint32]]
+#: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
 ERROR_KINDS: list[str]
+#: Names of the faults the mock can inject (``faults=[(name, ratio), …]``).
+MOCK_FAULTS: list[str]
 
 class EngineError(Exception):
     """A run or mock could not start: bad schedule, endpoint or configuration."""
@@ -130,14 +133,27 @@ class MockServer:
         default_max_tokens: int = 16,
         workers: int = 1,
         max_concurrency: int = 0,
+        faults: Sequence[tuple[str, float]] = ...,  # ()
+        stall_ms: float = 30000.0,
+        first_byte_delay_ms: float = 30000.0,
+        retry_after_s: int = 1,
     ) -> Self: ...
     @property
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
     def stats(self) -> dict[str, int]:
-        """Counters: requests, completions, active_streams, bad_requests."""
+        """Counters: requests, completions, active_streams, bad_requests, connections, and
+        ``fault_<name>`` for each injected fault."""
     def stop(self) -> None:
         """Stop accepting and close every connection. Idempotent."""
 
-__all__ = ["ERROR_KINDS", "EngineError", "MockServer", "Run", "__version__", "start_run"]
+__all__ = [
+    "ERROR_KINDS",
+    "MOCK_FAULTS",
+    "EngineError",
+    "MockServer",
+    "Run",
+    "__version__",
+    "start_run",
+]

@@ -394,6 +394,7 @@ def execute_blast(
         first_byte_timeout_s=o["first_byte_timeout"],
         idle_timeout_s=o["idle_timeout"],
         total_timeout_s=o["request_timeout"],
+        max_body_bytes=int(o["max_response_mb"] * (1 << 20)),
         realtime_priority=o["realtime_priority"],
         drain_grace_s=o["drain_grace"],
         route_groups=deployment.route_groups,

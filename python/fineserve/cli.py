@@ -22,7 +22,7 @@ from .console import note, out, warn
 from .errors import FineserveError
 from .metrics import format_summary
 from .metrics.serving import parse_goodput
-from .mock import MockServer
+from .mock import MockServer, fault_kwargs, fault_options
 from .schedule import write_schedule
 from .server import base_url_from
 from .workloads.spec import MODES, build_workload
@@ -57,7 +57,7 @@ def _mock_options(f: Any) -> Any:
         show_default=True,
         help="Embedded mock: generations served at once (0 = no limit; the rest queue).",
     )(f)
-    return f
+    return fault_options("mock-")(f)
 
 
 def _workload_options(f: Any) -> Any:
@@ -395,6 +395,13 @@ def _blast_options(f: Any) -> Any:
             help="Seconds for a whole request.",
         ),
         click.option(
+            "--max-response-mb",
+            type=click.FloatRange(min=0, min_open=True),
+            default=64.0,
+            show_default=True,
+            help="A longer response fails as too_large (a runaway or endless answer).",
+        ),
+        click.option(
             "--source-ip",
             help="Comma-separated local addresses to open connections from, in turn (e.g. "
             "127.0.0.2,127.0.0.3 towards a server on loopback): past ~28k connections to "
@@ -447,16 +454,20 @@ def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
         raise FineserveError("give either --base-url or --host/--port, not both")
     if bases:
         return bases, None
+    faults = fault_kwargs(o, "--mock-fault")
     mock = MockServer(
         ttft_ms=o["mock_ttft_ms"],
         itl_ms=o["mock_itl_ms"],
         max_concurrency=o["mock_max_concurrency"],
+        **faults,
     )
     cap = o["mock_max_concurrency"]
+    injected = ", ".join(f"{k} {r:.1%}" for k, r in faults["faults"] if r > 0)
     note(
         f"no server given: started the embedded mock server at {mock.base_url} "
         f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms"
         + (f", {cap} generations at once" if cap else "")
+        + (f", faults: {injected}" if injected else "")
         + "); pass --base-url or --host/--port to target a real server"
     )
     return [mock.base_url], mock
@@ -739,6 +750,7 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
     help="Generations served at once (0 = no limit); the rest queue, so TTFT grows past "
     "capacity like a real server's.",
 )
+@fault_options("")
 def mock_command(
     host: str,
     port: int,
@@ -749,8 +761,10 @@ def mock_command(
     itl_jitter_ms: float,
     workers: int,
     max_concurrency: int,
+    **fault_opts: Any,
 ) -> None:
     """Run the embedded OpenAI-compatible mock server until Ctrl-C."""
+    faults = fault_kwargs(fault_opts, "--fault")
     server = MockServer(
         host,
         port,
@@ -761,6 +775,7 @@ def mock_command(
         itl_jitter_ms=itl_jitter_ms,
         workers=workers,
         max_concurrency=max_concurrency,
+        **faults,
     )
     out(
         f"fineserve mock serving {model!r} at {server.base_url} "
@@ -775,7 +790,13 @@ def mock_command(
     finally:
         stats = server.stats()
         server.stop()
-        note(f"mock stopped after {stats.get('requests', 0)} requests")
+        injected = ", ".join(
+            f"{k[len('fault_') :]} {v}" for k, v in stats.items() if k.startswith("fault_") and v
+        )
+        note(
+            f"mock stopped after {stats.get('requests', 0)} requests"
+            + (f" (faults injected: {injected})" if injected else "")
+        )
 
 
 cli.add_command(fit_command)

@@ -2,10 +2,110 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
+
+import click
 
 from . import _engine
+from .errors import FineserveError
+
+#: What each fault does (``--fault KIND=RATIO``); names are ``_engine.MOCK_FAULTS``.
+FAULT_HELP = {
+    "http_500": "HTTP 500 with a JSON error body",
+    "http_429": "HTTP 429 with Retry-After",
+    "reset": "connection reset (RST) after half the tokens",
+    "malformed_sse": "events without SSE framing (bare JSON lines)",
+    "malformed_json": "the middle token's event carries truncated JSON",
+    "stall": "no bytes for the stall time after half the tokens",
+    "no_done": "stream ends without finish_reason and without [DONE]",
+    "slow_first_byte": "response headers only after the first-byte delay",
+    "close_keepalive": "connection closed after the response, unannounced",
+    "endless": "the response never ends (tokens as fast as they are read)",
+}
+
+
+def parse_faults(specs: Iterable[str], option: str = "--fault") -> list[tuple[str, float]]:
+    """``KIND=RATIO`` items (repeated, or comma-separated) as ``[(kind, ratio)]``."""
+    faults: list[tuple[str, float]] = []
+    for spec in specs:
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            kind, sep, ratio = item.partition("=")
+            if kind not in FAULT_HELP:
+                raise FineserveError(
+                    f"{option} {item!r}: unknown fault; known: {', '.join(FAULT_HELP)}"
+                )
+            try:
+                value = float(ratio) if sep else float("nan")
+            except ValueError:
+                value = float("nan")
+            if not 0.0 <= value <= 1.0:
+                raise FineserveError(
+                    f"{option} {item!r}: expected {kind}=RATIO with RATIO in [0, 1]"
+                )
+            faults.append((kind, value))
+    total = sum(r for _, r in faults)
+    if total > 1.0 + 1e-9:
+        raise FineserveError(f"{option}: fault ratios add up to {total:g}, more than 1")
+    return faults
+
+
+def fault_options(prefix: str) -> Callable[[Any], Any]:
+    """The fault-injection options, named ``--{prefix}fault`` etc. (``mock`` uses no
+    prefix, ``blast`` ``mock-`` for its embedded mock)."""
+    kinds = "; ".join(f"{k}: {v}" for k, v in FAULT_HELP.items())
+
+    def add(f: Any) -> Any:
+        for opt in reversed(
+            [
+                click.option(
+                    f"--{prefix}fault",
+                    "faults",
+                    multiple=True,
+                    metavar="KIND=RATIO",
+                    help=f"Make a fraction of completion requests misbehave ({kinds}).",
+                ),
+                click.option(
+                    f"--{prefix}stall-s",
+                    "fault_stall_s",
+                    type=click.FloatRange(min=0),
+                    default=30.0,
+                    show_default=True,
+                    help="Fault 'stall': seconds without a byte.",
+                ),
+                click.option(
+                    f"--{prefix}first-byte-delay-s",
+                    "fault_first_byte_delay_s",
+                    type=click.FloatRange(min=0),
+                    default=30.0,
+                    show_default=True,
+                    help="Fault 'slow_first_byte': seconds before the response headers.",
+                ),
+                click.option(
+                    f"--{prefix}retry-after-s",
+                    "fault_retry_after_s",
+                    type=click.IntRange(min=0),
+                    default=1,
+                    show_default=True,
+                    help="Fault 'http_429': the Retry-After value.",
+                ),
+            ]
+        ):
+            f = opt(f)
+        return f
+
+    return add
+
+
+def fault_kwargs(o: dict[str, Any], option: str) -> dict[str, Any]:
+    """MockServer keyword arguments from the parsed :func:`fault_options`."""
+    return {
+        "faults": parse_faults(o["faults"], option),
+        "stall_ms": o["fault_stall_s"] * 1e3,
+        "first_byte_delay_ms": o["fault_first_byte_delay_s"] * 1e3,
+        "retry_after_s": o["fault_retry_after_s"],
+    }
 
 
 class MockServer:
@@ -18,14 +118,14 @@ class MockServer:
     ``ttft_per_prompt_token_ms`` × prompt words, tokens every ``itl_ms`` (± ``itl_jitter_ms``)
     on absolute deadlines with tokio's ~1 ms timer granularity. ``max_concurrency`` > 0
     serves that many generations at once and queues the rest (a server at capacity).
+    ``faults=[("http_500", 0.05), …]`` makes that fraction of completion requests misbehave
+    (see :data:`FAULT_HELP`), with ``stall_ms``, ``first_byte_delay_ms``, ``retry_after_s``.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
         try:
             self._server = _engine.MockServer(host, port, **options)
         except _engine.EngineError as e:
-            from .errors import FineserveError
-
             raise FineserveError(f"mock server: {e}") from None
 
     @property

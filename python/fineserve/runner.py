@@ -36,6 +36,8 @@ class EngineOptions:
     first_byte_timeout_s: float = 600.0
     idle_timeout_s: float = 600.0
     total_timeout_s: float = 3600.0
+    #: A response past this size fails as ``too_large`` (endless or runaway answers).
+    max_body_bytes: int = 64 << 20
     drain_grace_s: float = 30.0
     realtime_priority: bool = False
     #: Least-outstanding routing groups (endpoint indices); see ``_engine.start_run``.
@@ -308,6 +310,7 @@ def run_stream(
             first_byte_timeout_s=options.first_byte_timeout_s,
             idle_timeout_s=options.idle_timeout_s,
             total_timeout_s=options.total_timeout_s,
+            max_body_bytes=options.max_body_bytes,
             realtime_priority=options.realtime_priority,
             more=True,
             route_groups=options.route_groups,

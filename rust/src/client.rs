@@ -184,8 +184,8 @@ impl Pool {
         }
     }
 
-    /// An idle ready connection, or a new one.
-    pub async fn take(&self, endpoint: usize) -> Result<Sender, Failure> {
+    /// An idle ready connection (`true`: reused), or a new one (`false`).
+    pub async fn take(&self, endpoint: usize) -> Result<(Sender, bool), Failure> {
         loop {
             let candidate = self.idle.borrow_mut()[endpoint].pop();
             match candidate {
@@ -194,10 +194,10 @@ impl Pool {
                         continue;
                     }
                     if s.is_ready() || s.ready().await.is_ok() {
-                        return Ok(s);
+                        return Ok((s, true));
                     }
                 }
-                None => return self.connect(endpoint).await,
+                None => return Ok((self.connect(endpoint).await?, false)),
             }
         }
     }
@@ -250,36 +250,55 @@ pub async fn execute(
 ) -> Result<(), Failure> {
     rec.sent_ns = clock.now_ns();
     on_sent();
-    let mut sender = pool.take(endpoint).await?;
+    let first_byte_deadline = tokio::time::Instant::now() + cfg.first_byte_timeout;
+    let (mut sender, mut reused) = pool.take(endpoint).await?;
     let ep = pool.endpoint(endpoint);
-    let mut builder = Request::builder()
-        .method(Method::POST)
-        .uri(ep.uri.clone())
-        .header(HOST, ep.host_header.clone())
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header(
-            USER_AGENT,
-            HeaderValue::from_static(concat!("fineserve/", env!("CARGO_PKG_VERSION"))),
-        );
-    if let Some(auth) = &cfg.authorization {
-        builder = builder.header(AUTHORIZATION, auth.clone());
-    }
-    let req = builder
-        .body(Full::new(body))
-        .map_err(|e| (ErrorKind::InvalidResponse, format!("building request: {e}")))?;
-
-    let resp = match tokio::time::timeout(cfg.first_byte_timeout, sender.send_request(req)).await {
-        Err(_) => {
-            return Err((
-                ErrorKind::FirstByteTimeout,
-                format!("no response headers within {:?}", cfg.first_byte_timeout),
-            ))
+    let build = || {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(ep.uri.clone())
+            .header(HOST, ep.host_header.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(
+                USER_AGENT,
+                HeaderValue::from_static(concat!("fineserve/", env!("CARGO_PKG_VERSION"))),
+            );
+        if let Some(auth) = &cfg.authorization {
+            builder = builder.header(AUTHORIZATION, auth.clone());
         }
-        Ok(Err(e)) => return Err((ErrorKind::Transport, transport_message(&e))),
-        Ok(Ok(r)) => r,
+        builder
+            .body(Full::new(body.clone()))
+            .map_err(|e| (ErrorKind::InvalidResponse, format!("building request: {e}")))
+    };
+
+    let resp = loop {
+        let sent = tokio::time::timeout_at(first_byte_deadline, sender.send_request(build()?));
+        match sent.await {
+            Err(_) => {
+                return Err((
+                    ErrorKind::FirstByteTimeout,
+                    format!("no response headers within {:?}", cfg.first_byte_timeout),
+                ))
+            }
+            // A kept-alive connection the server closed as the request went out (its
+            // keep-alive timeout, a restart): nothing of the request was processed, so it
+            // goes again once on a new connection, as browsers and hyper's pooled client do.
+            Ok(Err(e)) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
+                reused = false;
+                sender = pool.connect(endpoint).await?;
+            }
+            Ok(Err(e)) => return Err((ErrorKind::Transport, transport_message(&e))),
+            Ok(Ok(r)) => break r,
+        }
     };
     rec.first_byte_ns = clock.now_ns();
     rec.http_status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!(" (Retry-After: {})", v.trim()))
+        .unwrap_or_default();
     let content_type = resp
         .headers()
         .get(CONTENT_TYPE)
@@ -299,7 +318,7 @@ pub async fn execute(
         let text = String::from_utf8_lossy(&snippet);
         return Err((
             ErrorKind::HttpStatus,
-            format!("HTTP {}: {}", rec.http_status, text.trim()),
+            format!("HTTP {}{retry_after}: {}", rec.http_status, text.trim()),
         ));
     }
 
@@ -383,6 +402,7 @@ async fn next_frame(
 
 #[derive(Default)]
 struct StreamState {
+    events: u64,
     done: bool,
     finished: bool,
     failure: Option<Failure>,
@@ -393,6 +413,7 @@ impl StreamState {
         if self.failure.is_some() {
             return;
         }
+        self.events += 1;
         match decode_event(data) {
             Ok(EventKind::Done) => self.done = true,
             Ok(EventKind::Chunk(info)) => {
@@ -448,10 +469,26 @@ async fn read_stream(
     if let Some(f) = state.failure.take() {
         return Err(f);
     }
+    if state.events == 0 && parser.bytes_seen() > 0 {
+        return Err((
+            ErrorKind::InvalidResponse,
+            format!(
+                "not an SSE stream: {} bytes without a `data:` event",
+                parser.bytes_seen()
+            ),
+        ));
+    }
     if !state.done && !state.finished {
         return Err((
             ErrorKind::Incomplete,
             "stream ended without [DONE] or a finish_reason".to_owned(),
+        ));
+    }
+    if rec.first_token_ns < 0 {
+        // As vLLM's benchmark client: a stream without any token has no TTFT to report.
+        return Err((
+            ErrorKind::InvalidResponse,
+            "stream ended without any token".to_owned(),
         ));
     }
     Ok(())

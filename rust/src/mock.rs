@@ -4,6 +4,9 @@
 //!
 //! Token deadlines are absolute (arrival + TTFT + k·ITL), so the cadence does not drift;
 //! each one is subject to tokio's 1 ms timer granularity.
+//!
+//! Fault injection ([`FaultConfig`]) makes a given fraction of completion requests misbehave
+//! the way real servers and proxies do, so the client's handling of each can be tested.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -40,6 +43,130 @@ pub struct MockConfig {
     /// Generations served at once (a server's batch capacity); requests beyond it wait
     /// for a slot before their TTFT starts, so latency grows past capacity. 0 = no limit.
     pub max_concurrency: usize,
+    pub faults: FaultConfig,
+}
+
+/// A way for the mock to misbehave on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// HTTP 500 with a JSON error body.
+    Http500,
+    /// HTTP 429 with a `Retry-After` header.
+    Http429,
+    /// The connection is reset (RST) after half the tokens.
+    Reset,
+    /// The stream's events come without SSE framing (bare JSON lines).
+    MalformedSse,
+    /// The event of the middle token carries truncated JSON.
+    MalformedJson,
+    /// No bytes for the stall duration after half the tokens, then the rest.
+    Stall,
+    /// The stream ends cleanly but without a finish reason and without `[DONE]`.
+    NoDone,
+    /// Response headers only after the first-byte delay.
+    SlowFirstByte,
+    /// The connection is closed right after the response, without `Connection: close`.
+    CloseKeepAlive,
+    /// The response never ends: tokens (or text) as fast as the client reads.
+    Endless,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 10] = [
+        Fault::Http500,
+        Fault::Http429,
+        Fault::Reset,
+        Fault::MalformedSse,
+        Fault::MalformedJson,
+        Fault::Stall,
+        Fault::NoDone,
+        Fault::SlowFirstByte,
+        Fault::CloseKeepAlive,
+        Fault::Endless,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Http500 => "http_500",
+            Fault::Http429 => "http_429",
+            Fault::Reset => "reset",
+            Fault::MalformedSse => "malformed_sse",
+            Fault::MalformedJson => "malformed_json",
+            Fault::Stall => "stall",
+            Fault::NoDone => "no_done",
+            Fault::SlowFirstByte => "slow_first_byte",
+            Fault::CloseKeepAlive => "close_keepalive",
+            Fault::Endless => "endless",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// Which fraction of completion requests gets each fault (`/v1/models` and `/health` are
+/// never faulted). Request n (in arrival order) draws u = frac(n·φ), a low-discrepancy
+/// sequence, so any run of n requests holds each fault within about one of its share.
+#[derive(Debug, Clone)]
+pub struct FaultConfig {
+    pub ratios: Vec<(Fault, f64)>,
+    pub stall: Duration,
+    pub first_byte_delay: Duration,
+    pub retry_after_s: u32,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        Self {
+            ratios: Vec::new(),
+            stall: Duration::from_secs(30),
+            first_byte_delay: Duration::from_secs(30),
+            retry_after_s: 1,
+        }
+    }
+}
+
+impl FaultConfig {
+    /// Checks that every ratio is in [0, 1] and that they add up to at most 1.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let mut total = 0.0;
+        for &(f, r) in &self.ratios {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(EngineError::InvalidConfig(format!(
+                    "fault {}: ratio must be in [0, 1], got {r}",
+                    f.name()
+                )));
+            }
+            total += r;
+        }
+        if total > 1.0 + 1e-9 {
+            return Err(EngineError::InvalidConfig(format!(
+                "fault ratios add up to {total}, more than 1"
+            )));
+        }
+        Ok(())
+    }
+
+    fn draw(&self, seq: u64) -> Option<Fault> {
+        if self.ratios.is_empty() {
+            return None;
+        }
+        let u = (seq.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64
+            / (1u64 << 53) as f64;
+        let mut acc = 0.0;
+        for &(f, r) in &self.ratios {
+            acc += r;
+            if u < acc {
+                return Some(f);
+            }
+        }
+        None
+    }
+
+    fn has(&self, fault: Fault) -> bool {
+        self.ratios.iter().any(|&(f, r)| f == fault && r > 0.0)
+    }
 }
 
 impl Default for MockConfig {
@@ -53,6 +180,7 @@ impl Default for MockConfig {
             default_max_tokens: 16,
             workers: 1,
             max_concurrency: 0,
+            faults: FaultConfig::default(),
         }
     }
 }
@@ -63,6 +191,10 @@ pub struct MockStats {
     pub completions: AtomicU64,
     pub active_streams: AtomicU64,
     pub bad_requests: AtomicU64,
+    pub connections: AtomicU64,
+    /// Faults injected so far, in [`Fault::ALL`] order.
+    pub faults: [AtomicU64; Fault::ALL.len()],
+    fault_seq: AtomicU64,
 }
 
 pub struct MockServer {
@@ -74,6 +206,7 @@ pub struct MockServer {
 
 impl MockServer {
     pub fn start(host: &str, port: u16, config: MockConfig) -> Result<Self, EngineError> {
+        config.faults.validate()?;
         crate::timer::raise_nofile_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
@@ -112,6 +245,9 @@ impl MockServer {
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let slots = (config.max_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)));
+        // A zero linger turns the close after a failed body into an RST, as a crashed server
+        // or a proxy's reset would look.
+        let reset_on_close = config.faults.has(Fault::Reset);
         let cfg = Arc::new(config);
         let st = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
@@ -128,17 +264,14 @@ impl MockServer {
                                     continue;
                                 };
                                 let _ = stream.set_nodelay(true);
+                                if reset_on_close {
+                                    let _ = stream.set_zero_linger();
+                                }
+                                st.connections.fetch_add(1, Ordering::Relaxed);
                                 let cfg = Arc::clone(&cfg);
                                 let st = Arc::clone(&st);
                                 let slots = slots.clone();
-                                tokio::spawn(async move {
-                                    let svc = hyper::service::service_fn(move |req| {
-                                        handle(req, Arc::clone(&cfg), Arc::clone(&st), slots.clone())
-                                    });
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .serve_connection(TokioIo::new(stream), svc)
-                                        .await;
-                                });
+                                tokio::spawn(serve_connection(stream, cfg, st, slots));
                             }
                         }
                     }
@@ -178,6 +311,36 @@ impl Drop for MockServer {
     }
 }
 
+/// Serves one connection; a `close_keepalive` fault closes it once its response is done.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    cfg: Arc<MockConfig>,
+    stats: Arc<MockStats>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+) {
+    let close = Arc::new(tokio::sync::Notify::new());
+    let close_req = Arc::clone(&close);
+    let svc = hyper::service::service_fn(move |req| {
+        handle(
+            req,
+            Arc::clone(&cfg),
+            Arc::clone(&stats),
+            slots.clone(),
+            Arc::clone(&close_req),
+        )
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = close.notified() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 fn json_response(status: StatusCode, body: String) -> Response<MockBody> {
     let mut r = Response::new(MockBody::whole(Bytes::from(body)));
     *r.status_mut() = status;
@@ -198,6 +361,7 @@ async fn handle(
     cfg: Arc<MockConfig>,
     stats: Arc<MockStats>,
     slots: Option<Arc<tokio::sync::Semaphore>>,
+    close: Arc<tokio::sync::Notify>,
 ) -> Result<Response<MockBody>, Infallible> {
     let mut arrival = Instant::now();
     stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +406,33 @@ async fn handle(
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let prompt_tokens = count_prompt_tokens(&parsed, chat);
+    let fault = cfg
+        .faults
+        .draw(stats.fault_seq.fetch_add(1, Ordering::Relaxed));
+    if let Some(f) = fault {
+        stats.faults[f as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    match fault {
+        Some(Fault::Http500) => {
+            return Ok(error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "injected fault: internal server error",
+            ))
+        }
+        Some(Fault::Http429) => {
+            let mut r = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "injected fault: rate limit reached",
+            );
+            r.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(cfg.faults.retry_after_s),
+            );
+            return Ok(r);
+        }
+        Some(Fault::SlowFirstByte) => tokio::time::sleep(cfg.faults.first_byte_delay).await,
+        _ => {}
+    }
     // Past capacity a request waits for a slot, and its generation starts when it gets one.
     let permit = match slots {
         Some(sem) => match sem.acquire_owned().await {
@@ -265,15 +456,19 @@ async fn handle(
         .and_then(|m| m.as_str())
         .unwrap_or(&cfg.model)
         .into();
+    let endless = fault == Some(Fault::Endless);
     let gen = Generation {
         id: seq,
         chat,
         model,
-        n_tokens,
+        n_tokens: if endless { u32::MAX } else { n_tokens },
+        fault,
+        fault_at: n_tokens / 2,
+        stall: cfg.faults.stall,
         prompt_tokens,
         include_usage,
         start: arrival + ttft,
-        itl: cfg.itl,
+        itl: if endless { Duration::ZERO } else { cfg.itl },
         jitter: cfg.itl_jitter,
         rng: seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
         emitted: 0,
@@ -284,9 +479,12 @@ async fn handle(
     let guard = ActiveGuard {
         stats: Arc::clone(&stats),
         _slot: permit,
+        close: (fault == Some(Fault::CloseKeepAlive)).then_some(close),
     };
     let (ctype, body) = if stream {
         ("text/event-stream", MockBody::stream(gen, guard))
+    } else if endless {
+        ("application/json", MockBody::endless_whole(gen, guard))
     } else {
         ("application/json", MockBody::delayed_whole(gen, guard))
     };
@@ -324,15 +522,20 @@ fn count_prompt_tokens(v: &serde_json::Value, chat: bool) -> u64 {
     }
 }
 
-/// Held for a generation's life: counts it as active and keeps its capacity slot.
+/// Held for a generation's life: counts it as active, keeps its capacity slot, and (for a
+/// `close_keepalive` fault) closes the connection when the response is done.
 struct ActiveGuard {
     stats: Arc<MockStats>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    close: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.stats.active_streams.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = &self.close {
+            c.notify_one();
+        }
     }
 }
 
@@ -341,6 +544,10 @@ struct Generation {
     chat: bool,
     model: Arc<str>,
     n_tokens: u32,
+    fault: Option<Fault>,
+    /// Tokens sent before a mid-stream fault (reset, malformed JSON, stall) strikes.
+    fault_at: u32,
+    stall: Duration,
     prompt_tokens: u64,
     include_usage: bool,
     /// Deadline of the first token.
@@ -356,6 +563,11 @@ struct Generation {
 
 impl Generation {
     fn next_deadline(&mut self) -> Instant {
+        if self.fault == Some(Fault::Stall) && self.emitted == self.fault_at {
+            // Deadlines are absolute: moving the start delays every later token.
+            self.start += self.stall;
+            self.fault = None;
+        }
         let mut d = self.start + self.itl * self.emitted;
         if !self.jitter.is_zero() && self.emitted > 0 {
             // xorshift64: cheap, deterministic per stream.
@@ -375,7 +587,19 @@ impl Generation {
         d
     }
 
+    /// `data: …` as is, or without the SSE framing for a `malformed_sse` fault.
+    fn framed(&self, event: String) -> Bytes {
+        match self.fault {
+            Some(Fault::MalformedSse) => Bytes::from(event.trim_start_matches("data: ").to_owned()),
+            _ => Bytes::from(event),
+        }
+    }
+
     fn token_event(&self, last: bool) -> Bytes {
+        if self.fault == Some(Fault::MalformedJson) && self.emitted == self.fault_at + 1 {
+            return Bytes::from_static(b"data: {\"choices\":[{\"index\":0,\"text\":\" tok\",\n\n");
+        }
+        let last = last && self.fault != Some(Fault::NoDone);
         let finish = if last { "\"length\"" } else { "null" };
         let s = if self.chat {
             format!(
@@ -388,7 +612,7 @@ impl Generation {
                 self.id, self.model
             )
         };
-        Bytes::from(s)
+        self.framed(s)
     }
 
     fn usage_json(&self) -> String {
@@ -406,7 +630,7 @@ impl Generation {
         } else {
             "text_completion"
         };
-        Bytes::from(format!(
+        self.framed(format!(
             "data: {{\"id\":\"cmpl-{}\",\"object\":\"{obj}\",\"created\":0,\"model\":\"{}\",\"choices\":[],\"usage\":{}}}\n\n",
             self.id,
             self.model,
@@ -436,6 +660,8 @@ enum Phase {
     Usage,
     Done,
     Whole,
+    /// An endless non-streamed answer: a JSON prefix, then text forever.
+    Filler,
     End,
 }
 
@@ -485,6 +711,20 @@ impl MockBody {
         }
     }
 
+    fn endless_whole(gen: Generation, guard: ActiveGuard) -> Self {
+        let prefix = format!(
+            "{{\"id\":\"cmpl-{}\",\"object\":\"text_completion\",\"choices\":[{{\"index\":0,\"text\":\"",
+            gen.id
+        );
+        Self {
+            phase: Phase::Filler,
+            gen: Some(gen),
+            ready: Some(Bytes::from(prefix)),
+            sleep: None,
+            _guard: Some(guard),
+        }
+    }
+
     /// Ready once `deadline` has passed.
     fn wait(&mut self, cx: &mut Context<'_>, deadline: Instant) -> bool {
         if Instant::now() >= deadline {
@@ -515,12 +755,13 @@ use std::future::Future;
 
 impl Body for MockBody {
     type Data = Bytes;
-    type Error = Infallible;
+    /// Only the `reset` fault fails a body; hyper then aborts the connection.
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         if let Some(b) = this.ready.take() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
@@ -530,6 +771,12 @@ impl Body for MockBody {
         };
         let out = match this.phase {
             Phase::Tokens => {
+                if gen.fault == Some(Fault::Reset) && gen.emitted >= gen.fault_at {
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "injected fault: connection reset",
+                    ))));
+                }
                 let deadline = match gen.pending {
                     Some(d) => d,
                     None => {
@@ -552,12 +799,17 @@ impl Body for MockBody {
                     let last = gen.emitted >= gen.n_tokens;
                     frame.extend_from_slice(&gen.token_event(last));
                     if last {
-                        this.phase = Phase::Usage;
+                        this.phase = if gen.fault == Some(Fault::NoDone) {
+                            Phase::End
+                        } else {
+                            Phase::Usage
+                        };
                         break;
                     }
                     let next = gen.next_deadline();
                     gen.pending = Some(next);
-                    if next > now || frame.len() > 16 * 1024 {
+                    let reset_due = gen.fault == Some(Fault::Reset) && gen.emitted >= gen.fault_at;
+                    if next > now || frame.len() > 16 * 1024 || reset_due {
                         break;
                     }
                 }
@@ -574,8 +826,9 @@ impl Body for MockBody {
             }
             Phase::Done => {
                 this.phase = Phase::End;
-                Bytes::from_static(b"data: [DONE]\n\n")
+                gen.framed("data: [DONE]\n\n".to_owned())
             }
+            Phase::Filler => Bytes::from(" tok".repeat(4096)),
             Phase::Whole => {
                 let deadline = gen.start + gen.itl * gen.n_tokens.saturating_sub(1);
                 if !this.wait(cx, deadline) {

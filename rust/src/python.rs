@@ -14,7 +14,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::client::ClientConfig;
 use crate::engine::{self, EngineConfig, RunHandle, Schedule};
 use crate::error::EngineError as CoreError;
-use crate::mock::{MockConfig, MockServer};
+use crate::mock::{Fault, FaultConfig, MockConfig, MockServer};
 use crate::records::{ErrorKind, RecordColumns};
 
 create_exception!(
@@ -317,7 +317,8 @@ impl PyMockServer {
     #[pyo3(signature = (
         host = "127.0.0.1".to_owned(), port = 0, *, model = "fineserve-mock".to_owned(),
         ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
-        default_max_tokens = 16, workers = 1, max_concurrency = 0,
+        default_max_tokens = 16, workers = 1, max_concurrency = 0, faults = Vec::new(),
+        stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -331,6 +332,10 @@ impl PyMockServer {
         default_max_tokens: u32,
         workers: usize,
         max_concurrency: usize,
+        faults: Vec<(String, f64)>,
+        stall_ms: f64,
+        first_byte_delay_ms: f64,
+        retry_after_s: u32,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -341,6 +346,24 @@ impl PyMockServer {
                 )))
             }
         };
+        let ratios = faults
+            .into_iter()
+            .map(|(name, ratio)| {
+                Fault::parse(&name).map(|f| (f, ratio)).ok_or_else(|| {
+                    let known: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                    EngineError::new_err(format!(
+                        "unknown fault {name:?}; known: {}",
+                        known.join(", ")
+                    ))
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let fault_config = FaultConfig {
+            ratios,
+            stall: ms("stall_ms", stall_ms)?,
+            first_byte_delay: ms("first_byte_delay_ms", first_byte_delay_ms)?,
+            retry_after_s,
+        };
         let cfg = MockConfig {
             model,
             ttft: ms("ttft_ms", ttft_ms)?,
@@ -350,6 +373,7 @@ impl PyMockServer {
             default_max_tokens,
             workers,
             max_concurrency,
+            faults: fault_config,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();
@@ -370,7 +394,8 @@ impl PyMockServer {
         self.port
     }
 
-    /// Counters: requests, completions, active_streams, bad_requests.
+    /// Counters: requests, completions, active_streams, bad_requests, connections, and
+    /// `fault_<name>` for each injected fault.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         use std::sync::atomic::Ordering::Relaxed;
         let d = PyDict::new(py);
@@ -384,6 +409,10 @@ impl PyMockServer {
             d.set_item("completions", st.completions.load(Relaxed))?;
             d.set_item("active_streams", st.active_streams.load(Relaxed))?;
             d.set_item("bad_requests", st.bad_requests.load(Relaxed))?;
+            d.set_item("connections", st.connections.load(Relaxed))?;
+            for (f, n) in Fault::ALL.iter().zip(&st.faults) {
+                d.set_item(format!("fault_{}", f.name()), n.load(Relaxed))?;
+            }
         }
         Ok(d)
     }
@@ -411,6 +440,8 @@ fn engine_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.name()).collect();
     m.add("ERROR_KINDS", kinds)?;
+    let faults: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+    m.add("MOCK_FAULTS", faults)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -449,9 +449,10 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Sent:", m["sent"])
     row("  succeeded:", m["completed"])
     row("  failed:", m["failed"])
-    row("Not sent:", m["not_sent"])
     for name, count in m["errors_by_kind"].items():
-        row(f"  {name}:", count)
+        if name != "not_sent":
+            row(f"    {name}:", count)
+    row("Not sent:", m["not_sent"])
     for group, values in m.get("breakdown", {}).items():
         if len(values) < 2:
             continue
