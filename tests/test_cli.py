@@ -136,13 +136,18 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
     assert "Traceback" not in r.output
 
 
-def test_api_key_is_sent_but_never_echoed() -> None:
+def test_api_key_is_sent_but_never_echoed(tmp_path: Path) -> None:
+    """The key goes to the server, and appears nowhere of ours: not the output, results,
+    journal, report, or error messages, even when the server echoes the request back."""
     seen: list[bytes] = []
     secret = "sk-test-SECRET-123"
 
-    def capture(conn: socket.socket) -> None:
-        # Answer /v1/models and completions with a 401 that echoes nothing.
-        conn.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno")
+    def echo_headers(conn: socket.socket) -> None:
+        # A 401 whose body quotes the request's headers, as some proxies' error pages do.
+        body = b"unauthorized; you sent: " + seen[-1].split(b"\r\n\r\n")[0].replace(b'"', b"'")
+        conn.sendall(
+            b"HTTP/1.1 401 Unauthorized\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
 
     class Capturing(RawHttpServer):
         def _handle(self, conn: socket.socket) -> None:
@@ -150,23 +155,22 @@ def test_api_key_is_sent_but_never_echoed() -> None:
             seen.append(data)
             super()._handle(conn)
 
-    server = Capturing(capture)
+    req, res, html = tmp_path / "r.parquet", tmp_path / "r.json", tmp_path / "r.html"
+    server = Capturing(echo_headers)
     try:
         r = invoke(
-            "blast",
-            "--port",
-            str(server.port),
-            "--model",
-            "m",
-            "--num-prompts",
-            "2",
-            "--warmup-requests",
-            "0",
-            "--disable-tqdm",
+            "blast", "--port", str(server.port), "--model", "m", "--num-prompts", "2",
+            "--warmup-requests", "0", "--disable-tqdm", "--save-requests", str(req),
+            "--output-file", str(res),
             env={"OPENAI_API_KEY": secret},
-        )
+        )  # fmt: skip
     finally:
         server.close()
     assert any(f"Bearer {secret}".encode() in s for s in seen)
-    assert secret not in r.output
-    assert "http_status" in r.output
+    assert "http_status" in r.output and "Bearer [redacted]" in r.output
+    r2 = invoke("report", str(req), "-o", str(html))
+    assert r2.exit_code == 0, r2.output
+    written = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert {req, res, html} <= set(written)
+    for text in [r.output, r2.output, *(p.read_bytes().decode("latin-1") for p in written)]:
+        assert secret not in text

@@ -148,6 +148,12 @@ class MockServer:
     def stop(self) -> None:
         """Stop accepting and close every connection. Idempotent."""
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the open-files limit as far as allowed; the soft limit (before, after)."""
+
+def ephemeral_port_range() -> tuple[int, int] | None:
+    """The kernel's ephemeral port range (inclusive), or None where it cannot be read."""
+
 __all__ = [
     "ERROR_KINDS",
     "MOCK_FAULTS",
@@ -155,5 +161,7 @@ __all__ = [
     "MockServer",
     "Run",
     "__version__",
+    "ephemeral_port_range",
+    "raise_open_files_limit",
     "start_run",
 ]

@@ -25,6 +25,7 @@ from . import __version__
 from .api import DEFAULT_ENDPOINT, BodyTemplate, is_chat_endpoint
 from .console import note, warn
 from .errors import FineserveError
+from .limits import connection_limits
 from .metrics import MetricsAccumulator
 from .prompts import (
     PrefixHitCounter,
@@ -400,6 +401,10 @@ def execute_blast(
         route_groups=deployment.route_groups,
         source_ips=[x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()],
     )
+    if not quiet:
+        planned = max(warm, o["max_concurrency"] or 0)
+        for line in connection_limits(planned, len(options.source_ips), is_mock):
+            note(line)
     if o["warmup_requests"]:
         warm_up(urls, shapes, o["warmup_requests"], first, options)
 

@@ -316,6 +316,6 @@ def plot_comparison(c: Comparison, path: Path) -> Path:
         for v, style in ((ra, real_style), (ga, gen_style)):
             plotting.cdf(a, v, **style)
         a.set(title=title, xscale="log", ylim=(0, 1))
-    ax[0, 0].legend(fontsize=8)
+    plotting.legend(ax[0, 0], fontsize=8)
     fig.tight_layout()
     return plotting.save(fig, path)

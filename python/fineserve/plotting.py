@@ -60,3 +60,12 @@ def cdf(ax: Any, values: npt.NDArray[Any], **style: Any) -> None:
     y = np.arange(1, len(v) + 1) / len(v)
     step = max(1, len(v) // CDF_POINTS)
     ax.plot(v[::step], y[::step], **style)
+
+
+def legend(ax: Any, fontsize: float = 7) -> None:
+    """A legend of the labelled artists, or "no data" when nothing was drawn (a run whose
+    requests all failed)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)

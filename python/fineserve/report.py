@@ -121,7 +121,7 @@ def panel_latency_cdfs(runs: list[Run]) -> bytes:
     for a, name in zip(ax[0], ("TTFT", "TPOT", "ITL", "E2E")):
         a.set(title=f"{name} CDF", xlabel="ms", xscale="log", ylim=(0, 1))
         a.grid(alpha=0.3)
-    ax[0, 0].legend(fontsize=7)
+    plotting.legend(ax[0, 0])
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -146,7 +146,7 @@ def panel_latency_over_time(runs: list[Run]) -> bytes:
     ax[0, 2].set(title="E2E by send time", xlabel="s", ylabel="ms", yscale="log")
     for a in ax[0]:
         a.grid(alpha=0.3)
-    ax[0, 1].legend(fontsize=7)
+    plotting.legend(ax[0, 1])
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -171,7 +171,7 @@ def panel_arrivals(runs: list[Run]) -> bytes:
     ax[0, 1].set(title="sent − scheduled, per second", xlabel="s", ylabel="requests")
     for a in ax[0]:
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        plotting.legend(a)
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -197,7 +197,7 @@ def panel_in_flight(runs: list[Run]) -> bytes:
         ax[0, 0].plot(t, c, label=r.name)
     ax[0, 0].set(title="requests in flight", xlabel="s", ylabel="requests")
     ax[0, 0].grid(alpha=0.3)
-    ax[0, 0].legend(fontsize=7)
+    plotting.legend(ax[0, 0])
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -233,7 +233,7 @@ def panel_burst_fidelity(runs: list[Run]) -> bytes:
     ax[0, 1].set(title="requests per occupied 1 ms slot", xlabel="requests", yscale="log")
     for a in ax[0]:
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        plotting.legend(a)
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -252,7 +252,7 @@ def panel_windows(runs: list[Run]) -> bytes:
     ):
         a.set(title=title, xlabel="s")
         a.grid(alpha=0.3)
-    ax[0, 0].legend(fontsize=7)
+    plotting.legend(ax[0, 0])
     fig.tight_layout()
     return plotting.png_bytes(fig)
 
@@ -278,7 +278,7 @@ def panel_breakdown(runs: list[Run]) -> bytes:
     ax[0, 0].set(title="requests by outcome", yscale="log")
     ax[0, 1].set(title="p99 TTFT by class / endpoint (ms)")
     for a in ax[0]:
-        a.legend(fontsize=7)
+        plotting.legend(a)
     fig.tight_layout()
     return plotting.png_bytes(fig)
 

@@ -213,6 +213,6 @@ def plot_sweep(r: SweepResult, path: Path) -> Path:
             a.axvline(r.best.load, color="tab:green", ls=":", label=f"best {r.best.load:.3g}")
         a.set(xlabel=r.unit, ylabel="ms", yscale="log", title=str(s))
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        plotting.legend(a)
     fig.tight_layout()
     return plotting.save(fig, path)

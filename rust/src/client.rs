@@ -84,6 +84,21 @@ impl ClientConfig {
         v.set_sensitive(true);
         Some(v)
     }
+
+    /// `message` with the API key blanked out: error text quotes server responses, and a
+    /// server or proxy may echo the request's headers back.
+    pub fn redact(&self, message: String) -> String {
+        let key = self
+            .authorization
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim_start_matches("Bearer ").trim())
+            .filter(|k| !k.is_empty());
+        match key {
+            Some(k) if message.contains(k) => message.replace(k, "[redacted]"),
+            _ => message,
+        }
+    }
 }
 
 pub type Sender = SendRequest<Full<Bytes>>;
@@ -240,6 +255,20 @@ impl RunClock {
 /// network: before taking a connection, so a connection that had to be opened on the spot
 /// counts in TTFT (as users feel it) and a connect failure is a sent-and-failed request.
 pub async fn execute(
+    pool: &Pool,
+    cfg: &ClientConfig,
+    clock: RunClock,
+    endpoint: usize,
+    body: Bytes,
+    rec: &mut RequestRecord,
+    on_sent: impl FnOnce(),
+) -> Result<(), Failure> {
+    execute_unredacted(pool, cfg, clock, endpoint, body, rec, on_sent)
+        .await
+        .map_err(|(kind, msg)| (kind, cfg.redact(msg)))
+}
+
+async fn execute_unredacted(
     pool: &Pool,
     cfg: &ClientConfig,
     clock: RunClock,
@@ -531,5 +560,50 @@ async fn read_whole(
         }
         Ok(EventKind::Done) => Err((ErrorKind::InvalidResponse, "bare [DONE] body".to_owned())),
         Err(msg) => Err((ErrorKind::InvalidResponse, msg)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_key_is_redacted_from_messages() {
+        let cfg = ClientConfig {
+            stream: true,
+            connect_timeout: Duration::from_secs(1),
+            first_byte_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            total_timeout: Duration::from_secs(1),
+            max_body_bytes: 1,
+            authorization: ClientConfig::bearer("sk-SECRET"),
+            source_ips: Vec::new(),
+        };
+        let msg = cfg.redact("HTTP 401: bad header Authorization: Bearer sk-SECRET".into());
+        assert_eq!(msg, "HTTP 401: bad header Authorization: Bearer [redacted]");
+        let none = ClientConfig {
+            authorization: None,
+            ..cfg
+        };
+        assert_eq!(none.redact("sk-SECRET".into()), "sk-SECRET");
+    }
+
+    #[test]
+    fn exhausted_ports_and_descriptors_name_the_remedy() {
+        let addr: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+        let ports = describe_connect_error(
+            addr,
+            &std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        );
+        assert!(ports.contains("ephemeral ports exhausted"), "{ports}");
+        assert!(ports.contains("source addresses"), "{ports}");
+        let files = describe_connect_error(addr, &std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(files.contains("ulimit -n"), "{files}");
+        let refused =
+            describe_connect_error(addr, &std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert!(
+            refused.starts_with("connect to 127.0.0.1:8000: "),
+            "{refused}"
+        );
     }
 }

@@ -304,7 +304,7 @@ pub fn start_streaming(
             )));
         }
     }
-    crate::timer::raise_nofile_limit();
+    crate::limits::raise_nofile_limit();
     let lanes = if expected_len > 0 {
         config.lanes.min(expected_len)
     } else {

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod engine;
 pub mod error;
+pub mod limits;
 pub mod mock;
 pub mod records;
 pub mod sse;

@@ -207,7 +207,7 @@ pub struct MockServer {
 impl MockServer {
     pub fn start(host: &str, port: u16, config: MockConfig) -> Result<Self, EngineError> {
         config.faults.validate()?;
-        crate::timer::raise_nofile_limit();
+        crate::limits::raise_nofile_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
             .thread_name("fineserve-mock")

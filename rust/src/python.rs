@@ -431,12 +431,27 @@ impl PyMockServer {
     }
 }
 
+/// Raises the open-files limit as far as allowed; returns the soft limit (before, after).
+#[pyfunction]
+fn raise_open_files_limit() -> (u64, u64) {
+    let l = crate::limits::raise_nofile_limit();
+    (l.before, l.after)
+}
+
+/// The kernel's ephemeral port range (inclusive), or None where it cannot be read.
+#[pyfunction]
+fn ephemeral_port_range() -> Option<(u16, u16)> {
+    crate::limits::ephemeral_port_range()
+}
+
 #[pymodule]
 #[pyo3(name = "_engine")]
 fn engine_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyRun>()?;
     m.add_class::<PyMockServer>()?;
     m.add_function(wrap_pyfunction!(start_run, m)?)?;
+    m.add_function(wrap_pyfunction!(raise_open_files_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(ephemeral_port_range, m)?)?;
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     let kinds: Vec<&str> = ErrorKind::ALL.iter().map(|k| k.name()).collect();
     m.add("ERROR_KINDS", kinds)?;

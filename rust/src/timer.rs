@@ -114,41 +114,6 @@ pub fn set_realtime_priority() -> bool {
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
 }
 
-/// Raises the open-files limit as far as allowed: to `fs.nr_open` when the process may raise
-/// its hard limit (root), else the soft limit to the hard one. Returns the resulting soft
-/// limit. Tens of thousands of streams need as many descriptors (twice, with an in-process
-/// mock).
-pub fn raise_nofile_limit() -> u64 {
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        .min(1 << 20);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        for target in [nr_open.max(lim.rlim_max), lim.rlim_max] {
-            if target <= lim.rlim_cur {
-                continue;
-            }
-            let want = libc::rlimit {
-                rlim_cur: target,
-                rlim_max: target.max(lim.rlim_max),
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur;
-            }
-        }
-    }
-    lim.rlim_cur
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
