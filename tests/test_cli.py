@@ -125,14 +125,27 @@ def test_non_openai_server_is_one_line_error() -> None:
     [
         (["--extra-request-body", "{oops"], "--extra-request-body is not valid JSON"),
         (["--extra-request-body", "[1]"], "must be a JSON object"),
-        (["--request-rate", "-3"], "--request-rate must be > 0 or inf"),
-        (["--random-range-ratio", "1.5"], "--random-range-ratio must be in [0, 1)"),
+        (["--request-rate", "-3"], "'--request-rate': -3.0 is not in the range x>0"),
+        (["--request-rate", "nan"], "'--request-rate': 'nan' is not a finite number"),
+        (["--random-range-ratio", "1.5"], "'--random-range-ratio': 1.5 is not in the range"),
+        (["--burstiness", "0"], "'--burstiness': 0.0 is not in the range x>0"),
+        (["--time-scale", "0"], "'--time-scale': 0.0 is not in the range x>0"),
+        (["--time-scale", "inf"], "'--time-scale': 'inf' is not a finite number"),
+        (["--random-input-len", "100000000"], "100000000 is not in the range 1<=x<=10000000"),
+        (["--request-timeout", "-1"], "'--request-timeout': -1.0 is not in the range x>0"),
+        (["--output-file", "/nonexistent-dir/r.json"], "'/nonexistent-dir' does not exist"),
+        (["--save-requests", "/nonexistent-dir/r.parquet"], "'/nonexistent-dir' does not exist"),
+        (["--base-url", "http://127.0.0.1:9", "--port", "9"], "either --base-url or --host"),
+        (["--source-ip", "1.2.3"], 'source address "1.2.3" is not an IP address'),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
     r = invoke("blast", "--num-prompts", "2", "--disable-tqdm", *args)
     assert r.exit_code != 0
     assert message in r.output
+    assert "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in r.output
 
 

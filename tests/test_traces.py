@@ -131,6 +131,8 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         load_trace(wrong)
     with pytest.raises(FineserveError, match="not found"):
         load_trace(tmp_path / "nope.csv")
+    with pytest.raises(FineserveError, match="is a directory, not a trace file"):
+        load_trace(tmp_path)
     junk = tmp_path / "j.csv"
     junk.write_text("a,b\n1,2\n")
     with pytest.raises(FineserveError, match="cannot tell the trace format"):

@@ -16,7 +16,7 @@ from . import __version__
 from .api import BACKENDS, parse_extra_body
 from .blast import execute_blast, result_json, write_result
 from .cli_fit import compare_command, fit_command
-from .cli_options import trace_format_options
+from .cli_options import NON_NEGATIVE, POSITIVE, TOKENS, Number, OutputFile, trace_format_options
 from .cli_report import report_command
 from .console import note, out, warn
 from .errors import FineserveError
@@ -38,14 +38,14 @@ def cli() -> None:
 def _mock_options(f: Any) -> Any:
     f = click.option(
         "--mock-ttft-ms",
-        type=float,
+        type=NON_NEGATIVE,
         default=20.0,
         show_default=True,
         help="Embedded mock: time to first token.",
     )(f)
     f = click.option(
         "--mock-itl-ms",
-        type=float,
+        type=NON_NEGATIVE,
         default=5.0,
         show_default=True,
         help="Embedded mock: inter-token latency.",
@@ -89,31 +89,27 @@ def _workload_options(f: Any) -> Any:
         ),
         click.option(
             "--request-rate",
-            type=float,
+            type=Number(min=0, min_open=True, allow_inf=True),
             default=math.inf,
             show_default=True,
             help="poisson: requests/s (inf = all at once); servegen/burstgpt: target mean rate.",
         ),
         click.option(
             "--burstiness",
-            type=float,
+            type=POSITIVE,
             default=1.0,
             show_default=True,
             help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
         ),
         click.option("--ramp", type=click.Choice(["linear", "step"]), help="poisson: rate ramp."),
-        click.option("--ramp-start-rate", type=float, default=1.0, show_default=True),
-        click.option("--ramp-end-rate", type=float, default=10.0, show_default=True),
-        click.option("--ramp-steps", type=int, default=5, show_default=True),
-        click.option(
-            "--random-input-len", type=click.IntRange(min=1), default=1024, show_default=True
-        ),
-        click.option(
-            "--random-output-len", type=click.IntRange(min=1), default=128, show_default=True
-        ),
+        click.option("--ramp-start-rate", type=POSITIVE, default=1.0, show_default=True),
+        click.option("--ramp-end-rate", type=POSITIVE, default=10.0, show_default=True),
+        click.option("--ramp-steps", type=click.IntRange(min=1), default=5, show_default=True),
+        click.option("--random-input-len", type=TOKENS, default=1024, show_default=True),
+        click.option("--random-output-len", type=TOKENS, default=128, show_default=True),
         click.option(
             "--random-range-ratio",
-            type=float,
+            type=Number(min=0, max=1, max_open=True),
             default=0.0,
             show_default=True,
             help="Lengths uniform in [len·(1−r), len·(1+r)].",
@@ -136,13 +132,13 @@ def _workload_options(f: Any) -> Any:
         trace_format_options,
         click.option(
             "--time-scale",
-            type=float,
+            type=POSITIVE,
             default=1.0,
             show_default=True,
             help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
         ),
-        click.option("--start", type=float, default=0.0, help="Trace seconds to skip."),
-        click.option("--duration", type=float, help="Trace seconds to generate or replay."),
+        click.option("--start", type=NON_NEGATIVE, default=0.0, help="Trace seconds to skip."),
+        click.option("--duration", type=POSITIVE, help="Trace seconds to generate or replay."),
         click.option(
             "--model-class",
             multiple=True,
@@ -159,7 +155,9 @@ def _workload_options(f: Any) -> Any:
         click.option("--window-end-column", default="window_end_ms", show_default=True),
         click.option("--gamma-shape-column", default="gamma_shape", show_default=True),
         click.option("--gamma-scale-column", default="gamma_scale", show_default=True),
-        click.option("--parametric-window-seconds", type=float, default=300.0, show_default=True),
+        click.option(
+            "--parametric-window-seconds", type=POSITIVE, default=300.0, show_default=True
+        ),
         click.option(
             "--parametric-extension-mode",
             type=click.Choice(["repeat_jitter", "model_sample"]),
@@ -167,7 +165,9 @@ def _workload_options(f: Any) -> Any:
             show_default=True,
             help="How windows past the parameter file's end are made.",
         ),
-        click.option("--parametric-jitter-ratio", type=float, default=0.05, show_default=True),
+        click.option(
+            "--parametric-jitter-ratio", type=NON_NEGATIVE, default=0.05, show_default=True
+        ),
         click.option(
             "--parametric-arrivals",
             type=click.Choice(["auto", "gamma"]),
@@ -213,7 +213,7 @@ def _workload_options(f: Any) -> Any:
         ),
         click.option(
             "--rate-scale",
-            type=float,
+            type=POSITIVE,
             help="servegen/burstgpt: multiply every rate (instead of --request-rate).",
         ),
     ]
@@ -323,12 +323,12 @@ def _blast_options(f: Any) -> Any:
         ),
         click.option(
             "--output-file",
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=OutputFile(),
             help="Write the result JSON here (.jsonl: append one line, as FineServe).",
         ),
         click.option(
             "--save-requests",
-            type=click.Path(dir_okay=False, path_type=Path),
+            type=OutputFile(),
             help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
             "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
             "read it with `fineserve report`.",
@@ -353,7 +353,7 @@ def _blast_options(f: Any) -> Any:
         ),
         click.option(
             "--metrics-window",
-            type=float,
+            type=POSITIVE,
             default=10.0,
             show_default=True,
             help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
@@ -371,25 +371,25 @@ def _blast_options(f: Any) -> Any:
             help="Connections opened before the start (default: peak requests in any 1 s, capped).",
         ),
         click.option(
-            "--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds."
+            "--connect-timeout", type=POSITIVE, default=10.0, show_default=True, help="Seconds."
         ),
         click.option(
             "--first-byte-timeout",
-            type=float,
+            type=POSITIVE,
             default=600.0,
             show_default=True,
             help="Seconds until response headers.",
         ),
         click.option(
             "--idle-timeout",
-            type=float,
+            type=POSITIVE,
             default=600.0,
             show_default=True,
             help="Seconds without a byte mid-response.",
         ),
         click.option(
             "--request-timeout",
-            type=float,
+            type=POSITIVE,
             default=3600.0,
             show_default=True,
             help="Seconds for a whole request.",
@@ -409,7 +409,7 @@ def _blast_options(f: Any) -> Any:
         ),
         click.option(
             "--drain-grace",
-            type=float,
+            type=POSITIVE,
             default=30.0,
             show_default=True,
             help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
@@ -502,20 +502,22 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     "(auto: rate for poisson, time-scale otherwise).",
 )
 @click.option(
-    "--start-load", type=float, help="First load probed (default: --request-rate or --time-scale)."
+    "--start-load",
+    type=POSITIVE,
+    help="First load probed (default: --request-rate or --time-scale).",
 )
 @click.option(
     "--step-seconds",
-    type=float,
+    type=POSITIVE,
     default=10.0,
     show_default=True,
     help="Wall seconds per probe (rate); for time-scale, the trace span of every probe is "
     "--duration, or step-seconds x the starting time scale.",
 )
-@click.option("--max-failure-rate", type=float, default=0.01, show_default=True)
+@click.option("--max-failure-rate", type=Number(min=0, max=1), default=0.01, show_default=True)
 @click.option(
     "--tolerance",
-    type=float,
+    type=POSITIVE,
     default=0.05,
     show_default=True,
     help="Stop when the bracket is this narrow (relative).",
@@ -523,13 +525,13 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
 @click.option("--max-probes", type=click.IntRange(min=2), default=14, show_default=True)
 @click.option(
     "--target-load",
-    type=float,
+    type=POSITIVE,
     help="Total load to provision for: prints the implied instance count.",
 )
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     help="PNG of load vs the SLO percentiles.",
 )
 @_blast_options
@@ -663,13 +665,13 @@ def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     required=True,
     help="Schedule file to write (Parquet).",
 )
 @click.option(
     "--summary-json",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     help="Also write the printed summary as JSON.",
 )
 @_workload_options
@@ -735,10 +737,10 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--model", default="fineserve-mock", show_default=True)
-@click.option("--ttft-ms", type=float, default=20.0, show_default=True)
-@click.option("--ttft-per-prompt-token-ms", type=float, default=0.0, show_default=True)
-@click.option("--itl-ms", type=float, default=5.0, show_default=True)
-@click.option("--itl-jitter-ms", type=float, default=0.0, show_default=True)
+@click.option("--ttft-ms", type=NON_NEGATIVE, default=20.0, show_default=True)
+@click.option("--ttft-per-prompt-token-ms", type=NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("--itl-ms", type=NON_NEGATIVE, default=5.0, show_default=True)
+@click.option("--itl-jitter-ms", type=NON_NEGATIVE, default=0.0, show_default=True)
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
 )

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli_options import trace_format_options
+from .cli_options import POSITIVE, OutputFile, trace_format_options
 from .console import note, out
 from .errors import FineserveError
 
@@ -28,9 +28,9 @@ from .errors import FineserveError
 )
 @click.option("--name", help="Class name of the written files; default: the trace file's stem.")
 @click.option(
-    "--window-seconds", type=float, default=300.0, show_default=True, help="Arrival window."
+    "--window-seconds", type=POSITIVE, default=300.0, show_default=True, help="Arrival window."
 )
-@click.option("--slot-ms", type=float, default=1.0, show_default=True, help="Micro-burst slot.")
+@click.option("--slot-ms", type=POSITIVE, default=1.0, show_default=True, help="Micro-burst slot.")
 @click.option(
     "--bursts",
     type=click.Choice(["auto", "on", "off"]),
@@ -110,11 +110,11 @@ def fit_command(
 @click.argument(
     "generated_path", metavar="GENERATED", type=click.Path(dir_okay=False, path_type=Path)
 )
-@click.option("--window-seconds", type=float, default=300.0, show_default=True)
-@click.option("--slot-ms", type=float, default=1.0, show_default=True)
+@click.option("--window-seconds", type=POSITIVE, default=300.0, show_default=True)
+@click.option("--slot-ms", type=POSITIVE, default=1.0, show_default=True)
 @click.option(
     "--time-scale",
-    type=float,
+    type=POSITIVE,
     default=1.0,
     show_default=True,
     help="The time scale GENERATED was made at; its times are multiplied by it to undo it.",
@@ -122,12 +122,10 @@ def fit_command(
 @click.option(
     "--plot",
     "plot_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     help="Write the side-by-side panels to this PNG.",
 )
-@click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write JSON."
-)
+@click.option("--json", "json_path", type=OutputFile(), help="Write JSON.")
 @trace_format_options
 def compare_command(
     real_path: Path,

@@ -2,11 +2,56 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .traces import FORMATS
+from .traces.base import MAX_TOKENS_PER_REQUEST
+
+
+class Number(click.FloatRange):
+    """A float in a range that is never NaN (click's FloatRange lets NaN through, since
+    every comparison with NaN is false), and finite unless ``allow_inf``."""
+
+    def __init__(self, *args: Any, allow_inf: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_inf = allow_inf
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if rv != rv or (not self.allow_inf and rv in (float("inf"), float("-inf"))):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class OutputFile(click.Path):
+    """A file to write, checked before any work starts: its directory must exist and be
+    writable (otherwise a long run would end with nowhere to put its results)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        path = super().convert(value, param, ctx)
+        parent = Path(path).resolve().parent
+        if not parent.is_dir():
+            self.fail(f"directory {str(parent)!r} does not exist.", param, ctx)
+        if not os.access(parent, os.W_OK):
+            self.fail(f"directory {str(parent)!r} is not writable.", param, ctx)
+        if Path(path).exists() and not os.access(path, os.W_OK):
+            self.fail(f"{str(path)!r} is not writable.", param, ctx)
+        return path
+
+
+#: > 0 and finite: rates, scales, shapes, durations.
+POSITIVE = Number(min=0, min_open=True)
+#: >= 0 and finite: offsets, ratios.
+NON_NEGATIVE = Number(min=0)
+#: A length in tokens.
+TOKENS = click.IntRange(min=1, max=MAX_TOKENS_PER_REQUEST)
 
 _TRACE_FORMAT_OPTIONS = [
     click.option("--trace-format", type=click.Choice(FORMATS), help="Override detection."),

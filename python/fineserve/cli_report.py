@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .cli_options import POSITIVE, OutputFile
 from .console import note
 from .errors import FineserveError
 
@@ -15,14 +16,14 @@ from .errors import FineserveError
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputFile(),
     default=Path("fineserve-report.html"),
     show_default=True,
     help="HTML file; each panel is also written as <stem>_<panel>.png next to it.",
 )
 @click.option(
     "--window-seconds",
-    type=float,
+    type=POSITIVE,
     default=10.0,
     show_default=True,
     help="Window of the instantaneous metrics.",

@@ -15,6 +15,10 @@ from ..ragged import take_ragged
 
 UNIT_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
 
+#: The longest prompt or answer accepted anywhere, in tokens: trace rows past it are
+#: skipped and counted, options past it are refused.
+MAX_TOKENS_PER_REQUEST = 10_000_000
+
 
 @dataclass
 class Trace:
@@ -92,8 +96,8 @@ def finish_trace(
     drop(np.isfinite(inp) & (inp < 1), "input length < 1")
     drop(~np.isfinite(outp), "missing or invalid output length")
     drop(np.isfinite(outp) & (outp < 1), "output length < 1")
-    drop(np.isfinite(inp) & (inp > 10_000_000), "input length > 10M tokens")
-    drop(np.isfinite(outp) & (outp > 10_000_000), "output length > 10M tokens")
+    drop(np.isfinite(inp) & (inp > MAX_TOKENS_PER_REQUEST), "input length > 10M tokens")
+    drop(np.isfinite(outp) & (outp > MAX_TOKENS_PER_REQUEST), "output length > 10M tokens")
 
     rows = np.flatnonzero(keep)
     notes: list[str] = []
@@ -153,6 +157,13 @@ def _check_span(trace: Trace, unit: str) -> None:
         )
 
 
+def to_ns(values: npt.NDArray[np.float64], unit: str) -> npt.NDArray[np.float64]:
+    """Times in ``unit`` as float ns; values too large for a float become inf (and are
+    then skipped as invalid timestamps) without a warning."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return values * UNIT_NS[unit]
+
+
 def numeric(arr: Any) -> npt.NDArray[np.float64]:
     """A pyarrow column (any type) as float64, NaN where missing or not a number."""
     import pyarrow as pa
@@ -162,9 +173,12 @@ def numeric(arr: Any) -> npt.NDArray[np.float64]:
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
         return np.asarray(arr.cast(pa.float64()).to_numpy(zero_copy_only=False), np.float64)
-    if pa.types.is_null(arr.type):
+    if pa.types.is_null(arr.type) or pa.types.is_nested(arr.type):
+        return np.full(len(arr), np.nan)  # lists, objects: not a number in any row
+    try:
+        text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+    except pa.ArrowNotImplementedError:
         return np.full(len(arr), np.nan)
-    text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
     ok = pc.match_substring_regex(text, r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     ok = pc.fill_null(ok, False)
     out = np.full(len(arr), np.nan)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FineserveError
-from .base import UNIT_NS, Trace, finish_trace, numeric, require_columns
+from .base import UNIT_NS, Trace, finish_trace, numeric, require_columns, to_ns
 
 FORMATS = ("fineserve", "burstgpt", "mooncake", "azure")
 
@@ -90,6 +90,8 @@ def load_trace(path: Path, options: TraceOptions | None = None) -> Trace:
     """Reads a trace file in any supported format."""
     options = options or TraceOptions()
     path = Path(path)
+    if path.is_dir():
+        raise FineserveError(f"{path} is a directory, not a trace file")
     if not path.is_file():
         raise FineserveError(f"trace file not found: {path}")
     fmt = options.trace_format or detect_format(path)
@@ -186,7 +188,7 @@ def _read_csv_trace(
     if unit == "datetime":
         t_ns = _datetime_ns(ts)
     else:
-        t_ns = numeric(ts) * UNIT_NS[unit]
+        t_ns = to_ns(numeric(ts), unit)
     inp, outp = numeric(table[in_col]), numeric(table[out_col])
     if fmt == "burstgpt":
         failed = np.isfinite(outp) & (outp == 0)
@@ -242,13 +244,13 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
     except pa.ArrowInvalid:
         # pyarrow rejects the whole file on one bad line; only then parse line by line so
         # that malformed lines are counted and the rest is kept.
-        table, rows_read, bad = _read_jsonl_lenient(path)
+        table, rows_read, bad = _read_jsonl_lenient(path, (ts_col, in_col, out_col))
         skipped["malformed line"] += bad
     except OSError as e:
         raise FineserveError(f"cannot read trace {path}: {e.strerror}") from None
     names = table.column_names
     _require_trace_columns(path, names, ts_col, in_col, out_col)
-    t_ns = numeric(table[ts_col]) * UNIT_NS[unit]
+    t_ns = to_ns(numeric(table[ts_col]), unit)
     extra: dict[str, Any] = {}
     for src in ("chat_id", "parent_chat_id", "turn"):
         dst = src
@@ -331,7 +333,10 @@ def pc_fill_empty_lists(col: Any) -> Any:
     return col
 
 
-def _read_jsonl_lenient(path: Path) -> tuple[Any, int, int]:
+def _read_jsonl_lenient(path: Path, numeric: tuple[str, ...] = ()) -> tuple[Any, int, int]:
+    """Every JSON-object line; other lines are counted. A ``numeric`` field that holds no
+    number becomes null, so the row checks count it (instead of one string failing the
+    whole column)."""
     import pyarrow as pa
 
     good: list[dict[str, Any]] = []
@@ -350,6 +355,10 @@ def _read_jsonl_lenient(path: Path) -> tuple[Any, int, int]:
                 if not isinstance(obj, dict):
                     bad += 1
                     continue
+                for k in numeric:
+                    v = obj.get(k)
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                        obj[k] = None
                 if "hash_ids" in obj and not (
                     isinstance(obj["hash_ids"], list)
                     and all(isinstance(h, int) for h in obj["hash_ids"])

@@ -70,6 +70,15 @@ class GammaWindows:
     def __post_init__(self) -> None:
         if self.weibull is None:
             self.weibull = np.zeros(len(self.shape), dtype=bool)
+        # The loader names the file and line; this guards windows built in code.
+        for name, v in (("gamma_shape", self.shape), ("gamma_scale", self.scale_ms)):
+            bad = ~(np.isfinite(v) & (v > 0))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise FineserveError(
+                    f"{self.source or 'gamma windows'}: window {i}: {name} must be a positive "
+                    f"number (got {v[i]})"
+                )
 
     def __len__(self) -> int:
         return len(self.shape)
