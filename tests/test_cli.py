@@ -133,8 +133,11 @@ def test_non_openai_server_is_one_line_error() -> None:
         (["--time-scale", "inf"], "'--time-scale': 'inf' is not a finite number"),
         (["--random-input-len", "100000000"], "100000000 is not in the range 1<=x<=10000000"),
         (["--request-timeout", "-1"], "'--request-timeout': -1.0 is not in the range x>0"),
-        (["--output-file", "/nonexistent-dir/r.json"], "'/nonexistent-dir' does not exist"),
-        (["--save-requests", "/nonexistent-dir/r.parquet"], "'/nonexistent-dir' does not exist"),
+        (
+            ["--output-file", "/proc/nonexistent-dir/r.json"],
+            "cannot create directory '/proc/nonexistent-dir'",
+        ),
+        (["--save-requests", "/proc/1/r.parquet"], "directory '/proc/1' is not writable"),
         (["--base-url", "http://127.0.0.1:9", "--port", "9"], "either --base-url or --host"),
         (["--source-ip", "1.2.3"], 'source address "1.2.3" is not an IP address'),
     ],

@@ -137,6 +137,7 @@ class MockServer:
         stall_ms: float = 30000.0,
         first_byte_delay_ms: float = 30000.0,
         retry_after_s: int = 1,
+        record_token_times: bool = False,
     ) -> Self: ...
     @property
     def host(self) -> str: ...
@@ -145,6 +146,10 @@ class MockServer:
     def stats(self) -> dict[str, int]:
         """Counters: requests, completions, active_streams, bad_requests, connections, and
         ``fault_<name>`` for each injected fault."""
+    def take_token_times(self) -> dict[str, npt.NDArray[np.int64]]:
+        """Token emission instants (ns since the mock started) of the streams finished
+        since the last call, by the requests' ``user`` field (needs
+        ``record_token_times=True``)."""
     def stop(self) -> None:
         """Stop accepting and close every connection. Idempotent."""
 

@@ -28,8 +28,9 @@ class Number(click.FloatRange):
 
 
 class OutputFile(click.Path):
-    """A file to write, checked before any work starts: its directory must exist and be
-    writable (otherwise a long run would end with nowhere to put its results)."""
+    """A file to write, checked before any work starts (otherwise a long run would end
+    with nowhere to put its results): its directory is created if missing, and must be
+    writable."""
 
     def __init__(self) -> None:
         super().__init__(dir_okay=False, path_type=Path)
@@ -37,8 +38,10 @@ class OutputFile(click.Path):
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         path = super().convert(value, param, ctx)
         parent = Path(path).resolve().parent
-        if not parent.is_dir():
-            self.fail(f"directory {str(parent)!r} does not exist.", param, ctx)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.fail(f"cannot create directory {str(parent)!r}: {e.strerror}.", param, ctx)
         if not os.access(parent, os.W_OK):
             self.fail(f"directory {str(parent)!r} is not writable.", param, ctx)
         if Path(path).exists() and not os.access(path, os.W_OK):

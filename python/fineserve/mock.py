@@ -143,6 +143,11 @@ class MockServer:
     def stats(self) -> dict[str, int]:
         return self._server.stats()
 
+    def take_token_times(self) -> dict[str, Any]:
+        """Per stream (by the request's ``user``), the instants its tokens left, in ns
+        since the mock started; needs ``record_token_times=True``."""
+        return self._server.take_token_times()
+
     def stop(self) -> None:
         self._server.stop()
 

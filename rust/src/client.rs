@@ -310,9 +310,9 @@ async fn execute_unredacted(
                 ))
             }
             // A kept-alive connection the server closed as the request went out (its
-            // keep-alive timeout, a restart): nothing of the request was processed, so it
-            // goes again once on a new connection, as browsers and hyper's pooled client do.
-            Ok(Err(e)) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
+            // keep-alive timeout, a restart): no response came, so the request goes again
+            // once on a new connection, as browsers do for a reused connection.
+            Ok(Err(e)) if reused && closed_before_response(&e) => {
                 reused = false;
                 sender = pool.connect(endpoint).await?;
             }
@@ -369,6 +369,27 @@ async fn execute_unredacted(
         pool.put(endpoint, sender);
     }
     outcome
+}
+
+/// The connection was gone before any of the response arrived: not sent at all, closed
+/// (FIN) before a response, or reset / broken while the request was being written.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_incomplete_message() {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 fn transport_message(e: &hyper::Error) -> String {

@@ -44,6 +44,9 @@ pub struct MockConfig {
     /// for a slot before their TTFT starts, so latency grows past capacity. 0 = no limit.
     pub max_concurrency: usize,
     pub faults: FaultConfig,
+    /// Keep each stream's token emission instants, keyed by the request's `user` field, for
+    /// benchmarks that check a client's token timing against the server's.
+    pub record_token_times: bool,
 }
 
 /// A way for the mock to misbehave on one request.
@@ -181,8 +184,15 @@ impl Default for MockConfig {
             workers: 1,
             max_concurrency: 0,
             faults: FaultConfig::default(),
+            record_token_times: false,
         }
     }
+}
+
+/// Token emission instants of finished streams, in ns since the mock started.
+#[derive(Debug, Default)]
+pub struct TokenLog {
+    pub streams: Vec<(String, Vec<i64>)>,
 }
 
 #[derive(Debug, Default)]
@@ -195,6 +205,24 @@ pub struct MockStats {
     /// Faults injected so far, in [`Fault::ALL`] order.
     pub faults: [AtomicU64; Fault::ALL.len()],
     fault_seq: AtomicU64,
+    pub token_log: std::sync::Mutex<TokenLog>,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl MockStats {
+    /// ns since the mock started (the token log's clock).
+    fn now_ns(&self) -> i64 {
+        let epoch = self.epoch.get_or_init(std::time::Instant::now);
+        epoch.elapsed().as_nanos() as i64
+    }
+
+    /// Takes the token log collected so far.
+    pub fn take_token_log(&self) -> Vec<(String, Vec<i64>)> {
+        match self.token_log.lock() {
+            Ok(mut log) => std::mem::take(&mut log.streams),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 pub struct MockServer {
@@ -242,6 +270,7 @@ impl MockServer {
             .local_addr()
             .map_err(|e| EngineError::io("reading the mock address", e))?;
         let stats = Arc::new(MockStats::default());
+        stats.now_ns();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let slots = (config.max_concurrency > 0)
             .then(|| Arc::new(tokio::sync::Semaphore::new(config.max_concurrency)));
@@ -474,6 +503,10 @@ async fn handle(
         emitted: 0,
         last_deadline: arrival,
         pending: None,
+        token_times: cfg.record_token_times.then(|| {
+            let user = parsed.get("user").and_then(|u| u.as_str()).unwrap_or("");
+            (user.to_owned(), Vec::with_capacity(n_tokens.min(4096) as usize))
+        }),
     };
     stats.active_streams.fetch_add(1, Ordering::Relaxed);
     let guard = ActiveGuard {
@@ -550,6 +583,8 @@ struct Generation {
     stall: Duration,
     prompt_tokens: u64,
     include_usage: bool,
+    /// With `record_token_times`: the request's `user` and each token's emission instant.
+    token_times: Option<(String, Vec<i64>)>,
     /// Deadline of the first token.
     start: Instant,
     itl: Duration,
@@ -753,6 +788,19 @@ impl MockBody {
 
 use std::future::Future;
 
+impl Drop for MockBody {
+    /// A recorded stream's token instants go to the log when its response is done (or
+    /// abandoned by the client).
+    fn drop(&mut self) {
+        let times = self.gen.as_mut().and_then(|g| g.token_times.take());
+        if let (Some(times), Some(guard)) = (times, &self._guard) {
+            if let Ok(mut log) = guard.stats.token_log.lock() {
+                log.streams.push(times);
+            }
+        }
+    }
+}
+
 impl Body for MockBody {
     type Data = Bytes;
     /// Only the `reset` fault fails a body; hyper then aborts the connection.
@@ -793,9 +841,16 @@ impl Body for MockBody {
                 // what it has, and with ITL 0 a whole stream costs one write.
                 let mut frame = Vec::with_capacity(160);
                 let now = Instant::now();
+                let emitted_ns = match (&gen.token_times, &this._guard) {
+                    (Some(_), Some(g)) => Some(g.stats.now_ns()),
+                    _ => None,
+                };
                 loop {
                     gen.pending = None;
                     gen.emitted += 1;
+                    if let (Some((_, times)), Some(t)) = (&mut gen.token_times, emitted_ns) {
+                        times.push(t);
+                    }
                     let last = gen.emitted >= gen.n_tokens;
                     frame.extend_from_slice(&gen.token_event(last));
                     if last {

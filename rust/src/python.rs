@@ -319,6 +319,7 @@ impl PyMockServer {
         ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
         default_max_tokens = 16, workers = 1, max_concurrency = 0, faults = Vec::new(),
         stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
+        record_token_times = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -336,6 +337,7 @@ impl PyMockServer {
         stall_ms: f64,
         first_byte_delay_ms: f64,
         retry_after_s: u32,
+        record_token_times: bool,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -374,6 +376,7 @@ impl PyMockServer {
             workers,
             max_concurrency,
             faults: fault_config,
+            record_token_times,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();
@@ -412,6 +415,22 @@ impl PyMockServer {
             d.set_item("connections", st.connections.load(Relaxed))?;
             for (f, n) in Fault::ALL.iter().zip(&st.faults) {
                 d.set_item(format!("fault_{}", f.name()), n.load(Relaxed))?;
+            }
+        }
+        Ok(d)
+    }
+
+    /// Token emission instants (ns since the mock started) of the streams finished since
+    /// the last call, by the requests' `user` field (needs `record_token_times=True`).
+    fn take_token_times<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let guard = self
+            .server
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("mock state poisoned"))?;
+        let d = PyDict::new(py);
+        if let Some(s) = guard.as_ref() {
+            for (user, times) in s.stats().take_token_log() {
+                d.set_item(user, times.into_pyarray(py))?;
             }
         }
         Ok(d)
