@@ -505,7 +505,10 @@ async fn handle(
         pending: None,
         token_times: cfg.record_token_times.then(|| {
             let user = parsed.get("user").and_then(|u| u.as_str()).unwrap_or("");
-            (user.to_owned(), Vec::with_capacity(n_tokens.min(4096) as usize))
+            (
+                user.to_owned(),
+                Vec::with_capacity(n_tokens.min(4096) as usize),
+            )
         }),
     };
     stats.active_streams.fetch_add(1, Ordering::Relaxed);
