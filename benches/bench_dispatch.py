@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,44 @@ def fineserve_run(url: str, t_ns: np.ndarray, warm: int) -> dict[str, Any]:
     return summarize(sched, sent, kind == 0)
 
 
+SHARED_FINESERVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fineserve"
+
+
+def dense_lt10b_schedule(time_scale: float, seconds: float) -> np.ndarray:
+    """Send offsets of FineServe's Dense_lt10B parametric workload (Gamma windows + NB
+    micro-bursts) at ``time_scale``, the first ``seconds`` of wall time."""
+    from fineserve.schedule import concat
+    from fineserve.workloads import RandomLengths
+    from fineserve.workloads.parametric import (
+        load_gamma_windows,
+        load_nb_json,
+        parametric_chunks,
+    )
+
+    par = SHARED_FINESERVE / "Parametric"
+    windows = load_gamma_windows(par / "gamma" / "Dense_lt10B_gamma_5min.csv")
+    nb = load_nb_json(par / "nb" / "Dense_lt10B_nb.json")
+    chunks = parametric_chunks(
+        windows,
+        RandomLengths(32, 16, 0.0),
+        np.random.default_rng(0),
+        nb=nb,
+        time_scale=time_scale,
+        duration_s=seconds * time_scale,
+    )
+    return concat(list(chunks)).t_ns
+
+
+def slot_count_ks(sched: np.ndarray, sent: np.ndarray) -> float:
+    """KS distance between the requests-per-occupied-1-ms-slot distributions of the
+    schedule and of the actual send times."""
+    from scipy.stats import ks_2samp
+
+    was = sent >= 0
+    counts = [np.unique(x // 1_000_000, return_counts=True)[1] for x in (sched, sent[was])]
+    return float(ks_2samp(*counts).statistic)
+
+
 def summarize(sched: np.ndarray, sent: np.ndarray, ok: np.ndarray) -> dict[str, Any]:
     was = sent >= 0
     lag_us = (sent[was] - sched[was]) / 1e3
@@ -101,6 +140,7 @@ def summarize(sched: np.ndarray, sent: np.ndarray, ok: np.ndarray) -> dict[str, 
         "lag_p99_us": float(np.percentile(lag_us, 99)),
         "lag_max_us": float(lag_us.max()),
         "same_ms": float(same_ms),
+        "sent_ns": sent,
     }
 
 
@@ -245,7 +285,7 @@ def main() -> None:
 
         print("2. dispatch lag (us)             p50       p99       max")
         out["lag"] = {}
-        for rate in (1_000, 5_000):
+        for rate in (1_000, 5_000, 20_000):
             t = uniform(rate, seconds * 2)
             f = fineserve_run(url, t, warm=min(int(rate * 0.1) + 64, 4096))
             b = baseline_run(args.port, t)
@@ -269,12 +309,36 @@ def main() -> None:
             f"  members sent in their ms: fineserve {100 * f['same_ms']:.2f}%, "
             f"baseline {100 * b['same_ms']:.2f}%"
         )
+        if SHARED_FINESERVE.is_dir():
+            print("4. FineServe Dense_lt10B parametric (NB micro-bursts), 20 s of each schedule")
+            out["parametric_bursts"] = {}
+            for scale in (1, 10, 50):
+                t = dense_lt10b_schedule(scale, seconds=20.0)
+                f = fineserve_run(url, t, warm=256)
+                b = baseline_run(args.port, t)
+                row = {"requests": len(t), "fineserve": f, "baseline": b}
+                row["fineserve_slot_ks"] = slot_count_ks(t, f["sent_ns"])
+                row["baseline_slot_ks"] = slot_count_ks(t, b["sent_ns"])
+                out["parametric_bursts"][str(scale)] = row
+                print(
+                    f"  time-scale {scale:>2} ({len(t)} req): in their ms fineserve "
+                    f"{100 * f['same_ms']:.2f}% (slot-count KS {row['fineserve_slot_ks']:.4f}), "
+                    f"baseline {100 * b['same_ms']:.2f}% (KS {row['baseline_slot_ks']:.4f})"
+                )
+        else:
+            print(f"4. skipped: {SHARED_FINESERVE} absent (FineServe parameter files)")
     finally:
         mock.terminate()
         mock.wait()
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+            json.dump(out, fh, indent=2, default=_no_arrays)
+
+
+def _no_arrays(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return None  # per-request send times stay out of the JSON
+    raise TypeError(type(o))
 
 
 if __name__ == "__main__":
