@@ -124,9 +124,12 @@ def free_port() -> int:
     return port
 
 
-def interrupted_blast(sig: int, *args: str) -> subprocess.CompletedProcess[str]:
+def interrupted_blast(
+    sig: int, *args: str, again_after_s: float | None = None
+) -> subprocess.CompletedProcess[str]:
     """`fineserve blast` of 600 requests at 100 req/s in its own process, sent ``sig``
-    2.5 s in; ``args`` are added to its command line."""
+    2.5 s in (and once more ``again_after_s`` later); ``args`` are added to its command
+    line."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -150,5 +153,8 @@ def interrupted_blast(sig: int, *args: str) -> subprocess.CompletedProcess[str]:
     )
     time.sleep(2.5)
     proc.send_signal(sig)
+    if again_after_s is not None:
+        time.sleep(again_after_s)
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

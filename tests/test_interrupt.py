@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import interrupted_blast
+from fineserve.results import read_requests
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -28,3 +30,26 @@ def test_signal_stops_dispatch_and_keeps_partial_results(tmp_path: Path, sig: in
     assert res["sent"] == res["completed"] + res["failed"]
     assert 50 < res["sent"] < 550
     assert res["errors_by_kind"]["not_sent"] == res["not_sent"]
+
+
+def test_second_ctrl_c_cancels_in_flight_at_once_and_keeps_results(tmp_path: Path) -> None:
+    """In-flight requests wait 20 s for their first token and the drain grace is 60 s: the
+    second Ctrl-C ends the run at once, in-flight requests are recorded as cancelled, and
+    the results file holds every scheduled request."""
+    out = tmp_path / "partial.json"
+    req = tmp_path / "req.parquet"
+    started = time.monotonic()
+    done = interrupted_blast(
+        signal.SIGINT, "--output-file", str(out), "--save-requests", str(req),
+        "--mock-ttft-ms", "20000", "--drain-grace", "60", "--warmup-requests", "0",
+        again_after_s=1.0,
+    )  # fmt: skip
+    assert time.monotonic() - started < 15
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    res = json.loads(out.read_text())
+    assert res["partial"] is True and res["completed"] == 0
+    assert res["errors_by_kind"]["cancelled"] == res["sent"] > 50
+    assert res["sent"] + res["not_sent"] == 600
+    table, meta = read_requests(req)
+    assert table.num_rows == 600 and meta["partial"] is True
