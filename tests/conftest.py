@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from fineserve import EngineOptions, MockServer, run_engine
+from fineserve import ERROR_KINDS, EngineOptions, MockServer, run_engine
 from fineserve.api import BodyTemplate
 from fineserve.cli import cli
 from fineserve.runner import RunRecords
@@ -29,6 +29,11 @@ def mock() -> Iterator[MockServer]:
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     """Runs the CLI in-process; an exception that is not a one-line error fails the test."""
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+def kinds(rec: RunRecords) -> list[str]:
+    """Each request's error kind name, in schedule order."""
+    return [ERROR_KINDS[k] for k in rec.col("error_kind")]
 
 
 def completion_bodies(n: int, max_tokens: int = 8, words: int = 16) -> list[bytes]:

@@ -8,14 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import RawHttpServer, completion_bodies, free_port, run_schedule
+from conftest import RawHttpServer, completion_bodies, free_port, kinds, run_schedule
 from fineserve import ERROR_KINDS, EngineOptions, MockServer, _engine
 from fineserve.metrics import compute_metrics
 from fineserve.metrics.serving import itl_ns
-
-
-def kinds(rec) -> list[str]:
-    return [ERROR_KINDS[k] for k in rec.col("error_kind")]
 
 
 def test_counts_add_up_and_tokens_match(mock: MockServer) -> None:

@@ -4,6 +4,7 @@ timing, and the accounting adds up."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections import Counter
@@ -11,8 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import RawHttpServer, invoke, run_schedule
-from fineserve import ERROR_KINDS, EngineOptions, MockServer, _engine
+from conftest import RawHttpServer, invoke, kinds, run_schedule
+from fineserve import EngineOptions, MockServer, _engine
 from fineserve.metrics import compute_metrics
 from fineserve.mock import FAULT_HELP
 
@@ -25,10 +26,6 @@ SHORT = EngineOptions(
     total_timeout_s=10.0,
     max_body_bytes=1 << 20,
 )
-
-
-def kinds(rec) -> list[str]:
-    return [ERROR_KINDS[k] for k in rec.col("error_kind")]
 
 
 def test_every_mock_fault_is_documented() -> None:
@@ -190,8 +187,6 @@ def test_blast_with_mock_faults_reports_failures_by_kind(tmp_path) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "faults: http_500 10.0%, reset 10.0%, no_done 10.0%" in r.output
-    import json
-
     m = json.loads(res.read_text())
     by_kind = m["errors_by_kind"]
     assert set(by_kind) == {"http_status", "transport", "incomplete"}

@@ -16,13 +16,23 @@ from . import __version__
 from .api import BACKENDS, parse_extra_body
 from .blast import execute_blast, result_json, write_result
 from .cli_fit import compare_command, fit_command
-from .cli_options import NON_NEGATIVE, POSITIVE, TOKENS, Number, OutputFile, trace_format_options
+from .cli_options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    TOKENS,
+    Number,
+    OutputFile,
+    apply_options,
+    fault_kwargs,
+    fault_options,
+    trace_format_options,
+)
 from .cli_report import report_command
 from .console import note, out, warn
 from .errors import FineserveError
 from .metrics import format_summary
 from .metrics.serving import parse_goodput
-from .mock import MockServer, fault_kwargs, fault_options
+from .mock import MockServer
 from .schedule import write_schedule
 from .server import base_url_from
 from .workloads.spec import MODES, build_workload
@@ -217,9 +227,7 @@ def _workload_options(f: Any) -> Any:
             help="servegen/burstgpt: multiply every rate (instead of --request-rate).",
         ),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return apply_options(f, opts)
 
 
 def _blast_options(f: Any) -> Any:
@@ -423,9 +431,7 @@ def _blast_options(f: Any) -> Any:
             "for 50 ms a second).",
         ),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    return apply_options(f, opts)
 
 
 @cli.command("blast")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
+from .mock import FAULT_HELP, parse_faults
 from .traces import FORMATS
 from .traces.base import MAX_TOKENS_PER_REQUEST
 
@@ -71,8 +72,63 @@ _TRACE_FORMAT_OPTIONS = [
 ]
 
 
-def trace_format_options(f: Any) -> Any:
-    """How to read a trace file: format, columns, unit, BurstGPT filters."""
-    for opt in reversed(_TRACE_FORMAT_OPTIONS):
+def apply_options(f: Any, options: list[Any]) -> Any:
+    """``f`` decorated with ``options`` so that ``--help`` lists them in this order."""
+    for opt in reversed(options):
         f = opt(f)
     return f
+
+
+def trace_format_options(f: Any) -> Any:
+    """How to read a trace file: format, columns, unit, BurstGPT filters."""
+    return apply_options(f, _TRACE_FORMAT_OPTIONS)
+
+
+def fault_options(prefix: str) -> Callable[[Any], Any]:
+    """The mock's fault-injection options, named ``--{prefix}fault`` etc. (``mock`` uses
+    no prefix, ``blast`` ``mock-`` for its embedded mock)."""
+    kinds = "; ".join(f"{k}: {v}" for k, v in FAULT_HELP.items())
+    options = [
+        click.option(
+            f"--{prefix}fault",
+            "faults",
+            multiple=True,
+            metavar="KIND=RATIO",
+            help=f"Make a fraction of completion requests misbehave ({kinds}).",
+        ),
+        click.option(
+            f"--{prefix}stall-s",
+            "fault_stall_s",
+            type=NON_NEGATIVE,
+            default=30.0,
+            show_default=True,
+            help="Fault 'stall': seconds without a byte.",
+        ),
+        click.option(
+            f"--{prefix}first-byte-delay-s",
+            "fault_first_byte_delay_s",
+            type=NON_NEGATIVE,
+            default=30.0,
+            show_default=True,
+            help="Fault 'slow_first_byte': seconds before the response headers.",
+        ),
+        click.option(
+            f"--{prefix}retry-after-s",
+            "fault_retry_after_s",
+            type=click.IntRange(min=0),
+            default=1,
+            show_default=True,
+            help="Fault 'http_429': the Retry-After value.",
+        ),
+    ]
+    return lambda f: apply_options(f, options)
+
+
+def fault_kwargs(o: dict[str, Any], option: str) -> dict[str, Any]:
+    """MockServer keyword arguments from the parsed :func:`fault_options`."""
+    return {
+        "faults": parse_faults(o["faults"], option),
+        "stall_ms": o["fault_stall_s"] * 1e3,
+        "first_byte_delay_ms": o["fault_first_byte_delay_s"] * 1e3,
+        "retry_after_s": o["fault_retry_after_s"],
+    }

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Callable
-
-import click
+from typing import Any
 
 from . import _engine
 from .errors import FineserveError
@@ -49,63 +47,6 @@ def parse_faults(specs: Iterable[str], option: str = "--fault") -> list[tuple[st
     if total > 1.0 + 1e-9:
         raise FineserveError(f"{option}: fault ratios add up to {total:g}, more than 1")
     return faults
-
-
-def fault_options(prefix: str) -> Callable[[Any], Any]:
-    """The fault-injection options, named ``--{prefix}fault`` etc. (``mock`` uses no
-    prefix, ``blast`` ``mock-`` for its embedded mock)."""
-    kinds = "; ".join(f"{k}: {v}" for k, v in FAULT_HELP.items())
-
-    def add(f: Any) -> Any:
-        for opt in reversed(
-            [
-                click.option(
-                    f"--{prefix}fault",
-                    "faults",
-                    multiple=True,
-                    metavar="KIND=RATIO",
-                    help=f"Make a fraction of completion requests misbehave ({kinds}).",
-                ),
-                click.option(
-                    f"--{prefix}stall-s",
-                    "fault_stall_s",
-                    type=click.FloatRange(min=0),
-                    default=30.0,
-                    show_default=True,
-                    help="Fault 'stall': seconds without a byte.",
-                ),
-                click.option(
-                    f"--{prefix}first-byte-delay-s",
-                    "fault_first_byte_delay_s",
-                    type=click.FloatRange(min=0),
-                    default=30.0,
-                    show_default=True,
-                    help="Fault 'slow_first_byte': seconds before the response headers.",
-                ),
-                click.option(
-                    f"--{prefix}retry-after-s",
-                    "fault_retry_after_s",
-                    type=click.IntRange(min=0),
-                    default=1,
-                    show_default=True,
-                    help="Fault 'http_429': the Retry-After value.",
-                ),
-            ]
-        ):
-            f = opt(f)
-        return f
-
-    return add
-
-
-def fault_kwargs(o: dict[str, Any], option: str) -> dict[str, Any]:
-    """MockServer keyword arguments from the parsed :func:`fault_options`."""
-    return {
-        "faults": parse_faults(o["faults"], option),
-        "stall_ms": o["fault_stall_s"] * 1e3,
-        "first_byte_delay_ms": o["fault_first_byte_delay_s"] * 1e3,
-        "retry_after_s": o["fault_retry_after_s"],
-    }
 
 
 class MockServer:
