@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fineserve.errors import FineserveError
 from fineserve.schedule import concat
-from fineserve.traces import load_trace
+from fineserve.traces import TraceOptions, load_trace
 from fineserve.workloads import RandomLengths, poisson_chunks
 from fineserve.workloads.parametric import GammaWindows, NegBinom, parametric_chunks
 
@@ -129,15 +129,9 @@ def test_every_jsonl_line_is_used_or_counted(tmp_path: Path, lines: list) -> Non
     p.write_text("".join(t + "\n" for t in text))
     counted = sum(1 for t in text if t.strip())
     try:
-        t = load_trace(p, None if not counted else _mooncake())
+        t = load_trace(p, TraceOptions(trace_format="mooncake"))
     except FineserveError as e:
         assert "\n" not in str(e)
         return
     assert len(t) + sum(t.skipped.values()) == counted
     assert np.all(np.diff(t.t_ns) >= 0) and np.all(t.input_len >= 1)
-
-
-def _mooncake():
-    from fineserve.traces import TraceOptions
-
-    return TraceOptions(trace_format="mooncake")
