@@ -1,89 +1,49 @@
-"""Dispatch figures of the engine against the embedded mock (issue: foundation bench).
+"""Dispatch figures against the embedded mock: fineserve, a Python baseline, oha, GuideLLM.
 
-Prints, on this machine:
-1. the highest sustained open-loop rate (16-token streams) with p99 dispatch lag <= 1 ms and
-   achieved rate >= 99% of target, for fineserve and for a baseline measured in the same run:
-   a plain Python asyncio client paced with ``asyncio.sleep`` (one coroutine per request,
-   ``perf_counter`` timing; FineServe's Generator dispatches this way);
-2. dispatch lag p50/p99/max at 1k and 5k req/s for both;
-3. 1,000 bursts of 8 requests scheduled in the same ms: share of members sent in their ms.
+Prints, on this machine (issue 8, parts 1-3):
+1. the open-loop rate ceiling: the highest rate (16-token streams) at which p99 dispatch
+   lag <= 1 ms, the achieved rate >= 99% of the target and every request succeeds, for
+   fineserve; the baseline (``peers.aiohttp_open_loop``: asyncio + aiohttp, one coroutine
+   per request, ``asyncio.sleep`` pacing, ``perf_counter`` stamps, as FineServe's
+   Generator); and, when ``benches/setup_peers.sh`` installed them, oha (``-q`` rate) and
+   GuideLLM (``constant`` profile). Lag is measured at the server for all four (the mock
+   logs each request's arrival; ``peers.server_pacing``), and at the client as well for
+   fineserve and the baseline, which record send instants: a rate passes only if every
+   measure available passes;
+2. dispatch lag p50/p99/p99.9/max at 1k, 5k and 20k req/s, fineserve and the baseline;
+3. micro-bursts: 1,000 bursts of 8 requests in the same ms, and FineServe's Dense_lt10B
+   parametric workload at time-scale 1, 10 and 50 (share of requests sent in their
+   scheduled 1 ms slot; KS distance of requests per occupied slot, sent vs scheduled).
 
-The mock runs in a separate process (``fineserve mock``), as a real server would.
-Usage: python benches/bench_dispatch.py [--quick] [--json OUT]
+The mock runs in its own process (``mock_proc.MockProcess``), as a real server would.
+Usage: python benches/bench_dispatch.py [--quick] [--parts 1,2,3] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers
 from fineserve import EngineOptions, run_engine
 from fineserve.api import BodyTemplate
-from fineserve.server import fetch_models
+from mock_proc import MockProcess
 
 TOKENS = 16
-
-
-def start_mock(port: int, itl_ms: float, ttft_ms: float) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fineserve.cli",
-            "mock",
-            "--port",
-            str(port),
-            "--itl-ms",
-            str(itl_ms),
-            "--ttft-ms",
-            str(ttft_ms),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        try:
-            fetch_models(f"http://127.0.0.1:{port}", timeout_s=0.5)
-            return proc
-        except Exception:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("mock did not start")
 
 
 def body(tokens: int) -> bytes:
     t = BodyTemplate("vllm", "fineserve-mock", stream=True, ignore_eos=True)
     return t.render("r0 " + "word " * 31, tokens)
-
-
-REALTIME = False
-
-
-def fineserve_run(url: str, t_ns: np.ndarray, warm: int) -> dict[str, Any]:
-    n = len(t_ns)
-    opts = EngineOptions(warm_connections=warm, realtime_priority=REALTIME)
-    rec = run_engine(
-        [url],
-        t_ns,
-        [body(TOKENS)],
-        np.zeros(n, np.uint32),
-        np.zeros(n, np.uint32),
-        np.full(n, TOKENS),
-        opts,
-        show_progress=False,
-    )
-    sent, sched, kind = rec.col("sent_ns"), rec.col("scheduled_ns"), rec.col("error_kind")
-    return summarize(sched, sent, kind == 0)
 
 
 SHARED_FINESERVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fineserve"
@@ -124,7 +84,11 @@ def slot_count_ks(sched: np.ndarray, sent: np.ndarray) -> float:
     return float(ks_2samp(*counts).statistic)
 
 
+REALTIME = False
+
+
 def summarize(sched: np.ndarray, sent: np.ndarray, ok: np.ndarray) -> dict[str, Any]:
+    """Client-side figures from intended and actual send offsets (ns, -1 = not sent)."""
     was = sent >= 0
     lag_us = (sent[was] - sched[was]) / 1e3
     span_s = (sched.max() - sched.min()) / 1e9
@@ -138,59 +102,64 @@ def summarize(sched: np.ndarray, sent: np.ndarray, ok: np.ndarray) -> dict[str, 
         "achieved_rps": achieved,
         "lag_p50_us": float(np.percentile(lag_us, 50)),
         "lag_p99_us": float(np.percentile(lag_us, 99)),
+        "lag_p999_us": float(np.percentile(lag_us, 99.9)),
         "lag_max_us": float(lag_us.max()),
         "same_ms": float(same_ms),
         "sent_ns": sent,
     }
 
 
-# --- baseline: asyncio, one coroutine per request, asyncio.sleep pacing -------------------
+def with_server_view(r: dict[str, Any], mock: MockProcess, t_ns: np.ndarray) -> dict[str, Any]:
+    arrivals, _ = mock.take()
+    return r | {"server": peers.server_pacing(arrivals, t_ns)}
 
 
-async def _baseline(port: int, t_s: np.ndarray, payload: bytes) -> tuple[np.ndarray, np.ndarray]:
-    n = len(t_s)
-    sent = np.full(n, -1.0)
-    ok = np.zeros(n, bool)
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    head = (
-        b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: "
-        b"application/json\r\ncontent-length: %d\r\n\r\n" % len(payload)
+def fineserve_run(mock: MockProcess, t_ns: np.ndarray, warm: int) -> dict[str, Any]:
+    n = len(t_ns)
+    rec = run_engine(
+        [mock.base_url + "/v1/completions"],
+        t_ns,
+        [body(TOKENS)],
+        np.zeros(n, np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, TOKENS),
+        EngineOptions(warm_connections=warm, realtime_priority=REALTIME),
+        show_progress=False,
     )
-
-    async def one(i: int, start: float) -> None:
-        delay = start + t_s[i] - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        sent[i] = time.perf_counter() - start
-        try:
-            if idle:
-                reader, writer = idle.pop()
-            else:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(head + payload)
-            while True:  # chunked SSE until the terminating chunk
-                line = await reader.readline()
-                if not line:
-                    return
-                if line == b"0\r\n":
-                    await reader.readline()
-                    break
-            ok[i] = True
-            idle.append((reader, writer))
-        except OSError:
-            pass
-
-    start = time.perf_counter() + 0.2
-    await asyncio.gather(*(one(i, start) for i in range(n)))
-    for _, w in idle:
-        w.close()
-    return sent, ok
+    sent, sched, kind = rec.col("sent_ns"), rec.col("scheduled_ns"), rec.col("error_kind")
+    return with_server_view(summarize(sched, sent, kind == 0), mock, t_ns)
 
 
-def baseline_run(port: int, t_ns: np.ndarray) -> dict[str, Any]:
-    sent_s, ok = asyncio.run(_baseline(port, t_ns / 1e9, body(TOKENS)))
-    sent = np.where(sent_s >= 0, (sent_s * 1e9).astype(np.int64), -1)
-    return summarize(t_ns, sent, ok)
+def baseline_run(mock: MockProcess, t_ns: np.ndarray) -> dict[str, Any]:
+    mock.take()  # drop arrivals of anything before
+    sent, ok = peers.aiohttp_open_loop(mock.base_url + "/v1/completions", t_ns, body(TOKENS))
+    return with_server_view(summarize(t_ns, sent, ok), mock, t_ns)
+
+
+def oha_run(mock: MockProcess, rate: float, seconds: float) -> dict[str, Any]:
+    mock.take()
+    n = max(int(rate * seconds), 2)
+    r = peers.oha_run(mock.base_url + "/v1/completions", rate, n, body(TOKENS))
+    return with_server_view(r | {"n": n, "target_rps": rate}, mock, uniform(rate, seconds))
+
+
+def guidellm_run(mock: MockProcess, rate: float, seconds: float, tokenizer: Path) -> dict[str, Any]:
+    mock.take()
+    r = peers.guidellm_run(mock.base_url, rate, seconds, tokenizer)
+    arrivals, _ = mock.take()
+    n = len(arrivals)
+    out: dict[str, Any] = {"n": n, "target_rps": rate}
+    if "error" in r:
+        return out | {"error": r["error"], "ok": 0}
+    totals = r["report"]["benchmarks"][0]["metrics"]["request_totals"]
+    out["ok"] = int(totals.get("successful", 0))
+    out["errored"] = int(totals.get("errored", 0)) + int(totals.get("incomplete", 0))
+    # GuideLLM's own view: targeted start to dispatch (s), successful requests.
+    delay = r["report"]["benchmarks"][0]["metrics"]["request_dispatch_delay"]["successful"]
+    out["lag_p99_us"] = float(delay["percentiles"]["p99"]) * 1e6
+    # GuideLLM schedules request k at k / rate from its own start instant.
+    out["server"] = peers.server_pacing(arrivals, uniform(rate, n / rate))
+    return out
 
 
 def uniform(rate: float, seconds: float) -> np.ndarray:
@@ -198,37 +167,172 @@ def uniform(rate: float, seconds: float) -> np.ndarray:
     return (np.arange(n) * (1e9 / rate)).astype(np.int64)
 
 
-def passes(r: dict[str, Any]) -> bool:
+def rate_kept(r: dict[str, Any]) -> bool:
+    """>= 99% of the target rate achieved (at the server) and every request ok."""
+    srv = r.get("server", {})
     return (
-        r["lag_p99_us"] <= 1000
-        and r["achieved_rps"] >= 0.99 * r["target_rps"]
-        and r["ok"] == r["n"]
+        srv.get("achieved_rps", 0.0) >= 0.99 * r["target_rps"]
+        and r.get("ok", 0) == r["n"]
+        and "error" not in r
     )
 
 
-def ceiling(run, rates: list[float]) -> tuple[float, list[dict[str, Any]]]:
-    best, rows = 0.0, []
+def passes(r: dict[str, Any]) -> bool:
+    """The rate is kept and every lag measure the candidate has is <= 1 ms at p99."""
+    srv = r.get("server", {})
+    return (
+        rate_kept(r)
+        and srv.get("server_lag_p99_us", float("inf")) <= 1000
+        and r.get("lag_p99_us", 0.0) <= 1000
+    )
+
+
+def ceiling(
+    name: str, run: Callable[[float], dict[str, Any]], rates: list[float]
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """Tries ``rates`` upwards until the rate is no longer kept; returns the highest rate
+    that passed (lag and rate) and the highest whose rate was kept whatever the lag."""
+    print(f"  {name}:", flush=True)
+    best = best_rate = 0.0
+    rows: list[dict[str, Any]] = []
     for rate in rates:
         r = run(rate)
+        r["rate"] = rate
         r["pass"] = passes(r)
         rows.append(r)
+        srv = r.get("server", {})
+        client = f", own p99 {r['lag_p99_us']:>8.1f}" if "lag_p99_us" in r else ""
         print(
-            f"    {rate:>8.0f} req/s: achieved {r['achieved_rps']:>8.0f}, p99 lag "
-            f"{r['lag_p99_us']:>8.1f} us, ok {r['ok']}/{r['n']} -> "
-            f"{'pass' if r['pass'] else 'fail'}",
+            f"    {rate:>8.0f} req/s: achieved {srv.get('achieved_rps', 0):>8.0f}, "
+            f"server p99 lag {srv.get('server_lag_p99_us', float('nan')):>9.1f} us{client}, "
+            f"ok {r.get('ok', 0)}/{r['n']}"
+            + (f" ({r['error']})" if "error" in r else "")
+            + f" -> {'pass' if r['pass'] else 'fail'}",
             flush=True,
         )
-        if not r["pass"]:
+        if r["pass"] and best == best_rate:
+            best = rate
+        if not rate_kept(r):
             break
-        best = rate
-    return best, rows
+        best_rate = rate
+    return best, best_rate, rows
+
+
+FINESERVE_RATES = [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000]
+BASELINE_RATES = [25, 50, 100, 250, 500, 1_000, 2_000, 5_000]
+OHA_RATES = [1_000, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000]
+GUIDELLM_RATES = [25, 50, 100, 250, 500, 1_000, 2_000]
+
+
+def part_ceiling(mock: MockProcess, seconds: float, tokenizer: Path | None) -> dict[str, Any]:
+    print("1. open-loop rate ceiling (p99 lag <= 1 ms, achieved >= 99%, all ok)")
+    out: dict[str, Any] = {}
+    runs: dict[str, tuple[Callable[[float], dict[str, Any]], list[float]]] = {
+        "fineserve": (
+            lambda r: fineserve_run(mock, uniform(r, seconds), warm=min(int(r * 0.1) + 64, 4096)),
+            FINESERVE_RATES,
+        )
+    }
+    if peers.have_aiohttp():
+        runs["baseline"] = (lambda r: baseline_run(mock, uniform(r, seconds)), BASELINE_RATES)
+    else:
+        out["baseline_skipped"] = "aiohttp not installed (benches/setup_peers.sh)"
+    if peers.have_oha():
+        runs["oha"] = (lambda r: oha_run(mock, r, seconds), OHA_RATES)
+    else:
+        out["oha_skipped"] = "oha not installed (benches/setup_peers.sh)"
+    if peers.have_guidellm() and tokenizer is not None:
+        runs["guidellm"] = (
+            lambda r: guidellm_run(mock, r, max(seconds, 3.0), tokenizer),
+            GUIDELLM_RATES,
+        )
+    else:
+        out["guidellm_skipped"] = "GuideLLM not installed (benches/setup_peers.sh)"
+    best: dict[str, float] = {}
+    best_rate: dict[str, float] = {}
+    for name, (run, rates) in runs.items():
+        best[name], best_rate[name], out[f"{name}_rows"] = ceiling(name, run, rates)
+    out["best_rps"] = best
+    out["best_rps_any_lag"] = best_rate
+    fs = best["fineserve"]
+    out["ratios"] = {
+        k: (fs / v if v else float("inf")) for k, v in best.items() if k != "fineserve"
+    }
+    print(
+        "  ceiling (lag and rate): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in best.items())
+        + " req/s; rate kept whatever the lag: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in best_rate.items())
+        + " req/s; fineserve / "
+        + ", ".join(f"{k} {v:.1f}x" for k, v in out["ratios"].items())
+    )
+    return out
+
+
+def part_lag(mock: MockProcess, seconds: float) -> dict[str, Any]:
+    print("2. dispatch lag (us)              p50       p99     p99.9       max")
+    out: dict[str, Any] = {}
+    for rate in (1_000, 5_000, 20_000):
+        t = uniform(rate, seconds * 2)
+        row = {"fineserve": fineserve_run(mock, t, warm=min(int(rate * 0.1) + 64, 4096))}
+        if peers.have_aiohttp():
+            row["baseline"] = baseline_run(mock, t)
+        out[str(rate)] = row
+        for name, r in row.items():
+            print(
+                f"  {rate:>5} req/s {name:<12} {r['lag_p50_us']:>9.1f} {r['lag_p99_us']:>9.1f} "
+                f"{r['lag_p999_us']:>9.1f} {r['lag_max_us']:>9.1f}   (ok {r['ok']}/{r['n']})"
+            )
+        if "baseline" in row:
+            f, b = row["fineserve"], row["baseline"]
+            print(
+                f"  {'':>5}       p99 ratio baseline/fineserve: "
+                f"{b['lag_p99_us'] / max(f['lag_p99_us'], 1e-3):.1f}x"
+            )
+    return out
+
+
+def part_bursts(mock: MockProcess) -> dict[str, Any]:
+    print("3. micro-bursts: share of requests sent in their scheduled ms")
+    out: dict[str, Any] = {}
+    t = np.repeat(np.arange(1000) * 5_000_000 + 300_000, 8).astype(np.int64)
+    row = {"fineserve": fineserve_run(mock, t, warm=256)}
+    if peers.have_aiohttp():
+        row["baseline"] = baseline_run(mock, t)
+    out["bursts_of_8"] = row
+    print(
+        "  1,000 bursts of 8 (every 5 ms): "
+        + ", ".join(f"{k} {100 * r['same_ms']:.2f}%" for k, r in row.items())
+    )
+    if not SHARED_FINESERVE.is_dir():
+        print(f"  Dense_lt10B skipped: {SHARED_FINESERVE} absent (FineServe parameter files)")
+        return out
+    out["parametric"] = {}
+    for scale in (1, 10, 50):
+        t = dense_lt10b_schedule(scale, seconds=20.0)
+        prow: dict[str, Any] = {"requests": len(t)}
+        prow["fineserve"] = fineserve_run(mock, t, warm=256)
+        prow["fineserve"]["slot_ks"] = slot_count_ks(t, prow["fineserve"]["sent_ns"])
+        if peers.have_aiohttp():
+            prow["baseline"] = baseline_run(mock, t)
+            prow["baseline"]["slot_ks"] = slot_count_ks(t, prow["baseline"]["sent_ns"])
+        out["parametric"][str(scale)] = prow
+        print(
+            f"  Dense_lt10B time-scale {scale:>2} ({len(t)} req, 20 s): "
+            + ", ".join(
+                f"{k} {100 * r['same_ms']:.2f}% (slot-count KS {r['slot_ks']:.4f})"
+                for k, r in prow.items()
+                if k != "requests"
+            )
+        )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 s per rate instead of 3 s")
+    ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 2,3")
     ap.add_argument("--json")
-    ap.add_argument("--port", type=int, default=18431)
     ap.add_argument(
         "--mock-itl-ms",
         type=float,
@@ -244,100 +348,47 @@ def main() -> None:
     args = ap.parse_args()
     global REALTIME
     REALTIME = args.realtime_priority
+    parts = {int(p) for p in args.parts.split(",")}
     seconds = 1.0 if args.quick else 3.0
-    mock = start_mock(args.port, itl_ms=args.mock_itl_ms, ttft_ms=5.0)
-    url = f"http://127.0.0.1:{args.port}/v1/completions"
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{platform.python_implementation()} {platform.python_version()}"
+        f"{platform.python_implementation()} {platform.python_version()}",
+        "mock_itl_ms": args.mock_itl_ms,
+        "realtime_priority": REALTIME,
     }
-    try:
-        print(
-            f"machine: {out['machine']}; mock: TTFT 5 ms, ITL {args.mock_itl_ms:g} ms, "
-            f"{TOKENS} tokens"
-        )
-        out["mock_itl_ms"] = args.mock_itl_ms
-        out["realtime_priority"] = REALTIME
-        print(f"fineserve lanes: default count, realtime priority {REALTIME}")
-        print("1. open-loop rate ceiling (p99 lag <= 1 ms, achieved >= 99%)")
-        print("  fineserve:")
-        fs_best, fs_rows = ceiling(
-            lambda r: fineserve_run(url, uniform(r, seconds), warm=min(int(r * 0.1) + 64, 4096)),
-            [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000],
-        )
-        print("  asyncio baseline:")
-        bl_best, bl_rows = ceiling(
-            lambda r: baseline_run(args.port, uniform(r, seconds)),
-            [25, 50, 100, 250, 500, 1_000, 2_000, 5_000],
-        )
-        ratio = fs_best / bl_best if bl_best else float("inf")
-        print(
-            f"  ceiling: fineserve {fs_best:.0f} req/s, baseline {bl_best:.0f} req/s, "
-            f"ratio {ratio:.1f}x"
-        )
-        out["ceiling"] = {
-            "fineserve_rps": fs_best,
-            "baseline_rps": bl_best,
-            "ratio": ratio,
-            "fineserve_rows": fs_rows,
-            "baseline_rows": bl_rows,
-        }
-
-        print("2. dispatch lag (us)             p50       p99       max")
-        out["lag"] = {}
-        for rate in (1_000, 5_000, 20_000):
-            t = uniform(rate, seconds * 2)
-            f = fineserve_run(url, t, warm=min(int(rate * 0.1) + 64, 4096))
-            b = baseline_run(args.port, t)
-            out["lag"][str(rate)] = {"fineserve": f, "baseline": b}
-            for name, r in (("fineserve", f), ("baseline", b)):
-                print(
-                    f"  {rate:>5} req/s {name:<12} {r['lag_p50_us']:>9.1f} "
-                    f"{r['lag_p99_us']:>9.1f} {r['lag_max_us']:>9.1f}"
-                )
-            print(
-                f"  {'':>5}       p99 ratio baseline/fineserve: "
-                f"{b['lag_p99_us'] / max(f['lag_p99_us'], 1e-3):.1f}x"
-            )
-
-        print("3. 1,000 bursts of 8 in the same ms (every 5 ms)")
-        t = np.repeat(np.arange(1000) * 5_000_000 + 300_000, 8).astype(np.int64)
-        f = fineserve_run(url, t, warm=256)
-        b = baseline_run(args.port, t)
-        out["bursts"] = {"fineserve": f, "baseline": b}
-        print(
-            f"  members sent in their ms: fineserve {100 * f['same_ms']:.2f}%, "
-            f"baseline {100 * b['same_ms']:.2f}%"
-        )
-        if SHARED_FINESERVE.is_dir():
-            print("4. FineServe Dense_lt10B parametric (NB micro-bursts), 20 s of each schedule")
-            out["parametric_bursts"] = {}
-            for scale in (1, 10, 50):
-                t = dense_lt10b_schedule(scale, seconds=20.0)
-                f = fineserve_run(url, t, warm=256)
-                b = baseline_run(args.port, t)
-                row = {"requests": len(t), "fineserve": f, "baseline": b}
-                row["fineserve_slot_ks"] = slot_count_ks(t, f["sent_ns"])
-                row["baseline_slot_ks"] = slot_count_ks(t, b["sent_ns"])
-                out["parametric_bursts"][str(scale)] = row
-                print(
-                    f"  time-scale {scale:>2} ({len(t)} req): in their ms fineserve "
-                    f"{100 * f['same_ms']:.2f}% (slot-count KS {row['fineserve_slot_ks']:.4f}), "
-                    f"baseline {100 * b['same_ms']:.2f}% (KS {row['baseline_slot_ks']:.4f})"
-                )
-        else:
-            print(f"4. skipped: {SHARED_FINESERVE} absent (FineServe parameter files)")
-    finally:
-        mock.terminate()
-        mock.wait()
+    print(
+        f"machine: {out['machine']}; mock: TTFT 5 ms, ITL {args.mock_itl_ms:g} ms, "
+        f"{TOKENS} tokens, own process; fineserve realtime priority {REALTIME}"
+    )
+    with MockProcess(ttft_ms=5.0, itl_ms=args.mock_itl_ms) as mock:
+        if 1 in parts:
+            tok = guidellm_tokenizer() if peers.have_guidellm() else None
+            out["ceiling"] = part_ceiling(mock, seconds, tok)
+        if 2 in parts:
+            out["lag"] = part_lag(mock, seconds)
+        if 3 in parts:
+            out["bursts"] = part_bursts(mock)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2, default=_no_arrays)
+            json.dump(out, fh, indent=1, default=_no_arrays)
+
+
+def guidellm_tokenizer() -> Path:
+    """GuideLLM's synthetic data needs a Hugging Face tokenizer; none can be downloaded
+    here, so the prompts bench's offline-trained one is built once and kept."""
+    from bench_prompts import train_tokenizer
+
+    path = peers.PEERS / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        train_tokenizer(path)
+    return path
 
 
 def _no_arrays(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return None  # per-request send times stay out of the JSON
+    if isinstance(o, np.generic):
+        return o.item()
     raise TypeError(type(o))
 
 

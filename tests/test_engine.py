@@ -49,6 +49,29 @@ def test_ttft_and_itl_match_mock_configuration() -> None:
     assert 9.0 <= np.median(gaps) <= 11.5
 
 
+def test_mock_logs_arrivals_and_token_instants_for_benches() -> None:
+    # The benches measure peers that record no send instants at the server; the logs
+    # must hold one arrival per completion request and each stream's token instants.
+    n, tokens = 30, 6
+    bodies = [
+        b.replace(b'"stream"', b'"user": "u%d", "stream"' % i)
+        for i, b in enumerate(completion_bodies(n, tokens))
+    ]
+    with MockServer(ttft_ms=5, itl_ms=4, record_arrivals=True, record_token_times=True) as m:
+        t = (np.arange(n) * 10e6).astype(np.int64)
+        rec = run_schedule(m.base_url + "/v1/completions", t, tokens, bodies=bodies)
+        arrivals, streams = m.take_arrival_times(), m.take_token_times()
+        assert len(m.take_arrival_times()) == 0  # taken, not copied
+    assert set(kinds(rec)) == {"ok"}
+    assert len(arrivals) == n and np.all(np.diff(arrivals) > 0)
+    # Arrivals keep the 10 ms schedule (generous bound: shared CI cores).
+    assert np.median(np.abs(np.diff(arrivals) / 1e6 - 10)) < 1.0
+    assert sorted(streams) == sorted(f"u{i}" for i in range(n))
+    gaps_ms = np.concatenate([np.diff(v) for v in streams.values()]) / 1e6
+    assert all(len(v) == tokens for v in streams.values())
+    assert 3.5 <= np.median(gaps_ms) <= 5.5
+
+
 def test_open_loop_keeps_schedule_when_server_is_slow() -> None:
     # Every response takes ~0.6 s, so ~120 requests are in flight at 200 req/s; an
     # open-loop client must still send each one on time.

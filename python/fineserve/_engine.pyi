@@ -138,6 +138,7 @@ class MockServer:
         first_byte_delay_ms: float = 30000.0,
         retry_after_s: int = 1,
         record_token_times: bool = False,
+        record_arrivals: bool = False,
     ) -> Self: ...
     @property
     def host(self) -> str: ...
@@ -150,6 +151,9 @@ class MockServer:
         """Token emission instants (ns since the mock started) of the streams finished
         since the last call, by the requests' ``user`` field (needs
         ``record_token_times=True``)."""
+    def take_arrival_times(self) -> npt.NDArray[np.int64]:
+        """Arrival instants (ns since the mock started) of the completion requests received
+        since the last call, in arrival order (needs ``record_arrivals=True``)."""
     def stop(self) -> None:
         """Stop accepting and close every connection. Idempotent."""
 

@@ -89,6 +89,12 @@ class MockServer:
         since the mock started; needs ``record_token_times=True``."""
         return self._server.take_token_times()
 
+    def take_arrival_times(self) -> Any:
+        """Arrival instants of the completion requests received since the last call, in
+        ns since the mock started (int64 array, arrival order); needs
+        ``record_arrivals=True``."""
+        return self._server.take_arrival_times()
+
     def stop(self) -> None:
         self._server.stop()
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod limits;
 pub mod mock;
 pub mod records;
+mod recv_stamp;
 pub mod sse;
 pub mod timer;
 

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +26,7 @@ use tokio::net::TcpSocket;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::EngineError;
+use crate::recv_stamp;
 
 #[derive(Debug, Clone)]
 pub struct MockConfig {
@@ -47,6 +48,10 @@ pub struct MockConfig {
     /// Keep each stream's token emission instants, keyed by the request's `user` field, for
     /// benchmarks that check a client's token timing against the server's.
     pub record_token_times: bool,
+    /// Keep the arrival instant of every completion request, so that benchmarks can measure
+    /// any client's pacing (peers that record no send times included) at the server. The
+    /// instant is the kernel's receive stamp of the request's bytes (`recv_stamp`).
+    pub record_arrivals: bool,
 }
 
 /// A way for the mock to misbehave on one request.
@@ -185,6 +190,7 @@ impl Default for MockConfig {
             max_concurrency: 0,
             faults: FaultConfig::default(),
             record_token_times: false,
+            record_arrivals: false,
         }
     }
 }
@@ -206,14 +212,38 @@ pub struct MockStats {
     pub faults: [AtomicU64; Fault::ALL.len()],
     fault_seq: AtomicU64,
     pub token_log: std::sync::Mutex<TokenLog>,
-    epoch: std::sync::OnceLock<std::time::Instant>,
+    /// Arrival instants of completion requests (with `record_arrivals`), ns since the start.
+    arrivals: std::sync::Mutex<Vec<i64>>,
+    /// The start instant, and the system clock then (kernel receive stamps use it).
+    epoch: std::sync::OnceLock<(std::time::Instant, i64)>,
 }
 
 impl MockStats {
     /// ns since the mock started (the token log's clock).
     fn now_ns(&self) -> i64 {
-        let epoch = self.epoch.get_or_init(std::time::Instant::now);
-        epoch.elapsed().as_nanos() as i64
+        self.epoch().0.elapsed().as_nanos() as i64
+    }
+
+    fn epoch(&self) -> &(std::time::Instant, i64) {
+        self.epoch.get_or_init(|| {
+            let unix_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+            (std::time::Instant::now(), unix_ns)
+        })
+    }
+
+    /// A kernel receive stamp (system clock, ns) on the log's clock.
+    fn unix_to_log_ns(&self, unix_ns: i64) -> i64 {
+        unix_ns - self.epoch().1
+    }
+
+    /// Takes the completion-request arrival instants recorded so far (in arrival order).
+    pub fn take_arrivals(&self) -> Vec<i64> {
+        match self.arrivals.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Takes the token log collected so far.
@@ -300,7 +330,12 @@ impl MockServer {
                                 let cfg = Arc::clone(&cfg);
                                 let st = Arc::clone(&st);
                                 let slots = slots.clone();
-                                tokio::spawn(serve_connection(stream, cfg, st, slots));
+                                if cfg.record_arrivals && recv_stamp::enable(&stream).is_ok() {
+                                    let (io, rx_ns) = recv_stamp::StampedStream::new(stream);
+                                    tokio::spawn(serve_connection(io, Some(rx_ns), cfg, st, slots));
+                                } else {
+                                    tokio::spawn(serve_connection(stream, None, cfg, st, slots));
+                                }
                             }
                         }
                     }
@@ -341,17 +376,24 @@ impl Drop for MockServer {
 }
 
 /// Serves one connection; a `close_keepalive` fault closes it once its response is done.
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+/// With `rx_ns` (the connection's latest kernel receive stamp), arrivals are logged at
+/// that stamp instead of when the handler runs.
+async fn serve_connection<S>(
+    stream: S,
+    rx_ns: Option<Arc<AtomicI64>>,
     cfg: Arc<MockConfig>,
     stats: Arc<MockStats>,
     slots: Option<Arc<tokio::sync::Semaphore>>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let close = Arc::new(tokio::sync::Notify::new());
     let close_req = Arc::clone(&close);
     let svc = hyper::service::service_fn(move |req| {
+        let rx_unix_ns = rx_ns.as_ref().map_or(0, |a| a.load(Ordering::Relaxed));
         handle(
             req,
+            rx_unix_ns,
             Arc::clone(&cfg),
             Arc::clone(&stats),
             slots.clone(),
@@ -387,6 +429,7 @@ fn error_response(status: StatusCode, msg: &str) -> Response<MockBody> {
 
 async fn handle(
     req: http::Request<Incoming>,
+    rx_unix_ns: i64,
     cfg: Arc<MockConfig>,
     stats: Arc<MockStats>,
     slots: Option<Arc<tokio::sync::Semaphore>>,
@@ -407,6 +450,16 @@ async fn handle(
         (&Method::POST, "/v1/chat/completions") => true,
         _ => return Ok(error_response(StatusCode::NOT_FOUND, "no such route")),
     };
+    if cfg.record_arrivals {
+        let at_ns = if rx_unix_ns > 0 {
+            stats.unix_to_log_ns(rx_unix_ns)
+        } else {
+            stats.now_ns()
+        };
+        if let Ok(mut v) = stats.arrivals.lock() {
+            v.push(at_ns);
+        }
+    }
     let bytes = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(error_response(StatusCode::BAD_REQUEST, "unreadable body")),

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use numpy::{IntoPyArray, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError};
 use pyo3::prelude::*;
@@ -319,7 +319,7 @@ impl PyMockServer {
         ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
         default_max_tokens = 16, workers = 1, max_concurrency = 0, faults = Vec::new(),
         stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
-        record_token_times = false,
+        record_token_times = false, record_arrivals = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -338,6 +338,7 @@ impl PyMockServer {
         first_byte_delay_ms: f64,
         retry_after_s: u32,
         record_token_times: bool,
+        record_arrivals: bool,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -377,6 +378,7 @@ impl PyMockServer {
             max_concurrency,
             faults: fault_config,
             record_token_times,
+            record_arrivals,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();
@@ -434,6 +436,19 @@ impl PyMockServer {
             }
         }
         Ok(d)
+    }
+
+    /// Arrival instants (ns since the mock started) of the completion requests received
+    /// since the last call, in arrival order (needs `record_arrivals=True`).
+    fn take_arrival_times<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let guard = self
+            .server
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("mock state poisoned"))?;
+        let v = guard
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.stats().take_arrivals());
+        Ok(v.into_pyarray(py))
     }
 
     /// Stops accepting and closes every connection. Idempotent.
