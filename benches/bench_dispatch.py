@@ -152,8 +152,9 @@ def guidellm_run(mock: MockProcess, rate: float, seconds: float, tokenizer: Path
     if "error" in r:
         return out | {"error": r["error"], "ok": 0}
     totals = r["report"]["benchmarks"][0]["metrics"]["request_totals"]
-    out["ok"] = int(totals.get("successful", 0))
-    out["errored"] = int(totals.get("errored", 0)) + int(totals.get("incomplete", 0))
+    # "incomplete" are requests GuideLLM itself cut off when its duration ran out.
+    out["ok"] = int(totals.get("successful", 0)) + int(totals.get("incomplete", 0))
+    out["errored"] = int(totals.get("errored", 0))
     # GuideLLM's own view: targeted start to dispatch (s), successful requests.
     delay = r["report"]["benchmarks"][0]["metrics"]["request_dispatch_delay"]["successful"]
     out["lag_p99_us"] = float(delay["percentiles"]["p99"]) * 1e6
@@ -188,31 +189,44 @@ def passes(r: dict[str, Any]) -> bool:
 
 
 def ceiling(
-    name: str, run: Callable[[float], dict[str, Any]], rates: list[float]
+    name: str, run: Callable[[float], dict[str, Any]], rates: list[float], trials: int
 ) -> tuple[float, float, list[dict[str, Any]]]:
-    """Tries ``rates`` upwards until the rate is no longer kept; returns the highest rate
-    that passed (lag and rate) and the highest whose rate was kept whatever the lag."""
+    """Tries ``rates`` upwards, ``trials`` runs each, until the rate is no longer kept in
+    most of them; returns the highest rate that passed (lag and rate) in most trials and
+    the highest whose rate was kept in most trials, whatever the lag. Trials because the
+    cores are shared with the mock and the guest's other work: a single run measures
+    whether a time slice was lost as much as it measures the client."""
     print(f"  {name}:", flush=True)
     best = best_rate = 0.0
     rows: list[dict[str, Any]] = []
     for rate in rates:
-        r = run(rate)
-        r["rate"] = rate
-        r["pass"] = passes(r)
-        rows.append(r)
-        srv = r.get("server", {})
-        client = f", own p99 {r['lag_p99_us']:>8.1f}" if "lag_p99_us" in r else ""
+        runs = []
+        for _ in range(trials):
+            r = run(rate)
+            r["rate"] = rate
+            r["pass"] = passes(r)
+            runs.append(r)
+            rows.append(r)
+            if "error" in r:
+                break
+        n_pass = sum(r["pass"] for r in runs)
+        n_kept = sum(rate_kept(r) for r in runs)
+        cell = "; ".join(
+            f"{r.get('server', {}).get('server_lag_p99_us', float('nan')):.0f}"
+            + (f"/{r['lag_p99_us']:.0f}" if "lag_p99_us" in r else "")
+            for r in runs
+        )
+        r0 = runs[0]
         print(
-            f"    {rate:>8.0f} req/s: achieved {srv.get('achieved_rps', 0):>8.0f}, "
-            f"server p99 lag {srv.get('server_lag_p99_us', float('nan')):>9.1f} us{client}, "
-            f"ok {r.get('ok', 0)}/{r['n']}"
-            + (f" ({r['error']})" if "error" in r else "")
-            + f" -> {'pass' if r['pass'] else 'fail'}",
+            f"    {rate:>8.0f} req/s: achieved {r0.get('server', {}).get('achieved_rps', 0):>8.0f}"
+            f", p99 lag us server/own [{cell}], ok {r0.get('ok', 0)}/{r0['n']}"
+            + (f" ({r0['error']})" if "error" in r0 else "")
+            + f" -> {n_pass}/{len(runs)} pass",
             flush=True,
         )
-        if r["pass"] and best == best_rate:
+        if 2 * n_pass > len(runs) and best == best_rate:
             best = rate
-        if not rate_kept(r):
+        if 2 * n_kept <= len(runs):
             break
         best_rate = rate
     return best, best_rate, rows
@@ -224,8 +238,13 @@ OHA_RATES = [1_000, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_00
 GUIDELLM_RATES = [25, 50, 100, 250, 500, 1_000, 2_000]
 
 
-def part_ceiling(mock: MockProcess, seconds: float, tokenizer: Path | None) -> dict[str, Any]:
-    print("1. open-loop rate ceiling (p99 lag <= 1 ms, achieved >= 99%, all ok)")
+def part_ceiling(
+    mock: MockProcess, seconds: float, tokenizer: Path | None, trials: int
+) -> dict[str, Any]:
+    print(
+        f"1. open-loop rate ceiling (p99 lag <= 1 ms, achieved >= 99%, all ok; "
+        f"{seconds:g} s per run, passes in most of {trials} trials)"
+    )
     out: dict[str, Any] = {}
     runs: dict[str, tuple[Callable[[float], dict[str, Any]], list[float]]] = {
         "fineserve": (
@@ -251,7 +270,8 @@ def part_ceiling(mock: MockProcess, seconds: float, tokenizer: Path | None) -> d
     best: dict[str, float] = {}
     best_rate: dict[str, float] = {}
     for name, (run, rates) in runs.items():
-        best[name], best_rate[name], out[f"{name}_rows"] = ceiling(name, run, rates)
+        n_trials = 1 if name == "guidellm" else trials  # ~20 s of start-up per GuideLLM run
+        best[name], best_rate[name], out[f"{name}_rows"] = ceiling(name, run, rates, n_trials)
     out["best_rps"] = best
     out["best_rps_any_lag"] = best_rate
     fs = best["fineserve"]
@@ -333,6 +353,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 s per rate instead of 3 s")
     ap.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 2,3")
     ap.add_argument("--json")
+    ap.add_argument("--trials", type=int, default=3, help="runs per rate in the ceiling search")
     ap.add_argument(
         "--mock-itl-ms",
         type=float,
@@ -363,7 +384,7 @@ def main() -> None:
     with MockProcess(ttft_ms=5.0, itl_ms=args.mock_itl_ms) as mock:
         if 1 in parts:
             tok = guidellm_tokenizer() if peers.have_guidellm() else None
-            out["ceiling"] = part_ceiling(mock, seconds, tok)
+            out["ceiling"] = part_ceiling(mock, seconds, tok, args.trials)
         if 2 in parts:
             out["lag"] = part_lag(mock, seconds)
         if 3 in parts:

@@ -1,7 +1,8 @@
 """Token timing accuracy: how far a client's inter-token latencies are from the server's.
 
-The embedded mock (in this process, its own threads) streams tokens at a fixed cadence and
-records when each token left (``record_token_times``), keyed by the request's ``user``
+The embedded mock (in its own process, ``mock_proc.MockProcess``, so that client and server
+each have the whole open-files limit) streams tokens at a fixed cadence and records when
+each token left (``record_token_times``), keyed by the request's ``user``
 field. For every gap between two tokens of a stream, the error is the gap the client
 measured minus the gap at which the server sent them; this needs no shared epoch, only the
 one monotonic clock of the machine. Compared in the same run: fineserve's engine and a
@@ -21,13 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fineserve import EngineOptions, MockServer, run_engine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fineserve import EngineOptions, run_engine
 from fineserve.api import BodyTemplate
+from mock_proc import MockProcess
 
 TOKENS = 64
 
@@ -66,7 +72,7 @@ def stats(errs_us: np.ndarray, streams: int, complete: int) -> dict[str, Any]:
     }
 
 
-def run_fineserve(mock: MockServer, n: int) -> dict[str, Any]:
+def run_fineserve(mock: MockProcess, n: int) -> dict[str, Any]:
     url = mock.base_url + "/v1/completions"
     t_ns = np.linspace(0, 200e6, n).astype(np.int64)
     rec = run_engine(
@@ -76,10 +82,10 @@ def run_fineserve(mock: MockServer, n: int) -> dict[str, Any]:
         np.arange(n, dtype=np.uint32),
         np.zeros(n, np.uint32),
         np.full(n, TOKENS),
-        EngineOptions(warm_connections=min(n, 2000)),
+        EngineOptions(warm_connections=min(n, 2000), connect_timeout_s=30.0),
         show_progress=False,
     )
-    server = mock.take_token_times()
+    _, server = mock.take()
     chunk, offsets = rec.col("chunk_ns"), rec.col("chunk_offsets")
     client = {
         f"s{i}": chunk[offsets[i] : offsets[i + 1]]
@@ -117,9 +123,9 @@ async def _aiohttp_streams(url: str, payloads: list[bytes]) -> dict[str, np.ndar
     return out
 
 
-def run_baseline(mock: MockServer, n: int) -> dict[str, Any]:
+def run_baseline(mock: MockProcess, n: int) -> dict[str, Any]:
     client = asyncio.run(_aiohttp_streams(mock.base_url + "/v1/completions", bodies(n)))
-    server = mock.take_token_times()
+    _, server = mock.take()
     complete = sum(len(v) == TOKENS for v in client.values())
     return stats(gap_errors_us(client, server), n, complete)
 
@@ -142,7 +148,7 @@ def main() -> None:
     for n in (int(x) for x in args.streams.split(",")):
         itl_ms = max(args.min_itl_ms, n / args.events_per_s * 1e3)
         row: dict[str, Any] = {"streams": n, "itl_ms": itl_ms}
-        with MockServer(ttft_ms=5, itl_ms=itl_ms, record_token_times=True) as mock:
+        with MockProcess(ttft_ms=5, itl_ms=itl_ms, record_token_times=True) as mock:
             row["fineserve"] = run_fineserve(mock, n)
             if have_baseline:
                 row["baseline"] = run_baseline(mock, n)

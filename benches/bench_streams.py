@@ -12,6 +12,7 @@ Usage: python benches/bench_streams.py [--streams 19000]
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", type=int, default=19_000)
     ap.add_argument("--port", type=int, default=18433)
+    ap.add_argument("--json")
     args = ap.parse_args()
     n = args.streams
     body = BodyTemplate("vllm", "fineserve-mock", stream=True, ignore_eos=True).render(
@@ -99,6 +101,25 @@ def main() -> None:
         f"client RSS: before {base_rss:.0f} MiB, peak {peak_rss:.0f} MiB, "
         f"{1024 * (peak_rss - base_rss) / max(peak, 1):.1f} KiB per open stream"
     )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "streams": n,
+                    "peak_in_flight": peak,
+                    "ok": ok,
+                    "outcomes": kinds,
+                    "rss_before_mib": base_rss,
+                    "rss_peak_mib": peak_rss,
+                    "kib_per_stream": 1024 * (peak_rss - base_rss) / max(peak, 1),
+                    "nofile_soft": soft,
+                    "nofile_hard": hard,
+                    "wall_s": wall,
+                },
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
