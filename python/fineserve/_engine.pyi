@@ -93,6 +93,7 @@ def start_run(
     route_groups: list[list[int]] = ...,  # []
     turns: _Turns | None = None,
     source_ips: list[str] = ...,  # []
+    start_at_unix_ns: int | None = None,
 ) -> Run:
     """Start an open-loop run and return at once.
 
@@ -104,6 +105,9 @@ def start_run(
     is not sent. ``followers[i]`` counts the requests that follow request i.
     ``source_ips``: local addresses new connections are bound to, in turn (each lane starts
     at a different one), to get past one address's ~28k ephemeral ports per server.
+    ``start_at_unix_ns``: start at that system-clock instant rather than
+    ``start_delay_ms`` after warm-up (a common start for several machines); if warm-up
+    ends later, the run starts then (compare ``t0_unix_ns`` in the results).
 
     ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
     ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).

@@ -6,6 +6,7 @@ Kept apart from the command line so that ``sweep`` (and scripts) can run it many
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -445,8 +446,18 @@ def execute_blast(
     )
     schedule_digest = ScheduleDigest()
     prefix = PrefixHitCounter(builder.block_size)
+    runner: Any = run_stream
+    if o.get("ray"):
+        from .distributed import run_stream_ray
+
+        runner = functools.partial(run_stream_ray, address=o["ray"], workers=o["workers"])
+        if is_mock and not quiet:
+            note(
+                "--ray with the embedded mock: it listens on this machine's loopback, so only "
+                "workers on this node can reach it"
+            )
     try:
-        outcome = run_stream(
+        outcome = runner(
             urls,
             engine_chunks(
                 (c for part in ([first], workload.chunks) for c in part),
@@ -468,6 +479,8 @@ def execute_blast(
         metric_percentiles=o["metric_percentiles_list"],
     )
     metrics["prefix_hit_rate_theoretical"] = prefix.rate
+    if outcome.workers:
+        metrics["workers"] = outcome.workers
     if isinstance(builder, TokenizedPromptBuilder):
         metrics["prompt_check"] = {
             "checked": builder.report.checked,

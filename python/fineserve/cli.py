@@ -29,6 +29,7 @@ from .cli_options import (
 )
 from .cli_report import report_command
 from .console import note, out, warn
+from .distributed import format_workers
 from .errors import FineserveError
 from .metrics import format_summary
 from .metrics.serving import parse_goodput
@@ -434,8 +435,28 @@ def _blast_options(f: Any) -> Any:
     return apply_options(f, opts)
 
 
+def _ray_options(f: Any) -> Any:
+    opts = [
+        click.option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Spread the run over Ray workers: a cluster address (auto, ray://HOST:10001) "
+            "or 'local' to start Ray on this machine. Needs pip install 'fineserve[ray]'.",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=2,
+            show_default=True,
+            help="Ray workers (engine instances) the schedule is split over (with --ray).",
+        ),
+    ]
+    return apply_options(f, opts)
+
+
 @cli.command("blast")
 @_blast_options
+@_ray_options
 @_mock_options
 @_workload_options
 def blast_command(**o: Any) -> None:
@@ -653,6 +674,8 @@ def _percentile_options(
 def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock: bool) -> None:
     run = execute_blast(o, bases, seed, extra, is_mock)
     out(format_summary(run.metrics, run.header))
+    if "workers" in run.metrics:
+        out(format_workers(run.metrics["workers"]))
     if run.interrupted:
         warn("the run was interrupted: results are partial")
     if run.writer is not None:
@@ -661,6 +684,8 @@ def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock:
         result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
         result["workload"] = run.workload_info
         result["schedule_digest"] = run.digest
+        if "workers" in run.metrics:
+            result["workers"] = run.metrics["workers"]
         write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
     if run.interrupted:

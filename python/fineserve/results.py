@@ -77,6 +77,31 @@ def records_to_batch(
     return pa.RecordBatch.from_pydict(arrays)
 
 
+def records_from_batch(batch: pa.RecordBatch) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inverse of :func:`records_to_batch`: engine columns (as ``Run.drain`` gives
+    them) and the extra per-row columns. Used where records travel as Arrow (Ray workers)."""
+    names = set(batch.schema.names)
+    cols: dict[str, Any] = {
+        c: batch.column(c).to_numpy(zero_copy_only=False) for c in RECORD_INT_COLUMNS
+    }
+    cols["index"] = cols["index"].astype(np.uint64)
+    kind = batch.column("error_kind")
+    cols["error_kind"] = kind.indices.to_numpy(zero_copy_only=False).astype(np.uint8)
+    endpoint = batch.column("endpoint")
+    cols["endpoint_idx"] = endpoint.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
+    messages = batch.column("error_message").to_pylist()
+    rows = [i for i, m in enumerate(messages) if m is not None]
+    cols["error_index"] = np.asarray(rows, np.int64)
+    cols["error_message"] = [messages[i] for i in rows]
+    chunks = batch.column("chunk_ns")
+    offsets = chunks.offsets.to_numpy().astype(np.int64)  # a slice's start at offsets[0]
+    cols["chunk_ns"] = chunks.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64)
+    cols["chunk_offsets"] = (offsets - offsets[0]).astype(np.uint64)
+    known = {*RECORD_INT_COLUMNS, "error_kind", "endpoint", "error_message", "chunk_ns"}
+    extra = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in names - known}
+    return cols, extra
+
+
 #: Rows per Parquet row group of a results file.
 PARQUET_ROW_GROUP = 65_536
 

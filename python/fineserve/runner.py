@@ -273,6 +273,8 @@ class StreamOutcome:
     progress: dict[str, Any]
     fed: int
     generated_not_fed: int
+    #: Per-worker breakdown of a run spread over Ray workers (``distributed``).
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_stream(

@@ -129,6 +129,9 @@ pub struct EngineConfig {
     pub spin: Duration,
     /// Gap between the end of warm-up and the start instant.
     pub start_delay: Duration,
+    /// Start at this system-clock instant (ns since the Unix epoch) instead, so that runs
+    /// on several machines share one start; if warm-up ends later, the run starts then.
+    pub start_at_unix_ns: Option<i64>,
     /// Run lanes under SCHED_FIFO when the process may (see `timer::set_realtime_priority`).
     pub realtime_priority: bool,
     /// Dynamic routing: a request whose `endpoint_idx` is `endpoints.len() + g` goes, when
@@ -671,13 +674,16 @@ async fn lane_main(
     // Common start instant: the first lane through the gate fixes it.
     shared.start_gate.wait();
     let t0 = *shared.t0.get_or_init(|| {
-        let t0 = Instant::now() + shared.config.start_delay;
-        let unix = SystemTime::now()
+        let now = Instant::now();
+        let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64)
-            + shared.config.start_delay.as_nanos() as i64;
-        let _ = shared.t0_unix_ns.set(unix);
-        t0
+            .map_or(0, |d| d.as_nanos() as i64);
+        let delay = match shared.config.start_at_unix_ns {
+            Some(at) => Duration::from_nanos(at.saturating_sub(now_unix).max(0) as u64),
+            None => shared.config.start_delay,
+        };
+        let _ = shared.t0_unix_ns.set(now_unix + delay.as_nanos() as i64);
+        now + delay
     });
     let clock = RunClock { t0 };
 

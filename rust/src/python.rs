@@ -224,7 +224,7 @@ fn schedule_from(
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
     api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
-    turns = None, source_ips = Vec::new(),
+    turns = None, source_ips = Vec::new(), start_at_unix_ns = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -251,6 +251,7 @@ fn start_run(
     route_groups: Vec<Vec<usize>>,
     turns: Turns<'_>,
     source_ips: Vec<String>,
+    start_at_unix_ns: Option<i64>,
 ) -> PyResult<PyRun> {
     let source_ips = source_ips
         .iter()
@@ -289,6 +290,7 @@ fn start_run(
         warm_connections,
         spin: Duration::from_micros(spin_us),
         start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
+        start_at_unix_ns,
         realtime_priority,
         route_groups,
     };

@@ -24,6 +24,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
         warm_connections: warm,
         spin: Duration::from_micros(200),
         start_delay: Duration::from_millis(5),
+        start_at_unix_ns: None,
         realtime_priority: false,
         route_groups: Vec::new(),
     }

@@ -1,0 +1,483 @@
+"""One workload driven from many load-generator machines, on Ray (``fineserve[ray]``).
+
+The driver builds the schedule, splits it across N Ray actors by request (row i goes to
+worker i mod N: the members of a 1 ms burst are spread over the workers, each keeping its
+absolute send time), ships each part as an Arrow table, and agrees a common start instant.
+Each actor runs the Rust engine on its node and hands records back as Arrow batches while
+the run goes; the driver merges them into the same sink as a single-machine run (same
+Parquet, JSON and report), with a per-worker breakdown.
+
+Start instant and clock skew: the driver picks ``t0`` on its own system clock and each
+engine starts at that system-clock instant on its node (``start_at_unix_ns``). The
+residual skew is the offset between the nodes' system clocks (NTP/PTP keep it to well
+under a millisecond on a LAN; nothing here can do better than the clocks). Before the run
+the driver measures each worker's offset with timed round trips (Cristian's method: the
+offset of the exchange with the smallest round trip, within +- half that round trip) and
+reports it with the result, with each engine's actual start relative to ``t0``.
+
+A worker that dies is reported; the requests of its part that never came back are
+accounted for: those scheduled before its last progress report as ``cancelled`` (they
+may have been in flight), the rest as ``not_sent``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from . import _engine
+from .console import note, warn
+from .errors import FineserveError
+from .results import records_from_batch, records_to_batch
+from .runner import (
+    EngineChunk,
+    EngineOptions,
+    RecordSink,
+    StreamOutcome,
+    _PendingExtras,
+    _ProgressBar,
+    _sigterm_as_interrupt,
+)
+
+INSTALL_HINT = "--ray needs Ray: pip install 'fineserve[ray]'"
+#: Time between the workers being ready and the common start instant.
+START_MARGIN_S = 1.0
+POLL_S = 0.25
+NOT_SENT = _engine.ERROR_KINDS.index("not_sent")
+CANCELLED = _engine.ERROR_KINDS.index("cancelled")
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise FineserveError(INSTALL_HINT) from None
+    return ray
+
+
+@dataclass
+class WorkerPart:
+    """One worker's share of the schedule: global row indices and the engine columns."""
+
+    index: npt.NDArray[np.int64]
+    table: pa.Table
+    bodies: list[bytes]
+
+
+def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
+    """Row i of the whole schedule goes to worker i mod ``workers``; bodies are renumbered
+    into one table per worker (each body shipped once per worker that uses it)."""
+    if any(c.turns is not None for c in chunks):
+        raise FineserveError(
+            "--ray does not split multi-turn schedules yet (a turn waits for its parent, "
+            "which may run on another worker); run them on one machine"
+        )
+    bodies_all: list[bytes] = []
+    cols: dict[str, list[npt.NDArray[Any]]] = {
+        k: [] for k in ("t_ns", "body_idx", "endpoint_idx", "expected_output_tokens")
+    }
+    for c in chunks:
+        cols["t_ns"].append(np.asarray(c.t_ns, np.int64))
+        cols["body_idx"].append(np.asarray(c.body_idx, np.int64) + len(bodies_all))
+        cols["endpoint_idx"].append(np.asarray(c.endpoint_idx, np.uint32))
+        cols["expected_output_tokens"].append(
+            np.clip(np.asarray(c.expected_output_tokens, np.int64), 0, 2**32 - 1)
+        )
+        bodies_all.extend(c.bodies)
+    whole = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
+    n = len(whole["t_ns"])
+    parts = []
+    for w in range(workers):
+        rows = np.arange(w, n, workers, dtype=np.int64)
+        used, local_body = np.unique(whole["body_idx"][rows], return_inverse=True)
+        table = pa.table(
+            {
+                "index": pa.array(rows),
+                "t_ns": pa.array(whole["t_ns"][rows]),
+                "body_idx": pa.array(local_body.astype(np.uint32)),
+                "endpoint_idx": pa.array(whole["endpoint_idx"][rows]),
+                "expected_output_tokens": pa.array(
+                    whole["expected_output_tokens"][rows].astype(np.uint32)
+                ),
+            }
+        )
+        parts.append(WorkerPart(rows, table, [bodies_all[i] for i in used.tolist()]))
+    return parts
+
+
+class EngineWorker:
+    """The Ray actor (wrapped with ``ray.remote`` in :func:`run_stream_ray`): runs one
+    part of the schedule with the Rust engine on its node."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.run: Any = None
+        self.index = np.zeros(0, np.int64)
+        self.endpoints: list[str] = []
+
+    def clock_ns(self) -> int:
+        return time.time_ns()
+
+    def start(
+        self,
+        endpoints: list[str],
+        table: pa.Table,
+        bodies: list[bytes],
+        options: dict[str, Any],
+        start_at_unix_ns: int,
+    ) -> None:
+        self.endpoints = endpoints
+        self.index = table.column("index").to_numpy()
+        self.run = _engine.start_run(
+            endpoints,
+            table.column("t_ns").to_numpy(),
+            table.column("body_idx").to_numpy(),
+            bodies,
+            table.column("endpoint_idx").to_numpy(),
+            table.column("expected_output_tokens").to_numpy(),
+            start_at_unix_ns=start_at_unix_ns,
+            **options,
+        )
+
+    def progress(self) -> dict[str, Any]:
+        return dict(self.run.progress()) if self.run is not None else {}
+
+    def _batch(self, cols: dict[str, Any]) -> pa.RecordBatch:
+        cols = dict(cols)
+        cols["index"] = self.index[np.asarray(cols["index"], np.int64)].astype(np.uint64)
+        return records_to_batch(cols, {}, self.endpoints)
+
+    def drain(self) -> pa.RecordBatch | None:
+        cols = self.run.drain()
+        return self._batch(cols) if len(cols["index"]) else None
+
+    def wait(self, timeout_s: float) -> bool:
+        return bool(self.run.wait(timeout_s))
+
+    def finish(self) -> tuple[pa.RecordBatch, dict[str, Any], int]:
+        last = self.run.results()
+        t0 = int(last.pop("t0_unix_ns"))
+        last.pop("stopped", None)
+        return self._batch(last), dict(self.run.progress()), t0
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+
+
+def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
+    return {
+        "stream": options.stream,
+        "max_concurrency": options.max_concurrency,
+        "lanes": options.lanes,
+        "warm_connections": options.warm_connections,
+        "spin_us": options.spin_us,
+        "connect_timeout_s": options.connect_timeout_s,
+        "first_byte_timeout_s": options.first_byte_timeout_s,
+        "idle_timeout_s": options.idle_timeout_s,
+        "total_timeout_s": options.total_timeout_s,
+        "max_body_bytes": options.max_body_bytes,
+        "realtime_priority": options.realtime_priority,
+        "route_groups": options.route_groups,
+        "source_ips": options.source_ips,
+    }
+
+
+def clock_offset_ns(ray: Any, actor: Any, rounds: int = 5) -> tuple[int, int]:
+    """Worker clock minus driver clock, and its uncertainty (half the best round trip)."""
+    best: tuple[int, int] | None = None
+    for _ in range(rounds):
+        sent = time.time_ns()
+        remote = ray.get(actor.clock_ns.remote())
+        back = time.time_ns()
+        half_rtt = (back - sent) // 2
+        if best is None or half_rtt < best[1]:
+            best = (remote - (sent + half_rtt), half_rtt)
+    assert best is not None
+    return best
+
+
+class _WorkerStats:
+    """Per-worker breakdown, folded from the batches as they come back."""
+
+    def __init__(self, worker: int, part: WorkerPart) -> None:
+        self.worker = worker
+        self.part = part
+        self.seen = np.zeros(len(part.index), bool)
+        self.lag_ns: list[npt.NDArray[np.int64]] = []
+        self.kinds = np.zeros(len(_engine.ERROR_KINDS), np.int64)
+        self.first_sent = np.iinfo(np.int64).max
+        self.last_sent = -1
+        self.progress: dict[str, Any] = {}
+        self.dead: str | None = None
+        self.done = False
+        self.t0_unix_ns: int | None = None
+        self.clock: tuple[int, int] = (0, 0)
+
+    def fold(self, cols: dict[str, Any]) -> None:
+        idx = np.asarray(cols["index"], np.int64)
+        self.seen[np.searchsorted(self.part.index, idx)] = True
+        kind = np.asarray(cols["error_kind"], np.int64)
+        self.kinds += np.bincount(kind, minlength=len(self.kinds))
+        sent = np.asarray(cols["sent_ns"], np.int64)
+        was = sent >= 0
+        if was.any():
+            self.lag_ns.append(sent[was] - np.asarray(cols["scheduled_ns"], np.int64)[was])
+            self.first_sent = min(self.first_sent, int(sent[was].min()))
+            self.last_sent = max(self.last_sent, int(sent[was].max()))
+
+    def summary(self, t0_unix_ns: int) -> dict[str, Any]:
+        lag = np.concatenate(self.lag_ns) / 1e3 if self.lag_ns else np.zeros(0)
+        n_sent = len(lag)
+        span_s = (self.last_sent - self.first_sent) / 1e9 if n_sent > 1 else 0.0
+        kinds = {_engine.ERROR_KINDS[k]: int(c) for k, c in enumerate(self.kinds.tolist()) if c}
+        return {
+            "worker": self.worker,
+            "requests": len(self.part.index),
+            "sent": n_sent,
+            "outcomes": kinds,
+            "achieved_rps": (n_sent - 1) / span_s if span_s > 0 else None,
+            "lag_p50_us": float(np.percentile(lag, 50)) if n_sent else None,
+            "lag_p99_us": float(np.percentile(lag, 99)) if n_sent else None,
+            "lag_max_us": float(lag.max()) if n_sent else None,
+            "clock_offset_us": self.clock[0] / 1e3,
+            "clock_offset_uncertainty_us": self.clock[1] / 1e3,
+            "start_error_us": (self.t0_unix_ns - t0_unix_ns) / 1e3
+            if self.t0_unix_ns is not None
+            else None,
+            "died": self.dead,
+        }
+
+    def lost_records(self, chunks_t_ns: npt.NDArray[np.int64], endpoints: Any) -> dict[str, Any]:
+        """Records for the rows of a dead worker that never came back."""
+        rows = self.part.index[~self.seen]
+        sched = chunks_t_ns[rows]
+        elapsed = int(self.progress.get("elapsed_ns", -1)) if self.progress else -1
+        maybe_sent = sched <= elapsed
+        n = len(rows)
+        never = np.full(n, -1, np.int64)
+        why_sent = f"worker {self.worker} died ({self.dead}); this request may have been in flight"
+        why_not = f"worker {self.worker} died ({self.dead}) before this request's time"
+        return {
+            "index": rows.astype(np.uint64),
+            "scheduled_ns": sched,
+            "sent_ns": never,
+            "first_byte_ns": never,
+            "first_token_ns": never,
+            "done_ns": never,
+            "n_chunks": np.zeros(n, np.uint32),
+            "completion_tokens": never,
+            "prompt_tokens": never,
+            "http_status": np.zeros(n, np.uint16),
+            "error_kind": np.where(maybe_sent, CANCELLED, NOT_SENT).astype(np.uint8),
+            "endpoint_idx": np.asarray(endpoints, np.uint32)[rows],
+            "chunk_ns": np.zeros(0, np.int64),
+            "chunk_offsets": np.zeros(n + 1, np.uint64),
+            "error_index": np.arange(n, dtype=np.int64),
+            "error_message": [why_sent if m else why_not for m in maybe_sent.tolist()],
+        }
+
+
+def run_stream_ray(
+    endpoints: list[str],
+    chunks: Iterator[EngineChunk],
+    options: EngineOptions,
+    sink: RecordSink,
+    *,
+    address: str,
+    workers: int,
+    total: int | None = None,
+    show_progress: bool = True,
+    description: str = "requests",
+    ray_init: dict[str, Any] | None = None,
+    on_started: Callable[[list[Any]], None] | None = None,
+) -> StreamOutcome:
+    """``runner.run_stream`` over Ray actors; same sink contract, plus the per-worker
+    breakdown in ``StreamOutcome.workers``. ``address``: a Ray cluster (``auto``, or
+    ``ray://host:10001``), or ``local`` to start one on this machine. ``on_started`` is
+    called with the actor handles once every worker has started (tests, tooling)."""
+    ray = import_ray()
+    if workers < 1:
+        raise FineserveError("--workers must be >= 1")
+    all_chunks = list(chunks)  # the whole schedule: it is split across the workers
+    if not all_chunks or not sum(len(c) for c in all_chunks):
+        return StreamOutcome(False, 0.0, 0, {}, 0, 0)
+    pending = _PendingExtras()
+    base = 0
+    for c in all_chunks:
+        pending.push(base, c)
+        base += len(c)
+    t_all = np.concatenate([np.asarray(c.t_ns, np.int64) for c in all_chunks])
+    ep_all = np.concatenate([np.asarray(c.endpoint_idx, np.uint32) for c in all_chunks])
+    parts = partition(all_chunks, workers)
+
+    if not ray.is_initialized():
+        kwargs = dict(ray_init or {})
+        kwargs.setdefault("log_to_driver", False)
+        kwargs.setdefault("include_dashboard", False)
+        try:
+            ray.init(address=None if address == "local" else address, **kwargs)
+        except Exception as e:  # ConnectionError, RuntimeError, … as Ray words it
+            raise FineserveError(f"--ray {address}: {str(e).splitlines()[0]}") from None
+    # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
+    # SPREAD puts the actors on different nodes where there are several.
+    remote_cls = ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
+    actors = [remote_cls.options(scheduling_strategy="SPREAD").remote(w) for w in range(workers)]
+    stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
+    for s, a in zip(stats, actors):
+        s.clock = clock_offset_ns(ray, a)
+    kwargs = engine_kwargs(options)
+    t0_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
+    try:
+        ray.get(
+            [
+                a.start.remote(endpoints, p.table, p.bodies, kwargs, t0_unix_ns + s.clock[0])
+                for a, p, s in zip(actors, parts, stats)
+            ]
+        )
+    except Exception as e:
+        for a in actors:
+            ray.kill(a)
+        raise FineserveError(f"starting the Ray workers: {_first_line(e)}") from None
+
+    if on_started is not None:
+        on_started(actors)
+    bar = _ProgressBar(total, f"{description} ({workers} Ray workers)") if show_progress else None
+    started = time.monotonic()
+    interrupted = False
+    stop_deadline: float | None = None
+
+    def deliver(s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
+        if batch is None or batch.num_rows == 0:
+            return
+        cols, _ = records_from_batch(batch)
+        s.fold(cols)
+        extra = pending.take(np.asarray(cols["index"], np.uint64))
+        extra["worker"] = np.full(len(cols["index"]), s.worker, np.uint16)
+        sink.add(cols, extra)
+
+    def poll_once() -> None:
+        live = [(s, a) for s, a in zip(stats, actors) if not s.done and not s.dead]
+        calls = [(s, a.drain.remote(), a.progress.remote(), a.wait.remote(0.0)) for s, a in live]
+        for s, d, p, w in calls:
+            try:
+                batch, prog, finished = ray.get([d, p, w])
+            except Exception as e:  # RayActorError and the like: the worker is gone
+                s.dead = _first_line(e)
+                warn(f"Ray worker {s.worker} died: {s.dead}")
+                continue
+            s.progress = prog
+            deliver(s, batch)
+            if finished:
+                s.done = True
+
+    with _sigterm_as_interrupt():
+        while True:
+            try:
+                poll_once()
+                if bar:
+                    bar.update(_sum_progress(stats), sink.live())
+                if all(s.done or s.dead for s in stats):
+                    break
+                if stop_deadline is not None and time.monotonic() >= stop_deadline:
+                    note("drain grace period over: cancelling the rest on every worker")
+                    ray.get([a.cancel.remote() for s, a in zip(stats, actors) if not s.dead])
+                    stop_deadline = float("inf")
+                time.sleep(POLL_S)
+            except KeyboardInterrupt:
+                if interrupted:
+                    note("aborting in-flight requests on every worker")
+                    stop_deadline = time.monotonic()
+                    continue
+                interrupted = True
+                note(
+                    f"interrupted: stopping {workers} Ray workers; draining in-flight requests "
+                    f"for up to {options.drain_grace_s:g}s (Ctrl-C again to abort them)"
+                )
+                for s, a in zip(stats, actors):
+                    if not s.dead:
+                        a.stop.remote()
+                stop_deadline = time.monotonic() + options.drain_grace_s
+
+    for s, a in zip(stats, actors):
+        if s.dead:
+            continue
+        try:
+            batch, prog, t0 = ray.get(a.finish.remote())
+        except Exception as e:
+            s.dead = _first_line(e)
+            continue
+        s.progress, s.t0_unix_ns = prog, t0 - s.clock[0]  # on the driver's clock
+        deliver(s, batch)
+    for s in stats:
+        if s.dead:
+            lost = s.lost_records(t_all, ep_all)
+            if len(lost["index"]):
+                s.fold(lost)
+                extra = pending.take(lost["index"])
+                extra["worker"] = np.full(len(lost["index"]), s.worker, np.uint16)
+                sink.add(lost, extra)
+    for a in actors:
+        ray.kill(a)
+    if bar:
+        bar.update(_sum_progress(stats), sink.live())
+        bar.close()
+    summaries = [s.summary(t0_unix_ns) for s in stats]
+    final = _sum_progress(stats)
+    return StreamOutcome(
+        interrupted,
+        time.monotonic() - started,
+        t0_unix_ns,
+        final,
+        len(t_all),
+        0,
+        workers=summaries,
+    )
+
+
+def _sum_progress(stats: list[_WorkerStats]) -> dict[str, Any]:
+    keys = ("scheduled", "dispatched", "sent", "succeeded", "failed", "not_sent", "in_flight")
+    out: dict[str, Any] = {k: sum(int(s.progress.get(k, 0)) for s in stats) for k in keys}
+    out["elapsed_ns"] = max((int(s.progress.get("elapsed_ns", 0)) for s in stats), default=0)
+    out["started"] = any(s.progress.get("started") for s in stats)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def format_workers(rows: list[dict[str, Any]]) -> str:
+    """The per-worker breakdown as a table, so an overloaded or dead worker stands out."""
+
+    def num(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    head = (
+        f"{'worker':>6} {'requests':>9} {'sent':>9} {'req/s':>9} {'lag p50 us':>11} "
+        f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9}  outcomes"
+    )
+    lines = ["{s:{c}^{n}}".format(s=" Ray workers ", n=len(head), c="="), head]
+    for r in rows:
+        clock = f"{r['clock_offset_us']:+.0f}±{r['clock_offset_uncertainty_us']:.0f}"
+        outcomes = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
+        if r["died"]:
+            outcomes += f"; DIED: {r['died']}"
+        lines.append(
+            f"{r['worker']:>6} {r['requests']:>9} {r['sent']:>9} "
+            f"{num(r['achieved_rps'], '.0f'):>9} {num(r['lag_p50_us'], '.1f'):>11} "
+            f"{num(r['lag_p99_us'], '.1f'):>11} {clock:>14} "
+            f"{num(r['start_error_us'], '+.0f'):>9}  {outcomes}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Scale-out on Ray: partitioning, Arrow transport of records, and runs on a local cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import completion_bodies, invoke, run_schedule
+from fineserve import ERROR_KINDS, EngineOptions, MockServer
+from fineserve.distributed import import_ray, partition, run_stream_ray
+from fineserve.errors import FineserveError
+from fineserve.results import read_requests, records_from_batch, records_to_batch
+from fineserve.runner import EngineChunk, _CollectingSink
+
+
+def _chunks(n_chunks: int = 3, per: int = 7) -> list[EngineChunk]:
+    out, t = [], 0
+    for c in range(n_chunks):
+        bodies = [b"c%d-b%d" % (c, i) for i in range(3)]
+        t_ns = t + np.arange(per, dtype=np.int64) * 1_000_000
+        t = int(t_ns[-1]) + 1_000_000
+        out.append(
+            EngineChunk(
+                t_ns,
+                bodies,
+                (np.arange(per) % 3).astype(np.uint32),
+                (np.arange(per) % 2).astype(np.uint32),
+                np.full(per, 5 + c),
+            )
+        )
+    return out
+
+
+def test_partition_keeps_every_request_once_with_its_time_body_and_endpoint() -> None:
+    chunks = _chunks()
+    whole_t = np.concatenate([c.t_ns for c in chunks])
+    whole_body = [c.bodies[i] for c in chunks for i in c.body_idx.tolist()]
+    whole_ep = np.concatenate([c.endpoint_idx for c in chunks])
+    parts = partition(chunks, 4)
+    seen = np.concatenate([p.index for p in parts])
+    assert sorted(seen.tolist()) == list(range(len(whole_t)))
+    for w, p in enumerate(parts):
+        assert np.all(p.index % 4 == w)
+        t = p.table.column("t_ns").to_numpy()
+        assert np.array_equal(t, whole_t[p.index])  # absolute times kept
+        assert np.all(np.diff(t) >= 0)
+        bodies = [p.bodies[i] for i in p.table.column("body_idx").to_numpy().tolist()]
+        assert bodies == [whole_body[i] for i in p.index.tolist()]
+        assert np.array_equal(p.table.column("endpoint_idx").to_numpy(), whole_ep[p.index])
+
+
+def test_partition_refuses_multi_turn_schedules() -> None:
+    c = _chunks(1)[0]
+    n = len(c)
+    c.turns = (np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64))
+    with pytest.raises(FineserveError, match="multi-turn"):
+        partition([c], 2)
+
+
+def test_records_survive_the_arrow_round_trip(mock: MockServer) -> None:
+    t = np.linspace(0, 0.1e9, 40).astype(np.int64)
+    rec = run_schedule(mock.base_url + "/v1/completions", t, max_tokens=4)
+    cols = dict(rec.columns)
+    # Give two rows an error message, as failures have.
+    cols["error_index"] = np.array([3, 17], np.int64)
+    cols["error_message"] = ["boom", "bang"]
+    extra = {"input_len": np.arange(40)}
+    batch = records_to_batch(cols, extra, ["http://a"])
+    back, back_extra = records_from_batch(batch)
+    for c in ("index", "scheduled_ns", "sent_ns", "done_ns", "error_kind", "endpoint_idx"):
+        assert np.array_equal(np.asarray(back[c]), np.asarray(cols[c]).astype(back[c].dtype)), c
+    assert np.array_equal(back["chunk_ns"], cols["chunk_ns"])
+    assert np.array_equal(back["chunk_offsets"], cols["chunk_offsets"])
+    assert back["error_index"].tolist() == [3, 17] and back["error_message"] == ["boom", "bang"]
+    assert np.array_equal(back_extra["input_len"], np.arange(40))
+    # A slice (offsets not starting at 0) comes back consistent too.
+    part, _ = records_from_batch(batch.slice(10, 5))
+    assert part["chunk_offsets"][0] == 0
+    assert np.array_equal(
+        part["chunk_ns"], cols["chunk_ns"][cols["chunk_offsets"][10] : cols["chunk_offsets"][15]]
+    )
+
+
+def test_without_ray_the_option_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(FineserveError, match=r"pip install 'fineserve\[ray\]'"):
+        import_ray()
+    r = invoke("blast", "--ray", "local", "--num-prompts", "4", "--disable-tqdm")
+    assert r.exit_code != 0 and "fineserve[ray]" in r.output and "Traceback" not in r.output
+
+
+# --- on a local Ray cluster -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Any:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _blast(tmp: Path, name: str, *extra: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    req, res = tmp / f"{name}.parquet", tmp / f"{name}.json"
+    r = invoke(
+        "blast", "--num-prompts", "300", "--request-rate", "150", "--seed", "7",
+        "--random-input-len", "8", "--random-output-len", "6", "--mock-itl-ms", "1",
+        "--save-requests", str(req), "--output-file", str(res), "--disable-tqdm", *extra,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    table, _ = read_requests(req)
+    cols = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    return json.loads(res.read_text()), cols
+
+
+def test_two_workers_account_like_one_machine(ray_local: Any, tmp_path: Path) -> None:
+    one, one_rows = _blast(tmp_path, "single")
+    two, two_rows = _blast(tmp_path, "ray2", "--ray", "local", "--workers", "2")
+    # Same accounting and the merged schedule equals the original, row for row.
+    for k in ("scheduled", "completed", "failed", "not_sent"):
+        assert two[k] == one[k], k
+    assert two["completed"] == 300
+    assert np.array_equal(two_rows["index"], np.arange(300))
+    assert np.array_equal(two_rows["scheduled_ns"], one_rows["scheduled_ns"])
+    assert np.array_equal(two_rows["input_len"], one_rows["input_len"])
+    # Each worker sent its share (row i on worker i mod 2), and says so.
+    assert np.array_equal(two_rows["worker"], np.arange(300) % 2)
+    workers = two["workers"]
+    assert [w["requests"] for w in workers] == [150, 150]
+    assert all(w["outcomes"] == {"ok": 150} and w["died"] is None for w in workers)
+    # One machine: the common start holds to well under a millisecond.
+    assert all(abs(w["start_error_us"]) < 1000 for w in workers)
+    assert all(w["lag_p50_us"] < 1000 for w in workers)
+
+
+def test_a_worker_that_dies_is_reported_and_its_requests_accounted(ray_local: Any) -> None:
+    n = 400
+    t = np.linspace(0, 4e9, n).astype(np.int64)
+    chunk = EngineChunk(
+        t,
+        completion_bodies(1, 4),
+        np.zeros(n, np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, 4),
+        extra={"input_len": np.full(n, 16)},
+    )
+    sink = _CollectingSink()
+    killed: list[str] = []
+
+    def kill_second(actors: list[Any]) -> None:
+        def later() -> None:
+            ray_local.kill(actors[1])
+            killed.append("yes")
+
+        threading.Timer(1.5, later).start()
+
+    with MockServer(ttft_ms=5, itl_ms=1) as m:
+        outcome = run_stream_ray(
+            [m.base_url + "/v1/completions"],
+            iter([chunk]),
+            EngineOptions(lanes=1),
+            sink,
+            address="local",
+            workers=2,
+            show_progress=False,
+            on_started=kill_second,
+        )
+    assert killed
+    cols = sink.columns()
+    assert sorted(np.asarray(cols["index"]).tolist()) == list(range(n))  # all accounted
+    kinds = np.array([ERROR_KINDS[k] for k in cols["error_kind"]])
+    idx = np.asarray(cols["index"]).astype(np.int64)
+    assert np.all(kinds[idx % 2 == 0] == "ok")  # the surviving worker's share
+    lost = kinds[idx % 2 == 1]
+    assert (lost == "ok").sum() < n // 2  # the dead worker stopped part-way
+    assert set(lost) <= {"ok", "cancelled", "not_sent"} and "not_sent" in set(lost)
+    messages = dict(zip(np.asarray(cols["error_index"]).tolist(), cols["error_message"]))
+    assert any("worker 1 died" in m for m in messages.values())
+    w = outcome.workers
+    assert w[0]["died"] is None and w[1]["died"]
+    assert sum(w[1]["outcomes"].values()) == n // 2
