@@ -130,11 +130,11 @@ def free_port() -> int:
 
 
 def interrupted_blast(
-    sig: int, *args: str, again_after_s: float | None = None
+    sig: int, *args: str, again_after_s: float | None = None, after_s: float = 2.5
 ) -> subprocess.CompletedProcess[str]:
     """`fineserve blast` of 600 requests at 100 req/s in its own process, sent ``sig``
-    2.5 s in (and once more ``again_after_s`` later); ``args`` are added to its command
-    line."""
+    ``after_s`` in (and once more ``again_after_s`` later); ``args`` are added to its
+    command line (a repeated option overrides)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -156,7 +156,7 @@ def interrupted_blast(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2.5)
+    time.sleep(after_s)
     proc.send_signal(sig)
     if again_after_s is not None:
         time.sleep(again_after_s)

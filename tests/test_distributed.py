@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import completion_bodies, invoke, run_schedule
+from conftest import completion_bodies, interrupted_blast, invoke, run_schedule
 from fineserve import ERROR_KINDS, EngineOptions, MockServer
 from fineserve.distributed import import_ray, partition, run_stream_ray
 from fineserve.errors import FineserveError
@@ -185,3 +186,23 @@ def test_a_worker_that_dies_is_reported_and_its_requests_accounted(ray_local: An
     w = outcome.workers
     assert w[0]["died"] is None and w[1]["died"]
     assert sum(w[1]["outcomes"].values()) == n // 2
+
+
+def test_ctrl_c_stops_every_worker_and_keeps_their_results(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "partial.json"
+    # Ray starts in the child (local cluster) before the run: the signal comes well after.
+    done = interrupted_blast(
+        signal.SIGINT, "--ray", "local", "--workers", "2", "--num-prompts", "4000",
+        "--output-file", str(out), after_s=20.0,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "stopping 2 Ray workers" in done.stderr
+    res = json.loads(out.read_text())
+    assert res["partial"] is True
+    assert res["scheduled"] == 4000 == res["sent"] + res["not_sent"]
+    assert res["sent"] == res["completed"] + res["failed"]
+    assert 100 < res["sent"] < 3900
+    assert [w["requests"] for w in res["workers"]] == [2000, 2000]
+    assert all(w["died"] is None for w in res["workers"])

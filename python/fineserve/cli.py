@@ -426,10 +426,10 @@ def _blast_options(f: Any) -> Any:
         click.option(
             "--realtime-priority",
             is_flag=True,
-            help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE): fewer late "
-            "sends for sparse or bursty schedules on contended cores; harmful when a lane is "
-            "busy all the time (above ~2k req/s per lane the kernel's RT throttling pauses it "
-            "for 50 ms a second).",
+            help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE) while they "
+            "are mostly idle: fewer late sends for sparse or bursty schedules on contended "
+            "cores. A lane busy more than 60%% of the time (a high steady rate) drops back "
+            "to normal scheduling, as the kernel's RT throttling would otherwise pause it.",
         ),
     ]
     return apply_options(f, opts)

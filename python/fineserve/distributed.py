@@ -22,6 +22,7 @@ may have been in flight), the rest as ``not_sent``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -337,6 +338,10 @@ def run_stream_ray(
     for s, a in zip(stats, actors):
         s.clock = clock_offset_ns(ray, a)
     kwargs = engine_kwargs(options)
+    # Warm connections are per engine: split the planned count over the workers.
+    kwargs["warm_connections"] = -(-options.warm_connections // workers)
+    # The workers' environment may differ from the driver's (other nodes).
+    kwargs["api_key"] = os.environ.get("OPENAI_API_KEY") or None
     t0_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
     try:
         ray.get(

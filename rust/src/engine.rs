@@ -25,10 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{execute, ClientConfig, Endpoint, Pool, RunClock};
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RecordColumns, RequestRecord};
-use crate::timer::{
-    lower_timer_slack, raise_thread_priority, set_realtime_priority, sleep_until_precise,
-    HiResSleep,
-};
+use crate::timer::{lower_timer_slack, sleep_until_precise, HiResSleep, RealtimeGovernor};
 
 /// A run's schedule, or one chunk of it, columnar.
 #[derive(Debug, Clone, Default)]
@@ -153,6 +150,8 @@ pub struct Progress {
     pub warm_connections: AtomicU64,
     pub warm_failures: AtomicU64,
     pub realtime_lanes: AtomicU64,
+    /// Times a lane left SCHED_FIFO because it was busy (see `RealtimeGovernor`).
+    pub realtime_demotions: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -169,6 +168,7 @@ pub struct ProgressSnapshot {
     pub warm_connections: u64,
     pub warm_failures: u64,
     pub realtime_lanes: u64,
+    pub realtime_demotions: u64,
 }
 
 /// A chunk as the lanes see it: where it starts in the whole schedule, and its columns.
@@ -413,6 +413,7 @@ impl RunHandle {
             warm_connections: p.warm_connections.load(Ordering::Relaxed),
             warm_failures: p.warm_failures.load(Ordering::Relaxed),
             realtime_lanes: p.realtime_lanes.load(Ordering::Relaxed),
+            realtime_demotions: p.realtime_demotions.load(Ordering::Relaxed),
         }
     }
 
@@ -603,11 +604,8 @@ fn run_lane(
     mut rx: mpsc::UnboundedReceiver<Arc<Chunk>>,
 ) {
     lower_timer_slack();
-    let realtime = shared.config.realtime_priority && set_realtime_priority();
-    if !realtime {
-        raise_thread_priority();
-    }
-    if realtime {
+    let governor = RealtimeGovernor::new(shared.config.realtime_priority);
+    if governor.realtime() {
         shared
             .progress
             .realtime_lanes
@@ -629,7 +627,10 @@ fn run_lane(
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, lane_main(Arc::clone(shared), lane, lanes, rx));
+    local.block_on(
+        &rt,
+        lane_main(Arc::clone(shared), lane, lanes, rx, governor),
+    );
 }
 
 struct LaneState {
@@ -661,6 +662,7 @@ async fn lane_main(
     lane: usize,
     lanes: usize,
     mut rx: mpsc::UnboundedReceiver<Arc<Chunk>>,
+    mut governor: RealtimeGovernor,
 ) {
     let endpoints: Rc<[Endpoint]> = shared.endpoints.clone().into();
     let pool = Rc::new(Pool::new(
@@ -702,6 +704,7 @@ async fn lane_main(
                 break 'chunks;
             }
             dispatch(&shared, &pool, &state, clock, lane, &chunk, j);
+            governor.tick(Instant::now());
             since_yield += 1;
             // Far behind schedule, every deadline has passed: let the spawned requests run.
             if since_yield >= 32 {
@@ -710,6 +713,10 @@ async fn lane_main(
             }
         }
     }
+    shared
+        .progress
+        .realtime_demotions
+        .fetch_add(governor.demotions, Ordering::Relaxed);
     // Stopping (or input closed): nothing more can be fed to this lane; what was fed and
     // not reached is recorded as not sent.
     rx.close();

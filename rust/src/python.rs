@@ -62,7 +62,8 @@ impl PyRun {
 #[pymethods]
 impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
-    /// elapsed_ns, started, warm_connections, warm_failures, realtime_lanes.
+    /// elapsed_ns, started, warm_connections, warm_failures, realtime_lanes,
+    /// realtime_demotions.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
         let d = PyDict::new(py);
@@ -78,6 +79,7 @@ impl PyRun {
         d.set_item("warm_connections", p.warm_connections)?;
         d.set_item("warm_failures", p.warm_failures)?;
         d.set_item("realtime_lanes", p.realtime_lanes)?;
+        d.set_item("realtime_demotions", p.realtime_demotions)?;
         Ok(d)
     }
 

@@ -114,6 +114,87 @@ pub fn set_realtime_priority() -> bool {
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) == 0 }
 }
 
+/// Back to normal scheduling (nice -10 where allowed) from SCHED_FIFO.
+pub fn clear_realtime_priority() -> bool {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in set_realtime_priority.
+    let ok =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_OTHER, &param) };
+    raise_thread_priority();
+    ok == 0
+}
+
+/// CPU time this thread has used, in ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and an initialised timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Keeps a lane under SCHED_FIFO only while it is mostly idle.
+///
+/// SCHED_FIFO is what keeps a sparse or bursty schedule on time on contended cores (a
+/// woken lane preempts ordinary threads at once), but a lane busy all the time (a high
+/// steady rate: it spins from one deadline to the next) would then hold its core, and the
+/// kernel's RT throttling pauses it for 50 ms each second — far worse than normal
+/// scheduling. So the lane measures its own CPU share over 100 ms windows: above
+/// `BUSY_HIGH` it drops to normal scheduling, below `BUSY_LOW` it goes back.
+pub struct RealtimeGovernor {
+    allowed: bool,
+    realtime: bool,
+    mark: Instant,
+    mark_cpu_ns: u64,
+    pub demotions: u64,
+}
+
+impl RealtimeGovernor {
+    const WINDOW: Duration = Duration::from_millis(100);
+    const BUSY_HIGH: f64 = 0.6;
+    const BUSY_LOW: f64 = 0.3;
+
+    /// Tries SCHED_FIFO when `wanted`; `realtime()` says whether it took.
+    pub fn new(wanted: bool) -> Self {
+        let realtime = wanted && set_realtime_priority();
+        if !realtime {
+            raise_thread_priority();
+        }
+        Self {
+            allowed: realtime,
+            realtime,
+            mark: Instant::now(),
+            mark_cpu_ns: thread_cpu_ns(),
+            demotions: 0,
+        }
+    }
+
+    pub fn realtime(&self) -> bool {
+        self.realtime
+    }
+
+    /// Call often (each dispatch); acts at most once per window.
+    pub fn tick(&mut self, now: Instant) {
+        if !self.allowed || now < self.mark + Self::WINDOW {
+            return;
+        }
+        let cpu = thread_cpu_ns();
+        let busy = cpu.saturating_sub(self.mark_cpu_ns) as f64
+            / (now - self.mark).as_nanos().max(1) as f64;
+        if self.realtime && busy > Self::BUSY_HIGH {
+            clear_realtime_priority();
+            self.realtime = false;
+            self.demotions += 1;
+        } else if !self.realtime && busy < Self::BUSY_LOW {
+            self.realtime = set_realtime_priority();
+        }
+        self.mark = now;
+        self.mark_cpu_ns = cpu;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
