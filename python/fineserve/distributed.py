@@ -13,7 +13,8 @@ residual skew is the offset between the nodes' system clocks (NTP/PTP keep it to
 under a millisecond on a LAN; nothing here can do better than the clocks). Before the run
 the driver measures each worker's offset with timed round trips (Cristian's method: the
 offset of the exchange with the smallest round trip, within +- half that round trip) and
-reports it with the result, with each engine's actual start relative to ``t0``.
+reports it with the result, with each engine's actual start relative to ``t0`` (late only
+if its warm-up ran past ``t0``). An offset within its uncertainty is not applied.
 
 A worker that dies is reported; the requests of its part that never came back are
 accounted for: those scheduled before its last progress report as ``cancelled`` (they
@@ -162,10 +163,13 @@ class EngineWorker:
         return bool(self.run.wait(timeout_s))
 
     def finish(self) -> tuple[pa.RecordBatch, dict[str, Any], int]:
+        while not self.run.wait(1.0):
+            pass
+        progress = dict(self.run.progress())  # the handle is spent once results() returns
         last = self.run.results()
         t0 = int(last.pop("t0_unix_ns"))
         last.pop("stopped", None)
-        return self._batch(last), dict(self.run.progress()), t0
+        return self._batch(last), progress, t0
 
     def stop(self) -> None:
         if self.run is not None:
@@ -224,6 +228,7 @@ class _WorkerStats:
         self.done = False
         self.t0_unix_ns: int | None = None
         self.clock: tuple[int, int] = (0, 0)
+        self.applied_offset_ns = 0
 
     def fold(self, cols: dict[str, Any]) -> None:
         idx = np.asarray(cols["index"], np.int64)
@@ -253,6 +258,7 @@ class _WorkerStats:
             "lag_max_us": float(lag.max()) if n_sent else None,
             "clock_offset_us": self.clock[0] / 1e3,
             "clock_offset_uncertainty_us": self.clock[1] / 1e3,
+            "clock_offset_applied_us": self.applied_offset_ns / 1e3,
             "start_error_us": (self.t0_unix_ns - t0_unix_ns) / 1e3
             if self.t0_unix_ns is not None
             else None,
@@ -337,6 +343,9 @@ def run_stream_ray(
     stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
     for s, a in zip(stats, actors):
         s.clock = clock_offset_ns(ray, a)
+        # An offset within its own uncertainty is noise (same host, or clocks already in
+        # sync): correcting by it would only add that noise to the start.
+        s.applied_offset_ns = s.clock[0] if abs(s.clock[0]) > s.clock[1] else 0
     kwargs = engine_kwargs(options)
     # Warm connections are per engine: split the planned count over the workers.
     kwargs["warm_connections"] = -(-options.warm_connections // workers)
@@ -346,7 +355,9 @@ def run_stream_ray(
     try:
         ray.get(
             [
-                a.start.remote(endpoints, p.table, p.bodies, kwargs, t0_unix_ns + s.clock[0])
+                a.start.remote(
+                    endpoints, p.table, p.bodies, kwargs, t0_unix_ns + s.applied_offset_ns
+                )
                 for a, p, s in zip(actors, parts, stats)
             ]
         )
@@ -422,7 +433,7 @@ def run_stream_ray(
         except Exception as e:
             s.dead = _first_line(e)
             continue
-        s.progress, s.t0_unix_ns = prog, t0 - s.clock[0]  # on the driver's clock
+        s.progress, s.t0_unix_ns = prog, t0 - s.applied_offset_ns  # on the driver's clock
         deliver(s, batch)
     for s in stats:
         if s.dead:
@@ -459,6 +470,10 @@ def _sum_progress(stats: list[_WorkerStats]) -> dict[str, Any]:
 
 
 def _first_line(e: BaseException) -> str:
+    # A Ray task error's text starts with the task's name; its cause says what happened.
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
 
