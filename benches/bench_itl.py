@@ -82,7 +82,7 @@ def run_fineserve(mock: MockProcess, n: int) -> dict[str, Any]:
         np.arange(n, dtype=np.uint32),
         np.zeros(n, np.uint32),
         np.full(n, TOKENS),
-        EngineOptions(warm_connections=min(n, 2000), connect_timeout_s=30.0),
+        EngineOptions(warm_connections=n, connect_timeout_s=30.0),
         show_progress=False,
     )
     _, server = mock.take()
