@@ -56,12 +56,33 @@ def test_partition_keeps_every_request_once_with_its_time_body_and_endpoint() ->
         assert np.array_equal(p.table.column("endpoint_idx").to_numpy(), whole_ep[p.index])
 
 
-def test_partition_refuses_multi_turn_schedules() -> None:
-    c = _chunks(1)[0]
-    n = len(c)
-    c.turns = (np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int64))
-    with pytest.raises(FineserveError, match="multi-turn"):
-        partition([c], 2)
+def test_partition_keeps_each_conversation_on_one_worker() -> None:
+    # Conversations (parent = an earlier row): {0, 2, 5}, {1, 3}, {4}, {6, 7, 8}.
+    parent = np.array([-1, -1, 0, 1, -1, 2, -1, 6, 7])
+    n = len(parent)
+    followers = np.bincount(parent[parent >= 0], minlength=n)
+    c = EngineChunk(
+        np.arange(n, dtype=np.int64) * 1_000_000,
+        [b"x"],
+        np.zeros(n, np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, 4),
+        turns=(parent, np.full(n, 7, np.int64), followers),
+    )
+    parts = partition([c], 2)
+    owner = {int(i): w for w, p in enumerate(parts) for i in p.index}
+    assert sorted(owner) == list(range(n))
+    for conv in ({0, 2, 5}, {1, 3}, {4}, {6, 7, 8}):
+        assert len({owner[i] for i in conv}) == 1, conv
+    # Conversations alternate between the workers in order of their first turns.
+    assert [owner[0], owner[1], owner[4], owner[6]] == [0, 1, 0, 1]
+    for p in parts:
+        local = p.table.column("parent").to_numpy()
+        rows = p.index
+        for j, lp in enumerate(local.tolist()):
+            assert (rows[lp] if lp >= 0 else -1) == parent[rows[j]]  # same parent, local index
+        assert np.array_equal(p.table.column("followers").to_numpy(), followers[rows])
+        assert np.all(p.table.column("think_ns").to_numpy() == 7)
 
 
 def test_records_survive_the_arrow_round_trip(mock: MockServer) -> None:
@@ -206,3 +227,41 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_results(tmp_path: Path) -> No
     assert 100 < res["sent"] < 3900
     assert [w["requests"] for w in res["workers"]] == [2000, 2000]
     assert all(w["died"] is None for w in res["workers"])
+
+
+def test_conversations_replay_turn_after_turn_across_workers(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "bailian.jsonl"
+    rows, cid = [], 1000
+    for c in range(6):  # 6 conversations of 3 turns, 2 s apart, starting 0.3 s apart
+        parent = -1
+        for t in range(3):
+            rows.append(
+                {"chat_id": cid, "parent_chat_id": parent, "turn": t + 1,
+                 "timestamp": 300 * c + 2000 * t, "input_length": 40 + 48 * t,
+                 "output_length": 8, "hash_ids": [cid]}
+            )  # fmt: skip
+            parent, cid = cid, cid + 1
+    rows.sort(key=lambda r: r["timestamp"])
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    req = tmp_path / "r.parquet"
+    r = invoke(
+        "blast", "--mode", "replay", "--trace", str(path), "--time-scale", "4",
+        "--disable-tqdm", "--save-requests", str(req), "--warmup-requests", "0",
+        "--ray", "local", "--workers", "2",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    table, _ = read_requests(req)
+    t = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    assert all(k == "ok" for k in t["error_kind"])
+    ids = [row["chat_id"] for row in rows]
+    for i, row in enumerate(rows):
+        if row["parent_chat_id"] < 0:
+            continue
+        p = ids.index(row["parent_chat_id"])
+        assert t["worker"][i] == t["worker"][p]  # the turn ran where its parent did
+        # Released 0.5 s (2 s / 4) after the previous turn ended, and sent then.
+        assert t["scheduled_ns"][i] == t["done_ns"][p] + 500_000_000
+        assert 0 <= t["sent_ns"][i] - t["scheduled_ns"][i] < 5_000_000
+    assert set(t["worker"].tolist()) == {0, 1}

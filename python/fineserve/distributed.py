@@ -2,7 +2,8 @@
 
 The driver builds the schedule, splits it across N Ray actors by request (row i goes to
 worker i mod N: the members of a 1 ms burst are spread over the workers, each keeping its
-absolute send time), ships each part as an Arrow table, and agrees a common start instant.
+absolute send time; all turns of a conversation go to one worker, as a turn waits for its
+parent), ships each part as an Arrow table, and agrees a common start instant.
 Each actor runs the Rust engine on its node and hands records back as Arrow batches while
 the run goes; the driver merges them into the same sink as a single-machine run (same
 Parquet, JSON and report), with a per-worker breakdown.
@@ -72,44 +73,70 @@ class WorkerPart:
     bodies: list[bytes]
 
 
+def conversation_roots(parent: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """For each row, the first turn of its conversation (itself when it has no parent);
+    parents are earlier rows, so pointer jumping settles in log(turns) passes."""
+    root = np.where(parent < 0, np.arange(len(parent)), parent)
+    while True:
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            return root
+        root = nxt
+
+
 def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
-    """Row i of the whole schedule goes to worker i mod ``workers``; bodies are renumbered
-    into one table per worker (each body shipped once per worker that uses it)."""
-    if any(c.turns is not None for c in chunks):
-        raise FineserveError(
-            "--ray does not split multi-turn schedules yet (a turn waits for its parent, "
-            "which may run on another worker); run them on one machine"
-        )
+    """Splits the schedule over ``workers``: conversation k (in order of first turns; a
+    request without turns is a conversation of one) goes to worker k mod ``workers``, so
+    a turn runs on the worker that ran its parent and rows without turns go round-robin.
+    Bodies are renumbered into one table per worker (each body shipped once per worker
+    that uses it); turn parents into the worker's own rows."""
     bodies_all: list[bytes] = []
-    cols: dict[str, list[npt.NDArray[Any]]] = {
-        k: [] for k in ("t_ns", "body_idx", "endpoint_idx", "expected_output_tokens")
-    }
+    names = ("t_ns", "body_idx", "endpoint_idx", "expected_output_tokens", "parent", "think_ns")
+    cols: dict[str, list[npt.NDArray[Any]]] = {k: [] for k in (*names, "followers")}
+    has_turns = any(c.turns is not None for c in chunks)
     for c in chunks:
+        n_c = len(c)
         cols["t_ns"].append(np.asarray(c.t_ns, np.int64))
         cols["body_idx"].append(np.asarray(c.body_idx, np.int64) + len(bodies_all))
         cols["endpoint_idx"].append(np.asarray(c.endpoint_idx, np.uint32))
         cols["expected_output_tokens"].append(
             np.clip(np.asarray(c.expected_output_tokens, np.int64), 0, 2**32 - 1)
         )
+        parent, think, followers = c.turns or (
+            np.full(n_c, -1, np.int64),
+            np.zeros(n_c, np.int64),
+            np.zeros(n_c, np.int64),
+        )
+        cols["parent"].append(np.asarray(parent, np.int64))
+        cols["think_ns"].append(np.asarray(think, np.int64))
+        cols["followers"].append(np.asarray(followers, np.int64))
         bodies_all.extend(c.bodies)
     whole = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
     n = len(whole["t_ns"])
+    root = conversation_roots(whole["parent"])
+    is_root = root == np.arange(n)
+    conversation = np.cumsum(is_root) - 1  # rank of each row's own first turn...
+    owner = conversation[root] % workers  # ...read at its root
     parts = []
     for w in range(workers):
-        rows = np.arange(w, n, workers, dtype=np.int64)
+        rows = np.flatnonzero(owner == w).astype(np.int64)
         used, local_body = np.unique(whole["body_idx"][rows], return_inverse=True)
-        table = pa.table(
-            {
-                "index": pa.array(rows),
-                "t_ns": pa.array(whole["t_ns"][rows]),
-                "body_idx": pa.array(local_body.astype(np.uint32)),
-                "endpoint_idx": pa.array(whole["endpoint_idx"][rows]),
-                "expected_output_tokens": pa.array(
-                    whole["expected_output_tokens"][rows].astype(np.uint32)
-                ),
-            }
-        )
-        parts.append(WorkerPart(rows, table, [bodies_all[i] for i in used.tolist()]))
+        columns = {
+            "index": pa.array(rows),
+            "t_ns": pa.array(whole["t_ns"][rows]),
+            "body_idx": pa.array(local_body.astype(np.uint32)),
+            "endpoint_idx": pa.array(whole["endpoint_idx"][rows]),
+            "expected_output_tokens": pa.array(
+                whole["expected_output_tokens"][rows].astype(np.uint32)
+            ),
+        }
+        if has_turns:
+            parent = whole["parent"][rows]
+            local = np.where(parent >= 0, np.searchsorted(rows, parent), -1)
+            columns["parent"] = pa.array(local.astype(np.int64))
+            columns["think_ns"] = pa.array(whole["think_ns"][rows])
+            columns["followers"] = pa.array(whole["followers"][rows].astype(np.uint32))
+        parts.append(WorkerPart(rows, pa.table(columns), [bodies_all[i] for i in used.tolist()]))
     return parts
 
 
@@ -136,6 +163,9 @@ class EngineWorker:
     ) -> None:
         self.endpoints = endpoints
         self.index = table.column("index").to_numpy()
+        turns = None
+        if "parent" in table.column_names:
+            turns = tuple(table.column(c).to_numpy() for c in ("parent", "think_ns", "followers"))
         self.run = _engine.start_run(
             endpoints,
             table.column("t_ns").to_numpy(),
@@ -144,6 +174,7 @@ class EngineWorker:
             table.column("endpoint_idx").to_numpy(),
             table.column("expected_output_tokens").to_numpy(),
             start_at_unix_ns=start_at_unix_ns,
+            turns=turns,
             **options,
         )
 
