@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -115,6 +116,17 @@ def test_without_ray_the_option_says_how_to_install(monkeypatch: pytest.MonkeyPa
         import_ray()
     r = invoke("blast", "--ray", "local", "--num-prompts", "4", "--disable-tqdm")
     assert r.exit_code != 0 and "fineserve[ray]" in r.output and "Traceback" not in r.output
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = invoke("blast", "--ray", f"127.0.0.1:{port}", "--num-prompts", "4", "--disable-tqdm")
+    assert r.exit_code != 0 and "cannot reach a Ray cluster" in r.output
+    r = invoke("blast", "--ray", "nonsense", "--num-prompts", "4", "--disable-tqdm")
+    assert r.exit_code != 0 and "expected auto, local, HOST:PORT" in r.output
 
 
 # --- on a local Ray cluster -----------------------------------------------------------

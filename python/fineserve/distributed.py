@@ -25,6 +25,7 @@ may have been in flight), the rest as ``not_sent``.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -360,6 +361,7 @@ def run_stream_ray(
     parts = partition(all_chunks, workers)
 
     if not ray.is_initialized():
+        probe_address(address)
         kwargs = dict(ray_init or {})
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("include_dashboard", False)
@@ -490,6 +492,24 @@ def run_stream_ray(
         0,
         workers=summaries,
     )
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """A one-line error for a HOST:PORT (or ray://HOST:PORT) nobody listens on: Ray itself
+    retries such an address for minutes before it gives up."""
+    if address in ("local", "auto"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FineserveError(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise FineserveError(
+            f"--ray {address}: cannot reach a Ray cluster there ({e.strerror or e}); "
+            "start one with `ray start --head` or use --ray local"
+        ) from None
 
 
 def _sum_progress(stats: list[_WorkerStats]) -> dict[str, Any]:
