@@ -15,7 +15,7 @@ import pytest
 
 from conftest import completion_bodies, interrupted_blast, invoke, run_schedule
 from fineserve import ERROR_KINDS, EngineOptions, MockServer
-from fineserve.distributed import import_ray, partition, run_stream_ray
+from fineserve.distributed import import_ray, partition, run_engine_ray, run_stream_ray
 from fineserve.errors import FineserveError
 from fineserve.results import read_requests, records_from_batch, records_to_batch
 from fineserve.runner import EngineChunk, _CollectingSink
@@ -277,3 +277,24 @@ def test_conversations_replay_turn_after_turn_across_workers(
         assert t["scheduled_ns"][i] == t["done_ns"][p] + 500_000_000
         assert 0 <= t["sent_ns"][i] - t["scheduled_ns"][i] < 5_000_000
     assert set(t["worker"].tolist()) == {0, 1}
+
+
+def test_python_api_spreads_a_schedule_like_run_engine(ray_local: Any, mock: MockServer) -> None:
+    n = 120
+    t = np.linspace(0, 0.6e9, n).astype(np.int64)
+    rec = run_engine_ray(
+        [mock.base_url + "/v1/completions"],
+        t,
+        completion_bodies(n, 4),
+        np.arange(n, dtype=np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, 4),
+        EngineOptions(lanes=1),
+        workers=3,
+        show_progress=False,
+    )
+    assert np.array_equal(rec.col("index"), np.arange(n))
+    assert np.array_equal(rec.col("scheduled_ns"), t)
+    assert np.all(rec.col("error_kind") == 0) and np.all(rec.col("n_chunks") == 4)
+    assert [w["requests"] for w in rec.workers] == [40, 40, 40]
+    assert rec.progress["succeeded"] == n

@@ -43,7 +43,9 @@ from .runner import (
     EngineChunk,
     EngineOptions,
     RecordSink,
+    RunRecords,
     StreamOutcome,
+    _CollectingSink,
     _PendingExtras,
     _ProgressBar,
     _sigterm_as_interrupt,
@@ -228,6 +230,41 @@ def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
         "route_groups": options.route_groups,
         "source_ips": options.source_ips,
     }
+
+
+def run_engine_ray(
+    endpoints: list[str],
+    t_ns: npt.NDArray[np.int64],
+    bodies: list[bytes],
+    body_idx: npt.NDArray[np.uint32],
+    endpoint_idx: npt.NDArray[np.uint32],
+    expected_output_tokens: npt.NDArray[np.int64],
+    options: EngineOptions,
+    *,
+    address: str = "local",
+    workers: int = 2,
+    show_progress: bool = True,
+) -> RunRecords:
+    """:func:`fineserve.run_engine` spread over ``workers`` Ray actors: the same records,
+    in schedule order, plus ``RunRecords.workers`` (the per-worker breakdown)."""
+    sink = _CollectingSink()
+    chunk = EngineChunk(t_ns, bodies, body_idx, endpoint_idx, expected_output_tokens)
+    outcome = run_stream_ray(
+        endpoints,
+        iter([chunk]),
+        options,
+        sink,
+        address=address,
+        workers=workers,
+        total=len(t_ns),
+        show_progress=show_progress,
+    )
+    columns = sink.columns()
+    columns["t0_unix_ns"] = outcome.t0_unix_ns
+    columns["stopped"] = outcome.interrupted
+    return RunRecords(
+        columns, outcome.interrupted, outcome.wall_s, outcome.progress, outcome.workers
+    )
 
 
 def clock_offset_ns(ray: Any, actor: Any, rounds: int = 5) -> tuple[int, int]:

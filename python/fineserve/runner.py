@@ -54,6 +54,8 @@ class RunRecords:
     interrupted: bool
     wall_s: float
     progress: dict[str, Any] = field(default_factory=dict)
+    #: Per-worker breakdown when the run was spread over Ray workers.
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def col(self, name: str) -> npt.NDArray[Any]:
         return np.asarray(self.columns[name])
