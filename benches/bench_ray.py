@@ -24,34 +24,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dispatch import TOKENS, body, uniform
-from fineserve.distributed import run_stream_ray
-from fineserve.runner import EngineChunk, EngineOptions, _CollectingSink, run_stream
+from fineserve import EngineOptions, run_engine
+from fineserve.distributed import run_engine_ray
 from mock_proc import MockProcess
 
 
 def one_run(url: str, t_ns: np.ndarray, workers: int | None, warm: int) -> dict[str, Any]:
     n = len(t_ns)
-    chunk = EngineChunk(
-        t_ns,
-        [body(TOKENS)],
-        np.zeros(n, np.uint32),
-        np.zeros(n, np.uint32),
+    args = (
+        [url], t_ns, [body(TOKENS)], np.zeros(n, np.uint32), np.zeros(n, np.uint32),
         np.full(n, TOKENS),
-        extra={"input_len": np.full(n, 32)},
-    )
-    sink = _CollectingSink()
+    )  # fmt: skip
     started = time.monotonic()
     if workers is None:
-        opts = EngineOptions(warm_connections=warm)
-        run_stream([url], iter([chunk]), opts, sink, show_progress=False)
+        rec = run_engine(*args, EngineOptions(warm_connections=warm), show_progress=False)
     else:
-        opts = EngineOptions(warm_connections=max(warm // workers, 16), lanes=1)
-        run_stream_ray(
-            [url], iter([chunk]), opts, sink, address="local", workers=workers,
-            show_progress=False,
-        )  # fmt: skip
+        # The Ray path splits the warm connections over the workers itself.
+        opts = EngineOptions(warm_connections=warm, lanes=1)
+        rec = run_engine_ray(*args, opts, workers=workers, show_progress=False)
     wall = time.monotonic() - started
-    cols = sink.columns()
+    cols = rec.columns
     sent, sched = np.asarray(cols["sent_ns"]), np.asarray(cols["scheduled_ns"])
     was = sent >= 0
     lag_us = (sent[was] - sched[was]) / 1e3

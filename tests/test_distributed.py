@@ -17,7 +17,7 @@ from conftest import completion_bodies, interrupted_blast, invoke, run_schedule
 from fineserve import ERROR_KINDS, EngineOptions, MockServer
 from fineserve.distributed import import_ray, partition, run_engine_ray, run_stream_ray
 from fineserve.errors import FineserveError
-from fineserve.results import read_requests, records_from_batch, records_to_batch
+from fineserve.results import read_requests, records_from_table, records_to_batch
 from fineserve.runner import EngineChunk, _CollectingSink
 
 
@@ -95,7 +95,7 @@ def test_records_survive_the_arrow_round_trip(mock: MockServer) -> None:
     cols["error_message"] = ["boom", "bang"]
     extra = {"input_len": np.arange(40)}
     batch = records_to_batch(cols, extra, ["http://a"])
-    back, back_extra = records_from_batch(batch)
+    back, back_extra = records_from_table(batch, ["http://a"])
     for c in ("index", "scheduled_ns", "sent_ns", "done_ns", "error_kind", "endpoint_idx"):
         assert np.array_equal(np.asarray(back[c]), np.asarray(cols[c]).astype(back[c].dtype)), c
     assert np.array_equal(back["chunk_ns"], cols["chunk_ns"])
@@ -103,7 +103,7 @@ def test_records_survive_the_arrow_round_trip(mock: MockServer) -> None:
     assert back["error_index"].tolist() == [3, 17] and back["error_message"] == ["boom", "bang"]
     assert np.array_equal(back_extra["input_len"], np.arange(40))
     # A slice (offsets not starting at 0) comes back consistent too.
-    part, _ = records_from_batch(batch.slice(10, 5))
+    part, _ = records_from_table(batch.slice(10, 5), ["http://a"])
     assert part["chunk_offsets"][0] == 0
     assert np.array_equal(
         part["chunk_ns"], cols["chunk_ns"][cols["chunk_offsets"][10] : cols["chunk_offsets"][15]]

@@ -24,6 +24,7 @@ may have been in flight), the rest as ``not_sent``.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -38,17 +39,19 @@ import pyarrow as pa
 from . import _engine
 from .console import note, warn
 from .errors import FineserveError
-from .results import records_from_batch, records_to_batch
+from .results import records_from_table, records_to_batch
 from .runner import (
     EngineChunk,
     EngineOptions,
     RecordSink,
     RunRecords,
     StreamOutcome,
-    _CollectingSink,
     _PendingExtras,
     _ProgressBar,
     _sigterm_as_interrupt,
+    engine_kwargs,
+    run_engine,
+    unsent_records,
 )
 
 INSTALL_HINT = "--ray needs Ray: pip install 'fineserve[ray]'"
@@ -214,24 +217,6 @@ class EngineWorker:
             self.run.cancel()
 
 
-def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
-    return {
-        "stream": options.stream,
-        "max_concurrency": options.max_concurrency,
-        "lanes": options.lanes,
-        "warm_connections": options.warm_connections,
-        "spin_us": options.spin_us,
-        "connect_timeout_s": options.connect_timeout_s,
-        "first_byte_timeout_s": options.first_byte_timeout_s,
-        "idle_timeout_s": options.idle_timeout_s,
-        "total_timeout_s": options.total_timeout_s,
-        "max_body_bytes": options.max_body_bytes,
-        "realtime_priority": options.realtime_priority,
-        "route_groups": options.route_groups,
-        "source_ips": options.source_ips,
-    }
-
-
 def run_engine_ray(
     endpoints: list[str],
     t_ns: npt.NDArray[np.int64],
@@ -247,23 +232,17 @@ def run_engine_ray(
 ) -> RunRecords:
     """:func:`fineserve.run_engine` spread over ``workers`` Ray actors: the same records,
     in schedule order, plus ``RunRecords.workers`` (the per-worker breakdown)."""
-    sink = _CollectingSink()
-    chunk = EngineChunk(t_ns, bodies, body_idx, endpoint_idx, expected_output_tokens)
-    outcome = run_stream_ray(
+    ray_stream = functools.partial(run_stream_ray, address=address, workers=workers)
+    return run_engine(
         endpoints,
-        iter([chunk]),
+        t_ns,
+        bodies,
+        body_idx,
+        endpoint_idx,
+        expected_output_tokens,
         options,
-        sink,
-        address=address,
-        workers=workers,
-        total=len(t_ns),
         show_progress=show_progress,
-    )
-    columns = sink.columns()
-    columns["t0_unix_ns"] = outcome.t0_unix_ns
-    columns["stopped"] = outcome.interrupted
-    return RunRecords(
-        columns, outcome.interrupted, outcome.wall_s, outcome.progress, outcome.workers
+        stream=ray_stream,
     )
 
 
@@ -334,34 +313,22 @@ class _WorkerStats:
             "died": self.dead,
         }
 
-    def lost_records(self, chunks_t_ns: npt.NDArray[np.int64], endpoints: Any) -> dict[str, Any]:
+    def lost_records(self) -> dict[str, Any]:
         """Records for the rows of a dead worker that never came back."""
-        rows = self.part.index[~self.seen]
-        sched = chunks_t_ns[rows]
+        lost = ~self.seen
+        rows = self.part.index[lost]
+        sched = self.part.table.column("t_ns").to_numpy()[lost]
         elapsed = int(self.progress.get("elapsed_ns", -1)) if self.progress else -1
         maybe_sent = sched <= elapsed
-        n = len(rows)
-        never = np.full(n, -1, np.int64)
         why_sent = f"worker {self.worker} died ({self.dead}); this request may have been in flight"
         why_not = f"worker {self.worker} died ({self.dead}) before this request's time"
-        return {
-            "index": rows.astype(np.uint64),
-            "scheduled_ns": sched,
-            "sent_ns": never,
-            "first_byte_ns": never,
-            "first_token_ns": never,
-            "done_ns": never,
-            "n_chunks": np.zeros(n, np.uint32),
-            "completion_tokens": never,
-            "prompt_tokens": never,
-            "http_status": np.zeros(n, np.uint16),
-            "error_kind": np.where(maybe_sent, CANCELLED, NOT_SENT).astype(np.uint8),
-            "endpoint_idx": np.asarray(endpoints, np.uint32)[rows],
-            "chunk_ns": np.zeros(0, np.int64),
-            "chunk_offsets": np.zeros(n + 1, np.uint64),
-            "error_index": np.arange(n, dtype=np.int64),
-            "error_message": [why_sent if m else why_not for m in maybe_sent.tolist()],
-        }
+        return unsent_records(
+            rows,
+            sched,
+            self.part.table.column("endpoint_idx").to_numpy()[lost],
+            np.where(maybe_sent, CANCELLED, NOT_SENT),
+            [why_sent if m else why_not for m in maybe_sent.tolist()],
+        )
 
 
 def run_stream_ray(
@@ -393,8 +360,6 @@ def run_stream_ray(
     for c in all_chunks:
         pending.push(base, c)
         base += len(c)
-    t_all = np.concatenate([np.asarray(c.t_ns, np.int64) for c in all_chunks])
-    ep_all = np.concatenate([np.asarray(c.endpoint_idx, np.uint32) for c in all_chunks])
     parts = partition(all_chunks, workers)
 
     if not ray.is_initialized():
@@ -446,7 +411,7 @@ def run_stream_ray(
     def deliver(s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
         if batch is None or batch.num_rows == 0:
             return
-        cols, _ = records_from_batch(batch)
+        cols, _ = records_from_table(batch, endpoints)
         s.fold(cols)
         extra = pending.take(np.asarray(cols["index"], np.uint64))
         extra["worker"] = np.full(len(cols["index"]), s.worker, np.uint16)
@@ -507,7 +472,7 @@ def run_stream_ray(
         deliver(s, batch)
     for s in stats:
         if s.dead:
-            lost = s.lost_records(t_all, ep_all)
+            lost = s.lost_records()
             if len(lost["index"]):
                 s.fold(lost)
                 extra = pending.take(lost["index"])
@@ -525,7 +490,7 @@ def run_stream_ray(
         time.monotonic() - started,
         t0_unix_ns,
         final,
-        len(t_all),
+        base,
         0,
         workers=summaries,
     )

@@ -20,12 +20,10 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from . import plotting
-from ._engine import ERROR_KINDS
 from .errors import FineserveError
 from .metrics import MetricsAccumulator
 from .metrics.serving import itl_ns
-from .results import read_requests
-from .runner import RECORD_INT_COLUMNS
+from .results import read_requests, records_from_table
 
 #: Panels of a single-run report, in order (file stem → title).
 PANELS = {
@@ -51,34 +49,11 @@ class Run:
         return np.asarray(self.columns[name])
 
 
-def table_to_columns(table: pa.Table) -> dict[str, Any]:
-    """The engine's column layout from a results table (for the metrics code)."""
-    n = table.num_rows
-    cols: dict[str, Any] = {
-        c: table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in RECORD_INT_COLUMNS
-    }
-    kinds = table["error_kind"].to_pylist()
-    code = {k: i for i, k in enumerate(ERROR_KINDS)}
-    cols["error_kind"] = np.array([code.get(k, code["invalid_response"]) for k in kinds], np.uint8)
-    endpoints = table["endpoint"].to_pylist()
-    names = sorted(set(endpoints), key=endpoints.index)
-    cols["endpoint_idx"] = np.array([names.index(e) for e in endpoints], np.uint32)
-    cols["endpoint_names"] = names
-    chunks = table["chunk_ns"].combine_chunks() if n else pa.array([], pa.large_list(pa.int64()))
-    cols["chunk_ns"] = chunks.flatten().to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
-    offsets = chunks.offsets.to_numpy().astype(np.int64) if n else np.zeros(1, np.int64)
-    cols["chunk_offsets"] = (offsets - offsets[0]).astype(np.uint64)
-    msgs = table["error_message"].to_pylist()
-    cols["error_index"] = np.array([i for i, m in enumerate(msgs) if m is not None], np.int64)
-    cols["error_message"] = [m for m in msgs if m is not None]
-    return cols
-
-
 def load_run(path: Path, window_s: float = 10.0) -> Run:
     table, meta = read_requests(path)
     if table.num_rows == 0:
         raise FineserveError(f"{path}: no request records")
-    cols = table_to_columns(table)
+    cols, _ = records_from_table(table)
     slos = (meta.get("options") or {}).get("slos") or {}
     labels = (
         {"class": np.asarray(table["class"].to_pylist(), dtype=object)}

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -77,28 +78,49 @@ def records_to_batch(
     return pa.RecordBatch.from_pydict(arrays)
 
 
-def records_from_batch(batch: pa.RecordBatch) -> tuple[dict[str, Any], dict[str, Any]]:
+def records_from_table(
+    data: pa.Table | pa.RecordBatch, endpoints: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The inverse of :func:`records_to_batch`: engine columns (as ``Run.drain`` gives
-    them) and the extra per-row columns. Used where records travel as Arrow (Ray workers)."""
-    names = set(batch.schema.names)
+    them) and the extra per-row columns, from a results file's table or a batch that
+    travelled as Arrow (Ray workers). Error kinds are read by name (an unknown one as
+    ``invalid_response``); ``endpoint_idx`` indexes ``endpoints`` when given (the run's
+    list), else the endpoints in order of first appearance."""
+
+    def column(name: str) -> pa.Array:
+        c = data.column(name)
+        return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+
+    def positions(name: str, names: list[str]) -> npt.NDArray[np.int64]:
+        """Each row's position in ``names``, which grows by the names it lacks."""
+        encoded = pc.dictionary_encode(column(name).cast(pa.string()))
+        for v in encoded.dictionary.to_pylist():
+            if v not in names:
+                names.append(v)
+        lut = np.array([names.index(v) for v in encoded.dictionary.to_pylist()], np.int64)
+        return lut[encoded.indices.to_numpy(zero_copy_only=False)]
+
     cols: dict[str, Any] = {
-        c: batch.column(c).to_numpy(zero_copy_only=False) for c in RECORD_INT_COLUMNS
+        c: column(c).to_numpy(zero_copy_only=False).astype(np.int64) for c in RECORD_INT_COLUMNS
     }
     cols["index"] = cols["index"].astype(np.uint64)
-    kind = batch.column("error_kind")
-    cols["error_kind"] = kind.indices.to_numpy(zero_copy_only=False).astype(np.uint8)
-    endpoint = batch.column("endpoint")
-    cols["endpoint_idx"] = endpoint.indices.to_numpy(zero_copy_only=False).astype(np.uint32)
-    messages = batch.column("error_message").to_pylist()
+    kind = positions("error_kind", list(ERROR_KINDS))
+    kind[kind >= len(ERROR_KINDS)] = ERROR_KINDS.index("invalid_response")
+    cols["error_kind"] = kind.astype(np.uint8)
+    cols["endpoint_idx"] = positions("endpoint", list(endpoints or [])).astype(np.uint32)
+    messages = column("error_message").to_pylist()
     rows = [i for i, m in enumerate(messages) if m is not None]
     cols["error_index"] = np.asarray(rows, np.int64)
     cols["error_message"] = [messages[i] for i in rows]
-    chunks = batch.column("chunk_ns")
-    offsets = chunks.offsets.to_numpy().astype(np.int64)  # a slice's start at offsets[0]
+    chunks = column("chunk_ns")
+    offsets = chunks.offsets.to_numpy().astype(np.int64) if len(chunks) else np.zeros(1, np.int64)
+    # A slice's values start at offsets[0].
     cols["chunk_ns"] = chunks.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64)
     cols["chunk_offsets"] = (offsets - offsets[0]).astype(np.uint64)
     known = {*RECORD_INT_COLUMNS, "error_kind", "endpoint", "error_message", "chunk_ns"}
-    extra = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in names - known}
+    extra = {
+        c: column(c).to_numpy(zero_copy_only=False) for c in data.schema.names if c not in known
+    }
     return cols, extra
 
 

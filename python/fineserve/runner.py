@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +236,25 @@ def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[
     return out
 
 
+def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
+    """``_engine.start_run``'s keyword arguments for ``options``."""
+    return {
+        "stream": options.stream,
+        "max_concurrency": options.max_concurrency,
+        "lanes": options.lanes,
+        "warm_connections": options.warm_connections,
+        "spin_us": options.spin_us,
+        "connect_timeout_s": options.connect_timeout_s,
+        "first_byte_timeout_s": options.first_byte_timeout_s,
+        "idle_timeout_s": options.idle_timeout_s,
+        "total_timeout_s": options.total_timeout_s,
+        "max_body_bytes": options.max_body_bytes,
+        "realtime_priority": options.realtime_priority,
+        "route_groups": options.route_groups,
+        "source_ips": options.source_ips,
+    }
+
+
 def run_engine(
     endpoints: list[str],
     t_ns: npt.NDArray[np.int64],
@@ -247,12 +266,14 @@ def run_engine(
     *,
     show_progress: bool = True,
     description: str = "requests",
+    stream: Callable[..., StreamOutcome] | None = None,
 ) -> RunRecords:
     """Runs one whole schedule to completion (or interruption) and returns its records
-    in schedule order."""
+    in schedule order. ``stream`` runs it (default :func:`run_stream`; the Ray path
+    passes its own)."""
     sink = _CollectingSink()
     chunk = EngineChunk(t_ns, bodies, body_idx, endpoint_idx, expected_output_tokens)
-    outcome = run_stream(
+    outcome = (stream or run_stream)(
         endpoints,
         iter([chunk]),
         options,
@@ -264,7 +285,9 @@ def run_engine(
     columns = sink.columns()
     columns["t0_unix_ns"] = outcome.t0_unix_ns
     columns["stopped"] = outcome.interrupted
-    return RunRecords(columns, outcome.interrupted, outcome.wall_s, outcome.progress)
+    return RunRecords(
+        columns, outcome.interrupted, outcome.wall_s, outcome.progress, outcome.workers
+    )
 
 
 @dataclass
@@ -305,21 +328,9 @@ def run_stream(
         run = _engine.start_run(
             endpoints,
             *first.engine_args(),
-            stream=options.stream,
-            max_concurrency=options.max_concurrency,
-            lanes=options.lanes,
-            warm_connections=options.warm_connections,
-            spin_us=options.spin_us,
-            connect_timeout_s=options.connect_timeout_s,
-            first_byte_timeout_s=options.first_byte_timeout_s,
-            idle_timeout_s=options.idle_timeout_s,
-            total_timeout_s=options.total_timeout_s,
-            max_body_bytes=options.max_body_bytes,
-            realtime_priority=options.realtime_priority,
+            **engine_kwargs(options),
             more=True,
-            route_groups=options.route_groups,
             turns=first.turn_args(),
-            source_ips=options.source_ips,
         )
     except _engine.EngineError as e:
         raise FineserveError(str(e)) from None
@@ -399,13 +410,20 @@ def run_stream(
     )
 
 
-def _not_sent_records(base: int, chunk: EngineChunk, reason: str) -> dict[str, Any]:
-    """Record columns, as the engine drains them, for a chunk that was never fed."""
-    n = len(chunk)
+def unsent_records(
+    index: npt.NDArray[Any],
+    scheduled_ns: npt.NDArray[np.int64],
+    endpoint_idx: npt.NDArray[Any],
+    error_kind: npt.NDArray[Any],
+    messages: list[str],
+) -> dict[str, Any]:
+    """Record columns, as the engine drains them, for requests that have no engine record
+    (never fed, or lost with a worker): no timestamps, a failure kind and a reason each."""
+    n = len(index)
     never = np.full(n, -1, dtype=np.int64)
     return {
-        "index": np.arange(base, base + n, dtype=np.uint64),
-        "scheduled_ns": np.asarray(chunk.t_ns, dtype=np.int64),
+        "index": np.asarray(index, dtype=np.uint64),
+        "scheduled_ns": np.asarray(scheduled_ns, dtype=np.int64),
         "sent_ns": never,
         "first_byte_ns": never,
         "first_token_ns": never,
@@ -414,13 +432,25 @@ def _not_sent_records(base: int, chunk: EngineChunk, reason: str) -> dict[str, A
         "completion_tokens": never,
         "prompt_tokens": never,
         "http_status": np.zeros(n, dtype=np.uint16),
-        "error_kind": np.full(n, _engine.ERROR_KINDS.index("not_sent"), dtype=np.uint8),
-        "endpoint_idx": np.asarray(chunk.endpoint_idx, dtype=np.uint32),
+        "error_kind": np.asarray(error_kind, dtype=np.uint8),
+        "endpoint_idx": np.asarray(endpoint_idx, dtype=np.uint32),
         "chunk_ns": np.zeros(0, dtype=np.int64),
         "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
         "error_index": np.arange(n, dtype=np.int64),
-        "error_message": [reason] * n,
+        "error_message": messages,
     }
+
+
+def _not_sent_records(base: int, chunk: EngineChunk, reason: str) -> dict[str, Any]:
+    """Record columns for a chunk that was never fed."""
+    n = len(chunk)
+    return unsent_records(
+        np.arange(base, base + n),
+        chunk.t_ns,
+        chunk.endpoint_idx,
+        np.full(n, _engine.ERROR_KINDS.index("not_sent")),
+        [reason] * n,
+    )
 
 
 def _report_realtime(run: _engine.Run) -> None:
