@@ -150,6 +150,33 @@ def test_hash_ids_share_exactly_the_shared_blocks(tok) -> None:  # type: ignore[
     assert ids[3] == ids[0][:64]  # block 7 alone
 
 
+def test_distinct_block_ids_never_share_a_block_even_from_a_tiny_source(tok) -> None:  # type: ignore[no-untyped-def]
+    """A source of a few hundred tokens is the pool many times over, so windows repeat;
+    blocks of different ids must still differ from their first token (else a prefix cache
+    would hit where the trace shares nothing), and equal ids must still match."""
+    from fineserve.prompts import SyntheticPromptBuilder
+    from fineserve.schedule import Schedule
+
+    source = " The quick brown fox jumps over the lazy dog while the cat sleeps." * 8
+    b = TokenizedPromptBuilder(tok, source_text=source, seed=0, block_size=32, check="all")
+    n = 400
+    ids = np.arange(1000, 1000 + n)  # one block per request, all different
+    lens = np.full(n, 32)
+    prompts, _, report = b.build(0, lens, ids, np.arange(n + 1))
+    assert report.mismatched == 0
+    enc = tok(prompts, add_special_tokens=False)["input_ids"]
+    assert len({tuple(x[:8]) for x in enc}) == n
+    again, _, _ = b.build(n, lens[:3], ids[:3], np.arange(4))
+    assert again == prompts[:3]
+
+    syn = SyntheticPromptBuilder(0, pool_words=64, block_size=32)
+    big_ids = np.arange(n) * 65536  # equal modulo the pool: the old offsets coincided
+    sched = Schedule(np.arange(n), lens, lens, hash_ids=big_ids, hash_offsets=np.arange(n + 1))
+    words, _ = syn.build_chunk(0, sched)
+    assert len({w.split()[0] for w in words}) == n
+    assert all(len(w.split()) == 32 for w in words)
+
+
 def test_shared_prefix_groups(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(
         tok, seed=0, shared_prefix_groups=2, shared_prefix_len=50, check="all"
@@ -170,6 +197,36 @@ def test_chat_template_applied_with_exact_length(tok) -> None:  # type: ignore[n
     for p in prompts:
         assert p.startswith("<|begin|>user\n") and p.endswith("<|end|>\n<|begin|>assistant\n")
     assert lengths(tok, prompts) == [40, 400]
+
+
+def test_special_tokens_count_towards_a_completions_prompt(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A Llama-style tokenizer adds BOS, so the server counts it: the prompt body is one
+    token shorter; a chat template that writes BOS itself does not get a second one."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    raw.add_special_tokens(["<s>"])
+    bos_id = raw.token_to_id("<s>")
+    raw.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="<|end|>")
+    fast.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    fast.save_pretrained(tmp_path / "bos")
+    tok = load_tokenizer(str(tmp_path / "bos"))
+    want = np.array([40, 400])
+    for template in (False, True):
+        b = TokenizedPromptBuilder(tok, seed=0, apply_chat_template=template, check="all")
+        prompts, _, report = b.build(0, want)
+        assert report.mismatched == 0
+        served = tok(prompts)["input_ids"]  # as the server tokenizes a completions prompt
+        assert [len(x) for x in served] == want.tolist()
+        assert all(x[0] == bos_id and x[1] != bos_id for x in served)
+    chat = TokenizedPromptBuilder(tok, seed=0, check="all", count_special_tokens=False)
+    prompts, _, _ = chat.build(0, want)
+    assert lengths(tok, prompts) == want.tolist()  # a chat message: no BOS of its own
 
 
 def test_prefix_hit_rate_matches_a_direct_count() -> None:
@@ -325,7 +382,7 @@ def test_route_class_and_class_model(tmp_path: Path) -> None:
             a.base_url,
             "--base-url",
             b.base_url,
-            "--route-class",
+            "--route",
             f"azure_code={a.base_url}",
             "--class-model",
             "mooncake_synthetic=other-model",
@@ -359,8 +416,54 @@ def test_deployment_errors() -> None:
         Deployment.from_options(
             ["http://a/v1/c"], "round-robin", {"x": "http://b"}, lambda u: u[: -len("/v1/c")]
         )
-    r = invoke("blast", "--route-class", "novalue")
+    r = invoke("blast", "--route", "novalue")
+    assert r.exit_code != 0 and "CLASS=URL" in r.output and "Traceback" not in r.output
+    r = invoke("blast", "--route", "round-robin", "--route", "least-outstanding")
+    assert r.exit_code != 0 and "one policy at most" in r.output
+    r = invoke("blast", "--route-class", "novalue")  # the older spelling
     assert r.exit_code != 0 and "NAME=VALUE" in r.output
+
+
+@pytest.mark.parametrize("route", ["round-robin", "least-outstanding"])
+def test_turns_stay_on_the_server_of_their_conversation(tmp_path: Path, route: str) -> None:
+    """Later turns go where the previous turn went (session affinity), whatever the policy;
+    with --no-turn-affinity they follow the policy."""
+    path = tmp_path / "bailian.jsonl"
+    _bailian_trace(path, conversations=5)  # odd: round-robin alone moves later turns
+    servers = [MockServer(ttft_ms=2, itl_ms=1) for _ in range(2)]
+    rows = [_json.loads(x) for x in path.read_text().splitlines()]
+    ids = [row["chat_id"] for row in rows]
+    parents = [ids.index(r["parent_chat_id"]) if r["parent_chat_id"] >= 0 else -1 for r in rows]
+    try:
+        moved = {}
+        for affinity in ("--turn-affinity", "--no-turn-affinity"):
+            req = tmp_path / f"{affinity}.parquet"
+            args = ["blast", "--mode", "replay", "--trace", str(path), "--time-scale", "8"]
+            for s in servers:
+                args += ["--base-url", s.base_url]
+            r = invoke(
+                *args,
+                "--route",
+                route,
+                affinity,
+                "--disable-tqdm",
+                "--warmup-requests",
+                "0",
+                "--save-requests",
+                str(req),
+            )
+            assert r.exit_code == 0, r.output
+            table, _ = read_requests(req)
+            assert set(table["error_kind"].to_pylist()) == {"ok"}
+            ep = table["endpoint"].to_pylist()
+            assert len(set(ep)) == 2  # conversations spread over both servers
+            moved[affinity] = sum(ep[i] != ep[p] for i, p in enumerate(parents) if p >= 0)
+        assert moved["--turn-affinity"] == 0
+        if route == "round-robin":  # least-outstanding may keep them together by chance
+            assert moved["--no-turn-affinity"] > 0
+    finally:
+        for s in servers:
+            s.stop()
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")

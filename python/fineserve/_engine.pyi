@@ -94,6 +94,7 @@ def start_run(
     turns: _Turns | None = None,
     source_ips: list[str] = ...,  # []
     start_at_unix_ns: int | None = None,
+    turn_affinity: bool = True,
 ) -> Run:
     """Start an open-loop run and return at once.
 
@@ -102,7 +103,9 @@ def start_run(
     (parent, think_ns, followers) makes request i wait for request ``parent[i]`` (an
     earlier schedule index; -1: none) to end and leave ``think_ns[i]`` later (its recorded
     ``scheduled_ns`` is that release time); if that turn fails or is not sent, request i
-    is not sent. ``followers[i]`` counts the requests that follow request i.
+    is not sent. ``followers[i]`` counts the requests that follow request i. With
+    ``turn_affinity``, request i goes to the endpoint that served ``parent[i]`` (its own
+    ``endpoint_idx`` is ignored), so a prefix cache can reuse the conversation.
     ``source_ips``: local addresses new connections are bound to, in turn (each lane starts
     at a different one), to get past one address's ~28k ephemeral ports per server.
     ``start_at_unix_ns``: start at that system-clock instant rather than

@@ -37,7 +37,7 @@ from .prompts import (
 )
 from .prompts.tokenized import prompt_cache_dir, source_text_from
 from .results import RequestsWriter, machine_info, records_to_batch
-from .routing import Deployment, parse_pairs
+from .routing import Deployment, parse_pairs, parse_route
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .server import check_url, fetch_models
@@ -122,6 +122,7 @@ def prompt_builder(
         shared_prefix_len=prefix_len,
         cache_dir=prompt_cache_dir(),
         check=o.get("prompt_check") or "sample",
+        count_special_tokens=not chat,
     )
     if not quiet:
         note(
@@ -374,10 +375,11 @@ def execute_blast(
         )
         for m in {model, *class_models.values()}
     }
+    policy, pins = parse_route(o.get("route"))
     deployment = Deployment.from_options(
         urls,
-        o.get("route") or "round-robin",
-        parse_pairs(o.get("route_class") or (), "--route-class"),
+        policy,
+        parse_pairs([*pins, *(o.get("route_class") or ())], "--route"),
         lambda u: u[: len(u) - len(path)],
     )
     shapes = RequestShapes(builder, templates, model, class_models, deployment)
@@ -400,6 +402,7 @@ def execute_blast(
         realtime_priority=o["realtime_priority"],
         drain_grace_s=o["drain_grace"],
         route_groups=deployment.route_groups,
+        turn_affinity=o.get("turn_affinity", True),
         source_ips=[x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()],
     )
     if not quiet:

@@ -244,17 +244,25 @@ def _blast_options(f: Any) -> Any:
         ),
         click.option(
             "--route",
-            type=click.Choice(["round-robin", "least-outstanding"]),
-            default="round-robin",
-            show_default=True,
-            help="How requests spread over several --base-url: in turn, or (decided when "
-            "each request leaves) to the endpoint with the fewest requests in flight.",
+            multiple=True,
+            metavar="POLICY | CLASS=URL[,URL...]",
+            help="How requests spread over several --base-url: round-robin (default), or "
+            "least-outstanding (decided when each request leaves: the endpoint with the "
+            "fewest requests in flight). CLASS=URL[,URL...] sends a class's requests only "
+            "to these servers (repeat per class; with a policy, it applies within them).",
         ),
         click.option(
             "--route-class",
             multiple=True,
-            help="CLASS=URL[,URL...]: send a class's requests only to these --base-url "
-            "servers (repeat per class).",
+            hidden=True,
+            help="CLASS=URL[,URL...]: the same as --route CLASS=URL[,URL...].",
+        ),
+        click.option(
+            "--turn-affinity/--no-turn-affinity",
+            default=True,
+            show_default=True,
+            help="Send a conversation's later turns to the server that answered its "
+            "previous turn (as session-sticky routers do, so its prefix cache can help).",
         ),
         click.option(
             "--class-model",

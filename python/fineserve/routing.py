@@ -3,9 +3,10 @@
 A multi-GPU deployment is often N independent server instances. Requests are spread by
 ``round-robin`` (request i of a class to that class's endpoint i mod n, decided when the
 schedule is built) or ``least-outstanding`` (decided by the engine when the request leaves:
-the endpoint with the fewest requests in flight). ``--route-class CLASS=URL[,URL…]`` pins
-a class to some endpoints; other classes use all of them. ``--class-model CLASS=MODEL``
-names the model a class's requests ask for.
+the endpoint with the fewest requests in flight). ``--route CLASS=URL[,URL…]`` pins a
+class to some endpoints; other classes use all of them. A conversation's later turns go
+to the endpoint that served its previous turn (the engine's ``turn_affinity``).
+``--class-model CLASS=MODEL`` names the model a class's requests ask for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ import numpy.typing as npt
 from .errors import FineserveError
 
 ROUTES = ("round-robin", "least-outstanding")
+
+
+def parse_route(values: tuple[str, ...] | list[str] | str | None) -> tuple[str, list[str]]:
+    """``--route`` values: at most one policy, plus CLASS=URL[,URL…] pins."""
+    if isinstance(values, str):
+        values = [values]
+    policies = [v for v in values or () if "=" not in v]
+    pins = [v for v in values or () if "=" in v]
+    if len(set(policies)) > 1:
+        raise FineserveError(f"--route: one policy at most, got {', '.join(policies)}")
+    policy = policies[0] if policies else "round-robin"
+    if policy not in ROUTES:
+        raise FineserveError(
+            f"--route {policy!r}: expected {' or '.join(ROUTES)}, or CLASS=URL[,URL...]"
+        )
+    return policy, pins
 
 
 def parse_pairs(items: tuple[str, ...] | list[str], option: str) -> dict[str, str]:
@@ -62,7 +79,7 @@ class Deployment:
                 b = b.strip().rstrip("/")
                 if b not in bases:
                     raise FineserveError(
-                        f"--route-class {name}={value}: {b} is not one of the --base-url values"
+                        f"--route {name}={value}: {b} is not one of the --base-url values"
                     )
                 idx.append(bases.index(b))
             class_endpoints[name] = idx

@@ -44,6 +44,8 @@ class EngineOptions:
     route_groups: list[list[int]] = field(default_factory=list)
     #: Local addresses new connections are bound to, in turn (``--source-ip``).
     source_ips: list[str] = field(default_factory=list)
+    #: A conversation's later turn goes to the endpoint of its previous turn.
+    turn_affinity: bool = True
 
 
 @dataclass
@@ -252,6 +254,7 @@ def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
         "realtime_priority": options.realtime_priority,
         "route_groups": options.route_groups,
         "source_ips": options.source_ips,
+        "turn_affinity": options.turn_affinity,
     }
 
 

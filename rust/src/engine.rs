@@ -135,6 +135,9 @@ pub struct EngineConfig {
     /// it is sent, to the endpoint of group `g` with the fewest requests outstanding
     /// (least-outstanding routing across the run's lanes).
     pub route_groups: Vec<Vec<usize>>,
+    /// A conversation's later turn goes to the endpoint that served its previous turn
+    /// (session affinity, so the server's prefix cache can reuse the conversation).
+    pub turn_affinity: bool,
 }
 
 /// Live counters, readable from any thread while the run goes on.
@@ -206,8 +209,8 @@ struct Shared {
     turns: TurnBoard,
 }
 
-/// How a turn ended: (done_ns, succeeded).
-type TurnEnd = Option<(i64, bool)>;
+/// How a turn ended: (done_ns, succeeded, the endpoint that served it).
+type TurnEnd = Option<(i64, bool, u32)>;
 
 /// Publishes the end of turns that other requests follow. A follower may start waiting
 /// before or after its turn ends; a `watch` channel per turn covers both, across lanes.
@@ -232,7 +235,7 @@ impl TurnBoard {
         Some(f(slot))
     }
 
-    fn publish(&self, index: u64, followers: u32, end: (i64, bool)) {
+    fn publish(&self, index: u64, followers: u32, end: (i64, bool, u32)) {
         self.slot(index, |s| {
             s.left = s.left.min(followers);
             s.end.send_replace(Some(end));
@@ -820,12 +823,19 @@ fn dispatch(
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
         if parent >= 0 {
             match follow_turn(&shared, clock, parent as u64, think_ns).await {
-                Ok(release_ns) => rec.scheduled_ns = release_ns,
+                Ok((release_ns, served_by)) => {
+                    rec.scheduled_ns = release_ns;
+                    if shared.config.turn_affinity {
+                        rec.endpoint_idx = served_by;
+                    }
+                }
                 Err(why) => {
                     rec.fail(ErrorKind::NotSent, why);
                     shared.progress.not_sent.fetch_add(1, Ordering::Relaxed);
                     if followers > 0 {
-                        shared.turns.publish(index, followers, (-1, false));
+                        shared
+                            .turns
+                            .publish(index, followers, (-1, false, endpoint));
                     }
                     push_record(&shared, lane, rec);
                     finish_in_lane(&state);
@@ -869,7 +879,9 @@ fn dispatch(
         }
         if followers > 0 {
             let ok = rec.error == ErrorKind::Ok;
-            shared.turns.publish(index, followers, (rec.done_ns, ok));
+            shared
+                .turns
+                .publish(index, followers, (rec.done_ns, ok, rec.endpoint_idx));
         }
         push_record(&shared, lane, rec);
         finish_in_lane(&state);
@@ -885,13 +897,14 @@ fn finish_in_lane(state: &LaneState) {
 }
 
 /// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
-/// offset, or why the follower cannot be sent (the turn failed, or the run stopped).
+/// offset and the endpoint that served the turn, or why the follower cannot be sent (the
+/// turn failed, or the run stopped).
 async fn follow_turn(
     shared: &Shared,
     clock: RunClock,
     parent: u64,
     think_ns: i64,
-) -> Result<i64, &'static str> {
+) -> Result<(i64, u32), &'static str> {
     let Some(mut rx) = shared.turns.subscribe(parent) else {
         return Err("turn bookkeeping failed");
     };
@@ -906,7 +919,7 @@ async fn follow_turn(
         let _ = tokio::time::timeout(STOP_POLL, rx.changed()).await;
     };
     shared.turns.consumed(parent);
-    let (done_ns, ok) = end;
+    let (done_ns, ok, served_by) = end;
     if !ok {
         return Err("the previous turn of its conversation failed or was not sent");
     }
@@ -918,7 +931,7 @@ async fn follow_turn(
         }
         let now = Instant::now();
         if now >= deadline {
-            return Ok(release_ns);
+            return Ok((release_ns, served_by));
         }
         tokio::time::sleep_until(deadline.min(now + STOP_POLL).into()).await;
     }

@@ -226,7 +226,7 @@ fn schedule_from(
     start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
     idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
     api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
-    turns = None, source_ips = Vec::new(), start_at_unix_ns = None,
+    turns = None, source_ips = Vec::new(), start_at_unix_ns = None, turn_affinity = true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn start_run(
@@ -254,6 +254,7 @@ fn start_run(
     turns: Turns<'_>,
     source_ips: Vec<String>,
     start_at_unix_ns: Option<i64>,
+    turn_affinity: bool,
 ) -> PyResult<PyRun> {
     let source_ips = source_ips
         .iter()
@@ -295,6 +296,7 @@ fn start_run(
         start_at_unix_ns,
         realtime_priority,
         route_groups,
+        turn_affinity,
     };
     let expected_len = if more { 0 } else { schedule.len() };
     let handle = engine::start_streaming(config, expected_len)?;

@@ -27,6 +27,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
         start_at_unix_ns: None,
         realtime_priority: false,
         route_groups: Vec::new(),
+        turn_affinity: true,
     }
 }
 

@@ -86,7 +86,8 @@ class SyntheticPromptBuilder:
                     take = min(self.block_size, left)
                     if take <= 0:
                         break
-                    parts.append(self._slice((b * 7919) % self._pool_words, take))
+                    # The block's id is its first word: pool offsets repeat, ids do not.
+                    parts.append(f"b{b:x} " + self._slice((b * 7919) % self._pool_words, take - 1))
                     left -= take
                 if left > 0:
                     parts.append(self._slice(((base_index + i) * 104729) % self._pool_words, left))

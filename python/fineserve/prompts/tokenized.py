@@ -20,12 +20,17 @@ that from the start). The mismatch rate is always reported.
 - Intended sharing: requests with ``hash_ids`` (Mooncake / Qwen-Bailian) are built block
   by block: equal block ids give identical token blocks of ``block_size`` tokens, so a
   prefix cache sees the trace's sharing (a partial last block is its own window of its
-  length: equal id and length, equal tokens). Such prompts carry no request tag: their
-  first block *is* their identity. Shared-prefix groups (``shared_prefix_groups`` ×
-  ``shared_prefix_len``): request i starts with group (i mod groups)'s prefix, then its
-  own tag and text; a request shorter than the prefix is the prefix's start.
+  length: equal id and length, equal tokens). Each block opens with its id (``[id]``), so
+  different ids never give equal blocks, however small the source text. Such prompts
+  carry no request tag: their first block *is* their identity.
+  Shared-prefix groups (``shared_prefix_groups`` × ``shared_prefix_len``): request i starts
+  with group (i mod groups)'s prefix, then its own tag and text; a request shorter than
+  the prefix is the prefix's start.
 - ``--apply-chat-template``: the user message is sized so that the templated prompt (as a
   completions-API prompt) has exactly ``input_len`` tokens.
+- Special tokens: a completions prompt's length counts the special tokens the tokenizer adds
+  (Llama's BOS), since the server adds them too; a BOS the chat template writes is
+  dropped, as FineServe does, so the prompt does not start with two.
 """
 
 from __future__ import annotations
@@ -235,11 +240,18 @@ class TokenizedPromptBuilder:
         shared_prefix_len: int = 0,
         cache_dir: Path | None = None,
         check: str = "sample",
+        count_special_tokens: bool = True,
     ) -> None:
         if block_size < 1:
             raise FineserveError("--prefix-block-size must be >= 1")
         self.tok = tokenizer
         self.seed = seed
+        # A server tokenizes a completions prompt *with* the tokenizer's special tokens
+        # (Llama's BOS), so they count towards the input length; a chat prompt is the
+        # user message, wrapped by the server's template, so they do not.
+        self.special_len = (
+            int(tokenizer.num_special_tokens_to_add(pair=False)) if count_special_tokens else 0
+        )
         self.block_size = block_size
         self.suffix = prompt_suffix
         self.suffix_len = (
@@ -252,6 +264,7 @@ class TokenizedPromptBuilder:
         self._text, self._cache_dir = text, cache_dir
         self.pool = TokenPool(tokenizer, text, self._pool_need(max_input_len), cache_dir)
         self.check_all = False
+        self._tag_len_of_block: dict[int, int] = {}
         if check not in CHECK_MODES:
             raise FineserveError(f"--prompt-check must be one of {', '.join(CHECK_MODES)}")
         self.check = check
@@ -312,6 +325,11 @@ class TokenizedPromptBuilder:
         if marker not in rendered:
             raise FineserveError("--apply-chat-template: the template drops the user message")
         head, tail = rendered.split(marker, 1)
+        bos = getattr(self.tok, "bos_token", None)
+        if self.special_len and bos and head.startswith(bos):
+            # The template writes BOS and the server's tokenizer adds it again: FineServe
+            # strips the template's, so the prompt starts with one.
+            head = head[len(bos) :]
         self.template = (head, tail)
         self.template_len = len(self.tok(head + tail, add_special_tokens=False)["input_ids"])
 
@@ -342,7 +360,7 @@ class TokenizedPromptBuilder:
         n = len(input_len)
         if n:
             self._ensure_pool(int(np.max(input_len)))
-        overhead = self.template_len + self.suffix_len
+        overhead = self.template_len + self.suffix_len + self.special_len
         tags = [self._tag(base_index + i) for i in range(n)]
         tag_lens = [len(x) for x in self.tok(tags, add_special_tokens=False)["input_ids"]]
         prompts: list[str] = []
@@ -397,18 +415,39 @@ class TokenizedPromptBuilder:
                 self.check_all = True
         return prompts, actual, report
 
+    def _block_tag_lens(self, ids: list[int]) -> dict[int, int]:
+        """Token counts of the block tags of ``ids`` (memoized: block ids recur)."""
+        new = [b for b in set(ids) if b not in self._tag_len_of_block]
+        if new:
+            enc = self.tok([self._block_tag(b) for b in new], add_special_tokens=False)
+            self._tag_len_of_block.update(zip(new, (len(x) for x in enc["input_ids"])))
+        return self._tag_len_of_block
+
+    @staticmethod
+    def _block_tag(block_id: int) -> str:
+        return f"[{block_id}]"
+
     def _blocks(self, blocks: npt.NDArray[np.int64], body_len: int, idx: int) -> str:
         if not len(blocks):
             s, e = self.pool.window(_mix(idx), max(body_len, 1))
             return self.pool.text_of(s, e)
         parts = []
         left = body_len
-        for b in blocks.tolist():
+        ids = blocks.tolist()
+        tag_lens = self._block_tag_lens(ids)
+        for b in ids:
             if left <= 0:
                 break
             take = min(self.block_size, left)
-            s, e = self.pool.window(_mix(int(b) * 2 + 1) ^ self.seed, take)
-            parts.append(self.pool.text_of(s, e))
+            # Each block opens with its id: windows of the pool may repeat (a small dataset
+            # is the pool many times over), and two ids whose blocks matched would give a
+            # prefix cache hits the trace does not have.
+            if take > tag_lens[b]:
+                tag, window_len = self._block_tag(b), take - tag_lens[b]
+            else:
+                tag, window_len = "", take
+            s, e = self.pool.window(_mix(int(b) * 2 + 1) ^ self.seed, window_len)
+            parts.append(tag + self.pool.text_of(s, e))
             left -= take
         if left > 0:  # more tokens than blocks cover: a request-unique tail
             s, e = self.pool.window(_mix(idx + 99991), left)
@@ -432,17 +471,17 @@ class TokenizedPromptBuilder:
         base: int,
         report: BuildReport,
     ) -> None:
-        lens = self._lengths([prompts[i] for i in rows.tolist()])
+        lens = self._lengths([prompts[i] for i in rows.tolist()]) + self.special_len
         report.checked += len(rows)
         bad = rows[lens != actual[rows]]
         for i in bad.tolist():
             want = int(actual[i])
-            fixed = self._repair(prompts[i], want)
+            fixed = self._repair(prompts[i], want - self.special_len)
             if fixed is not None:
                 prompts[i] = fixed
                 report.repaired += 1
             else:
-                got = int(self._lengths([prompts[i]])[0])
+                got = int(self._lengths([prompts[i]])[0]) + self.special_len
                 actual[i] = got
                 report.mismatched += 1
                 if len(report.examples) < 5:
