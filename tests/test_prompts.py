@@ -313,9 +313,100 @@ def test_blast_with_tokenizer_reports_exact_lengths(tokenizer_dir: Path, tmp_pat
     m = json.loads(res.read_text())
     assert m["prompt_check"] == {"checked": 60, "repaired": 0, "mismatched": 0}
     table, _ = read_requests(req)
-    assert table["input_len"].to_pylist() == [x for x in table["input_len"].to_pylist()]
-    r = invoke("blast", "--tokenizer", str(tmp_path / "nope"))
-    assert r.exit_code != 0 and "cannot load it offline" in r.output
+    lens = table["input_len"].to_pylist()
+    assert min(lens) >= 30 and max(lens) <= 570 and len(set(lens)) > 10
+    assert sum(lens) == m["total_input_tokens"]
+    for bad, why in [
+        (tmp_path / "nope", "no such directory"),
+        (tmp_path, "no tokenizer.json"),
+        ("no-such-model-anywhere", "cannot load it offline"),
+    ]:
+        r = invoke("blast", "--tokenizer", str(bad), "--num-prompts", "1")
+        assert r.exit_code != 0 and why in r.output and "Traceback" not in r.output
+
+
+def test_fineserve_presaved_dataset_gives_output_lengths(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """FineServe's pre-saved JSON (input_text, output_length): the texts feed the prompts,
+    and with --dataset-output-len request i asks for entry (i mod N)'s output length."""
+    data = tmp_path / "fineserve.json"
+    entries = [
+        {"input_text": f"Entry {i}: tell me about the weather in town {i}.", "output_length": n}
+        for i, n in enumerate([3, 5, 7])
+    ]
+    data.write_text(json.dumps([*entries, {"input_text": "no length here"}]))
+    req = tmp_path / "r.parquet"
+    args = [
+        "blast",
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--dataset-path",
+        str(data),
+        "--num-prompts",
+        "9",
+        "--request-rate",
+        "100",
+        "--random-input-len",
+        "40",
+        "--disable-tqdm",
+        "--warmup-requests",
+        "0",
+        "--save-requests",
+        str(req),
+    ]
+    r = invoke(*args, "--dataset-output-len")
+    assert r.exit_code == 0, r.output
+    assert "4 prompts (JSON), 3 with an output length" in r.output  # notices show with the mock
+    table, _ = read_requests(req)
+    assert table["output_len"].to_pylist() == [3, 5, 7] * 3
+    assert table["completion_tokens"].to_pylist() == [3, 5, 7] * 3  # what the server was asked
+    r = invoke(*args[:-2], "--random-output-len", "4")  # without the flag: the workload's
+    assert r.exit_code == 0, r.output
+    nolen = tmp_path / "nolen.jsonl"
+    nolen.write_text('{"prompt": "a b c d"}\n')
+    r = invoke(
+        "blast",
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--dataset-path",
+        str(nolen),
+        "--dataset-output-len",
+        "--num-prompts",
+        "2",
+    )
+    assert r.exit_code != 0 and "has no output_length" in r.output
+    r = invoke("blast", "--dataset-output-len", "--num-prompts", "2")
+    assert r.exit_code != 0 and "needs --dataset-path" in r.output
+
+
+def test_dataset_file_shapes(tmp_path: Path) -> None:
+    """ShareGPT's singular ``conversation`` key, a pretty-printed JSON object holding the
+    list, and one that is itself an entry."""
+    from fineserve.prompts import load_prompt_dataset
+
+    conv = tmp_path / "conv.json"
+    conv.write_text(
+        json.dumps(
+            [
+                {
+                    "conversation": [
+                        {"from": "user", "value": "first?"},
+                        {"from": "gpt", "value": "x"},
+                    ]
+                },
+                {"conversation": [{"from": "gpt", "value": "no human turn"}]},
+            ]
+        )
+    )
+    texts, outs, summary = load_prompt_dataset(conv)
+    assert texts == ["first?"] and outs == [-1] and "skipped 1 no prompt text" in summary
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"input_text": "a", "output_length": 9}]}, indent=2))
+    assert load_prompt_dataset(wrapped)[:2] == (["a"], [9])
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"prompt": "just one", "max_tokens": 4}, indent=2))
+    assert load_prompt_dataset(single)[:2] == (["just one"], [4])
 
 
 def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
@@ -416,6 +507,10 @@ def test_deployment_errors() -> None:
         Deployment.from_options(
             ["http://a/v1/c"], "round-robin", {"x": "http://b"}, lambda u: u[: -len("/v1/c")]
         )
+    r = invoke("blast", "--shared-prefix-groups", "4", "--num-prompts", "2")
+    assert r.exit_code != 0 and "go together" in r.output
+    r = invoke("blast", "--prompt-suffix", " Answer.", "--num-prompts", "2")
+    assert r.exit_code != 0 and "need --tokenizer" in r.output
     r = invoke("blast", "--route", "novalue")
     assert r.exit_code != 0 and "CLASS=URL" in r.output and "Traceback" not in r.output
     r = invoke("blast", "--route", "round-robin", "--route", "least-outstanding")

@@ -6,6 +6,7 @@ Kept apart from the command line so that ``sweep`` (and scripts) can run it many
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import math
@@ -32,7 +33,7 @@ from .prompts import (
     PrefixHitCounter,
     SyntheticPromptBuilder,
     TokenizedPromptBuilder,
-    load_prompt_texts,
+    load_prompt_dataset,
     load_tokenizer,
 )
 from .prompts.tokenized import prompt_cache_dir, source_text_from
@@ -81,34 +82,51 @@ def resolve_model(base: str, model: str | None, api_key: str | None) -> str:
 
 
 def prompt_builder(
-    o: dict[str, Any], seed: int, first: Schedule, chat: bool, quiet: bool
-) -> SyntheticPromptBuilder | TokenizedPromptBuilder:
-    """Exact token lengths with ``--tokenizer``; approximate synthetic words without."""
+    o: dict[str, Any], seed: int, first: Schedule, chat: bool, quiet: bool, is_mock: bool = False
+) -> tuple[SyntheticPromptBuilder | TokenizedPromptBuilder, npt.NDArray[np.int64] | None]:
+    """Exact token lengths with ``--tokenizer``; approximate synthetic words without (exact
+    against the mock, which counts words, so it needs no notice there). Also the dataset's
+    output lengths when ``--dataset-output-len`` asks for them."""
     groups, prefix_len = o.get("shared_prefix_groups") or 0, o.get("shared_prefix_len") or 0
+    if bool(groups) != bool(prefix_len):
+        raise FineserveError("--shared-prefix-groups and --shared-prefix-len go together")
     block = o.get("prefix_block_size") or 512
     if o.get("apply_chat_template") and chat:
         raise FineserveError(
             "--apply-chat-template is for the completions API; the chat API applies the "
             "server's template itself"
         )
+    if o.get("dataset_output_len") and not o.get("dataset_path"):
+        raise FineserveError("--dataset-output-len needs --dataset-path")
     if not o.get("tokenizer"):
-        if o.get("dataset_path") or o.get("apply_chat_template"):
-            raise FineserveError("--dataset-path and --apply-chat-template need --tokenizer")
-        if not quiet:
+        if o.get("dataset_path") or o.get("apply_chat_template") or o.get("prompt_suffix"):
+            raise FineserveError(
+                "--dataset-path, --apply-chat-template and --prompt-suffix need --tokenizer"
+            )
+        if not quiet and not is_mock:
             note(
                 "no --tokenizer: synthetic word prompts; input lengths are approximate "
                 "(one word ≈ one token for common tokenizers; the mock counts words)"
             )
-        return SyntheticPromptBuilder(
+        synthetic = SyntheticPromptBuilder(
             seed, block_size=block, shared_prefix_groups=groups, shared_prefix_len=prefix_len
         )
+        return synthetic, None
     tok = load_tokenizer(o["tokenizer"])
     source = None
+    output_lens = None
     if o.get("dataset_path"):
-        texts, summary = load_prompt_texts(Path(o["dataset_path"]))
+        texts, outputs, summary = load_prompt_dataset(Path(o["dataset_path"]))
         if not quiet:
             note(summary)
         source = source_text_from(texts)
+        if o.get("dataset_output_len"):
+            output_lens = np.asarray([x for x in outputs if x > 0], dtype=np.int64)
+            if not len(output_lens):
+                raise FineserveError(
+                    f"--dataset-output-len: {o['dataset_path']} has no output_length "
+                    "(or output_len, max_tokens) fields"
+                )
     started = time.perf_counter()
     builder = TokenizedPromptBuilder(
         tok,
@@ -130,7 +148,7 @@ def prompt_builder(
             f"({'cached' if builder.pool.cached else 'tokenized'} in "
             f"{time.perf_counter() - started:.1f} s)"
         )
-    return builder
+    return builder, output_lens
 
 
 class MetricsSink(RecordSink):
@@ -186,6 +204,8 @@ class RequestShapes:
     default_model: str
     class_models: dict[str, str]
     deployment: Deployment
+    #: ``--dataset-output-len``: request i's output length is entry (i mod N)'s.
+    output_lens: npt.NDArray[np.int64] | None = None
 
 
 def engine_chunks(
@@ -201,9 +221,12 @@ def engine_chunks(
     # Prompts of turns that later turns extend: index → [text, tokens, answer, followers left].
     history: dict[int, list[Any]] = {}
     for c in chunks:
+        n = len(c)
+        if shapes.output_lens is not None:
+            picks = shapes.output_lens[(base + np.arange(n)) % len(shapes.output_lens)]
+            c = dataclasses.replace(c, output_len=picks)
         if digest is not None:
             digest.add(c)
-        n = len(c)
         prompts, actual_len = builder.build_chunk(base, c)
         turns = None
         if "parent" in c.extra:
@@ -363,7 +386,7 @@ def execute_blast(
     first = next(workload.chunks, None)
     if first is None or not len(first):
         raise FineserveError("the workload has no requests")
-    builder = prompt_builder(o, seed, first, chat, quiet or is_mock)
+    builder, dataset_output_lens = prompt_builder(o, seed, first, chat, quiet, is_mock)
     templates = {
         m: BodyTemplate(
             o["backend"],
@@ -382,7 +405,7 @@ def execute_blast(
         parse_pairs([*pins, *(o.get("route_class") or ())], "--route"),
         lambda u: u[: len(u) - len(path)],
     )
-    shapes = RequestShapes(builder, templates, model, class_models, deployment)
+    shapes = RequestShapes(builder, templates, model, class_models, deployment, dataset_output_lens)
 
     lanes = o["lanes"] or default_lanes()
     warm = o["warm_connections"]

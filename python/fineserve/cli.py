@@ -295,6 +295,13 @@ def _blast_options(f: Any) -> Any:
         ),
         click.option("--prompt-suffix", default="", help="Text appended to every prompt."),
         click.option(
+            "--dataset-output-len",
+            is_flag=True,
+            help="Take output lengths from --dataset-path (FineServe's output_length, or "
+            "output_len / max_tokens): request i gets entry (i mod N)'s, in place of the "
+            "workload's.",
+        ),
+        click.option(
             "--prefix-block-size",
             type=click.IntRange(min=1),
             default=512,

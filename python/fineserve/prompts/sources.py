@@ -6,7 +6,8 @@ Formats, detected from the content:
   the first human turn of each conversation is a prompt.
 - FineServe's pre-saved JSON: a list of ``{"input_text", "output_length"}``.
 - JSONL: one object per line with ``prompt``, ``text`` or ``input_text`` (or a bare string).
-Entries without usable text are skipped and counted.
+Entries without usable text are skipped and counted. Entries may carry their output length
+(``output_length``, ``output_len`` or ``max_tokens``), which ``--dataset-output-len`` uses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from typing import Any
 from ..errors import FineserveError
 
 _TEXT_KEYS = ("prompt", "text", "input_text", "question", "content")
+_OUTPUT_KEYS = ("output_length", "output_len", "max_tokens")
+
+
+def _output_len(obj: Any) -> int:
+    """The entry's output length in tokens, or -1 when it has none usable."""
+    if isinstance(obj, dict):
+        for key in _OUTPUT_KEYS:
+            v = obj.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 10_000_000:
+                return int(v)
+    return -1
 
 
 def _first_human(conv: Any) -> str | None:
@@ -47,6 +59,13 @@ def _from_obj(obj: Any) -> str | None:
 
 def load_prompt_texts(path: Path) -> tuple[list[str], str]:
     """The dataset's prompt texts and a one-line summary (kept / skipped by reason)."""
+    texts, _, summary = load_prompt_dataset(path)
+    return texts, summary
+
+
+def load_prompt_dataset(path: Path) -> tuple[list[str], list[int], str]:
+    """The dataset's prompt texts, each entry's output length (-1: none), and a one-line
+    summary (kept / skipped by reason)."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8", errors="replace")
@@ -54,17 +73,32 @@ def load_prompt_texts(path: Path) -> tuple[list[str], str]:
         raise FineserveError(f"--dataset-path {path}: {e.strerror}") from None
     skipped: Counter[str] = Counter()
     texts: list[str] = []
+    outputs: list[int] = []
     stripped = raw.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    whole: Any = None
+    if stripped.startswith("{"):
+        try:  # one JSON object (maybe pretty-printed) rather than JSONL
+            whole = json.loads(raw)
+        except json.JSONDecodeError:
+            whole = None
+    if stripped.startswith("[") or isinstance(whole, dict):
+        if isinstance(whole, dict):
+            # {"data": [...]} and the like: the first list of entries; else one entry.
+            lists = [v for v in whole.values() if isinstance(v, list)]
+            data = lists[0] if lists and not _from_obj(whole) else [whole]
+        else:
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise FineserveError(
+                    f"{path}: not valid JSON ({e.msg} at line {e.lineno})"
+                ) from None
         fmt = "JSON"
         for obj in data:
             t = _from_obj(obj)
             if t and t.strip():
                 texts.append(t)
+                outputs.append(_output_len(obj))
             else:
                 skipped["no prompt text"] += 1
     else:
@@ -80,6 +114,7 @@ def load_prompt_texts(path: Path) -> tuple[list[str], str]:
             t = _from_obj(obj)
             if t and t.strip():
                 texts.append(t)
+                outputs.append(_output_len(obj))
             else:
                 skipped["no prompt text"] += 1
     if not texts:
@@ -88,6 +123,9 @@ def load_prompt_texts(path: Path) -> tuple[list[str], str]:
             "input_text, or prompt/text fields)"
         )
     summary = f"{path.name}: {len(texts)} prompts ({fmt})"
+    with_output = sum(1 for x in outputs if x > 0)
+    if with_output:
+        summary += f", {with_output} with an output length"
     if skipped:
         summary += "; skipped " + ", ".join(f"{n} {why}" for why, n in skipped.items())
-    return texts, summary
+    return texts, outputs, summary

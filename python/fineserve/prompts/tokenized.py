@@ -62,6 +62,18 @@ def load_tokenizer(name_or_path: str) -> Any:
         from transformers import AutoTokenizer
     except ImportError:  # pragma: no cover - transformers is a dependency
         raise FineserveError("--tokenizer needs the transformers package") from None
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise FineserveError(
+                f"--tokenizer {name_or_path}: the directory has no tokenizer.json or "
+                "tokenizer_config.json"
+            )
+    elif path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FineserveError(
+            f"--tokenizer {name_or_path}: no such directory (pass a local tokenizer "
+            "directory, or a Hugging Face name already in the local cache)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as e:
