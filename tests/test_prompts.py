@@ -259,12 +259,12 @@ def test_prefix_hit_rate_matches_a_direct_count() -> None:
 @pytest.mark.parametrize(
     "backend, endpoint, must, must_not",
     [
-        ("vllm", None, {"ignore_eos": True, "max_tokens": 9}, ["messages"]),
-        ("sglang", None, {"ignore_eos": True, "max_tokens": 9}, []),
-        ("openai", None, {"max_tokens": 9}, ["ignore_eos"]),
+        ("vllm", None, {"ignore_eos": True, "max_tokens": 9, "min_tokens": 9}, ["messages"]),
+        ("sglang", None, {"ignore_eos": True, "max_tokens": 9, "min_tokens": 9}, []),
+        ("openai", None, {"max_tokens": 9}, ["ignore_eos", "min_tokens"]),
         ("openai-chat", None, {"max_completion_tokens": 9}, ["ignore_eos", "prompt"]),
-        ("tgi", None, {"max_tokens": 9}, ["ignore_eos", "prompt"]),
-        ("vllm", "/v1/chat/completions", {"ignore_eos": True, "max_tokens": 9}, ["prompt"]),
+        ("tgi", None, {"max_tokens": 9}, ["ignore_eos", "min_tokens", "prompt"]),
+        ("vllm", "/v1/chat/completions", {"min_tokens": 9, "max_tokens": 9}, ["prompt"]),
     ],
 )
 def test_backend_bodies(backend: str, endpoint: str | None, must: dict, must_not: list) -> None:
@@ -282,6 +282,21 @@ def test_backend_bodies(backend: str, endpoint: str | None, must: dict, must_not
         assert body["messages"] == [{"role": "user", "content": "hi x"}]
     else:
         assert body["prompt"] == "hi x"
+
+
+def test_body_template_slots_and_overrides() -> None:
+    from fineserve.errors import FineserveError
+
+    t = BodyTemplate("vllm", "m", stream=False, ignore_eos=True, extra={"min_tokens": 1})
+    for prompt, n in [('a "q"\n', 5), ("b", 7)]:
+        body = _json.loads(t.render(prompt, n))
+        assert (body["prompt"], body["max_tokens"], body["min_tokens"]) == (prompt, n, 1)
+        assert body["ignore_eos"] is True and body["model"] == "m"
+    off = _json.loads(BodyTemplate("vllm", "m", stream=False, ignore_eos=False).render("x", 3))
+    assert "ignore_eos" not in off and "min_tokens" not in off and off["max_tokens"] == 3
+    for bad in ({"max_tokens": 4}, {"prompt": "fixed"}):
+        with pytest.raises(FineserveError, match="must not replace"):
+            BodyTemplate("vllm", "m", stream=False, ignore_eos=True, extra=bad)
 
 
 def test_blast_with_tokenizer_reports_exact_lengths(tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -7,14 +7,16 @@ The API follows the endpoint: a path ending in ``/chat/completions`` gets a chat
 (``messages``), anything else a completions body (``prompt``). Forcing the output length
 to the schedule's, per backend:
 
-- ``vllm``, ``sglang``: ``max_tokens`` plus ``ignore_eos: true`` (both servers accept it on
-  their OpenAI routes), so exactly ``max_tokens`` tokens come back;
+- ``vllm``, ``sglang``: ``max_tokens`` plus ``ignore_eos: true`` and ``min_tokens`` equal to
+  ``max_tokens`` (both servers accept them on their OpenAI routes; ``min_tokens`` also holds
+  the length against stop tokens other than EOS), so exactly ``max_tokens`` tokens come
+  back;
 - ``openai``, ``openai-chat``: only ``max_tokens`` (completions) or ``max_completion_tokens``
   (chat) — strict servers (OpenAI, ``transformers serve``) reject unknown fields such as
   ``ignore_eos`` with HTTP 4xx, so the output may end early at EOS;
 - ``tgi``: ``max_tokens`` (TGI's OpenAI routes have no ignore-EOS switch; same caveat).
-``--disable-ignore-eos`` drops ``ignore_eos``; ``--extra-request-body`` adds anything else
-(e.g. ``{"min_tokens": 128}`` for vLLM/SGLang).
+``--disable-ignore-eos`` drops ``ignore_eos`` and ``min_tokens``; ``--extra-request-body``
+adds anything else (and overrides these).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def is_chat_endpoint(path: str) -> bool:
 
 _PROMPT = "__FINESERVE_PROMPT__"
 _MAX_TOKENS = 987654321
+_MIN_TOKENS = 987654322
+#: The template's open slots, as they appear in its JSON text.
+_SLOTS = {"prompt": f'"{_PROMPT}"', "max": str(_MAX_TOKENS), "min": str(_MIN_TOKENS)}
 
 
 def parse_extra_body(text: str | None) -> dict[str, Any]:
@@ -95,24 +100,28 @@ class BodyTemplate:
             body["stream_options"] = {"include_usage": True}
         if ignore_eos and backend in IGNORE_EOS_BACKENDS:
             body["ignore_eos"] = True
+            body["min_tokens"] = _MIN_TOKENS
         body.update(extra or {})
         text = json.dumps(body, separators=(",", ":"))
-        if f'"{_PROMPT}"' not in text or str(_MAX_TOKENS) not in text:
+        if text.count(_SLOTS["prompt"]) != 1 or text.count(_SLOTS["max"]) != 1:
             raise FineserveError("--extra-request-body must not replace the prompt or max_tokens")
-        head, rest = text.split(f'"{_PROMPT}"', 1)
-        if str(_MAX_TOKENS) in head:
-            mid_a, tail_a = head.split(str(_MAX_TOKENS), 1)
-            self._parts = (mid_a, tail_a, rest, True)
-        else:
-            mid, tail = rest.split(str(_MAX_TOKENS), 1)
-            self._parts = (head, mid, tail, False)
+        # The JSON text cut at its open slots: render joins the pieces with the values.
+        found = sorted((text.index(v), k) for k, v in _SLOTS.items() if v in text)
+        self._slots = [k for _, k in found]
+        self._pieces: list[str] = []
+        pos = 0
+        for at, k in found:
+            self._pieces.append(text[pos:at])
+            pos = at + len(_SLOTS[k])
+        self._pieces.append(text[pos:])
 
     def render(self, prompt: str, max_tokens: int) -> bytes:
-        a, b, c, tokens_first = self._parts
-        p = json.dumps(prompt)
-        if tokens_first:
-            return f"{a}{max_tokens}{b}{p}{c}".encode()
-        return f"{a}{p}{b}{max_tokens}{c}".encode()
+        values = {"prompt": json.dumps(prompt), "max": str(max_tokens), "min": str(max_tokens)}
+        out = [self._pieces[0]]
+        for slot, piece in zip(self._slots, self._pieces[1:]):
+            out.append(values[slot])
+            out.append(piece)
+        return "".join(out).encode()
 
     def render_all(self, prompts: Iterable[str], max_tokens: Iterable[int]) -> list[bytes]:
         return [self.render(p, int(m)) for p, m in zip(prompts, max_tokens)]
