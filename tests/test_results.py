@@ -72,6 +72,30 @@ def test_goodput_syntax_errors_are_one_line(bad: str) -> None:
     assert r.exit_code != 0 and "--goodput" in r.output and "Traceback" not in r.output
 
 
+def test_goodput_takes_vllms_space_separated_list(tmp_path: Path) -> None:
+    """vLLM writes ``--goodput ttft:500 tpot:50`` (argparse nargs="+"); so can we."""
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast",
+        "--num-prompts",
+        "20",
+        "--request-rate",
+        "200",
+        "--disable-tqdm",
+        "--goodput",
+        "ttft:60000",
+        "e2el:0.001",
+        "--output-file",
+        str(res),
+    )
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    assert m["goodput_slos_ms"] == {"ttft": 60000.0, "e2el": 0.001}
+    assert m["good_requests"] == 0  # no request ends within 1 µs: the second SLO was read
+    r = invoke("blast", "--num-prompts", "2", "--goodput=ttft:1", "tpot:x")
+    assert r.exit_code != 0 and "--goodput" in r.output and "Traceback" not in r.output
+
+
 def test_blast_results_parquet_matches_the_summary(tmp_path: Path) -> None:
     req = tmp_path / "req.parquet"
     res = tmp_path / "res.json"

@@ -20,6 +20,7 @@ from .cli_options import (
     NON_NEGATIVE,
     POSITIVE,
     TOKENS,
+    ListOptionsCommand,
     Number,
     OutputFile,
     apply_options,
@@ -469,7 +470,7 @@ def _ray_options(f: Any) -> Any:
     return apply_options(f, opts)
 
 
-@cli.command("blast")
+@cli.command("blast", cls=ListOptionsCommand)
 @_blast_options
 @_ray_options
 @_mock_options
@@ -527,7 +528,7 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     return extra
 
 
-@cli.command("sweep")
+@cli.command("sweep", cls=ListOptionsCommand)
 @click.option(
     "--slo",
     "slo_texts",

@@ -28,6 +28,28 @@ class Number(click.FloatRange):
         return rv
 
 
+class ListOptionsCommand(click.Command):
+    """Accepts vLLM's space-separated list options, e.g. ``--goodput ttft:500 tpot:50``
+    (argparse ``nargs="+"``, which click's options cannot take): the words after such an
+    option, up to the next option, become repeats of it."""
+
+    list_options = ("--goodput",)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        current: str | None = None
+        for word in args:
+            if word.startswith("-"):
+                name = word.split("=", 1)[0]
+                current = name if name in self.list_options else None
+                out.append(word)
+            elif current is not None and out[-1] != current and ":" in word:
+                out += [current, word]
+            else:
+                out.append(word)
+        return super().parse_args(ctx, out)
+
+
 class OutputFile(click.Path):
     """A file to write, checked before any work starts (otherwise a long run would end
     with nowhere to put its results): its directory is created if missing, and must be
