@@ -96,6 +96,46 @@ def test_goodput_takes_vllms_space_separated_list(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "--goodput" in r.output and "Traceback" not in r.output
 
 
+def test_save_detailed_writes_vllms_per_request_lists(tmp_path: Path) -> None:
+    """--save-detailed: vLLM's per-request lists, equal to the Parquet's own columns."""
+    res, req = tmp_path / "r.json", tmp_path / "r.parquet"
+    args = [
+        "blast",
+        "--num-prompts",
+        "40",
+        "--request-rate",
+        "200",
+        "--random-output-len",
+        "4",
+        "--disable-tqdm",
+        "--mock-fault",
+        "http_500=0.25",
+        "--output-file",
+        str(res),
+    ]
+    r = invoke(*args, "--save-detailed", "--save-requests", str(req))
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    table, _ = read_requests(req)
+    ok = [k == "ok" for k in table["error_kind"].to_pylist()]
+    assert sum(ok) == m["completed"] and 0 < m["failed"] < 15 and len(m["ttfts"]) == 40
+    assert m["input_lens"] == table["input_len"].to_pylist()
+    assert m["output_lens"] == [4 if good else 0 for good in ok]
+    sent, first = table["sent_ns"].to_pylist(), table["first_token_ns"].to_pylist()
+    for i, good in enumerate(ok):
+        if good:
+            assert m["ttfts"][i] == pytest.approx((first[i] - sent[i]) / 1e9)
+            assert len(m["itls"][i]) == 3 and m["errors"][i] == ""
+        else:
+            assert m["ttfts"][i] == 0 and m["itls"][i] == []
+            assert m["errors"][i].startswith("http_status: HTTP 500")
+    assert m["ttfts"] and "generated_texts" not in m
+    r = invoke(*args, "--save-detailed")  # without --save-requests: a temporary file
+    assert r.exit_code == 0 and len(json.loads(res.read_text())["itls"]) == 40
+    r = invoke("blast", "--num-prompts", "2", "--save-detailed")
+    assert r.exit_code != 0 and "needs --output-file" in r.output
+
+
 def test_blast_results_parquet_matches_the_summary(tmp_path: Path) -> None:
     req = tmp_path / "req.parquet"
     res = tmp_path / "res.json"

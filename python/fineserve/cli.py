@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from .errors import FineserveError
 from .metrics import format_summary
 from .metrics.serving import parse_goodput
 from .mock import MockServer
+from .results import detailed_lists, read_requests
 from .schedule import write_schedule
 from .server import base_url_from
 from .workloads.spec import MODES, build_workload
@@ -357,6 +359,13 @@ def _blast_options(f: Any) -> Any:
             help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
             "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
             "read it with `fineserve report`.",
+        ),
+        click.option(
+            "--save-detailed",
+            is_flag=True,
+            help="Also put vLLM's per-request lists in the result JSON: input_lens, "
+            "output_lens, ttfts and itls (seconds), errors ('' when ok). Response texts are "
+            "not kept, so generated_texts is not written.",
         ),
         click.option(
             "--goodput",
@@ -688,13 +697,32 @@ def _percentile_options(
 
 
 def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock: bool) -> None:
+    if o.get("save_detailed") and not o["output_file"]:
+        raise FineserveError("--save-detailed needs --output-file")
+    if o.get("save_detailed") and not o["save_requests"]:
+        # The per-request lists are read back from a results file: a temporary one.
+        with tempfile.TemporaryDirectory(prefix="fineserve-") as tmp:
+            step = {**o, "save_requests": Path(tmp) / "requests.parquet"}
+            _blast_once(step, bases, seed, extra, is_mock, announce_requests=False)
+        return
+    _blast_once(o, bases, seed, extra, is_mock)
+
+
+def _blast_once(
+    o: dict[str, Any],
+    bases: list[str],
+    seed: int,
+    extra: dict,
+    is_mock: bool,
+    announce_requests: bool = True,
+) -> None:
     run = execute_blast(o, bases, seed, extra, is_mock)
     out(format_summary(run.metrics, run.header))
     if "workers" in run.metrics:
         out(format_workers(run.metrics["workers"]))
     if run.interrupted:
         warn("the run was interrupted: results are partial")
-    if run.writer is not None:
+    if run.writer is not None and announce_requests:
         note(f"wrote {run.writer.rows} request records to {run.writer.path}")
     if o["output_file"]:
         result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
@@ -702,6 +730,8 @@ def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock:
         result["schedule_digest"] = run.digest
         if "workers" in run.metrics:
             result["workers"] = run.metrics["workers"]
+        if o.get("save_detailed") and run.writer is not None:
+            result.update(detailed_lists(read_requests(run.writer.path)[0]))
         write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
     if run.interrupted:

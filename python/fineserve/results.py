@@ -214,6 +214,32 @@ def read_journal(path: Path) -> tuple[pa.Table, bool]:
     return pa.Table.from_batches(batches, schema=schema), clean
 
 
+def detailed_lists(table: pa.Table) -> dict[str, list[Any]]:
+    """vLLM's ``--save-detailed`` per-request lists, in request order: ``input_lens``,
+    ``output_lens`` (tokens received), ``ttfts`` (s, from send; 0 when none), ``itls``
+    (s, gaps between token chunks), ``errors`` ('' when ok, else "kind: message")."""
+    t = table.sort_by("index") if table.num_rows else table
+    kind = t["error_kind"].to_pylist()
+    message = t["error_message"].to_pylist()
+    sent = np.asarray(t["sent_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    first = np.asarray(t["first_token_ns"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    ok = (np.asarray(kind, dtype=object) == "ok") & (first >= 0) & (sent >= 0)
+    ttfts = np.where(ok, (first - sent) / 1e9, 0.0)
+    itls = [
+        (np.diff(np.asarray(c, dtype=np.int64)) / 1e9).tolist() if good and c else []
+        for c, good in zip(t["chunk_ns"].to_pylist(), ok.tolist())
+    ]
+    return {
+        "input_lens": t["input_len"].to_pylist(),
+        "output_lens": [n if good else 0 for n, good in zip(t["n_chunks"].to_pylist(), ok)],
+        "ttfts": ttfts.tolist(),
+        "itls": itls,
+        "errors": [
+            "" if k == "ok" else f"{k}: {m or ''}".rstrip(": ") for k, m in zip(kind, message)
+        ],
+    }
+
+
 def read_requests(path: Path) -> tuple[pa.Table, dict[str, Any]]:
     """A results Parquet (or a journal left by a crash) and its run metadata."""
     path = Path(path)

@@ -423,7 +423,13 @@ fn json_response(status: StatusCode, body: String) -> Response<MockBody> {
 }
 
 fn error_response(status: StatusCode, msg: &str) -> Response<MockBody> {
-    let body = serde_json::json!({"error": {"message": msg, "type": "invalid_request_error"}});
+    // OpenAI's error types: the client's fault for 4xx, the server's for 5xx.
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = serde_json::json!({"error": {"message": msg, "type": kind}});
     json_response(status, body.to_string())
 }
 
