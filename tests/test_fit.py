@@ -381,6 +381,34 @@ def test_fit_validate_passes_on_shared_traces(tmp_path: Path, rel: str) -> None:
 
 
 @needs_shared
+def test_fit_takes_a_servegen_composition_as_a_schedule(tmp_path: Path) -> None:
+    """A ServeGen pool holds per-client rates, not requests: it is fitted through the
+    schedule `generate` draws from it, and the fit's validation passes on it."""
+    sched = tmp_path / "sg.parquet"
+    r = invoke(
+        "generate",
+        "--mode",
+        "servegen",
+        "--servegen-pool",
+        str(SHARED_DATA / "servegen/language/m-large"),
+        "--request-rate",
+        "20",
+        "--duration",
+        "900",
+        "-o",
+        str(sched),
+    )
+    assert r.exit_code == 0, r.output
+    r = invoke("fit", str(sched), "-o", str(tmp_path), "--name", "sg", "--validate")
+    assert r.exit_code == 0, r.output
+    from fineserve.schedule import concat, read_schedule
+
+    summary = json.loads((tmp_path / "sg_fit.json").read_text())
+    assert summary["n_requests"] == len(concat(list(read_schedule(sched)[0])))
+    assert json.loads((tmp_path / "sg_validate.json").read_text())["passed"]
+
+
+@needs_shared
 def test_azure_bursts_beat_fineserve_estimator(tmp_path: Path) -> None:
     """On the Azure code trace FineServe's moment NB is undefined (variance < mean); the
     zero-truncated NB fits the slot counts to within 0.001."""

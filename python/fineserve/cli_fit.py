@@ -16,6 +16,24 @@ from .console import note, out
 from .errors import FineserveError
 
 
+def _schedule_as_trace(path: Path) -> Any:
+    """A schedule Parquet (``generate``'s output: e.g. a ServeGen composition, whose pool
+    holds per-client rates rather than requests) as a trace to fit; None for other files."""
+    from .schedule import concat, read_schedule
+    from .traces.base import Trace
+
+    try:
+        with Path(path).open("rb") as f:
+            if f.read(4) != b"PAR1":
+                return None
+    except OSError:
+        return None  # load_trace gives the one-line error
+    chunks, _, _ = read_schedule(path)
+    s = concat(list(chunks))
+    t0 = int(s.t_ns[0]) if len(s) else 0
+    return Trace(Path(path), "schedule", s.t_ns - t0, s.input_len, s.output_len, rows_read=len(s))
+
+
 @click.command("fit")
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -73,7 +91,7 @@ def fit_command(
     from .workloads.spec import trace_options_from
 
     started = time.perf_counter()
-    trace = load_trace(trace_path, trace_options_from(trace_opts))
+    trace = _schedule_as_trace(trace_path) or load_trace(trace_path, trace_options_from(trace_opts))
     note(trace.skip_summary())
     for line in trace.notes:
         note(line)
