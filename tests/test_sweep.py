@@ -37,6 +37,30 @@ def test_failures_fail_a_probe() -> None:
     assert r.best is None and "failures 10.0%" in r.probes[0].why
 
 
+def _saturating_server(load: float) -> dict:
+    """Keeps latency low (a short probe) but completes at most 40 req/s."""
+    return {
+        "completed": 100,
+        "failed": 0,
+        "p99_ttft_ms": 1.0,
+        "offered_request_rate": load,
+        "sustained_request_rate": min(load, 40.0),
+        "sustained_fraction": min(load, 40.0) / load,
+    }
+
+
+def test_a_rate_the_server_does_not_sustain_fails_the_probe() -> None:
+    slo = [parse_slo("ttft:p99:60")]
+    r = search(_saturating_server, 10, slo, unit="req/s", min_sustained=0.9)
+    assert r.best is not None and 40 <= r.best.load <= 40 / 0.9
+    assert any("sustained 40.0 of" in p.why for p in r.probes if not p.passed)
+    # Instances are counted from the rate sustained, not the one offered.
+    assert r.instances_for(1000) == 25
+    # Without the check the latency SLO alone passes every load probed.
+    r = search(_saturating_server, 10, slo, unit="req/s", max_probes=6)
+    assert all(p.passed for p in r.probes) and r.best is not None and r.best.load == 320
+
+
 @pytest.mark.parametrize("bad", ["ttft:99:10", "foo:p99:10", "ttft:p100:10", "ttft:p99:-1", "x"])
 def test_bad_slo_is_one_line(bad: str) -> None:
     r = invoke("sweep", "--slo", bad)
@@ -71,11 +95,32 @@ def test_sweep_finds_the_mock_capacity(tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert 30 <= res["best_load"] <= 84
+    # p99 TTFT <= 60 ms means at most ~40 ms queueing behind 8 slots of ~95 ms each:
+    # reached well below the 84 req/s capacity, well above 8 / 0.095 / 3.
+    assert 35 <= res["best_sustained_rps"] <= 84
     loads = [p["load"] for p in res["probes"]]
     passed = {p["load"]: p["passed"] for p in res["probes"]}
     assert any(not ok and load > res["best_load"] for load, ok in passed.items())
-    assert res["instances"] == -(-1000 // res["best_load"])
+    assert any("p99_ttft_ms" in p["why"] for p in res["probes"] if not p["passed"])
+    assert res["instances"] == -(-1000 // res["best_sustained_rps"])
     assert loads == sorted(loads) and len(loads) >= 4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "highest load meeting the SLOs" in r.output
+
+
+def test_sweep_catches_overload_that_short_probes_hide(tmp_path: Path) -> None:
+    """With an SLO too loose to fail in a 2 s probe, the sustained-rate check alone must
+    stop the sweep at the mock's capacity (8 slots of ~95 ms: ~84 req/s)."""
+    out = tmp_path / "sweep.json"
+    r = invoke(
+        "sweep", "--slo", "ttft:p99:100000", "--mock-max-concurrency", "8",
+        "--random-output-len", "16", "--request-rate", "20", "--step-seconds", "2",
+        "--tolerance", "0.1", "--output-file", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert 0.8 * 84 <= res["best_sustained_rps"] <= 1.05 * 84
+    failed = [p for p in res["probes"] if not p["passed"]]
+    assert failed and all("sustained" in p["why"] for p in failed)
+    for p in failed:  # the server completed at its capacity, whatever was offered
+        assert p["metrics"]["sustained_request_rate"] <= 1.05 * 84

@@ -29,6 +29,7 @@ from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_limits
 from .metrics import MetricsAccumulator
+from .metrics.fidelity import slot_sizes
 from .prompts import (
     PrefixHitCounter,
     SyntheticPromptBuilder,
@@ -164,7 +165,6 @@ class MetricsSink(RecordSink):
         self.acc = acc or MetricsAccumulator()
         self.writer = writer
         self.endpoints = endpoints or [""]
-        self.span_s = 0.0
         self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
 
     def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -172,13 +172,14 @@ class MetricsSink(RecordSink):
         if len(self.endpoints) > 1:
             names = np.asarray(self.endpoints, dtype=object)
             labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]
-        self.acc.add(columns, extra["input_len"], labels)
+        burst = None
+        if "_slot_size" in extra and "_slot_edge" in extra:
+            burst = (extra["_slot_size"], extra["_slot_edge"])
+        self.acc.add(columns, extra["input_len"], labels, burst)
         ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
         if ok.any():
             ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
-        if len(columns["scheduled_ns"]):
-            self.span_s = max(self.span_s, float(np.max(columns["scheduled_ns"])) / 1e9)
         if self.writer is not None:
             self.writer.write(records_to_batch(columns, extra, self.endpoints))
 
@@ -252,9 +253,13 @@ def engine_chunks(
             shapes.templates[m].render(p, int(t))
             for p, m, t in zip(prompts, models.tolist(), c.output_len.tolist())
         ]
+        slot_size, slot_edge = slot_sizes(c.t_ns)
         extra: dict[str, Any] = {
             "input_len": np.asarray(actual_len, dtype=np.int64),
             "output_len": c.output_len,
+            # For the metrics only (micro-burst membership), not written to the results.
+            "_slot_size": slot_size,
+            "_slot_edge": slot_edge,
             **{
                 k: v
                 for k, v in c.extra.items()
@@ -523,7 +528,8 @@ def execute_blast(
         "max_concurrency": o["max_concurrency"],
     }
     if mode != "poisson":
-        header["request_rate"] = f"{metrics['scheduled'] / max(sink.span_s, 1e-9):.2f} (mean)"
+        offered = metrics.get("offered_request_rate")
+        header["request_rate"] = f"{offered:.2f} (mean)" if offered else "-"
     digest = schedule_digest.hexdigest()
     if writer is not None:
         writer.close(
@@ -571,12 +577,19 @@ def result_json(
         "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
         "fineserve_version": __version__,
         "backend": o["backend"],
-        "mode": o["mode"],
+        "mode": header.get("mode", o["mode"]),
         "endpoint": url,
         "model_id": model,
+        # null without --tokenizer: prompts were synthetic words, no tokenizer was used.
         "tokenizer_id": o["tokenizer"],
         "num_prompts": m["scheduled"],
-        "request_rate": header["request_rate"],
+        # A number, as vLLM writes it ("inf" for no pacing); outside Poisson mode the
+        # schedule's mean rate.
+        "request_rate": (
+            header["request_rate"]
+            if header.get("mode") == "poisson"
+            else m.get("offered_request_rate")
+        ),
         "burstiness": o["burstiness"],
         "max_concurrency": o["max_concurrency"],
         "seed": seed,

@@ -568,6 +568,14 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
 )
 @click.option("--max-failure-rate", type=Number(min=0, max=1), default=0.01, show_default=True)
 @click.option(
+    "--min-sustained",
+    type=Number(min=0, max=1),
+    default=0.9,
+    show_default=True,
+    help="A probe fails when the server completed fewer requests per second, during the "
+    "schedule, than this share of the offered rate (0 turns the check off).",
+)
+@click.option(
     "--tolerance",
     type=POSITIVE,
     default=0.05,
@@ -595,6 +603,7 @@ def sweep_command(
     start_load: float | None,
     step_seconds: float,
     max_failure_rate: float,
+    min_sustained: float,
     tolerance: float,
     max_probes: int,
     target_load: float | None,
@@ -603,7 +612,7 @@ def sweep_command(
 ) -> None:
     """Find the highest load (request rate or time scale) at which the workload still
     meets the SLOs, by bracketing and bisection; --output-file writes the JSON."""
-    from .sweep import format_sweep, parse_slo, plot_sweep, search, sweep_json
+    from .sweep import RATE_UNIT, format_sweep, parse_slo, plot_sweep, search, sweep_json
 
     slos = [parse_slo(t) for t in slo_texts]
     extra = _prepare_blast_options(o)
@@ -661,8 +670,9 @@ def sweep_command(
             probe,
             start,
             slos,
-            unit="req/s" if scale == "rate" else "time scale",
+            unit=RATE_UNIT if scale == "rate" else "time scale",
             max_failure_rate=max_failure_rate,
+            min_sustained=min_sustained,
             rel_tolerance=tolerance,
             max_probes=max_probes,
             log=log,

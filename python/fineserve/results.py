@@ -69,6 +69,8 @@ def records_to_batch(
         pa.array(ep), pa.array(endpoints, pa.string())
     )
     for name, values in extra.items():
+        if name.startswith("_"):  # the metrics' own columns
+            continue
         v = np.asarray(values)
         arrays[name] = pa.array(v.astype(str) if v.dtype == object else v)
     offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)

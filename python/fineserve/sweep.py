@@ -3,6 +3,10 @@ which a workload still meets its SLOs.
 
 A load is a request rate (``poisson``) or a time scale (any other mode); each probe runs
 the workload at that load and checks the SLO percentiles plus a failure-rate ceiling.
+A probe also fails when the server did not sustain the offered rate (completions per
+second during the schedule, see :class:`~fineserve.metrics.fidelity.SustainedRate`, below
+``min_sustained`` of the offered rate): a probe too short for the queue to push latency
+past an SLO still shows an overloaded server that way.
 The search brackets first (doubling up from the starting load while it passes, halving
 down while it fails), then bisects the bracket until it is narrower than the tolerance.
 It assumes latency grows with load, as it does for a server past its capacity; a noisy
@@ -20,6 +24,8 @@ from typing import Any
 from .errors import FineserveError
 
 SLO_METRICS = ("ttft", "tpot", "itl", "e2el")
+#: The sweep's unit when the load is a Poisson request rate.
+RATE_UNIT = "req/s"
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class Slo:
 
     @property
     def key(self) -> str:
-        return f"p{self.percentile:g}_{self.metric}_ms".replace(".", "_")
+        return f"p{self.percentile:g}_{self.metric}_ms"
 
     def __str__(self) -> str:
         return f"P{self.percentile:g} {self.metric.upper()} <= {self.limit_ms:g} ms"
@@ -60,12 +66,24 @@ class Probe:
     passed: bool
     why: str
 
+    def sustained_load(self, unit: str) -> float:
+        """What one instance is shown to carry: for a request rate, the rate the server
+        sustained (the measured one: a seeded Poisson draw offers somewhat more or less
+        than its nominal rate); for a time scale, the scale times the share of the
+        offered rate that was sustained (at most the scale)."""
+        m = self.metrics
+        if unit == RATE_UNIT and m.get("sustained_request_rate"):
+            return float(min(m["sustained_request_rate"], m["offered_request_rate"]))
+        fraction = m.get("sustained_fraction")
+        return self.load * min(1.0, fraction) if fraction else self.load
+
 
 @dataclass
 class SweepResult:
     unit: str
     slos: list[Slo]
     max_failure_rate: float
+    min_sustained: float = 0.0
     probes: list[Probe] = field(default_factory=list)
 
     @property
@@ -75,10 +93,14 @@ class SweepResult:
 
     def instances_for(self, target_load: float) -> int | None:
         best = self.best
-        return math.ceil(target_load / best.load) if best and best.load > 0 else None
+        if best is None or best.sustained_load(self.unit) <= 0:
+            return None
+        return math.ceil(target_load / best.sustained_load(self.unit))
 
 
-def judge(metrics: dict[str, Any], slos: list[Slo], max_failure_rate: float) -> tuple[bool, str]:
+def judge(
+    metrics: dict[str, Any], slos: list[Slo], max_failure_rate: float, min_sustained: float = 0.0
+) -> tuple[bool, str]:
     sent = metrics["completed"] + metrics["failed"]
     if not metrics["completed"]:
         return False, "no request succeeded"
@@ -86,6 +108,12 @@ def judge(metrics: dict[str, Any], slos: list[Slo], max_failure_rate: float) -> 
     misses = []
     if fail_rate > max_failure_rate:
         misses.append(f"failures {100 * fail_rate:.1f}% > {100 * max_failure_rate:g}%")
+    sustained = metrics.get("sustained_fraction")
+    if min_sustained > 0 and sustained is not None and sustained < min_sustained:
+        misses.append(
+            f"sustained {metrics['sustained_request_rate']:.1f} of "
+            f"{metrics['offered_request_rate']:.1f} req/s offered"
+        )
     for s in slos:
         v = metrics.get(s.key)
         if v is None or not v <= s.limit_ms:
@@ -100,17 +128,18 @@ def search(
     *,
     unit: str,
     max_failure_rate: float = 0.01,
+    min_sustained: float = 0.0,
     rel_tolerance: float = 0.05,
     max_probes: int = 14,
     log: Callable[[Probe], None] | None = None,
 ) -> SweepResult:
     if not (start > 0 and math.isfinite(start)):
         raise FineserveError("the sweep's starting load must be a positive number")
-    result = SweepResult(unit, slos, max_failure_rate)
+    result = SweepResult(unit, slos, max_failure_rate, min_sustained)
 
     def run(load: float) -> bool:
         m = probe(load)
-        ok, why = judge(m, slos, max_failure_rate)
+        ok, why = judge(m, slos, max_failure_rate, min_sustained)
         p = Probe(load, m, ok, why)
         result.probes.append(p)
         if log:
@@ -144,22 +173,25 @@ def search(
 
 def format_sweep(r: SweepResult, target_load: float | None = None) -> str:
     head = (
-        f"{r.unit:>12} {'achieved rps':>12} {'ok':>6} {'failed':>6} "
+        f"{r.unit:>12} {'offered rps':>12} {'sustained':>10} {'ok':>6} {'failed':>6} "
         + " ".join(f"{s.key:>16}" for s in r.slos)
         + "  verdict"
     )
     lines = [
         "Capacity sweep: "
         + "; ".join(str(s) for s in r.slos)
-        + f"; failures <= {100 * r.max_failure_rate:g}%",
+        + f"; failures <= {100 * r.max_failure_rate:g}%"
+        + (f"; sustained >= {100 * r.min_sustained:g}% of offered" if r.min_sustained else ""),
         head,
         "-" * len(head),
     ]
     for p in sorted(r.probes, key=lambda p: p.load):
         m = p.metrics
         cells = " ".join(f"{m.get(s.key, float('nan')):16.2f}" for s in r.slos)
+        offered, sustained = m.get("offered_request_rate"), m.get("sustained_request_rate")
         lines.append(
-            f"{p.load:12.3f} {m['request_throughput']:12.2f} {m['completed']:6d} "
+            f"{p.load:12.3f} {offered or math.nan:12.2f} {sustained or math.nan:10.2f} "
+            f"{m['completed']:6d} "
             f"{m['failed']:6d} {cells}  {'PASS' if p.passed else 'fail: ' + p.why}"
         )
     best = r.best
@@ -168,11 +200,14 @@ def format_sweep(r: SweepResult, target_load: float | None = None) -> str:
     else:
         lines.append(
             f"highest load meeting the SLOs: {best.load:.3f} ({r.unit}), "
-            f"{best.metrics['request_throughput']:.2f} req/s achieved"
+            f"{best.metrics.get('sustained_request_rate') or math.nan:.2f} req/s sustained"
         )
         if target_load is not None:
             n = r.instances_for(target_load)
-            lines.append(f"instances needed for a total load of {target_load:g}: {n}")
+            lines.append(
+                f"instances needed for a total load of {target_load:g}: {n} "
+                f"(each carrying {best.sustained_load(r.unit):.3f} {r.unit}, as sustained)"
+            )
     return "\n".join(lines)
 
 
@@ -184,7 +219,11 @@ def sweep_json(r: SweepResult, target_load: float | None) -> dict[str, Any]:
             {"metric": s.metric, "percentile": s.percentile, "limit_ms": s.limit_ms} for s in r.slos
         ],
         "max_failure_rate": r.max_failure_rate,
+        "min_sustained_fraction": r.min_sustained,
         "best_load": best.load if best else None,
+        "best_sustained_load": best.sustained_load(r.unit) if best else None,
+        "best_offered_rps": best.metrics.get("offered_request_rate") if best else None,
+        "best_sustained_rps": best.metrics.get("sustained_request_rate") if best else None,
         "best_achieved_rps": best.metrics["request_throughput"] if best else None,
         "target_load": target_load,
         "instances": r.instances_for(target_load) if target_load else None,

@@ -17,6 +17,14 @@ Definitions (those of FineServe's Generator and vLLM's benchmark, so numbers com
   E2E in ms; TPOT of a one-token request is 0) per second of duration.
 - Arrival fidelity: per second of the schedule, requests scheduled vs actually sent;
   ``arrival_rate_error`` = Σ|sent − scheduled| / Σ scheduled over those seconds.
+  ``sent_in_scheduled_ms_fraction`` covers every sent request;
+  ``burst_sent_in_slot_fraction`` only micro-burst members (requests sharing their 1 ms
+  slot with another), see :class:`~.fidelity.BurstFidelity`.
+- Offered vs sustained rate (:class:`~.fidelity.SustainedRate`): whether the server kept
+  up with the schedule, which a short overloaded run can hide from the latency SLOs.
+- vLLM's peak figures: ``max_output_tokens_per_s`` is the most token events of
+  successful requests in one second of the run; ``max_concurrent_requests`` the most
+  successful requests active in one second (both over whole seconds from the start).
 - Percentiles come from log-bucketed histograms (within 0.05 % of numpy's), so that runs of
   any length summarise in bounded memory; means, standard deviations and counts are exact.
 """
@@ -30,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._engine import ERROR_KINDS
+from .fidelity import BurstFidelity, SustainedRate
 from .histogram import LogHistogram
 from .windows import WindowStats, add_counts
 
@@ -123,6 +132,12 @@ class MetricsAccumulator:
         self.scheduled = self.completed = self.failed = self.not_sent = 0
         self.total_input = self.total_output = self.server_reported = 0
         self.in_scheduled_ms = 0
+        self.bursts = BurstFidelity()
+        self.sustained = SustainedRate()
+        # Token events and requests started/ended per second, for vLLM's peak figures.
+        self.tokens_per_s = np.zeros(0, np.int64)
+        self.starts_per_s = np.zeros(0, np.int64)
+        self.ends_after_per_s = np.zeros(0, np.int64)
         self.good = 0
         self.slos = dict(slos or {})
         self.last_end_ns = 0
@@ -139,9 +154,13 @@ class MetricsAccumulator:
         columns: dict[str, Any],
         input_len: npt.ArrayLike,
         labels: dict[str, npt.NDArray[Any]] | None = None,
+        burst_slots: tuple[npt.NDArray[Any], npt.NDArray[np.bool_]] | None = None,
     ) -> None:
-        """Adds one batch of records; ``input_len`` and ``labels`` are aligned with the
-        batch's rows (``labels`` feeds the breakdowns named by ``groups``)."""
+        """Adds one batch of records; ``input_len``, ``labels`` and ``burst_slots`` are
+        aligned with the batch's rows (``labels`` feeds the breakdowns named by
+        ``groups``; ``burst_slots`` is each row's slot size within its schedule chunk and
+        whether the slot is at the chunk's edge, see :func:`~.fidelity.slot_sizes`;
+        without it the batch is taken as the whole schedule)."""
         kind = np.asarray(columns["error_kind"])
         sched = np.asarray(columns["scheduled_ns"]).astype(np.int64)
         sent = np.asarray(columns["sent_ns"]).astype(np.int64)
@@ -174,6 +193,12 @@ class MetricsAccumulator:
         self.in_scheduled_ms += int(
             np.sum(sent[was_sent] // 1_000_000 == sched[was_sent] // 1_000_000)
         )
+        if burst_slots is None:
+            self.bursts.add(sched, sent)
+        else:
+            self.bursts.add(sched, sent, *burst_slots)
+        self.sustained.add(sched, done[ok])
+        self._add_peaks(ok, sent, done, columns)
         if self.slos:
             self.good += self._count_good(ok, sent, first, done, out_tokens)
         self.scheduled_per_s = add_counts(self.scheduled_per_s, sched // 1_000_000_000)
@@ -193,6 +218,33 @@ class MetricsAccumulator:
             self.first_error_by_kind.setdefault(ERROR_KINDS[kind[int(row)]], msg)
         if self.group_names and labels:
             self._add_groups(columns, np.asarray(input_len), labels)
+
+    def _add_peaks(
+        self,
+        ok: npt.NDArray[np.bool_],
+        sent: npt.NDArray[np.int64],
+        done: npt.NDArray[np.int64],
+        columns: dict[str, Any],
+    ) -> None:
+        offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
+        owner_ok = np.repeat(ok, np.diff(offsets))
+        chunk_ns = np.asarray(columns["chunk_ns"]).astype(np.int64)
+        self.tokens_per_s = add_counts(self.tokens_per_s, chunk_ns[owner_ok] // 1_000_000_000)
+        self.starts_per_s = add_counts(self.starts_per_s, sent[ok] // 1_000_000_000)
+        self.ends_after_per_s = add_counts(self.ends_after_per_s, done[ok] // 1_000_000_000 + 1)
+
+    def _peaks(self) -> dict[str, Any]:
+        ends = np.pad(
+            self.ends_after_per_s,
+            (0, max(0, len(self.starts_per_s) + 1 - len(self.ends_after_per_s))),
+        )
+        starts = np.pad(self.starts_per_s, (0, len(ends) - len(self.starts_per_s)))
+        # A request is active in every second from its start's to its end's, inclusive.
+        active = np.cumsum(starts - ends)
+        return {
+            "max_output_tokens_per_s": float(self.tokens_per_s.max(initial=0)),
+            "max_concurrent_requests": int(active.max(initial=0)),
+        }
 
     def _count_good(
         self,
@@ -298,15 +350,18 @@ class MetricsAccumulator:
         hist = {"ttft": self.ttft, "tpot": self.tpot, "itl": self.itl, "e2el": self.e2e}
         for name in percentile_metrics:
             for q in metric_percentiles:
-                m[f"p{q:g}_{name}_ms".replace(".", "_")] = hist[name].percentile(q) / _NS_PER_MS
+                # vLLM's key: p99.9_ttft_ms keeps the dot.
+                m[f"p{q:g}_{name}_ms"] = hist[name].percentile(q) / _NS_PER_MS
         m["max_itl_ms"] = self.itl.max / _NS_PER_MS if self.itl.count else 0.0
         m["concurrency"] = per_s(self.e2e.mean * self.e2e.count / 1e9)
         m.update(_stats(self.ttft_sched, "ttft_from_scheduled"))
         m.update(_stats(self.e2e_sched, "e2el_from_scheduled"))
+        m.update(self._peaks())
+        # vLLM writes request_goodput: null when no --goodput was given.
+        m["request_goodput"] = per_s(self.good) if self.slos else None
         if self.slos:
             m["goodput_slos_ms"] = dict(self.slos)
             m["good_requests"] = self.good
-            m["request_goodput"] = per_s(self.good)
         for p in lag_percentiles:
             key = f"p{p:g}_dispatch_lag_us".replace(".", "_")
             m[key] = self.lag.percentile(p) / 1e3
@@ -315,6 +370,10 @@ class MetricsAccumulator:
         m["sent_in_scheduled_ms_fraction"] = (
             self.in_scheduled_ms / self.lag.count if self.lag.count else 0.0
         )
+        m.update(self.bursts.result())
+        m.update(self.sustained.result(self.scheduled, self.e2e_sched.percentile(50)))
+        offered, sustained = m["offered_request_rate"], m["sustained_request_rate"]
+        m["sustained_fraction"] = sustained / offered if offered else None
         n = max(len(self.scheduled_per_s), len(self.sent_per_s))
         sched_s = np.pad(self.scheduled_per_s, (0, n - len(self.scheduled_per_s)))
         sent_s = np.pad(self.sent_per_s, (0, n - len(self.sent_per_s)))
@@ -338,14 +397,25 @@ class MetricsAccumulator:
                 )
                 # A group's duration is the run's, so its throughputs add up to the run's.
                 for key in ("request_throughput", "output_throughput", "request_goodput"):
-                    if key in sub:
+                    if sub.get(key) is not None:
                         count = {
                             "request_throughput": sub["completed"],
                             "output_throughput": sub["total_output_tokens"],
                             "request_goodput": sub.get("good_requests", 0),
                         }[key]
                         sub[key] = per_s(count)
-                for key in ("scheduled_per_second", "sent_per_second", "first_error_by_kind"):
+                for key in (
+                    "scheduled_per_second",
+                    "sent_per_second",
+                    "first_error_by_kind",
+                    # Slot membership and the schedule's span belong to the whole run.
+                    "burst_members",
+                    "burst_members_sent",
+                    "burst_sent_in_slot_fraction",
+                    "offered_request_rate",
+                    "sustained_request_rate",
+                    "sustained_fraction",
+                ):
                     sub.pop(key, None)
                 breakdown.setdefault(name, {})[value] = sub
             m["breakdown"] = breakdown
@@ -389,11 +459,13 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("Input token throughput (tok/s):", m["input_throughput"], ".2f")
     row("Output token throughput (tok/s):", m["output_throughput"], ".2f")
     row("Total token throughput (tok/s):", m["total_token_throughput"], ".2f")
-    if "request_goodput" in m:
+    if m.get("request_goodput") is not None:
         slos = ", ".join(f"{k} <= {v:g} ms" for k, v in m["goodput_slos_ms"].items())
         row("Request goodput (req/s):", m["request_goodput"], ".2f")
         row("  good requests:", f"{m['good_requests']} ({slos})")
     row("Concurrency:", m["concurrency"], ".2f")
+    row("Peak output token throughput (tok/s):", m["max_output_tokens_per_s"], ".2f")
+    row("Peak concurrent requests:", m["max_concurrent_requests"])
     section("End-to-End Latency")
     row("Mean E2E Latency (ms):", m["mean_e2e_latency_ms"], ".2f")
     row("Median E2E Latency (ms):", m["median_e2e_latency_ms"], ".2f")
@@ -425,7 +497,7 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
         section("Requested percentiles")
         for k in more:
             q, name = k[1:].split("_", 1)
-            row(f"P{q.replace('_', '.')} {name[:-3].upper()} (ms):", m[k], ".2f")
+            row(f"P{q} {name[:-3].upper()} (ms):", m[k], ".2f")
     section("From scheduled send")
     row("Mean TTFT from scheduled (ms):", m["mean_ttft_from_scheduled_ms"], ".2f")
     row("P99 TTFT from scheduled (ms):", m["p99_ttft_from_scheduled_ms"], ".2f")
@@ -436,6 +508,16 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     row("P99 dispatch lag (us):", m["p99_dispatch_lag_us"], ".1f")
     row("Max dispatch lag (us):", m["max_dispatch_lag_us"], ".1f")
     row("Sent in scheduled ms (%):", 100 * m["sent_in_scheduled_ms_fraction"], ".2f")
+    if m.get("burst_sent_in_slot_fraction") is not None:
+        row(
+            "Burst members in their slot (%):",
+            f"{100 * m['burst_sent_in_slot_fraction']:.2f} (of {m['burst_members_sent']})",
+        )
+    if m.get("sustained_fraction") is not None:
+        row(
+            "Offered / sustained rate (req/s):",
+            f"{m['offered_request_rate']:.2f} / {m['sustained_request_rate']:.2f}",
+        )
     row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
     if m.get("prefix_hit_rate_theoretical") or m.get("prompt_check"):
         section("Prompts")
