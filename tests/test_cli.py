@@ -53,6 +53,24 @@ def test_blast_without_server_uses_embedded_mock(tmp_path: Path) -> None:
     assert res["scheduled"] == res["sent"] + res["not_sent"]
 
 
+def test_progress_display_is_live_and_quiet_on_request() -> None:
+    """Generations of ~1 s: before any request finishes the display already shows what
+    was sent and is in flight; later the rolling TTFT; nothing with --disable-tqdm."""
+    import re
+
+    args = ["blast", "--num-prompts", "40", "--request-rate", "40", "--random-output-len", "200"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    frames = re.split(r"[\r\n]", r.stderr)
+    early = [f for f in frames if " 0/40 " in f and "in_flight=" in f]
+    assert any(int(re.search(r"in_flight=(\d+)", f).group(1)) > 0 for f in early), early
+    last = [f for f in frames if "40/40" in f and "sent=40/40" in f]
+    assert last and "failed=0" in last[-1] and re.search(r"ttft_p99=\d+ms", last[-1])
+    quiet = invoke(*args[:-1], "4", "--disable-tqdm")
+    assert quiet.exit_code == 0 and "in_flight=" not in quiet.output
+    assert "req/s]" not in quiet.output
+
+
 def test_jsonl_output_appends(tmp_path: Path) -> None:
     out = tmp_path / "runs.jsonl"
     for _ in range(2):

@@ -237,6 +237,25 @@ def test_breakdown_by_class_adds_up() -> None:
     )
 
 
+def test_a_crash_journal_has_the_schedule_digest(tmp_path: Path) -> None:
+    """SIGKILL (no cleanup at all) after the schedule was generated: the journal left
+    behind still names the schedule, as `generate` does for the same options."""
+    req = tmp_path / "req.parquet"
+    done = interrupted_blast(signal.SIGKILL, "--save-requests", str(req))
+    assert done.returncode == -signal.SIGKILL
+    assert not req.exists() and Path(str(req) + JOURNAL_SUFFIX).exists()
+    table, meta = read_requests(req)
+    assert meta["complete"] is False and 0 < table.num_rows < 600
+    summary = tmp_path / "s.json"
+    r = invoke(
+        "generate", "--num-prompts", "600", "--request-rate", "100", "--random-input-len", "8",
+        "--random-output-len", "4", "-o", str(tmp_path / "s.parquet"),
+        "--summary-json", str(summary),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert meta["schedule_digest"] == json.loads(summary.read_text())["digest"]
+
+
 def test_sigint_keeps_a_complete_results_file(tmp_path: Path) -> None:
     req = tmp_path / "req.parquet"
     done = interrupted_blast(signal.SIGINT, "--save-requests", str(req))
@@ -300,10 +319,17 @@ def test_report_renders_every_panel_and_compares_runs(tmp_path: Path) -> None:
 
 
 def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
     bad = tmp_path / "x.parquet"
     bad.write_text("not parquet")
     r = invoke("report", str(bad), "-o", str(tmp_path / "r.html"))
     assert r.exit_code != 0 and "not a fineserve results file" in r.output
+    # A Parquet file, but not one of ours: the missing columns are named.
+    pq.write_table(pa.table({"scheduled_ns": [1, 2]}), bad)
+    r = invoke("report", str(bad), "-o", str(tmp_path / "r.html"))
+    assert r.exit_code != 0 and "no index, sent_ns" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     r = invoke("report", str(tmp_path / "missing.parquet"))
     assert r.exit_code != 0 and "file not found" in r.output
 
@@ -320,3 +346,120 @@ def test_blast_records_the_digest_generate_prints(tmp_path: Path) -> None:
     assert json.loads(res.read_text())["schedule_digest"] == digest
     r = invoke("blast", *args[:-1], "8", "--disable-tqdm", "--output-file", str(res))
     assert json.loads(res.read_text())["schedule_digest"] != digest
+
+
+DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+
+
+@pytest.mark.skipif(not (DATASETS / "Parametric").is_dir(), reason="no datasets")
+def test_every_figure_recomputed_from_the_parquet(tmp_path: Path) -> None:
+    """A bursty two-class run over two servers, one failing 10 % of its requests: the
+    result JSON's throughputs, concurrency, latencies from the schedule, dispatch and
+    burst fidelity, windows, breakdowns and vLLM's peak figures all follow from the
+    per-request file; and `report` recomputes the same figures from it."""
+    from fineserve import MockServer
+    from fineserve.report import load_run
+
+    a = MockServer(ttft_ms=4, itl_ms=2, itl_jitter_ms=1, faults=[("http_500", 0.1)])
+    b = MockServer(ttft_ms=3, itl_ms=1)
+    req, res = tmp_path / "r.parquet", tmp_path / "r.json"
+    try:
+        r = invoke(
+            "blast", "--mode", "parametric", "--datasets-dir", str(DATASETS),
+            "--model-class", "azure_code", "--model-class", "mooncake_synthetic",
+            "--duration", "40", "--time-scale", "8", "--random-output-len", "6",
+            "--base-url", a.base_url, "--base-url", b.base_url,
+            "--class-model", "mooncake_synthetic=other-model", "--warmup-requests", "0",
+            "--metrics-window", "1", "--goodput", "ttft:6", "--metric-percentiles", "50,99.9",
+            "--disable-tqdm", "--save-requests", str(req), "--output-file", str(res),
+        )  # fmt: skip
+    finally:
+        a.stop()
+        b.stop()
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    table, meta = read_requests(req)
+    t = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names if c != "chunk_ns"}
+    chunks = [np.asarray(c, np.int64) for c in table["chunk_ns"].to_pylist()]
+    n = table.num_rows
+    assert n == m["scheduled"] > 150
+    ok = t["error_kind"] == "ok"
+    was = t["sent_ns"] >= 0
+    assert 0 < (~ok).sum() == m["failed"] and was.all()
+
+    def close(a: float, b: float, rel: float = 1e-9) -> None:
+        assert a == pytest.approx(b, rel=rel, abs=1e-9)
+
+    tokens = np.where(t["completion_tokens"] >= 0, t["completion_tokens"], t["n_chunks"])
+    sched, sent, first, done = t["scheduled_ns"], t["sent_ns"], t["first_token_ns"], t["done_ns"]
+    duration = max(done.max(), sent.max()) / 1e9
+    close(m["output_throughput"], tokens[ok].sum() / duration)
+    close(m["total_token_throughput"], (tokens[ok].sum() + t["input_len"][ok].sum()) / duration)
+    e2e = (done - sent)[ok]
+    close(m["concurrency"], e2e.sum() / 1e9 / duration)
+    e2e_sched = (done - sched)[ok] / 1e6
+    close(m["mean_e2el_from_scheduled_ms"], e2e_sched.mean())
+    close(m["p99_e2el_from_scheduled_ms"], np.percentile(e2e_sched, 99), 1e-3)
+    ttft = (first - sent)[ok] / 1e6
+    close(m["p99.9_ttft_ms"], np.percentile(ttft, 99.9), 1e-3)
+    good = ok & ((first - sent) <= 6e6)
+    close(m["request_goodput"], good.sum() / duration)
+    # Dispatch: every sent request, then burst members only (slots of the whole schedule).
+    in_ms = sent // 1_000_000 == sched // 1_000_000
+    close(m["sent_in_scheduled_ms_fraction"], in_ms.mean())
+    _, where, counts = np.unique(sched // 1_000_000, return_inverse=True, return_counts=True)
+    member = counts[where] > 1
+    assert m["burst_members"] == member.sum() > 10
+    close(m["burst_sent_in_slot_fraction"], in_ms[member].mean())
+    per_s_sched = np.bincount(sched // 10**9)
+    per_s_sent = np.bincount(sent // 10**9, minlength=len(per_s_sched))
+    k = max(len(per_s_sched), len(per_s_sent))
+    diff = np.pad(per_s_sent, (0, k - len(per_s_sent))) - np.pad(
+        per_s_sched, (0, k - len(per_s_sched))
+    )
+    close(m["arrival_rate_error"], np.abs(diff).sum() / per_s_sched.sum())
+    close(m["offered_request_rate"], (n - 1) / ((sched.max() - sched.min()) / 1e9))
+    assert m["request_rate"] == m["offered_request_rate"]
+    # vLLM's peaks: token events of successful requests per second; successful requests
+    # active in each second (from the second they were sent to the one they ended).
+    events = np.concatenate([c for c, good in zip(chunks, ok) if good])
+    assert m["max_output_tokens_per_s"] == np.bincount(events // 10**9).max()
+    active = np.zeros(int(done.max() // 10**9) + 2, np.int64)
+    for s0, s1 in zip(sent[ok] // 10**9, done[ok] // 10**9):
+        active[s0 : s1 + 1] += 1
+    assert m["max_concurrent_requests"] == active.max()
+    # 1 s windows: failures where they ended, output tokens of successes where they ended,
+    # ITL jitter as the std of the gaps ending in the window.
+    w = m["windows"]
+    fail_at = np.where(done >= 0, done, sent)[~ok] // 10**9
+    ok_at = done[ok] // 10**9
+    gaps = [(np.diff(c), c[1:]) for c, good in zip(chunks, ok) if good and len(c) > 1]
+    gap = np.concatenate([g for g, _ in gaps])
+    gap_at = np.concatenate([at for _, at in gaps]) // 10**9
+    for i, row in enumerate(w):
+        nf, nd = (fail_at == i).sum(), (ok_at == i).sum()
+        close(row["failure_rate"], nf / (nf + nd) if nf + nd else 0.0)
+        close(row["output_tokens_per_s"], tokens[ok][ok_at == i].sum())
+        if (gap_at == i).sum() > 1:
+            close(row["itl_jitter_ms"], gap[gap_at == i].std() / 1e6, 1e-6)
+    assert sum(row["failed_rps"] for row in w) == m["failed"]
+    # Breakdowns by class, endpoint and model.
+    for name in ("class", "endpoint", "model"):
+        groups = m["breakdown"][name]
+        assert set(groups) == set(t[name].astype(str))
+        for value, sub in groups.items():
+            rows = t[name].astype(str) == value
+            assert sub["completed"] == (ok & rows).sum()
+            assert sub["failed"] == (~ok & rows).sum()
+            close(sub["p99_ttft_ms"], np.percentile((first - sent)[ok & rows] / 1e6, 99), 1e-3)
+    assert set(m["breakdown"]["model"]) == {"fineserve-mock", "other-model"}
+    assert meta["versions"]["pyarrow"] == pa.__version__
+    # The report recomputes the same figures, with the run's own 1 s windows.
+    run = load_run(req)
+    for key in ("completed", "failed", "p99_ttft_ms", "p99.9_ttft_ms", "request_goodput",
+                "burst_sent_in_slot_fraction", "max_concurrent_requests", "sustained_request_rate",
+                "max_output_tokens_per_s", "mean_e2el_from_scheduled_ms"):  # fmt: skip
+        close(run.metrics[key], m[key])
+    assert run.metrics["window_s"] == 1
+    assert [x["completed_rps"] for x in run.metrics["windows"]] == [x["completed_rps"] for x in w]
+    assert run.metrics["breakdown"]["model"].keys() == m["breakdown"]["model"].keys()

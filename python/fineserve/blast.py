@@ -38,7 +38,7 @@ from .prompts import (
     load_tokenizer,
 )
 from .prompts.tokenized import prompt_cache_dir, source_text_from
-from .results import RequestsWriter, machine_info, records_to_batch
+from .results import RequestsWriter, library_versions, machine_info, records_to_batch
 from .routing import Deployment, parse_pairs, parse_route
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
 from .schedule import Schedule, ScheduleDigest
@@ -465,6 +465,7 @@ def execute_blast(
                 "backend": o["backend"],
                 "workload": workload.info,
                 "machine": machine_info(),
+                "versions": library_versions(),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             },
         )
@@ -487,15 +488,20 @@ def execute_blast(
                 "--ray with the embedded mock: it listens on this machine's loopback, so only "
                 "workers on this node can reach it"
             )
+    generated: dict[str, Any] = {}
+
+    def schedule_then_digest() -> Iterator[Schedule]:
+        """The schedule's chunks; once the last is generated, its digest goes into the
+        results' metadata at once, so that a run that then crashes still has it."""
+        yield from (c for part in ([first], workload.chunks) for c in part)
+        generated["schedule_digest"] = schedule_digest.hexdigest()
+        if writer is not None:
+            writer.add_meta(generated)
+
     try:
         outcome = runner(
             urls,
-            engine_chunks(
-                (c for part in ([first], workload.chunks) for c in part),
-                shapes,
-                schedule_digest,
-                prefix,
-            ),
+            engine_chunks(schedule_then_digest(), shapes, schedule_digest, prefix),
             options,
             sink,
             total=total,
@@ -503,7 +509,7 @@ def execute_blast(
         )
     except BaseException:
         if writer is not None:  # keep what finished, marked as cut short
-            writer.close({"partial": True, "aborted": True})
+            writer.close({"partial": True, "aborted": True, **generated})
         raise
     metrics = sink.acc.result(
         percentile_metrics=o["percentile_metrics_list"],

@@ -24,16 +24,14 @@ from .errors import FineserveError
 @click.option(
     "--window-seconds",
     type=POSITIVE,
-    default=10.0,
-    show_default=True,
-    help="Window of the instantaneous metrics.",
+    help="Window of the instantaneous metrics [default: the run's --metrics-window, else 10].",
 )
-def report_command(results: tuple[Path, ...], output: Path, window_seconds: float) -> None:
+def report_command(results: tuple[Path, ...], output: Path, window_seconds: float | None) -> None:
     """Render per-request results (`blast --save-requests`) as a self-contained HTML
     report with PNG panels; several files are compared side by side."""
     from .report import render_report
 
-    if not window_seconds > 0:
+    if window_seconds is not None and not window_seconds > 0:
         raise FineserveError("--window-seconds must be > 0")
     pngs = render_report(list(results), output, window_s=window_seconds)
     note(f"wrote {output} and {len(pngs)} PNG panels ({output.stem}_*.png)")

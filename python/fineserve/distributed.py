@@ -481,7 +481,7 @@ def run_stream_ray(
     for a in actors:
         ray.kill(a)
     if bar:
-        bar.update(_sum_progress(stats), sink.live())
+        bar.update(_sum_progress(stats), sink.live(), force=True)
         bar.close()
     summaries = [s.summary(t0_unix_ns) for s in stats]
     final = _sum_progress(stats)

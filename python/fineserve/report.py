@@ -33,7 +33,7 @@ PANELS = {
     "in_flight": "Requests in flight",
     "burst_fidelity": "Dispatch lag and micro-burst fidelity",
     "windows": "Instantaneous metrics per window",
-    "breakdown": "Breakdown by class, endpoint and outcome",
+    "breakdown": "Breakdown by class, endpoint, model and outcome",
 }
 
 
@@ -49,21 +49,34 @@ class Run:
         return np.asarray(self.columns[name])
 
 
-def load_run(path: Path, window_s: float = 10.0) -> Run:
+#: Labels the metrics are broken down by, when the results have them.
+BREAKDOWN_LABELS = ("class", "endpoint", "model")
+
+
+def load_run(path: Path, window_s: float | None = None) -> Run:
+    """A results file and its metrics, recomputed. ``window_s`` defaults to the run's own
+    ``--metrics-window`` (10 s when it had none), so the report's windows are the run's."""
     table, meta = read_requests(path)
     if table.num_rows == 0:
         raise FineserveError(f"{path}: no request records")
     cols, _ = records_from_table(table)
-    slos = (meta.get("options") or {}).get("slos") or {}
-    labels = (
-        {"class": np.asarray(table["class"].to_pylist(), dtype=object)}
-        if ("class" in table.column_names)
-        else {}
-    )
-    labels["endpoint"] = np.asarray(table["endpoint"].to_pylist(), dtype=object)
-    acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=("class", "endpoint"))
+    options = meta.get("options") or {}
+    slos = options.get("slos") or {}
+    if window_s is None:
+        window_s = float(options.get("metrics_window") or 10.0)
+    labels = {
+        name: np.asarray(table[name].to_pylist(), dtype=object)
+        for name in BREAKDOWN_LABELS
+        if name in table.column_names
+    }
+    acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=BREAKDOWN_LABELS)
     acc.add(cols, table["input_len"].to_numpy(), labels)
-    metrics = acc.result()
+    metrics = acc.result(
+        percentile_metrics=tuple(
+            options.get("percentile_metrics_list") or ("ttft", "tpot", "itl", "e2el")
+        ),
+        metric_percentiles=tuple(options.get("metric_percentiles_list") or (99,)),
+    )
     name = Path(path).name
     return Run(name, table, meta, cols, metrics)
 
@@ -178,15 +191,21 @@ def panel_in_flight(runs: list[Run]) -> bytes:
 
 
 def slot_fidelity(r: Run, slot_ns: int = 1_000_000) -> dict[str, Any]:
-    """Requests per occupied slot as scheduled and as sent, and the share of requests
-    sent inside their scheduled slot."""
+    """Requests per occupied slot as scheduled and as sent, and the share of micro-burst
+    members (requests sharing their scheduled slot with another) sent inside that slot."""
     sched = r.col("scheduled_ns")
     sent = r.col("sent_ns")
     was = sent >= 0
-    in_slot = float(np.mean(sent[was] // slot_ns == sched[was] // slot_ns)) if was.any() else 0.0
-    _, sched_counts = np.unique(sched // slot_ns, return_counts=True)
+    _, where, sched_counts = np.unique(sched // slot_ns, return_inverse=True, return_counts=True)
+    members = was & (sched_counts[where] > 1)
+    inside = sent[members] // slot_ns == sched[members] // slot_ns
     _, sent_counts = np.unique(sent[was] // slot_ns, return_counts=True)
-    return {"in_slot": in_slot, "scheduled": sched_counts, "sent": sent_counts}
+    return {
+        "in_slot": float(inside.mean()) if members.any() else None,
+        "members": int(members.sum()),
+        "scheduled": sched_counts,
+        "sent": sent_counts,
+    }
 
 
 def panel_burst_fidelity(runs: list[Run]) -> bytes:
@@ -201,8 +220,8 @@ def panel_burst_fidelity(runs: list[Run]) -> bytes:
         for key, style in (("scheduled", "o-"), ("sent", "x--")):
             pmf = np.bincount(f[key], minlength=top + 1)[1:] / max(len(f[key]), 1)
             label = f"{r.name} {key}"
-            if key == "sent":
-                label += f" ({100 * f['in_slot']:.2f} % in slot)"
+            if key == "sent" and f["in_slot"] is not None:
+                label += f" ({100 * f['in_slot']:.2f} % of {f['members']} burst members in slot)"
             ax[0, 1].plot(k, pmf, style, label=label)
     ax[0, 0].set(title="dispatch lag CDF (sent − scheduled)", xlabel="µs", xscale="log")
     ax[0, 1].set(title="requests per occupied 1 ms slot", xlabel="requests", yscale="log")
@@ -251,7 +270,7 @@ def panel_breakdown(runs: list[Run]) -> bytes:
         ax[0, 1].bar(xs + i * width, list(groups.values()), width, label=r.name)
         ax[0, 1].set_xticks(xs + width * (len(runs) - 1) / 2, [g[:24] for g in groups], fontsize=7)
     ax[0, 0].set(title="requests by outcome", yscale="log")
-    ax[0, 1].set(title="p99 TTFT by class / endpoint (ms)")
+    ax[0, 1].set(title="p99 TTFT by class / endpoint / model (ms)")
     for a in ax[0]:
         plotting.legend(a)
     fig.tight_layout()
@@ -286,6 +305,8 @@ _KEY_FIGURES = (
     ("p99_e2el_ms", "p99 E2E (ms)", ".2f"),
     ("p99_dispatch_lag_us", "p99 dispatch lag (µs)", ".1f"),
     ("sent_in_scheduled_ms_fraction", "sent in scheduled ms", ".4f"),
+    ("burst_sent_in_slot_fraction", "burst members sent in their slot", ".4f"),
+    ("sustained_fraction", "sustained / offered rate", ".4f"),
     ("arrival_rate_error", "arrivals/s error vs schedule", ".4f"),
 )
 
@@ -312,7 +333,9 @@ text-align:right}th{background:#f4f4f4}img{max-width:100%;display:block;margin:.
 .meta{color:#555;font-size:90%}"""
 
 
-def render_report(paths: list[Path], out: Path, *, window_s: float = 10.0) -> dict[str, Path]:
+def render_report(
+    paths: list[Path], out: Path, *, window_s: float | None = None
+) -> dict[str, Path]:
     """Writes ``out`` (HTML, PNGs embedded) and one PNG per panel next to it
     (``<out stem>_<panel>.png``); returns the PNG paths by panel."""
     if not paths:
@@ -350,6 +373,7 @@ def render_report(paths: list[Path], out: Path, *, window_s: float = 10.0) -> di
             f"seed {m.get('seed')}",
             f"schedule digest {m.get('schedule_digest', '-')}",
             f"fineserve {m.get('fineserve_version', '?')}",
+            ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()),
             html.escape(str((m.get("machine") or {}).get("hostname", ""))),
         ]
         if m.get("partial") or not m.get("complete", True):

@@ -48,6 +48,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers (parsing, percentiles, files)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("numpy", "pyarrow", "scipy", "click", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def records_to_batch(
     columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]], endpoints: list[str]
 ) -> pa.RecordBatch:
@@ -126,6 +139,16 @@ def records_from_table(
     return cols, extra
 
 
+#: Columns every results file has (what the metrics and the report read).
+REQUIRED_COLUMNS = (
+    *RECORD_INT_COLUMNS,
+    "error_kind",
+    "error_message",
+    "endpoint",
+    "input_len",
+    "chunk_ns",
+)
+
 #: Rows per Parquet row group of a results file.
 PARQUET_ROW_GROUP = 65_536
 
@@ -166,6 +189,18 @@ class RequestsWriter:
         self._sink.flush()
         self.rows += batch.num_rows
 
+    def add_meta(self, meta: dict[str, Any]) -> None:
+        """Adds to the run's metadata now, so that a journal cut short by a crash has it
+        too (e.g. the schedule digest, known once the whole schedule was generated): an
+        empty batch carries the metadata so far, and the reader takes the last one."""
+        self.meta.update(meta)
+        if self._writer is not None and self._schema is not None:
+            empty = pa.RecordBatch.from_pylist([], schema=self._schema)
+            self._writer.write_batch(
+                empty, custom_metadata={METADATA_KEY: json.dumps(self.meta).encode()}
+            )
+            self._sink.flush()
+
     def close(self, final_meta: dict[str, Any]) -> Path:
         """Writes the Parquet file (rows in schedule order) and removes the journal.
 
@@ -200,19 +235,26 @@ def read_journal(path: Path) -> tuple[pa.Table, bool]:
     batches = []
     clean = True
     schema = None
+    later_meta = None
     try:
         with pa.OSFile(str(path), "rb") as f:
             reader = ipc.open_stream(f)
             schema = reader.schema
             while True:
                 try:
-                    batches.append(reader.read_next_batch())
+                    batch, custom = reader.read_next_batch_with_custom_metadata()
                 except StopIteration:
                     break
+                if custom is not None and METADATA_KEY in custom:
+                    later_meta = custom[METADATA_KEY]
+                if batch.num_rows:
+                    batches.append(batch)
     except (pa.ArrowInvalid, OSError):
         clean = False
     if schema is None:
         return pa.table({}), False
+    if later_meta is not None:  # metadata added during the run (RequestsWriter.add_meta)
+        schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: later_meta})
     return pa.Table.from_batches(batches, schema=schema), clean
 
 
@@ -256,14 +298,22 @@ def read_requests(path: Path) -> tuple[pa.Table, dict[str, Any]]:
         meta = _meta(table.schema)
         meta["complete"] = False
         meta["journal_clean"] = clean
-        return table.sort_by("index") if table.num_rows else table, meta
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FineserveError(f"{path}: not a fineserve results file ({e})") from None
-    if "scheduled_ns" not in table.column_names:
-        raise FineserveError(f"{path}: not a fineserve results file (no scheduled_ns column)")
-    return table, _meta(table.schema)
+    else:
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise FineserveError(f"{path}: not a fineserve results file ({e})") from None
+        meta = _meta(table.schema)
+    # A run that wrote no record has no columns at all; anything else needs them all.
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if table.num_columns and missing:
+        raise FineserveError(
+            f"{path}: not a fineserve results file (no {', '.join(missing)} column"
+            f"{'s' if len(missing) > 1 else ''})"
+        )
+    if path.name.endswith(JOURNAL_SUFFIX) and table.num_rows:
+        table = table.sort_by("index")
+    return table, meta
 
 
 def _meta(schema: pa.Schema) -> dict[str, Any]:

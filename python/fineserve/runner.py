@@ -397,7 +397,7 @@ def run_stream(
             held.extra,
         )
     if bar:
-        bar.update(run.progress(), sink.live())
+        bar.update(run.progress(), sink.live(), force=True)
         bar.close()
     final = dict(run.progress())
     last = run.results()
@@ -500,7 +500,9 @@ class _ProgressBar:
         self._rate = 0.0
         self._shown_at = 0.0
 
-    def update(self, p: dict[str, Any], live: dict[str, str] | None = None) -> None:
+    def update(
+        self, p: dict[str, Any], live: dict[str, str] | None = None, *, force: bool = False
+    ) -> None:
         done = int(p["succeeded"]) + int(p["failed"]) + int(p["not_sent"])
         if done > self._done:
             self._bar.update(done - self._done)
@@ -510,7 +512,7 @@ class _ProgressBar:
         if now - t0 >= 1.0:
             self._rate = (int(p["sent"]) - sent0) / (now - t0)
             self._rate_mark = (now, int(p["sent"]))
-        if now - self._shown_at < 0.25:
+        if now - self._shown_at < 0.25 and not force:
             return
         self._shown_at = now
         sent = f"{p['sent']}/{self._total}" if self._total else str(p["sent"])
@@ -521,7 +523,9 @@ class _ProgressBar:
             "rate": f"{self._rate:.0f}/s",
             **(live or {}),
         }
-        self._bar.set_postfix(fields, refresh=False)
+        # Redrawn now: tqdm redraws only when its count moves, which leaves the postfix
+        # (sent, in flight, rate) stale while long generations are under way.
+        self._bar.set_postfix(fields, refresh=True)
 
     def close(self) -> None:
         self._bar.close()
