@@ -126,7 +126,7 @@ def test_dataset_source_and_suffix(tok, tmp_path: Path) -> None:  # type: ignore
     )
     prompts, _, report = b.build(10, np.array([40, 120, 300]))
     assert report.mismatched == 0
-    assert all(p.endswith(" Answer briefly.") for p in prompts)
+    assert all(p.endswith(" Answer briefly.Assistant:") for p in prompts)  # as FineServe
     assert lengths(tok, prompts) == [40, 120, 300]
     assert "sky" in " ".join(prompts)
     jl = tmp_path / "p.jsonl"

@@ -296,7 +296,11 @@ def _blast_options(f: Any) -> Any:
             help="Completions API: wrap each prompt in the tokenizer's chat template "
             "(its length included).",
         ),
-        click.option("--prompt-suffix", default="", help="Text appended to every prompt."),
+        click.option(
+            "--prompt-suffix",
+            default="",
+            help="Text appended to every prompt, then 'Assistant:' (FineServe's Generator).",
+        ),
         click.option(
             "--dataset-output-len",
             is_flag=True,

@@ -51,6 +51,8 @@ from .synthetic import _VOCAB
 #: Smallest pool, in tokens (windows start at distinct offsets of the pool).
 MIN_POOL_TOKENS = 1 << 18
 CHECK_MODES = ("sample", "all", "off")
+#: What FineServe's Generator puts after --prompt-suffix, to end every prompt.
+ASSISTANT_SUFFIX = "Assistant:"
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -265,11 +267,10 @@ class TokenizedPromptBuilder:
             int(tokenizer.num_special_tokens_to_add(pair=False)) if count_special_tokens else 0
         )
         self.block_size = block_size
-        self.suffix = prompt_suffix
+        # FineServe's --prompt-suffix: the suffix, then "Assistant:" to end the prompt.
+        self.suffix = prompt_suffix + ASSISTANT_SUFFIX if prompt_suffix else ""
         self.suffix_len = (
-            len(tokenizer(prompt_suffix, add_special_tokens=False)["input_ids"])
-            if prompt_suffix
-            else 0
+            len(tokenizer(self.suffix, add_special_tokens=False)["input_ids"]) if self.suffix else 0
         )
         self.groups, self.prefix_len = shared_prefix_groups, shared_prefix_len
         text = source_text if source_text else _synthetic_text(seed, 200_000)
