@@ -124,3 +124,38 @@ def test_sweep_catches_overload_that_short_probes_hide(tmp_path: Path) -> None:
     assert failed and all("sustained" in p["why"] for p in failed)
     for p in failed:  # the server completed at its capacity, whatever was offered
         assert p["metrics"]["sustained_request_rate"] <= 1.05 * 84
+
+
+DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+
+
+@pytest.mark.skipif(not (DATASETS / "Parametric").is_dir(), reason="no datasets")
+def test_sweep_scales_a_bursty_workload_by_time_scale(tmp_path: Path) -> None:
+    """A parametric (bursty) workload swept by time scale: the same trace span every
+    probe, compressed more and more, until the mock (2 generations at once) falls behind."""
+    out = tmp_path / "sweep.json"
+    r = invoke(
+        "sweep", "--mode", "parametric", "--model-class", "azure_code",
+        "--datasets-dir", str(DATASETS), "--duration", "120", "--time-scale", "20",
+        "--slo", "ttft:p99:100000", "--mock-max-concurrency", "2", "--mock-ttft-ms", "2",
+        "--mock-itl-ms", "1", "--random-output-len", "16", "--tolerance", "0.15",
+        "--target-load", "1000", "--output-file", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["unit"] == "time scale"
+    probes = res["probes"]
+    # Every probe replays the same requests; only their pace changes.
+    assert len({p["metrics"]["scheduled"] for p in probes}) == 1
+    offered = [p["metrics"]["offered_request_rate"] for p in probes]
+    loads = [p["load"] for p in probes]
+    for (l0, o0), (l1, o1) in zip(zip(loads, offered), zip(loads[1:], offered[1:])):
+        assert o1 / o0 == pytest.approx(l1 / l0, rel=1e-6)
+    failed = [p for p in probes if not p["passed"]]
+    assert failed and all("sustained" in p["why"] for p in failed)
+    best = next(p for p in probes if p["load"] == res["best_load"])
+    fraction = best["metrics"]["sustained_fraction"]
+    assert fraction >= 0.9
+    assert res["best_sustained_load"] == pytest.approx(best["load"] * min(1.0, fraction))
+    assert res["instances"] == -(-1000 // res["best_sustained_load"])
+    assert "(time scale)" in r.output
