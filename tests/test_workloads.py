@@ -202,6 +202,31 @@ def test_servegen_reproduces_client_rate_shares() -> None:
     assert abs(len(s2) / span - 1.0) < 0.1
 
 
+def test_servegen_rate_weights_windows_by_their_time_in_the_span(tmp_path: Path) -> None:
+    """Client 0 sends in [0, 600) only, client 1 in [600, 1200). A span from 300 to 1200
+    holds half of client 0's window and all of client 1's: the target rate is the mean
+    over that span, and neither window runs past its end or before the span."""
+    (tmp_path / "chunk-0-trace.csv").write_text("0,2,1,Gamma,1,0.5\n600,0,0,,0,0\n")
+    (tmp_path / "chunk-1-trace.csv").write_text("0,0,0,,0,0\n600,1,1,Gamma,1,1\n")
+    pool = load_client_pool(tmp_path)
+    assert pool.mean_rate(300, 1200) == pytest.approx((2 * 300 + 1 * 600) / 900)
+    assert pool.mean_rate(0, 1200) == pytest.approx(1.5)
+    s = concat(
+        list(
+            servegen_chunks(
+                pool, np.random.default_rng(1), request_rate=10, start_s=300, duration_s=900
+            )
+        )
+    )
+    assert len(s) / 900 == pytest.approx(10, rel=0.05)
+    t_s, client = s.t_ns / 1e9, s.extra["client_id"]
+    assert t_s.min() >= 0 and t_s.max() < 900
+    # Client 0's rate x 7.5 for 300 s; client 1's x 7.5 for 600 s: 4,500 requests each.
+    assert np.all(t_s[client == 0] < 300) and np.all(t_s[client == 1] >= 300)
+    assert (client == 0).sum() == pytest.approx(4500, rel=0.06)
+    assert (client == 1).sum() == pytest.approx(4500, rel=0.06)
+
+
 @needs_shared
 def test_servegen_reasoning_pool_carries_reason_ratio() -> None:
     pool = load_client_pool(SHARED_DATA / "servegen/reason/deepseek-r1")

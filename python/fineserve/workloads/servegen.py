@@ -56,6 +56,8 @@ class Client:
     def pdf_at(self, t_s: float, name: str) -> Pdf | None:
         """The field's PDF in force at ``t_s``; a window without data (empty PDF) falls back
         to the nearest earlier window with data, else the nearest later one."""
+        if not self.dataset:  # no chunk-<i>-dataset.json: the defaults apply
+            return None
         k = max(int(np.searchsorted(self.dataset_starts, t_s, side="right")) - 1, 0)
         order = list(range(k, -1, -1)) + list(range(k + 1, len(self.dataset)))
         for j in order:
@@ -71,13 +73,21 @@ class ClientPool:
     clients: list[Client]
     window_s: float
 
+    def window_ends(self, c: Client) -> npt.NDArray[np.float64]:
+        """Where each of the client's windows ends: at its next window, the last one
+        ``window_s`` after its start (past that the client sends nothing)."""
+        return np.append(c.start_s[1:], c.start_s[-1] + self.window_s)
+
     def mean_rate(self, start_s: float, end_s: float) -> float:
+        """The aggregate rate averaged over [start_s, end_s): each window weighted by the
+        time it overlaps the span (a span cutting a window in half gets half of it)."""
+        if not end_s > start_s:
+            return 0.0
         total = 0.0
         for c in self.clients:
-            m = (c.start_s >= start_s) & (c.start_s < end_s)
-            total += float(np.sum(c.rate[m]))
-        windows = max(1, round((end_s - start_s) / self.window_s))
-        return total / windows
+            overlap = np.minimum(self.window_ends(c), end_s) - np.maximum(c.start_s, start_s)
+            total += float(np.sum(c.rate * np.clip(overlap, 0.0, None)))
+        return total / (end_s - start_s)
 
     @property
     def span_s(self) -> float:
@@ -187,7 +197,8 @@ def servegen_chunks(
     time_scale: float = 1.0,
     default_output_len: int = 128,
 ) -> Iterator[Schedule]:
-    """One chunk per trace window, clients merged by time, with a ``client_id`` column."""
+    """One chunk per trace window (or the part of it inside the span), clients merged by
+    time, with a ``client_id`` column."""
     end_s = pool.span_s if duration_s is None else start_s + duration_s
     if request_rate is not None:
         base = pool.mean_rate(start_s, end_s)
@@ -196,14 +207,17 @@ def servegen_chunks(
         rate_scale = request_rate / base
     if not (rate_scale > 0 and math.isfinite(rate_scale)):
         raise FineserveError("the ServeGen rate scale must be > 0")
-    w = pool.window_s
-    t = start_s
-    while t < end_s:
-        w_end = min(t + w, end_s)
+    # Segments between consecutive window boundaries of any client, so that a --start
+    # inside a window, or clients on different grids, never run a window past its end.
+    ends = {c.client_id: pool.window_ends(c) for c in pool.clients}
+    marks = np.concatenate([c.start_s for c in pool.clients] + list(ends.values()))
+    inner = marks[(marks > start_s) & (marks < end_s)]
+    bounds = np.unique(np.concatenate([[start_s, end_s], inner]))
+    for t, w_end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         parts = []
         for c in pool.clients:
             k = int(np.searchsorted(c.start_s, t, side="right")) - 1
-            if k < 0 or c.rate[k] <= 0:
+            if k < 0 or c.rate[k] <= 0 or t >= ends[c.client_id][k]:
                 continue
             rate = c.rate[k] * rate_scale
             arrivals = _renewal(t, w_end, rate, c.pattern[k], c.shape[k], rng)
@@ -215,7 +229,6 @@ def servegen_chunks(
             offset_ns = round(start_s * 1e9 / time_scale)
             merged.t_ns = np.rint(merged.t_ns / time_scale).astype(np.int64) - offset_ns
             yield merged
-        t = w_end
 
 
 def _renewal(
