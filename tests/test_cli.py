@@ -157,7 +157,9 @@ def test_non_openai_server_is_one_line_error() -> None:
         ),
         (["--save-requests", "/proc/1/r.parquet"], "directory '/proc/1' is not writable"),
         (["--base-url", "http://127.0.0.1:9", "--port", "9"], "either --base-url or --host"),
-        (["--source-ip", "1.2.3"], 'source address "1.2.3" is not an IP address'),
+        (["--source-ip", "1.2.3"], "source address '1.2.3' is not an IP address"),
+        (["--mode", "parametric"], "--mode parametric needs --model-class"),
+        (["--save-detailed"], "--save-detailed needs --output-file"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
@@ -168,6 +170,8 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
     errors = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in r.output
+    # Refused before anything starts: no embedded mock for a run that cannot happen.
+    assert "started the embedded mock" not in r.output
 
 
 def test_api_key_is_sent_but_never_echoed(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -359,7 +359,7 @@ def warm_up(
 
 def execute_blast(
     o: dict[str, Any],
-    bases: list[str],
+    bases: list[str] | Callable[[], list[str]],
     seed: int,
     extra: dict,
     is_mock: bool,
@@ -367,19 +367,27 @@ def execute_blast(
     quiet: bool = False,
 ) -> BlastRun:
     """Builds the workload, runs it, and returns the metrics; the results file, if asked
-    for, is closed with the run's final metadata."""
+    for, is closed with the run's final metadata. ``bases`` may be a function that starts
+    the servers (the embedded mock): it is called once the workload and prompts are
+    built, so that a bad option is reported before any server starts."""
     api_key = os.environ.get("OPENAI_API_KEY") or None
     endpoint = o["endpoint"] or DEFAULT_ENDPOINT[o["backend"]]
     path = endpoint if endpoint.startswith("/") else "/" + endpoint
+    chat = is_chat_endpoint(path)
+    workload = build_workload(o, seed)
+    for line in workload.notes if not quiet else ():
+        note(line)
+    first = next(workload.chunks, None)
+    if first is None or not len(first):
+        raise FineserveError("the workload has no requests")
+    builder, dataset_output_lens = prompt_builder(o, seed, first, chat, quiet, is_mock)
+    if callable(bases):
+        bases = bases()
     urls = [b + path for b in bases]
     if len(set(urls)) < len(urls):
         raise FineserveError("--base-url lists the same server twice")
     for u in urls:
         check_url(u)
-    chat = is_chat_endpoint(path)
-    workload = build_workload(o, seed)
-    for line in workload.notes if not quiet else ():
-        note(line)
     served = [resolve_model(b, o["model"], api_key) for b in bases]
     model = served[0]
     if len(set(served)) > 1 and not o["model"] and not quiet:
@@ -388,10 +396,6 @@ def execute_blast(
             f"{model} (pass --model or --class-model)"
         )
     class_models = parse_pairs(o.get("class_model") or (), "--class-model")
-    first = next(workload.chunks, None)
-    if first is None or not len(first):
-        raise FineserveError("the workload has no requests")
-    builder, dataset_output_lens = prompt_builder(o, seed, first, chat, quiet, is_mock)
     templates = {
         m: BodyTemplate(
             o["backend"],

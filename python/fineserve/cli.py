@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -492,11 +494,20 @@ def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     extra = _prepare_blast_options(o)
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    bases, mock = _servers(o)
-    try:
-        _blast(o, bases, seed, extra, mock is not None)
-    finally:
+    started: list[MockServer] = []
+
+    def servers() -> list[str]:
+        """Started once the workload is built (a bad option never starts the mock)."""
+        bases, mock = _servers(o)
         if mock is not None:
+            started.append(mock)
+        return bases
+
+    is_mock = not (o["base_url"] or o["host"] or o["port"])
+    try:
+        _blast(o, servers, seed, extra, is_mock)
+    finally:
+        for mock in started:
             mock.stop()
 
 
@@ -538,6 +549,14 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     )
     if not (o["metrics_window"] > 0 and math.isfinite(o["metrics_window"])):
         raise FineserveError("--metrics-window must be a positive number of seconds")
+    if o.get("save_detailed") and not o["output_file"]:
+        raise FineserveError("--save-detailed needs --output-file")
+    # The engine checks these too; here they are refused before any server starts.
+    for address in [a.strip() for a in (o.get("source_ip") or "").split(",") if a.strip()]:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise FineserveError(f"source address {address!r} is not an IP address") from None
     return extra
 
 
@@ -710,9 +729,13 @@ def _percentile_options(
     return names, qs
 
 
-def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock: bool) -> None:
-    if o.get("save_detailed") and not o["output_file"]:
-        raise FineserveError("--save-detailed needs --output-file")
+def _blast(
+    o: dict[str, Any],
+    bases: list[str] | Callable[[], list[str]],
+    seed: int,
+    extra: dict,
+    is_mock: bool,
+) -> None:
     if o.get("save_detailed") and not o["save_requests"]:
         # The per-request lists are read back from a results file: a temporary one.
         with tempfile.TemporaryDirectory(prefix="fineserve-") as tmp:
@@ -724,7 +747,7 @@ def _blast(o: dict[str, Any], bases: list[str], seed: int, extra: dict, is_mock:
 
 def _blast_once(
     o: dict[str, Any],
-    bases: list[str],
+    bases: list[str] | Callable[[], list[str]],
     seed: int,
     extra: dict,
     is_mock: bool,
