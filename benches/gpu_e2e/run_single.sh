@@ -56,10 +56,13 @@ $FS blast $COMMON --mode replay --trace "$DATA/AzureLLMInferenceTrace_code.csv" 
     --duration 120 --time-scale 2 --request-timeout 120 --output-file /tmp/replay.json \
     --save-requests /tmp/replay.parquet > /tmp/replay.txt 2>&1
 grep -E "Successful|Failed|P99 TTFT|P99 E2E|Traffic" /tmp/replay.txt; }
-want sweep && log "sweep" && $FS sweep $COMMON --slo ttft:p99:1000 --request-rate 8 --step-seconds 15 --max-probes 7 \
+# TTFT and TPOT SLOs, and the sustained-rate check (on by default): past its capacity this
+# server admits everything and slows every token, which a TTFT SLO alone does not see.
+want sweep && log "sweep" && $FS sweep $COMMON ${SWEEP_SLOS:---slo ttft:p99:1000 --slo tpot:p99:150} \
+    --request-rate 8 --step-seconds 15 --max-probes 7 \
     --random-input-len 256 --random-output-len 64 --target-load 200 \
     --request-timeout 60 --output-file /tmp/sweep.json --plot "$OUT/sweep.png" \
-    > /tmp/sweep.txt 2>&1 && tail -14 /tmp/sweep.txt
+    > /tmp/sweep.txt 2>&1; want sweep && { tail -16 /tmp/sweep.txt; cp /tmp/sweep.json /tmp/sweep.txt "$OUT/"; }
 log "agreement and reports"
 for run in poisson_10 parametric replay; do
     [ -f /tmp/$run.parquet ] || continue
