@@ -243,7 +243,7 @@ def plot_sweep(r: SweepResult, path: Path) -> Path:
     from . import plotting
 
     probes = sorted(r.probes, key=lambda p: p.load)
-    fig, ax = plotting.figure(1, len(r.slos), (5 * len(r.slos), 3.8))
+    fig, ax = plotting.figure(1, len(r.slos) + 1, (5 * (len(r.slos) + 1), 3.8))
     for a, s in zip(ax[0], r.slos):
         x = [p.load for p in probes]
         a.plot(x, [p.metrics.get(s.key, math.nan) for p in probes], "o-", label=s.key)
@@ -253,5 +253,20 @@ def plot_sweep(r: SweepResult, path: Path) -> Path:
         a.set(xlabel=r.unit, ylabel="ms", yscale="log", title=str(s))
         a.grid(alpha=0.3)
         plotting.legend(a)
+    # What the server kept up with, against what was offered.
+    a = ax[0, -1]
+    x = [p.load for p in probes]
+    offered = [p.metrics.get("offered_request_rate") or math.nan for p in probes]
+    a.plot(x, offered, "o-", label="offered")
+    a.plot(x, [p.metrics.get("sustained_request_rate") or math.nan for p in probes], "x-",
+           label="sustained")  # fmt: skip
+    if r.min_sustained:
+        a.plot(x, [r.min_sustained * o for o in offered], ":", color="tab:red",
+               label=f"{100 * r.min_sustained:g} % of offered")  # fmt: skip
+    if r.best:
+        a.axvline(r.best.load, color="tab:green", ls=":", label=f"best {r.best.load:.3g}")
+    a.set(xlabel=r.unit, ylabel="req/s", title="offered vs sustained rate")
+    a.grid(alpha=0.3)
+    plotting.legend(a)
     fig.tight_layout()
     return plotting.save(fig, path)
