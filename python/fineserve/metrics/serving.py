@@ -363,8 +363,7 @@ class MetricsAccumulator:
             m["goodput_slos_ms"] = dict(self.slos)
             m["good_requests"] = self.good
         for p in lag_percentiles:
-            key = f"p{p:g}_dispatch_lag_us".replace(".", "_")
-            m[key] = self.lag.percentile(p) / 1e3
+            m[f"p{p:g}_dispatch_lag_us"] = self.lag.percentile(p) / 1e3  # p99.9_…, as vLLM
         m["max_dispatch_lag_us"] = self.lag.max / 1e3 if self.lag.count else 0.0
         m["mean_dispatch_lag_us"] = self.lag.mean / 1e3
         m["sent_in_scheduled_ms_fraction"] = (
