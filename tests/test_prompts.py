@@ -659,6 +659,46 @@ def test_bailian_turns_extend_their_history(tok, tmp_path: Path) -> None:  # typ
     assert len({p[:20] for p in (prompts[i] for i in roots)}) == len(roots)
 
 
+@pytest.mark.parametrize("tokenized", [False, True])
+def test_chat_turns_carry_the_conversation_as_messages(
+    tok, tmp_path: Path, tokenized: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """On a chat endpoint a later turn is its conversation so far: the earlier turns'
+    messages, the stand-in answer as the assistant's, then its own text as the user's,
+    with as many tokens in all as the trace's input length."""
+    from fineserve.blast import RequestShapes, engine_chunks
+    from fineserve.prompts import SyntheticPromptBuilder
+    from fineserve.traces import TraceOptions, load_trace
+    from fineserve.workloads.replay import replay_chunks
+
+    path = tmp_path / "bailian.jsonl"
+    _bailian_trace(path, conversations=6, turns=3)
+    trace = load_trace(path, TraceOptions())
+    b = TokenizedPromptBuilder(tok, seed=0, check="all") if tokenized else SyntheticPromptBuilder(0)
+    template = BodyTemplate("vllm", "m", stream=True, ignore_eos=True, chat=True)
+    url = "http://x/v1/chat/completions"
+    shapes = RequestShapes(b, {"m": template}, "m", {}, Deployment([url]))
+    chunks = list(engine_chunks(replay_chunks(trace), shapes))
+    bodies = [_json.loads(body) for ch in chunks for body in ch.bodies]
+    parent = np.concatenate([ch.turns[0] for ch in chunks])
+    output_len = trace.output_len
+    for i, body in enumerate(bodies):
+        msgs = body["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2) + ["user"]
+        p = int(parent[i])
+        if p < 0:
+            assert len(msgs) == 1
+            continue
+        assert msgs[:-2] == bodies[p]["messages"]  # the conversation so far, unchanged
+        if tokenized:
+            n_tokens = [len(tok(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs]
+            assert n_tokens[-2] == output_len[p]  # the answer: the previous turn's output
+            assert sum(n_tokens) == trace.input_len[i]
+        else:  # synthetic prompts: words
+            assert len(msgs[-2]["content"].split()) == output_len[p]
+    assert sum(len(b["messages"]) == 5 for b in bodies) == 6  # every third turn
+
+
 def test_blast_replays_conversations_turn_after_turn(tmp_path: Path) -> None:
     path = tmp_path / "bailian.jsonl"
     _bailian_trace(path, conversations=6)

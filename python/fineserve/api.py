@@ -22,7 +22,7 @@ adds anything else (and overrides these).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import FineserveError
@@ -47,10 +47,19 @@ def is_chat_endpoint(path: str) -> bool:
 
 
 _PROMPT = "__FINESERVE_PROMPT__"
+_MESSAGES = "__FINESERVE_MESSAGES__"
 _MAX_TOKENS = 987654321
 _MIN_TOKENS = 987654322
 #: The template's open slots, as they appear in its JSON text.
-_SLOTS = {"prompt": f'"{_PROMPT}"', "max": str(_MAX_TOKENS), "min": str(_MIN_TOKENS)}
+_SLOTS = {
+    "prompt": f'"{_PROMPT}"',
+    "messages": f'"{_MESSAGES}"',
+    "max": str(_MAX_TOKENS),
+    "min": str(_MIN_TOKENS),
+}
+
+#: A chat conversation so far: (role, content) pairs, oldest first.
+Messages = Sequence[tuple[str, str]]
 
 
 def parse_extra_body(text: str | None) -> dict[str, Any]:
@@ -64,6 +73,14 @@ def parse_extra_body(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise FineserveError("--extra-request-body must be a JSON object")
     return value
+
+
+def _messages_json(prompt: str | Messages) -> str:
+    if isinstance(prompt, str):  # the common case, without building dicts
+        return f'[{{"role":"user","content":{json.dumps(prompt)}}}]'
+    return json.dumps(
+        [{"role": role, "content": content} for role, content in prompt], separators=(",", ":")
+    )
 
 
 class BodyTemplate:
@@ -86,7 +103,7 @@ class BodyTemplate:
         self.chat = chat
         body: dict[str, Any] = {"model": model}
         if chat:
-            body["messages"] = [{"role": "user", "content": _PROMPT}]
+            body["messages"] = _MESSAGES  # a list of messages, rendered whole
             # OpenAI's current name; vLLM, SGLang and TGI take max_tokens.
             key = "max_completion_tokens" if backend == "openai-chat" else "max_tokens"
             body[key] = _MAX_TOKENS
@@ -103,8 +120,11 @@ class BodyTemplate:
             body["min_tokens"] = _MIN_TOKENS
         body.update(extra or {})
         text = json.dumps(body, separators=(",", ":"))
-        if text.count(_SLOTS["prompt"]) != 1 or text.count(_SLOTS["max"]) != 1:
-            raise FineserveError("--extra-request-body must not replace the prompt or max_tokens")
+        prompt_slots = text.count(_SLOTS["prompt"]) + text.count(_SLOTS["messages"])
+        if prompt_slots != 1 or text.count(_SLOTS["max"]) != 1:
+            raise FineserveError(
+                "--extra-request-body must not replace the prompt, messages or max_tokens"
+            )
         # The JSON text cut at its open slots: render joins the pieces with the values.
         found = sorted((text.index(v), k) for k, v in _SLOTS.items() if v in text)
         self._slots = [k for _, k in found]
@@ -115,11 +135,18 @@ class BodyTemplate:
             pos = at + len(_SLOTS[k])
         self._pieces.append(text[pos:])
 
-    def render(self, prompt: str, max_tokens: int) -> bytes:
-        values = {"prompt": json.dumps(prompt), "max": str(max_tokens), "min": str(max_tokens)}
+    def render(self, prompt: str | Messages, max_tokens: int) -> bytes:
+        """The body for one request. ``prompt`` is the text (the user message of a chat
+        request), or for a chat request a whole conversation of (role, content) pairs."""
         out = [self._pieces[0]]
         for slot, piece in zip(self._slots, self._pieces[1:]):
-            out.append(values[slot])
+            if slot == "prompt":
+                text = prompt if isinstance(prompt, str) else "\n".join(c for _, c in prompt)
+                out.append(json.dumps(text))
+            elif slot == "messages":
+                out.append(_messages_json(prompt))
+            else:  # max_tokens, and min_tokens equal to it
+                out.append(str(max_tokens))
             out.append(piece)
         return "".join(out).encode()
 

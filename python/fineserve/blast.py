@@ -219,6 +219,8 @@ def engine_chunks(
     sharing is intended (hash_ids, shared-prefix groups)."""
     base = 0
     builder = shapes.builder
+    # Chat requests carry a conversation as alternating messages; completions one text.
+    chat = any(t.chat for t in shapes.templates.values())
     # Prompts of turns that later turns extend: index → [text, tokens, answer, followers left].
     history: dict[int, list[Any]] = {}
     for c in chunks:
@@ -232,7 +234,7 @@ def engine_chunks(
         turns = None
         if "parent" in c.extra:
             actual_len = np.asarray(actual_len, dtype=np.int64).copy()
-            extend_turns(builder, base, c, prompts, actual_len, history)
+            extend_turns(builder, base, c, prompts, actual_len, history, chat=chat)
             turns = (c.extra["parent"], c.extra["think_ns"], c.extra["followers"])
         if prefix is not None:
             if c.hash_ids is not None and c.hash_offsets is not None:
@@ -284,22 +286,32 @@ def extend_turns(
     builder: SyntheticPromptBuilder | TokenizedPromptBuilder,
     base: int,
     c: Schedule,
-    prompts: list[str],
+    prompts: list[Any],
     actual_len: npt.NDArray[np.int64],
     history: dict[int, list[Any]],
+    *,
+    chat: bool = False,
 ) -> None:
     """A turn's prompt is its previous turn's prompt, an answer of that turn's output
     length, and new text up to its own input length, so a prefix cache sees the
-    conversation. A turn shorter than its history keeps its own prompt."""
+    conversation. A turn shorter than its history keeps its own prompt. With ``chat``
+    the prompt becomes the conversation's messages: the earlier turns, the stand-in
+    answer as the assistant's message, then this turn's text as the user's."""
     parent = c.extra["parent"]
     followers = c.extra["followers"]
     for i in range(len(c)):
         p = int(parent[i])
         if p >= 0 and p in history:
-            text, tokens, answer, _ = entry = history[p]
+            earlier, tokens, answer, _ = entry = history[p]
             new = int(actual_len[i]) - tokens - answer
             if new > 0 and builder.extends_turns:
-                prompts[i] = text + builder.continuation(base + i, answer, new)
+                if chat:
+                    said, own = builder.continuation_parts(base + i, answer, new)
+                    if isinstance(earlier, str):
+                        earlier = [("user", earlier)]
+                    prompts[i] = [*earlier, ("assistant", said), ("user", own)]
+                else:
+                    prompts[i] = earlier + builder.continuation(base + i, answer, new)
             entry[3] -= 1
             if entry[3] <= 0:
                 del history[p]

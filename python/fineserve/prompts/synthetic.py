@@ -36,8 +36,15 @@ class SyntheticPromptBuilder:
 
     def continuation(self, index: int, answer_tokens: int, new_tokens: int) -> str:
         """Words to append to a previous turn's prompt: an answer, then the new turn."""
+        answer, own = self.continuation_parts(index, answer_tokens, new_tokens)
+        return " " + f"{answer} {own}".strip()
+
+    def continuation_parts(
+        self, index: int, answer_tokens: int, new_tokens: int
+    ) -> tuple[str, str]:
+        """The stand-in answer to the previous turn, and the new turn's own words."""
         answer = self._slice(((index * 31) % self._pool_words), answer_tokens)
-        return " " + (answer + self.build(index, new_tokens)).strip()
+        return answer.strip(), self.build(index, new_tokens)
 
     def __init__(
         self,

@@ -302,6 +302,12 @@ class TokenizedPromptBuilder:
     def continuation(self, index: int, answer_tokens: int, new_tokens: int) -> str:
         """Text of exactly ``answer_tokens + new_tokens`` tokens to append to a previous
         turn's prompt: an answer, then the new turn's own tag and text."""
+        return "".join(self.continuation_parts(index, answer_tokens, new_tokens))
+
+    def continuation_parts(
+        self, index: int, answer_tokens: int, new_tokens: int
+    ) -> tuple[str, str]:
+        """The stand-in answer to the previous turn, and the new turn's own tag and text."""
         s, e = self.pool.window(_mix(index * 31 + 7), answer_tokens) if answer_tokens else (0, 0)
         tag = self._tag(index)
         tag_len = len(self.tok(tag, add_special_tokens=False)["input_ids"])
@@ -311,7 +317,7 @@ class TokenizedPromptBuilder:
         else:
             ts, te = self.pool.window(_mix(index + 12345), new_tokens)
             own = self.pool.text_of(ts, te)
-        return self.pool.text_of(s, e) + own
+        return self.pool.text_of(s, e), own
 
     def build_chunk(
         self, base_index: int, schedule: Any, *, record: bool = True
