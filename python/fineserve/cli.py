@@ -494,33 +494,45 @@ def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     extra = _prepare_blast_options(o)
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
+    given = _given_servers(o)
     started: list[MockServer] = []
 
     def servers() -> list[str]:
-        """Started once the workload is built (a bad option never starts the mock)."""
-        bases, mock = _servers(o)
-        if mock is not None:
-            started.append(mock)
-        return bases
+        """Called once the workload is built (a bad option never starts the mock)."""
+        if given:
+            return given
+        started.append(_start_mock(o))
+        return [started[0].base_url]
 
-    is_mock = not (o["base_url"] or o["host"] or o["port"])
     try:
-        _blast(o, servers, seed, extra, is_mock)
+        _blast(o, servers, seed, extra, not given)
     finally:
         for mock in started:
             mock.stop()
 
 
-def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
-    """The targets' base URLs, starting the embedded mock when no server is given."""
+def _given_servers(o: dict[str, Any]) -> list[str]:
+    """The base URLs of --base-url or --host/--port; empty when no server is given."""
     bases = [b for b in (base_url_from(u, None, None) for u in o["base_url"]) if b]
     if not bases:
         single = base_url_from(None, o["host"], o["port"])
         bases = [single] if single else []
     elif o["host"] or o["port"]:
         raise FineserveError("give either --base-url or --host/--port, not both")
+    return bases
+
+
+def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
+    """The targets' base URLs, starting the embedded mock when no server is given."""
+    bases = _given_servers(o)
     if bases:
         return bases, None
+    mock = _start_mock(o)
+    return [mock.base_url], mock
+
+
+def _start_mock(o: dict[str, Any]) -> MockServer:
+    """The embedded mock server, with the --mock-* options."""
     faults = fault_kwargs(o, "--mock-fault")
     mock = MockServer(
         ttft_ms=o["mock_ttft_ms"],
@@ -537,7 +549,7 @@ def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
         + (f", faults: {injected}" if injected else "")
         + "); pass --base-url or --host/--port to target a real server"
     )
-    return [mock.base_url], mock
+    return mock
 
 
 def _prepare_blast_options(o: dict[str, Any]) -> dict:

@@ -191,18 +191,15 @@ def panel_in_flight(runs: list[Run]) -> bytes:
 
 
 def slot_fidelity(r: Run, slot_ns: int = 1_000_000) -> dict[str, Any]:
-    """Requests per occupied slot as scheduled and as sent, and the share of micro-burst
-    members (requests sharing their scheduled slot with another) sent inside that slot."""
+    """Requests per occupied slot as scheduled and as sent, and (from the run's metrics)
+    the share of micro-burst members sent inside their scheduled slot."""
     sched = r.col("scheduled_ns")
     sent = r.col("sent_ns")
-    was = sent >= 0
-    _, where, sched_counts = np.unique(sched // slot_ns, return_inverse=True, return_counts=True)
-    members = was & (sched_counts[where] > 1)
-    inside = sent[members] // slot_ns == sched[members] // slot_ns
-    _, sent_counts = np.unique(sent[was] // slot_ns, return_counts=True)
+    _, sched_counts = np.unique(sched // slot_ns, return_counts=True)
+    _, sent_counts = np.unique(sent[sent >= 0] // slot_ns, return_counts=True)
     return {
-        "in_slot": float(inside.mean()) if members.any() else None,
-        "members": int(members.sum()),
+        "in_slot": r.metrics.get("burst_sent_in_slot_fraction"),
+        "members": r.metrics.get("burst_members_sent", 0),
         "scheduled": sched_counts,
         "sent": sent_counts,
     }

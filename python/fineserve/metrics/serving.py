@@ -121,6 +121,7 @@ class MetricsAccumulator:
         slos: dict[str, float] | None = None,
         window_s: float | None = 10.0,
         groups: tuple[str, ...] = (),
+        whole_run: bool = True,
     ) -> None:
         self.e2e = LogHistogram()
         self.ttft = LogHistogram()
@@ -132,8 +133,10 @@ class MetricsAccumulator:
         self.scheduled = self.completed = self.failed = self.not_sent = 0
         self.total_input = self.total_output = self.server_reported = 0
         self.in_scheduled_ms = 0
-        self.bursts = BurstFidelity()
-        self.sustained = SustainedRate()
+        # Slot membership and the schedule's span belong to the whole run, not to a
+        # breakdown group (``whole_run`` False).
+        self.bursts = BurstFidelity() if whole_run else None
+        self.sustained = SustainedRate() if whole_run else None
         # Token events and requests started/ended per second, for vLLM's peak figures.
         self.tokens_per_s = np.zeros(0, np.int64)
         self.starts_per_s = np.zeros(0, np.int64)
@@ -193,11 +196,10 @@ class MetricsAccumulator:
         self.in_scheduled_ms += int(
             np.sum(sent[was_sent] // 1_000_000 == sched[was_sent] // 1_000_000)
         )
-        if burst_slots is None:
-            self.bursts.add(sched, sent)
-        else:
-            self.bursts.add(sched, sent, *burst_slots)
-        self.sustained.add(sched, done[ok])
+        if self.bursts is not None:
+            self.bursts.add(sched, sent, *(burst_slots or ()))
+        if self.sustained is not None:
+            self.sustained.add(sched, done[ok])
         self._add_peaks(ok, sent, done, columns)
         if self.slos:
             self.good += self._count_good(ok, sent, first, done, out_tokens)
@@ -305,7 +307,9 @@ class MetricsAccumulator:
                 key = (name, str(v))
                 acc = self.groups.get(key)
                 if acc is None:
-                    acc = self.groups[key] = MetricsAccumulator(slos=self.slos, window_s=None)
+                    acc = self.groups[key] = MetricsAccumulator(
+                        slos=self.slos, window_s=None, whole_run=False
+                    )
                 acc.add(sub, input_len[rows])
 
     def result(
@@ -369,10 +373,12 @@ class MetricsAccumulator:
         m["sent_in_scheduled_ms_fraction"] = (
             self.in_scheduled_ms / self.lag.count if self.lag.count else 0.0
         )
-        m.update(self.bursts.result())
-        m.update(self.sustained.result(self.scheduled, self.e2e_sched.percentile(50)))
-        offered, sustained = m["offered_request_rate"], m["sustained_request_rate"]
-        m["sustained_fraction"] = sustained / offered if offered else None
+        if self.bursts is not None:
+            m.update(self.bursts.result())
+        if self.sustained is not None:
+            m.update(self.sustained.result(self.scheduled, self.e2e_sched.percentile(50)))
+            offered, sustained = m["offered_request_rate"], m["sustained_request_rate"]
+            m["sustained_fraction"] = sustained / offered if offered else None
         n = max(len(self.scheduled_per_s), len(self.sent_per_s))
         sched_s = np.pad(self.scheduled_per_s, (0, n - len(self.scheduled_per_s)))
         sent_s = np.pad(self.sent_per_s, (0, n - len(self.sent_per_s)))
@@ -403,18 +409,7 @@ class MetricsAccumulator:
                             "request_goodput": sub.get("good_requests", 0),
                         }[key]
                         sub[key] = per_s(count)
-                for key in (
-                    "scheduled_per_second",
-                    "sent_per_second",
-                    "first_error_by_kind",
-                    # Slot membership and the schedule's span belong to the whole run.
-                    "burst_members",
-                    "burst_members_sent",
-                    "burst_sent_in_slot_fraction",
-                    "offered_request_rate",
-                    "sustained_request_rate",
-                    "sustained_fraction",
-                ):
+                for key in ("scheduled_per_second", "sent_per_second", "first_error_by_kind"):
                     sub.pop(key, None)
                 breakdown.setdefault(name, {})[value] = sub
             m["breakdown"] = breakdown
