@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,11 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import settings
 
 from fineserve import ERROR_KINDS, EngineOptions, MockServer, run_engine
 from fineserve.api import BodyTemplate
 from fineserve.cli import cli
 from fineserve.runner import RunRecords
+
+# CI draws the same Hypothesis examples every run (a red build is then the code's, not luck's);
+# local runs keep exploring. HYPOTHESIS_PROFILE overrides either.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev")
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

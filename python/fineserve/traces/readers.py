@@ -342,8 +342,11 @@ def _read_jsonl_lenient(path: Path, numeric: tuple[str, ...] = ()) -> tuple[Any,
     good: list[dict[str, Any]] = []
     bad = rows = 0
     try:
-        with path.open("r", encoding="utf-8", errors="replace") as f:
-            for line in f:
+        # Binary lines: JSON Lines ends a line at "\n" only; text mode's universal newlines
+        # would also split at a lone "\r" and count one malformed line as two.
+        with path.open("rb") as f:
+            for raw in f:
+                line = raw.decode("utf-8", "replace")
                 if not line.strip():
                     continue
                 rows += 1
