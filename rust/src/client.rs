@@ -18,7 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RequestRecord};
-use crate::sse::{decode_event, EventKind, SseParser};
+use crate::sse::{decode_event, ChunkInfo, EventKind, SseParser};
 
 /// One target URL, resolved once before the run.
 #[derive(Debug, Clone)]
@@ -450,6 +450,40 @@ async fn next_frame(
     }
 }
 
+/// Folds one decoded event into the record: its token timings by kind, and its usage.
+fn record_chunk(info: &ChunkInfo, t_ns: i64, rec: &mut RequestRecord) {
+    if info.has_output() {
+        // TTFT is the first token of any kind (vLLM's definition); the first answer token
+        // (content or tool call) is kept apart for TTFO.
+        if rec.first_token_ns < 0 {
+            rec.first_token_ns = t_ns;
+        }
+        rec.chunk_ns.push(t_ns);
+        if info.reasoning {
+            rec.reasoning_chunks += 1;
+            rec.last_reasoning_ns = t_ns;
+        }
+        if (info.answer || info.tool_call) && rec.first_answer_ns < 0 {
+            rec.first_answer_ns = t_ns;
+        }
+    }
+    if let Some(c) = info.completion_tokens {
+        rec.completion_tokens = c;
+    }
+    if let Some(p) = info.prompt_tokens {
+        rec.prompt_tokens = p;
+    }
+    if let Some(r) = info.reasoning_tokens {
+        rec.reasoning_tokens = r;
+    }
+    if let Some(c) = info.cached_tokens {
+        rec.cached_tokens = c;
+    }
+    if info.usage_ignored {
+        rec.usage_ignored = 1;
+    }
+}
+
 #[derive(Default)]
 struct StreamState {
     events: u64,
@@ -474,19 +508,8 @@ impl StreamState {
                     ));
                     return;
                 }
-                if info.has_content {
-                    if rec.first_token_ns < 0 {
-                        rec.first_token_ns = t_ns;
-                    }
-                    rec.chunk_ns.push(t_ns);
-                }
                 self.finished |= info.finish_reason;
-                if let Some(c) = info.completion_tokens {
-                    rec.completion_tokens = c;
-                }
-                if let Some(p) = info.prompt_tokens {
-                    rec.prompt_tokens = p;
-                }
+                record_chunk(&info, t_ns, rec);
             }
             Err(msg) => self.failure = Some((ErrorKind::InvalidResponse, msg)),
         }
@@ -538,7 +561,7 @@ async fn read_stream(
         // As vLLM's benchmark client: a stream without any token has no TTFT to report.
         return Err((
             ErrorKind::InvalidResponse,
-            "stream ended without any token".to_owned(),
+            "stream ended without any token (no content, reasoning or tool-call delta)".to_owned(),
         ));
     }
     Ok(())
@@ -567,16 +590,7 @@ async fn read_whole(
                 return Err((ErrorKind::InvalidResponse, format!("server error: {msg}")));
             }
             // Without streaming the whole answer becomes visible at once: first token = end.
-            if info.has_content {
-                rec.first_token_ns = t_ns;
-                rec.chunk_ns.push(t_ns);
-            }
-            if let Some(c) = info.completion_tokens {
-                rec.completion_tokens = c;
-            }
-            if let Some(p) = info.prompt_tokens {
-                rec.prompt_tokens = p;
-            }
+            record_chunk(&info, t_ns, rec);
             Ok(())
         }
         Ok(EventKind::Done) => Err((ErrorKind::InvalidResponse, "bare [DONE] body".to_owned())),

@@ -84,7 +84,19 @@ pub struct RequestRecord {
     pub http_status: u16,
     pub error: ErrorKind,
     pub error_message: String,
-    /// Arrival instant of every token-bearing event.
+    /// Arrival of the first answer event (content or tool call); reasoning does not count.
+    pub first_answer_ns: i64,
+    /// Arrival of the last reasoning event.
+    pub last_reasoning_ns: i64,
+    /// Reasoning events (each is also in `chunk_ns`).
+    pub reasoning_chunks: u32,
+    /// Server-reported `completion_tokens_details.reasoning_tokens` (-1: not reported).
+    pub reasoning_tokens: i64,
+    /// Server-reported `prompt_tokens_details.cached_tokens` (-1: not reported).
+    pub cached_tokens: i64,
+    /// 1 if a usage value of an unexpected type was ignored.
+    pub usage_ignored: u8,
+    /// Arrival instant of every token-bearing event (reasoning, answer or tool call).
     pub chunk_ns: Vec<i64>,
 }
 
@@ -103,6 +115,12 @@ impl RequestRecord {
             http_status: 0,
             error: ErrorKind::Ok,
             error_message: String::new(),
+            first_answer_ns: -1,
+            last_reasoning_ns: -1,
+            reasoning_chunks: 0,
+            reasoning_tokens: -1,
+            cached_tokens: -1,
+            usage_ignored: 0,
             chunk_ns: Vec::with_capacity(expected_chunks),
         }
     }
@@ -128,6 +146,12 @@ pub struct RecordColumns {
     pub http_status: Vec<u16>,
     pub error_kind: Vec<u8>,
     pub endpoint_idx: Vec<u32>,
+    pub first_answer_ns: Vec<i64>,
+    pub last_reasoning_ns: Vec<i64>,
+    pub reasoning_chunks: Vec<u32>,
+    pub reasoning_tokens: Vec<i64>,
+    pub cached_tokens: Vec<i64>,
+    pub usage_ignored: Vec<u8>,
     /// (row, message) for every row with a non-empty error message.
     pub error_messages: Vec<(usize, String)>,
     pub chunk_ns: Vec<i64>,
@@ -155,6 +179,12 @@ impl RecordColumns {
             http_status: Vec::with_capacity(n),
             error_kind: Vec::with_capacity(n),
             endpoint_idx: Vec::with_capacity(n),
+            first_answer_ns: Vec::with_capacity(n),
+            last_reasoning_ns: Vec::with_capacity(n),
+            reasoning_chunks: Vec::with_capacity(n),
+            reasoning_tokens: Vec::with_capacity(n),
+            cached_tokens: Vec::with_capacity(n),
+            usage_ignored: Vec::with_capacity(n),
             error_messages: Vec::new(),
             chunk_ns: Vec::with_capacity(records.iter().map(|r| r.chunk_ns.len()).sum()),
             chunk_offsets: Vec::with_capacity(n + 1),
@@ -173,6 +203,12 @@ impl RecordColumns {
             cols.http_status.push(r.http_status);
             cols.error_kind.push(r.error as u8);
             cols.endpoint_idx.push(r.endpoint_idx);
+            cols.first_answer_ns.push(r.first_answer_ns);
+            cols.last_reasoning_ns.push(r.last_reasoning_ns);
+            cols.reasoning_chunks.push(r.reasoning_chunks);
+            cols.reasoning_tokens.push(r.reasoning_tokens);
+            cols.cached_tokens.push(r.cached_tokens);
+            cols.usage_ignored.push(r.usage_ignored);
             if !r.error_message.is_empty() {
                 cols.error_messages.push((row, r.error_message));
             }
@@ -195,6 +231,12 @@ mod tests {
         let mut b = RequestRecord::new(0, 0, 0, 0);
         b.sent_ns = 1;
         b.chunk_ns = vec![5];
+        b.first_answer_ns = 5;
+        b.reasoning_tokens = 0;
+        b.cached_tokens = 3;
+        a.reasoning_chunks = 2;
+        a.last_reasoning_ns = 22;
+        a.usage_ignored = 1;
         let mut c = RequestRecord::new(1, 10, 0, 0);
         c.fail(ErrorKind::NotSent, "stopped");
         let cols = RecordColumns::from_records(vec![a, b, c], true);
@@ -206,5 +248,11 @@ mod tests {
         assert_eq!(cols.chunk_ns, vec![5, 21, 22]);
         assert_eq!(cols.error_kind[1], ErrorKind::NotSent as u8);
         assert_eq!(cols.error_messages, vec![(1, "stopped".to_owned())]);
+        assert_eq!(cols.first_answer_ns, vec![5, -1, -1]);
+        assert_eq!(cols.last_reasoning_ns, vec![-1, -1, 22]);
+        assert_eq!(cols.reasoning_chunks, vec![0, 0, 2]);
+        assert_eq!(cols.reasoning_tokens, vec![0, -1, -1]);
+        assert_eq!(cols.cached_tokens, vec![3, -1, -1]);
+        assert_eq!(cols.usage_ignored, vec![0, 0, 1]);
     }
 }
