@@ -204,3 +204,115 @@ def test_blast_replays_a_schedule_file(tmp_path: Path) -> None:
     out = json.loads(res.read_text())
     assert out["completed"] == out["scheduled"] == 80
     assert out["workload"]["mode"] == "schedule"
+
+
+class _StopAfter(RecordSink):
+    """Collects batches and raises KeyboardInterrupt (as Ctrl-C would) once ``after_s``
+    has passed, to stop a run from inside its loop."""
+
+    def __init__(self, after_s: float) -> None:
+        import time
+
+        self.deadline = time.monotonic() + after_s
+        self.batches: list[dict] = []
+        self.stop_ns: int | None = None
+        self.raised = False
+
+    def add(self, columns: dict, extra: dict) -> None:
+        import time
+
+        self.batches.append({**columns, **extra})
+        if not self.raised and time.monotonic() >= self.deadline:
+            self.raised = True
+            raise KeyboardInterrupt
+
+    def stopped(self, at_ns: int) -> None:
+        self.stop_ns = at_ns
+
+
+def test_feeding_stays_within_the_lookahead_in_time_not_chunks() -> None:
+    """One 65,536-row chunk spanning 655 s at 100 req/s, lookahead 0.5 s, stopped after
+    ~1.5 s: the engine was only ever given what was due within half a second, so only a
+    handful of its requests are left unsent; everything else was never fed."""
+    n = 65_536
+    t_ns = np.arange(n, dtype=np.int64) * 10_000_000
+    template = BodyTemplate("vllm", "fineserve-mock", stream=True, ignore_eos=True)
+    body = template.render("a b c d", 2)
+    from fineserve.runner import EngineChunk
+
+    chunk = EngineChunk(
+        t_ns,
+        [body],
+        np.zeros(n, np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, 2),
+        {"input_len": np.full(n, 4)},
+    )
+    sink = _StopAfter(1.5)
+    with MockServer(ttft_ms=1, itl_ms=1) as m:
+        outcome = run_stream(
+            [m.base_url + "/v1/completions"],
+            iter([chunk]),
+            EngineOptions(warm_connections=4, drain_grace_s=5),
+            sink,
+            total=n,
+            lookahead_s=0.5,
+            show_progress=False,
+        )
+    assert outcome.interrupted and sink.stop_ns is not None
+    assert outcome.stopped_at_ns == sink.stop_ns
+    # Fed: what was due before the stop plus at most the lookahead (0.5 s = 50 requests).
+    assert outcome.fed <= sink.stop_ns / 10_000_000 + 60, (outcome.fed, sink.stop_ns)
+    assert outcome.generated_not_fed == n - outcome.fed
+    index = np.concatenate([b["index"] for b in sink.batches])
+    assert np.array_equal(np.sort(index), np.arange(n))  # every request accounted for
+    kinds = np.concatenate([b["error_kind"] for b in sink.batches])
+    sched = np.concatenate([b["scheduled_ns"] for b in sink.batches])
+    sent = np.concatenate([b["sent_ns"] for b in sink.batches])
+    assert np.all(sent[sched < sink.stop_ns - 50_000_000] >= 0)
+    assert np.all(kinds[sched > sink.stop_ns + 600_000_000] == 1)  # not_sent
+
+
+def test_a_schedule_file_is_sliced_and_scaled_or_refuses_what_it_cannot_apply(
+    tmp_path: Path,
+) -> None:
+    """--schedule applies --start/--duration/--num-prompts/--time-scale (the README's
+    `blast --schedule g.parquet --time-scale 20` ran at the original rate before) and
+    refuses generating options with one line."""
+    from fineserve.schedule import Schedule, ScheduleSlice, write_schedule
+
+    t = np.arange(100, dtype=np.int64) * 100_000_000  # 10 req/s for 10 s
+    parent = np.full(100, -1, dtype=np.int64)
+    parent[41], parent[60] = 39, 41  # 39 -> 41 -> 60: a conversation across the cut at 4 s
+    followers = np.bincount(parent[parent >= 0], minlength=100)
+    s = Schedule(
+        t,
+        np.arange(100) + 10,
+        np.full(100, 3),
+        {"parent": parent, "think_ns": np.full(100, 400_000_000), "followers": followers},
+    )
+    path = tmp_path / "g.parquet"
+    write_schedule(path, iter([s]), {})
+    part = ScheduleSlice(start_s=4.0, duration_s=3.0, max_requests=25, time_scale=4.0)
+    chunks, rows, _ = read_schedule(path, chunk_rows=7, part=part)
+    got = concat(list(chunks))
+    assert rows == len(got) == 25
+    assert np.array_equal(got.input_len, np.arange(40, 65) + 10)
+    assert np.array_equal(got.t_ns, (t[40:65] - 4_000_000_000) // 4)
+    # 41's parent (39) is cut off: it starts the conversation; 60 follows 41 (row 1).
+    assert got.extra["parent"][1] == -1 and got.extra["parent"][20] == 1
+    assert got.extra["followers"][1] == 1 and got.extra["followers"].sum() == 1
+    assert got.extra["think_ns"][20] == 100_000_000 and got.extra["think_ns"][1] == 0
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--schedule", str(path), "--time-scale", "20", "--start", "2",
+        "--num-prompts", "30", "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(res.read_text())
+    assert out["scheduled"] == out["completed"] == 30
+    assert out["workload"]["slice"]["time_scale"] == 20
+    assert out["duration"] < 1.0  # 30 requests over 3 s of schedule, 20x faster
+    r = invoke("blast", "--schedule", str(path), "--request-rate", "5", "--burstiness", "2")
+    assert r.exit_code != 0
+    assert r.output.count("\n") == 1 and "--burstiness, --request-rate cannot change it" in r.output

@@ -26,10 +26,17 @@ def test_signal_stops_dispatch_and_keeps_partial_results(tmp_path: Path, sig: in
     assert "Successful requests:" in stdout
     res = json.loads(out.read_text())
     assert res["partial"] is True
-    assert res["scheduled"] == 600 == res["sent"] + res["not_sent"]
+    # The schedule's figures cover it up to the stop; what was never due counts apart.
+    assert res["scheduled"] + res["not_reached"] == 600
+    assert res["scheduled"] == res["sent"] + res["not_sent"]
     assert res["sent"] == res["completed"] + res["failed"]
-    assert 50 < res["sent"] < 550
-    assert res["errors_by_kind"]["not_sent"] == res["not_sent"]
+    assert 50 < res["sent"] < 550 and res["not_reached"] > 0
+    assert res["not_sent"] <= 5  # due but not sent: only those in the stop's instant
+    assert res["errors_by_kind"].get("not_sent", 0) == res["not_sent"]
+    assert "Not reached (stopped):" in stdout
+    # Offered rate and arrival error of the part that ran: 100 req/s, not diluted.
+    assert 80 < res["offered_request_rate"] < 120, res["offered_request_rate"]
+    assert res["arrival_rate_error"] < 0.1
 
 
 def test_second_ctrl_c_cancels_in_flight_at_once_and_keeps_results(tmp_path: Path) -> None:
@@ -50,6 +57,7 @@ def test_second_ctrl_c_cancels_in_flight_at_once_and_keeps_results(tmp_path: Pat
     res = json.loads(out.read_text())
     assert res["partial"] is True and res["completed"] == 0
     assert res["errors_by_kind"]["cancelled"] == res["sent"] > 50
-    assert res["sent"] + res["not_sent"] == 600
+    assert res["sent"] + res["not_sent"] + res["not_reached"] == 600
     table, meta = read_requests(req)
     assert table.num_rows == 600 and meta["partial"] is True
+    assert meta["stopped_at_ns"] > 0

@@ -188,7 +188,11 @@ def test_blast_results_parquet_matches_the_summary(tmp_path: Path) -> None:
     sent_s = np.bincount(t["sent_ns"] // 1_000_000_000)
     assert m["sent_per_second"][: len(sent_s)] == sent_s.tolist()
     windows = m["windows"]
-    assert sum(w["completed_rps"] for w in windows) == pytest.approx(ok.sum())
+    # Each window's rate over its own length: the last one ends with the run (no false
+    # drop), the others are whole.
+    assert sum(w["completed_rps"] * w["length_s"] for w in windows) == pytest.approx(ok.sum())
+    assert all(w["length_s"] == 1.0 for w in windows[:-1])
+    assert windows[-1]["length_s"] == pytest.approx(duration - windows[-1]["start_s"])
     first_w = (t["first_token_ns"][ok] // 1_000_000_000) == 0
     assert windows[0]["mean_ttft_ms"] == pytest.approx(ttft[first_w].mean(), rel=1e-9)
     assert windows[0]["p99_ttft_ms"] == pytest.approx(np.percentile(ttft[first_w], 99), rel=0.03)
@@ -439,10 +443,10 @@ def test_every_figure_recomputed_from_the_parquet(tmp_path: Path) -> None:
     for i, row in enumerate(w):
         nf, nd = (fail_at == i).sum(), (ok_at == i).sum()
         close(row["failure_rate"], nf / (nf + nd) if nf + nd else 0.0)
-        close(row["output_tokens_per_s"], tokens[ok][ok_at == i].sum())
+        close(row["output_tokens_per_s"] * row["length_s"], tokens[ok][ok_at == i].sum())
         if (gap_at == i).sum() > 1:
             close(row["itl_jitter_ms"], gap[gap_at == i].std() / 1e6, 1e-6)
-    assert sum(row["failed_rps"] for row in w) == m["failed"]
+    assert sum(row["failed_rps"] * row["length_s"] for row in w) == pytest.approx(m["failed"])
     # Breakdowns by class, endpoint and model.
     for name in ("class", "endpoint", "model"):
         groups = m["breakdown"][name]

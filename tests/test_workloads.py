@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, invoke
 from fineserve.errors import FineserveError
 from fineserve.schedule import Schedule, ScheduleStats, concat, read_schedule, write_schedule
 from fineserve.traces import load_trace
@@ -199,7 +200,61 @@ def test_servegen_reproduces_client_rate_shares() -> None:
     s2 = concat(
         list(servegen_chunks(pool, np.random.default_rng(0), duration_s=span, request_rate=1.0))
     )
-    assert abs(len(s2) / span - 1.0) < 0.1
+    # ... to the target as the mean rate while some client sends (idle time excluded).
+    active = pool.active_s(0, span)
+    assert active < 0.9 * span  # the pool idles part of the time: the check means something
+    assert abs(len(s2) / active - 1.0) < 0.1
+
+
+def test_servegen_idle_start_is_skipped_and_rate_is_over_active_time(tmp_path: Path) -> None:
+    """A pool idle for its first 1,200 s: blast starts where traffic starts (and says so),
+    and --request-rate is the rate while clients send, not one diluted by idle windows."""
+    (tmp_path / "chunk-0-trace.csv").write_text(
+        "0,0,0,,0,0\n600,0,0,,0,0\n1200,2,1,Gamma,1,0.5\n1800,0,0,,0,0\n2400,1,1,Gamma,1,1\n"
+    )
+    pool = load_client_pool(tmp_path)
+    assert pool.first_active_s(0, pool.span_s) == 1200
+    assert pool.active_s(0, pool.span_s) == 1200
+    assert pool.mean_rate(0, pool.span_s) == pytest.approx(1.5)
+    out = tmp_path / "s.parquet"
+    r = invoke(
+        "generate", "--mode", "servegen", "--servegen-pool", str(tmp_path),
+        "--request-rate", "5", "--summary-json", str(tmp_path / "s.json"), "-o", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "no client sends before 1200 s; the run starts there" in r.output
+    assert "the mean while traffic flows" in r.output
+    s = concat(list(read_schedule(out)[0]))
+    assert s.t_ns[0] < 5e9  # no 20 idle minutes at the start
+    busy = s.t_ns < 600e9
+    assert busy.sum() / 600 == pytest.approx(5 * 2 / 1.5, rel=0.1)  # rate x 5/1.5 while on
+    assert len(s) / 1200 == pytest.approx(5, rel=0.06)  # 5 req/s over the active time
+    # An explicit --start inside idle time is kept, and announced.
+    r = invoke(
+        "generate", "--mode", "servegen", "--servegen-pool", str(tmp_path), "--start", "600",
+        "-o", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "idle from --start 600 s until 1200 s" in r.output
+
+
+def test_servegen_multimodal_pool_reads_text_tokens(tmp_path: Path) -> None:
+    """Multimodal pools hold text_tokens, not input_tokens: the text length is sampled
+    from it (not the 1024-token default); a pool without lengths says what it uses."""
+    (tmp_path / "chunk-0-trace.csv").write_text("0,5,1,Gamma,1,0.2\n")
+    (tmp_path / "chunk-0-dataset.json").write_text(
+        json.dumps({"0": {"text_tokens": "{37: 0.5, 41: 0.5}", "output_tokens": "{9: 1.0}"}})
+    )
+    pool = load_client_pool(tmp_path)
+    s = concat(list(servegen_chunks(pool, np.random.default_rng(0))))
+    assert set(np.unique(s.input_len)) == {37, 41} and set(np.unique(s.output_len)) == {9}
+    (tmp_path / "chunk-0-dataset.json").unlink()
+    r = invoke(
+        "generate", "--mode", "servegen", "--servegen-pool", str(tmp_path),
+        "--random-input-len", "77", "-o", str(tmp_path / "s.parquet"),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "clients without length PDFs use --random-input-len 77 (clients [0])" in r.output
 
 
 def test_servegen_rate_weights_windows_by_their_time_in_the_span(tmp_path: Path) -> None:

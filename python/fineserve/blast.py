@@ -183,6 +183,9 @@ class MetricsSink(RecordSink):
         if self.writer is not None:
             self.writer.write(records_to_batch(columns, extra, self.endpoints))
 
+    def stopped(self, at_ns: int) -> None:
+        self.acc.stopped(at_ns)
+
     def live(self) -> dict[str, str]:
         """TTFT p50/p99 of the requests that completed in the last 10 s."""
         horizon = time.monotonic_ns() - 10_000_000_000
@@ -557,6 +560,7 @@ def execute_blast(
         writer.close(
             {
                 "partial": outcome.interrupted,
+                "stopped_at_ns": outcome.stopped_at_ns,
                 "schedule_digest": digest,
                 # Wall clock of the run's start instant: record times + this = Unix ns.
                 "t0_unix_ns": outcome.t0_unix_ns,

@@ -236,6 +236,29 @@ def _workload_options(f: Any) -> Any:
     return apply_options(f, opts)
 
 
+def _workload_option_names() -> frozenset[str]:
+    def probe() -> None: ...
+
+    return frozenset(p.name for p in _workload_options(probe).__click_params__ if p.name)
+
+
+#: The workload options' parameter names (to tell which of them a command line gave).
+WORKLOAD_OPTION_NAMES = _workload_option_names()
+
+
+def _note_given(o: dict[str, Any]) -> None:
+    """Records which workload options the command line (or environment) set, as
+    ``o["_workload_given"]``: a written schedule refuses those it cannot apply."""
+    ctx = click.get_current_context()
+    given = {
+        name
+        for name in WORKLOAD_OPTION_NAMES
+        if ctx.get_parameter_source(name)
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    }
+    o["_workload_given"] = frozenset(given)
+
+
 def _blast_options(f: Any) -> Any:
     """Options of `blast`, shared by `sweep` (server, request shape, engine, results)."""
     opts = [
@@ -492,6 +515,7 @@ def _ray_options(f: Any) -> Any:
 @_workload_options
 def blast_command(**o: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
+    _note_given(o)
     extra = _prepare_blast_options(o)
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
     given = _given_servers(o)
@@ -650,6 +674,7 @@ def sweep_command(
     from .sweep import RATE_UNIT, format_sweep, parse_slo, plot_sweep, search, sweep_json
 
     slos = [parse_slo(t) for t in slo_texts]
+    _note_given(o)
     extra = _prepare_blast_options(o)
     if not (step_seconds > 0 and 0 <= max_failure_rate < 1 and tolerance > 0):
         raise FineserveError(
@@ -803,6 +828,7 @@ def _blast_once(
 @_workload_options
 def generate_command(output: Path, summary_json: Path | None, **o: Any) -> None:
     """Write a schedule (Parquet) without sending anything, and summarise it."""
+    _note_given(o)
     seed = int(time.time()) if o["seed"] == -1 else o["seed"]
     workload = build_workload(o, seed)
     for line in workload.notes:

@@ -406,6 +406,7 @@ def run_stream_ray(
     bar = _ProgressBar(total, f"{description} ({workers} Ray workers)") if show_progress else None
     started = time.monotonic()
     interrupted = False
+    stopped_at_ns: int | None = None
     stop_deadline: float | None = None
 
     def deliver(s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
@@ -451,6 +452,8 @@ def run_stream_ray(
                     stop_deadline = time.monotonic()
                     continue
                 interrupted = True
+                stopped_at_ns = max(time.time_ns() - t0_unix_ns, 0)
+                sink.stopped(stopped_at_ns)
                 note(
                     f"interrupted: stopping {workers} Ray workers; draining in-flight requests "
                     f"for up to {options.drain_grace_s:g}s (Ctrl-C again to abort them)"
@@ -493,6 +496,7 @@ def run_stream_ray(
         base,
         0,
         workers=summaries,
+        stopped_at_ns=stopped_at_ns,
     )
 
 

@@ -70,6 +70,8 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
         if name in table.column_names
     }
     acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=BREAKDOWN_LABELS)
+    if meta.get("stopped_at_ns") is not None:
+        acc.stopped(int(meta["stopped_at_ns"]))
     acc.add(cols, table["input_len"].to_numpy(), labels)
     metrics = acc.result(
         percentile_metrics=tuple(

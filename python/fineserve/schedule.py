@@ -323,8 +323,32 @@ def _to_arrow(s: Schedule) -> Any:
     return pa.table(cols)
 
 
-def read_schedule(path: Path, chunk_rows: int = 65_536) -> tuple[Iterator[Schedule], int, dict]:
-    """Opens a schedule written by :func:`write_schedule`: (chunks, rows, metadata)."""
+@dataclass(frozen=True)
+class ScheduleSlice:
+    """What of a written schedule to send: ``start_s <= t < start_s + duration_s`` (the
+    schedule's own seconds), at most ``max_requests``, sent at ``(t - start_s) /
+    time_scale``."""
+
+    start_s: float = 0.0
+    duration_s: float | None = None
+    max_requests: int | None = None
+    time_scale: float = 1.0
+
+    @property
+    def whole(self) -> bool:
+        return (
+            self.start_s == 0
+            and self.duration_s is None
+            and self.max_requests is None
+            and self.time_scale == 1
+        )
+
+
+def read_schedule(
+    path: Path, chunk_rows: int = 65_536, part: ScheduleSlice | None = None
+) -> tuple[Iterator[Schedule], int, dict]:
+    """Opens a schedule written by :func:`write_schedule`: (chunks, rows, metadata); with
+    ``part``, only that slice, time-scaled, conversation links renumbered into it."""
     import pyarrow.parquet as pq
 
     try:
@@ -342,7 +366,65 @@ def read_schedule(path: Path, chunk_rows: int = 65_536) -> tuple[Iterator[Schedu
         for batch in pf.iter_batches(batch_size=chunk_rows):
             yield _from_arrow(batch)
 
-    return chunks(), pf.metadata.num_rows, meta
+    if part is None or part.whole:
+        return chunks(), pf.metadata.num_rows, meta
+    if not (part.time_scale > 0 and np.isfinite(part.time_scale)):
+        raise FineserveError(f"--time-scale must be a positive number, got {part.time_scale}")
+    # First pass over the send times alone (8 bytes a row) to find the slice's rows.
+    t_ns = pq.read_table(str(path), columns=["t_ns"])["t_ns"].to_numpy()
+    start_ns = round(part.start_s * 1e9)
+    lo = int(np.searchsorted(t_ns, start_ns, side="left"))
+    hi = len(t_ns)
+    if part.duration_s is not None:
+        hi = int(np.searchsorted(t_ns, start_ns + round(part.duration_s * 1e9), side="left"))
+    if part.max_requests is not None:
+        hi = min(hi, lo + part.max_requests)
+    if hi <= lo:
+        span = float(t_ns[-1]) / 1e9 if len(t_ns) else 0.0
+        raise FineserveError(
+            f"{path}: no request in --start {part.start_s:g} s"
+            + (f" --duration {part.duration_s:g} s" if part.duration_s is not None else "")
+            + f" (the schedule spans {span:.1f} s)"
+        )
+    followers = None
+    if "parent" in names:
+        # Links into the slice only: a turn whose parent is cut off starts a conversation,
+        # and followers are recounted (one beyond the slice would wait forever).
+        parent = pq.read_table(str(path), columns=["parent"])["parent"].to_numpy()[lo:hi]
+        kids = parent[parent >= lo] - lo
+        followers = np.bincount(kids, minlength=hi - lo).astype(np.int64)
+
+    return _sliced(chunks(), lo, hi, start_ns, part.time_scale, followers), hi - lo, meta
+
+
+def _sliced(
+    chunks: Iterator[Schedule],
+    lo: int,
+    hi: int,
+    start_ns: int,
+    time_scale: float,
+    followers: npt.NDArray[np.int64] | None,
+) -> Iterator[Schedule]:
+    """Rows [lo, hi) of the schedule's chunks, time-shifted and scaled; conversation
+    columns renumbered into the slice (``followers`` precomputed over it)."""
+    row = 0
+    for c in chunks:
+        first = row
+        row += len(c)
+        a, b = max(lo - first, 0), min(hi - first, len(c))
+        if b > a:
+            part = c.take(np.arange(a, b))
+            part.t_ns = np.rint((part.t_ns - start_ns) / time_scale).astype(np.int64)
+            if followers is not None:
+                parent = part.extra["parent"]
+                inside = parent >= lo
+                part.extra["parent"] = np.where(inside, parent - lo, -1).astype(np.int64)
+                think = np.where(inside, np.rint(part.extra["think_ns"] / time_scale), 0)
+                part.extra["think_ns"] = think.astype(np.int64)
+                part.extra["followers"] = followers[first + a - lo : first + b - lo]
+            yield part
+        if row >= hi:
+            return
 
 
 def _from_arrow(batch: Any) -> Schedule:

@@ -151,6 +151,15 @@ class MetricsAccumulator:
         self.windows = WindowStats(window_s) if window_s else None
         self.group_names = groups
         self.groups: dict[tuple[str, str], MetricsAccumulator] = {}
+        #: Where a stopped run stopped (ns from its start): requests scheduled after it
+        #: were never due, so they count apart (``not_reached``), not as not sent.
+        self.stop_ns: int | None = None
+        self.not_reached = 0
+
+    def stopped(self, at_ns: int) -> None:
+        """The run was stopped at ``at_ns``: later batches' unsent requests scheduled after
+        that instant are not reached, and stay out of the schedule's figures."""
+        self.stop_ns = int(at_ns)
 
     def add(
         self,
@@ -164,6 +173,20 @@ class MetricsAccumulator:
         ``groups``; ``burst_slots`` is each row's slot size within its schedule chunk and
         whether the slot is at the chunk's edge, see :func:`~.fidelity.slot_sizes`;
         without it the batch is taken as the whole schedule)."""
+        if self.stop_ns is not None:
+            late = (np.asarray(columns["sent_ns"]) < 0) & (
+                np.asarray(columns["scheduled_ns"]).astype(np.int64) > self.stop_ns
+            )
+            if late.any():
+                self.not_reached += int(late.sum())
+                keep = np.flatnonzero(~late)
+                columns = take_record_rows(columns, keep)
+                input_len = np.asarray(input_len)[keep]
+                labels = {k: np.asarray(v)[keep] for k, v in (labels or {}).items()}
+                if burst_slots is not None:
+                    burst_slots = (burst_slots[0][keep], burst_slots[1][keep])
+                if not len(keep):
+                    return
         kind = np.asarray(columns["error_kind"])
         sched = np.asarray(columns["scheduled_ns"]).astype(np.int64)
         sent = np.asarray(columns["sent_ns"]).astype(np.int64)
@@ -270,40 +293,13 @@ class MetricsAccumulator:
     def _add_groups(
         self, columns: dict[str, Any], input_len: npt.NDArray[Any], labels: dict[str, Any]
     ) -> None:
-        from ..ragged import take_ragged
-
-        offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
-        chunk_ns = np.asarray(columns["chunk_ns"]).astype(np.int64)
-        err_rows = np.asarray(columns["error_index"]).astype(np.int64)
         for name in self.group_names:
             if name not in labels:
                 continue
             values = np.asarray(labels[name])
             for v in np.unique(values):
                 rows = np.flatnonzero(values == v)
-                sub = {
-                    c: np.asarray(columns[c])[rows]
-                    for c in (
-                        "index",
-                        "scheduled_ns",
-                        "sent_ns",
-                        "first_token_ns",
-                        "done_ns",
-                        "n_chunks",
-                        "completion_tokens",
-                        "error_kind",
-                    )
-                }
-                sub["chunk_ns"], sub_off = take_ragged(chunk_ns, offsets, rows)
-                sub["chunk_offsets"] = sub_off.astype(np.uint64)
-                position = {int(r): i for i, r in enumerate(rows)}
-                keep = [
-                    (position[int(r)], m)
-                    for r, m in zip(err_rows, columns["error_message"])
-                    if int(r) in position
-                ]
-                sub["error_index"] = np.array([k for k, _ in keep], dtype=np.int64)
-                sub["error_message"] = [m for _, m in keep]
+                sub = take_record_rows(columns, rows)
                 key = (name, str(v))
                 acc = self.groups.get(key)
                 if acc is None:
@@ -336,6 +332,7 @@ class MetricsAccumulator:
             "scheduled": self.scheduled,
             "sent": self.completed + self.failed,
             "not_sent": self.not_sent,
+            "not_reached": self.not_reached,
             "total_input_tokens": self.total_input,
             "total_output_tokens": self.total_output,
             "total_output_tokens_retokenized": None,
@@ -391,7 +388,7 @@ class MetricsAccumulator:
         m["first_error_by_kind"] = dict(self.first_error_by_kind)
         if self.windows is not None:
             m["window_s"] = self.windows.window_s
-            m["windows"] = self.windows.rows()
+            m["windows"] = self.windows.rows(end_ns=self.last_end_ns)
         if self.groups:
             breakdown: dict[str, dict[str, Any]] = {}
             for (name, value), acc in sorted(self.groups.items()):
@@ -414,6 +411,36 @@ class MetricsAccumulator:
                 breakdown.setdefault(name, {})[value] = sub
             m["breakdown"] = breakdown
         return m
+
+
+def take_record_rows(columns: dict[str, Any], rows: npt.NDArray[np.int64]) -> dict[str, Any]:
+    """The record columns of ``rows`` (per-row columns, token times and error messages)."""
+    from ..ragged import take_ragged
+
+    per_row = (
+        c
+        for c, v in columns.items()
+        if c not in ("chunk_ns", "chunk_offsets", "error_index", "error_message")
+        and isinstance(v, np.ndarray)
+        and v.ndim == 1
+        and len(v) == len(columns["error_kind"])
+    )
+    sub: dict[str, Any] = {c: np.asarray(columns[c])[rows] for c in per_row}
+    offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
+    chunk_ns = np.asarray(columns["chunk_ns"]).astype(np.int64)
+    sub["chunk_ns"], sub_off = take_ragged(chunk_ns, offsets, rows)
+    sub["chunk_offsets"] = sub_off.astype(np.uint64)
+    position = {int(r): i for i, r in enumerate(rows)}
+    keep = [
+        (position[int(r)], m)
+        for r, m in zip(
+            np.asarray(columns["error_index"]).astype(np.int64), columns["error_message"]
+        )
+        if int(r) in position
+    ]
+    sub["error_index"] = np.array([k for k, _ in keep], dtype=np.int64)
+    sub["error_message"] = [m for _, m in keep]
+    return sub
 
 
 def compute_metrics(
@@ -529,6 +556,8 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
         if name != "not_sent":
             row(f"    {name}:", count)
     row("Not sent:", m["not_sent"])
+    if m.get("not_reached"):
+        row("Not reached (stopped):", m["not_reached"])
     for group, values in m.get("breakdown", {}).items():
         if len(values) < 2:
             continue

@@ -140,7 +140,9 @@ class WindowStats:
         self.ttft.add(first_ns // self.window_ns, ttft_ns.astype(np.float64))
         self.itl.add(itl_at_ns // self.window_ns, itl_ns.astype(np.float64))
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, end_ns: int | None = None) -> list[dict[str, Any]]:
+        """One dict per window; rates divide by the window's length, the last one's cut at
+        ``end_ns`` (the run's end) so that a run does not end with a false drop."""
         n = max(
             len(self.sent),
             len(self.completed),
@@ -155,14 +157,19 @@ class WindowStats:
         out = []
         for w in range(n):
             sent, done, failed = at(self.sent, w), at(self.completed, w), at(self.failed, w)
+            length_s = self.window_s
+            if end_ns is not None and w == n - 1:
+                # At least 1 ms: an event exactly at the end still has a window to be in.
+                length_s = min(self.window_s, max(end_ns / 1e9 - w * self.window_s, 1e-3))
             out.append(
                 {
                     "start_s": w * self.window_s,
-                    "sent_rps": sent / self.window_s,
-                    "completed_rps": done / self.window_s,
-                    "failed_rps": failed / self.window_s,
+                    "length_s": length_s,
+                    "sent_rps": sent / length_s,
+                    "completed_rps": done / length_s,
+                    "failed_rps": failed / length_s,
                     "failure_rate": failed / (done + failed) if done + failed else 0.0,
-                    "output_tokens_per_s": at(self.output_tokens, w) / self.window_s,
+                    "output_tokens_per_s": at(self.output_tokens, w) / length_s,
                     "mean_ttft_ms": self.ttft.mean_ms(w),
                     "p99_ttft_ms": self.ttft.percentile_ms(w, 99),
                     "mean_itl_ms": self.itl.mean_ms(w),

@@ -5,14 +5,15 @@ IAT CV, pattern Gamma|Weibull, shape, scale) and ``chunk-<i>-dataset.json`` (per
 start, per field a PDF ``"{value: prob, ...}"``). Generation, per trace window:
 
 - each active client's rate is its trace rate × ``rate_scale`` (chosen so that the
-  aggregate mean rate is ``request_rate`` when that is given), so clients keep their
-  shares of the aggregate;
+  aggregate mean rate *while some client is active* is ``request_rate`` when that is
+  given: idle windows do not dilute it), so clients keep their shares of the aggregate;
 - its arrivals are a renewal process with the window's pattern and shape; the scale is
   reset so the mean gap is exactly 1/rate (the fitted scale rounds slightly differently;
   keeping shape keeps the CV);
 - lengths are drawn from the client's PDFs of the dataset window in force (the latest
-  dataset window starting at or before the trace window); ``reason_ratio``, when the
-  client has it, rides along as a column.
+  dataset window starting at or before the trace window): ``input_tokens`` (language
+  pools) or ``text_tokens`` (multimodal pools), ``output_tokens``; ``reason_ratio``, when
+  the client has it, rides along as a column.
 """
 
 from __future__ import annotations
@@ -79,15 +80,53 @@ class ClientPool:
         return np.append(c.start_s[1:], c.start_s[-1] + self.window_s)
 
     def mean_rate(self, start_s: float, end_s: float) -> float:
-        """The aggregate rate averaged over [start_s, end_s): each window weighted by the
-        time it overlaps the span (a span cutting a window in half gets half of it)."""
-        if not end_s > start_s:
+        """The aggregate rate averaged over the *active* time of [start_s, end_s): each
+        window weighted by the time it overlaps the span (a span cutting a window in half
+        gets half of it), divided by the time some client sends. A target rate then means
+        the rate while traffic flows, not one diluted by idle hours (a pool that sleeps
+        half the span would otherwise run twice as fast while awake)."""
+        active = self.active_s(start_s, end_s)
+        if not active > 0:
             return 0.0
         total = 0.0
         for c in self.clients:
             overlap = np.minimum(self.window_ends(c), end_s) - np.maximum(c.start_s, start_s)
             total += float(np.sum(c.rate * np.clip(overlap, 0.0, None)))
-        return total / (end_s - start_s)
+        return total / active
+
+    def _active_intervals(self, start_s: float, end_s: float) -> list[tuple[float, float]]:
+        """The union of every client's windows with traffic, clipped to [start_s, end_s)."""
+        spans = sorted(
+            (max(float(a), start_s), min(float(b), end_s))
+            for c in self.clients
+            for a, b, r in zip(c.start_s, self.window_ends(c), c.rate)
+            if r > 0 and b > start_s and a < end_s
+        )
+        merged: list[tuple[float, float]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
+
+    def active_s(self, start_s: float, end_s: float) -> float:
+        """Seconds of [start_s, end_s) during which at least one client sends."""
+        return sum(b - a for a, b in self._active_intervals(start_s, end_s))
+
+    def first_active_s(self, start_s: float, end_s: float) -> float | None:
+        """The first instant at or after ``start_s`` (before ``end_s``) with traffic."""
+        spans = self._active_intervals(start_s, end_s)
+        return spans[0][0] if spans else None
+
+    def clients_without(self, *names: str) -> list[int]:
+        """Clients with no PDF for any of ``names`` in any window (their lengths come from
+        the defaults)."""
+        return [
+            c.client_id
+            for c in self.clients
+            if not any(d.get(n) is not None for d in c.dataset for n in names)
+        ]
 
     @property
     def span_s(self) -> float:
@@ -195,6 +234,7 @@ def servegen_chunks(
     start_s: float = 0.0,
     duration_s: float | None = None,
     time_scale: float = 1.0,
+    default_input_len: int = 1024,
     default_output_len: int = 128,
 ) -> Iterator[Schedule]:
     """One chunk per trace window (or the part of it inside the span), clients merged by
@@ -223,7 +263,7 @@ def servegen_chunks(
             arrivals = _renewal(t, w_end, rate, c.pattern[k], c.shape[k], rng)
             if not len(arrivals):
                 continue
-            parts.append(_with_lengths(c, arrivals, t, rng, default_output_len))
+            parts.append(_with_lengths(c, arrivals, t, rng, default_input_len, default_output_len))
         merged = merge_sorted(parts)
         if len(merged):
             offset_ns = round(start_s * 1e9 / time_scale)
@@ -263,14 +303,16 @@ def _with_lengths(
     arrivals_s: npt.NDArray[np.float64],
     window_start: float,
     rng: np.random.Generator,
+    default_input_len: int,
     default_output_len: int,
 ) -> Schedule:
     n = len(arrivals_s)
     extra: dict[str, npt.NDArray[Any]] = {"client_id": np.full(n, c.client_id, np.int64)}
-    pin = c.pdf_at(window_start, "input_tokens")
+    # Language pools give input_tokens; multimodal pools give the text part as text_tokens.
+    pin = c.pdf_at(window_start, "input_tokens") or c.pdf_at(window_start, "text_tokens")
     pout = c.pdf_at(window_start, "output_tokens")
     preason = c.pdf_at(window_start, "reason_ratio")
-    inp = pin.sample(n, rng) if pin else np.full(n, 1024)
+    inp = pin.sample(n, rng) if pin else np.full(n, default_input_len)
     out = pout.sample(n, rng) if pout else np.full(n, default_output_len)
     if preason is not None:
         extra["reason_ratio"] = preason.sample(n, rng)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FineserveError
-from ..schedule import Schedule, read_schedule
+from ..schedule import Schedule, ScheduleSlice, read_schedule
 from ..traces import TraceOptions, load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
@@ -43,10 +44,7 @@ class Workload:
 def build_workload(o: dict[str, Any], seed: int) -> Workload:
     """``o`` holds the workload options of ``generate``/``blast`` (click's names)."""
     if o.get("schedule"):
-        chunks, rows, meta = read_schedule(Path(o["schedule"]))
-        return Workload(
-            chunks, rows, {"mode": "schedule", "schedule": str(o["schedule"]), "generated_by": meta}
-        )
+        return _schedule_file(o)
     mode = o["mode"]
     rng = np.random.default_rng(seed)
     info: dict[str, Any] = {"mode": mode, "seed": seed}
@@ -100,20 +98,59 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
                 raise FineserveError("--servegen-clients takes ids like 0,1,5") from None
         pool = load_client_pool(Path(o["servegen_pool"]), clients)
         rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
+        start_s = o.get("start") or 0.0
+        end_s = pool.span_s if duration is None else start_s + duration
+        first_active = pool.first_active_s(start_s, end_s)
+        if first_active is None:
+            raise FineserveError(
+                f"{pool.path}: no client sends between {start_s:g} s and {end_s:g} s"
+            )
+        if first_active > start_s:
+            if "start" in o.get("_workload_given", ()):
+                notes.append(
+                    f"ServeGen pool: idle from --start {start_s:g} s until {first_active:g} s "
+                    f"(the first request leaves {(first_active - start_s) / time_scale:.0f} s "
+                    "into the run)"
+                )
+            else:
+                notes.append(
+                    f"ServeGen pool: no client sends before {first_active:g} s; the run "
+                    "starts there (--start to choose another point)"
+                )
+                start_s = first_active
+                end_s = pool.span_s if duration is None else start_s + duration
+        active = pool.active_s(start_s, end_s)
+        if active < end_s - start_s:
+            notes.append(
+                f"ServeGen pool: clients send during {active:g} of the span's "
+                f"{end_s - start_s:g} s; --request-rate is the mean while traffic flows"
+            )
+        no_input = pool.clients_without("input_tokens", "text_tokens")
+        no_output = pool.clients_without("output_tokens")
+        if no_input or no_output:
+            notes.append(
+                f"ServeGen pool: clients without length PDFs use --random-input-len "
+                f"{o['random_input_len']} (clients {no_input or 'none'}) and "
+                f"--random-output-len {o['random_output_len']} (clients {no_output or 'none'})"
+            )
         info.update(
             servegen_pool=str(pool.path),
             clients=[c.client_id for c in pool.clients],
             request_rate=rate,
+            request_rate_over="active windows",
             rate_scale=o.get("rate_scale"),
+            start_s=start_s,
         )
         chunks = servegen_chunks(
             pool,
             rng,
             request_rate=rate,
             rate_scale=o.get("rate_scale") or 1.0,
-            start_s=o.get("start") or 0.0,
-            duration_s=duration,
+            start_s=start_s,
+            duration_s=end_s - start_s,
             time_scale=time_scale,
+            default_input_len=o["random_input_len"],
+            default_output_len=o["random_output_len"],
         )
         return Workload(_capped(chunks, cap), None, info, notes)
 
@@ -146,6 +183,34 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
         return Workload(_capped(chunks, cap), None, info, notes)
 
     raise FineserveError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+#: What ``--schedule`` applies to a written schedule; every other workload option given
+#: with it is refused (the schedule already decided it).
+SCHEDULE_FILE_OPTIONS = ("time_scale", "start", "duration", "num_prompts", "seed")
+
+
+def _schedule_file(o: dict[str, Any]) -> Workload:
+    given = set(o.get("_workload_given", ()))
+    refused = sorted(given - set(SCHEDULE_FILE_OPTIONS) - {"schedule"})
+    if refused:
+        names = ", ".join("--" + n.replace("_", "-") for n in refused)
+        raise FineserveError(
+            f"--schedule replays a written schedule: {names} cannot change it (use "
+            "--time-scale, --start, --duration, --num-prompts, or regenerate it)"
+        )
+    part = ScheduleSlice(
+        start_s=o.get("start") or 0.0,
+        duration_s=o.get("duration"),
+        max_requests=o.get("num_prompts"),
+        time_scale=o.get("time_scale") or 1.0,
+    )
+    chunks, rows, meta = read_schedule(Path(o["schedule"]), part=part)
+    info: dict[str, Any] = {"mode": "schedule", "schedule": str(o["schedule"])}
+    if not part.whole:
+        info["slice"] = dataclasses.asdict(part)
+    info["generated_by"] = meta
+    return Workload(chunks, rows, info)
 
 
 def _parametric(
@@ -203,6 +268,22 @@ def _parametric(
             lengths = HistogramLengths.from_json(files.lengths)
             lengths_source = str(files.lengths)
             notes.append(f"{cls}: lengths from the fitted histogram {files.lengths}")
+        elif not o.get("request_lengths_csv"):
+            why = (
+                "--no-class-lengths"
+                if files.lengths is not None
+                else f"no Parametric/lengths/{cls}_lengths.json beside its gamma parameters"
+            )
+            notes.append(
+                f"{cls}: lengths from --random-input-len {o['random_input_len']} / "
+                f"--random-output-len {o['random_output_len']}"
+                + (
+                    f" (range ratio {o['random_range_ratio']:g})"
+                    if o.get("random_range_ratio")
+                    else " (constant)"
+                )
+                + f" ({why})"
+            )
         info["classes"].append(
             {
                 "class": cls,
