@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 from fineserve import _engine
 from fineserve.limits import connection_limits
+from fineserve.results import read_requests
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit_and_stated() -> None:
@@ -28,3 +37,101 @@ def test_plans_past_the_limits_are_warned_about() -> None:
     # Enough source addresses lift the port warning (not the descriptor one).
     lines = connection_limits(per_source + 1, 2, mock=False)
     assert not any("ephemeral ports" in x and "warning" in x for x in lines)
+
+
+def _blast_with_nofile(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fineserve blast` in its own process with the open-files limit (soft and hard) at
+    ``limit``, as `ulimit -n` would set it."""
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "fineserve.cli", "blast", "--disable-tqdm", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lower,
+    )
+
+
+def test_descriptor_shortage_queues_requests_instead_of_failing_or_hanging(
+    tmp_path: Path,
+) -> None:
+    """800 requests at 400 req/s, each streaming for ~1 s from the in-process mock: ~400 in
+    flight need ~1,050 descriptors (both ends), the limit is 700. Every request succeeds
+    (the excess waits for a connection: dispatch lag), none hangs until a timeout, the
+    check says so before the run, and --save-requests still has every row."""
+    res, req = tmp_path / "r.json", tmp_path / "r.parquet"
+    started = time.monotonic()
+    done = _blast_with_nofile(
+        700, "--num-prompts", "800", "--request-rate", "400", "--random-input-len", "8",
+        "--random-output-len", "40", "--mock-itl-ms", "25", "--mock-ttft-ms", "20",
+        "--first-byte-timeout", "60", "--output-file", str(res), "--save-requests", str(req),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60
+    assert "Traceback" not in done.stderr
+    assert "more than the open-files limit 700: at most 222 are in flight" in done.stderr
+    out = json.loads(res.read_text())
+    assert out["completed"] == out["scheduled"] == 800, out["errors_by_kind"]
+    assert out["p99_dispatch_lag_us"] > 100_000  # they waited: the cost is shown, not hidden
+    table, _ = read_requests(req)
+    assert table.num_rows == 800
+    # Never more than the cap in flight at once (from each request's send and end).
+    sent, done_ns = table["sent_ns"].to_numpy(), table["done_ns"].to_numpy()
+    ends = np.sort(done_ns)
+    in_flight = np.arange(1, 801) - np.searchsorted(ends, np.sort(sent), side="right")
+    assert in_flight.max() <= 222
+
+
+def test_full_disk_keeps_the_run_summary_and_output_file(tmp_path: Path) -> None:
+    """--save-requests on a full disk (/dev/full answers every write with ENOSPC): the
+    journal moves to the temporary directory and says so, the run goes on, the summary
+    prints and --output-file is written; when the Parquet cannot go where asked either,
+    it goes to the temporary directory, named in the message."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    req = tmp_path / "full" / "r.parquet"
+    req.parent.mkdir()
+    os.symlink("/dev/full", str(req) + ".journal")
+    os.symlink("/dev/full", req)
+    res = tmp_path / "r.json"
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    done = subprocess.run(
+        [sys.executable, "-m", "fineserve.cli", "blast", "--disable-tqdm", "--num-prompts",
+         "60", "--request-rate", "200", "--random-input-len", "8", "--random-output-len", "4",
+         "--save-requests", str(req), "--output-file", str(res)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Successful requests:" in done.stdout
+    assert f"cannot write {req}.journal: No space left on device" in done.stderr
+    moved = [p for p in scratch.iterdir() if p.name.endswith("r.parquet")]
+    assert len(moved) == 1 and f"written to {moved[0]} instead of {req}" in done.stderr
+    out = json.loads(res.read_text())
+    assert out["completed"] == 60
+    table, meta = read_requests(moved[0])
+    assert table.num_rows == 60 and meta["complete"] is True
+    assert not any(p.name.endswith(".journal") for p in scratch.iterdir())
+
+
+def test_records_dropped_when_no_place_takes_them_still_leave_the_summary(
+    tmp_path: Path,
+) -> None:
+    req = tmp_path / "r.parquet"
+    os.symlink("/dev/full", str(req) + ".journal")
+    res = tmp_path / "r.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path / "missing")}
+    done = subprocess.run(
+        [sys.executable, "-m", "fineserve.cli", "blast", "--disable-tqdm", "--num-prompts",
+         "40", "--request-rate", "200", "--random-input-len", "8", "--random-output-len", "4",
+         "--save-requests", str(req), "--output-file", str(res)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "request records are no longer written" in done.stderr
+    assert "request records could not be written" in done.stderr
+    assert json.loads(res.read_text())["completed"] == 40

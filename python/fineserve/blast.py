@@ -27,7 +27,7 @@ from . import __version__
 from .api import DEFAULT_ENDPOINT, BodyTemplate, is_chat_endpoint
 from .console import note, warn
 from .errors import FineserveError
-from .limits import connection_limits
+from .limits import connection_budget
 from .metrics import MetricsAccumulator
 from .metrics.fidelity import slot_sizes
 from .prompts import (
@@ -432,13 +432,23 @@ def execute_blast(
     shapes = RequestShapes(builder, templates, model, class_models, deployment, dataset_output_lens)
 
     lanes = o["lanes"] or default_lanes()
+    source_ips = [x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()]
+    peak = expected_peak_in_flight(
+        first, (o["mock_ttft_ms"], o["mock_itl_ms"]) if is_mock else None
+    )
+    if o["max_concurrency"]:
+        peak = min(peak, o["max_concurrency"])
+    budget = connection_budget(peak, len(source_ips), is_mock)
+    # One cap on requests in flight: the user's, or what the descriptors allow.
+    in_flight_cap = min(o["max_concurrency"] or budget.max_in_flight, budget.max_in_flight)
     warm = o["warm_connections"]
     if warm is None:
-        peak = first.peak_in_window(1_000_000_000)
-        warm = min(o["max_concurrency"] or max(1, peak // len(urls)), AUTO_WARM_CAP)
+        per_second = first.peak_in_window(1_000_000_000)
+        warm = min(o["max_concurrency"] or max(1, per_second // len(urls)), AUTO_WARM_CAP)
+    warm = min(warm, max(in_flight_cap // len(urls), 1))
     options = EngineOptions(
         stream=not o["disable_stream"],
-        max_concurrency=o["max_concurrency"],
+        max_concurrency=in_flight_cap,
         lanes=lanes,
         warm_connections=warm,
         connect_timeout_s=o["connect_timeout"],
@@ -450,11 +460,10 @@ def execute_blast(
         drain_grace_s=o["drain_grace"],
         route_groups=deployment.route_groups,
         turn_affinity=o.get("turn_affinity", True),
-        source_ips=[x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()],
+        source_ips=source_ips,
     )
     if not quiet:
-        planned = max(warm, o["max_concurrency"] or 0)
-        for line in connection_limits(planned, len(options.source_ips), is_mock):
+        for line in budget.lines:
             note(line)
     if o["warmup_requests"]:
         warm_up(urls, shapes, o["warmup_requests"], first, options)
@@ -528,7 +537,10 @@ def execute_blast(
         )
     except BaseException:
         if writer is not None:  # keep what finished, marked as cut short
-            writer.close({"partial": True, "aborted": True, **generated})
+            try:
+                writer.close({"partial": True, "aborted": True, **generated})
+            except Exception as e:  # never in place of the error that stopped the run
+                warn(f"closing the request records failed too: {e}")
         raise
     metrics = sink.acc.result(
         percentile_metrics=o["percentile_metrics_list"],
@@ -571,6 +583,21 @@ def execute_blast(
     return BlastRun(
         metrics, header, outcome.interrupted, model, urls[0], workload.info, writer, digest
     )
+
+
+def expected_peak_in_flight(first: Schedule, mock_latency_ms: tuple[float, float] | None) -> int:
+    """The most requests in flight at once that the schedule's first chunk implies: exact
+    against the embedded mock (its TTFT and ITL are known), and for a real server the
+    peak requests in any second (in flight at once if each takes about a second)."""
+    if mock_latency_ms is None:
+        return first.peak_in_window(1_000_000_000)
+    ttft_ms, itl_ms = mock_latency_ms
+    busy_ns = np.rint((ttft_ms + itl_ms * np.maximum(first.output_len - 1, 0)) * 1e6)
+    starts = first.t_ns
+    ends = np.sort(starts + busy_ns.astype(np.int64))
+    # In flight just after each start: started so far minus ended by then.
+    in_flight = np.arange(1, len(starts) + 1) - np.searchsorted(ends, starts, side="right")
+    return int(in_flight.max(initial=0))
 
 
 def jsonable(o: dict[str, Any]) -> dict[str, Any]:

@@ -796,16 +796,19 @@ def _blast_once(
         out(format_workers(run.metrics["workers"]))
     if run.interrupted:
         warn("the run was interrupted: results are partial")
-    if run.writer is not None and announce_requests:
-        note(f"wrote {run.writer.rows} request records to {run.writer.path}")
+    saved = run.writer.final_path if run.writer is not None else None
+    if saved is not None and announce_requests:
+        note(f"wrote {run.writer.rows} request records to {saved}")  # type: ignore[union-attr]
+    if run.writer is not None and run.writer.dropped:
+        warn(f"{run.writer.dropped} request records could not be written (see above)")
     if o["output_file"]:
         result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
         result["workload"] = run.workload_info
         result["schedule_digest"] = run.digest
         if "workers" in run.metrics:
             result["workers"] = run.metrics["workers"]
-        if o.get("save_detailed") and run.writer is not None:
-            result.update(detailed_lists(read_requests(run.writer.path)[0]))
+        if o.get("save_detailed") and saved is not None:
+            result.update(detailed_lists(read_requests(saved)[0]))
         write_result(o["output_file"], result)
         note(f"wrote {o['output_file']}")
     if run.interrupted:

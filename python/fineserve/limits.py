@@ -3,7 +3,50 @@ the connections a run plans to hold."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from . import _engine
+
+#: Descriptors kept for everything but connections: Python and its libraries, result
+#: files, the engine's event loops and timers.
+RESERVED_DESCRIPTORS = 256
+
+
+@dataclass
+class ConnectionBudget:
+    """How many requests may be in flight at once without running out of descriptors."""
+
+    #: The open-files limit (after raising the soft limit to the hard one).
+    limit: int
+    #: Descriptors one request in flight holds: its connection, and the server's end of it
+    #: when the mock runs in this process.
+    per_request: int
+    #: Requests in flight the limit allows; more wait for a connection (dispatch lag)
+    #: instead of failing with "too many open files" or hanging in an accept queue.
+    max_in_flight: int
+    lines: list[str] = field(default_factory=list)
+
+
+def connection_budget(expected_peak_in_flight: int, n_sources: int, mock: bool) -> ConnectionBudget:
+    """The limits, raised where allowed, and the in-flight cap they imply; ``lines`` state
+    the limits and what the expected peak (requests in flight at once) will meet."""
+    _, limit = _engine.raise_open_files_limit()
+    per_request = 2 if mock else 1
+    if not limit:  # unknown (not Linux): no cap
+        return ConnectionBudget(0, per_request, 1 << 30, connection_limits(0, n_sources, mock))
+    cap = max((limit - RESERVED_DESCRIPTORS) // per_request, 1)
+    # Connections are capped below the descriptor limit, so only the ports can fall short.
+    lines = connection_limits(min(expected_peak_in_flight, cap), n_sources, mock)
+    needed = expected_peak_in_flight * per_request + RESERVED_DESCRIPTORS
+    if needed > limit:
+        lines.append(
+            f"expected peak of {expected_peak_in_flight} requests in flight needs ~{needed} "
+            f"descriptors{' (both ends: the mock runs in this process)' if mock else ''}, "
+            f"more than the open-files limit {limit}: at most {cap} are in flight, the "
+            "rest wait for a connection (shown as dispatch lag); raise the hard limit "
+            "(`ulimit -Hn`) to send them on time"
+        )
+    return ConnectionBudget(limit, per_request, cap, lines)
 
 
 def connection_limits(connections_per_endpoint: int, n_sources: int, mock: bool) -> list[str]:

@@ -13,7 +13,16 @@ Columns (times in ns from the run's start instant, -1 = never happened):
 (server-reported usage, -1 = none), ``http_status`` (0 = none), ``error_kind`` (string,
 ``ok`` for success), ``error_message`` (null when none), ``endpoint``, ``input_len`` and
 ``output_len`` (requested), the schedule's labels when present (``class``, ``client_id``,
-``session_id``, ``turn``) and ``chunk_ns`` (list: arrival of each streamed token event).
+``session_id``, ``turn``) and ``chunk_ns`` (list: arrival of each streamed token event, of
+any kind: reasoning, answer or tool call).
+
+Reasoning and usage details: ``first_answer_ns`` (first answer event, content or tool call;
+-1 = none, e.g. a stream of reasoning only), ``last_reasoning_ns`` (-1 = no reasoning),
+``reasoning_chunks`` (reasoning events; with reasoning first, the first that many of
+``chunk_ns``), ``reasoning_tokens`` / ``cached_tokens`` (the server's
+``completion_tokens_details.reasoning_tokens`` / ``prompt_tokens_details.cached_tokens``,
+-1 = not reported) and ``usage_ignored`` (1: a usage value of an unexpected type was
+ignored). Files written before these columns read as if nothing was reported.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +43,9 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from ._engine import ERROR_KINDS
+from .console import note, warn
 from .errors import FineserveError
-from .runner import RECORD_INT_COLUMNS
+from .runner import RECORD_COLUMN_DEFAULTS, RECORD_INT_COLUMNS
 
 METADATA_KEY = b"fineserve.run"
 JOURNAL_SUFFIX = ".journal"
@@ -67,7 +79,7 @@ def records_to_batch(
     """One Arrow batch from drained engine columns plus the chunk columns of each row."""
     n = len(columns["index"])
     arrays: dict[str, pa.Array] = {
-        c: pa.array(np.asarray(columns[c]).astype(np.int64)) for c in RECORD_INT_COLUMNS
+        c: pa.array(_int_column(columns, c, n).astype(np.int64)) for c in RECORD_INT_COLUMNS
     }
     kind = np.asarray(columns["error_kind"]).astype(np.int32)
     arrays["error_kind"] = pa.DictionaryArray.from_arrays(
@@ -115,8 +127,12 @@ def records_from_table(
         lut = np.array([names.index(v) for v in encoded.dictionary.to_pylist()], np.int64)
         return lut[encoded.indices.to_numpy(zero_copy_only=False)]
 
+    present = set(data.schema.names)
     cols: dict[str, Any] = {
-        c: column(c).to_numpy(zero_copy_only=False).astype(np.int64) for c in RECORD_INT_COLUMNS
+        c: column(c).to_numpy(zero_copy_only=False).astype(np.int64)
+        if c in present
+        else np.full(data.num_rows, RECORD_COLUMN_DEFAULTS[c], np.int64)
+        for c in RECORD_INT_COLUMNS
     }
     cols["index"] = cols["index"].astype(np.uint64)
     kind = positions("error_kind", list(ERROR_KINDS))
@@ -139,9 +155,16 @@ def records_from_table(
     return cols, extra
 
 
+def _int_column(columns: dict[str, Any], name: str, n: int) -> npt.NDArray[Any]:
+    """An engine column; one added later may be missing from hand-built columns."""
+    if name in columns:
+        return np.asarray(columns[name])
+    return np.full(n, RECORD_COLUMN_DEFAULTS[name], np.int64)
+
+
 #: Columns every results file has (what the metrics and the report read).
 REQUIRED_COLUMNS = (
-    *RECORD_INT_COLUMNS,
+    *(c for c in RECORD_INT_COLUMNS if c not in RECORD_COLUMN_DEFAULTS),
     "error_kind",
     "error_message",
     "endpoint",
@@ -154,7 +177,14 @@ PARQUET_ROW_GROUP = 65_536
 
 
 class RequestsWriter:
-    """Appends record batches to the journal; ``close`` turns it into the Parquet file."""
+    """Appends record batches to the journal; ``close`` turns it into the Parquet file.
+
+    A failing disk never costs the run: if a journal write fails (a full disk, a lost
+    mount, no descriptor left) the journal goes on in the temporary directory, and if that
+    fails too the records stop being written (counted in ``dropped``); ``close`` writes the
+    Parquet from every journal's whole batches, in the temporary directory if the asked-for
+    place cannot take it. Each of these says so in one line; none raises, so the summary
+    and ``--output-file`` still come."""
 
     def __init__(self, path: Path, run_meta: dict[str, Any]) -> None:
         self.path = Path(path)
@@ -163,22 +193,50 @@ class RequestsWriter:
         self._writer: ipc.RecordBatchStreamWriter | None = None
         self._schema: pa.Schema | None = None
         self._sink: Any = None
+        self._journals: list[Path] = [self.journal]
+        #: Where the Parquet file ended up (None until closed, or if it could not be made).
+        self.final_path: Path | None = None
         self.rows = 0
+        self.dropped = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Fail now, not after an hour of load, if the destination is not writable.
-            self.journal.touch()
+            # Opened now, not at the first batch: fail before an hour of load if the place
+            # is not writable, and hold the descriptor before the run needs them all.
+            self._sink = pa.OSFile(str(self.journal), "wb")
         except OSError as e:
-            raise FineserveError(f"cannot write {self.journal}: {e.strerror}") from None
+            raise FineserveError(f"cannot write {self.journal}: {_why(e)}") from None
+        # Exercise the Arrow paths the first batch takes (IPC writer, dictionaries, list
+        # arrays) before the run: their lazy initialisation must not meet a descriptor
+        # shortage mid-run.
+        probe = records_to_batch(_EMPTY_RECORDS, {}, [""])
+        with ipc.new_stream(pa.BufferOutputStream(), probe.schema) as w:
+            w.write_batch(probe)
 
     def write(self, batch: pa.RecordBatch) -> None:
         if batch.num_rows == 0:
             return
+        if self._sink is None:
+            self.dropped += batch.num_rows
+            return
+        try:
+            self._append(batch)
+        except OSError as e:
+            self._move_journal(e)
+            if self._sink is None:
+                self.dropped += batch.num_rows
+                return
+            try:
+                self._append(batch)
+            except OSError as e2:
+                self._give_up(e2)
+                self.dropped += batch.num_rows
+
+    def _append(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
-            self._schema = batch.schema.with_metadata(
-                {METADATA_KEY: json.dumps({**self.meta, "complete": False}).encode()}
-            )
-            self._sink = pa.OSFile(str(self.journal), "wb")
+            if self._schema is None:
+                self._schema = batch.schema.with_metadata(
+                    {METADATA_KEY: json.dumps({**self.meta, "complete": False}).encode()}
+                )
             self._writer = ipc.new_stream(self._sink, self._schema)
         assert self._schema is not None
         if batch.schema.names != self._schema.names:
@@ -189,6 +247,44 @@ class RequestsWriter:
         self._sink.flush()
         self.rows += batch.num_rows
 
+    def _close_sink(self) -> None:
+        for closer in (self._writer, self._sink):
+            try:
+                if closer is not None:
+                    closer.close()
+            except (OSError, pa.ArrowException):
+                pass  # the journal's whole batches are read back; a torn tail is skipped
+        self._writer = None
+        self._sink = None
+
+    def _move_journal(self, e: OSError) -> None:
+        """The current journal cannot take more: continue in the temporary directory."""
+        failed = self._journals[-1]
+        self._close_sink()
+        fallback = _fallback_path(self.journal)
+        if fallback in self._journals:
+            self._give_up(e)
+            return
+        try:
+            self._sink = pa.OSFile(str(fallback), "wb")
+        except OSError as e2:
+            warn(f"cannot write {failed}: {_why(e)}")
+            self._give_up(e2)
+            return
+        self._journals.append(fallback)
+        warn(
+            f"cannot write {failed}: {_why(e)}; the run goes on, request records continue in "
+            f"{fallback} ({self.rows} written so far stay in {failed})"
+        )
+
+    def _give_up(self, e: OSError) -> None:
+        self._close_sink()
+        warn(
+            f"request records are no longer written ({_why(e)}): the run goes on, the "
+            f"summary and --output-file are unaffected; {self.rows} records kept in "
+            + ", ".join(str(j) for j in self._journals)
+        )
+
     def add_meta(self, meta: dict[str, Any]) -> None:
         """Adds to the run's metadata now, so that a journal cut short by a crash has it
         too (e.g. the schedule digest, known once the whole schedule was generated): an
@@ -196,38 +292,106 @@ class RequestsWriter:
         self.meta.update(meta)
         if self._writer is not None and self._schema is not None:
             empty = pa.RecordBatch.from_pylist([], schema=self._schema)
-            self._writer.write_batch(
-                empty, custom_metadata={METADATA_KEY: json.dumps(self.meta).encode()}
-            )
-            self._sink.flush()
+            try:
+                self._writer.write_batch(
+                    empty, custom_metadata={METADATA_KEY: json.dumps(self.meta).encode()}
+                )
+                self._sink.flush()
+            except OSError as e:
+                self._move_journal(e)
 
-    def close(self, final_meta: dict[str, Any]) -> Path:
-        """Writes the Parquet file (rows in schedule order) and removes the journal.
+    def close(self, final_meta: dict[str, Any]) -> Path | None:
+        """Writes the Parquet file (rows in schedule order) and removes the journal(s);
+        returns where it went, or None (said in one line) if nowhere could take it.
 
         The journal is memory-mapped, not read: its batches stay in the page cache, and
         only the sort order (8 bytes a row) and one row group at a time are built, so a
         run of tens of millions of requests does not need its results in memory."""
         meta = {**self.meta, **final_meta, "complete": True, "rows": self.rows}
+        if self.dropped:
+            meta["dropped_rows"] = self.dropped
         metadata = {METADATA_KEY: json.dumps(meta).encode()}
-        try:
-            if self._writer is None:
-                pq.write_table(pa.table({}).replace_schema_metadata(metadata), self.path)
-            else:
-                self._writer.close()
-                self._sink.close()
-                with pa.memory_map(str(self.journal), "r") as source:
-                    table = ipc.open_stream(source).read_all()
-                    order = np.argsort(table["index"].to_numpy(zero_copy_only=False), kind="stable")
-                    schema = table.schema.with_metadata(metadata)
-                    with pq.ParquetWriter(self.path, schema, compression="zstd") as out:
-                        for lo in range(0, len(order), PARQUET_ROW_GROUP):
-                            part = table.take(order[lo : lo + PARQUET_ROW_GROUP])
-                            out.write_table(part.replace_schema_metadata(metadata))
-                    del table
-        except OSError as e:
-            raise FineserveError(f"cannot write {self.path}: {e.strerror}") from None
-        self.journal.unlink(missing_ok=True)
-        return self.path
+        moved = len(self._journals) > 1
+        self._close_sink()
+        for target in (self.path, _fallback_path(self.path)):
+            try:
+                self._write_parquet(target, metadata)
+            except (OSError, pa.ArrowException) as e:
+                _remove_quietly(target)
+                warn(f"cannot write {target}: {_why(e)}")
+                continue
+            if target != self.path:
+                warn(f"request records written to {target} instead of {self.path}")
+            elif moved:
+                note(f"request records joined from {len(self._journals)} journals")
+            for j in self._journals:
+                _remove_quietly(j)
+            self.final_path = target
+            return target
+        warn(
+            "request records not joined into Parquet; whole batches remain in "
+            + ", ".join(str(j) for j in self._journals)
+            + " (`fineserve report` reads a journal)"
+        )
+        return None
+
+    def _write_parquet(self, target: Path, metadata: dict[bytes, bytes]) -> None:
+        if self._schema is None:
+            pq.write_table(pa.table({}).replace_schema_metadata(metadata), target)
+            return
+        if len(self._journals) == 1:
+            with pa.memory_map(str(self._journals[0]), "r") as source:
+                table = ipc.open_stream(source).read_all()
+                _sorted_parquet(table, target, metadata)
+                del table
+            return
+        parts = [read_journal(j)[0] for j in self._journals]
+        table = pa.concat_tables([p for p in parts if p.num_columns], promote_options="none")
+        _sorted_parquet(table, target, metadata)
+
+
+def _sorted_parquet(table: pa.Table, target: Path, metadata: dict[bytes, bytes]) -> None:
+    order = np.argsort(table["index"].to_numpy(zero_copy_only=False), kind="stable")
+    schema = table.schema.with_metadata(metadata)
+    with pq.ParquetWriter(target, schema, compression="zstd") as out:
+        for lo in range(0, len(order), PARQUET_ROW_GROUP):
+            part = table.take(order[lo : lo + PARQUET_ROW_GROUP])
+            out.write_table(part.replace_schema_metadata(metadata))
+
+
+def _fallback_path(path: Path) -> Path:
+    """The same file name in the temporary directory (tagged with this process)."""
+    return Path(tempfile.gettempdir()) / f"fineserve-{os.getpid()}-{path.name}"
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _why(e: BaseException) -> str:
+    """The OS's words for an I/O error (Arrow's own errors carry them as "[errno N]")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    found = re.search(r"\[errno (\d+)\]", str(e))
+    if found:
+        return os.strerror(int(found.group(1)))
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+#: One empty set of engine columns (to warm up the Arrow conversion before a run).
+_EMPTY_RECORDS: dict[str, Any] = {
+    **{c: np.zeros(0, np.int64) for c in RECORD_INT_COLUMNS},
+    "index": np.zeros(0, np.uint64),
+    "error_kind": np.zeros(0, np.uint8),
+    "endpoint_idx": np.zeros(0, np.uint32),
+    "chunk_ns": np.zeros(0, np.int64),
+    "chunk_offsets": np.zeros(1, np.uint64),
+    "error_index": np.zeros(0, np.int64),
+    "error_message": [],
+}
 
 
 def read_journal(path: Path) -> tuple[pa.Table, bool]:
