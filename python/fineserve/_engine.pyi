@@ -64,8 +64,14 @@ class Run:
         http_status (uint16, 0 = none); error_kind (uint8, see ERROR_KINDS);
         endpoint_idx (uint32); chunk_ns (int64) with chunk_offsets (uint64, n+1) so that
         ``chunk_ns[chunk_offsets[r]:chunk_offsets[r+1]]`` are row r's token-event
-        arrival times; error_index (int64 rows) with error_message (list[str]);
-        t0_unix_ns; stopped. Can be called once.
+        arrival times (every event with output: reasoning, answer or tool call);
+        first_answer_ns (int64, first content or tool-call event; -1 = none);
+        last_reasoning_ns (int64, -1 = no reasoning); reasoning_chunks (uint32, reasoning
+        events); reasoning_tokens, cached_tokens (int64, the server's
+        ``completion_tokens_details.reasoning_tokens`` and
+        ``prompt_tokens_details.cached_tokens``, -1 = not reported); usage_ignored (uint8,
+        1 = a usage value of an unexpected type was ignored); error_index (int64 rows)
+        with error_message (list[str]); t0_unix_ns; stopped. Can be called once.
         """
 
 def start_run(
@@ -125,7 +131,12 @@ def start_run(
 class MockServer:
     """The embedded OpenAI-compatible mock server (own threads; ``port=0`` picks one).
     ``max_concurrency`` > 0 serves at most that many generations at once; the rest wait
-    for a slot (their TTFT grows), like a server at its batch capacity."""
+    for a slot (their TTFT grows), like a server at its batch capacity.
+    ``reasoning_ratio`` streams that share of each chat/Responses answer as reasoning
+    first (in ``reasoning_field``: ``"reasoning"`` or ``"reasoning_content"``);
+    ``tool_calls`` is the fraction of requests answered with tool-call fragments;
+    ``cache_blocks`` bounds the prefix-block LRU behind ``cached_tokens``. See
+    ``fineserve.mock.MockServer`` for the per-request body fields."""
 
     def __new__(
         cls,
@@ -146,6 +157,10 @@ class MockServer:
         retry_after_s: int = 1,
         record_token_times: bool = False,
         record_arrivals: bool = False,
+        reasoning_ratio: float = 0.0,
+        reasoning_field: str = ...,  # "reasoning"
+        tool_calls: float = 0.0,
+        cache_blocks: int = 100_000,
     ) -> Self: ...
     @property
     def host(self) -> str: ...

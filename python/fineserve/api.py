@@ -4,8 +4,11 @@ Bodies are built from a JSON template per run, so each request costs one ``json.
 of its prompt rather than of a whole dict.
 
 The API follows the endpoint: a path ending in ``/chat/completions`` gets a chat body
-(``messages``), anything else a completions body (``prompt``). Forcing the output length
-to the schedule's, per backend:
+(``messages``), anything else a completions body (``prompt``); backend
+``openai-responses`` sends the Responses API's body (``input``: the prompt text, or a
+conversation as a list of ``{"role", "content"}`` messages) to ``/v1/responses``, which
+like the chat API applies the server's chat template. Forcing the output length to the
+schedule's, per backend:
 
 - ``vllm``, ``sglang``: ``max_tokens`` plus ``ignore_eos: true`` and ``min_tokens`` equal to
   ``max_tokens`` (both servers accept them on their OpenAI routes; ``min_tokens`` also holds
@@ -14,7 +17,11 @@ to the schedule's, per backend:
 - ``openai``, ``openai-chat``: only ``max_tokens`` (completions) or ``max_completion_tokens``
   (chat) — strict servers (OpenAI, ``transformers serve``) reject unknown fields such as
   ``ignore_eos`` with HTTP 4xx, so the output may end early at EOS;
-- ``tgi``: ``max_tokens`` (TGI's OpenAI routes have no ignore-EOS switch; same caveat).
+- ``tgi``: ``max_tokens`` (TGI's OpenAI routes have no ignore-EOS switch; same caveat);
+- ``openai-responses``: only ``max_output_tokens`` (OpenAI's Responses API rejects unknown
+  fields). vLLM's ``/v1/responses`` (0.32) accepts ``ignore_eos`` but has no
+  ``min_tokens``: against vLLM add ``--extra-request-body '{"ignore_eos": true}'`` for
+  exact output lengths. Streams carry usage without ``stream_options``.
 ``--disable-ignore-eos`` drops ``ignore_eos`` and ``min_tokens``; ``--extra-request-body``
 adds anything else (and overrides these).
 """
@@ -27,7 +34,7 @@ from typing import Any
 
 from .errors import FineserveError
 
-BACKENDS = ("vllm", "sglang", "openai", "openai-chat", "tgi")
+BACKENDS = ("vllm", "sglang", "openai", "openai-chat", "openai-responses", "tgi")
 
 #: The default path per backend, appended to the base URL.
 DEFAULT_ENDPOINT = {
@@ -35,6 +42,7 @@ DEFAULT_ENDPOINT = {
     "sglang": "/v1/completions",
     "openai": "/v1/completions",
     "openai-chat": "/v1/chat/completions",
+    "openai-responses": "/v1/responses",
     "tgi": "/v1/chat/completions",
 }
 
@@ -43,17 +51,22 @@ IGNORE_EOS_BACKENDS = ("vllm", "sglang")
 
 
 def is_chat_endpoint(path: str) -> bool:
-    return path.rstrip("/").endswith("/chat/completions")
+    """The server applies its chat template and takes a conversation as messages: the
+    chat completions API and the Responses API."""
+    path = path.rstrip("/")
+    return path.endswith("/chat/completions") or path.endswith("/responses")
 
 
 _PROMPT = "__FINESERVE_PROMPT__"
 _MESSAGES = "__FINESERVE_MESSAGES__"
+_INPUT = "__FINESERVE_INPUT__"
 _MAX_TOKENS = 987654321
 _MIN_TOKENS = 987654322
 #: The template's open slots, as they appear in its JSON text.
 _SLOTS = {
     "prompt": f'"{_PROMPT}"',
     "messages": f'"{_MESSAGES}"',
+    "input": f'"{_INPUT}"',
     "max": str(_MAX_TOKENS),
     "min": str(_MIN_TOKENS),
 }
@@ -102,7 +115,10 @@ class BodyTemplate:
             chat = is_chat_endpoint(DEFAULT_ENDPOINT[backend])
         self.chat = chat
         body: dict[str, Any] = {"model": model}
-        if chat:
+        if backend == "openai-responses":
+            body["input"] = _INPUT  # the text, or a conversation's messages
+            body["max_output_tokens"] = _MAX_TOKENS
+        elif chat:
             body["messages"] = _MESSAGES  # a list of messages, rendered whole
             # OpenAI's current name; vLLM, SGLang and TGI take max_tokens.
             key = "max_completion_tokens" if backend == "openai-chat" else "max_tokens"
@@ -112,7 +128,7 @@ class BodyTemplate:
             body["max_tokens"] = _MAX_TOKENS
         body["temperature"] = 0.0
         body["stream"] = stream
-        if stream:
+        if stream and backend != "openai-responses":
             # Ask for server-side token counts in the last chunk (OpenAI/vLLM/SGLang).
             body["stream_options"] = {"include_usage": True}
         if ignore_eos and backend in IGNORE_EOS_BACKENDS:
@@ -120,10 +136,11 @@ class BodyTemplate:
             body["min_tokens"] = _MIN_TOKENS
         body.update(extra or {})
         text = json.dumps(body, separators=(",", ":"))
-        prompt_slots = text.count(_SLOTS["prompt"]) + text.count(_SLOTS["messages"])
+        prompt_slots = sum(text.count(_SLOTS[k]) for k in ("prompt", "messages", "input"))
         if prompt_slots != 1 or text.count(_SLOTS["max"]) != 1:
             raise FineserveError(
-                "--extra-request-body must not replace the prompt, messages or max_tokens"
+                "--extra-request-body must not replace the prompt, messages, input or "
+                "max_tokens"
             )
         # The JSON text cut at its open slots: render joins the pieces with the values.
         found = sorted((text.index(v), k) for k, v in _SLOTS.items() if v in text)
@@ -145,6 +162,8 @@ class BodyTemplate:
                 out.append(json.dumps(text))
             elif slot == "messages":
                 out.append(_messages_json(prompt))
+            elif slot == "input":
+                out.append(json.dumps(prompt) if isinstance(prompt, str) else _messages_json(prompt))
             else:  # max_tokens, and min_tokens equal to it
                 out.append(str(max_tokens))
             out.append(piece)

@@ -55,12 +55,36 @@ class MockServer:
         with MockServer(ttft_ms=20, itl_ms=5) as mock:
             ...  # send to mock.base_url
 
-    Streams exactly ``max_tokens`` tokens (as with ``ignore_eos``), TTFT = ``ttft_ms`` +
+    Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (Responses
+    API events, ending in ``response.completed`` with usage), ``/v1/models``, ``/health``.
+    Streams exactly ``max_tokens`` tokens (``max_completion_tokens``,
+    ``max_output_tokens``; as with ``ignore_eos``), TTFT = ``ttft_ms`` +
     ``ttft_per_prompt_token_ms`` × prompt words, tokens every ``itl_ms`` (± ``itl_jitter_ms``)
     on absolute deadlines with tokio's ~1 ms timer granularity. ``max_concurrency`` > 0
     serves that many generations at once and queues the rest (a server at capacity).
     ``faults=[("http_500", 0.05), …]`` makes that fraction of completion requests misbehave
     (see :data:`FAULT_HELP`), with ``stall_ms``, ``first_byte_delay_ms``, ``retry_after_s``.
+
+    A reasoning model's answers (chat and Responses routes; ``/v1/completions`` stays plain
+    text):
+
+    - ``reasoning_ratio`` (0–1, default 0): the first round(R·N) of N tokens stream as
+      reasoning, the rest as content, and usage reports
+      ``completion_tokens_details.reasoning_tokens``;
+    - ``reasoning_field``: ``"reasoning"`` (vLLM ≥ 0.16, default) or ``"reasoning_content"``
+      (DeepSeek, older vLLM), the chat delta/message field that carries it;
+    - ``tool_calls`` (0–1, default 0): that fraction of requests answer with
+      ``delta.tool_calls`` fragments (Responses: ``response.function_call_arguments.delta``)
+      instead of content;
+    - ``cache_blocks`` (default 100 000): capacity of the prefix-block LRU behind
+      ``prompt_tokens_details.cached_tokens`` (0: nothing is ever cached).
+
+    Body fields for the mock alone (a real server ignores or rejects them):
+    ``fineserve_reasoning_ratio`` (0–1) sets R for that request (a schedule's
+    ``reason_ratio``); ``fineserve_hash_ids`` (list of ints) with ``fineserve_block_size``
+    (tokens a block, default 512) name the prompt's prefix blocks, and usage then reports
+    ``cached_tokens`` = the tokens of the leading blocks the mock had seen, at most the
+    prompt's. A malformed value is an HTTP 400.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:

@@ -224,7 +224,23 @@ RECORD_INT_COLUMNS = (
     "completion_tokens",
     "prompt_tokens",
     "http_status",
+    # Reasoning, answer and usage details (results files before them lack these).
+    "first_answer_ns",
+    "last_reasoning_ns",
+    "reasoning_chunks",
+    "reasoning_tokens",
+    "cached_tokens",
+    "usage_ignored",
 )
+#: Columns added after the first results files: what a file without them reads as.
+RECORD_COLUMN_DEFAULTS = {
+    "first_answer_ns": -1,
+    "last_reasoning_ns": -1,
+    "reasoning_chunks": 0,
+    "reasoning_tokens": -1,
+    "cached_tokens": -1,
+    "usage_ignored": 0,
+}
 _SCALAR_COLUMNS = (*RECORD_INT_COLUMNS, "error_kind", "endpoint_idx")
 
 
@@ -481,6 +497,12 @@ def unsent_records(
         "http_status": np.zeros(n, dtype=np.uint16),
         "error_kind": np.asarray(error_kind, dtype=np.uint8),
         "endpoint_idx": np.asarray(endpoint_idx, dtype=np.uint32),
+        "first_answer_ns": never,
+        "last_reasoning_ns": never,
+        "reasoning_chunks": np.zeros(n, dtype=np.uint32),
+        "reasoning_tokens": never,
+        "cached_tokens": never,
+        "usage_ignored": np.zeros(n, dtype=np.uint8),
         "chunk_ns": np.zeros(0, dtype=np.int64),
         "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
         "error_index": np.arange(n, dtype=np.int64),

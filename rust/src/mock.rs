@@ -1,6 +1,21 @@
 //! The embedded mock of an OpenAI-compatible server: `/v1/completions`,
-//! `/v1/chat/completions` and `/v1/models`, streaming exactly `max_tokens` tokens at a
-//! configured TTFT and inter-token latency (as a server with `ignore_eos` does).
+//! `/v1/chat/completions`, `/v1/responses` and `/v1/models`, streaming exactly `max_tokens`
+//! (`max_completion_tokens`, `max_output_tokens`) tokens at a configured TTFT and inter-token
+//! latency (as a server with `ignore_eos` does).
+//!
+//! Chat and Responses answers can be shaped like a reasoning model's: the first
+//! round(R·N) tokens stream as reasoning (`delta.reasoning` or `delta.reasoning_content`,
+//! `response.reasoning_text.delta`), the rest as content, or as tool-call fragments for a
+//! fraction of requests; usage then reports `reasoning_tokens`. `/v1/completions` always
+//! streams plain text. Fields a caller may add to a request body for the mock alone (a real
+//! server ignores or rejects them, so only send them to the mock):
+//! - `fineserve_reasoning_ratio`: R for this request, in [0, 1] (e.g. a schedule's
+//!   `reason_ratio`), instead of the configured one;
+//! - `fineserve_hash_ids` (list of integers) with `fineserve_block_size` (tokens a block,
+//!   default 512): the prompt's prefix blocks. The mock keeps the blocks it has seen in an
+//!   LRU of [`MockConfig::cache_blocks`] blocks and reports, in
+//!   `usage.prompt_tokens_details.cached_tokens`, the tokens of the leading blocks it had
+//!   seen (capped at the prompt's tokens), as a prefix cache would.
 //!
 //! Token deadlines are absolute (arrival + TTFT + k·ITL), so the cadence does not drift;
 //! each one is subject to tokio's 1 ms timer granularity.
@@ -8,6 +23,7 @@
 //! Fault injection ([`FaultConfig`]) makes a given fraction of completion requests misbehave
 //! the way real servers and proxies do, so the client's handling of each can be tested.
 
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -52,6 +68,41 @@ pub struct MockConfig {
     /// any client's pacing (peers that record no send times included) at the server. The
     /// instant is the kernel's receive stamp of the request's bytes (`recv_stamp`).
     pub record_arrivals: bool,
+    /// Share of each chat / Responses answer streamed as reasoning first, in [0, 1]; a
+    /// request's `fineserve_reasoning_ratio` overrides it.
+    pub reasoning_ratio: f64,
+    pub reasoning_field: ReasoningField,
+    /// Fraction of chat / Responses requests, in [0, 1], whose answer streams as tool-call
+    /// fragments instead of content.
+    pub tool_calls: f64,
+    /// Capacity in blocks of the prefix-cache LRU behind `cached_tokens` (0: none cached).
+    pub cache_blocks: usize,
+}
+
+/// The chat delta field that carries reasoning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReasoningField {
+    /// `delta.reasoning`, as vLLM >= 0.16 sends it.
+    #[default]
+    Reasoning,
+    /// `delta.reasoning_content`, as DeepSeek's API and older vLLM send it.
+    ReasoningContent,
+}
+
+impl ReasoningField {
+    pub const ALL: [ReasoningField; 2] =
+        [ReasoningField::Reasoning, ReasoningField::ReasoningContent];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReasoningField::Reasoning => "reasoning",
+            ReasoningField::ReasoningContent => "reasoning_content",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
 }
 
 /// A way for the mock to misbehave on one request.
@@ -191,7 +242,76 @@ impl Default for MockConfig {
             faults: FaultConfig::default(),
             record_token_times: false,
             record_arrivals: false,
+            reasoning_ratio: 0.0,
+            reasoning_field: ReasoningField::Reasoning,
+            tool_calls: 0.0,
+            cache_blocks: 100_000,
         }
+    }
+}
+
+impl MockConfig {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        self.faults.validate()?;
+        for (name, v) in [
+            ("reasoning_ratio", self.reasoning_ratio),
+            ("tool_calls", self.tool_calls),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(EngineError::InvalidConfig(format!(
+                    "mock {name} must be in [0, 1], got {v}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The prefix blocks the mock has seen, least recently used evicted first.
+#[derive(Debug, Default)]
+pub struct BlockLru {
+    clock: u64,
+    last_use: HashMap<i64, u64>,
+    by_use: BTreeMap<u64, i64>,
+}
+
+impl BlockLru {
+    /// Uses a request's blocks in order; returns how many leading blocks were already held
+    /// (a prefix cache reuses a prefix: after the first miss nothing more is a hit).
+    pub fn use_prefix(&mut self, blocks: &[i64], capacity: usize) -> usize {
+        if capacity == 0 {
+            return 0;
+        }
+        let mut hits = 0;
+        let mut prefix = true;
+        for &b in blocks {
+            self.clock += 1;
+            match self.last_use.insert(b, self.clock) {
+                Some(old) => {
+                    self.by_use.remove(&old);
+                    hits += usize::from(prefix);
+                }
+                None => prefix = false,
+            }
+            self.by_use.insert(self.clock, b);
+            while self.last_use.len() > capacity {
+                match self.by_use.pop_first() {
+                    Some((_, evicted)) => {
+                        self.last_use.remove(&evicted);
+                    }
+                    None => break,
+                }
+            }
+        }
+        hits
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_use.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_use.is_empty()
     }
 }
 
@@ -214,6 +334,8 @@ pub struct MockStats {
     pub token_log: std::sync::Mutex<TokenLog>,
     /// Arrival instants of completion requests (with `record_arrivals`), ns since the start.
     arrivals: std::sync::Mutex<Vec<i64>>,
+    /// Prefix blocks seen (`fineserve_hash_ids`), for `cached_tokens`.
+    prefix_cache: std::sync::Mutex<BlockLru>,
     /// The start instant, and the system clock then (kernel receive stamps use it).
     epoch: std::sync::OnceLock<(std::time::Instant, i64)>,
 }
@@ -264,7 +386,7 @@ pub struct MockServer {
 
 impl MockServer {
     pub fn start(host: &str, port: u16, config: MockConfig) -> Result<Self, EngineError> {
-        config.faults.validate()?;
+        config.validate()?;
         crate::limits::raise_nofile_limit();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
@@ -443,7 +565,7 @@ async fn handle(
 ) -> Result<Response<MockBody>, Infallible> {
     let mut arrival = Instant::now();
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    let chat = match (req.method(), req.uri().path()) {
+    let api = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => {
             let body = serde_json::json!({
                 "object": "list",
@@ -452,8 +574,9 @@ async fn handle(
             return Ok(json_response(StatusCode::OK, body.to_string()));
         }
         (&Method::GET, "/health") => return Ok(json_response(StatusCode::OK, "{}".into())),
-        (&Method::POST, "/v1/completions") => false,
-        (&Method::POST, "/v1/chat/completions") => true,
+        (&Method::POST, "/v1/completions") => Api::Completions,
+        (&Method::POST, "/v1/chat/completions") => Api::Chat,
+        (&Method::POST, "/v1/responses") => Api::Responses,
         _ => return Ok(error_response(StatusCode::NOT_FOUND, "no such route")),
     };
     if cfg.record_arrivals {
@@ -481,7 +604,8 @@ async fn handle(
         }
     };
     let n_tokens = parsed
-        .get("max_completion_tokens")
+        .get("max_output_tokens")
+        .or_else(|| parsed.get("max_completion_tokens"))
         .or_else(|| parsed.get("max_tokens"))
         .and_then(|v| v.as_u64())
         .map_or(cfg.default_max_tokens, |v| v.min(u32::MAX as u64) as u32);
@@ -493,7 +617,14 @@ async fn handle(
         .pointer("/stream_options/include_usage")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let prompt_tokens = count_prompt_tokens(&parsed, chat);
+    let prompt_tokens = count_prompt_tokens(&parsed, api);
+    let shape = match RequestShape::parse(&parsed, &cfg) {
+        Ok(s) => s,
+        Err(msg) => {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return Ok(error_response(StatusCode::BAD_REQUEST, &msg));
+        }
+    };
     let fault = cfg
         .faults
         .draw(stats.fault_seq.fetch_add(1, Ordering::Relaxed));
@@ -539,6 +670,20 @@ async fn handle(
     }
     let ttft = cfg.ttft + cfg.ttft_per_prompt_token * prompt_tokens as u32;
     let seq = stats.completions.fetch_add(1, Ordering::Relaxed);
+    // Blocks are used once the request is served (not for an injected HTTP error).
+    let cached_tokens = shape.hash_ids.as_ref().map(|ids| {
+        let hits = match stats.prefix_cache.lock() {
+            Ok(mut lru) => lru.use_prefix(ids, cfg.cache_blocks),
+            Err(_) => 0,
+        };
+        (hits as u64 * shape.block_size).min(prompt_tokens)
+    });
+    let (reasoning_tokens, tool_call) = if api == Api::Completions {
+        (0, false)
+    } else {
+        let r = (shape.reasoning_ratio * f64::from(n_tokens)).round() as u32;
+        (r.min(n_tokens), draw_sqrt2(seq) < cfg.tool_calls)
+    };
     let model: Arc<str> = parsed
         .get("model")
         .and_then(|m| m.as_str())
@@ -547,7 +692,12 @@ async fn handle(
     let endless = fault == Some(Fault::Endless);
     let gen = Generation {
         id: seq,
-        chat,
+        api,
+        reasoning_tokens,
+        reasoning_field: cfg.reasoning_field,
+        report_reasoning: api != Api::Completions && shape.reasoning_given,
+        tool_call,
+        cached_tokens,
         model,
         n_tokens: if endless { u32::MAX } else { n_tokens },
         fault,
@@ -591,29 +741,111 @@ async fn handle(
     Ok(r)
 }
 
-fn count_prompt_tokens(v: &serde_json::Value, chat: bool) -> u64 {
+/// Which API a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completions,
+    Chat,
+    Responses,
+}
+
+/// u = frac((n+1)·√2): a low-discrepancy draw per request, independent of the faults'
+/// golden-ratio sequence over the same request numbers.
+fn draw_sqrt2(n: u64) -> f64 {
+    (n.wrapping_add(1).wrapping_mul(0x6A09_E667_F3BC_C908) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What a request's own `fineserve_*` fields ask of the mock.
+struct RequestShape {
+    reasoning_ratio: f64,
+    /// A reasoning ratio applies (configured or given): usage reports `reasoning_tokens`.
+    reasoning_given: bool,
+    hash_ids: Option<Vec<i64>>,
+    block_size: u64,
+}
+
+impl RequestShape {
+    fn parse(v: &serde_json::Value, cfg: &MockConfig) -> Result<Self, String> {
+        let (reasoning_ratio, given) = match v.get("fineserve_reasoning_ratio") {
+            None | Some(serde_json::Value::Null) => (cfg.reasoning_ratio, false),
+            Some(r) => match r.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => (r, true),
+                _ => {
+                    return Err(format!(
+                        "fineserve_reasoning_ratio must be in [0, 1], got {r}"
+                    ))
+                }
+            },
+        };
+        let hash_ids = match v.get("fineserve_hash_ids") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_i64().or_else(|| x.as_u64().map(|u| u as i64)))
+                    .collect::<Option<Vec<i64>>>()
+                    .ok_or("fineserve_hash_ids must be a list of integers")?,
+            ),
+            Some(_) => return Err("fineserve_hash_ids must be a list of integers".to_owned()),
+        };
+        let block_size = match v.get("fineserve_block_size") {
+            None | Some(serde_json::Value::Null) => 512,
+            Some(b) => match b.as_u64() {
+                Some(b) if b > 0 => b,
+                _ => {
+                    return Err(format!(
+                        "fineserve_block_size must be a positive integer, got {b}"
+                    ))
+                }
+            },
+        };
+        Ok(Self {
+            reasoning_ratio,
+            reasoning_given: given || cfg.reasoning_ratio > 0.0,
+            hash_ids,
+            block_size,
+        })
+    }
+}
+
+fn count_prompt_tokens(v: &serde_json::Value, api: Api) -> u64 {
     fn words(s: &str) -> u64 {
         s.split_whitespace().count() as u64
     }
-    if chat {
-        return v
-            .get("messages")
-            .and_then(|m| m.as_array())
-            .map_or(0, |msgs| {
-                msgs.iter()
-                    .filter_map(|m| m.get("content").and_then(|c| c.as_str()))
-                    .map(words)
-                    .sum()
-            });
+    /// A message's `content`: a string or a list of parts with `text`.
+    fn content_words(c: &serde_json::Value) -> u64 {
+        match c {
+            serde_json::Value::String(s) => words(s),
+            serde_json::Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
+                .map(words)
+                .sum(),
+            _ => 0,
+        }
     }
-    match v.get("prompt") {
-        Some(serde_json::Value::String(s)) => words(s),
-        Some(serde_json::Value::Array(a)) => match a.first() {
-            Some(serde_json::Value::Number(_)) => a.len() as u64,
+    let messages = |m: Option<&serde_json::Value>| {
+        m.and_then(|m| m.as_array()).map_or(0, |msgs| {
+            msgs.iter()
+                .filter_map(|m| m.get("content"))
+                .map(content_words)
+                .sum()
+        })
+    };
+    match api {
+        Api::Chat => messages(v.get("messages")),
+        Api::Responses => match v.get("input") {
             Some(serde_json::Value::String(s)) => words(s),
+            other => messages(other),
+        },
+        Api::Completions => match v.get("prompt") {
+            Some(serde_json::Value::String(s)) => words(s),
+            Some(serde_json::Value::Array(a)) => match a.first() {
+                Some(serde_json::Value::Number(_)) => a.len() as u64,
+                Some(serde_json::Value::String(s)) => words(s),
+                _ => 0,
+            },
             _ => 0,
         },
-        _ => 0,
     }
 }
 
@@ -636,7 +868,16 @@ impl Drop for ActiveGuard {
 
 struct Generation {
     id: u64,
-    chat: bool,
+    api: Api,
+    /// The first this many tokens are reasoning (chat and Responses only).
+    reasoning_tokens: u32,
+    reasoning_field: ReasoningField,
+    /// Usage reports `reasoning_tokens` (a reasoning ratio applies to the request).
+    report_reasoning: bool,
+    /// The answer streams as tool-call fragments.
+    tool_call: bool,
+    /// Tokens served from the prefix cache, for requests that named their blocks.
+    cached_tokens: Option<u64>,
     model: Arc<str>,
     n_tokens: u32,
     fault: Option<Fault>,
@@ -684,73 +925,215 @@ impl Generation {
         d
     }
 
-    /// `data: …` as is, or without the SSE framing for a `malformed_sse` fault.
-    fn framed(&self, event: String) -> Bytes {
-        match self.fault {
-            Some(Fault::MalformedSse) => Bytes::from(event.trim_start_matches("data: ").to_owned()),
-            _ => Bytes::from(event),
+    /// Appends one event: `data: …` (with `event: <type>` before it for the Responses
+    /// API), or the bare JSON for a `malformed_sse` fault.
+    fn push_event(&self, out: &mut Vec<u8>, event_type: &str, json: &str) {
+        if self.fault == Some(Fault::MalformedSse) {
+            out.extend_from_slice(json.as_bytes());
+            out.extend_from_slice(b"\n\n");
+            return;
         }
+        if self.api == Api::Responses {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(event_type.as_bytes());
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(json.as_bytes());
+        out.extend_from_slice(b"\n\n");
     }
 
-    fn token_event(&self, last: bool) -> Bytes {
+    fn framed(&self, event_type: &str, json: &str) -> Bytes {
+        let mut out = Vec::with_capacity(json.len() + 48);
+        self.push_event(&mut out, event_type, json);
+        Bytes::from(out)
+    }
+
+    /// Appends the event(s) of token number `self.emitted` (1-based).
+    fn push_token_event(&self, out: &mut Vec<u8>, last: bool) {
         if self.fault == Some(Fault::MalformedJson) && self.emitted == self.fault_at + 1 {
-            return Bytes::from_static(b"data: {\"choices\":[{\"index\":0,\"text\":\" tok\",\n\n");
+            out.extend_from_slice(b"data: {\"choices\":[{\"index\":0,\"text\":\" tok\",\n\n");
+            return;
         }
         let last = last && self.fault != Some(Fault::NoDone);
         let finish = if last { "\"length\"" } else { "null" };
-        let s = if self.chat {
-            format!(
-                "data: {{\"id\":\"chatcmpl-{}\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"{}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok\"}},\"finish_reason\":{finish}}}]}}\n\n",
-                self.id, self.model
-            )
-        } else {
-            format!(
-                "data: {{\"id\":\"cmpl-{}\",\"object\":\"text_completion\",\"created\":0,\"model\":\"{}\",\"choices\":[{{\"index\":0,\"text\":\" tok\",\"finish_reason\":{finish}}}]}}\n\n",
-                self.id, self.model
-            )
-        };
-        self.framed(s)
+        let k = self.emitted;
+        let reasoning = k <= self.reasoning_tokens;
+        let first_answer = k == self.reasoning_tokens + 1;
+        let (id, model) = (self.id, &self.model);
+        match self.api {
+            Api::Completions => self.push_event(out, "", &format!(
+                "{{\"id\":\"cmpl-{id}\",\"object\":\"text_completion\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\" tok\",\"finish_reason\":{finish}}}]}}"
+            )),
+            Api::Chat => {
+                let delta: std::borrow::Cow<'static, str> = if reasoning {
+                    match self.reasoning_field {
+                        ReasoningField::Reasoning => "{\"reasoning\":\" tok\"}".into(),
+                        ReasoningField::ReasoningContent => {
+                            "{\"reasoning_content\":\" tok\"}".into()
+                        }
+                    }
+                } else if self.tool_call && first_answer {
+                    // As vLLM: the first fragment names the call, later ones only add
+                    // argument text.
+                    format!("{{\"tool_calls\":[{{\"index\":0,\"id\":\"call_{id}\",\"type\":\"function\",\"function\":{{\"name\":\"{TOOL_NAME}\",\"arguments\":\"tok\"}}}}]}}").into()
+                } else if self.tool_call {
+                    "{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\" tok\"}}]}".into()
+                } else {
+                    "{\"content\":\" tok\"}".into()
+                };
+                self.push_event(out, "", &format!(
+                    "{{\"id\":\"chatcmpl-{id}\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}"
+                ));
+            }
+            Api::Responses => {
+                // Sequence numbers: 0 for response.created, then two per token (an item's
+                // `output_item.added` and the delta), the end after the last token.
+                let seq = 2 * u64::from(k);
+                let answer_index = u32::from(self.reasoning_tokens > 0);
+                if k == 1 && reasoning {
+                    self.push_event(out, "response.output_item.added", &format!(
+                        "{{\"type\":\"response.output_item.added\",\"sequence_number\":{},\"output_index\":0,\"item\":{{\"type\":\"reasoning\",\"id\":\"rs_{id}\",\"summary\":[],\"content\":[]}}}}",
+                        seq - 1
+                    ));
+                } else if first_answer {
+                    let item = if self.tool_call {
+                        format!("{{\"type\":\"function_call\",\"id\":\"fc_{id}\",\"call_id\":\"call_{id}\",\"name\":\"{TOOL_NAME}\",\"arguments\":\"\",\"status\":\"in_progress\"}}")
+                    } else {
+                        format!("{{\"type\":\"message\",\"id\":\"msg_{id}\",\"role\":\"assistant\",\"status\":\"in_progress\",\"content\":[]}}")
+                    };
+                    self.push_event(out, "response.output_item.added", &format!(
+                        "{{\"type\":\"response.output_item.added\",\"sequence_number\":{},\"output_index\":{answer_index},\"item\":{item}}}",
+                        seq - 1
+                    ));
+                }
+                let (ty, item, index) = if reasoning {
+                    ("response.reasoning_text.delta", "rs", 0)
+                } else if self.tool_call {
+                    ("response.function_call_arguments.delta", "fc", answer_index)
+                } else {
+                    ("response.output_text.delta", "msg", answer_index)
+                };
+                self.push_event(out, ty, &format!(
+                    "{{\"type\":\"{ty}\",\"sequence_number\":{seq},\"item_id\":\"{item}_{id}\",\"output_index\":{index},\"content_index\":0,\"delta\":\" tok\"}}"
+                ));
+            }
+        }
     }
 
-    fn usage_json(&self) -> String {
-        format!(
-            "{{\"prompt_tokens\":{},\"completion_tokens\":{},\"total_tokens\":{}}}",
-            self.prompt_tokens,
-            self.n_tokens,
-            self.prompt_tokens + self.n_tokens as u64
-        )
-    }
-
-    fn usage_event(&self) -> Bytes {
-        let obj = if self.chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        self.framed(format!(
-            "data: {{\"id\":\"cmpl-{}\",\"object\":\"{obj}\",\"created\":0,\"model\":\"{}\",\"choices\":[],\"usage\":{}}}\n\n",
-            self.id,
-            self.model,
-            self.usage_json()
+    /// The Responses stream's first event, sent with the headers (as vLLM does).
+    fn created_event(&self) -> Bytes {
+        self.framed("response.created", &format!(
+            "{{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_{}\",\"object\":\"response\",\"created_at\":0,\"status\":\"in_progress\",\"model\":\"{}\",\"output\":[],\"usage\":null}}}}",
+            self.id, self.model
         ))
     }
 
-    fn whole_json(&self) -> Bytes {
-        let text = " tok".repeat(self.n_tokens as usize);
-        let s = if self.chat {
+    fn usage_json(&self) -> String {
+        let (p, n) = (self.prompt_tokens, self.n_tokens);
+        let mut u = if self.api == Api::Responses {
             format!(
-                "{{\"id\":\"chatcmpl-{}\",\"object\":\"chat.completion\",\"created\":0,\"model\":\"{}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"{text}\"}},\"finish_reason\":\"length\"}}],\"usage\":{}}}",
-                self.id, self.model, self.usage_json()
+                "{{\"input_tokens\":{p},\"output_tokens\":{n},\"total_tokens\":{},\"output_tokens_details\":{{\"reasoning_tokens\":{}}}",
+                p + u64::from(n),
+                self.reasoning_tokens
             )
         } else {
             format!(
-                "{{\"id\":\"cmpl-{}\",\"object\":\"text_completion\",\"created\":0,\"model\":\"{}\",\"choices\":[{{\"index\":0,\"text\":\"{text}\",\"finish_reason\":\"length\"}}],\"usage\":{}}}",
-                self.id, self.model, self.usage_json()
+                "{{\"prompt_tokens\":{p},\"completion_tokens\":{n},\"total_tokens\":{}",
+                p + u64::from(n)
             )
+        };
+        if self.report_reasoning && self.api != Api::Responses {
+            u.push_str(&format!(
+                ",\"completion_tokens_details\":{{\"reasoning_tokens\":{}}}",
+                self.reasoning_tokens
+            ));
+        }
+        if let Some(c) = self.cached_tokens {
+            let key = if self.api == Api::Responses {
+                "input_tokens_details"
+            } else {
+                "prompt_tokens_details"
+            };
+            u.push_str(&format!(",\"{key}\":{{\"cached_tokens\":{c}}}"));
+        }
+        u.push('}');
+        u
+    }
+
+    /// The usage chunk, or for the Responses API `response.completed` (which carries usage).
+    fn usage_event(&self) -> Bytes {
+        let (id, model) = (self.id, &self.model);
+        match self.api {
+            Api::Responses => self.framed("response.completed", &format!(
+                "{{\"type\":\"response.completed\",\"sequence_number\":{},\"response\":{{\"id\":\"resp_{id}\",\"object\":\"response\",\"created_at\":0,\"status\":\"completed\",\"model\":\"{model}\",\"output\":[],\"usage\":{}}}}}",
+                2 * u64::from(self.n_tokens) + 1,
+                self.usage_json()
+            )),
+            api => {
+                let obj = if api == Api::Chat {
+                    "chat.completion.chunk"
+                } else {
+                    "text_completion"
+                };
+                self.framed("", &format!(
+                    "{{\"id\":\"cmpl-{id}\",\"object\":\"{obj}\",\"created\":0,\"model\":\"{model}\",\"choices\":[],\"usage\":{}}}",
+                    self.usage_json()
+                ))
+            }
+        }
+    }
+
+    fn whole_json(&self) -> Bytes {
+        let (id, model) = (self.id, &self.model);
+        let r = self.reasoning_tokens.min(self.n_tokens);
+        let reasoning = " tok".repeat(r as usize);
+        let answer = " tok".repeat((self.n_tokens - r) as usize);
+        let usage = self.usage_json();
+        let s = match self.api {
+            Api::Completions => format!(
+                "{{\"id\":\"cmpl-{id}\",\"object\":\"text_completion\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"{answer}\",\"finish_reason\":\"length\"}}],\"usage\":{usage}}}"
+            ),
+            Api::Chat => {
+                let mut msg = String::from("{\"role\":\"assistant\"");
+                if r > 0 {
+                    msg.push_str(&format!(
+                        ",\"{}\":\"{reasoning}\"",
+                        self.reasoning_field.name()
+                    ));
+                }
+                if self.tool_call && !answer.is_empty() {
+                    msg.push_str(&format!(",\"content\":null,\"tool_calls\":[{{\"id\":\"call_{id}\",\"type\":\"function\",\"function\":{{\"name\":\"{TOOL_NAME}\",\"arguments\":\"{answer}\"}}}}]"));
+                } else {
+                    msg.push_str(&format!(",\"content\":\"{answer}\""));
+                }
+                msg.push('}');
+                format!(
+                    "{{\"id\":\"chatcmpl-{id}\",\"object\":\"chat.completion\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"message\":{msg},\"finish_reason\":\"length\"}}],\"usage\":{usage}}}"
+                )
+            }
+            Api::Responses => {
+                let mut items = Vec::new();
+                if r > 0 {
+                    items.push(format!("{{\"type\":\"reasoning\",\"id\":\"rs_{id}\",\"summary\":[],\"content\":[{{\"type\":\"reasoning_text\",\"text\":\"{reasoning}\"}}]}}"));
+                }
+                if self.tool_call && !answer.is_empty() {
+                    items.push(format!("{{\"type\":\"function_call\",\"id\":\"fc_{id}\",\"call_id\":\"call_{id}\",\"name\":\"{TOOL_NAME}\",\"arguments\":\"{answer}\",\"status\":\"completed\"}}"));
+                } else {
+                    items.push(format!("{{\"type\":\"message\",\"id\":\"msg_{id}\",\"role\":\"assistant\",\"status\":\"completed\",\"content\":[{{\"type\":\"output_text\",\"text\":\"{answer}\",\"annotations\":[]}}]}}"));
+                }
+                format!(
+                    "{{\"id\":\"resp_{id}\",\"object\":\"response\",\"created_at\":0,\"status\":\"completed\",\"model\":\"{model}\",\"output\":[{}],\"usage\":{usage}}}",
+                    items.join(",")
+                )
+            }
         };
         Bytes::from(s)
     }
 }
+
+/// The function a mock tool call names.
+const TOOL_NAME: &str = "fineserve_tool";
 
 enum Phase {
     Tokens,
@@ -789,10 +1172,11 @@ impl MockBody {
         } else {
             Phase::Tokens
         };
+        let ready = (gen.api == Api::Responses).then(|| gen.created_event());
         Self {
             phase,
             gen: Some(gen),
-            ready: None,
+            ready,
             sleep: None,
             _guard: Some(guard),
         }
@@ -914,7 +1298,7 @@ impl Body for MockBody {
                         times.push(t);
                     }
                     let last = gen.emitted >= gen.n_tokens;
-                    frame.extend_from_slice(&gen.token_event(last));
+                    gen.push_token_event(&mut frame, last);
                     if last {
                         this.phase = if gen.fault == Some(Fault::NoDone) {
                             Phase::End
@@ -934,7 +1318,8 @@ impl Body for MockBody {
             }
             Phase::Usage => {
                 this.phase = Phase::Done;
-                if gen.include_usage {
+                // The Responses API always ends with `response.completed`, usage included.
+                if gen.include_usage || gen.api == Api::Responses {
                     gen.usage_event()
                 } else {
                     this.gen = Some(gen);
@@ -943,7 +1328,12 @@ impl Body for MockBody {
             }
             Phase::Done => {
                 this.phase = Phase::End;
-                gen.framed("data: [DONE]\n\n".to_owned())
+                if gen.api == Api::Responses {
+                    // No `[DONE]` in the Responses API.
+                    this.gen = Some(gen);
+                    return Poll::Ready(None);
+                }
+                gen.framed("", "[DONE]")
             }
             Phase::Filler => Bytes::from(" tok".repeat(4096)),
             Phase::Whole => {
@@ -967,5 +1357,63 @@ impl Body for MockBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_lru_counts_leading_hits_and_evicts_the_least_recent() {
+        let mut lru = BlockLru::default();
+        assert_eq!(lru.use_prefix(&[1, 2, 3], 4), 0);
+        assert_eq!(lru.use_prefix(&[1, 2, 3], 4), 3);
+        // A miss ends the prefix: block 3 after the new block 5 is no hit.
+        assert_eq!(lru.use_prefix(&[1, 5, 3], 4), 1);
+        assert_eq!(lru.len(), 4);
+        // Block 2 is now the least recently used; 6 evicts it.
+        assert_eq!(lru.use_prefix(&[6], 4), 0);
+        assert_eq!(lru.len(), 4);
+        assert_eq!(lru.use_prefix(&[1, 2], 4), 1);
+        assert_eq!(BlockLru::default().use_prefix(&[1, 1], 0), 0);
+    }
+
+    #[test]
+    fn request_shape_reads_and_checks_the_fineserve_fields() {
+        let cfg = MockConfig {
+            reasoning_ratio: 0.25,
+            ..MockConfig::default()
+        };
+        let v: serde_json::Value = serde_json::json!({"fineserve_reasoning_ratio": 0.5,
+            "fineserve_hash_ids": [3, 4], "fineserve_block_size": 64});
+        let s = RequestShape::parse(&v, &cfg).expect("valid");
+        assert_eq!(s.reasoning_ratio, 0.5);
+        assert!(s.reasoning_given);
+        assert_eq!(s.hash_ids, Some(vec![3, 4]));
+        assert_eq!(s.block_size, 64);
+        let s = RequestShape::parse(&serde_json::json!({}), &MockConfig::default()).expect("ok");
+        assert!(!s.reasoning_given && s.hash_ids.is_none() && s.block_size == 512);
+        for bad in [
+            serde_json::json!({"fineserve_reasoning_ratio": 1.5}),
+            serde_json::json!({"fineserve_reasoning_ratio": "half"}),
+            serde_json::json!({"fineserve_hash_ids": [1, "x"]}),
+            serde_json::json!({"fineserve_hash_ids": 5}),
+            serde_json::json!({"fineserve_block_size": 0}),
+        ] {
+            assert!(RequestShape::parse(&bad, &cfg).is_err(), "{bad}");
+        }
+        let bad = MockConfig {
+            tool_calls: 2.0,
+            ..MockConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_tool_call_draw_holds_its_share() {
+        let n = 1000;
+        let hits = (0..n).filter(|&i| draw_sqrt2(i) < 0.3).count();
+        assert!((295..=305).contains(&hits), "{hits}");
     }
 }

@@ -14,7 +14,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::client::ClientConfig;
 use crate::engine::{self, EngineConfig, RunHandle, Schedule};
 use crate::error::EngineError as CoreError;
-use crate::mock::{Fault, FaultConfig, MockConfig, MockServer};
+use crate::mock::{Fault, FaultConfig, MockConfig, MockServer, ReasoningField};
 use crate::records::{ErrorKind, RecordColumns};
 
 create_exception!(
@@ -167,6 +167,12 @@ fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>>
     d.set_item("http_status", c.http_status.into_pyarray(py))?;
     d.set_item("error_kind", c.error_kind.into_pyarray(py))?;
     d.set_item("endpoint_idx", c.endpoint_idx.into_pyarray(py))?;
+    d.set_item("first_answer_ns", c.first_answer_ns.into_pyarray(py))?;
+    d.set_item("last_reasoning_ns", c.last_reasoning_ns.into_pyarray(py))?;
+    d.set_item("reasoning_chunks", c.reasoning_chunks.into_pyarray(py))?;
+    d.set_item("reasoning_tokens", c.reasoning_tokens.into_pyarray(py))?;
+    d.set_item("cached_tokens", c.cached_tokens.into_pyarray(py))?;
+    d.set_item("usage_ignored", c.usage_ignored.into_pyarray(py))?;
     d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
     d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;
     let (rows, msgs): (Vec<i64>, Vec<String>) = c
@@ -325,7 +331,8 @@ impl PyMockServer {
         ttft_ms = 20.0, ttft_per_prompt_token_ms = 0.0, itl_ms = 5.0, itl_jitter_ms = 0.0,
         default_max_tokens = 16, workers = 1, max_concurrency = 0, faults = Vec::new(),
         stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
-        record_token_times = false, record_arrivals = false,
+        record_token_times = false, record_arrivals = false, reasoning_ratio = 0.0,
+        reasoning_field = "reasoning".to_owned(), tool_calls = 0.0, cache_blocks = 100_000,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -345,6 +352,10 @@ impl PyMockServer {
         retry_after_s: u32,
         record_token_times: bool,
         record_arrivals: bool,
+        reasoning_ratio: f64,
+        reasoning_field: String,
+        tool_calls: f64,
+        cache_blocks: usize,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -385,6 +396,16 @@ impl PyMockServer {
             faults: fault_config,
             record_token_times,
             record_arrivals,
+            reasoning_ratio,
+            reasoning_field: ReasoningField::parse(&reasoning_field).ok_or_else(|| {
+                let known: Vec<&str> = ReasoningField::ALL.iter().map(|f| f.name()).collect();
+                EngineError::new_err(format!(
+                    "unknown reasoning_field {reasoning_field:?}; known: {}",
+                    known.join(", ")
+                ))
+            })?,
+            tool_calls,
+            cache_blocks,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();

@@ -219,3 +219,149 @@ fn a_failed_turn_leaves_its_followers_unsent_with_a_reason() {
         .expect("must fail");
     assert!(err.to_string().contains("earlier request"));
 }
+
+/// Runs `bodies` (one request each, 3 ms apart) against `url` and returns the records.
+fn run_bodies(url: String, bodies: &[&str], stream: bool) -> fineserve_engine::RecordColumns {
+    let n = bodies.len();
+    let mut cfg = config(url, 0);
+    cfg.client.stream = stream;
+    let s = Schedule {
+        t_ns: (0..n as i64).map(|i| i * 3_000_000).collect(),
+        body_idx: (0..n as u32).collect(),
+        endpoint_idx: vec![0; n],
+        expected_output_tokens: vec![16; n],
+        bodies: bodies.iter().map(|b| Bytes::from(b.to_string())).collect(),
+        ..Schedule::default()
+    };
+    let run = start(s, cfg).expect("start");
+    assert!(run.wait(Duration::from_secs(20)));
+    run.finish().columns
+}
+
+#[test]
+fn mock_reasoning_streams_are_measured_by_kind() {
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            ttft: Duration::from_millis(5),
+            itl: Duration::from_millis(2),
+            reasoning_ratio: 0.75,
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"a b c"}],"max_tokens":16,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let all_reasoning = r#"{"model":"m","messages":[{"role":"user","content":"a b c"}],"max_tokens":16,"stream":true,"fineserve_reasoning_ratio":1}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/chat/completions", mock.addr()),
+        &[chat, all_reasoning],
+        true,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!(c.n_chunks, vec![16, 16]);
+    assert_eq!(c.reasoning_chunks, vec![12, 16]);
+    assert_eq!(c.reasoning_tokens[0], 12, "usage reports reasoning_tokens");
+    assert_eq!(c.completion_tokens[0], 16);
+    assert!(c.first_answer_ns[0] >= c.last_reasoning_ns[0] && c.last_reasoning_ns[0] > 0);
+    assert!(
+        c.first_token_ns[0] < c.first_answer_ns[0],
+        "TTFT is the first reasoning token"
+    );
+    // Only reasoning: a good stream, without an answer token.
+    assert_eq!(c.first_answer_ns[1], -1);
+    assert!(c.first_token_ns[1] > 0);
+
+    // The Responses API: events, then response.completed with usage (no [DONE]).
+    let resp = r#"{"model":"m","input":"a b c","max_output_tokens":8,"stream":true,"fineserve_reasoning_ratio":0.5}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/responses", mock.addr()),
+        &[resp],
+        true,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!(
+        (c.n_chunks[0], c.reasoning_chunks[0], c.reasoning_tokens[0]),
+        (8, 4, 4)
+    );
+    assert_eq!((c.completion_tokens[0], c.prompt_tokens[0]), (8, 3));
+    assert!(c.first_answer_ns[0] >= c.last_reasoning_ns[0]);
+
+    // Whole bodies: chat message with reasoning and content, a Responses object.
+    let whole = r#"{"model":"m","messages":[{"role":"user","content":"a b"}],"max_tokens":4}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/chat/completions", mock.addr()),
+        &[whole],
+        false,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!((c.reasoning_chunks[0], c.reasoning_tokens[0]), (1, 3));
+    assert_eq!(c.first_answer_ns[0], c.first_token_ns[0]);
+    let whole = r#"{"model":"m","input":[{"role":"user","content":"a b"}],"max_output_tokens":4}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/responses", mock.addr()),
+        &[whole],
+        false,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!((c.reasoning_chunks[0], c.reasoning_tokens[0]), (1, 3));
+    assert_eq!(c.prompt_tokens[0], 2);
+}
+
+#[test]
+fn mock_tool_calls_and_cached_tokens() {
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            ttft: Duration::from_millis(2),
+            itl: Duration::from_millis(1),
+            tool_calls: 1.0,
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    let tool =
+        r#"{"model":"m","messages":[{"role":"user","content":"a"}],"max_tokens":6,"stream":true}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/chat/completions", mock.addr()),
+        &[tool],
+        true,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!((c.n_chunks[0], c.reasoning_chunks[0]), (6, 0));
+    assert_eq!(c.first_answer_ns[0], c.first_token_ns[0]);
+    assert_eq!(
+        c.reasoning_tokens[0], -1,
+        "no reasoning ratio: not reported"
+    );
+    let tool = r#"{"model":"m","input":"a","max_output_tokens":5,"stream":true}"#;
+    let c = run_bodies(
+        format!("http://{}/v1/responses", mock.addr()),
+        &[tool],
+        true,
+    );
+    assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+    assert_eq!(c.n_chunks[0], 5);
+    assert!(c.first_answer_ns[0] > 0);
+
+    // Blocks of 2 words: the second request reuses all three blocks of the first, the
+    // third only the first two (its third block is new).
+    let url = format!("http://{}/v1/completions", mock.addr());
+    let body = |ids: &str| {
+        format!(
+            r#"{{"model":"m","prompt":"a b c d e f","max_tokens":2,"stream":true,"stream_options":{{"include_usage":true}},"fineserve_hash_ids":[{ids}],"fineserve_block_size":2}}"#
+        )
+    };
+    let mut cached = Vec::new();
+    for ids in ["1,2,3", "1,2,3", "1,2,9", "7,2,3"] {
+        let b = body(ids);
+        let c = run_bodies(url.clone(), &[b.as_str()], true);
+        assert!(run_progress_ok(&c), "{:?}", c.error_messages);
+        cached.push(c.cached_tokens[0]);
+    }
+    assert_eq!(cached, vec![0, 6, 4, 0]);
+    let plain = r#"{"model":"m","prompt":"a b","max_tokens":2,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let c = run_bodies(url, &[plain], true);
+    assert_eq!(c.cached_tokens[0], -1, "no hash_ids: not reported");
+}
