@@ -139,8 +139,7 @@ class BodyTemplate:
         prompt_slots = sum(text.count(_SLOTS[k]) for k in ("prompt", "messages", "input"))
         if prompt_slots != 1 or text.count(_SLOTS["max"]) != 1:
             raise FineserveError(
-                "--extra-request-body must not replace the prompt, messages, input or "
-                "max_tokens"
+                "--extra-request-body must not replace the prompt, messages, input or max_tokens"
             )
         # The JSON text cut at its open slots: render joins the pieces with the values.
         found = sorted((text.index(v), k) for k, v in _SLOTS.items() if v in text)
@@ -163,7 +162,9 @@ class BodyTemplate:
             elif slot == "messages":
                 out.append(_messages_json(prompt))
             elif slot == "input":
-                out.append(json.dumps(prompt) if isinstance(prompt, str) else _messages_json(prompt))
+                out.append(
+                    json.dumps(prompt) if isinstance(prompt, str) else _messages_json(prompt)
+                )
             else:  # max_tokens, and min_tokens equal to it
                 out.append(str(max_tokens))
             out.append(piece)
