@@ -43,10 +43,12 @@ from .routing import Deployment, parse_pairs, parse_route
 from .runner import EngineChunk, EngineOptions, RecordSink, default_lanes, run_engine, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .server import check_url, fetch_models
-from .workloads.spec import build_workload
+from .workloads.spec import build_workload, format_duration, plan_workload
 
 #: Cap on connections opened before the start instant when sized automatically.
 AUTO_WARM_CAP = 16_384
+#: Runs that send for longer than this are called out before they start.
+LONG_RUN_S = 600.0
 #: Schedule columns carried into the records (labels for breakdowns and the results file).
 LABEL_COLUMNS = ("class", "client_id", "session_id", "turn")
 #: Prompt pools cover at least this many tokens per prompt (longer ones are refused).
@@ -431,7 +433,12 @@ def execute_blast(
     )
     shapes = RequestShapes(builder, templates, model, class_models, deployment, dataset_output_lens)
 
+    burst_per_ms = first.peak_in_window(1_000_000)
     lanes = o["lanes"] or default_lanes()
+    if not o["lanes"] and burst_per_ms > 1:
+        # Requests due in the same millisecond leave together only if lanes send them side
+        # by side: one lane sends a burst one request after another.
+        lanes = max(lanes, 2)
     source_ips = [x.strip() for x in (o.get("source_ip") or "").split(",") if x.strip()]
     peak = expected_peak_in_flight(
         first, (o["mock_ttft_ms"], o["mock_itl_ms"]) if is_mock else None
@@ -465,17 +472,30 @@ def execute_blast(
     if not quiet:
         for line in budget.lines:
             note(line)
-    if o["warmup_requests"]:
-        warm_up(urls, shapes, o["warmup_requests"], first, options)
 
     mode = workload.info.get("mode", o["mode"])
     total = workload.total
     target = urls[0] if len(urls) == 1 else f"{len(urls)} endpoints ({deployment.route})"
+    models = f"model {model}" + (
+        "; by class " + ", ".join(f"{k}={v}" for k, v in class_models.items())
+        if class_models
+        else ""
+    )
     if not quiet:
+        plan = plan_workload(o, seed, workload)
+        if plan.complete:
+            total = plan.requests
         note(
-            f"{total if total is not None else 'streamed'} requests to {target} (model {model}), "
-            f"mode {mode}, seed {seed}, {lanes} lanes, {warm} warm connections per endpoint"
+            f"plan: {plan.describe()} to {target} ({models}), mode {mode}, seed {seed}, "
+            f"{lanes} lanes, {warm} warm connections per endpoint"
         )
+        if plan.span_s > LONG_RUN_S:
+            warn(
+                f"this run sends for {format_duration(plan.span_s)}; --duration (trace "
+                "seconds) or --num-prompts shorten it"
+            )
+    if o["warmup_requests"]:
+        warm_up(urls, shapes, o["warmup_requests"], first, options)
     writer = None
     if o["save_requests"]:
         writer = RequestsWriter(
@@ -563,6 +583,9 @@ def execute_blast(
         "mode": mode,
         "request_rate": "inf" if math.isinf(rate) else rate,
         "max_concurrency": o["max_concurrency"],
+        "lanes": lanes,
+        "max_burst_per_ms": burst_per_ms,
+        "class_models": class_models,
     }
     if mode != "poisson":
         offered = metrics.get("offered_request_rate")
@@ -633,6 +656,8 @@ def result_json(
         "mode": header.get("mode", o["mode"]),
         "endpoint": url,
         "model_id": model,
+        # --class-model: the model each class's requests asked for (model_id is the rest's).
+        "class_models": header.get("class_models") or {},
         # null without --tokenizer: prompts were synthetic words, no tokenizer was used.
         "tokenizer_id": o["tokenizer"],
         "num_prompts": m["scheduled"],

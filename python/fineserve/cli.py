@@ -23,6 +23,7 @@ from .cli_options import (
     NON_NEGATIVE,
     POSITIVE,
     TOKENS,
+    GroupedHelpCommand,
     ListOptionsCommand,
     Number,
     OutputFile,
@@ -118,11 +119,42 @@ def _workload_options(f: Any) -> Any:
             help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
         ),
         click.option("--ramp", type=click.Choice(["linear", "step"]), help="poisson: rate ramp."),
-        click.option("--ramp-start-rate", type=POSITIVE, default=1.0, show_default=True),
-        click.option("--ramp-end-rate", type=POSITIVE, default=10.0, show_default=True),
-        click.option("--ramp-steps", type=click.IntRange(min=1), default=5, show_default=True),
-        click.option("--random-input-len", type=TOKENS, default=1024, show_default=True),
-        click.option("--random-output-len", type=TOKENS, default=128, show_default=True),
+        click.option(
+            "--ramp-start-rate",
+            type=POSITIVE,
+            default=1.0,
+            show_default=True,
+            help="poisson --ramp: requests/s at the start.",
+        ),
+        click.option(
+            "--ramp-end-rate",
+            type=POSITIVE,
+            default=10.0,
+            show_default=True,
+            help="poisson --ramp: requests/s at the end.",
+        ),
+        click.option(
+            "--ramp-steps",
+            type=click.IntRange(min=1),
+            default=5,
+            show_default=True,
+            help="poisson --ramp step: number of rate steps.",
+        ),
+        click.option(
+            "--random-input-len",
+            type=TOKENS,
+            default=1024,
+            show_default=True,
+            help="Input tokens per request (poisson; and wherever a workload has no lengths "
+            "of its own, which is announced).",
+        ),
+        click.option(
+            "--random-output-len",
+            type=TOKENS,
+            default=128,
+            show_default=True,
+            help="Output tokens per request (same rules as --random-input-len).",
+        ),
         click.option(
             "--random-range-ratio",
             type=Number(min=0, max=1, max_open=True),
@@ -153,8 +185,18 @@ def _workload_options(f: Any) -> Any:
             show_default=True,
             help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
         ),
-        click.option("--start", type=NON_NEGATIVE, default=0.0, help="Trace seconds to skip."),
-        click.option("--duration", type=POSITIVE, help="Trace seconds to generate or replay."),
+        click.option(
+            "--start",
+            type=NON_NEGATIVE,
+            default=0.0,
+            help="Trace (or schedule) seconds to skip.",
+        ),
+        click.option(
+            "--duration",
+            type=POSITIVE,
+            help="Trace (or schedule) seconds to generate or replay; the run lasts "
+            "duration / time-scale.",
+        ),
         click.option(
             "--model-class",
             multiple=True,
@@ -166,13 +208,42 @@ def _workload_options(f: Any) -> Any:
             help="Directory with Parametric/gamma, Parametric/nb and Parametric/lengths "
             "(also $FINESERVE_DATASETS, then the project's datasets/).",
         ),
-        click.option("--gamma-params-csv", type=click.Path(path_type=Path)),
-        click.option("--window-start-column", default="window_start_ms", show_default=True),
-        click.option("--window-end-column", default="window_end_ms", show_default=True),
-        click.option("--gamma-shape-column", default="gamma_shape", show_default=True),
-        click.option("--gamma-scale-column", default="gamma_scale", show_default=True),
         click.option(
-            "--parametric-window-seconds", type=POSITIVE, default=300.0, show_default=True
+            "--gamma-params-csv",
+            type=click.Path(path_type=Path),
+            help="parametric: a per-window Gamma parameter CSV (FineServe's format) instead "
+            "of --model-class.",
+        ),
+        click.option(
+            "--window-start-column",
+            default="window_start_ms",
+            show_default=True,
+            help="--gamma-params-csv: window start column (ms).",
+        ),
+        click.option(
+            "--window-end-column",
+            default="window_end_ms",
+            show_default=True,
+            help="--gamma-params-csv: window end column (ms).",
+        ),
+        click.option(
+            "--gamma-shape-column",
+            default="gamma_shape",
+            show_default=True,
+            help="--gamma-params-csv: Gamma shape column.",
+        ),
+        click.option(
+            "--gamma-scale-column",
+            default="gamma_scale",
+            show_default=True,
+            help="--gamma-params-csv: Gamma scale column (ms).",
+        ),
+        click.option(
+            "--parametric-window-seconds",
+            type=POSITIVE,
+            default=300.0,
+            show_default=True,
+            help="parametric: window length when the file gives only window starts.",
         ),
         click.option(
             "--parametric-extension-mode",
@@ -182,7 +253,11 @@ def _workload_options(f: Any) -> Any:
             help="How windows past the parameter file's end are made.",
         ),
         click.option(
-            "--parametric-jitter-ratio", type=NON_NEGATIVE, default=0.05, show_default=True
+            "--parametric-jitter-ratio",
+            type=NON_NEGATIVE,
+            default=0.05,
+            show_default=True,
+            help="repeat_jitter: relative jitter of repeated windows' rates.",
         ),
         click.option(
             "--parametric-arrivals",
@@ -262,7 +337,14 @@ def _note_given(o: dict[str, Any]) -> None:
 def _blast_options(f: Any) -> Any:
     """Options of `blast`, shared by `sweep` (server, request shape, engine, results)."""
     opts = [
-        click.option("--backend", type=click.Choice(BACKENDS), default="vllm", show_default=True),
+        click.option(
+            "--backend",
+            type=click.Choice(BACKENDS),
+            default="vllm",
+            show_default=True,
+            help="Request body dialect and default path (vllm/sglang send ignore_eos and "
+            "min_tokens for exact output lengths).",
+        ),
         click.option(
             "--base-url",
             multiple=True,
@@ -308,6 +390,14 @@ def _blast_options(f: Any) -> Any:
             "--tokenizer",
             help="Hugging Face tokenizer (a local directory, or a name already in the local "
             "cache; never downloaded): prompts get exactly the schedule's input lengths.",
+        ),
+        click.option(
+            "--dataset-name",
+            type=click.Choice(["random", "sharegpt"]),
+            default="random",
+            show_default=True,
+            help="vLLM's: random = generated prompts of the workload's lengths; sharegpt = "
+            "prompts cut from --dataset-path (lengths still the workload's, not the dataset's).",
         ),
         click.option(
             "--dataset-path",
@@ -372,6 +462,7 @@ def _blast_options(f: Any) -> Any:
         click.option("--extra-request-body", help="JSON object merged into every request body."),
         click.option(
             "--warmup-requests",
+            "--num-warmups",
             type=click.IntRange(min=0),
             default=1,
             show_default=True,
@@ -381,6 +472,20 @@ def _blast_options(f: Any) -> Any:
             "--output-file",
             type=OutputFile(),
             help="Write the result JSON here (.jsonl: append one line, as FineServe).",
+        ),
+        click.option(
+            "--save-result",
+            is_flag=True,
+            help="vLLM's: write the result JSON to --result-dir/--result-filename (default "
+            "name: BACKEND-RATEqps-MODEL-DATE.json), like --output-file.",
+        ),
+        click.option(
+            "--result-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="With --save-result: the directory (default: the current one).",
+        ),
+        click.option(
+            "--result-filename", help="With --save-result: the file name (vLLM's default)."
         ),
         click.option(
             "--save-requests",
@@ -482,7 +587,7 @@ def _blast_options(f: Any) -> Any:
             is_flag=True,
             help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE) while they "
             "are mostly idle: fewer late sends for sparse or bursty schedules on contended "
-            "cores. A lane busy more than 60%% of the time (a high steady rate) drops back "
+            "cores. A lane busy more than 60% of the time (a high steady rate) drops back "
             "to normal scheduling, as the kernel's RT throttling would otherwise pause it.",
         ),
     ]
@@ -585,8 +690,20 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     )
     if not (o["metrics_window"] > 0 and math.isfinite(o["metrics_window"])):
         raise FineserveError("--metrics-window must be a positive number of seconds")
-    if o.get("save_detailed") and not o["output_file"]:
-        raise FineserveError("--save-detailed needs --output-file")
+    if o.get("save_result") and o["output_file"]:
+        raise FineserveError("give --output-file or --save-result (vLLM's name), not both")
+    if (o.get("result_dir") or o.get("result_filename")) and not o.get("save_result"):
+        raise FineserveError("--result-dir and --result-filename go with --save-result")
+    if o.get("save_result") and o.get("result_dir"):
+        OutputFile().convert(str(Path(o["result_dir"]) / "probe"), None, None)
+    if o.get("save_detailed") and not (o["output_file"] or o.get("save_result")):
+        raise FineserveError("--save-detailed needs --output-file (or --save-result)")
+    if o.get("dataset_name") == "sharegpt" and not o.get("dataset_path"):
+        raise FineserveError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON)")
+    if o.get("ray"):
+        from .distributed import import_ray
+
+        import_ray()  # refused now, before any server starts, if Ray is missing
     # The engine checks these too; here they are refused before any server starts.
     for address in [a.strip() for a in (o.get("source_ip") or "").split(",") if a.strip()]:
         try:
@@ -625,7 +742,13 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     help="Wall seconds per probe (rate); for time-scale, the trace span of every probe is "
     "--duration, or step-seconds x the starting time scale.",
 )
-@click.option("--max-failure-rate", type=Number(min=0, max=1), default=0.01, show_default=True)
+@click.option(
+    "--max-failure-rate",
+    type=Number(min=0, max=1),
+    default=0.01,
+    show_default=True,
+    help="A probe fails when more than this share of its requests failed.",
+)
 @click.option(
     "--min-sustained",
     type=Number(min=0, max=1),
@@ -641,7 +764,13 @@ def _prepare_blast_options(o: dict[str, Any]) -> dict:
     show_default=True,
     help="Stop when the bracket is this narrow (relative).",
 )
-@click.option("--max-probes", type=click.IntRange(min=2), default=14, show_default=True)
+@click.option(
+    "--max-probes",
+    type=click.IntRange(min=2),
+    default=14,
+    show_default=True,
+    help="Stop after this many probes, bracket or not.",
+)
 @click.option(
     "--target-load",
     type=POSITIVE,
@@ -801,6 +930,8 @@ def _blast_once(
         note(f"wrote {run.writer.rows} request records to {saved}")  # type: ignore[union-attr]
     if run.writer is not None and run.writer.dropped:
         warn(f"{run.writer.dropped} request records could not be written (see above)")
+    if o.get("save_result") and not o["output_file"]:
+        o = {**o, "output_file": _vllm_result_path(o, run.model)}
     if o["output_file"]:
         result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
         result["workload"] = run.workload_info
@@ -815,7 +946,22 @@ def _blast_once(
         sys.exit(130)
 
 
-@cli.command("generate")
+def _vllm_result_path(o: dict[str, Any], model: str) -> Path:
+    """vLLM's --save-result file: RESULT_DIR/BACKEND-RATEqps[-concurrencyN]-MODEL-DATE.json
+    unless --result-filename names it."""
+    if o.get("result_filename"):
+        name = o["result_filename"]
+    else:
+        rate = o["request_rate"]
+        concurrency = f"-concurrency{o['max_concurrency']}" if o["max_concurrency"] else ""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base_model = model.rstrip("/").split("/")[-1]
+        rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
+        name = f"{o['backend']}-{rate_text}qps{concurrency}-{base_model}-{stamp}.json"
+    return Path(o.get("result_dir") or ".") / name
+
+
+@cli.command("generate", cls=GroupedHelpCommand)
 @click.option(
     "-o",
     "--output",
@@ -889,13 +1035,29 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
 
 
 @cli.command("mock")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--model", default="fineserve-mock", show_default=True)
-@click.option("--ttft-ms", type=NON_NEGATIVE, default=20.0, show_default=True)
-@click.option("--ttft-per-prompt-token-ms", type=NON_NEGATIVE, default=0.0, show_default=True)
-@click.option("--itl-ms", type=NON_NEGATIVE, default=5.0, show_default=True)
-@click.option("--itl-jitter-ms", type=NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--model", default="fineserve-mock", show_default=True, help="Model id it serves.")
+@click.option(
+    "--ttft-ms", type=NON_NEGATIVE, default=20.0, show_default=True, help="Time to first token."
+)
+@click.option(
+    "--ttft-per-prompt-token-ms",
+    type=NON_NEGATIVE,
+    default=0.0,
+    show_default=True,
+    help="Added to the TTFT per prompt token (a prefill cost).",
+)
+@click.option(
+    "--itl-ms", type=NON_NEGATIVE, default=5.0, show_default=True, help="Inter-token latency."
+)
+@click.option(
+    "--itl-jitter-ms",
+    type=NON_NEGATIVE,
+    default=0.0,
+    show_default=True,
+    help="Uniform jitter added to each inter-token gap.",
+)
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
 )

@@ -128,8 +128,20 @@ def fit_command(
 @click.argument(
     "generated_path", metavar="GENERATED", type=click.Path(dir_okay=False, path_type=Path)
 )
-@click.option("--window-seconds", type=POSITIVE, default=300.0, show_default=True)
-@click.option("--slot-ms", type=POSITIVE, default=1.0, show_default=True)
+@click.option(
+    "--window-seconds",
+    type=POSITIVE,
+    default=300.0,
+    show_default=True,
+    help="Window for the per-window rate and CV comparison.",
+)
+@click.option(
+    "--slot-ms",
+    type=POSITIVE,
+    default=1.0,
+    show_default=True,
+    help="Slot for the requests-per-slot (micro-burst) comparison.",
+)
 @click.option(
     "--time-scale",
     type=POSITIVE,

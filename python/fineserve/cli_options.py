@@ -28,7 +28,101 @@ class Number(click.FloatRange):
         return rv
 
 
-class ListOptionsCommand(click.Command):
+#: ``--help`` sections of blast, sweep and generate, in order; within each, the options in
+#: this order (the common ones first). A command's own options that are in none of them
+#: come first, under "Options".
+HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "Server",
+        (
+            "base_url", "host", "port", "backend", "endpoint", "model", "class_model",
+            "route", "route_class", "turn_affinity",
+        ),
+    ),
+    (
+        "Workload",
+        (
+            "mode", "request_rate", "num_prompts", "duration", "time_scale", "start", "seed",
+            "schedule", "burstiness", "ramp", "ramp_start_rate", "ramp_end_rate", "ramp_steps",
+            "trace", "request_trace_csv", "trace_format", "timestamp_column", "timestamp_unit",
+            "input_length_column", "output_length_column", "burstgpt_model",
+            "burstgpt_log_type", "model_class", "datasets_dir", "class_lengths",
+            "gamma_params_csv", "window_start_column", "window_end_column",
+            "gamma_shape_column", "gamma_scale_column", "parametric_window_seconds",
+            "parametric_extension_mode", "parametric_jitter_ratio", "parametric_arrivals",
+            "parametric_nb_json", "disable_parametric_nb_lt10b", "parametric_nb_zero",
+            "servegen_pool", "servegen_clients", "burstgpt_params", "rate_scale",
+        ),
+    ),
+    (
+        "Lengths & prompts",
+        (
+            "random_input_len", "random_output_len", "random_range_ratio",
+            "request_lengths_csv", "dataset_name", "tokenizer", "dataset_path",
+            "dataset_output_len", "apply_chat_template", "prompt_suffix", "prefix_block_size",
+            "shared_prefix_groups", "shared_prefix_len", "prompt_check", "disable_ignore_eos",
+            "disable_stream", "extra_request_body",
+        ),
+    ),
+    (
+        "Output & metrics",
+        (
+            "output_file", "save_result", "result_dir", "result_filename", "save_requests",
+            "save_detailed", "goodput", "percentile_metrics", "metric_percentiles",
+            "metrics_window", "disable_tqdm",
+        ),
+    ),
+    (
+        "Engine & timeouts",
+        (
+            "max_concurrency", "warmup_requests", "lanes", "warm_connections",
+            "connect_timeout", "first_byte_timeout", "idle_timeout", "request_timeout",
+            "max_response_mb", "source_ip", "drain_grace", "realtime_priority",
+        ),
+    ),
+    ("Embedded mock (used when no server is given)", ()),
+    ("Distributed", ("ray", "workers")),
+)  # fmt: skip
+
+
+def help_group(name: str) -> str | None:
+    """The ``--help`` section of the option whose parameter is ``name`` (None: its
+    command's own)."""
+    for title, names in HELP_GROUPS:
+        if name in names:
+            return title
+    if name.startswith(("mock_", "fault")):
+        return HELP_GROUPS[5][0]
+    return None
+
+
+class GroupedHelpCommand(click.Command):
+    """``--help`` in sections (:data:`HELP_GROUPS`), the command's own options first."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        own: list[tuple[str, str]] = []
+        grouped: dict[str, list[tuple[int, tuple[str, str]]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None or param.name is None:
+                continue
+            title = help_group(param.name)
+            if title is None:
+                own.append(record)
+                continue
+            names = dict(HELP_GROUPS)[title]
+            rank = names.index(param.name) if param.name in names else len(names)
+            grouped.setdefault(title, []).append((rank, record))
+        if own:
+            with formatter.section("Options"):
+                formatter.write_dl(own)
+        for title, _ in HELP_GROUPS:
+            if title in grouped:
+                with formatter.section(title):
+                    formatter.write_dl([r for _, r in sorted(grouped[title], key=lambda x: x[0])])
+
+
+class ListOptionsCommand(GroupedHelpCommand):
     """Accepts vLLM's space-separated list options, e.g. ``--goodput ttft:500 tpot:50``
     (argparse ``nargs="+"``, which click's options cannot take): the words after such an
     option, up to the next option, become repeats of it."""

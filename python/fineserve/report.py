@@ -103,13 +103,33 @@ def _latencies(r: Run) -> dict[str, npt.NDArray[np.float64]]:
     }
 
 
+def latency_axis_scale(values: list[npt.NDArray[np.float64]]) -> str:
+    """ "log" when the values span more than a decade, else "linear": a log axis over a
+    narrow range (TPOT 5.0-5.3 ms) gets no tick labels at all."""
+    pooled = np.concatenate([v[v > 0] for v in values]) if values else np.zeros(0)
+    if len(pooled) < 2:
+        return "linear"
+    lo, hi = np.percentile(pooled, [0.5, 99.5])
+    return "log" if lo > 0 and hi / lo > 10 else "linear"
+
+
 def panel_latency_cdfs(runs: list[Run]) -> bytes:
+    from matplotlib.ticker import ScalarFormatter
+
     fig, ax = plotting.figure(1, 4, (16, 3.6))
+    names = ("TTFT", "TPOT", "ITL", "E2E")
+    per_metric: dict[str, list[npt.NDArray[np.float64]]] = {n: [] for n in names}
     for r in runs:
-        for a, v in zip(ax[0], _latencies(r).values()):
+        for (name, v), a in zip(_latencies(r).items(), ax[0]):
             plotting.cdf(a, v, label=r.name)
-    for a, name in zip(ax[0], ("TTFT", "TPOT", "ITL", "E2E")):
-        a.set(title=f"{name} CDF", xlabel="ms", xscale="log", ylim=(0, 1))
+            per_metric[name].append(v)
+    for a, name in zip(ax[0], names):
+        a.set(title=f"{name} CDF", xlabel="ms", ylim=(0, 1))
+        scale = latency_axis_scale(per_metric[name])
+        a.set_xscale(scale)
+        if scale == "linear":
+            # Plain numbers on the ticks, not an offset ("+5" under 0.01 0.02 ...).
+            a.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
         a.grid(alpha=0.3)
     plotting.legend(ax[0, 0])
     fig.tight_layout()
@@ -250,8 +270,20 @@ def panel_windows(runs: list[Run]) -> bytes:
     return plotting.png_bytes(fig)
 
 
+def compared_groups(r: Run) -> dict[str, float]:
+    """p99 TTFT of each breakdown value, for the breakdowns with at least two values (one
+    class or one endpoint compares nothing)."""
+    return {
+        f"{g}={v}": sub["p99_ttft_ms"]
+        for g, values in r.metrics.get("breakdown", {}).items()
+        if len(values) >= 2
+        for v, sub in values.items()
+    }
+
+
 def panel_breakdown(runs: list[Run]) -> bytes:
-    fig, ax = plotting.figure(1, 2, (16, 3.6))
+    with_groups = any(compared_groups(r) for r in runs)
+    fig, ax = plotting.figure(1, 2 if with_groups else 1, (16 if with_groups else 8, 3.6))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         kinds = r.metrics["errors_by_kind"]
@@ -260,16 +292,16 @@ def panel_breakdown(runs: list[Run]) -> bytes:
         x = np.arange(len(labels))
         ax[0, 0].bar(x + i * width, counts, width, label=r.name)
         ax[0, 0].set_xticks(x + width * (len(runs) - 1) / 2, labels, fontsize=8)
-        groups = {
-            f"{g}={v}": sub["p99_ttft_ms"]
-            for g, values in r.metrics.get("breakdown", {}).items()
-            for v, sub in values.items()
-        }
-        xs = np.arange(len(groups))
-        ax[0, 1].bar(xs + i * width, list(groups.values()), width, label=r.name)
-        ax[0, 1].set_xticks(xs + width * (len(runs) - 1) / 2, [g[:24] for g in groups], fontsize=7)
+        groups = compared_groups(r)
+        if with_groups:
+            xs = np.arange(len(groups))
+            ax[0, 1].bar(xs + i * width, list(groups.values()), width, label=r.name)
+            ax[0, 1].set_xticks(
+                xs + width * (len(runs) - 1) / 2, [g[:24] for g in groups], fontsize=7
+            )
     ax[0, 0].set(title="requests by outcome", yscale="log")
-    ax[0, 1].set(title="p99 TTFT by class / endpoint / model (ms)")
+    if with_groups:
+        ax[0, 1].set(title="p99 TTFT by class / endpoint / model (ms)")
     for a in ax[0]:
         plotting.legend(a)
     fig.tight_layout()

@@ -8,15 +8,26 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+from .console import note, one_line
 from .errors import ServerUnreachable
 
 
 def base_url_from(base_url: str | None, host: str | None, port: int | None) -> str | None:
-    """``--base-url`` or ``--host/--port`` as ``http://host:port`` (no trailing slash)."""
+    """``--base-url`` or ``--host/--port`` as ``http://host:port`` (no trailing slash). A
+    base URL ending in ``/v1`` (the OpenAI SDK's habit) loses it, with a notice: the API
+    paths (``/v1/models``, the ``--endpoint``) are added to the base."""
     if base_url:
         if not base_url.startswith(("http://", "https://")):
             base_url = "http://" + base_url
-        return base_url.rstrip("/")
+        base_url = base_url.rstrip("/")
+        if base_url.endswith("/v1"):
+            trimmed = base_url[: -len("/v1")]
+            note(
+                f"--base-url {base_url}: using {trimmed} (paths such as /v1/completions are "
+                "added to the base URL)"
+            )
+            base_url = trimmed
+        return base_url
     if host is None and port is None:
         return None
     return f"http://{host or '127.0.0.1'}:{port or 8000}"
@@ -32,8 +43,19 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             raw = resp.read(1 << 20)
     except urllib.error.HTTPError as e:
+        try:
+            body = e.read(2048).decode("utf-8", "replace")
+        except OSError:
+            body = ""
+        hint = (
+            "check the base URL (scheme, host, port and any path prefix of a gateway)"
+            if e.code == 404
+            else "pass --model to skip the model lookup"
+        )
         raise ServerUnreachable(
-            f"GET {url} answered HTTP {e.code}; pass --model explicitly"
+            f"GET {url} answered HTTP {e.code}"
+            + (f" ({one_line(body, limit=160)})" if body.strip() else "")
+            + f"; {hint}"
         ) from None
     except urllib.error.URLError as e:
         reason = e.reason
