@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fineserve import _engine
 from fineserve.limits import connection_limits
 from fineserve.results import read_requests
+from fineserve.runner import RECORD_INT_COLUMNS
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit_and_stated() -> None:
@@ -117,21 +119,31 @@ def test_full_disk_keeps_the_run_summary_and_output_file(tmp_path: Path) -> None
     assert not any(p.name.endswith(".journal") for p in scratch.iterdir())
 
 
-def test_records_dropped_when_no_place_takes_them_still_leave_the_summary(
-    tmp_path: Path,
+def test_records_dropped_when_no_place_takes_them_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    req = tmp_path / "r.parquet"
-    os.symlink("/dev/full", str(req) + ".journal")
-    res = tmp_path / "r.json"
-    env = {**os.environ, "TMPDIR": str(tmp_path / "missing")}
-    done = subprocess.run(
-        [sys.executable, "-m", "fineserve.cli", "blast", "--disable-tqdm", "--num-prompts",
-         "40", "--request-rate", "200", "--random-input-len", "8", "--random-output-len", "4",
-         "--save-requests", str(req), "--output-file", str(res)],
-        capture_output=True, text=True, timeout=120, env=env,
+    """Neither the journal nor its fallback can be written: batches are counted as dropped
+    (never an exception into the run), and closing still leaves a file that says so."""
+    from fineserve import results
+
+    journal_full = tmp_path / "r.parquet.journal"
+    os.symlink("/dev/full", journal_full)
+    os.symlink("/dev/full", tmp_path / "fallback.journal")
+    monkeypatch.setattr(results, "_fallback_path", lambda p: tmp_path / "fallback.journal")
+    writer = results.RequestsWriter(tmp_path / "r.parquet", {"seed": 1})
+    batch = results.records_to_batch(
+        {**results._EMPTY_RECORDS, "index": np.arange(3, dtype=np.uint64),
+         **{c: np.zeros(3, np.int64) for c in RECORD_INT_COLUMNS if c != "index"},
+         "error_kind": np.zeros(3, np.uint8), "endpoint_idx": np.zeros(3, np.uint32),
+         "chunk_offsets": np.zeros(4, np.uint64)},
+        {"input_len": np.full(3, 8), "output_len": np.full(3, 2)}, [""],
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    assert "request records are no longer written" in done.stderr
-    assert "request records could not be written" in done.stderr
-    assert json.loads(res.read_text())["completed"] == 40
+    writer.write(batch)
+    writer.write(batch)
+    assert writer.dropped == 6 and writer.rows == 0
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "request records are no longer written" in err
+    path = writer.close({"partial": False})
+    assert path == tmp_path / "r.parquet"
+    table, meta = read_requests(path)
+    assert table.num_rows == 0 and meta["dropped_rows"] == 6

@@ -48,8 +48,8 @@ from .runner import (
     StreamOutcome,
     _PendingExtras,
     _ProgressBar,
-    _sigterm_as_interrupt,
     engine_kwargs,
+    interrupts,
     run_engine,
     unsent_records,
 )
@@ -433,9 +433,10 @@ def run_stream_ray(
             if finished:
                 s.done = True
 
-    with _sigterm_as_interrupt():
+    with interrupts() as intr:
         while True:
             try:
+                intr.check()
                 poll_once()
                 if bar:
                     bar.update(_sum_progress(stats), sink.live())
@@ -445,7 +446,8 @@ def run_stream_ray(
                     note("drain grace period over: cancelling the rest on every worker")
                     ray.get([a.cancel.remote() for s, a in zip(stats, actors) if not s.dead])
                     stop_deadline = float("inf")
-                time.sleep(POLL_S)
+                with intr.waiting():
+                    time.sleep(POLL_S)
             except KeyboardInterrupt:
                 if interrupted:
                     note("aborting in-flight requests on every worker")

@@ -283,7 +283,7 @@ def compared_groups(r: Run) -> dict[str, float]:
 
 def panel_breakdown(runs: list[Run]) -> bytes:
     with_groups = any(compared_groups(r) for r in runs)
-    fig, ax = plotting.figure(1, 2 if with_groups else 1, (16 if with_groups else 8, 3.6))
+    fig, ax = plotting.figure(1, 2 if with_groups else 1, (16 if with_groups else 10, 3.6))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
         kinds = r.metrics["errors_by_kind"]

@@ -339,6 +339,9 @@ class RequestsWriter:
         if self._schema is None:
             pq.write_table(pa.table({}).replace_schema_metadata(metadata), target)
             return
+        if self.rows == 0:  # journals that never took a batch: the columns alone
+            pq.write_table(self._schema.empty_table().replace_schema_metadata(metadata), target)
+            return
         if len(self._journals) == 1:
             with pa.memory_map(str(self._journals[0]), "r") as source:
                 table = ipc.open_stream(source).read_all()
@@ -373,11 +376,11 @@ def _remove_quietly(path: Path) -> None:
 
 def _why(e: BaseException) -> str:
     """The OS's words for an I/O error (Arrow's own errors carry them as "[errno N]")."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
     found = re.search(r"\[errno (\d+)\]", str(e))
-    if found:
+    if found:  # Arrow's message, with the OS's words after it
         return os.strerror(int(found.group(1)))
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 

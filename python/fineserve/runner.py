@@ -66,22 +66,56 @@ class RunRecords:
         return len(self.columns["scheduled_ns"])
 
 
+class Interrupts:
+    """Ctrl-C and SIGTERM during a run, delivered where the run can stop cleanly.
+
+    Python raises KeyboardInterrupt wherever a signal lands: halfway through folding a
+    drained batch into the metrics, that batch would be lost from the accounting. Here a
+    signal raises at once only while the run is :meth:`waiting`; elsewhere it is kept and
+    :meth:`check` raises it at the next safe point."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._waiting = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self._waiting:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A stretch (a wait on the engine, a sleep) a signal may cut short at once."""
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C while a run is going (drain, then keep results)."""
-
-    def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
+def interrupts() -> Iterator[Interrupts]:
+    """Routes SIGINT and SIGTERM (which then behaves like Ctrl-C: drain, keep results)
+    through an :class:`Interrupts` for the duration of a run."""
+    state = Interrupts()
+    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    except ValueError:  # not the main thread
-        yield
+        previous = [signal.signal(s, state._handler) for s in signals]
+    except ValueError:  # not the main thread: signals stay where they are
+        state._waiting = True
+        yield state
         return
     try:
-        yield
+        yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in zip(signals, previous):
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -409,9 +443,10 @@ def run_stream(
         if len(cols["index"]):
             sink.add(cols, pending.take(cols["index"]))
 
-    with _sigterm_as_interrupt():
+    with interrupts() as intr:
         try:
             while True:
+                intr.check()
                 if not exhausted:
                     horizon_ns = int(run.progress()["elapsed_ns"]) + lookahead_ns
                     while not exhausted and fed_until_ns < horizon_ns:
@@ -434,7 +469,8 @@ def run_stream(
                         if len(part):
                             fed_until_ns = int(part.t_ns[-1])
                         held = rest
-                done = run.wait(0.1 if exhausted else 0.02)
+                with intr.waiting():
+                    done = run.wait(0.1 if exhausted else 0.02)
                 drain()
                 if bar:
                     bar.update(run.progress(), sink.live())
@@ -444,7 +480,7 @@ def run_stream(
             interrupted = True
             stopped_at_ns = int(run.progress()["elapsed_ns"])
             sink.stopped(stopped_at_ns)
-            _drain(run, options.drain_grace_s)
+            _drain(run, options.drain_grace_s, intr)
         except BaseException:
             run.cancel()
             raise
@@ -533,7 +569,7 @@ def _report_realtime(run: _engine.Run) -> None:
         )
 
 
-def _drain(run: _engine.Run, grace_s: float) -> None:
+def _drain(run: _engine.Run, grace_s: float, intr: Interrupts) -> None:
     run.stop()
     in_flight = run.progress()["in_flight"]
     note(
@@ -542,7 +578,10 @@ def _drain(run: _engine.Run, grace_s: float) -> None:
     )
     deadline = time.monotonic() + grace_s
     try:
-        while not run.wait(0.1):
+        while True:
+            with intr.waiting():
+                if run.wait(0.1):
+                    break
             if time.monotonic() >= deadline:
                 note("drain grace period over: cancelling the rest")
                 run.cancel()
