@@ -705,3 +705,130 @@ def test_results_files_from_before_the_new_columns_still_read(tmp_path: Path) ->
     assert back["first_answer_ns"].tolist() == [-1, -1]
     assert back["reasoning_chunks"].tolist() == [0, 0]
     assert back["cached_tokens"].tolist() == [-1, -1]
+
+
+def test_reasoning_metrics_against_the_mock_add_up_from_the_parquet(tmp_path: Path) -> None:
+    """A chat blast against the mock streaming 75 % of each answer as reasoning: TTFO,
+    reasoning tokens and share, reasoning time, phase ITL/TPOT and the ttfo goodput SLO
+    are what the per-request file says, the summary shows them, and the report draws the
+    reasoning panel."""
+    from conftest import invoke
+    from fineserve.results import read_requests
+
+    res, req = tmp_path / "r.json", tmp_path / "r.parquet"
+    r = invoke(
+        "blast", "--backend", "openai-chat", "--mock-reasoning-ratio", "0.75",
+        "--num-prompts", "24", "--request-rate", "40", "--random-output-len", "16",
+        "--random-input-len", "8", "--goodput", "ttfo:90", "--disable-tqdm",
+        "--percentile-metrics", "ttft,ttfo", "--metric-percentiles", "50,99",
+        "--output-file", str(res), "--save-requests", str(req),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "Reasoning and answer" in r.output and "Reasoning share of output (%):" in r.output
+    m = json.loads(res.read_text())
+    t, _ = read_requests(req)
+    col = {c: t[c].to_numpy() for c in t.column_names if c not in ("chunk_ns",)}
+    ok = t["error_kind"].to_numpy(zero_copy_only=False) == "ok"
+    assert ok.all()
+    assert m["total_reasoning_tokens"] == 24 * 12 == col["reasoning_tokens"].sum()
+    assert m["reasoning_token_share"] == pytest.approx(0.75)
+    ttfo = (col["first_answer_ns"] - col["sent_ns"]) / 1e6
+    assert m["mean_ttfo_ms"] == pytest.approx(ttfo.mean(), rel=1e-9)
+    assert m["p50_ttfo_ms"] == pytest.approx(np.percentile(ttfo, 50), rel=0.01)
+    assert m["mean_ttfo_ms"] > m["mean_ttft_ms"] + 40  # 12 reasoning tokens at 5 ms first
+    rtime = (col["last_reasoning_ns"] - col["first_token_ns"]) / 1e6
+    assert m["mean_reasoning_time_ms"] == pytest.approx(rtime.mean(), rel=1e-9)
+    chunks = t["chunk_ns"].to_pylist()
+    r_gaps, a_gaps = [], []
+    for c, last in zip(chunks, col["last_reasoning_ns"]):
+        for a, b in zip(c, c[1:]):
+            (r_gaps if b <= last else a_gaps).append(b - a)
+    assert m["mean_reasoning_itl_ms"] == pytest.approx(np.mean(r_gaps) / 1e6, rel=1e-9)
+    assert m["mean_answer_itl_ms"] == pytest.approx(np.mean(a_gaps) / 1e6, rel=1e-9)
+    assert len(r_gaps) == 24 * 11 and len(a_gaps) == 24 * 4
+    tpot = (col["done_ns"] - col["first_answer_ns"]) / 3 / 1e6
+    assert m["mean_answer_tpot_ms"] == pytest.approx(tpot.mean(), rel=1e-9)
+    assert m["good_requests"] == int((ttfo <= 90).sum())
+    assert m["prefix_hit_rate_measured"] is None  # nothing reported cached tokens
+    rep = tmp_path / "rep.html"
+    r = invoke("report", str(req), "-o", str(rep))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep_reasoning.png").is_file() and 'id="reasoning"' in rep.read_text()
+
+
+def test_servegen_reasoning_share_is_driven_and_compared(tmp_path: Path) -> None:
+    """The schedule's reason_ratio reaches the embedded mock per request, and the summary
+    compares the achieved reasoning share with the scheduled one."""
+    from conftest import invoke
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "chunk-0-trace.csv").write_text("0,20,1,Gamma,1,0.05\n")
+    (pool / "chunk-0-dataset.json").write_text(
+        json.dumps(
+            {
+                "0": {
+                    "input_tokens": "{8: 1.0}",
+                    "output_tokens": "{20: 1.0}",
+                    "reason_ratio": "{0.0: 0.5, 0.5: 0.25, 0.9: 0.25}",
+                }
+            }
+        )
+    )
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--backend", "openai-chat", "--mode", "servegen", "--servegen-pool",
+        str(pool), "--duration", "3", "--disable-tqdm", "--mock-itl-ms", "1",
+        "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    assert m["completed"] > 30
+    assert m["reasoning_token_share_scheduled"] is not None
+    # Rounding of ratio x 20 tokens per request aside, the mock did what was scheduled.
+    assert m["reasoning_token_share"] == pytest.approx(
+        m["reasoning_token_share_scheduled"], abs=0.02
+    )
+    assert 0.2 < m["reasoning_token_share"] < 0.45
+    assert "(scheduled " in r.output
+
+
+def test_measured_prefix_hits_come_from_the_server_and_are_shown_per_endpoint(
+    tmp_path: Path,
+) -> None:
+    """A hash_ids trace against two embedded-style mocks: the requests tell the mock their
+    blocks, the mock reports cached tokens, and the measured hit rate sits beside the
+    theoretical one, overall and per endpoint."""
+    from conftest import invoke
+    from fineserve.mock import MockServer
+
+    trace = tmp_path / "t.jsonl"
+    rows = [
+        {"timestamp": i * 20, "input_length": 64, "output_length": 2, "hash_ids": [1, 2, 3 + i]}
+        for i in range(30)
+    ]
+    trace.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--mode", "replay", "--trace", str(trace), "--prefix-block-size", "16",
+        "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    # Blocks 1 and 2 (32 of 64 tokens) repeat after the first request.
+    assert m["prefix_hit_rate_theoretical"] == pytest.approx(29 * 32 / (30 * 64))
+    assert m["prefix_hit_rate_measured"] == pytest.approx(
+        m["prefix_hit_rate_theoretical"], rel=0.05
+    )
+    assert "Prefix-cache hit rate, measured (%):" in r.output
+    with MockServer(ttft_ms=1, itl_ms=1) as a, MockServer(ttft_ms=1, itl_ms=1) as b:
+        r = invoke(
+            "blast", "--mode", "replay", "--trace", str(trace), "--prefix-block-size", "16",
+            "--disable-tqdm", "--base-url", a.base_url, "--base-url", b.base_url,
+            "--output-file", str(res),
+        )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(res.read_text())
+    # Not the embedded mock: fineserve does not tell these servers the blocks, so no
+    # cached tokens are reported and nothing is claimed.
+    assert m["prefix_hit_rate_measured"] is None

@@ -151,9 +151,10 @@ class BodyTemplate:
             pos = at + len(_SLOTS[k])
         self._pieces.append(text[pos:])
 
-    def render(self, prompt: str | Messages, max_tokens: int) -> bytes:
+    def render(self, prompt: str | Messages, max_tokens: int, fields: str = "") -> bytes:
         """The body for one request. ``prompt`` is the text (the user message of a chat
-        request), or for a chat request a whole conversation of (role, content) pairs."""
+        request), or for a chat request a whole conversation of (role, content) pairs.
+        ``fields``: more members for this request only, as JSON text (``"a":1,"b":[2]``)."""
         out = [self._pieces[0]]
         for slot, piece in zip(self._slots, self._pieces[1:]):
             if slot == "prompt":
@@ -168,6 +169,8 @@ class BodyTemplate:
             else:  # max_tokens, and min_tokens equal to it
                 out.append(str(max_tokens))
             out.append(piece)
+        if fields:  # the body is a JSON object: its text ends with "}"
+            out[-1] = out[-1][:-1] + "," + fields + "}"
         return "".join(out).encode()
 
     def render_all(self, prompts: Iterable[str], max_tokens: Iterable[int]) -> list[bytes]:

@@ -50,7 +50,7 @@ AUTO_WARM_CAP = 16_384
 #: Runs that send for longer than this are called out before they start.
 LONG_RUN_S = 600.0
 #: Schedule columns carried into the records (labels for breakdowns and the results file).
-LABEL_COLUMNS = ("class", "client_id", "session_id", "turn")
+LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio")
 #: Prompt pools cover at least this many tokens per prompt (longer ones are refused).
 MIN_PROMPT_POOL_TOKENS = 65_536
 
@@ -177,7 +177,7 @@ class MetricsSink(RecordSink):
         burst = None
         if "_slot_size" in extra and "_slot_edge" in extra:
             burst = (extra["_slot_size"], extra["_slot_edge"])
-        self.acc.add(columns, extra["input_len"], labels, burst)
+        self.acc.add(columns, extra["input_len"], labels, burst, extra.get("reason_ratio"))
         ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
         if ok.any():
             ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
@@ -212,6 +212,9 @@ class RequestShapes:
     deployment: Deployment
     #: ``--dataset-output-len``: request i's output length is entry (i mod N)'s.
     output_lens: npt.NDArray[np.int64] | None = None
+    #: The target is the embedded mock: tell it, per request, what the schedule says the
+    #: server would do (``reason_ratio``; prefix blocks, for its cached-token counts).
+    mock_fields: bool = False
 
 
 def engine_chunks(
@@ -256,9 +259,12 @@ def engine_chunks(
             )
         else:
             models = np.full(n, shapes.default_model, dtype=object)
+        fields = mock_fields(c, shapes.builder.block_size) if shapes.mock_fields else None
         bodies = [
-            shapes.templates[m].render(p, int(t))
-            for p, m, t in zip(prompts, models.tolist(), c.output_len.tolist())
+            shapes.templates[m].render(p, int(t), f)
+            for p, m, t, f in zip(
+                prompts, models.tolist(), c.output_len.tolist(), fields or [""] * n
+            )
         ]
         slot_size, slot_edge = slot_sizes(c.t_ns)
         extra: dict[str, Any] = {
@@ -267,11 +273,7 @@ def engine_chunks(
             # For the metrics only (micro-burst membership), not written to the results.
             "_slot_size": slot_size,
             "_slot_edge": slot_edge,
-            **{
-                k: v
-                for k, v in c.extra.items()
-                if k in ("class", "client_id", "session_id", "turn")
-            },
+            **{k: v for k, v in c.extra.items() if k in LABEL_COLUMNS},
         }
         if len(shapes.templates) > 1:
             extra["model"] = models
@@ -285,6 +287,26 @@ def engine_chunks(
             turns=turns,
         )
         base += n
+
+
+def mock_fields(c: Schedule, block_size: int) -> list[str] | None:
+    """Per request, the embedded mock's body fields (JSON members) that carry the
+    schedule's ``reason_ratio`` and prefix blocks; None when the schedule has neither."""
+    ratio = c.extra.get("reason_ratio")
+    hashed = c.hash_ids is not None and c.hash_offsets is not None
+    if ratio is None and not hashed:
+        return None
+    out = []
+    for i in range(len(c)):
+        parts = []
+        if ratio is not None and np.isfinite(ratio[i]):
+            parts.append(f'"fineserve_reasoning_ratio":{min(max(float(ratio[i]), 0.0), 1.0)!r}')
+        if hashed:
+            lo, hi = int(c.hash_offsets[i]), int(c.hash_offsets[i + 1])  # type: ignore[index]
+            ids = ",".join(str(int(h)) for h in c.hash_ids[lo:hi])  # type: ignore[index]
+            parts.append(f'"fineserve_hash_ids":[{ids}],"fineserve_block_size":{block_size}')
+        out.append(",".join(parts))
+    return out
 
 
 def extend_turns(
@@ -431,7 +453,15 @@ def execute_blast(
         parse_pairs([*pins, *(o.get("route_class") or ())], "--route"),
         lambda u: u[: len(u) - len(path)],
     )
-    shapes = RequestShapes(builder, templates, model, class_models, deployment, dataset_output_lens)
+    shapes = RequestShapes(
+        builder,
+        templates,
+        model,
+        class_models,
+        deployment,
+        dataset_output_lens,
+        mock_fields=is_mock,
+    )
 
     burst_per_ms = first.peak_in_window(1_000_000)
     lanes = o["lanes"] or default_lanes()

@@ -74,6 +74,29 @@ def _mock_options(f: Any) -> Any:
         show_default=True,
         help="Embedded mock: generations served at once (0 = no limit; the rest queue).",
     )(f)
+    f = click.option(
+        "--mock-reasoning-ratio",
+        type=Number(min=0, max=1),
+        default=0.0,
+        show_default=True,
+        help="Embedded mock: share of each chat/Responses answer streamed as reasoning first "
+        "(a schedule's reason_ratio, e.g. ServeGen's reasoning pools, overrides it per "
+        "request).",
+    )(f)
+    f = click.option(
+        "--mock-reasoning-field",
+        type=click.Choice(["reasoning", "reasoning_content"]),
+        default="reasoning",
+        show_default=True,
+        help="Embedded mock: the delta field reasoning streams in (vLLM >= 0.16: reasoning).",
+    )(f)
+    f = click.option(
+        "--mock-tool-calls",
+        type=Number(min=0, max=1),
+        default=0.0,
+        show_default=True,
+        help="Embedded mock: share of chat/Responses answers streamed as tool-call deltas.",
+    )(f)
     return fault_options("mock-")(f)
 
 
@@ -505,7 +528,8 @@ def _blast_options(f: Any) -> Any:
             "--goodput",
             multiple=True,
             help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
-            '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el.',
+            '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el, and ttfo (first answer '
+            "token, for reasoning models).",
         ),
         click.option(
             "--percentile-metrics",
@@ -667,6 +691,9 @@ def _start_mock(o: dict[str, Any]) -> MockServer:
         ttft_ms=o["mock_ttft_ms"],
         itl_ms=o["mock_itl_ms"],
         max_concurrency=o["mock_max_concurrency"],
+        reasoning_ratio=o["mock_reasoning_ratio"],
+        reasoning_field=o["mock_reasoning_field"],
+        tool_calls=o["mock_tool_calls"],
         **faults,
     )
     cap = o["mock_max_concurrency"]
@@ -675,6 +702,12 @@ def _start_mock(o: dict[str, Any]) -> MockServer:
         f"no server given: started the embedded mock server at {mock.base_url} "
         f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms"
         + (f", {cap} generations at once" if cap else "")
+        + (
+            f", {o['mock_reasoning_ratio']:.0%} reasoning as delta.{o['mock_reasoning_field']}"
+            if o["mock_reasoning_ratio"]
+            else ""
+        )
+        + (f", {o['mock_tool_calls']:.0%} tool-call answers" if o["mock_tool_calls"] else "")
         + (f", faults: {injected}" if injected else "")
         + "); pass --base-url or --host/--port to target a real server"
     )
@@ -881,10 +914,10 @@ def _percentile_options(
     metrics: str, percentiles: str
 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
     names = tuple(m.strip() for m in metrics.split(",") if m.strip())
-    bad = [m for m in names if m not in ("ttft", "tpot", "itl", "e2el")]
+    bad = [m for m in names if m not in ("ttft", "tpot", "itl", "e2el", "ttfo")]
     if bad:
         raise FineserveError(
-            f"--percentile-metrics: unknown {bad[0]!r}; choose from ttft, tpot, itl, e2el"
+            f"--percentile-metrics: unknown {bad[0]!r}; choose from ttft, tpot, itl, e2el, ttfo"
         )
     try:
         qs = tuple(float(q) for q in percentiles.split(",") if q.strip())
@@ -1062,6 +1095,28 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
 )
 @click.option(
+    "--reasoning-ratio",
+    type=Number(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Share of each chat/Responses answer streamed as reasoning first (a request's "
+    "fineserve_reasoning_ratio field overrides it).",
+)
+@click.option(
+    "--reasoning-field",
+    type=click.Choice(["reasoning", "reasoning_content"]),
+    default="reasoning",
+    show_default=True,
+    help="The delta field reasoning streams in.",
+)
+@click.option(
+    "--tool-calls",
+    type=Number(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Share of chat/Responses answers streamed as tool-call deltas.",
+)
+@click.option(
     "--max-concurrency",
     type=click.IntRange(min=0),
     default=0,
@@ -1079,6 +1134,9 @@ def mock_command(
     itl_ms: float,
     itl_jitter_ms: float,
     workers: int,
+    reasoning_ratio: float,
+    reasoning_field: str,
+    tool_calls: float,
     max_concurrency: int,
     **fault_opts: Any,
 ) -> None:
@@ -1094,6 +1152,9 @@ def mock_command(
         itl_jitter_ms=itl_jitter_ms,
         workers=workers,
         max_concurrency=max_concurrency,
+        reasoning_ratio=reasoning_ratio,
+        reasoning_field=reasoning_field,
+        tool_calls=tool_calls,
         **faults,
     )
     out(

@@ -34,7 +34,10 @@ PANELS = {
     "burst_fidelity": "Dispatch lag and micro-burst fidelity",
     "windows": "Instantaneous metrics per window",
     "breakdown": "Breakdown by class, endpoint, model and outcome",
+    "reasoning": "Reasoning and answer: TTFT vs TTFO, reasoning share per request",
 }
+#: Panels drawn only when the runs have what they show.
+OPTIONAL_PANELS = ("reasoning",)
 
 
 @dataclass
@@ -72,7 +75,12 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
     acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=BREAKDOWN_LABELS)
     if meta.get("stopped_at_ns") is not None:
         acc.stopped(int(meta["stopped_at_ns"]))
-    acc.add(cols, table["input_len"].to_numpy(), labels)
+    ratio = (
+        table["reason_ratio"].to_numpy(zero_copy_only=False)
+        if "reason_ratio" in table.column_names
+        else None
+    )
+    acc.add(cols, table["input_len"].to_numpy(), labels, reason_ratio=ratio)
     metrics = acc.result(
         percentile_metrics=tuple(
             options.get("percentile_metrics_list") or ("ttft", "tpot", "itl", "e2el")
@@ -308,6 +316,40 @@ def panel_breakdown(runs: list[Run]) -> bytes:
     return plotting.png_bytes(fig)
 
 
+def panel_reasoning(runs: list[Run]) -> bytes | None:
+    """TTFT and TTFO CDFs, and each request's reasoning share of its output; None when no
+    run has reasoning or an answer that started after its first token."""
+    shown = []
+    for r in runs:
+        ok = _ok(r)
+        first, answer, sent = r.col("first_token_ns"), r.col("first_answer_ns"), r.col("sent_ns")
+        tokens = np.where(
+            r.col("completion_tokens") >= 0, r.col("completion_tokens"), r.col("n_chunks")
+        )
+        reasoning = np.where(
+            r.col("reasoning_tokens") >= 0, r.col("reasoning_tokens"), r.col("reasoning_chunks")
+        )
+        if not (ok & ((reasoning > 0) | ((answer >= 0) & (answer > first)))).any():
+            continue
+        shown.append((r, ok, first, answer, sent, tokens, reasoning))
+    if not shown:
+        return None
+    fig, ax = plotting.figure(1, 2, (16, 3.6))
+    for r, ok, first, answer, sent, tokens, reasoning in shown:
+        plotting.cdf(ax[0, 0], ((first - sent)[ok & (first >= 0)]) / 1e6, label=f"{r.name} TTFT")
+        has = ok & (answer >= 0)
+        plotting.cdf(ax[0, 0], ((answer - sent)[has]) / 1e6, label=f"{r.name} TTFO")
+        share = reasoning[ok & (tokens > 0)] / tokens[ok & (tokens > 0)]
+        ax[0, 1].hist(np.clip(share, 0, 1), bins=20, range=(0, 1), alpha=0.6, label=r.name)
+    ax[0, 0].set(title="first token vs first answer token", xlabel="ms", ylim=(0, 1))
+    ax[0, 1].set(title="reasoning share of each request's output", xlabel="share", ylabel="requests")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+        plotting.legend(a)
+    fig.tight_layout()
+    return plotting.png_bytes(fig)
+
+
 _PANEL_FUNCS = {
     "latency_cdfs": panel_latency_cdfs,
     "latency_over_time": panel_latency_over_time,
@@ -316,6 +358,7 @@ _PANEL_FUNCS = {
     "burst_fidelity": panel_burst_fidelity,
     "windows": panel_windows,
     "breakdown": panel_breakdown,
+    "reasoning": panel_reasoning,
 }
 
 _KEY_FIGURES = (
@@ -330,6 +373,9 @@ _KEY_FIGURES = (
     ("median_ttft_ms", "median TTFT (ms)", ".2f"),
     ("p99_ttft_ms", "p99 TTFT (ms)", ".2f"),
     ("p99_ttft_from_scheduled_ms", "p99 TTFT from scheduled (ms)", ".2f"),
+    ("p99_ttfo_ms", "p99 TTFO, first answer token (ms)", ".2f"),
+    ("reasoning_token_share", "reasoning share of output tokens", ".4f"),
+    ("prefix_hit_rate_measured", "prefix-cache hit rate, measured", ".4f"),
     ("median_tpot_ms", "median TPOT (ms)", ".2f"),
     ("p99_tpot_ms", "p99 TPOT (ms)", ".2f"),
     ("p99_itl_ms", "p99 ITL (ms)", ".2f"),
@@ -384,6 +430,8 @@ def render_report(
     sections = []
     for key, title in PANELS.items():
         data = _PANEL_FUNCS[key](runs)
+        if data is None:
+            continue
         png_path = out.with_name(f"{out.stem}_{key}.png")
         try:
             png_path.write_bytes(data)

@@ -25,6 +25,18 @@ Definitions (those of FineServe's Generator and vLLM's benchmark, so numbers com
 - vLLM's peak figures: ``max_output_tokens_per_s`` is the most token events of
   successful requests in one second of the run; ``max_concurrent_requests`` the most
   successful requests active in one second (both over whole seconds from the start).
+- Reasoning and answers (reasoning models, tool calls): TTFT stays the first token of any
+  kind (vLLM's definition); TTFO = first *answer* token (content or tool call) − send, as
+  GuideLLM and AIPerf define it; a request whose stream carried only reasoning has no TTFO.
+  Reasoning tokens are the server's ``completion_tokens_details.reasoning_tokens`` when
+  reported, else the count of reasoning events; ``reasoning_token_share`` is their share of
+  output tokens. Reasoning time = last reasoning event − first token. ITL and TPOT are also
+  split by phase: a gap belongs to the reasoning phase when the event that ends it comes no
+  later than the request's last reasoning event, to the answer phase otherwise (the switch
+  counts as answer); answer TPOT = (end − first answer token) / (answer tokens − 1).
+- Measured prefix-cache hits: Σ ``prompt_tokens_details.cached_tokens`` / Σ prompt tokens over
+  successful requests whose server reported them (vLLM with
+  ``--enable-prompt-tokens-details``), beside the schedule's theoretical rate.
 - Percentiles come from log-bucketed histograms (within 0.05 % of numpy's), so that runs of
   any length summarise in bounded memory; means, standard deviations and counts are exact.
 """
@@ -67,6 +79,34 @@ def itl_ns(
     return itl_with_times(chunk_ns, chunk_offsets, include)[0]
 
 
+def _column(columns: dict[str, Any], name: str, fill: int, n: int) -> npt.NDArray[np.int64]:
+    """A record column as int64, or ``fill`` for records from before it existed."""
+    if name in columns:
+        return np.asarray(columns[name]).astype(np.int64)
+    return np.full(n, fill, dtype=np.int64)
+
+
+def itl_by_phase(
+    chunk_ns: npt.NDArray[np.int64],
+    chunk_offsets: npt.NDArray[np.uint64],
+    include: npt.NDArray[np.bool_],
+    last_reasoning_ns: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """ITL gaps of the ``include``d requests split into (reasoning, answer) phases: a gap
+    is reasoning when the event ending it is no later than its request's last reasoning
+    event (-1: none, so every gap is answer)."""
+    counts = np.diff(chunk_offsets.astype(np.int64))
+    if len(chunk_ns) < 2:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z
+    owner = np.repeat(np.arange(len(counts)), counts)
+    keep = (owner[:-1] == owner[1:]) & include[owner[:-1]]
+    gaps = np.diff(chunk_ns)[keep]
+    end = chunk_ns[1:][keep]
+    reasoning = end <= last_reasoning_ns[owner[1:][keep]]
+    return gaps[reasoning], gaps[~reasoning]
+
+
 def itl_with_times(
     chunk_ns: npt.NDArray[np.int64],
     chunk_offsets: npt.NDArray[np.uint64],
@@ -82,8 +122,8 @@ def itl_with_times(
     return np.diff(chunk_ns)[keep], chunk_ns[1:][keep]
 
 
-#: vLLM's ``--goodput`` SLO names.
-SLO_METRICS = ("ttft", "tpot", "e2el")
+#: vLLM's ``--goodput`` SLO names, plus ttfo (time to first answer token).
+SLO_METRICS = ("ttft", "tpot", "e2el", "ttfo")
 
 
 def parse_goodput(items: tuple[str, ...] | list[str]) -> dict[str, float]:
@@ -131,6 +171,18 @@ class MetricsAccumulator:
         self.lag = LogHistogram()
         self.ttft_sched = LogHistogram()
         self.e2e_sched = LogHistogram()
+        self.ttfo = LogHistogram()
+        self.reasoning_time = LogHistogram()
+        self.reasoning_itl = LogHistogram()
+        self.answer_itl = LogHistogram()
+        self.answer_tpot = LogHistogram()
+        self.total_reasoning = self.reasoning_requests = 0
+        self.cached_tokens = self.cached_prompt_tokens = self.cached_reported = 0
+        self.usage_ignored = 0
+        #: Σ reason_ratio × output tokens and Σ output tokens of requests that carry a
+        #: scheduled reasoning ratio (ServeGen's reasoning pools).
+        self.scheduled_reasoning = 0.0
+        self.scheduled_reasoning_of = 0
         self.scheduled = self.completed = self.failed = self.not_sent = 0
         self.total_input = self.total_output = self.server_reported = 0
         self.in_scheduled_ms = 0
@@ -168,6 +220,7 @@ class MetricsAccumulator:
         input_len: npt.ArrayLike,
         labels: dict[str, npt.NDArray[Any]] | None = None,
         burst_slots: tuple[npt.NDArray[Any], npt.NDArray[np.bool_]] | None = None,
+        reason_ratio: npt.NDArray[np.float64] | None = None,
     ) -> None:
         """Adds one batch of records; ``input_len``, ``labels`` and ``burst_slots`` are
         aligned with the batch's rows (``labels`` feeds the breakdowns named by
@@ -186,6 +239,8 @@ class MetricsAccumulator:
                 labels = {k: np.asarray(v)[keep] for k, v in (labels or {}).items()}
                 if burst_slots is not None:
                     burst_slots = (burst_slots[0][keep], burst_slots[1][keep])
+                if reason_ratio is not None:
+                    reason_ratio = np.asarray(reason_ratio)[keep]
                 if not len(keep):
                     return
         kind = np.asarray(columns["error_kind"])
@@ -226,11 +281,12 @@ class MetricsAccumulator:
             self.sustained.add(sched, done[ok])
         self._add_peaks(ok, sent, done, columns)
         if self.slos:
-            self.good += self._count_good(ok, sent, first, done, out_tokens)
+            self.good += self._count_good(ok, sent, first, done, out_tokens, columns)
         self.scheduled_per_s = add_counts(self.scheduled_per_s, sched // 1_000_000_000)
         self.sent_per_s = add_counts(self.sent_per_s, sent[was_sent] // 1_000_000_000)
         if self.windows is not None:
             self.windows.add(sent, done, ok, out_tokens, ttft, first[ok_first], itl, itl_at)
+        self._add_reasoning(columns, ok, sent, first, done, out_tokens, reason_ratio)
 
         self.scheduled += len(kind)
         self.completed += int(ok.sum())
@@ -243,7 +299,56 @@ class MetricsAccumulator:
         for row, msg in zip(columns["error_index"], columns["error_message"]):
             self.first_error_by_kind.setdefault(ERROR_KINDS[kind[int(row)]], msg)
         if self.group_names and labels:
-            self._add_groups(columns, np.asarray(input_len), labels)
+            self._add_groups(columns, np.asarray(input_len), labels, reason_ratio)
+
+    def _add_reasoning(
+        self,
+        columns: dict[str, Any],
+        ok: npt.NDArray[np.bool_],
+        sent: npt.NDArray[np.int64],
+        first: npt.NDArray[np.int64],
+        done: npt.NDArray[np.int64],
+        out_tokens: npt.NDArray[np.int64],
+        reason_ratio: npt.NDArray[np.float64] | None,
+    ) -> None:
+        """TTFO, reasoning tokens and time, phase ITL/TPOT, measured cache hits."""
+        n = len(ok)
+        answer = _column(columns, "first_answer_ns", -1, n)
+        last_reasoning = _column(columns, "last_reasoning_ns", -1, n)
+        reasoning = np.where(
+            _column(columns, "reasoning_tokens", -1, n) >= 0,
+            _column(columns, "reasoning_tokens", -1, n),
+            _column(columns, "reasoning_chunks", 0, n),
+        )
+        has_answer = ok & (answer >= 0)
+        self.ttfo.add(answer[has_answer] - sent[has_answer])
+        reasoned = ok & (last_reasoning >= 0) & (first >= 0)
+        self.reasoning_time.add(last_reasoning[reasoned] - first[reasoned])
+        self.total_reasoning += int(reasoning[ok].sum())
+        self.reasoning_requests += int((ok & (reasoning > 0)).sum())
+        r_gaps, a_gaps = itl_by_phase(
+            np.asarray(columns["chunk_ns"]).astype(np.int64),
+            np.asarray(columns["chunk_offsets"]),
+            ok,
+            last_reasoning,
+        )
+        self.reasoning_itl.add(r_gaps)
+        self.answer_itl.add(a_gaps)
+        answer_tokens = out_tokens - np.where(reasoning > 0, reasoning, 0)
+        multi = has_answer & (answer_tokens > 1)
+        self.answer_tpot.add((done[multi] - answer[multi]) / (answer_tokens[multi] - 1))
+        cached = _column(columns, "cached_tokens", -1, n)
+        prompt = np.asarray(columns["prompt_tokens"]).astype(np.int64)
+        reported = ok & (cached >= 0) & (prompt > 0)
+        self.cached_tokens += int(cached[reported].sum())
+        self.cached_prompt_tokens += int(prompt[reported].sum())
+        self.cached_reported += int(reported.sum())
+        self.usage_ignored += int((_column(columns, "usage_ignored", 0, n) > 0).sum())
+        if reason_ratio is not None:
+            ratio = np.asarray(reason_ratio, dtype=np.float64)
+            with_ratio = ok & np.isfinite(ratio)
+            self.scheduled_reasoning += float(np.sum(ratio[with_ratio] * out_tokens[with_ratio]))
+            self.scheduled_reasoning_of += int(out_tokens[with_ratio].sum())
 
     def _add_peaks(
         self,
@@ -258,6 +363,31 @@ class MetricsAccumulator:
         self.tokens_per_s = add_counts(self.tokens_per_s, chunk_ns[owner_ok] // 1_000_000_000)
         self.starts_per_s = add_counts(self.starts_per_s, sent[ok] // 1_000_000_000)
         self.ends_after_per_s = add_counts(self.ends_after_per_s, done[ok] // 1_000_000_000 + 1)
+
+    def _reasoning_result(self) -> dict[str, Any]:
+        m: dict[str, Any] = {}
+        m.update(_stats(self.ttfo, "ttfo"))
+        m["total_reasoning_tokens"] = self.total_reasoning
+        m["mean_reasoning_tokens"] = self.total_reasoning / self.completed if self.completed else 0.0
+        m["reasoning_requests"] = self.reasoning_requests
+        m["reasoning_token_share"] = (
+            self.total_reasoning / self.total_output if self.total_output else 0.0
+        )
+        m["reasoning_token_share_scheduled"] = (
+            self.scheduled_reasoning / self.scheduled_reasoning_of
+            if self.scheduled_reasoning_of
+            else None
+        )
+        m.update(_stats(self.reasoning_time, "reasoning_time"))
+        m.update(_stats(self.reasoning_itl, "reasoning_itl"))
+        m.update(_stats(self.answer_itl, "answer_itl"))
+        m.update(_stats(self.answer_tpot, "answer_tpot"))
+        m["cached_tokens"] = self.cached_tokens
+        m["prefix_hit_rate_measured"] = (
+            self.cached_tokens / self.cached_prompt_tokens if self.cached_reported else None
+        )
+        m["usage_ignored"] = self.usage_ignored
+        return m
 
     def _peaks(self) -> dict[str, Any]:
         ends = np.pad(
@@ -279,12 +409,16 @@ class MetricsAccumulator:
         first: npt.NDArray[np.int64],
         done: npt.NDArray[np.int64],
         out_tokens: npt.NDArray[np.int64],
+        columns: dict[str, Any],
     ) -> int:
         good = ok.copy()
         if "ttft" in self.slos:
             good &= (first >= 0) & ((first - sent) <= self.slos["ttft"] * _NS_PER_MS)
         if "e2el" in self.slos:
             good &= (done - sent) <= self.slos["e2el"] * _NS_PER_MS
+        if "ttfo" in self.slos:
+            answer = _column(columns, "first_answer_ns", -1, len(ok))
+            good &= (answer >= 0) & ((answer - sent) <= self.slos["ttfo"] * _NS_PER_MS)
         if "tpot" in self.slos:
             with np.errstate(divide="ignore", invalid="ignore"):
                 tpot = np.where(out_tokens > 1, (done - first) / np.maximum(out_tokens - 1, 1), 0.0)
@@ -292,7 +426,11 @@ class MetricsAccumulator:
         return int(good.sum())
 
     def _add_groups(
-        self, columns: dict[str, Any], input_len: npt.NDArray[Any], labels: dict[str, Any]
+        self,
+        columns: dict[str, Any],
+        input_len: npt.NDArray[Any],
+        labels: dict[str, Any],
+        reason_ratio: npt.NDArray[np.float64] | None,
     ) -> None:
         for name in self.group_names:
             if name not in labels:
@@ -307,7 +445,11 @@ class MetricsAccumulator:
                     acc = self.groups[key] = MetricsAccumulator(
                         slos=self.slos, window_s=None, whole_run=False
                     )
-                acc.add(sub, input_len[rows])
+                acc.add(
+                    sub,
+                    input_len[rows],
+                    reason_ratio=None if reason_ratio is None else np.asarray(reason_ratio)[rows],
+                )
 
     def result(
         self,
@@ -349,7 +491,13 @@ class MetricsAccumulator:
         m.update(_stats(self.ttft, "ttft"))
         m.update(_stats(self.tpot, "tpot"))
         m.update(_stats(self.itl, "itl", extra=(95,)))
-        hist = {"ttft": self.ttft, "tpot": self.tpot, "itl": self.itl, "e2el": self.e2e}
+        hist = {
+            "ttft": self.ttft,
+            "tpot": self.tpot,
+            "itl": self.itl,
+            "e2el": self.e2e,
+            "ttfo": self.ttfo,
+        }
         for name in percentile_metrics:
             for q in metric_percentiles:
                 # vLLM's key: p99.9_ttft_ms keeps the dot.
@@ -359,6 +507,7 @@ class MetricsAccumulator:
         m.update(_stats(self.ttft_sched, "ttft_from_scheduled"))
         m.update(_stats(self.e2e_sched, "e2el_from_scheduled"))
         m.update(self._peaks())
+        m.update(self._reasoning_result())
         # vLLM writes request_goodput: null when no --goodput was given.
         m["request_goodput"] = per_s(self.good) if self.slos else None
         if self.slos:
@@ -512,7 +661,7 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
         if k.startswith("p")
         and k.endswith("_ms")
         and k not in shown
-        and k.split("_", 1)[1] in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+        and k.split("_", 1)[1] in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "ttfo_ms")
         and k[1].isdigit()
     ]
     if more:
@@ -520,6 +669,25 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
         for k in more:
             q, name = k[1:].split("_", 1)
             row(f"P{q} {name[:-3].upper()} (ms):", m[k], ".2f")
+    if m.get("total_reasoning_tokens") or (
+        m.get("mean_ttfo_ms") and abs(m["mean_ttfo_ms"] - m["mean_ttft_ms"]) > 1e-6
+    ):
+        section("Reasoning and answer")
+        row("Mean TTFO, first answer token (ms):", m["mean_ttfo_ms"], ".2f")
+        row("Median TTFO (ms):", m["median_ttfo_ms"], ".2f")
+        row("P99 TTFO (ms):", m["p99_ttfo_ms"], ".2f")
+        share = f"{100 * m['reasoning_token_share']:.2f}"
+        if m.get("reasoning_token_share_scheduled") is not None:
+            share += f" (scheduled {100 * m['reasoning_token_share_scheduled']:.2f})"
+        row("Reasoning tokens:", m["total_reasoning_tokens"])
+        row("Reasoning share of output (%):", share)
+        row("Mean reasoning time (ms):", m["mean_reasoning_time_ms"], ".2f")
+        row("P99 reasoning time (ms):", m["p99_reasoning_time_ms"], ".2f")
+        row("Mean ITL, reasoning / answer (ms):",
+            f"{m['mean_reasoning_itl_ms']:.2f} / {m['mean_answer_itl_ms']:.2f}")  # fmt: skip
+        row("P99 ITL, reasoning / answer (ms):",
+            f"{m['p99_reasoning_itl_ms']:.2f} / {m['p99_answer_itl_ms']:.2f}")  # fmt: skip
+        row("Mean answer TPOT (ms):", m["mean_answer_tpot_ms"], ".2f")
     section("From scheduled send")
     row("Mean TTFT from scheduled (ms):", m["mean_ttft_from_scheduled_ms"], ".2f")
     row("P99 TTFT from scheduled (ms):", m["p99_ttft_from_scheduled_ms"], ".2f")
@@ -550,10 +718,13 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
             f"{m['offered_request_rate']:.2f} / {m['sustained_request_rate']:.2f}",
         )
     row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
-    if m.get("prefix_hit_rate_theoretical") or m.get("prompt_check"):
+    measured = m.get("prefix_hit_rate_measured")
+    if m.get("prefix_hit_rate_theoretical") or m.get("prompt_check") or measured is not None:
         section("Prompts")
     if m.get("prefix_hit_rate_theoretical"):
         row("Prefix-cache hit rate, theor. (%):", 100 * m["prefix_hit_rate_theoretical"], ".2f")
+    if measured is not None:
+        row("Prefix-cache hit rate, measured (%):", 100 * measured, ".2f")
     if m.get("prompt_check"):
         pc = m["prompt_check"]
         row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
@@ -573,12 +744,19 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
             continue
         section(f"By {group}")
         for value, sub in values.items():
+            hit = sub.get("prefix_hit_rate_measured")
             row(
                 f"  {value[:22]}:",
                 f"{sub['completed']} ok, {sub['failed']} failed, "
-                f"TTFT p99 {sub['p99_ttft_ms']:.1f} ms, TPOT p99 {sub['p99_tpot_ms']:.1f} ms",
+                f"TTFT p99 {sub['p99_ttft_ms']:.1f} ms, TPOT p99 {sub['p99_tpot_ms']:.1f} ms"
+                + (f", cache hits {100 * hit:.1f}%" if hit is not None else ""),
             )
     lines.append("=" * 50)
     for name, msg in m["first_error_by_kind"].items():
         lines.append(f"first {name} error: {one_line(msg, limit=200)}")
+    if m.get("usage_ignored"):
+        lines.append(
+            f"note: {m['usage_ignored']} responses carried usage fields of unexpected types "
+            "(ignored; token counts fell back to counted events)"
+        )
     return "\n".join(lines)

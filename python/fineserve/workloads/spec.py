@@ -175,14 +175,17 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
         pool = load_client_pool(Path(o["servegen_pool"]), clients)
         rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
         start_s = o.get("start") or 0.0
+        start_given = "start" in o.get("_workload_given", ())
         end_s = pool.span_s if duration is None else start_s + duration
-        first_active = pool.first_active_s(start_s, end_s)
+        # Without --start, idle time before the first request is skipped, so --duration
+        # counts from where traffic starts.
+        first_active = pool.first_active_s(start_s, end_s if start_given else pool.span_s)
         if first_active is None:
             raise FineserveError(
                 f"{pool.path}: no client sends between {start_s:g} s and {end_s:g} s"
             )
         if first_active > start_s:
-            if "start" in o.get("_workload_given", ()):
+            if start_given:
                 notes.append(
                     f"ServeGen pool: idle from --start {start_s:g} s until {first_active:g} s "
                     f"(the first request leaves {(first_active - start_s) / time_scale:.0f} s "
