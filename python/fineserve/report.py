@@ -342,7 +342,9 @@ def panel_reasoning(runs: list[Run]) -> bytes | None:
         share = reasoning[ok & (tokens > 0)] / tokens[ok & (tokens > 0)]
         ax[0, 1].hist(np.clip(share, 0, 1), bins=20, range=(0, 1), alpha=0.6, label=r.name)
     ax[0, 0].set(title="first token vs first answer token", xlabel="ms", ylim=(0, 1))
-    ax[0, 1].set(title="reasoning share of each request's output", xlabel="share", ylabel="requests")
+    ax[0, 1].set(
+        title="reasoning share of each request's output", xlabel="share", ylabel="requests"
+    )
     for a in ax[0]:
         a.grid(alpha=0.3)
         plotting.legend(a)

@@ -368,7 +368,9 @@ class MetricsAccumulator:
         m: dict[str, Any] = {}
         m.update(_stats(self.ttfo, "ttfo"))
         m["total_reasoning_tokens"] = self.total_reasoning
-        m["mean_reasoning_tokens"] = self.total_reasoning / self.completed if self.completed else 0.0
+        m["mean_reasoning_tokens"] = (
+            self.total_reasoning / self.completed if self.completed else 0.0
+        )
         m["reasoning_requests"] = self.reasoning_requests
         m["reasoning_token_share"] = (
             self.total_reasoning / self.total_output if self.total_output else 0.0
