@@ -183,12 +183,20 @@ def test_reasoning_chat_counts_every_token(reasoning: Server, tiny_r: Path, work
     lf = length_figures(run, chat_overhead(tiny_r))
     assert lf["prompt_equal"] == lf["ok"], lf["prompt_off_examples"]
     assert lf["output_at_most"] == lf["ok"], lf["output_off_examples"]
-    # The result JSON's reasoning figures.
+    # The result JSON's reasoning figures: >= 90 % of the output is reasoning.
     total_out = run.key("total_output_tokens")
     assert total_out > 0
-    assert run.key("total_reasoning_tokens") >= 0.9 * total_out
-    assert run.key("reasoning_token_share") >= 0.9
-    assert run.key("mean_reasoning_tokens") > 0
+    why = (
+        f"of {total_out} output tokens; the streams carried {f['reasoning_chunks']} reasoning "
+        f"events of {f['chunks']}, and the server's usage said reasoning_tokens = "
+        f"{f['server_reasoning_tokens']} in all (vLLM 0.32 reports 0)"
+    )
+    total_reasoning = run.key("total_reasoning_tokens")
+    assert total_reasoning >= 0.9 * total_out, f"total_reasoning_tokens {total_reasoning} {why}"
+    share = run.key("reasoning_token_share")
+    assert share >= 0.9, f"reasoning_token_share {share} {why}"
+    assert run.key("mean_reasoning_tokens") >= 0.9 * total_out / 24
+    assert run.key("reasoning_requests") == 24
     run.key("mean_ttfo_ms")  # reported (no answer token here, so no value to check)
 
 
@@ -210,6 +218,12 @@ def test_reasoning_responses_stream(reasoning: Server, tiny_r: Path, work: Path)
     n_chunks = run.col("n_chunks")
     assert all(n > 0 for n in n_chunks)
     assert run.col("reasoning_chunks") == n_chunks
+    assert all(t == -1 for t in run.col("first_answer_ns"))
+    share = run.key("reasoning_token_share")
+    assert share >= 0.9, (
+        f"reasoning_token_share {share}; {sum(n_chunks)} events, all reasoning; usage said "
+        f"reasoning_tokens {sorted(set(run.col('reasoning_tokens')))}"
+    )
 
 
 def test_mooncake_cached_tokens_against_theoretical(plain: Server, tiny: Path, work: Path) -> None:
@@ -268,8 +282,13 @@ def test_two_servers_least_outstanding(
     f = endpoint_figures(run, bases)
     assert f["ok"] == f["requests"] == 30, run.errors()
     assert sum(f["per_endpoint"].values()) == 30, f  # every request went to one of them
-    # Ties go round-robin and the servers are alike: neither gets only a few requests.
-    assert min(f["per_endpoint"].values()) >= 6, f
+    assert min(f["per_endpoint"].values()) >= 1, f
+    # The policy, from the Parquet's times: no request went to the server that surely had
+    # more requests in flight. (A fresh CPU server is slow on its first requests, compiling
+    # new shapes: least-outstanding rightly sends it fewer, so the split is not checked.)
+    assert f["routing_violations"] == [], (
+        f"(index, in flight at its endpoint, at the other): {f['routing_violations']}"
+    )
     assert run.col("prompt_tokens") == run.col("input_len")
     by_endpoint = run.key("breakdown").get("endpoint")
     assert by_endpoint, "no per-endpoint breakdown in the result JSON"
