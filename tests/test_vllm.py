@@ -6,9 +6,10 @@ models. Skipped unless ``FINESERVE_VLLM_VENV`` names a venv with vLLM
 
 Each server starts once per session, on a free port in its own process group (1-4 minutes
 on 2 cores), and its group is killed at the end: a plain model with prefix caching and
-cached-token counts, a reasoning model behind ``--reasoning-parser deepseek_r1``, and a
-second plain server for the routing test. ``FINESERVE_VLLM_MODEL_DIR`` (a directory with
-``tiny/`` and ``tiny-r/``) skips building the models. Helpers: ``tests/vllm_server.py``.
+cached-token counts, a reasoning model behind ``--reasoning-parser deepseek_r1`` (its
+tests come last), and a second plain server for the routing test only.
+``FINESERVE_VLLM_MODEL_DIR`` (a directory with ``tiny/`` and ``tiny-r/``) skips building
+the models. Helpers: ``tests/vllm_server.py``.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def reasoning(venv: Path, tiny_r: Path, work: Path) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def second(venv: Path, tiny: Path, work: Path) -> Iterator[Server]:
+    """Only the routing test uses it: stopped as soon as that test ends."""
     with serve("second", lambda: plain_server(venv, tiny, work / "logs", "tiny-second")) as server:
         yield server
 
@@ -150,6 +152,78 @@ def test_usage_matches_the_schedule(
     if case.source == "dataset":
         outs = inputs["dataset_outputs"]
         assert run.col("output_len") == [outs[i % len(outs)] for i in run.col("index")]
+
+
+def test_mooncake_cached_tokens_against_theoretical(plain: Server, tiny: Path, work: Path) -> None:
+    """Measured prefix-cache hits (usage.prompt_tokens_details.cached_tokens) on a slice of
+    the shared Mooncake trace, against the schedule's theoretical hit rate.
+
+    The slice is scaled so each 512-token hash_ids block becomes 32 tokens, the server's
+    cache block (fineserve --prefix-block-size 32, vLLM --block-size 32). Measured can only
+    be lower than theoretical: vLLM caches whole blocks only, recomputes at least a prompt's
+    last token (a fully seen prompt hits len-1 rounded down to a block), and a request that
+    arrives while the one it shares with is still in prefill finds no cached blocks yet;
+    theoretical assumes an unbounded cache and instant prefill and counts partial last
+    blocks. Hence: measured >= 0.5 x theoretical, and no request above its own theoretical
+    hits (that would be sharing the trace does not have)."""
+    if not MOONCAKE_TRACE.is_file():
+        pytest.skip(f"{MOONCAKE_TRACE} not found")
+    trace = work / "mooncake_slice.jsonl"
+    info = write_mooncake_slice(MOONCAKE_TRACE, trace)
+    assert info["theoretical_hit_rate"] > 0.3, info  # a slice with sharing to measure
+    run = blast(
+        [plain.base_url],
+        work / "runs",
+        "mooncake",
+        ["--tokenizer", str(tiny), "--trace", str(trace), *MOONCAKE_ARGS],
+        servers=[plain],
+    )
+    f = prefix_figures(run, info["hits"])
+    assert f["ok"] == f["requests"] == info["requests"], run.errors()
+    assert run.col("prompt_tokens") == run.col("input_len")
+    assert f["reported"] == f["ok"], "cached_tokens missing (--enable-prompt-tokens-details)"
+    theoretical = run.key("prefix_hit_rate_theoretical")
+    assert math.isclose(theoretical, info["theoretical_hit_rate"], abs_tol=1e-9)
+    assert f["over_theoretical_count"] == 0, (
+        f"(index, theoretical hits, cached_tokens): {f['over_theoretical']}"
+    )
+    assert f["measured_rate"] >= 0.5 * theoretical, f
+    measured = run.key("prefix_hit_rate_measured")
+    assert measured is not None and math.isclose(measured, f["measured_rate"], abs_tol=0.01), (
+        f"JSON prefix_hit_rate_measured {measured} vs cached/prompt tokens {f['measured_rate']}"
+    )
+
+
+def test_two_servers_least_outstanding(
+    plain: Server, second: Server, tiny: Path, work: Path
+) -> None:
+    """Two vLLM servers behind --route least-outstanding: both get requests, all succeed,
+    and the JSON breaks the run down per endpoint."""
+    bases = [plain.base_url, second.base_url]
+    run = blast(
+        bases,
+        work / "runs",
+        "two-servers",
+        ["--tokenizer", str(tiny), *ROUTING_ARGS],
+        servers=[plain, second],
+    )
+    f = endpoint_figures(run, bases)
+    assert f["ok"] == f["requests"] == 30, run.errors()
+    assert sum(f["per_endpoint"].values()) == 30, f  # every request went to one of them
+    assert min(f["per_endpoint"].values()) >= 1, f
+    # The policy, from the Parquet's times: no request went to the server that surely had
+    # more requests in flight. (A fresh CPU server is slow on its first requests, compiling
+    # new shapes: least-outstanding rightly sends it fewer, so the split is not checked.)
+    assert f["routing_violations"] == [], (
+        f"(index, in flight at its endpoint, at the other): {f['routing_violations']}"
+    )
+    assert run.col("prompt_tokens") == run.col("input_len")
+    by_endpoint = run.key("breakdown").get("endpoint")
+    assert by_endpoint, "no per-endpoint breakdown in the result JSON"
+    assert len(by_endpoint) == 2, list(by_endpoint)
+    for base in bases:
+        (entry,) = [v for k, v in by_endpoint.items() if k.startswith(base + "/")]
+        assert entry["completed"] == f["per_endpoint_ok"][base], (entry, f)
 
 
 def test_reasoning_chat_counts_every_token(reasoning: Server, tiny_r: Path, work: Path) -> None:
@@ -224,75 +298,3 @@ def test_reasoning_responses_stream(reasoning: Server, tiny_r: Path, work: Path)
         f"reasoning_token_share {share}; {sum(n_chunks)} events, all reasoning; usage said "
         f"reasoning_tokens {sorted(set(run.col('reasoning_tokens')))}"
     )
-
-
-def test_mooncake_cached_tokens_against_theoretical(plain: Server, tiny: Path, work: Path) -> None:
-    """Measured prefix-cache hits (usage.prompt_tokens_details.cached_tokens) on a slice of
-    the shared Mooncake trace, against the schedule's theoretical hit rate.
-
-    The slice is scaled so each 512-token hash_ids block becomes 32 tokens, the server's
-    cache block (fineserve --prefix-block-size 32, vLLM --block-size 32). Measured can only
-    be lower than theoretical: vLLM caches whole blocks only, recomputes at least a prompt's
-    last token (a fully seen prompt hits len-1 rounded down to a block), and a request that
-    arrives while the one it shares with is still in prefill finds no cached blocks yet;
-    theoretical assumes an unbounded cache and instant prefill and counts partial last
-    blocks. Hence: measured >= 0.5 x theoretical, and no request above its own theoretical
-    hits (that would be sharing the trace does not have)."""
-    if not MOONCAKE_TRACE.is_file():
-        pytest.skip(f"{MOONCAKE_TRACE} not found")
-    trace = work / "mooncake_slice.jsonl"
-    info = write_mooncake_slice(MOONCAKE_TRACE, trace)
-    assert info["theoretical_hit_rate"] > 0.3, info  # a slice with sharing to measure
-    run = blast(
-        [plain.base_url],
-        work / "runs",
-        "mooncake",
-        ["--tokenizer", str(tiny), "--trace", str(trace), *MOONCAKE_ARGS],
-        servers=[plain],
-    )
-    f = prefix_figures(run, info["hits"])
-    assert f["ok"] == f["requests"] == info["requests"], run.errors()
-    assert run.col("prompt_tokens") == run.col("input_len")
-    assert f["reported"] == f["ok"], "cached_tokens missing (--enable-prompt-tokens-details)"
-    theoretical = run.key("prefix_hit_rate_theoretical")
-    assert math.isclose(theoretical, info["theoretical_hit_rate"], abs_tol=1e-9)
-    assert f["over_theoretical_count"] == 0, (
-        f"(index, theoretical hits, cached_tokens): {f['over_theoretical']}"
-    )
-    assert f["measured_rate"] >= 0.5 * theoretical, f
-    measured = run.key("prefix_hit_rate_measured")
-    assert measured is not None and math.isclose(measured, f["measured_rate"], abs_tol=0.01), (
-        f"JSON prefix_hit_rate_measured {measured} vs cached/prompt tokens {f['measured_rate']}"
-    )
-
-
-def test_two_servers_least_outstanding(
-    plain: Server, second: Server, tiny: Path, work: Path
-) -> None:
-    """Two vLLM servers behind --route least-outstanding: both get requests, all succeed,
-    and the JSON breaks the run down per endpoint."""
-    bases = [plain.base_url, second.base_url]
-    run = blast(
-        bases,
-        work / "runs",
-        "two-servers",
-        ["--tokenizer", str(tiny), *ROUTING_ARGS],
-        servers=[plain, second],
-    )
-    f = endpoint_figures(run, bases)
-    assert f["ok"] == f["requests"] == 30, run.errors()
-    assert sum(f["per_endpoint"].values()) == 30, f  # every request went to one of them
-    assert min(f["per_endpoint"].values()) >= 1, f
-    # The policy, from the Parquet's times: no request went to the server that surely had
-    # more requests in flight. (A fresh CPU server is slow on its first requests, compiling
-    # new shapes: least-outstanding rightly sends it fewer, so the split is not checked.)
-    assert f["routing_violations"] == [], (
-        f"(index, in flight at its endpoint, at the other): {f['routing_violations']}"
-    )
-    assert run.col("prompt_tokens") == run.col("input_len")
-    by_endpoint = run.key("breakdown").get("endpoint")
-    assert by_endpoint, "no per-endpoint breakdown in the result JSON"
-    assert len(by_endpoint) == 2, list(by_endpoint)
-    for base in bases:
-        (entry,) = [v for k, v in by_endpoint.items() if k.startswith(base + "/")]
-        assert entry["completed"] == f["per_endpoint_ok"][base], (entry, f)

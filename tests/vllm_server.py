@@ -427,7 +427,9 @@ def blast(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path, requests_path = out_dir / f"{name}.json", out_dir / f"{name}.parquet"
-    cmd = [sys.executable, "-m", "fineserve.cli", "blast"]
+    # The console script's entry point (pyproject's fineserve.cli:main), in this interpreter.
+    cmd = [sys.executable, "-c", "import sys; from fineserve.cli import main; sys.exit(main())"]
+    cmd.append("blast")
     for b in bases:
         cmd += ["--base-url", b]
     cmd += [
