@@ -15,7 +15,7 @@ import pytest
 
 from conftest import SHARED_DATA, RawHttpServer, invoke
 from fineserve.cli import cli
-from fineserve.cli_options import HELP_GROUPS, help_group
+from fineserve.cli.params import HELP_GROUPS, help_group
 from fineserve.report import latency_axis_scale
 from fineserve.workloads.spec import format_duration, plan_from_send_times
 

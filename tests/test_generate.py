@@ -10,9 +10,9 @@ import pytest
 
 from conftest import SHARED_DATA, invoke
 from fineserve.api import BodyTemplate
-from fineserve.blast import RequestShapes, engine_chunks
 from fineserve.mock import MockServer
 from fineserve.prompts import SyntheticPromptBuilder
+from fineserve.requests import RequestShapes, engine_chunks
 from fineserve.routing import Deployment
 from fineserve.runner import EngineOptions, RecordSink, run_stream
 from fineserve.schedule import concat, read_schedule

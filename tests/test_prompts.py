@@ -625,7 +625,7 @@ def _bailian_trace(path: Path, conversations: int = 12, turns: int = 3) -> None:
 
 
 def test_bailian_turns_extend_their_history(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fineserve.blast import RequestShapes, engine_chunks
+    from fineserve.requests import RequestShapes, engine_chunks
     from fineserve.traces import TraceOptions, load_trace
     from fineserve.workloads.replay import replay_chunks
 
@@ -666,8 +666,8 @@ def test_chat_turns_carry_the_conversation_as_messages(
     """On a chat endpoint a later turn is its conversation so far: the earlier turns'
     messages, the stand-in answer as the assistant's, then its own text as the user's,
     with as many tokens in all as the trace's input length."""
-    from fineserve.blast import RequestShapes, engine_chunks
     from fineserve.prompts import SyntheticPromptBuilder
+    from fineserve.requests import RequestShapes, engine_chunks
     from fineserve.traces import TraceOptions, load_trace
     from fineserve.workloads.replay import replay_chunks
 

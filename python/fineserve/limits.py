@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import _engine
+from .schedule import Schedule
 
 #: Descriptors kept for everything but connections: Python and its libraries, result
 #: files, the engine's event loops and timers.
@@ -78,3 +81,18 @@ def connection_limits(connections_per_endpoint: int, n_sources: int, mock: bool)
             "widen net.ipv4.ip_local_port_range or add --source-ip addresses"
         )
     return lines
+
+
+def expected_peak_in_flight(first: Schedule, mock_latency_ms: tuple[float, float] | None) -> int:
+    """The most requests in flight at once that the schedule's first chunk implies: exact
+    against the embedded mock (its TTFT and ITL are known), and for a real server the
+    peak requests in any second (in flight at once if each takes about a second)."""
+    if mock_latency_ms is None:
+        return first.peak_in_window(1_000_000_000)
+    ttft_ms, itl_ms = mock_latency_ms
+    busy_ns = np.rint((ttft_ms + itl_ms * np.maximum(first.output_len - 1, 0)) * 1e6)
+    starts = first.t_ns
+    ends = np.sort(starts + busy_ns.astype(np.int64))
+    # In flight just after each start: started so far minus ended by then.
+    in_flight = np.arange(1, len(starts) + 1) - np.searchsorted(ends, starts, side="right")
+    return int(in_flight.max(initial=0))

@@ -31,9 +31,12 @@ import json
 import os
 import platform
 import re
+import shlex
+import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +49,9 @@ from ._engine import ERROR_KINDS
 from .console import note, warn
 from .errors import FineserveError
 from .runner import RECORD_COLUMN_DEFAULTS, RECORD_INT_COLUMNS
+
+if TYPE_CHECKING:
+    from .config import BlastConfig
 
 METADATA_KEY = b"fineserve.run"
 JOURNAL_SUFFIX = ".journal"
@@ -125,7 +131,9 @@ def records_from_table(
             if v not in names:
                 names.append(v)
         lut = np.array([names.index(v) for v in encoded.dictionary.to_pylist()], np.int64)
-        return lut[encoded.indices.to_numpy(zero_copy_only=False)]
+        idx = encoded.indices.to_numpy(zero_copy_only=False)  # pyarrow is untyped: Any
+        rows: npt.NDArray[np.int64] = lut[idx]
+        return rows
 
     present = set(data.schema.names)
     cols: dict[str, Any] = {
@@ -492,3 +500,88 @@ def _meta(schema: pa.Schema) -> dict[str, Any]:
         return out if isinstance(out, dict) else {}
     except json.JSONDecodeError:
         return {}
+
+
+def run_meta(
+    cfg: BlastConfig, urls: list[str], model: str, workload_info: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's metadata in a results file's footer: what ran, where, with what."""
+    from . import __version__
+
+    m = cfg.metrics
+    return {
+        "fineserve_version": __version__,
+        "command": shlex.join(["fineserve", *sys.argv[1:]]),
+        # The configuration too: the command line is the process's, which is not this
+        # command's when fineserve runs inside another program (tests, scripts).
+        "config": cfg.to_json(),
+        # What `fineserve report` reads back to recompute the run's own figures.
+        "options": {
+            "slos": dict(m.slos),
+            "metrics_window": m.window_s,
+            "percentile_metrics_list": list(m.percentile_metrics),
+            "metric_percentiles_list": list(m.metric_percentiles),
+            "num_prompts": cfg.workload.num_prompts,
+        },
+        "seed": cfg.workload.seed,
+        "endpoint": urls[0],
+        "endpoints": urls,
+        "model": model,
+        "backend": cfg.target.backend,
+        "workload": workload_info,
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def result_json(
+    cfg: BlastConfig,
+    m: dict[str, Any],
+    header: dict[str, Any],
+    model: str,
+    url: str,
+    partial: bool,
+) -> dict[str, Any]:
+    """The result JSON: FineServe's and vLLM's keys, then every metric."""
+    from . import __version__
+
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"),
+        "fineserve_version": __version__,
+        "backend": cfg.target.backend,
+        "mode": header.get("mode", cfg.workload.mode),
+        "endpoint": url,
+        "model_id": model,
+        # --class-model: the model each class's requests asked for (model_id is the rest's).
+        "class_models": header.get("class_models") or {},
+        # null without --tokenizer: prompts were synthetic words, no tokenizer was used.
+        "tokenizer_id": cfg.prompts.tokenizer,
+        "num_prompts": m["scheduled"],
+        # A number, as vLLM writes it ("inf" for no pacing); outside Poisson mode the
+        # schedule's mean rate.
+        "request_rate": (
+            header["request_rate"]
+            if header.get("mode") == "poisson"
+            else m.get("offered_request_rate")
+        ),
+        "burstiness": cfg.workload.burstiness,
+        "max_concurrency": cfg.engine.max_concurrency,
+        "seed": cfg.workload.seed,
+        "partial": partial,
+    }
+    result.update(m)
+    return result
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """The result JSON to ``path`` (``.jsonl``: one line appended, as FineServe)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".jsonl":
+            with path.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        else:
+            path.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:
+        raise FineserveError(f"cannot write {path}: {e.strerror}") from None

@@ -270,3 +270,101 @@ def plot_sweep(r: SweepResult, path: Path) -> Path:
     plotting.legend(a)
     fig.tight_layout()
     return plotting.save(fig, path)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a capacity sweep searches for, and how."""
+
+    slos: tuple[Slo, ...]
+    #: rate (a Poisson request rate) or time-scale (any other mode); auto picks by mode.
+    scale: str = "auto"
+    start_load: float | None = None
+    step_seconds: float = 10.0
+    max_failure_rate: float = 0.01
+    min_sustained: float = 0.9
+    tolerance: float = 0.05
+    max_probes: int = 14
+    target_load: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.step_seconds > 0 and 0 <= self.max_failure_rate < 1 and self.tolerance > 0):
+            raise FineserveError(
+                "--step-seconds and --tolerance must be > 0, --max-failure-rate in [0, 1)"
+            )
+
+
+def resolve_scale(wl: Any, scale: str) -> str:
+    """``rate`` (a Poisson request rate) or ``time-scale`` (any other mode) for ``auto``."""
+    mode = "schedule" if wl.schedule is not None else wl.mode
+    if scale == "auto":
+        scale = "rate" if mode == "poisson" else "time-scale"
+    if scale == "rate" and mode != "poisson":
+        raise FineserveError("--scale rate needs --mode poisson; use --scale time-scale")
+    return scale
+
+
+def run_sweep(
+    blast_cfg: Any,
+    cfg: SweepConfig,
+    bases: list[str],
+    log: Callable[[Probe], None],
+) -> SweepResult:
+    """Probes ``blast_cfg``'s workload at rising (then bisected) loads against ``bases``:
+    each probe is one quiet blast run without result files, warm-up only before the
+    first."""
+    import dataclasses
+
+    from .blast import run_blast
+
+    wl = blast_cfg.workload
+    scale = resolve_scale(wl, cfg.scale)
+    if scale == "rate":
+        start = cfg.start_load or (wl.finite_rate or 10.0)
+    else:
+        start = cfg.start_load or wl.time_scale or 1.0
+    span = wl.duration_s or cfg.step_seconds * start
+    base = dataclasses.replace(
+        blast_cfg,
+        output=dataclasses.replace(
+            blast_cfg.output,
+            output_file=None,
+            save_result=False,
+            save_requests=None,
+            show_progress=False,
+        ),
+        metrics=blast_cfg.metrics.with_slo_percentiles(
+            tuple(s.metric for s in cfg.slos), tuple(s.percentile for s in cfg.slos)
+        ),
+    )
+    probes_done = 0
+
+    def probe(load: float) -> dict[str, Any]:
+        nonlocal probes_done
+        if scale == "rate":
+            workload = dataclasses.replace(
+                wl, request_rate=load, num_prompts=max(20, round(load * cfg.step_seconds))
+            )
+        else:
+            workload = dataclasses.replace(wl, time_scale=load, duration_s=span)
+        engine = base.engine
+        if probes_done:
+            engine = dataclasses.replace(engine, warmup_requests=0)
+        step = dataclasses.replace(base, workload=workload, engine=engine)
+        probes_done += 1
+        run = run_blast(step, bases, quiet=probes_done > 1)
+        if run.interrupted:
+            raise KeyboardInterrupt
+        return run.metrics
+
+    return search(
+        probe,
+        start,
+        list(cfg.slos),
+        unit=RATE_UNIT if scale == "rate" else "time scale",
+        max_failure_rate=cfg.max_failure_rate,
+        min_sustained=cfg.min_sustained,
+        rel_tolerance=cfg.tolerance,
+        max_probes=cfg.max_probes,
+        log=log,
+    )

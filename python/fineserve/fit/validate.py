@@ -35,22 +35,18 @@ def ks_noise(n: int, m: int) -> float:
 
 
 def validate_fit(result: FitResult, trace: Trace, out_dir: Path, seed: int) -> Comparison:
+    from ..config import ParametricConfig, WorkloadConfig
     from ..workloads.spec import build_workload
 
-    options = {
-        "mode": "parametric",
-        "model_class": (result.name,),
-        "datasets_dir": str(out_dir),
-        "duration": max(result.span_s, 1e-3),
-        "time_scale": 1.0,
-        # Unused with fitted lengths, but build_workload needs valid defaults.
-        "random_input_len": 1024,
-        "random_output_len": 128,
-        "random_range_ratio": 0.0,
-        "parametric_window_seconds": result.window_s,
-        "parametric_jitter_ratio": 0.05,
-    }
-    workload = build_workload(options, seed)
+    cfg = WorkloadConfig(
+        mode="parametric",
+        seed=seed,
+        duration_s=max(result.span_s, 1e-3),
+        parametric=ParametricConfig(
+            model_classes=(result.name,), datasets_dir=out_dir, window_s=result.window_s
+        ),
+    )
+    workload = build_workload(cfg)
     generated = concat(list(workload.chunks))
     if len(generated) < 2:
         raise FineserveError(

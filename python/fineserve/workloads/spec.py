@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from ..config import LengthConfig, ParametricConfig, WorkloadConfig
 from ..errors import FineserveError
 from ..metrics.windows import add_counts
 from ..schedule import Schedule, ScheduleSlice, read_schedule
-from ..traces import TraceOptions, load_trace
+from ..traces import load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
 from .mix import label, merge_streams
@@ -106,162 +105,173 @@ class Workload:
     plan: WorkloadPlan | None = None
 
 
-def plan_workload(o: dict[str, Any], seed: int, workload: Workload) -> WorkloadPlan:
+def plan_workload(cfg: WorkloadConfig, workload: Workload) -> WorkloadPlan:
     """The workload's plan: its own, or counted over a second, identical generation (same
     options and seed give the same schedule), so the run itself is unchanged."""
     if workload.plan is not None:
         return workload.plan
-    again = build_workload(o, seed)
+    again = build_workload(cfg)
     return plan_from_send_times(c.t_ns for c in again.chunks)
 
 
-def build_workload(o: dict[str, Any], seed: int) -> Workload:
-    """``o`` holds the workload options of ``generate``/``blast`` (click's names)."""
-    if o.get("schedule"):
-        return _schedule_file(o)
-    mode = o["mode"]
-    rng = np.random.default_rng(seed)
-    info: dict[str, Any] = {"mode": mode, "seed": seed}
-    notes: list[str] = []
-    time_scale = o.get("time_scale") or 1.0
-    duration = o.get("duration")
-    cap = o.get("num_prompts")
+def build_workload(cfg: WorkloadConfig) -> Workload:
+    """The workload ``cfg`` describes: its chunks (generated lazily) and what it is."""
+    if cfg.schedule is not None:
+        return _schedule_file(cfg)
+    builders = {
+        "poisson": _poisson,
+        "replay": _replay,
+        "parametric": _parametric,
+        "servegen": _servegen,
+        "burstgpt": _burstgpt,
+    }
+    if cfg.mode not in builders:
+        raise FineserveError(f"unknown --mode {cfg.mode!r}; choose from {', '.join(MODES)}")
+    info: dict[str, Any] = {"mode": cfg.mode, "seed": cfg.seed}
+    return builders[cfg.mode](cfg, np.random.default_rng(cfg.seed), info, [])
 
-    if mode == "poisson":
-        n = cap if cap is not None else 100
-        ramp = None
-        if o.get("ramp"):
-            ramp = (o["ramp"], o["ramp_start_rate"], o["ramp_end_rate"], o["ramp_steps"])
-        info.update(request_rate=o["request_rate"], burstiness=o["burstiness"], ramp=o.get("ramp"))
-        chunks = poisson_chunks(
-            n, o["request_rate"], _lengths(o, notes), rng, burstiness=o["burstiness"], ramp=ramp
-        )
-        return Workload(chunks, n, info, notes)
 
-    if mode == "replay":
-        path = o.get("trace") or o.get("request_trace_csv")
-        if not path:
-            raise FineserveError("--mode replay needs --request-trace-csv or --trace")
-        trace = load_trace(Path(path), trace_options_from(o))
-        notes.append(trace.skip_summary())
-        notes.extend(trace.notes)
-        info.update(
-            trace=str(path),
-            trace_format=trace.format,
-            time_scale=time_scale,
-            skipped=dict(trace.skipped),
-        )
-        start_s = o.get("start") or 0.0
-        lo, hi = replay_slice(trace, start_s, duration, cap)
-        chunks = replay_chunks(
-            trace, time_scale=time_scale, start_s=start_s, duration_s=duration, max_requests=cap
-        )
-        sent_at = np.rint((trace.t_ns[lo:hi] - round(start_s * 1e9)) / time_scale)
-        plan = plan_from_send_times(iter([sent_at.astype(np.int64)]))
-        return Workload(chunks, hi - lo, info, notes, plan)
+def _poisson(
+    cfg: WorkloadConfig, rng: np.random.Generator, info: dict[str, Any], notes: list[str]
+) -> Workload:
+    n = cfg.num_prompts if cfg.num_prompts is not None else 100
+    ramp = None
+    if cfg.ramp is not None:
+        ramp = (cfg.ramp.kind, cfg.ramp.start_rate, cfg.ramp.end_rate, cfg.ramp.steps)
+    info.update(
+        request_rate=cfg.request_rate,
+        burstiness=cfg.burstiness,
+        ramp=cfg.ramp.kind if cfg.ramp else None,
+    )
+    chunks = poisson_chunks(
+        n, cfg.request_rate, _lengths(cfg, notes), rng, burstiness=cfg.burstiness, ramp=ramp
+    )
+    return Workload(chunks, n, info, notes)
 
-    if mode == "parametric":
-        return _parametric(o, rng, info, notes, time_scale, duration, cap)
 
-    if mode == "servegen":
-        if not o.get("servegen_pool"):
-            raise FineserveError("--mode servegen needs --servegen-pool DIR")
-        clients = None
-        if o.get("servegen_clients"):
-            try:
-                clients = [int(x) for x in o["servegen_clients"].split(",") if x.strip()]
-            except ValueError:
-                raise FineserveError("--servegen-clients takes ids like 0,1,5") from None
-        pool = load_client_pool(Path(o["servegen_pool"]), clients)
-        rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
-        start_s = o.get("start") or 0.0
-        start_given = "start" in o.get("_workload_given", ())
-        end_s = pool.span_s if duration is None else start_s + duration
-        # Without --start, idle time before the first request is skipped, so --duration
-        # counts from where traffic starts.
-        first_active = pool.first_active_s(start_s, end_s if start_given else pool.span_s)
-        if first_active is None:
-            raise FineserveError(
-                f"{pool.path}: no client sends between {start_s:g} s and {end_s:g} s"
-            )
-        if first_active > start_s:
-            if start_given:
-                notes.append(
-                    f"ServeGen pool: idle from --start {start_s:g} s until {first_active:g} s "
-                    f"(the first request leaves {(first_active - start_s) / time_scale:.0f} s "
-                    "into the run)"
-                )
-            else:
-                notes.append(
-                    f"ServeGen pool: no client sends before {first_active:g} s; the run "
-                    "starts there (--start to choose another point)"
-                )
-                start_s = first_active
-                end_s = pool.span_s if duration is None else start_s + duration
-        active = pool.active_s(start_s, end_s)
-        if active < end_s - start_s:
+def _replay(
+    cfg: WorkloadConfig, rng: np.random.Generator, info: dict[str, Any], notes: list[str]
+) -> Workload:
+    if cfg.trace is None:
+        raise FineserveError("--mode replay needs --request-trace-csv or --trace")
+    trace = load_trace(cfg.trace, cfg.trace_read.options())
+    notes.append(trace.skip_summary())
+    notes.extend(trace.notes)
+    info.update(
+        trace=str(cfg.trace),
+        trace_format=trace.format,
+        time_scale=cfg.time_scale,
+        skipped=dict(trace.skipped),
+    )
+    lo, hi = replay_slice(trace, cfg.start_s, cfg.duration_s, cfg.num_prompts)
+    chunks = replay_chunks(
+        trace,
+        time_scale=cfg.time_scale,
+        start_s=cfg.start_s,
+        duration_s=cfg.duration_s,
+        max_requests=cfg.num_prompts,
+    )
+    sent_at = np.rint((trace.t_ns[lo:hi] - round(cfg.start_s * 1e9)) / cfg.time_scale)
+    plan = plan_from_send_times(iter([sent_at.astype(np.int64)]))
+    return Workload(chunks, hi - lo, info, notes, plan)
+
+
+def _servegen(
+    cfg: WorkloadConfig, rng: np.random.Generator, info: dict[str, Any], notes: list[str]
+) -> Workload:
+    if cfg.servegen_pool is None:
+        raise FineserveError("--mode servegen needs --servegen-pool DIR")
+    pool = load_client_pool(
+        cfg.servegen_pool, list(cfg.servegen_clients) if cfg.servegen_clients else None
+    )
+    start_s, duration = cfg.start_s, cfg.duration_s
+    start_given = "start" in cfg.given
+    end_s = pool.span_s if duration is None else start_s + duration
+    # Without --start, idle time before the first request is skipped, so --duration
+    # counts from where traffic starts.
+    first_active = pool.first_active_s(start_s, end_s if start_given else pool.span_s)
+    if first_active is None:
+        raise FineserveError(f"{pool.path}: no client sends between {start_s:g} s and {end_s:g} s")
+    if first_active > start_s:
+        if start_given:
             notes.append(
-                f"ServeGen pool: clients send during {active:g} of the span's "
-                f"{end_s - start_s:g} s; --request-rate is the mean while traffic flows"
-            )
-        no_input = pool.clients_without("input_tokens", "text_tokens")
-        no_output = pool.clients_without("output_tokens")
-        if no_input or no_output:
-            notes.append(
-                f"ServeGen pool: clients without length PDFs use --random-input-len "
-                f"{o['random_input_len']} (clients {no_input or 'none'}) and "
-                f"--random-output-len {o['random_output_len']} (clients {no_output or 'none'})"
-            )
-        info.update(
-            servegen_pool=str(pool.path),
-            clients=[c.client_id for c in pool.clients],
-            request_rate=rate,
-            request_rate_over="active windows",
-            rate_scale=o.get("rate_scale"),
-            start_s=start_s,
-        )
-        chunks = servegen_chunks(
-            pool,
-            rng,
-            request_rate=rate,
-            rate_scale=o.get("rate_scale") or 1.0,
-            start_s=start_s,
-            duration_s=end_s - start_s,
-            time_scale=time_scale,
-            default_input_len=o["random_input_len"],
-            default_output_len=o["random_output_len"],
-        )
-        return Workload(_capped(chunks, cap), None, info, notes)
-
-    if mode == "burstgpt":
-        if o.get("burstgpt_params"):
-            params = load_burstgpt_params(Path(o["burstgpt_params"]))
-        elif o.get("trace") or o.get("request_trace_csv"):
-            opts = trace_options_from(o)
-            opts.trace_format = opts.trace_format or "burstgpt"
-            trace = load_trace(Path(o.get("trace") or o["request_trace_csv"]), opts)
-            notes.append(trace.skip_summary())
-            params = fit_burstgpt(trace)
-            notes.append(
-                f"fitted BurstGPT model: {sum(w['alpha'] > 0 for w in params['windows'])} "
-                f"active 20-min windows, Zipf a = {params['input_zipf_a']:.3f} (input), "
-                f"{params['output_zipf_a']:.3f} (output)"
+                f"ServeGen pool: idle from --start {start_s:g} s until {first_active:g} s "
+                f"(the first request leaves {(first_active - start_s) / cfg.time_scale:.0f} s "
+                "into the run)"
             )
         else:
-            raise FineserveError("--mode burstgpt needs --burstgpt-params or --trace BurstGPT.csv")
-        rate = o["request_rate"] if math.isfinite(o["request_rate"]) else None
-        info.update(request_rate=rate, rate_scale=o.get("rate_scale"), time_scale=time_scale)
-        chunks = burstgpt_chunks(
-            params,
-            rng,
-            rate_scale=o.get("rate_scale") or 1.0,
-            request_rate=rate,
-            time_scale=time_scale,
-            duration_s=duration,
+            notes.append(
+                f"ServeGen pool: no client sends before {first_active:g} s; the run "
+                "starts there (--start to choose another point)"
+            )
+            start_s = first_active
+            end_s = pool.span_s if duration is None else start_s + duration
+    active = pool.active_s(start_s, end_s)
+    if active < end_s - start_s:
+        notes.append(
+            f"ServeGen pool: clients send during {active:g} of the span's "
+            f"{end_s - start_s:g} s; --request-rate is the mean while traffic flows"
         )
-        return Workload(_capped(chunks, cap), None, info, notes)
+    lengths = cfg.lengths
+    no_input = pool.clients_without("input_tokens", "text_tokens")
+    no_output = pool.clients_without("output_tokens")
+    if no_input or no_output:
+        notes.append(
+            f"ServeGen pool: clients without length PDFs use --random-input-len "
+            f"{lengths.random_input_len} (clients {no_input or 'none'}) and "
+            f"--random-output-len {lengths.random_output_len} (clients {no_output or 'none'})"
+        )
+    info.update(
+        servegen_pool=str(pool.path),
+        clients=[c.client_id for c in pool.clients],
+        request_rate=cfg.finite_rate,
+        request_rate_over="active windows",
+        rate_scale=cfg.rate_scale,
+        start_s=start_s,
+    )
+    chunks = servegen_chunks(
+        pool,
+        rng,
+        request_rate=cfg.finite_rate,
+        rate_scale=cfg.rate_scale or 1.0,
+        start_s=start_s,
+        duration_s=end_s - start_s,
+        time_scale=cfg.time_scale,
+        default_input_len=lengths.random_input_len,
+        default_output_len=lengths.random_output_len,
+    )
+    return Workload(_capped(chunks, cfg.num_prompts), None, info, notes)
 
-    raise FineserveError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
+
+def _burstgpt(
+    cfg: WorkloadConfig, rng: np.random.Generator, info: dict[str, Any], notes: list[str]
+) -> Workload:
+    if cfg.burstgpt_params is not None:
+        params = load_burstgpt_params(cfg.burstgpt_params)
+    elif cfg.trace is not None:
+        read = cfg.trace_read
+        if read.trace_format is None:
+            read = dataclasses.replace(read, trace_format="burstgpt")
+        trace = load_trace(cfg.trace, read.options())
+        notes.append(trace.skip_summary())
+        params = fit_burstgpt(trace)
+        notes.append(
+            f"fitted BurstGPT model: {sum(w['alpha'] > 0 for w in params['windows'])} "
+            f"active 20-min windows, Zipf a = {params['input_zipf_a']:.3f} (input), "
+            f"{params['output_zipf_a']:.3f} (output)"
+        )
+    else:
+        raise FineserveError("--mode burstgpt needs --burstgpt-params or --trace BurstGPT.csv")
+    info.update(request_rate=cfg.finite_rate, rate_scale=cfg.rate_scale, time_scale=cfg.time_scale)
+    chunks = burstgpt_chunks(
+        params,
+        rng,
+        rate_scale=cfg.rate_scale or 1.0,
+        request_rate=cfg.finite_rate,
+        time_scale=cfg.time_scale,
+        duration_s=cfg.duration_s,
+    )
+    return Workload(_capped(chunks, cfg.num_prompts), None, info, notes)
 
 
 #: What ``--schedule`` applies to a written schedule; every other workload option given
@@ -269,9 +279,9 @@ def build_workload(o: dict[str, Any], seed: int) -> Workload:
 SCHEDULE_FILE_OPTIONS = ("time_scale", "start", "duration", "num_prompts", "seed")
 
 
-def _schedule_file(o: dict[str, Any]) -> Workload:
-    given = set(o.get("_workload_given", ()))
-    refused = sorted(given - set(SCHEDULE_FILE_OPTIONS) - {"schedule"})
+def _schedule_file(cfg: WorkloadConfig) -> Workload:
+    assert cfg.schedule is not None
+    refused = sorted(cfg.given - set(SCHEDULE_FILE_OPTIONS) - {"schedule"})
     if refused:
         names = ", ".join("--" + n.replace("_", "-") for n in refused)
         raise FineserveError(
@@ -279,20 +289,20 @@ def _schedule_file(o: dict[str, Any]) -> Workload:
             "--time-scale, --start, --duration, --num-prompts, or regenerate it)"
         )
     part = ScheduleSlice(
-        start_s=o.get("start") or 0.0,
-        duration_s=o.get("duration"),
-        max_requests=o.get("num_prompts"),
-        time_scale=o.get("time_scale") or 1.0,
+        start_s=cfg.start_s,
+        duration_s=cfg.duration_s,
+        max_requests=cfg.num_prompts,
+        time_scale=cfg.time_scale,
     )
-    chunks, rows, meta = read_schedule(Path(o["schedule"]), part=part)
-    info: dict[str, Any] = {"mode": "schedule", "schedule": str(o["schedule"])}
+    chunks, rows, meta = read_schedule(cfg.schedule, part=part)
+    info: dict[str, Any] = {"mode": "schedule", "schedule": str(cfg.schedule)}
     if not part.whole:
         info["slice"] = dataclasses.asdict(part)
     info["generated_by"] = meta
     # The plan from the send times alone (8 bytes a row), cut as read_schedule cuts.
     import pyarrow.parquet as pq
 
-    t_ns = pq.read_table(str(o["schedule"]), columns=["t_ns"])["t_ns"].to_numpy()
+    t_ns = pq.read_table(str(cfg.schedule), columns=["t_ns"])["t_ns"].to_numpy()
     start_ns = round(part.start_s * 1e9)
     lo = int(np.searchsorted(t_ns, start_ns, side="left"))
     sent_at = np.rint((t_ns[lo : lo + rows] - start_ns) / part.time_scale).astype(np.int64)
@@ -300,76 +310,36 @@ def _schedule_file(o: dict[str, Any]) -> Workload:
 
 
 def _parametric(
-    o: dict[str, Any],
-    rng: np.random.Generator,
-    info: dict[str, Any],
-    notes: list[str],
-    time_scale: float,
-    duration: float | None,
-    cap: int | None,
+    cfg: WorkloadConfig, rng: np.random.Generator, info: dict[str, Any], notes: list[str]
 ) -> Workload:
-    classes: list[tuple[str, ClassFiles]] = []
-    datasets_dir = Path(o["datasets_dir"]) if o.get("datasets_dir") else None
-    for cls in o.get("model_class") or ():
-        classes.append((cls, resolve_class_files(cls, datasets_dir)))
-    if o.get("gamma_params_csv"):
-        p = Path(o["gamma_params_csv"])
+    pc = cfg.parametric
+    classes: list[tuple[str, ClassFiles]] = [
+        (cls, resolve_class_files(cls, pc.datasets_dir)) for cls in pc.model_classes
+    ]
+    if pc.gamma_params_csv is not None:
+        p = pc.gamma_params_csv
         classes.append((p.stem.replace("_gamma_5min", ""), ClassFiles(p, None, None)))
     if not classes:
         raise FineserveError("--mode parametric needs --model-class or --gamma-params-csv")
-    explicit_nb = (
-        load_nb_json(Path(o["parametric_nb_json"])) if o.get("parametric_nb_json") else None
-    )
-    default_lengths = _lengths(o, notes)
+    explicit_nb = load_nb_json(pc.nb_json) if pc.nb_json is not None else None
+    default_lengths = _lengths(cfg, notes)
     streams = []
     seeds = np.random.SeedSequence(int(rng.integers(2**63))).spawn(len(classes))
     info["classes"] = []
     for (cls, files), ss in zip(classes, seeds):
         windows = load_gamma_windows(
             files.gamma,
-            window_seconds=o.get("parametric_window_seconds") or 300.0,
-            window_start_column=o.get("window_start_column") or "window_start_ms",
-            window_end_column=o.get("window_end_column") or "window_end_ms",
-            gamma_shape_column=o.get("gamma_shape_column") or "gamma_shape",
-            gamma_scale_column=o.get("gamma_scale_column") or "gamma_scale",
-            arrivals=o.get("parametric_arrivals") or "auto",
+            window_seconds=pc.window_s,
+            window_start_column=pc.window_start_column,
+            window_end_column=pc.window_end_column,
+            gamma_shape_column=pc.gamma_shape_column,
+            gamma_scale_column=pc.gamma_scale_column,
+            arrivals=pc.arrivals,
         )
-        nb: NegBinom | None = explicit_nb
-        if nb is None and files.nb is not None:
-            class_nb = load_nb_json(files.nb)
-            # FineServe enables its NB layer for the lt10B class; a class fitted by
-            # ``fineserve fit`` on occupied slots needs it whatever its name.
-            wanted = "lt10B" in cls or class_nb.fitted_on_slots
-            if wanted and not o.get("disable_parametric_nb_lt10b"):
-                nb = class_nb
-        elif nb is None and "lt10B" in cls:
-            notes.append(f"{cls}: no NB file next to the gamma parameters: no micro-bursts")
-        lengths = default_lengths
-        lengths_source = "options"
-        if (
-            files.lengths is not None
-            and not o.get("request_lengths_csv")
-            and o.get("class_lengths", True)
-        ):
-            lengths = HistogramLengths.from_json(files.lengths)
-            lengths_source = str(files.lengths)
-            notes.append(f"{cls}: lengths from the fitted histogram {files.lengths}")
-        elif not o.get("request_lengths_csv"):
-            why = (
-                "--no-class-lengths"
-                if files.lengths is not None
-                else f"no Parametric/lengths/{cls}_lengths.json beside its gamma parameters"
-            )
-            notes.append(
-                f"{cls}: lengths from --random-input-len {o['random_input_len']} / "
-                f"--random-output-len {o['random_output_len']}"
-                + (
-                    f" (range ratio {o['random_range_ratio']:g})"
-                    if o.get("random_range_ratio")
-                    else " (constant)"
-                )
-                + f" ({why})"
-            )
+        nb = _class_nb(cls, files, explicit_nb, pc, notes)
+        lengths, lengths_source = _class_lengths(
+            cls, files, default_lengths, cfg.lengths, pc, notes
+        )
         info["classes"].append(
             {
                 "class": cls,
@@ -386,17 +356,67 @@ def _parametric(
                     lengths,
                     np.random.default_rng(ss),
                     nb=nb,
-                    nb_zero=o.get("parametric_nb_zero") or "truncate",
-                    time_scale=time_scale,
-                    duration_s=duration,
-                    extension_mode=o.get("parametric_extension_mode") or "repeat_jitter",
-                    jitter_ratio=o.get("parametric_jitter_ratio", 0.05),
+                    nb_zero=pc.nb_zero,
+                    time_scale=cfg.time_scale,
+                    duration_s=cfg.duration_s,
+                    extension_mode=pc.extension_mode,
+                    jitter_ratio=pc.jitter_ratio,
                 ),
                 cls,
             )
         )
-    info.update(time_scale=time_scale, duration_s=duration)
-    return Workload(_capped(merge_streams(streams), cap), None, info, notes)
+    info.update(time_scale=cfg.time_scale, duration_s=cfg.duration_s)
+    return Workload(_capped(merge_streams(streams), cfg.num_prompts), None, info, notes)
+
+
+def _class_nb(
+    cls: str,
+    files: ClassFiles,
+    explicit_nb: NegBinom | None,
+    pc: ParametricConfig,
+    notes: list[str],
+) -> NegBinom | None:
+    """The class's micro-burst law: ``--parametric-nb-json``, else its NB file when wanted."""
+    if explicit_nb is not None:
+        return explicit_nb
+    if files.nb is not None:
+        class_nb = load_nb_json(files.nb)
+        # FineServe enables its NB layer for the lt10B class; a class fitted by
+        # ``fineserve fit`` on occupied slots needs it whatever its name.
+        wanted = "lt10B" in cls or class_nb.fitted_on_slots
+        return class_nb if wanted and not pc.disable_nb_lt10b else None
+    if "lt10B" in cls:
+        notes.append(f"{cls}: no NB file next to the gamma parameters: no micro-bursts")
+    return None
+
+
+def _class_lengths(
+    cls: str,
+    files: ClassFiles,
+    default_lengths: LengthSampler,
+    lc: LengthConfig,
+    pc: ParametricConfig,
+    notes: list[str],
+) -> tuple[LengthSampler, str]:
+    """The class's fitted length histogram when there is one (and it is wanted), else
+    the options' lengths, said in a note either way."""
+    if files.lengths is not None and lc.request_lengths_csv is None and pc.class_lengths:
+        notes.append(f"{cls}: lengths from the fitted histogram {files.lengths}")
+        return HistogramLengths.from_json(files.lengths), str(files.lengths)
+    if lc.request_lengths_csv is None:
+        why = (
+            "--no-class-lengths"
+            if files.lengths is not None
+            else f"no Parametric/lengths/{cls}_lengths.json beside its gamma parameters"
+        )
+        spread = (
+            f" (range ratio {lc.random_range_ratio:g})" if lc.random_range_ratio else " (constant)"
+        )
+        notes.append(
+            f"{cls}: lengths from --random-input-len {lc.random_input_len} / "
+            f"--random-output-len {lc.random_output_len}{spread} ({why})"
+        )
+    return default_lengths, "options"
 
 
 def _capped(chunks: Iterator[Schedule], cap: int | None) -> Iterator[Schedule]:
@@ -413,26 +433,14 @@ def _capped(chunks: Iterator[Schedule], cap: int | None) -> Iterator[Schedule]:
         yield c
 
 
-def _lengths(o: dict[str, Any], notes: list[str]) -> LengthSampler:
-    if o.get("request_lengths_csv"):
+def _lengths(cfg: WorkloadConfig, notes: list[str]) -> LengthSampler:
+    lc = cfg.lengths
+    if lc.request_lengths_csv is not None:
         sampler, summary = EmpiricalLengths.from_csv(
-            Path(o["request_lengths_csv"]),
-            o.get("input_length_column") or "input_length",
-            o.get("output_length_column") or "output_length",
+            lc.request_lengths_csv,
+            cfg.trace_read.input_length_column or "input_length",
+            cfg.trace_read.output_length_column or "output_length",
         )
         notes.append(summary)
         return sampler
-    return RandomLengths(o["random_input_len"], o["random_output_len"], o["random_range_ratio"])
-
-
-def trace_options_from(o: dict[str, Any]) -> TraceOptions:
-    """Trace-reading options from click's option names."""
-    return TraceOptions(
-        trace_format=o.get("trace_format"),
-        timestamp_column=o.get("timestamp_column"),
-        input_length_column=o.get("input_length_column"),
-        output_length_column=o.get("output_length_column"),
-        timestamp_unit=o.get("timestamp_unit"),
-        burstgpt_model=o.get("burstgpt_model"),
-        burstgpt_log_type=o.get("burstgpt_log_type"),
-    )
+    return RandomLengths(lc.random_input_len, lc.random_output_len, lc.random_range_ratio)

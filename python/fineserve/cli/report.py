@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from .cli_options import POSITIVE, OutputFile
-from .console import note
-from .errors import FineserveError
+from ..console import note
+from ..errors import FineserveError
+from .params import POSITIVE, OutputFile
 
 
 @click.command("report")
@@ -29,7 +29,7 @@ from .errors import FineserveError
 def report_command(results: tuple[Path, ...], output: Path, window_seconds: float | None) -> None:
     """Render per-request results (`blast --save-requests`) as a self-contained HTML
     report with PNG panels; several files are compared side by side."""
-    from .report import render_report
+    from ..report import render_report
 
     if window_seconds is not None and not window_seconds > 0:
         raise FineserveError("--window-seconds must be > 0")

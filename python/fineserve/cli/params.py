@@ -1,4 +1,4 @@
-"""Click options shared by several commands."""
+"""Click parameter types, the grouped help, and the mock's fault options."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import click
 
-from .mock import FAULT_HELP, parse_faults
-from .traces import FORMATS
-from .traces.base import MAX_TOKENS_PER_REQUEST
+from ..mock import FAULT_HELP
+from ..traces import FORMATS
+from ..traces.base import MAX_TOKENS_PER_REQUEST
 
 
 class Number(click.FloatRange):
@@ -238,13 +238,3 @@ def fault_options(prefix: str) -> Callable[[Any], Any]:
         ),
     ]
     return lambda f: apply_options(f, options)
-
-
-def fault_kwargs(o: dict[str, Any], option: str) -> dict[str, Any]:
-    """MockServer keyword arguments from the parsed :func:`fault_options`."""
-    return {
-        "faults": parse_faults(o["faults"], option),
-        "stall_ms": o["fault_stall_s"] * 1e3,
-        "first_byte_delay_ms": o["fault_first_byte_delay_s"] * 1e3,
-        "retry_after_s": o["fault_retry_after_s"],
-    }

@@ -1,58 +1,29 @@
-"""The ``fineserve`` command line."""
+"""The command line's options, one group per configuration slice (their defaults come
+from :mod:`fineserve.config`)."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
-from . import __version__
-from .api import BACKENDS, parse_extra_body
-from .blast import execute_blast, result_json, write_result
-from .cli_fit import compare_command, fit_command
-from .cli_options import (
+from ..api import BACKENDS
+from ..workloads.spec import MODES
+from .params import (
     NON_NEGATIVE,
     POSITIVE,
     TOKENS,
-    GroupedHelpCommand,
-    ListOptionsCommand,
     Number,
     OutputFile,
     apply_options,
-    fault_kwargs,
     fault_options,
     trace_format_options,
 )
-from .cli_report import report_command
-from .console import note, out, warn
-from .distributed import format_workers
-from .errors import FineserveError
-from .metrics import format_summary
-from .metrics.serving import parse_goodput
-from .mock import MockServer
-from .results import detailed_lists, read_requests
-from .schedule import write_schedule
-from .server import base_url_from
-from .workloads.spec import MODES, build_workload
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fineserve")
-def cli() -> None:
-    """Replay and synthesize realistic LLM-serving workloads against OpenAI-compatible
-    servers, open-loop, with a Rust engine that keeps the schedule."""
-
-
-def _mock_options(f: Any) -> Any:
+def mock_options(f: Any) -> Any:
     f = click.option(
         "--mock-ttft-ms",
         type=NON_NEGATIVE,
@@ -100,7 +71,7 @@ def _mock_options(f: Any) -> Any:
     return fault_options("mock-")(f)
 
 
-def _workload_options(f: Any) -> Any:
+def workload_options(f: Any) -> Any:
     """Options that define the schedule; shared by ``generate`` and ``blast``."""
     opts = [
         click.option(
@@ -337,27 +308,26 @@ def _workload_options(f: Any) -> Any:
 def _workload_option_names() -> frozenset[str]:
     def probe() -> None: ...
 
-    return frozenset(p.name for p in _workload_options(probe).__click_params__ if p.name)
+    return frozenset(p.name for p in workload_options(probe).__click_params__ if p.name)
 
 
 #: The workload options' parameter names (to tell which of them a command line gave).
 WORKLOAD_OPTION_NAMES = _workload_option_names()
 
 
-def _note_given(o: dict[str, Any]) -> None:
-    """Records which workload options the command line (or environment) set, as
-    ``o["_workload_given"]``: a written schedule refuses those it cannot apply."""
+def given_workload_options() -> frozenset[str]:
+    """Which workload options the command line (or environment) set: a written schedule
+    refuses those it cannot apply, and an explicit --start is kept even when idle."""
     ctx = click.get_current_context()
-    given = {
+    return frozenset(
         name
         for name in WORKLOAD_OPTION_NAMES
         if ctx.get_parameter_source(name)
         in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-    }
-    o["_workload_given"] = frozenset(given)
+    )
 
 
-def _blast_options(f: Any) -> Any:
+def blast_options(f: Any) -> Any:
     """Options of `blast`, shared by `sweep` (server, request shape, engine, results)."""
     opts = [
         click.option(
@@ -618,7 +588,7 @@ def _blast_options(f: Any) -> Any:
     return apply_options(f, opts)
 
 
-def _ray_options(f: Any) -> Any:
+def ray_options(f: Any) -> Any:
     opts = [
         click.option(
             "--ray",
@@ -635,558 +605,3 @@ def _ray_options(f: Any) -> Any:
         ),
     ]
     return apply_options(f, opts)
-
-
-@cli.command("blast", cls=ListOptionsCommand)
-@_blast_options
-@_ray_options
-@_mock_options
-@_workload_options
-def blast_command(**o: Any) -> None:
-    """Drive a server open-loop at a precise schedule and report serving metrics."""
-    _note_given(o)
-    extra = _prepare_blast_options(o)
-    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    given = _given_servers(o)
-    started: list[MockServer] = []
-
-    def servers() -> list[str]:
-        """Called once the workload is built (a bad option never starts the mock)."""
-        if given:
-            return given
-        started.append(_start_mock(o))
-        return [started[0].base_url]
-
-    try:
-        _blast(o, servers, seed, extra, not given)
-    finally:
-        for mock in started:
-            mock.stop()
-
-
-def _given_servers(o: dict[str, Any]) -> list[str]:
-    """The base URLs of --base-url or --host/--port; empty when no server is given."""
-    bases = [b for b in (base_url_from(u, None, None) for u in o["base_url"]) if b]
-    if not bases:
-        single = base_url_from(None, o["host"], o["port"])
-        bases = [single] if single else []
-    elif o["host"] or o["port"]:
-        raise FineserveError("give either --base-url or --host/--port, not both")
-    return bases
-
-
-def _servers(o: dict[str, Any]) -> tuple[list[str], MockServer | None]:
-    """The targets' base URLs, starting the embedded mock when no server is given."""
-    bases = _given_servers(o)
-    if bases:
-        return bases, None
-    mock = _start_mock(o)
-    return [mock.base_url], mock
-
-
-def _start_mock(o: dict[str, Any]) -> MockServer:
-    """The embedded mock server, with the --mock-* options."""
-    faults = fault_kwargs(o, "--mock-fault")
-    mock = MockServer(
-        ttft_ms=o["mock_ttft_ms"],
-        itl_ms=o["mock_itl_ms"],
-        max_concurrency=o["mock_max_concurrency"],
-        reasoning_ratio=o["mock_reasoning_ratio"],
-        reasoning_field=o["mock_reasoning_field"],
-        tool_calls=o["mock_tool_calls"],
-        **faults,
-    )
-    cap = o["mock_max_concurrency"]
-    injected = ", ".join(f"{k} {r:.1%}" for k, r in faults["faults"] if r > 0)
-    note(
-        f"no server given: started the embedded mock server at {mock.base_url} "
-        f"(TTFT {o['mock_ttft_ms']:g} ms, ITL {o['mock_itl_ms']:g} ms"
-        + (f", {cap} generations at once" if cap else "")
-        + (
-            f", {o['mock_reasoning_ratio']:.0%} reasoning as delta.{o['mock_reasoning_field']}"
-            if o["mock_reasoning_ratio"]
-            else ""
-        )
-        + (f", {o['mock_tool_calls']:.0%} tool-call answers" if o["mock_tool_calls"] else "")
-        + (f", faults: {injected}" if injected else "")
-        + "); pass --base-url or --host/--port to target a real server"
-    )
-    return mock
-
-
-def _prepare_blast_options(o: dict[str, Any]) -> dict:
-    """Parses the options that need more than click; returns the extra request body."""
-    extra = parse_extra_body(o["extra_request_body"])
-    o["slos"] = parse_goodput(o["goodput"])
-    o["percentile_metrics_list"], o["metric_percentiles_list"] = _percentile_options(
-        o["percentile_metrics"], o["metric_percentiles"]
-    )
-    if not (o["metrics_window"] > 0 and math.isfinite(o["metrics_window"])):
-        raise FineserveError("--metrics-window must be a positive number of seconds")
-    if o.get("save_result") and o["output_file"]:
-        raise FineserveError("give --output-file or --save-result (vLLM's name), not both")
-    if (o.get("result_dir") or o.get("result_filename")) and not o.get("save_result"):
-        raise FineserveError("--result-dir and --result-filename go with --save-result")
-    if o.get("save_result") and o.get("result_dir"):
-        OutputFile().convert(str(Path(o["result_dir"]) / "probe"), None, None)
-    if o.get("save_detailed") and not (o["output_file"] or o.get("save_result")):
-        raise FineserveError("--save-detailed needs --output-file (or --save-result)")
-    if o.get("dataset_name") == "sharegpt" and not o.get("dataset_path"):
-        raise FineserveError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON)")
-    if o.get("ray"):
-        from .distributed import import_ray
-
-        import_ray()  # refused now, before any server starts, if Ray is missing
-    # The engine checks these too; here they are refused before any server starts.
-    for address in [a.strip() for a in (o.get("source_ip") or "").split(",") if a.strip()]:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise FineserveError(f"source address {address!r} is not an IP address") from None
-    return extra
-
-
-@cli.command("sweep", cls=ListOptionsCommand)
-@click.option(
-    "--slo",
-    "slo_texts",
-    multiple=True,
-    required=True,
-    help="METRIC:pQ:MS, e.g. --slo ttft:p99:2250 --slo tpot:p99:500 (ttft, tpot, itl, e2el).",
-)
-@click.option(
-    "--scale",
-    type=click.Choice(["auto", "rate", "time-scale"]),
-    default="auto",
-    show_default=True,
-    help="What the load is: the Poisson request rate, or the time scale of any other mode "
-    "(auto: rate for poisson, time-scale otherwise).",
-)
-@click.option(
-    "--start-load",
-    type=POSITIVE,
-    help="First load probed (default: --request-rate or --time-scale).",
-)
-@click.option(
-    "--step-seconds",
-    type=POSITIVE,
-    default=10.0,
-    show_default=True,
-    help="Wall seconds per probe (rate); for time-scale, the trace span of every probe is "
-    "--duration, or step-seconds x the starting time scale.",
-)
-@click.option(
-    "--max-failure-rate",
-    type=Number(min=0, max=1),
-    default=0.01,
-    show_default=True,
-    help="A probe fails when more than this share of its requests failed.",
-)
-@click.option(
-    "--min-sustained",
-    type=Number(min=0, max=1),
-    default=0.9,
-    show_default=True,
-    help="A probe fails when the server completed fewer requests per second, during the "
-    "schedule, than this share of the offered rate (0 turns the check off).",
-)
-@click.option(
-    "--tolerance",
-    type=POSITIVE,
-    default=0.05,
-    show_default=True,
-    help="Stop when the bracket is this narrow (relative).",
-)
-@click.option(
-    "--max-probes",
-    type=click.IntRange(min=2),
-    default=14,
-    show_default=True,
-    help="Stop after this many probes, bracket or not.",
-)
-@click.option(
-    "--target-load",
-    type=POSITIVE,
-    help="Total load to provision for: prints the implied instance count.",
-)
-@click.option(
-    "--plot",
-    "plot_path",
-    type=OutputFile(),
-    help="PNG of load vs the SLO percentiles.",
-)
-@_blast_options
-@_mock_options
-@_workload_options
-def sweep_command(
-    slo_texts: tuple[str, ...],
-    scale: str,
-    start_load: float | None,
-    step_seconds: float,
-    max_failure_rate: float,
-    min_sustained: float,
-    tolerance: float,
-    max_probes: int,
-    target_load: float | None,
-    plot_path: Path | None,
-    **o: Any,
-) -> None:
-    """Find the highest load (request rate or time scale) at which the workload still
-    meets the SLOs, by bracketing and bisection; --output-file writes the JSON."""
-    from .sweep import RATE_UNIT, format_sweep, parse_slo, plot_sweep, search, sweep_json
-
-    slos = [parse_slo(t) for t in slo_texts]
-    _note_given(o)
-    extra = _prepare_blast_options(o)
-    if not (step_seconds > 0 and 0 <= max_failure_rate < 1 and tolerance > 0):
-        raise FineserveError(
-            "--step-seconds and --tolerance must be > 0, --max-failure-rate in [0, 1)"
-        )
-    if o["save_requests"]:
-        warn("--save-requests is ignored by sweep (one file per probe is not written)")
-    mode = o["mode"] if not o["schedule"] else "schedule"
-    if scale == "auto":
-        scale = "rate" if mode == "poisson" else "time-scale"
-    if scale == "rate" and mode != "poisson":
-        raise FineserveError("--scale rate needs --mode poisson; use --scale time-scale")
-    if scale == "rate":
-        start = start_load or (o["request_rate"] if math.isfinite(o["request_rate"]) else 10.0)
-    else:
-        start = start_load or o["time_scale"] or 1.0
-    span = o["duration"] or step_seconds * start
-    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    o["percentile_metrics_list"] = tuple(
-        dict.fromkeys([*o["percentile_metrics_list"], *(x.metric for x in slos)])
-    )
-    o["metric_percentiles_list"] = tuple(
-        dict.fromkeys([*o["metric_percentiles_list"], *(x.percentile for x in slos)])
-    )
-    bases, mock = _servers(o)
-    probes_done = 0
-
-    def probe(load: float) -> dict[str, Any]:
-        nonlocal probes_done
-        step = {**o, "save_requests": None, "output_file": None, "disable_tqdm": True}
-        if probes_done:
-            step["warmup_requests"] = 0
-        if scale == "rate":
-            step.update(request_rate=load, num_prompts=max(20, round(load * step_seconds)))
-        else:
-            step.update(time_scale=load, duration=span)
-        probes_done += 1
-        run = execute_blast(step, bases, seed, extra, mock is not None, quiet=probes_done > 1)
-        if run.interrupted:
-            raise KeyboardInterrupt
-        return run.metrics
-
-    def log(p: Any) -> None:
-        note(
-            f"probe {len(result_probes) + 1}: {scale} {p.load:.3f} -> "
-            f"{'PASS' if p.passed else 'fail'} ({p.why})"
-        )
-        result_probes.append(p)
-
-    result_probes: list[Any] = []
-    try:
-        result = search(
-            probe,
-            start,
-            slos,
-            unit=RATE_UNIT if scale == "rate" else "time scale",
-            max_failure_rate=max_failure_rate,
-            min_sustained=min_sustained,
-            rel_tolerance=tolerance,
-            max_probes=max_probes,
-            log=log,
-        )
-    finally:
-        if mock is not None:
-            mock.stop()
-    out(format_sweep(result, target_load))
-    if o["output_file"]:
-        write_result(o["output_file"], sweep_json(result, target_load))
-        note(f"wrote {o['output_file']}")
-    if plot_path:
-        note(f"wrote {plot_sweep(result, plot_path)}")
-
-
-def _percentile_options(
-    metrics: str, percentiles: str
-) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
-    bad = [m for m in names if m not in ("ttft", "tpot", "itl", "e2el", "ttfo")]
-    if bad:
-        raise FineserveError(
-            f"--percentile-metrics: unknown {bad[0]!r}; choose from ttft, tpot, itl, e2el, ttfo"
-        )
-    try:
-        qs = tuple(float(q) for q in percentiles.split(",") if q.strip())
-    except ValueError:
-        raise FineserveError("--metric-percentiles takes numbers like 50,90,99") from None
-    if any(not 0 < q < 100 for q in qs):
-        raise FineserveError("--metric-percentiles must be between 0 and 100 (exclusive)")
-    return names, qs
-
-
-def _blast(
-    o: dict[str, Any],
-    bases: list[str] | Callable[[], list[str]],
-    seed: int,
-    extra: dict,
-    is_mock: bool,
-) -> None:
-    if o.get("save_detailed") and not o["save_requests"]:
-        # The per-request lists are read back from a results file: a temporary one.
-        with tempfile.TemporaryDirectory(prefix="fineserve-") as tmp:
-            step = {**o, "save_requests": Path(tmp) / "requests.parquet"}
-            _blast_once(step, bases, seed, extra, is_mock, announce_requests=False)
-        return
-    _blast_once(o, bases, seed, extra, is_mock)
-
-
-def _blast_once(
-    o: dict[str, Any],
-    bases: list[str] | Callable[[], list[str]],
-    seed: int,
-    extra: dict,
-    is_mock: bool,
-    announce_requests: bool = True,
-) -> None:
-    run = execute_blast(o, bases, seed, extra, is_mock)
-    out(format_summary(run.metrics, run.header))
-    if "workers" in run.metrics:
-        out(format_workers(run.metrics["workers"]))
-    if run.interrupted:
-        warn("the run was interrupted: results are partial")
-    saved = run.writer.final_path if run.writer is not None else None
-    if saved is not None and announce_requests:
-        note(f"wrote {run.writer.rows} request records to {saved}")  # type: ignore[union-attr]
-    if run.writer is not None and run.writer.dropped:
-        warn(f"{run.writer.dropped} request records could not be written (see above)")
-    if o.get("save_result") and not o["output_file"]:
-        o = {**o, "output_file": _vllm_result_path(o, run.model)}
-    if o["output_file"]:
-        result = result_json(o, run.metrics, run.header, run.model, seed, run.url, run.interrupted)
-        result["workload"] = run.workload_info
-        result["schedule_digest"] = run.digest
-        if "workers" in run.metrics:
-            result["workers"] = run.metrics["workers"]
-        if o.get("save_detailed") and saved is not None:
-            result.update(detailed_lists(read_requests(saved)[0]))
-        write_result(o["output_file"], result)
-        note(f"wrote {o['output_file']}")
-    if run.interrupted:
-        sys.exit(130)
-
-
-def _vllm_result_path(o: dict[str, Any], model: str) -> Path:
-    """vLLM's --save-result file: RESULT_DIR/BACKEND-RATEqps[-concurrencyN]-MODEL-DATE.json
-    unless --result-filename names it."""
-    if o.get("result_filename"):
-        name = o["result_filename"]
-    else:
-        rate = o["request_rate"]
-        concurrency = f"-concurrency{o['max_concurrency']}" if o["max_concurrency"] else ""
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base_model = model.rstrip("/").split("/")[-1]
-        rate_text = "inf" if math.isinf(rate) else f"{rate:g}"
-        name = f"{o['backend']}-{rate_text}qps{concurrency}-{base_model}-{stamp}.json"
-    return Path(o.get("result_dir") or ".") / name
-
-
-@cli.command("generate", cls=GroupedHelpCommand)
-@click.option(
-    "-o",
-    "--output",
-    type=OutputFile(),
-    required=True,
-    help="Schedule file to write (Parquet).",
-)
-@click.option(
-    "--summary-json",
-    type=OutputFile(),
-    help="Also write the printed summary as JSON.",
-)
-@_workload_options
-def generate_command(output: Path, summary_json: Path | None, **o: Any) -> None:
-    """Write a schedule (Parquet) without sending anything, and summarise it."""
-    _note_given(o)
-    seed = int(time.time()) if o["seed"] == -1 else o["seed"]
-    workload = build_workload(o, seed)
-    for line in workload.notes:
-        note(line)
-    meta = {
-        "fineserve_version": __version__,
-        "command": " ".join(sys.argv),
-        "workload": workload.info,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    started = time.perf_counter()
-    summary = write_schedule(output, workload.chunks, meta)
-    elapsed = time.perf_counter() - started
-    summary["generation_s"] = elapsed
-    out(format_schedule_summary(summary, workload.info))
-    note(f"wrote {output} ({summary['requests'] / max(elapsed, 1e-9) / 1e6:.2f} M requests/s)")
-    if summary_json:
-        write_result(summary_json, {"workload": workload.info, **summary})
-
-
-def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
-    lines = ["{s:{c}^{n}}".format(s=" Schedule ", n=50, c="=")]
-
-    def row(label: str, value: Any) -> None:
-        lines.append(f"{label:<40} {value}")
-
-    row("Mode:", info.get("mode"))
-    row("Requests:", s["requests"])
-    row("Span (s):", f"{s['span_s']:.3f}")
-    row("Mean rate (req/s):", f"{s['mean_rate_rps']:.2f}")
-    row("Total input tokens:", s["total_input_tokens"])
-    row("Total output tokens:", s["total_output_tokens"])
-    windows = s["windows"]
-    if windows:
-        rates = np.array([w["rate_rps"] for w in windows])
-        cvs = np.array([w["iat_cv"] for w in windows])
-        row("Windows (300 s):", len(windows))
-        row(
-            "  rate min/median/max (req/s):",
-            f"{rates.min():.2f} / {np.median(rates):.2f} / {rates.max():.2f}",
-        )
-        row("  IAT CV min/median/max:", f"{cvs.min():.2f} / {np.median(cvs):.2f} / {cvs.max():.2f}")
-    row(f"Occupied {s['slot_ms']:g} ms slots:", s["occupied_slots"])
-    row("  mean requests per occupied slot:", f"{s['mean_per_occupied_slot']:.3f}")
-    row("  max requests in one slot:", s["max_per_slot"])
-    row("  requests in multi-request slots (%):", f"{100 * s['fraction_in_bursts']:.2f}")
-    if s.get("prefix_hit_rate_theoretical") is not None:
-        row(
-            "Prefix-cache hit rate, theoretical (%):",
-            f"{100 * s['prefix_hit_rate_theoretical']:.2f}",
-        )
-    row("Digest (t, input, output):", s["digest"])
-    lines.append("=" * 50)
-    return "\n".join(lines)
-
-
-@cli.command("mock")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
-@click.option("--model", default="fineserve-mock", show_default=True, help="Model id it serves.")
-@click.option(
-    "--ttft-ms", type=NON_NEGATIVE, default=20.0, show_default=True, help="Time to first token."
-)
-@click.option(
-    "--ttft-per-prompt-token-ms",
-    type=NON_NEGATIVE,
-    default=0.0,
-    show_default=True,
-    help="Added to the TTFT per prompt token (a prefill cost).",
-)
-@click.option(
-    "--itl-ms", type=NON_NEGATIVE, default=5.0, show_default=True, help="Inter-token latency."
-)
-@click.option(
-    "--itl-jitter-ms",
-    type=NON_NEGATIVE,
-    default=0.0,
-    show_default=True,
-    help="Uniform jitter added to each inter-token gap.",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
-)
-@click.option(
-    "--reasoning-ratio",
-    type=Number(min=0, max=1),
-    default=0.0,
-    show_default=True,
-    help="Share of each chat/Responses answer streamed as reasoning first (a request's "
-    "fineserve_reasoning_ratio field overrides it).",
-)
-@click.option(
-    "--reasoning-field",
-    type=click.Choice(["reasoning", "reasoning_content"]),
-    default="reasoning",
-    show_default=True,
-    help="The delta field reasoning streams in.",
-)
-@click.option(
-    "--tool-calls",
-    type=Number(min=0, max=1),
-    default=0.0,
-    show_default=True,
-    help="Share of chat/Responses answers streamed as tool-call deltas.",
-)
-@click.option(
-    "--max-concurrency",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Generations served at once (0 = no limit); the rest queue, so TTFT grows past "
-    "capacity like a real server's.",
-)
-@fault_options("")
-def mock_command(
-    host: str,
-    port: int,
-    model: str,
-    ttft_ms: float,
-    ttft_per_prompt_token_ms: float,
-    itl_ms: float,
-    itl_jitter_ms: float,
-    workers: int,
-    reasoning_ratio: float,
-    reasoning_field: str,
-    tool_calls: float,
-    max_concurrency: int,
-    **fault_opts: Any,
-) -> None:
-    """Run the embedded OpenAI-compatible mock server until Ctrl-C."""
-    faults = fault_kwargs(fault_opts, "--fault")
-    server = MockServer(
-        host,
-        port,
-        model=model,
-        ttft_ms=ttft_ms,
-        ttft_per_prompt_token_ms=ttft_per_prompt_token_ms,
-        itl_ms=itl_ms,
-        itl_jitter_ms=itl_jitter_ms,
-        workers=workers,
-        max_concurrency=max_concurrency,
-        reasoning_ratio=reasoning_ratio,
-        reasoning_field=reasoning_field,
-        tool_calls=tool_calls,
-        **faults,
-    )
-    out(
-        f"fineserve mock serving {model!r} at {server.base_url} "
-        f"(TTFT {ttft_ms:g} ms, ITL {itl_ms:g} ms); Ctrl-C to stop"
-    )
-    sys.stdout.flush()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stats = server.stats()
-        server.stop()
-        injected = ", ".join(
-            f"{k[len('fault_') :]} {v}" for k, v in stats.items() if k.startswith("fault_") and v
-        )
-        note(
-            f"mock stopped after {stats.get('requests', 0)} requests"
-            + (f" (faults injected: {injected})" if injected else "")
-        )
-
-
-cli.add_command(fit_command)
-cli.add_command(compare_command)
-cli.add_command(report_command)
-
-
-def main() -> None:
-    cli(prog_name="fineserve")
-
-
-if __name__ == "__main__":
-    main()

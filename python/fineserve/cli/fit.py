@@ -11,16 +11,16 @@ from typing import Any
 
 import click
 
-from .cli_options import POSITIVE, OutputFile, trace_format_options
-from .console import note, out
-from .errors import FineserveError
+from ..console import note, out
+from ..errors import FineserveError
+from .params import POSITIVE, OutputFile, trace_format_options
 
 
 def _schedule_as_trace(path: Path) -> Any:
     """A schedule Parquet (``generate``'s output: e.g. a ServeGen composition, whose pool
     holds per-client rates rather than requests) as a trace to fit; None for other files."""
-    from .schedule import concat, read_schedule
-    from .traces.base import Trace
+    from ..schedule import concat, read_schedule
+    from ..traces.base import Trace
 
     try:
         with Path(path).open("rb") as f:
@@ -86,12 +86,13 @@ def fit_command(
 ) -> None:
     """Fit workload parameters (arrival windows, micro-bursts, lengths) from a trace in
     any supported format, in the files `--mode parametric --model-class NAME` reads."""
-    from .fit import fit_trace, format_fit_summary, write_fit
-    from .traces import load_trace
-    from .workloads.spec import trace_options_from
+    from ..config import TraceReadConfig
+    from ..fit import fit_trace, format_fit_summary, write_fit
+    from ..traces import load_trace
 
     started = time.perf_counter()
-    trace = _schedule_as_trace(trace_path) or load_trace(trace_path, trace_options_from(trace_opts))
+    options = TraceReadConfig.from_params(trace_opts).options()
+    trace = _schedule_as_trace(trace_path) or load_trace(trace_path, options)
     note(trace.skip_summary())
     for line in trace.notes:
         note(line)
@@ -110,8 +111,8 @@ def fit_command(
     out(format_fit_summary(result))
     note(f"fit took {time.perf_counter() - started:.2f} s")
     if validate:
-        from .compare import format_comparison, plot_comparison
-        from .fit.validate import validate_fit
+        from ..compare import format_comparison, plot_comparison
+        from ..fit.validate import validate_fit
 
         comparison = validate_fit(result, trace, output_dir, seed)
         out(format_comparison(comparison))
@@ -169,12 +170,12 @@ def compare_command(
 ) -> None:
     """Compare two workloads (traces in any format, or schedules from `generate`):
     per-window rate and CV, requests per slot, gaps and lengths, by KS and Wasserstein."""
-    from .compare import compare_arrivals, format_comparison, load_arrivals, plot_comparison
-    from .workloads.spec import trace_options_from
+    from ..compare import compare_arrivals, format_comparison, load_arrivals, plot_comparison
+    from ..config import TraceReadConfig
 
     if not (window_seconds > 0 and slot_ms > 0):
         raise FineserveError("--window-seconds and --slot-ms must be > 0")
-    options = trace_options_from(trace_opts)
+    options = TraceReadConfig.from_params(trace_opts).options()
     real = load_arrivals(real_path, options)
     gen = load_arrivals(generated_path, options, time_scale=time_scale)
     for line in real.notes + gen.notes:

@@ -1,0 +1,561 @@
+"""One typed configuration per stage, built once from the command line.
+
+Every option's default lives here (the click options read it with :func:`default_of`), and
+this is the only module that knows click's parameter names (``from_params``): past it, each
+stage takes its own slice — :class:`WorkloadConfig` the workload, :class:`PromptConfig` the
+prompt builder, :class:`TargetConfig` the servers and bodies, :class:`EngineConfig` the
+engine's sizing and timeouts, :class:`MetricsConfig` the metrics, :class:`OutputConfig` the
+files, :class:`MockConfig` the embedded mock, :class:`RayConfig` the distributed run — and
+:class:`BlastConfig` holds them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FineserveError
+
+#: Metrics that take ``--percentile-metrics`` keys and ``--goodput`` SLOs.
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "ttfo")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name`` (for the click option)."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(name)
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value else None
+
+
+# ---------------------------------------------------------------------------- workload
+
+
+@dataclass(frozen=True)
+class TraceReadConfig:
+    """How a trace file is read: its format (detected when None), columns and units."""
+
+    trace_format: str | None = None
+    timestamp_column: str | None = None
+    input_length_column: str | None = None
+    output_length_column: str | None = None
+    timestamp_unit: str | None = None
+    burstgpt_model: str | None = None
+    burstgpt_log_type: str | None = None
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> TraceReadConfig:
+        return cls(**{f.name: p.get(f.name) for f in dataclasses.fields(cls)})
+
+    def options(self) -> Any:
+        """The readers' :class:`~fineserve.traces.TraceOptions`."""
+        from .traces import TraceOptions
+
+        return TraceOptions(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LengthConfig:
+    """Request lengths where the workload has none of its own."""
+
+    random_input_len: int = 1024
+    random_output_len: int = 128
+    random_range_ratio: float = 0.0
+    #: Sample (input, output) pairs from this CSV instead.
+    request_lengths_csv: Path | None = None
+
+
+@dataclass(frozen=True)
+class RampConfig:
+    kind: str  # linear | step
+    start_rate: float = 1.0
+    end_rate: float = 10.0
+    steps: int = 5
+
+
+@dataclass(frozen=True)
+class ParametricConfig:
+    """FineServe's parametric model: per-window arrivals, NB micro-bursts, class lengths."""
+
+    model_classes: tuple[str, ...] = ()
+    datasets_dir: Path | None = None
+    gamma_params_csv: Path | None = None
+    window_start_column: str = "window_start_ms"
+    window_end_column: str = "window_end_ms"
+    gamma_shape_column: str = "gamma_shape"
+    gamma_scale_column: str = "gamma_scale"
+    window_s: float = 300.0
+    extension_mode: str = "repeat_jitter"
+    jitter_ratio: float = 0.05
+    arrivals: str = "auto"
+    nb_json: Path | None = None
+    disable_nb_lt10b: bool = False
+    class_lengths: bool = True
+    nb_zero: str = "truncate"
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What to send and when: ``generate`` and ``blast`` share it."""
+
+    mode: str = "poisson"
+    #: A schedule written by ``generate``: replayed (sliced and scaled), ``mode`` ignored.
+    schedule: Path | None = None
+    seed: int = 0
+    num_prompts: int | None = None
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    ramp: RampConfig | None = None
+    lengths: LengthConfig = field(default_factory=LengthConfig)
+    #: replay/burstgpt: the trace (``--trace`` or ``--request-trace-csv``).
+    trace: Path | None = None
+    trace_read: TraceReadConfig = field(default_factory=TraceReadConfig)
+    time_scale: float = 1.0
+    start_s: float = 0.0
+    duration_s: float | None = None
+    parametric: ParametricConfig = field(default_factory=ParametricConfig)
+    servegen_pool: Path | None = None
+    servegen_clients: tuple[int, ...] | None = None
+    burstgpt_params: Path | None = None
+    rate_scale: float | None = None
+    #: The workload options the command line set (a schedule refuses those it cannot apply;
+    #: an explicit --start is kept even when idle).
+    given: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_params(
+        cls, p: Mapping[str, Any], given: frozenset[str] = frozenset()
+    ) -> WorkloadConfig:
+        seed = int(p.get("seed", 0) or 0)
+        ramp = None
+        if p.get("ramp"):
+            ramp = RampConfig(p["ramp"], p["ramp_start_rate"], p["ramp_end_rate"], p["ramp_steps"])
+        clients = None
+        if p.get("servegen_clients"):
+            try:
+                clients = tuple(int(x) for x in str(p["servegen_clients"]).split(",") if x.strip())
+            except ValueError:
+                raise FineserveError("--servegen-clients takes ids like 0,1,5") from None
+        defaults = ParametricConfig()
+        parametric = ParametricConfig(
+            model_classes=tuple(p.get("model_class") or ()),
+            datasets_dir=_path(p.get("datasets_dir")),
+            gamma_params_csv=_path(p.get("gamma_params_csv")),
+            window_start_column=p.get("window_start_column") or defaults.window_start_column,
+            window_end_column=p.get("window_end_column") or defaults.window_end_column,
+            gamma_shape_column=p.get("gamma_shape_column") or defaults.gamma_shape_column,
+            gamma_scale_column=p.get("gamma_scale_column") or defaults.gamma_scale_column,
+            window_s=p.get("parametric_window_seconds") or defaults.window_s,
+            extension_mode=p.get("parametric_extension_mode") or defaults.extension_mode,
+            jitter_ratio=p.get("parametric_jitter_ratio", defaults.jitter_ratio),
+            arrivals=p.get("parametric_arrivals") or defaults.arrivals,
+            nb_json=_path(p.get("parametric_nb_json")),
+            disable_nb_lt10b=bool(p.get("disable_parametric_nb_lt10b")),
+            class_lengths=p.get("class_lengths", True),
+            nb_zero=p.get("parametric_nb_zero") or defaults.nb_zero,
+        )
+        lengths = LengthConfig(
+            p.get("random_input_len", 1024),
+            p.get("random_output_len", 128),
+            p.get("random_range_ratio", 0.0),
+            _path(p.get("request_lengths_csv")),
+        )
+        return cls(
+            mode=p.get("mode") or "poisson",
+            schedule=_path(p.get("schedule")),
+            seed=int(time.time()) if seed == -1 else seed,
+            num_prompts=p.get("num_prompts"),
+            request_rate=p.get("request_rate", math.inf),
+            burstiness=p.get("burstiness", 1.0),
+            ramp=ramp,
+            lengths=lengths,
+            trace=_path(p.get("trace") or p.get("request_trace_csv")),
+            trace_read=TraceReadConfig.from_params(p),
+            time_scale=p.get("time_scale") or 1.0,
+            start_s=p.get("start") or 0.0,
+            duration_s=p.get("duration"),
+            parametric=parametric,
+            servegen_pool=_path(p.get("servegen_pool")),
+            servegen_clients=clients,
+            burstgpt_params=_path(p.get("burstgpt_params")),
+            rate_scale=p.get("rate_scale"),
+            given=given,
+        )
+
+    @property
+    def finite_rate(self) -> float | None:
+        """``request_rate`` as a target rate (None for ``inf``)."""
+        return self.request_rate if math.isfinite(self.request_rate) else None
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How prompts are made: synthetic words, or exact token lengths with a tokenizer."""
+
+    tokenizer: str | None = None
+    dataset_name: str = "random"
+    dataset_path: Path | None = None
+    dataset_output_len: bool = False
+    apply_chat_template: bool = False
+    prompt_suffix: str = ""
+    prefix_block_size: int = 512
+    shared_prefix_groups: int = 0
+    shared_prefix_len: int = 0
+    prompt_check: str = "sample"
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> PromptConfig:
+        cfg = cls(
+            tokenizer=p.get("tokenizer") or None,
+            dataset_name=p.get("dataset_name") or "random",
+            dataset_path=_path(p.get("dataset_path")),
+            dataset_output_len=bool(p.get("dataset_output_len")),
+            apply_chat_template=bool(p.get("apply_chat_template")),
+            prompt_suffix=p.get("prompt_suffix") or "",
+            prefix_block_size=p.get("prefix_block_size") or 512,
+            shared_prefix_groups=p.get("shared_prefix_groups") or 0,
+            shared_prefix_len=p.get("shared_prefix_len") or 0,
+            prompt_check=p.get("prompt_check") or "sample",
+        )
+        if cfg.dataset_name == "sharegpt" and not cfg.dataset_path:
+            raise FineserveError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON)")
+        if bool(cfg.shared_prefix_groups) != bool(cfg.shared_prefix_len):
+            raise FineserveError("--shared-prefix-groups and --shared-prefix-len go together")
+        if cfg.dataset_output_len and not cfg.dataset_path:
+            raise FineserveError("--dataset-output-len needs --dataset-path")
+        if not cfg.tokenizer and (cfg.dataset_path or cfg.apply_chat_template or cfg.prompt_suffix):
+            raise FineserveError(
+                "--dataset-path, --apply-chat-template and --prompt-suffix need --tokenizer"
+            )
+        return cfg
+
+
+# ---------------------------------------------------------------------------- target
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The servers and what each request's body says."""
+
+    backend: str = "vllm"
+    #: Base URLs of the given servers; empty: the embedded mock is started.
+    base_urls: tuple[str, ...] = ()
+    #: API path (``--endpoint``); None: the backend's default.
+    endpoint: str | None = None
+    model: str | None = None
+    class_models: Mapping[str, str] = field(default_factory=dict)
+    #: ``--route`` values and the legacy ``--route-class`` pins, as given.
+    route: tuple[str, ...] = ()
+    route_class: tuple[str, ...] = ()
+    turn_affinity: bool = True
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
+    stream: bool = True
+    ignore_eos: bool = True
+    #: OPENAI_API_KEY, read once; never printed, stored or put in an error.
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> TargetConfig:
+        from .api import parse_extra_body
+        from .routing import parse_pairs
+        from .server import base_url_from
+
+        bases = [b for b in (base_url_from(u, None, None) for u in p.get("base_url") or ()) if b]
+        if not bases:
+            single = base_url_from(None, p.get("host"), p.get("port"))
+            bases = [single] if single else []
+        elif p.get("host") or p.get("port"):
+            raise FineserveError("give either --base-url or --host/--port, not both")
+        return cls(
+            backend=p.get("backend") or "vllm",
+            base_urls=tuple(bases),
+            endpoint=p.get("endpoint") or None,
+            model=p.get("model") or None,
+            class_models=parse_pairs(p.get("class_model") or (), "--class-model"),
+            route=tuple(p.get("route") or ()),
+            route_class=tuple(p.get("route_class") or ()),
+            turn_affinity=p.get("turn_affinity", True),
+            extra_body=parse_extra_body(p.get("extra_request_body")),
+            stream=not p.get("disable_stream"),
+            ignore_eos=not p.get("disable_ignore_eos"),
+            api_key=os.environ.get("OPENAI_API_KEY") or None,
+        )
+
+    @property
+    def path(self) -> str:
+        """The API path every request goes to."""
+        from .api import DEFAULT_ENDPOINT
+
+        endpoint = self.endpoint or DEFAULT_ENDPOINT[self.backend]
+        return endpoint if endpoint.startswith("/") else "/" + endpoint
+
+    @property
+    def chat(self) -> bool:
+        from .api import is_chat_endpoint
+
+        return is_chat_endpoint(self.path)
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine is sized and how long it waits (the run's EngineOptions are built
+    from this once the workload and the servers are known)."""
+
+    max_concurrency: int | None = None
+    #: None: half the CPUs (1 to 8), at least 2 for a schedule with bursts.
+    lanes: int | None = None
+    #: None: the peak requests in any second, capped.
+    warm_connections: int | None = None
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 600.0
+    idle_timeout_s: float = 600.0
+    request_timeout_s: float = 3600.0
+    max_response_mb: float = 64.0
+    source_ips: tuple[str, ...] = ()
+    drain_grace_s: float = 30.0
+    realtime_priority: bool = False
+    warmup_requests: int = 1
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> EngineConfig:
+        ips = tuple(a.strip() for a in (p.get("source_ip") or "").split(",") if a.strip())
+        for address in ips:  # the engine checks too; here before any server starts
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise FineserveError(f"source address {address!r} is not an IP address") from None
+        return cls(
+            max_concurrency=p.get("max_concurrency"),
+            lanes=p.get("lanes"),
+            warm_connections=p.get("warm_connections"),
+            connect_timeout_s=p.get("connect_timeout", 10.0),
+            first_byte_timeout_s=p.get("first_byte_timeout", 600.0),
+            idle_timeout_s=p.get("idle_timeout", 600.0),
+            request_timeout_s=p.get("request_timeout", 3600.0),
+            max_response_mb=p.get("max_response_mb", 64.0),
+            source_ips=ips,
+            drain_grace_s=p.get("drain_grace", 30.0),
+            realtime_priority=bool(p.get("realtime_priority")),
+            warmup_requests=p.get("warmup_requests", 1),
+        )
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: Goodput SLOs in ms by metric (vLLM's ``--goodput``).
+    slos: Mapping[str, float] = field(default_factory=dict)
+    percentile_metrics: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+    metric_percentiles: tuple[float, ...] = (99.0,)
+    window_s: float = 10.0
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> MetricsConfig:
+        from .metrics.serving import parse_goodput
+
+        names = tuple(
+            m.strip() for m in (p.get("percentile_metrics") or "").split(",") if m.strip()
+        )
+        bad = [m for m in names if m not in PERCENTILE_METRICS]
+        if bad:
+            raise FineserveError(
+                f"--percentile-metrics: unknown {bad[0]!r}; choose from "
+                + ", ".join(PERCENTILE_METRICS)
+            )
+        try:
+            qs = tuple(
+                float(q) for q in (p.get("metric_percentiles") or "").split(",") if q.strip()
+            )
+        except ValueError:
+            raise FineserveError("--metric-percentiles takes numbers like 50,90,99") from None
+        if any(not 0 < q < 100 for q in qs):
+            raise FineserveError("--metric-percentiles must be between 0 and 100 (exclusive)")
+        window = p.get("metrics_window", 10.0)
+        if not (window > 0 and math.isfinite(window)):
+            raise FineserveError("--metrics-window must be a positive number of seconds")
+        return cls(
+            parse_goodput(p.get("goodput") or ()),
+            names or cls.percentile_metrics,
+            qs or cls.metric_percentiles,
+            window,
+        )
+
+    def with_slo_percentiles(
+        self, metrics: tuple[str, ...], percentiles: tuple[float, ...]
+    ) -> MetricsConfig:
+        """Also the percentile keys an SLO check reads (sweep)."""
+        return dataclasses.replace(
+            self,
+            percentile_metrics=tuple(dict.fromkeys([*self.percentile_metrics, *metrics])),
+            metric_percentiles=tuple(dict.fromkeys([*self.metric_percentiles, *percentiles])),
+        )
+
+
+# ---------------------------------------------------------------------------- output
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    output_file: Path | None = None
+    #: vLLM's --save-result: the JSON goes to result_dir / (result_filename or vLLM's name).
+    save_result: bool = False
+    result_dir: Path | None = None
+    result_filename: str | None = None
+    save_requests: Path | None = None
+    save_detailed: bool = False
+    show_progress: bool = True
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> OutputConfig:
+        cfg = cls(
+            output_file=_path(p.get("output_file")),
+            save_result=bool(p.get("save_result")),
+            result_dir=_path(p.get("result_dir")),
+            result_filename=p.get("result_filename") or None,
+            save_requests=_path(p.get("save_requests")),
+            save_detailed=bool(p.get("save_detailed")),
+            show_progress=not p.get("disable_tqdm"),
+        )
+        if cfg.save_result and cfg.output_file:
+            raise FineserveError("give --output-file or --save-result (vLLM's name), not both")
+        if (cfg.result_dir or cfg.result_filename) and not cfg.save_result:
+            raise FineserveError("--result-dir and --result-filename go with --save-result")
+        if cfg.save_detailed and not (cfg.output_file or cfg.save_result):
+            raise FineserveError("--save-detailed needs --output-file (or --save-result)")
+        return cfg
+
+    @property
+    def writes_result(self) -> bool:
+        return bool(self.output_file or self.save_result)
+
+
+# ---------------------------------------------------------------------------- mock, ray
+
+
+@dataclass(frozen=True)
+class MockConfig:
+    """The embedded mock server (started when no server is given)."""
+
+    ttft_ms: float = 20.0
+    itl_ms: float = 5.0
+    max_concurrency: int = 0
+    reasoning_ratio: float = 0.0
+    reasoning_field: str = "reasoning"
+    tool_calls: float = 0.0
+    #: MockServer's fault keyword arguments (faults, stall_ms, ...).
+    faults: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> MockConfig:
+        return cls(
+            ttft_ms=p.get("mock_ttft_ms", 20.0),
+            itl_ms=p.get("mock_itl_ms", 5.0),
+            max_concurrency=p.get("mock_max_concurrency", 0),
+            reasoning_ratio=p.get("mock_reasoning_ratio", 0.0),
+            reasoning_field=p.get("mock_reasoning_field") or "reasoning",
+            tool_calls=p.get("mock_tool_calls", 0.0),
+            faults=mock_fault_kwargs(p, "--mock-fault") if "faults" in p else {},
+        )
+
+
+def mock_fault_kwargs(p: Mapping[str, Any], option: str) -> dict[str, Any]:
+    """MockServer's fault keyword arguments from the fault options' parameters."""
+    from .mock import parse_faults
+
+    return {
+        "faults": parse_faults(p["faults"], option),
+        "stall_ms": p["fault_stall_s"] * 1e3,
+        "first_byte_delay_ms": p["fault_first_byte_delay_s"] * 1e3,
+        "retry_after_s": p["fault_retry_after_s"],
+    }
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    #: A cluster address (auto, ray://HOST:10001) or "local"; None: no Ray.
+    address: str | None = None
+    workers: int = 2
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> RayConfig:
+        cfg = cls(p.get("ray") or None, p.get("workers", 2))
+        if cfg.address:
+            from .distributed import import_ray
+
+            import_ray()  # refused now, before any server starts, if Ray is missing
+        return cfg
+
+
+# ---------------------------------------------------------------------------- blast
+
+
+@dataclass(frozen=True)
+class BlastConfig:
+    """Everything one ``blast`` run needs, each stage's slice apart."""
+
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    mock: MockConfig = field(default_factory=MockConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any], given: frozenset[str] = frozenset()) -> BlastConfig:
+        """From click's parameters (``given``: the workload options the command line set).
+        Every check that needs no server runs here, before any server starts."""
+        return cls(
+            workload=WorkloadConfig.from_params(p, given),
+            prompts=PromptConfig.from_params(p),
+            target=TargetConfig.from_params(p),
+            engine=EngineConfig.from_params(p),
+            metrics=MetricsConfig.from_params(p),
+            output=OutputConfig.from_params(p),
+            mock=MockConfig.from_params(p),
+            ray=RayConfig.from_params(p),
+        )
+
+    @property
+    def uses_mock(self) -> bool:
+        return not self.target.base_urls
+
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as JSON (results metadata); the API key is left out."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if k != "api_key"}
+    if isinstance(value, (list, tuple, frozenset, set)):
+        return [
+            _jsonable(v) for v in (sorted(value) if isinstance(value, (set, frozenset)) else value)
+        ]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,132 @@
+"""Schedule chunks → request bodies: prompts, the model of each request's class, its
+endpoint, and (against the embedded mock) what the schedule says the server would do."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..api import BodyTemplate
+from ..metrics.fidelity import slot_sizes
+from ..prompts import PrefixHitCounter, SyntheticPromptBuilder, TokenizedPromptBuilder
+from ..routing import Deployment
+from ..runner import EngineChunk
+from ..schedule import Schedule, ScheduleDigest
+from .turns import extend_turns
+
+#: Schedule columns carried into the records (labels for breakdowns and the results file).
+LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio")
+
+
+@dataclass
+class RequestShapes:
+    """How a schedule chunk becomes request bodies: prompts, body template per class's
+    model, and endpoint assignment."""
+
+    builder: SyntheticPromptBuilder | TokenizedPromptBuilder
+    templates: dict[str, BodyTemplate]  # model → template
+    default_model: str
+    class_models: dict[str, str]
+    deployment: Deployment
+    #: ``--dataset-output-len``: request i's output length is entry (i mod N)'s.
+    output_lens: npt.NDArray[np.int64] | None = None
+    #: The target is the embedded mock: tell it, per request, what the schedule says the
+    #: server would do (``reason_ratio``; prefix blocks, for its cached-token counts).
+    mock_fields: bool = False
+
+
+def engine_chunks(
+    chunks: Iterator[Schedule],
+    shapes: RequestShapes,
+    digest: ScheduleDigest | None = None,
+    prefix: PrefixHitCounter | None = None,
+) -> Iterator[EngineChunk]:
+    """Schedule chunks → request bodies, in order; request i's prompt is its own unless
+    sharing is intended (hash_ids, shared-prefix groups)."""
+    base = 0
+    builder = shapes.builder
+    # Chat requests carry a conversation as alternating messages; completions one text.
+    chat = any(t.chat for t in shapes.templates.values())
+    # Prompts of turns that later turns extend: index → [text, tokens, answer, followers left].
+    history: dict[int, list[Any]] = {}
+    for c in chunks:
+        n = len(c)
+        if shapes.output_lens is not None:
+            picks = shapes.output_lens[(base + np.arange(n)) % len(shapes.output_lens)]
+            c = dataclasses.replace(c, output_len=picks)
+        if digest is not None:
+            digest.add(c)
+        prompts, actual_len = builder.build_chunk(base, c)
+        turns = None
+        if "parent" in c.extra:
+            actual_len = np.asarray(actual_len, dtype=np.int64).copy()
+            extend_turns(builder, base, c, prompts, actual_len, history, chat=chat)
+            turns = (c.extra["parent"], c.extra["think_ns"], c.extra["followers"])
+        if prefix is not None:
+            if c.hash_ids is not None and c.hash_offsets is not None:
+                prefix.add(actual_len, c.hash_ids, c.hash_offsets)
+            elif builder.groups > 0 and builder.prefix_len > 0:
+                prefix.add_shared(base, actual_len, builder.groups, builder.prefix_len)
+            else:
+                prefix.add_plain(actual_len)
+        classes = c.extra.get("class")
+        if classes is not None and shapes.class_models:
+            models = np.array(
+                [shapes.class_models.get(str(k), shapes.default_model) for k in classes],
+                dtype=object,
+            )
+        else:
+            models = np.full(n, shapes.default_model, dtype=object)
+        fields = mock_fields(c, shapes.builder.block_size) if shapes.mock_fields else None
+        bodies = [
+            shapes.templates[m].render(p, int(t), f)
+            for p, m, t, f in zip(
+                prompts, models.tolist(), c.output_len.tolist(), fields or [""] * n
+            )
+        ]
+        slot_size, slot_edge = slot_sizes(c.t_ns)
+        extra: dict[str, Any] = {
+            "input_len": np.asarray(actual_len, dtype=np.int64),
+            "output_len": c.output_len,
+            # For the metrics only (micro-burst membership), not written to the results.
+            "_slot_size": slot_size,
+            "_slot_edge": slot_edge,
+            **{k: v for k, v in c.extra.items() if k in LABEL_COLUMNS},
+        }
+        if len(shapes.templates) > 1:
+            extra["model"] = models
+        yield EngineChunk(
+            t_ns=c.t_ns,
+            bodies=bodies,
+            body_idx=np.arange(n, dtype=np.uint32),
+            endpoint_idx=shapes.deployment.assign(classes, n),
+            expected_output_tokens=c.output_len,
+            extra=extra,
+            turns=turns,
+        )
+        base += n
+
+
+def mock_fields(c: Schedule, block_size: int) -> list[str] | None:
+    """Per request, the embedded mock's body fields (JSON members) that carry the
+    schedule's ``reason_ratio`` and prefix blocks; None when the schedule has neither."""
+    ratio = c.extra.get("reason_ratio")
+    hashed = c.hash_ids is not None and c.hash_offsets is not None
+    if ratio is None and not hashed:
+        return None
+    out = []
+    for i in range(len(c)):
+        parts = []
+        if ratio is not None and np.isfinite(ratio[i]):
+            parts.append(f'"fineserve_reasoning_ratio":{min(max(float(ratio[i]), 0.0), 1.0)!r}')
+        if hashed:
+            lo, hi = int(c.hash_offsets[i]), int(c.hash_offsets[i + 1])  # type: ignore[index]
+            ids = ",".join(str(int(h)) for h in c.hash_ids[lo:hi])  # type: ignore[index]
+            parts.append(f'"fineserve_hash_ids":[{ids}],"fineserve_block_size":{block_size}')
+        out.append(",".join(parts))
+    return out
