@@ -3,13 +3,25 @@ from :mod:`fineserve.config`)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..api import BACKENDS
+from ..config import (
+    EngineConfig,
+    LengthConfig,
+    MetricsConfig,
+    MockConfig,
+    ParametricConfig,
+    PromptConfig,
+    RampConfig,
+    RayConfig,
+    TargetConfig,
+    WorkloadConfig,
+    default_of,
+)
 from ..workloads.spec import MODES
 from .params import (
     NON_NEGATIVE,
@@ -27,28 +39,28 @@ def mock_options(f: Any) -> Any:
     f = click.option(
         "--mock-ttft-ms",
         type=NON_NEGATIVE,
-        default=20.0,
+        default=default_of(MockConfig, "ttft_ms"),
         show_default=True,
         help="Embedded mock: time to first token.",
     )(f)
     f = click.option(
         "--mock-itl-ms",
         type=NON_NEGATIVE,
-        default=5.0,
+        default=default_of(MockConfig, "itl_ms"),
         show_default=True,
         help="Embedded mock: inter-token latency.",
     )(f)
     f = click.option(
         "--mock-max-concurrency",
         type=click.IntRange(min=0),
-        default=0,
+        default=default_of(MockConfig, "max_concurrency"),
         show_default=True,
         help="Embedded mock: generations served at once (0 = no limit; the rest queue).",
     )(f)
     f = click.option(
         "--mock-reasoning-ratio",
         type=Number(min=0, max=1),
-        default=0.0,
+        default=default_of(MockConfig, "reasoning_ratio"),
         show_default=True,
         help="Embedded mock: share of each chat/Responses answer streamed as reasoning first "
         "(a schedule's reason_ratio, e.g. ServeGen's reasoning pools, overrides it per "
@@ -57,14 +69,14 @@ def mock_options(f: Any) -> Any:
     f = click.option(
         "--mock-reasoning-field",
         type=click.Choice(["reasoning", "reasoning_content"]),
-        default="reasoning",
+        default=default_of(MockConfig, "reasoning_field"),
         show_default=True,
         help="Embedded mock: the delta field reasoning streams in (vLLM >= 0.16: reasoning).",
     )(f)
     f = click.option(
         "--mock-tool-calls",
         type=Number(min=0, max=1),
-        default=0.0,
+        default=default_of(MockConfig, "tool_calls"),
         show_default=True,
         help="Embedded mock: share of chat/Responses answers streamed as tool-call deltas.",
     )(f)
@@ -77,7 +89,7 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--mode",
             type=click.Choice(MODES),
-            default="poisson",
+            default=default_of(WorkloadConfig, "mode"),
             show_default=True,
             help="How arrivals and lengths are made.",
         ),
@@ -89,7 +101,7 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--seed",
             type=int,
-            default=0,
+            default=default_of(WorkloadConfig, "seed"),
             show_default=True,
             help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
         ),
@@ -101,14 +113,14 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--request-rate",
             type=Number(min=0, min_open=True, allow_inf=True),
-            default=math.inf,
+            default=default_of(WorkloadConfig, "request_rate"),
             show_default=True,
             help="poisson: requests/s (inf = all at once); servegen/burstgpt: target mean rate.",
         ),
         click.option(
             "--burstiness",
             type=POSITIVE,
-            default=1.0,
+            default=default_of(WorkloadConfig, "burstiness"),
             show_default=True,
             help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
         ),
@@ -116,28 +128,28 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--ramp-start-rate",
             type=POSITIVE,
-            default=1.0,
+            default=default_of(RampConfig, "start_rate"),
             show_default=True,
             help="poisson --ramp: requests/s at the start.",
         ),
         click.option(
             "--ramp-end-rate",
             type=POSITIVE,
-            default=10.0,
+            default=default_of(RampConfig, "end_rate"),
             show_default=True,
             help="poisson --ramp: requests/s at the end.",
         ),
         click.option(
             "--ramp-steps",
             type=click.IntRange(min=1),
-            default=5,
+            default=default_of(RampConfig, "steps"),
             show_default=True,
             help="poisson --ramp step: number of rate steps.",
         ),
         click.option(
             "--random-input-len",
             type=TOKENS,
-            default=1024,
+            default=default_of(LengthConfig, "random_input_len"),
             show_default=True,
             help="Input tokens per request (poisson; and wherever a workload has no lengths "
             "of its own, which is announced).",
@@ -145,14 +157,14 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--random-output-len",
             type=TOKENS,
-            default=128,
+            default=default_of(LengthConfig, "random_output_len"),
             show_default=True,
             help="Output tokens per request (same rules as --random-input-len).",
         ),
         click.option(
             "--random-range-ratio",
             type=Number(min=0, max=1, max_open=True),
-            default=0.0,
+            default=default_of(LengthConfig, "random_range_ratio"),
             show_default=True,
             help="Lengths uniform in [len·(1−r), len·(1+r)].",
         ),
@@ -175,14 +187,14 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--time-scale",
             type=POSITIVE,
-            default=1.0,
+            default=default_of(WorkloadConfig, "time_scale"),
             show_default=True,
             help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
         ),
         click.option(
             "--start",
             type=NON_NEGATIVE,
-            default=0.0,
+            default=default_of(WorkloadConfig, "start_s"),
             help="Trace (or schedule) seconds to skip.",
         ),
         click.option(
@@ -210,53 +222,53 @@ def workload_options(f: Any) -> Any:
         ),
         click.option(
             "--window-start-column",
-            default="window_start_ms",
+            default=default_of(ParametricConfig, "window_start_column"),
             show_default=True,
             help="--gamma-params-csv: window start column (ms).",
         ),
         click.option(
             "--window-end-column",
-            default="window_end_ms",
+            default=default_of(ParametricConfig, "window_end_column"),
             show_default=True,
             help="--gamma-params-csv: window end column (ms).",
         ),
         click.option(
             "--gamma-shape-column",
-            default="gamma_shape",
+            default=default_of(ParametricConfig, "gamma_shape_column"),
             show_default=True,
             help="--gamma-params-csv: Gamma shape column.",
         ),
         click.option(
             "--gamma-scale-column",
-            default="gamma_scale",
+            default=default_of(ParametricConfig, "gamma_scale_column"),
             show_default=True,
             help="--gamma-params-csv: Gamma scale column (ms).",
         ),
         click.option(
             "--parametric-window-seconds",
             type=POSITIVE,
-            default=300.0,
+            default=default_of(ParametricConfig, "window_s"),
             show_default=True,
             help="parametric: window length when the file gives only window starts.",
         ),
         click.option(
             "--parametric-extension-mode",
             type=click.Choice(["repeat_jitter", "model_sample"]),
-            default="repeat_jitter",
+            default=default_of(ParametricConfig, "extension_mode"),
             show_default=True,
             help="How windows past the parameter file's end are made.",
         ),
         click.option(
             "--parametric-jitter-ratio",
             type=NON_NEGATIVE,
-            default=0.05,
+            default=default_of(ParametricConfig, "jitter_ratio"),
             show_default=True,
             help="repeat_jitter: relative jitter of repeated windows' rates.",
         ),
         click.option(
             "--parametric-arrivals",
             type=click.Choice(["auto", "gamma"]),
-            default="auto",
+            default=default_of(ParametricConfig, "arrivals"),
             show_default=True,
             help="auto: the per-window family `fineserve fit` chose (Gamma, Weibull, "
             "Exponential) when the file records it; gamma: the Gamma columns (FineServe).",
@@ -273,7 +285,7 @@ def workload_options(f: Any) -> Any:
         ),
         click.option(
             "--class-lengths/--no-class-lengths",
-            default=True,
+            default=default_of(ParametricConfig, "class_lengths"),
             show_default=True,
             help="parametric: draw lengths from a class's fitted histogram "
             "(Parametric/lengths/<class>_lengths.json) when present, instead of --random-*.",
@@ -281,7 +293,7 @@ def workload_options(f: Any) -> Any:
         click.option(
             "--parametric-nb-zero",
             type=click.Choice(["truncate", "empty"]),
-            default="truncate",
+            default=default_of(ParametricConfig, "nb_zero"),
             show_default=True,
             help="A zero NB draw is redrawn (truncate) or empties its slot.",
         ),
@@ -333,7 +345,7 @@ def blast_options(f: Any) -> Any:
         click.option(
             "--backend",
             type=click.Choice(BACKENDS),
-            default="vllm",
+            default=default_of(TargetConfig, "backend"),
             show_default=True,
             help="Request body dialect and default path (vllm/sglang send ignore_eos and "
             "min_tokens for exact output lengths).",
@@ -362,7 +374,7 @@ def blast_options(f: Any) -> Any:
         ),
         click.option(
             "--turn-affinity/--no-turn-affinity",
-            default=True,
+            default=default_of(TargetConfig, "turn_affinity"),
             show_default=True,
             help="Send a conversation's later turns to the server that answered its "
             "previous turn (as session-sticky routers do, so its prefix cache can help).",
@@ -387,7 +399,7 @@ def blast_options(f: Any) -> Any:
         click.option(
             "--dataset-name",
             type=click.Choice(["random", "sharegpt"]),
-            default="random",
+            default=default_of(PromptConfig, "dataset_name"),
             show_default=True,
             help="vLLM's: random = generated prompts of the workload's lengths; sharegpt = "
             "prompts cut from --dataset-path (lengths still the workload's, not the dataset's).",
@@ -406,7 +418,7 @@ def blast_options(f: Any) -> Any:
         ),
         click.option(
             "--prompt-suffix",
-            default="",
+            default=default_of(PromptConfig, "prompt_suffix"),
             help="Text appended to every prompt, then 'Assistant:' (FineServe's Generator).",
         ),
         click.option(
@@ -419,7 +431,7 @@ def blast_options(f: Any) -> Any:
         click.option(
             "--prefix-block-size",
             type=click.IntRange(min=1),
-            default=512,
+            default=default_of(PromptConfig, "prefix_block_size"),
             show_default=True,
             help="Tokens per hash_ids block (Mooncake/Qwen-Bailian traces): equal ids give "
             "identical blocks, so a prefix cache sees the trace's sharing.",
@@ -427,19 +439,19 @@ def blast_options(f: Any) -> Any:
         click.option(
             "--shared-prefix-groups",
             type=click.IntRange(min=0),
-            default=0,
+            default=default_of(PromptConfig, "shared_prefix_groups"),
             help="Synthetic prefix sharing: request i uses group (i mod G)'s prefix.",
         ),
         click.option(
             "--shared-prefix-len",
             type=click.IntRange(min=0),
-            default=0,
+            default=default_of(PromptConfig, "shared_prefix_len"),
             help="Tokens of the shared prefix per group (the rest of a prompt is its own).",
         ),
         click.option(
             "--prompt-check",
             type=click.Choice(["sample", "all", "off"]),
-            default="sample",
+            default=default_of(PromptConfig, "prompt_check"),
             show_default=True,
             help="Re-encode prompts to check their length: a sample of each chunk (all of "
             "them once one is off), every prompt, or none.",
@@ -457,7 +469,7 @@ def blast_options(f: Any) -> Any:
             "--warmup-requests",
             "--num-warmups",
             type=click.IntRange(min=0),
-            default=1,
+            default=default_of(EngineConfig, "warmup_requests"),
             show_default=True,
             help="Requests sent (and discarded) before the timed run.",
         ),
@@ -503,20 +515,20 @@ def blast_options(f: Any) -> Any:
         ),
         click.option(
             "--percentile-metrics",
-            default="ttft,tpot,itl,e2el",
+            default=",".join(default_of(MetricsConfig, "percentile_metrics")),
             show_default=True,
             help="Metrics that get the --metric-percentiles keys (vLLM).",
         ),
         click.option(
             "--metric-percentiles",
-            default="99",
+            default=",".join(f"{q:g}" for q in default_of(MetricsConfig, "metric_percentiles")),
             show_default=True,
             help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
         ),
         click.option(
             "--metrics-window",
             type=POSITIVE,
-            default=10.0,
+            default=default_of(MetricsConfig, "window_s"),
             show_default=True,
             help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
             "TTFT/ITL mean and p99, ITL jitter).",
@@ -533,33 +545,37 @@ def blast_options(f: Any) -> Any:
             help="Connections opened before the start (default: peak requests in any 1 s, capped).",
         ),
         click.option(
-            "--connect-timeout", type=POSITIVE, default=10.0, show_default=True, help="Seconds."
+            "--connect-timeout",
+            type=POSITIVE,
+            default=default_of(EngineConfig, "connect_timeout_s"),
+            show_default=True,
+            help="Seconds.",
         ),
         click.option(
             "--first-byte-timeout",
             type=POSITIVE,
-            default=600.0,
+            default=default_of(EngineConfig, "first_byte_timeout_s"),
             show_default=True,
             help="Seconds until response headers.",
         ),
         click.option(
             "--idle-timeout",
             type=POSITIVE,
-            default=600.0,
+            default=default_of(EngineConfig, "idle_timeout_s"),
             show_default=True,
             help="Seconds without a byte mid-response.",
         ),
         click.option(
             "--request-timeout",
             type=POSITIVE,
-            default=3600.0,
+            default=default_of(EngineConfig, "request_timeout_s"),
             show_default=True,
             help="Seconds for a whole request.",
         ),
         click.option(
             "--max-response-mb",
             type=click.FloatRange(min=0, min_open=True),
-            default=64.0,
+            default=default_of(EngineConfig, "max_response_mb"),
             show_default=True,
             help="A longer response fails as too_large (a runaway or endless answer).",
         ),
@@ -572,7 +588,7 @@ def blast_options(f: Any) -> Any:
         click.option(
             "--drain-grace",
             type=POSITIVE,
-            default=30.0,
+            default=default_of(EngineConfig, "drain_grace_s"),
             show_default=True,
             help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
         ),
@@ -599,7 +615,7 @@ def ray_options(f: Any) -> Any:
         click.option(
             "--workers",
             type=click.IntRange(min=1),
-            default=2,
+            default=default_of(RayConfig, "workers"),
             show_default=True,
             help="Ray workers (engine instances) the schedule is split over (with --ray).",
         ),
