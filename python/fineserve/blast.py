@@ -19,7 +19,7 @@ from .limits import connection_budget, expected_peak_in_flight
 from .metrics import MetricsAccumulator
 from .metrics.sink import MetricsSink
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
-from .prompts.builder import select_builder
+from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .results import RequestsWriter, run_meta
 from .runner import EngineOptions, StreamOutcome, default_lanes, run_stream
@@ -31,6 +31,8 @@ from .workloads.spec import Workload, build_workload, format_duration, plan_work
 AUTO_WARM_CAP = 16_384
 #: Runs that send for longer than this are called out before they start.
 LONG_RUN_S = 600.0
+#: Labels the metrics are broken down by.
+BREAKDOWNS = ("class", "endpoint", "model")
 
 
 @dataclass
@@ -162,15 +164,7 @@ def run_blast(
         cfg.prompts, seed, first, chat=chat, quiet=quiet, is_mock=is_mock
     )
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
-    shapes = RequestShapes(
-        builder,
-        targets.templates,
-        targets.model,
-        targets.class_models,
-        targets.deployment,
-        dataset_output_lens,
-        mock_fields=is_mock,
-    )
+    shapes = RequestShapes.for_targets(builder, targets, dataset_output_lens, mock_fields=is_mock)
     sizing = size_engine(cfg, first, targets, is_mock)
     mode = workload.info.get("mode", cfg.workload.mode)
     total = workload.total
@@ -186,15 +180,10 @@ def run_blast(
     if cfg.output.save_requests is not None:
         meta = run_meta(cfg, targets.urls, targets.model, workload.info)
         writer = RequestsWriter(cfg.output.save_requests, meta)
-    sink = MetricsSink(
-        MetricsAccumulator(
-            slos=dict(cfg.metrics.slos),
-            window_s=cfg.metrics.window_s,
-            groups=("class", "endpoint", "model"),
-        ),
-        writer,
-        targets.urls,
+    accumulator = MetricsAccumulator(
+        slos=dict(cfg.metrics.slos), window_s=cfg.metrics.window_s, groups=BREAKDOWNS
     )
+    sink = MetricsSink(accumulator, writer, targets.urls)
     schedule_digest = ScheduleDigest()
     prefix = PrefixHitCounter(builder.block_size)
     generated: dict[str, Any] = {}
@@ -223,21 +212,7 @@ def run_blast(
             except Exception as e:  # never in place of the error that stopped the run
                 warn(f"closing the request records failed too: {e}")
         raise
-    metrics = sink.acc.result(
-        percentile_metrics=cfg.metrics.percentile_metrics,
-        metric_percentiles=cfg.metrics.metric_percentiles,
-    )
-    metrics["prefix_hit_rate_theoretical"] = prefix.rate
-    if outcome.workers:
-        metrics["workers"] = outcome.workers
-    if isinstance(builder, TokenizedPromptBuilder):
-        metrics["prompt_check"] = {
-            "checked": builder.report.checked,
-            "repaired": builder.report.repaired,
-            "mismatched": builder.report.mismatched,
-        }
-        if not quiet:
-            note(builder.report.summary())
+    metrics = _metrics(cfg, sink, prefix, builder, outcome, quiet)
     header = _header(cfg, mode, metrics, sizing, targets)
     digest = schedule_digest.hexdigest()
     if writer is not None:
@@ -262,6 +237,34 @@ def run_blast(
         writer,
         digest,
     )
+
+
+def _metrics(
+    cfg: BlastConfig,
+    sink: MetricsSink,
+    prefix: PrefixHitCounter,
+    builder: PromptBuilder,
+    outcome: StreamOutcome,
+    quiet: bool,
+) -> dict[str, Any]:
+    """The run's metrics, with the schedule's prefix sharing, the workers and the prompt
+    check."""
+    metrics = sink.acc.result(
+        percentile_metrics=cfg.metrics.percentile_metrics,
+        metric_percentiles=cfg.metrics.metric_percentiles,
+    )
+    metrics["prefix_hit_rate_theoretical"] = prefix.rate
+    if outcome.workers:
+        metrics["workers"] = outcome.workers
+    if isinstance(builder, TokenizedPromptBuilder):
+        metrics["prompt_check"] = {
+            "checked": builder.report.checked,
+            "repaired": builder.report.repaired,
+            "mismatched": builder.report.mismatched,
+        }
+        if not quiet:
+            note(builder.report.summary())
+    return metrics
 
 
 def _header(

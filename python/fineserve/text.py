@@ -17,55 +17,78 @@ def format_workers(workers: list[dict[str, Any]]) -> str:
     return _format_workers(workers)
 
 
-def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
-    """FineServe's summary table (same labels and widths), then accounting and dispatch lag."""
-    lines = ["{s:{c}^{n}}".format(s=" Serving Benchmark Result ", n=50, c="=")]
+class _Table:
+    """The summary's rows: a label padded to 40 columns, then the value."""
 
-    def row(label: str, value: Any, fmt: str = "") -> None:
+    def __init__(self, title: str) -> None:
+        self.lines = ["{s:{c}^{n}}".format(s=f" {title} ", n=50, c="=")]
+
+    def row(self, label: str, value: Any, fmt: str = "") -> None:
         text = format(value, fmt) if fmt else str(value)
-        lines.append(f"{label:<40} {text:<10}")
+        self.lines.append(f"{label:<40} {text:<10}")
 
-    def section(title: str) -> None:
-        lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
+    def section(self, title: str) -> None:
+        self.lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
 
-    row("Backend:", header.get("backend"))
-    row("Request generation mode:", header.get("mode"))
-    row("Traffic request rate:", header.get("request_rate"))
-    row("Max request concurrency:", header.get("max_concurrency") or "not set")
-    row("Successful requests:", m["completed"])
-    row("Failed requests:", m["failed"])
-    row("Benchmark duration (s):", m["duration"], ".2f")
-    row("Total input tokens:", m["total_input_tokens"])
-    row("Total generated tokens:", m["total_output_tokens"])
-    row("Request throughput (req/s):", m["request_throughput"], ".2f")
-    row("Input token throughput (tok/s):", m["input_throughput"], ".2f")
-    row("Output token throughput (tok/s):", m["output_throughput"], ".2f")
-    row("Total token throughput (tok/s):", m["total_token_throughput"], ".2f")
+
+def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
+    """FineServe's summary table (same labels and widths), then reasoning, dispatch
+    fidelity, prompts, accounting and breakdowns."""
+    t = _Table("Serving Benchmark Result")
+    _summary_totals(t, m, header)
+    _summary_latencies(t, m)
+    _summary_reasoning(t, m)
+    _summary_dispatch(t, m, header)
+    _summary_prompts(t, m)
+    _summary_accounting(t, m)
+    _summary_footer(t, m)
+    return "\n".join(t.lines)
+
+
+def _summary_totals(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> None:
+    """The header and FineServe's totals and throughputs."""
+    t.row("Backend:", header.get("backend"))
+    t.row("Request generation mode:", header.get("mode"))
+    t.row("Traffic request rate:", header.get("request_rate"))
+    t.row("Max request concurrency:", header.get("max_concurrency") or "not set")
+    t.row("Successful requests:", m["completed"])
+    t.row("Failed requests:", m["failed"])
+    t.row("Benchmark duration (s):", m["duration"], ".2f")
+    t.row("Total input tokens:", m["total_input_tokens"])
+    t.row("Total generated tokens:", m["total_output_tokens"])
+    t.row("Request throughput (req/s):", m["request_throughput"], ".2f")
+    t.row("Input token throughput (tok/s):", m["input_throughput"], ".2f")
+    t.row("Output token throughput (tok/s):", m["output_throughput"], ".2f")
+    t.row("Total token throughput (tok/s):", m["total_token_throughput"], ".2f")
     if m.get("request_goodput") is not None:
         slos = ", ".join(f"{k} <= {v:g} ms" for k, v in m["goodput_slos_ms"].items())
-        row("Request goodput (req/s):", m["request_goodput"], ".2f")
-        row("  good requests:", f"{m['good_requests']} ({slos})")
-    row("Concurrency:", m["concurrency"], ".2f")
-    row("Peak output token throughput (tok/s):", m["max_output_tokens_per_s"], ".2f")
-    row("Peak concurrent requests:", m["max_concurrent_requests"])
-    section("End-to-End Latency")
-    row("Mean E2E Latency (ms):", m["mean_e2e_latency_ms"], ".2f")
-    row("Median E2E Latency (ms):", m["median_e2e_latency_ms"], ".2f")
-    row("P99 E2E Latency (ms):", m["p99_e2e_latency_ms"], ".2f")
-    section("Time to First Token")
-    row("Mean TTFT (ms):", m["mean_ttft_ms"], ".2f")
-    row("Median TTFT (ms):", m["median_ttft_ms"], ".2f")
-    row("P99 TTFT (ms):", m["p99_ttft_ms"], ".2f")
-    section("Inter-Token Latency")
-    row("Mean ITL (ms):", m["mean_itl_ms"], ".2f")
-    row("Median ITL (ms):", m["median_itl_ms"], ".2f")
-    row("P95 ITL (ms):", m["p95_itl_ms"], ".2f")
-    row("P99 ITL (ms):", m["p99_itl_ms"], ".2f")
-    row("Max ITL (ms):", m["max_itl_ms"], ".2f")
-    row("Mean TPOT (ms):", m["mean_tpot_ms"], ".2f")
-    row("Median TPOT (ms):", m["median_tpot_ms"], ".2f")
-    row("P99 TPOT (ms):", m["p99_tpot_ms"], ".2f")
-    shown = {"p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms", "p95_itl_ms", "p99_e2el_ms"}
+        t.row("Request goodput (req/s):", m["request_goodput"], ".2f")
+        t.row("  good requests:", f"{m['good_requests']} ({slos})")
+    t.row("Concurrency:", m["concurrency"], ".2f")
+    t.row("Peak output token throughput (tok/s):", m["max_output_tokens_per_s"], ".2f")
+    t.row("Peak concurrent requests:", m["max_concurrent_requests"])
+
+
+def _summary_latencies(t: _Table, m: dict[str, Any]) -> None:
+    """E2E, TTFT, ITL and TPOT, and any requested percentiles."""
+    t.section("End-to-End Latency")
+    t.row("Mean E2E Latency (ms):", m["mean_e2e_latency_ms"], ".2f")
+    t.row("Median E2E Latency (ms):", m["median_e2e_latency_ms"], ".2f")
+    t.row("P99 E2E Latency (ms):", m["p99_e2e_latency_ms"], ".2f")
+    t.section("Time to First Token")
+    t.row("Mean TTFT (ms):", m["mean_ttft_ms"], ".2f")
+    t.row("Median TTFT (ms):", m["median_ttft_ms"], ".2f")
+    t.row("P99 TTFT (ms):", m["p99_ttft_ms"], ".2f")
+    t.section("Inter-Token Latency")
+    t.row("Mean ITL (ms):", m["mean_itl_ms"], ".2f")
+    t.row("Median ITL (ms):", m["median_itl_ms"], ".2f")
+    t.row("P95 ITL (ms):", m["p95_itl_ms"], ".2f")
+    t.row("P99 ITL (ms):", m["p99_itl_ms"], ".2f")
+    t.row("Max ITL (ms):", m["max_itl_ms"], ".2f")
+    t.row("Mean TPOT (ms):", m["mean_tpot_ms"], ".2f")
+    t.row("Median TPOT (ms):", m["median_tpot_ms"], ".2f")
+    t.row("P99 TPOT (ms):", m["p99_tpot_ms"], ".2f")
+    shown = {"p99_ttft_ms", "p99_tpot_ms", "p99_itl_ms", "p95_itl_ms", "p99_e2el_ms", "p99_ttfo_ms"}
     more = [
         k
         for k in m
@@ -76,101 +99,120 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
         and k[1].isdigit()
     ]
     if more:
-        section("Requested percentiles")
+        t.section("Requested percentiles")
         for k in more:
             q, name = k[1:].split("_", 1)
-            row(f"P{q} {name[:-3].upper()} (ms):", m[k], ".2f")
+            t.row(f"P{q} {name[:-3].upper()} (ms):", m[k], ".2f")
+
+
+def _summary_reasoning(t: _Table, m: dict[str, Any]) -> None:
+    """TTFO and the reasoning phase, when the run had any."""
     if m.get("total_reasoning_tokens") or (
         m.get("mean_ttfo_ms") and abs(m["mean_ttfo_ms"] - m["mean_ttft_ms"]) > 1e-6
     ):
-        section("Reasoning and answer")
-        row("Mean TTFO, first answer token (ms):", m["mean_ttfo_ms"], ".2f")
-        row("Median TTFO (ms):", m["median_ttfo_ms"], ".2f")
-        row("P99 TTFO (ms):", m["p99_ttfo_ms"], ".2f")
+        t.section("Reasoning and answer")
+        t.row("Mean TTFO, first answer token (ms):", m["mean_ttfo_ms"], ".2f")
+        t.row("Median TTFO (ms):", m["median_ttfo_ms"], ".2f")
+        t.row("P99 TTFO (ms):", m["p99_ttfo_ms"], ".2f")
         share = f"{100 * m['reasoning_token_share']:.2f}"
         if m.get("reasoning_token_share_scheduled") is not None:
             share += f" (scheduled {100 * m['reasoning_token_share_scheduled']:.2f})"
-        row("Reasoning tokens:", m["total_reasoning_tokens"])
-        row("Reasoning share of output (%):", share)
-        row("Mean reasoning time (ms):", m["mean_reasoning_time_ms"], ".2f")
-        row("P99 reasoning time (ms):", m["p99_reasoning_time_ms"], ".2f")
-        row("Mean ITL, reasoning / answer (ms):",
+        t.row("Reasoning tokens:", m["total_reasoning_tokens"])
+        t.row("Reasoning share of output (%):", share)
+        t.row("Mean reasoning time (ms):", m["mean_reasoning_time_ms"], ".2f")
+        t.row("P99 reasoning time (ms):", m["p99_reasoning_time_ms"], ".2f")
+        t.row("Mean ITL, reasoning / answer (ms):",
             f"{m['mean_reasoning_itl_ms']:.2f} / {m['mean_answer_itl_ms']:.2f}")  # fmt: skip
-        row("P99 ITL, reasoning / answer (ms):",
+        t.row("P99 ITL, reasoning / answer (ms):",
             f"{m['p99_reasoning_itl_ms']:.2f} / {m['p99_answer_itl_ms']:.2f}")  # fmt: skip
-        row("Mean answer TPOT (ms):", m["mean_answer_tpot_ms"], ".2f")
-    section("From scheduled send")
-    row("Mean TTFT from scheduled (ms):", m["mean_ttft_from_scheduled_ms"], ".2f")
-    row("P99 TTFT from scheduled (ms):", m["p99_ttft_from_scheduled_ms"], ".2f")
-    row("Mean E2E from scheduled (ms):", m["mean_e2el_from_scheduled_ms"], ".2f")
-    row("P99 E2E from scheduled (ms):", m["p99_e2el_from_scheduled_ms"], ".2f")
-    section("Dispatch (sent - scheduled)")
-    row("P50 dispatch lag (us):", m["p50_dispatch_lag_us"], ".1f")
-    row("P99 dispatch lag (us):", m["p99_dispatch_lag_us"], ".1f")
-    row("Max dispatch lag (us):", m["max_dispatch_lag_us"], ".1f")
-    row("Sent in scheduled ms (%):", 100 * m["sent_in_scheduled_ms_fraction"], ".2f")
+        t.row("Mean answer TPOT (ms):", m["mean_answer_tpot_ms"], ".2f")
+
+
+def _summary_dispatch(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> None:
+    """Latency from the scheduled send, and how well the schedule was kept."""
+    t.section("From scheduled send")
+    t.row("Mean TTFT from scheduled (ms):", m["mean_ttft_from_scheduled_ms"], ".2f")
+    t.row("P99 TTFT from scheduled (ms):", m["p99_ttft_from_scheduled_ms"], ".2f")
+    t.row("Mean E2E from scheduled (ms):", m["mean_e2el_from_scheduled_ms"], ".2f")
+    t.row("P99 E2E from scheduled (ms):", m["p99_e2el_from_scheduled_ms"], ".2f")
+    t.section("Dispatch (sent - scheduled)")
+    t.row("P50 dispatch lag (us):", m["p50_dispatch_lag_us"], ".1f")
+    t.row("P99 dispatch lag (us):", m["p99_dispatch_lag_us"], ".1f")
+    t.row("Max dispatch lag (us):", m["max_dispatch_lag_us"], ".1f")
+    t.row("Sent in scheduled ms (%):", 100 * m["sent_in_scheduled_ms_fraction"], ".2f")
     burst, lanes = header.get("max_burst_per_ms") or 0, header.get("lanes")
     if m["sent_in_scheduled_ms_fraction"] < 0.95 and burst > 1 and lanes:
         # A burst leaves one request after another on each lane: say so, or 40 % looks
         # like a broken engine on a first run of 100 requests at once.
-        lines.append(
+        t.lines.append(
             f"  (up to {burst} requests were due in one ms, sent by {lanes} lane"
             f"{'s' if lanes > 1 else ''}: a burst takes ~{burst // lanes} sends per lane; "
             "--lanes adds senders)"
         )
     if m.get("burst_sent_in_slot_fraction") is not None:
-        row(
+        t.row(
             "Burst members in their slot (%):",
             f"{100 * m['burst_sent_in_slot_fraction']:.2f} (of {m['burst_members_sent']})",
         )
     if m.get("sustained_fraction") is not None:
-        row(
+        t.row(
             "Offered / sustained rate (req/s):",
             f"{m['offered_request_rate']:.2f} / {m['sustained_request_rate']:.2f}",
         )
-    row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
+    t.row("Arrivals/s vs schedule, error (%):", 100 * m.get("arrival_rate_error", 0.0), ".2f")
+
+
+def _summary_prompts(t: _Table, m: dict[str, Any]) -> None:
+    """Prefix-cache hit rates and the prompt-length check."""
     measured = m.get("prefix_hit_rate_measured")
     if m.get("prefix_hit_rate_theoretical") or m.get("prompt_check") or measured is not None:
-        section("Prompts")
+        t.section("Prompts")
     if m.get("prefix_hit_rate_theoretical"):
-        row("Prefix-cache hit rate, theor. (%):", 100 * m["prefix_hit_rate_theoretical"], ".2f")
+        t.row("Prefix-cache hit rate, theor. (%):", 100 * m["prefix_hit_rate_theoretical"], ".2f")
     if measured is not None:
-        row("Prefix-cache hit rate, measured (%):", 100 * measured, ".2f")
+        t.row("Prefix-cache hit rate, measured (%):", 100 * measured, ".2f")
     if m.get("prompt_check"):
         pc = m["prompt_check"]
-        row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
-    section("Accounting")
-    row("Scheduled:", m["scheduled"])
-    row("Sent:", m["sent"])
-    row("  succeeded:", m["completed"])
-    row("  failed:", m["failed"])
+        t.row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
+
+
+def _summary_accounting(t: _Table, m: dict[str, Any]) -> None:
+    """Every scheduled request, by outcome; breakdowns with two values or more."""
+    t.section("Accounting")
+    t.row("Scheduled:", m["scheduled"])
+    t.row("Sent:", m["sent"])
+    t.row("  succeeded:", m["completed"])
+    t.row("  failed:", m["failed"])
     for name, count in m["errors_by_kind"].items():
         if name != "not_sent":
-            row(f"    {name}:", count)
-    row("Not sent:", m["not_sent"])
+            t.row(f"    {name}:", count)
+    t.row("Not sent:", m["not_sent"])
     if m.get("not_reached"):
-        row("Not reached (stopped):", m["not_reached"])
+        t.row("Not reached (stopped):", m["not_reached"])
     for group, values in m.get("breakdown", {}).items():
         if len(values) < 2:
             continue
-        section(f"By {group}")
+        t.section(f"By {group}")
         for value, sub in values.items():
             hit = sub.get("prefix_hit_rate_measured")
-            row(
+            t.row(
                 f"  {value[:22]}:",
                 f"{sub['completed']} ok, {sub['failed']} failed, "
                 f"TTFT p99 {sub['p99_ttft_ms']:.1f} ms, TPOT p99 {sub['p99_tpot_ms']:.1f} ms"
                 + (f", cache hits {100 * hit:.1f}%" if hit is not None else ""),
             )
-    lines.append("=" * 50)
+
+
+def _summary_footer(t: _Table, m: dict[str, Any]) -> None:
+    """The first error of each kind, and notices."""
+    t.lines.append("=" * 50)
     for name, msg in m["first_error_by_kind"].items():
-        lines.append(f"first {name} error: {one_line(msg, limit=200)}")
+        t.lines.append(f"first {name} error: {one_line(msg, limit=200)}")
     if m.get("usage_ignored"):
-        lines.append(
+        t.lines.append(
             f"note: {m['usage_ignored']} responses carried usage fields of unexpected types "
             "(ignored; token counts fell back to counted events)"
         )
-    return "\n".join(lines)
 
 
 def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:

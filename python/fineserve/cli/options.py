@@ -83,238 +83,541 @@ def mock_options(f: Any) -> Any:
     return fault_options("mock-")(f)
 
 
+#: Arrivals and the schedule (WorkloadConfig).
+_SCHEDULE_OPTIONS: list[Any] = [
+    click.option(
+        "--mode",
+        type=click.Choice(MODES),
+        default=default_of(WorkloadConfig, "mode"),
+        show_default=True,
+        help="How arrivals and lengths are made.",
+    ),
+    click.option(
+        "--schedule",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Replay a schedule written by `fineserve generate` exactly (overrides --mode).",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=default_of(WorkloadConfig, "seed"),
+        show_default=True,
+        help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
+    ),
+    click.option(
+        "--num-prompts",
+        type=click.IntRange(min=1),
+        help="Requests (poisson; default 100) or a cap on the others.",
+    ),
+    click.option(
+        "--request-rate",
+        type=Number(min=0, min_open=True, allow_inf=True),
+        default=default_of(WorkloadConfig, "request_rate"),
+        show_default=True,
+        help="poisson: requests/s (inf = all at once); servegen/burstgpt: target mean rate.",
+    ),
+    click.option(
+        "--burstiness",
+        type=POSITIVE,
+        default=default_of(WorkloadConfig, "burstiness"),
+        show_default=True,
+        help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
+    ),
+    click.option("--ramp", type=click.Choice(["linear", "step"]), help="poisson: rate ramp."),
+    click.option(
+        "--ramp-start-rate",
+        type=POSITIVE,
+        default=default_of(RampConfig, "start_rate"),
+        show_default=True,
+        help="poisson --ramp: requests/s at the start.",
+    ),
+    click.option(
+        "--ramp-end-rate",
+        type=POSITIVE,
+        default=default_of(RampConfig, "end_rate"),
+        show_default=True,
+        help="poisson --ramp: requests/s at the end.",
+    ),
+    click.option(
+        "--ramp-steps",
+        type=click.IntRange(min=1),
+        default=default_of(RampConfig, "steps"),
+        show_default=True,
+        help="poisson --ramp step: number of rate steps.",
+    ),
+    click.option(
+        "--time-scale",
+        type=POSITIVE,
+        default=default_of(WorkloadConfig, "time_scale"),
+        show_default=True,
+        help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
+    ),
+    click.option(
+        "--start",
+        type=NON_NEGATIVE,
+        default=default_of(WorkloadConfig, "start_s"),
+        help="Trace (or schedule) seconds to skip.",
+    ),
+    click.option(
+        "--duration",
+        type=POSITIVE,
+        help="Trace (or schedule) seconds to generate or replay; the run lasts "
+        "duration / time-scale.",
+    ),
+]
+
+#: Request lengths where the workload has none (LengthConfig).
+_LENGTH_OPTIONS: list[Any] = [
+    click.option(
+        "--random-input-len",
+        type=TOKENS,
+        default=default_of(LengthConfig, "random_input_len"),
+        show_default=True,
+        help="Input tokens per request (poisson; and wherever a workload has no lengths "
+        "of its own, which is announced).",
+    ),
+    click.option(
+        "--random-output-len",
+        type=TOKENS,
+        default=default_of(LengthConfig, "random_output_len"),
+        show_default=True,
+        help="Output tokens per request (same rules as --random-input-len).",
+    ),
+    click.option(
+        "--random-range-ratio",
+        type=Number(min=0, max=1, max_open=True),
+        default=default_of(LengthConfig, "random_range_ratio"),
+        show_default=True,
+        help="Lengths uniform in [len·(1−r), len·(1+r)].",
+    ),
+    click.option(
+        "--request-lengths-csv",
+        type=click.Path(path_type=Path),
+        help="Sample (input, output) length pairs from this CSV (poisson/parametric).",
+    ),
+]
+
+#: Trace files and how to read them (TraceReadConfig).
+_TRACE_OPTIONS: list[Any] = [
+    click.option(
+        "--request-trace-csv",
+        type=click.Path(path_type=Path),
+        help="replay: FineServe-style trace CSV.",
+    ),
+    click.option(
+        "--trace",
+        type=click.Path(path_type=Path),
+        help="replay/burstgpt: a trace in any supported format (detected from content).",
+    ),
+    trace_format_options,
+]
+
+#: FineServe parametric (ParametricConfig).
+_PARAMETRIC_OPTIONS: list[Any] = [
+    click.option(
+        "--model-class",
+        multiple=True,
+        help="parametric: FineServe class (e.g. Dense_lt10B); repeat to mix classes.",
+    ),
+    click.option(
+        "--datasets-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory with Parametric/gamma, Parametric/nb and Parametric/lengths "
+        "(also $FINESERVE_DATASETS, then the project's datasets/).",
+    ),
+    click.option(
+        "--gamma-params-csv",
+        type=click.Path(path_type=Path),
+        help="parametric: a per-window Gamma parameter CSV (FineServe's format) instead "
+        "of --model-class.",
+    ),
+    click.option(
+        "--window-start-column",
+        default=default_of(ParametricConfig, "window_start_column"),
+        show_default=True,
+        help="--gamma-params-csv: window start column (ms).",
+    ),
+    click.option(
+        "--window-end-column",
+        default=default_of(ParametricConfig, "window_end_column"),
+        show_default=True,
+        help="--gamma-params-csv: window end column (ms).",
+    ),
+    click.option(
+        "--gamma-shape-column",
+        default=default_of(ParametricConfig, "gamma_shape_column"),
+        show_default=True,
+        help="--gamma-params-csv: Gamma shape column.",
+    ),
+    click.option(
+        "--gamma-scale-column",
+        default=default_of(ParametricConfig, "gamma_scale_column"),
+        show_default=True,
+        help="--gamma-params-csv: Gamma scale column (ms).",
+    ),
+    click.option(
+        "--parametric-window-seconds",
+        type=POSITIVE,
+        default=default_of(ParametricConfig, "window_s"),
+        show_default=True,
+        help="parametric: window length when the file gives only window starts.",
+    ),
+    click.option(
+        "--parametric-extension-mode",
+        type=click.Choice(["repeat_jitter", "model_sample"]),
+        default=default_of(ParametricConfig, "extension_mode"),
+        show_default=True,
+        help="How windows past the parameter file's end are made.",
+    ),
+    click.option(
+        "--parametric-jitter-ratio",
+        type=NON_NEGATIVE,
+        default=default_of(ParametricConfig, "jitter_ratio"),
+        show_default=True,
+        help="repeat_jitter: relative jitter of repeated windows' rates.",
+    ),
+    click.option(
+        "--parametric-arrivals",
+        type=click.Choice(["auto", "gamma"]),
+        default=default_of(ParametricConfig, "arrivals"),
+        show_default=True,
+        help="auto: the per-window family `fineserve fit` chose (Gamma, Weibull, "
+        "Exponential) when the file records it; gamma: the Gamma columns (FineServe).",
+    ),
+    click.option(
+        "--parametric-nb-json",
+        type=click.Path(path_type=Path),
+        help="NB micro-burst parameters (enables the NB layer for any class).",
+    ),
+    click.option(
+        "--disable-parametric-nb-lt10b",
+        is_flag=True,
+        help="No NB micro-bursts for *lt10B* classes.",
+    ),
+    click.option(
+        "--class-lengths/--no-class-lengths",
+        default=default_of(ParametricConfig, "class_lengths"),
+        show_default=True,
+        help="parametric: draw lengths from a class's fitted histogram "
+        "(Parametric/lengths/<class>_lengths.json) when present, instead of --random-*.",
+    ),
+    click.option(
+        "--parametric-nb-zero",
+        type=click.Choice(["truncate", "empty"]),
+        default=default_of(ParametricConfig, "nb_zero"),
+        show_default=True,
+        help="A zero NB draw is redrawn (truncate) or empties its slot.",
+    ),
+]
+
+#: ServeGen and BurstGPT.
+_SERVEGEN_BURSTGPT_OPTIONS: list[Any] = [
+    click.option(
+        "--servegen-pool",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="servegen: directory of chunk-<i>-trace.csv / chunk-<i>-dataset.json.",
+    ),
+    click.option("--servegen-clients", help="servegen: client ids to use, e.g. 0,1."),
+    click.option(
+        "--burstgpt-params",
+        type=click.Path(path_type=Path),
+        help="burstgpt: parameter JSON (else fitted from --trace).",
+    ),
+    click.option(
+        "--rate-scale",
+        type=POSITIVE,
+        help="servegen/burstgpt: multiply every rate (instead of --request-rate).",
+    ),
+]
+
+#: Servers and request bodies (TargetConfig).
+_TARGET_OPTIONS: list[Any] = [
+    click.option(
+        "--backend",
+        type=click.Choice(BACKENDS),
+        default=default_of(TargetConfig, "backend"),
+        show_default=True,
+        help="Request body dialect and default path (vllm/sglang send ignore_eos and "
+        "min_tokens for exact output lengths).",
+    ),
+    click.option(
+        "--base-url",
+        multiple=True,
+        help="Server base URL, e.g. http://10.0.0.5:8000; repeat for a deployment of "
+        "several instances. Without it (and without --host/--port) the embedded mock "
+        "is started.",
+    ),
+    click.option(
+        "--route",
+        multiple=True,
+        metavar="POLICY | CLASS=URL[,URL...]",
+        help="How requests spread over several --base-url: round-robin (default), or "
+        "least-outstanding (decided when each request leaves: the endpoint with the "
+        "fewest requests in flight). CLASS=URL[,URL...] sends a class's requests only "
+        "to these servers (repeat per class; with a policy, it applies within them).",
+    ),
+    click.option(
+        "--route-class",
+        multiple=True,
+        hidden=True,
+        help="CLASS=URL[,URL...]: the same as --route CLASS=URL[,URL...].",
+    ),
+    click.option(
+        "--class-model",
+        multiple=True,
+        help="CLASS=MODEL: the model a class's requests ask for (repeat per class).",
+    ),
+    click.option("--host", help="Server host (with --port)."),
+    click.option("--port", type=int, help="Server port."),
+    click.option(
+        "--endpoint",
+        help="API path; default /v1/completions, or /v1/chat/completions for openai-chat.",
+    ),
+    click.option("--model", help="Model name; default: the first id from GET /v1/models."),
+    click.option("--disable-stream", is_flag=True, help="Send non-streaming requests."),
+    click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm)."),
+    click.option("--extra-request-body", help="JSON object merged into every request body."),
+]
+
+#: Prompts (PromptConfig).
+_PROMPT_OPTIONS: list[Any] = [
+    click.option(
+        "--tokenizer",
+        help="Hugging Face tokenizer (a local directory, or a name already in the local "
+        "cache; never downloaded): prompts get exactly the schedule's input lengths.",
+    ),
+    click.option(
+        "--dataset-name",
+        type=click.Choice(["random", "sharegpt"]),
+        default=default_of(PromptConfig, "dataset_name"),
+        show_default=True,
+        help="vLLM's: random = generated prompts of the workload's lengths; sharegpt = "
+        "prompts cut from --dataset-path (lengths still the workload's, not the dataset's).",
+    ),
+    click.option(
+        "--dataset-path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Prompt source text: ShareGPT JSON, FineServe JSON (input_text) or JSONL "
+        "(prompt/text); prompts are cut from it to exact lengths (needs --tokenizer).",
+    ),
+    click.option(
+        "--apply-chat-template",
+        is_flag=True,
+        help="Completions API: wrap each prompt in the tokenizer's chat template "
+        "(its length included).",
+    ),
+    click.option(
+        "--prompt-suffix",
+        default=default_of(PromptConfig, "prompt_suffix"),
+        help="Text appended to every prompt, then 'Assistant:' (FineServe's Generator).",
+    ),
+    click.option(
+        "--dataset-output-len",
+        is_flag=True,
+        help="Take output lengths from --dataset-path (FineServe's output_length, or "
+        "output_len / max_tokens): request i gets entry (i mod N)'s, in place of the "
+        "workload's.",
+    ),
+    click.option(
+        "--prefix-block-size",
+        type=click.IntRange(min=1),
+        default=default_of(PromptConfig, "prefix_block_size"),
+        show_default=True,
+        help="Tokens per hash_ids block (Mooncake/Qwen-Bailian traces): equal ids give "
+        "identical blocks, so a prefix cache sees the trace's sharing.",
+    ),
+    click.option(
+        "--shared-prefix-groups",
+        type=click.IntRange(min=0),
+        default=default_of(PromptConfig, "shared_prefix_groups"),
+        help="Synthetic prefix sharing: request i uses group (i mod G)'s prefix.",
+    ),
+    click.option(
+        "--shared-prefix-len",
+        type=click.IntRange(min=0),
+        default=default_of(PromptConfig, "shared_prefix_len"),
+        help="Tokens of the shared prefix per group (the rest of a prompt is its own).",
+    ),
+    click.option(
+        "--prompt-check",
+        type=click.Choice(["sample", "all", "off"]),
+        default=default_of(PromptConfig, "prompt_check"),
+        show_default=True,
+        help="Re-encode prompts to check their length: a sample of each chunk (all of "
+        "them once one is off), every prompt, or none.",
+    ),
+]
+
+#: Files and progress (OutputConfig).
+_OUTPUT_OPTIONS: list[Any] = [
+    click.option(
+        "--output-file",
+        type=OutputFile(),
+        help="Write the result JSON here (.jsonl: append one line, as FineServe).",
+    ),
+    click.option(
+        "--save-result",
+        is_flag=True,
+        help="vLLM's: write the result JSON to --result-dir/--result-filename (default "
+        "name: BACKEND-RATEqps-MODEL-DATE.json), like --output-file.",
+    ),
+    click.option(
+        "--result-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="With --save-result: the directory (default: the current one).",
+    ),
+    click.option("--result-filename", help="With --save-result: the file name (vLLM's default)."),
+    click.option(
+        "--save-requests",
+        type=OutputFile(),
+        help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
+        "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
+        "read it with `fineserve report`.",
+    ),
+    click.option(
+        "--save-detailed",
+        is_flag=True,
+        help="Also put vLLM's per-request lists in the result JSON: input_lens, "
+        "output_lens, ttfts and itls (seconds), errors ('' when ok). Response texts are "
+        "not kept, so generated_texts is not written.",
+    ),
+    click.option("--disable-tqdm", is_flag=True, help="No progress bar."),
+]
+
+#: Metrics (MetricsConfig).
+_METRICS_OPTIONS: list[Any] = [
+    click.option(
+        "--goodput",
+        multiple=True,
+        help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
+        '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el, and ttfo (first answer '
+        "token, for reasoning models).",
+    ),
+    click.option(
+        "--percentile-metrics",
+        default=",".join(default_of(MetricsConfig, "percentile_metrics")),
+        show_default=True,
+        help="Metrics that get the --metric-percentiles keys (vLLM).",
+    ),
+    click.option(
+        "--metric-percentiles",
+        default=",".join(f"{q:g}" for q in default_of(MetricsConfig, "metric_percentiles")),
+        show_default=True,
+        help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
+    ),
+    click.option(
+        "--metrics-window",
+        type=POSITIVE,
+        default=default_of(MetricsConfig, "window_s"),
+        show_default=True,
+        help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
+        "TTFT/ITL mean and p99, ITL jitter).",
+    ),
+]
+
+#: Engine sizing, warm-up and timeouts (EngineConfig).
+_ENGINE_OPTIONS: list[Any] = [
+    click.option(
+        "--turn-affinity/--no-turn-affinity",
+        default=default_of(TargetConfig, "turn_affinity"),
+        show_default=True,
+        help="Send a conversation's later turns to the server that answered its "
+        "previous turn (as session-sticky routers do, so its prefix cache can help).",
+    ),
+    click.option(
+        "--max-concurrency",
+        type=click.IntRange(min=1),
+        help="Cap on requests in flight; excess requests queue (queueing shows as dispatch lag).",
+    ),
+    click.option(
+        "--warmup-requests",
+        "--num-warmups",
+        type=click.IntRange(min=0),
+        default=default_of(EngineConfig, "warmup_requests"),
+        show_default=True,
+        help="Requests sent (and discarded) before the timed run.",
+    ),
+    click.option(
+        "--lanes",
+        type=click.IntRange(min=1),
+        help="Engine threads (default: half the CPUs, 1 to 8).",
+    ),
+    click.option(
+        "--warm-connections",
+        type=click.IntRange(min=0),
+        help="Connections opened before the start (default: peak requests in any 1 s, capped).",
+    ),
+    click.option(
+        "--connect-timeout",
+        type=POSITIVE,
+        default=default_of(EngineConfig, "connect_timeout_s"),
+        show_default=True,
+        help="Seconds.",
+    ),
+    click.option(
+        "--first-byte-timeout",
+        type=POSITIVE,
+        default=default_of(EngineConfig, "first_byte_timeout_s"),
+        show_default=True,
+        help="Seconds until response headers.",
+    ),
+    click.option(
+        "--idle-timeout",
+        type=POSITIVE,
+        default=default_of(EngineConfig, "idle_timeout_s"),
+        show_default=True,
+        help="Seconds without a byte mid-response.",
+    ),
+    click.option(
+        "--request-timeout",
+        type=POSITIVE,
+        default=default_of(EngineConfig, "request_timeout_s"),
+        show_default=True,
+        help="Seconds for a whole request.",
+    ),
+    click.option(
+        "--max-response-mb",
+        type=click.FloatRange(min=0, min_open=True),
+        default=default_of(EngineConfig, "max_response_mb"),
+        show_default=True,
+        help="A longer response fails as too_large (a runaway or endless answer).",
+    ),
+    click.option(
+        "--source-ip",
+        help="Comma-separated local addresses to open connections from, in turn (e.g. "
+        "127.0.0.2,127.0.0.3 towards a server on loopback): past ~28k connections to "
+        "one server, one address runs out of ephemeral ports.",
+    ),
+    click.option(
+        "--drain-grace",
+        type=POSITIVE,
+        default=default_of(EngineConfig, "drain_grace_s"),
+        show_default=True,
+        help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
+    ),
+    click.option(
+        "--realtime-priority",
+        is_flag=True,
+        help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE) while they "
+        "are mostly idle: fewer late sends for sparse or bursty schedules on contended "
+        "cores. A lane busy more than 60% of the time (a high steady rate) drops back "
+        "to normal scheduling, as the kernel's RT throttling would otherwise pause it.",
+    ),
+]
+
+
 def workload_options(f: Any) -> Any:
-    """Options that define the schedule; shared by ``generate`` and ``blast``."""
-    opts = [
-        click.option(
-            "--mode",
-            type=click.Choice(MODES),
-            default=default_of(WorkloadConfig, "mode"),
-            show_default=True,
-            help="How arrivals and lengths are made.",
-        ),
-        click.option(
-            "--schedule",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Replay a schedule written by `fineserve generate` exactly (overrides --mode).",
-        ),
-        click.option(
-            "--seed",
-            type=int,
-            default=default_of(WorkloadConfig, "seed"),
-            show_default=True,
-            help="Seed for arrivals, lengths and prompts; -1 = from the clock.",
-        ),
-        click.option(
-            "--num-prompts",
-            type=click.IntRange(min=1),
-            help="Requests (poisson; default 100) or a cap on the others.",
-        ),
-        click.option(
-            "--request-rate",
-            type=Number(min=0, min_open=True, allow_inf=True),
-            default=default_of(WorkloadConfig, "request_rate"),
-            show_default=True,
-            help="poisson: requests/s (inf = all at once); servegen/burstgpt: target mean rate.",
-        ),
-        click.option(
-            "--burstiness",
-            type=POSITIVE,
-            default=default_of(WorkloadConfig, "burstiness"),
-            show_default=True,
-            help="poisson: Gamma shape of inter-arrivals (1 = Poisson; < 1 burstier).",
-        ),
-        click.option("--ramp", type=click.Choice(["linear", "step"]), help="poisson: rate ramp."),
-        click.option(
-            "--ramp-start-rate",
-            type=POSITIVE,
-            default=default_of(RampConfig, "start_rate"),
-            show_default=True,
-            help="poisson --ramp: requests/s at the start.",
-        ),
-        click.option(
-            "--ramp-end-rate",
-            type=POSITIVE,
-            default=default_of(RampConfig, "end_rate"),
-            show_default=True,
-            help="poisson --ramp: requests/s at the end.",
-        ),
-        click.option(
-            "--ramp-steps",
-            type=click.IntRange(min=1),
-            default=default_of(RampConfig, "steps"),
-            show_default=True,
-            help="poisson --ramp step: number of rate steps.",
-        ),
-        click.option(
-            "--random-input-len",
-            type=TOKENS,
-            default=default_of(LengthConfig, "random_input_len"),
-            show_default=True,
-            help="Input tokens per request (poisson; and wherever a workload has no lengths "
-            "of its own, which is announced).",
-        ),
-        click.option(
-            "--random-output-len",
-            type=TOKENS,
-            default=default_of(LengthConfig, "random_output_len"),
-            show_default=True,
-            help="Output tokens per request (same rules as --random-input-len).",
-        ),
-        click.option(
-            "--random-range-ratio",
-            type=Number(min=0, max=1, max_open=True),
-            default=default_of(LengthConfig, "random_range_ratio"),
-            show_default=True,
-            help="Lengths uniform in [len·(1−r), len·(1+r)].",
-        ),
-        click.option(
-            "--request-lengths-csv",
-            type=click.Path(path_type=Path),
-            help="Sample (input, output) length pairs from this CSV (poisson/parametric).",
-        ),
-        click.option(
-            "--request-trace-csv",
-            type=click.Path(path_type=Path),
-            help="replay: FineServe-style trace CSV.",
-        ),
-        click.option(
-            "--trace",
-            type=click.Path(path_type=Path),
-            help="replay/burstgpt: a trace in any supported format (detected from content).",
-        ),
-        trace_format_options,
-        click.option(
-            "--time-scale",
-            type=POSITIVE,
-            default=default_of(WorkloadConfig, "time_scale"),
-            show_default=True,
-            help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
-        ),
-        click.option(
-            "--start",
-            type=NON_NEGATIVE,
-            default=default_of(WorkloadConfig, "start_s"),
-            help="Trace (or schedule) seconds to skip.",
-        ),
-        click.option(
-            "--duration",
-            type=POSITIVE,
-            help="Trace (or schedule) seconds to generate or replay; the run lasts "
-            "duration / time-scale.",
-        ),
-        click.option(
-            "--model-class",
-            multiple=True,
-            help="parametric: FineServe class (e.g. Dense_lt10B); repeat to mix classes.",
-        ),
-        click.option(
-            "--datasets-dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            help="Directory with Parametric/gamma, Parametric/nb and Parametric/lengths "
-            "(also $FINESERVE_DATASETS, then the project's datasets/).",
-        ),
-        click.option(
-            "--gamma-params-csv",
-            type=click.Path(path_type=Path),
-            help="parametric: a per-window Gamma parameter CSV (FineServe's format) instead "
-            "of --model-class.",
-        ),
-        click.option(
-            "--window-start-column",
-            default=default_of(ParametricConfig, "window_start_column"),
-            show_default=True,
-            help="--gamma-params-csv: window start column (ms).",
-        ),
-        click.option(
-            "--window-end-column",
-            default=default_of(ParametricConfig, "window_end_column"),
-            show_default=True,
-            help="--gamma-params-csv: window end column (ms).",
-        ),
-        click.option(
-            "--gamma-shape-column",
-            default=default_of(ParametricConfig, "gamma_shape_column"),
-            show_default=True,
-            help="--gamma-params-csv: Gamma shape column.",
-        ),
-        click.option(
-            "--gamma-scale-column",
-            default=default_of(ParametricConfig, "gamma_scale_column"),
-            show_default=True,
-            help="--gamma-params-csv: Gamma scale column (ms).",
-        ),
-        click.option(
-            "--parametric-window-seconds",
-            type=POSITIVE,
-            default=default_of(ParametricConfig, "window_s"),
-            show_default=True,
-            help="parametric: window length when the file gives only window starts.",
-        ),
-        click.option(
-            "--parametric-extension-mode",
-            type=click.Choice(["repeat_jitter", "model_sample"]),
-            default=default_of(ParametricConfig, "extension_mode"),
-            show_default=True,
-            help="How windows past the parameter file's end are made.",
-        ),
-        click.option(
-            "--parametric-jitter-ratio",
-            type=NON_NEGATIVE,
-            default=default_of(ParametricConfig, "jitter_ratio"),
-            show_default=True,
-            help="repeat_jitter: relative jitter of repeated windows' rates.",
-        ),
-        click.option(
-            "--parametric-arrivals",
-            type=click.Choice(["auto", "gamma"]),
-            default=default_of(ParametricConfig, "arrivals"),
-            show_default=True,
-            help="auto: the per-window family `fineserve fit` chose (Gamma, Weibull, "
-            "Exponential) when the file records it; gamma: the Gamma columns (FineServe).",
-        ),
-        click.option(
-            "--parametric-nb-json",
-            type=click.Path(path_type=Path),
-            help="NB micro-burst parameters (enables the NB layer for any class).",
-        ),
-        click.option(
-            "--disable-parametric-nb-lt10b",
-            is_flag=True,
-            help="No NB micro-bursts for *lt10B* classes.",
-        ),
-        click.option(
-            "--class-lengths/--no-class-lengths",
-            default=default_of(ParametricConfig, "class_lengths"),
-            show_default=True,
-            help="parametric: draw lengths from a class's fitted histogram "
-            "(Parametric/lengths/<class>_lengths.json) when present, instead of --random-*.",
-        ),
-        click.option(
-            "--parametric-nb-zero",
-            type=click.Choice(["truncate", "empty"]),
-            default=default_of(ParametricConfig, "nb_zero"),
-            show_default=True,
-            help="A zero NB draw is redrawn (truncate) or empties its slot.",
-        ),
-        click.option(
-            "--servegen-pool",
-            type=click.Path(file_okay=False, path_type=Path),
-            help="servegen: directory of chunk-<i>-trace.csv / chunk-<i>-dataset.json.",
-        ),
-        click.option("--servegen-clients", help="servegen: client ids to use, e.g. 0,1."),
-        click.option(
-            "--burstgpt-params",
-            type=click.Path(path_type=Path),
-            help="burstgpt: parameter JSON (else fitted from --trace).",
-        ),
-        click.option(
-            "--rate-scale",
-            type=POSITIVE,
-            help="servegen/burstgpt: multiply every rate (instead of --request-rate).",
-        ),
-    ]
-    return apply_options(f, opts)
+    """Options that define the schedule; shared by ``generate``, ``blast`` and ``sweep``."""
+    return apply_options(
+        f,
+        [
+            *_SCHEDULE_OPTIONS,
+            *_LENGTH_OPTIONS,
+            *_TRACE_OPTIONS,
+            *_PARAMETRIC_OPTIONS,
+            *_SERVEGEN_BURSTGPT_OPTIONS,
+        ],
+    )
 
 
 def _workload_option_names() -> frozenset[str]:
@@ -340,268 +643,11 @@ def given_workload_options() -> frozenset[str]:
 
 
 def blast_options(f: Any) -> Any:
-    """Options of `blast`, shared by `sweep` (server, request shape, engine, results)."""
-    opts = [
-        click.option(
-            "--backend",
-            type=click.Choice(BACKENDS),
-            default=default_of(TargetConfig, "backend"),
-            show_default=True,
-            help="Request body dialect and default path (vllm/sglang send ignore_eos and "
-            "min_tokens for exact output lengths).",
-        ),
-        click.option(
-            "--base-url",
-            multiple=True,
-            help="Server base URL, e.g. http://10.0.0.5:8000; repeat for a deployment of "
-            "several instances. Without it (and without --host/--port) the embedded mock "
-            "is started.",
-        ),
-        click.option(
-            "--route",
-            multiple=True,
-            metavar="POLICY | CLASS=URL[,URL...]",
-            help="How requests spread over several --base-url: round-robin (default), or "
-            "least-outstanding (decided when each request leaves: the endpoint with the "
-            "fewest requests in flight). CLASS=URL[,URL...] sends a class's requests only "
-            "to these servers (repeat per class; with a policy, it applies within them).",
-        ),
-        click.option(
-            "--route-class",
-            multiple=True,
-            hidden=True,
-            help="CLASS=URL[,URL...]: the same as --route CLASS=URL[,URL...].",
-        ),
-        click.option(
-            "--turn-affinity/--no-turn-affinity",
-            default=default_of(TargetConfig, "turn_affinity"),
-            show_default=True,
-            help="Send a conversation's later turns to the server that answered its "
-            "previous turn (as session-sticky routers do, so its prefix cache can help).",
-        ),
-        click.option(
-            "--class-model",
-            multiple=True,
-            help="CLASS=MODEL: the model a class's requests ask for (repeat per class).",
-        ),
-        click.option("--host", help="Server host (with --port)."),
-        click.option("--port", type=int, help="Server port."),
-        click.option(
-            "--endpoint",
-            help="API path; default /v1/completions, or /v1/chat/completions for openai-chat.",
-        ),
-        click.option("--model", help="Model name; default: the first id from GET /v1/models."),
-        click.option(
-            "--tokenizer",
-            help="Hugging Face tokenizer (a local directory, or a name already in the local "
-            "cache; never downloaded): prompts get exactly the schedule's input lengths.",
-        ),
-        click.option(
-            "--dataset-name",
-            type=click.Choice(["random", "sharegpt"]),
-            default=default_of(PromptConfig, "dataset_name"),
-            show_default=True,
-            help="vLLM's: random = generated prompts of the workload's lengths; sharegpt = "
-            "prompts cut from --dataset-path (lengths still the workload's, not the dataset's).",
-        ),
-        click.option(
-            "--dataset-path",
-            type=click.Path(dir_okay=False, path_type=Path),
-            help="Prompt source text: ShareGPT JSON, FineServe JSON (input_text) or JSONL "
-            "(prompt/text); prompts are cut from it to exact lengths (needs --tokenizer).",
-        ),
-        click.option(
-            "--apply-chat-template",
-            is_flag=True,
-            help="Completions API: wrap each prompt in the tokenizer's chat template "
-            "(its length included).",
-        ),
-        click.option(
-            "--prompt-suffix",
-            default=default_of(PromptConfig, "prompt_suffix"),
-            help="Text appended to every prompt, then 'Assistant:' (FineServe's Generator).",
-        ),
-        click.option(
-            "--dataset-output-len",
-            is_flag=True,
-            help="Take output lengths from --dataset-path (FineServe's output_length, or "
-            "output_len / max_tokens): request i gets entry (i mod N)'s, in place of the "
-            "workload's.",
-        ),
-        click.option(
-            "--prefix-block-size",
-            type=click.IntRange(min=1),
-            default=default_of(PromptConfig, "prefix_block_size"),
-            show_default=True,
-            help="Tokens per hash_ids block (Mooncake/Qwen-Bailian traces): equal ids give "
-            "identical blocks, so a prefix cache sees the trace's sharing.",
-        ),
-        click.option(
-            "--shared-prefix-groups",
-            type=click.IntRange(min=0),
-            default=default_of(PromptConfig, "shared_prefix_groups"),
-            help="Synthetic prefix sharing: request i uses group (i mod G)'s prefix.",
-        ),
-        click.option(
-            "--shared-prefix-len",
-            type=click.IntRange(min=0),
-            default=default_of(PromptConfig, "shared_prefix_len"),
-            help="Tokens of the shared prefix per group (the rest of a prompt is its own).",
-        ),
-        click.option(
-            "--prompt-check",
-            type=click.Choice(["sample", "all", "off"]),
-            default=default_of(PromptConfig, "prompt_check"),
-            show_default=True,
-            help="Re-encode prompts to check their length: a sample of each chunk (all of "
-            "them once one is off), every prompt, or none.",
-        ),
-        click.option(
-            "--max-concurrency",
-            type=click.IntRange(min=1),
-            help="Cap on requests in flight; excess requests queue "
-            "(queueing shows as dispatch lag).",
-        ),
-        click.option("--disable-stream", is_flag=True, help="Send non-streaming requests."),
-        click.option("--disable-ignore-eos", is_flag=True, help="Do not send ignore_eos (vllm)."),
-        click.option("--extra-request-body", help="JSON object merged into every request body."),
-        click.option(
-            "--warmup-requests",
-            "--num-warmups",
-            type=click.IntRange(min=0),
-            default=default_of(EngineConfig, "warmup_requests"),
-            show_default=True,
-            help="Requests sent (and discarded) before the timed run.",
-        ),
-        click.option(
-            "--output-file",
-            type=OutputFile(),
-            help="Write the result JSON here (.jsonl: append one line, as FineServe).",
-        ),
-        click.option(
-            "--save-result",
-            is_flag=True,
-            help="vLLM's: write the result JSON to --result-dir/--result-filename (default "
-            "name: BACKEND-RATEqps-MODEL-DATE.json), like --output-file.",
-        ),
-        click.option(
-            "--result-dir",
-            type=click.Path(file_okay=False, path_type=Path),
-            help="With --save-result: the directory (default: the current one).",
-        ),
-        click.option(
-            "--result-filename", help="With --save-result: the file name (vLLM's default)."
-        ),
-        click.option(
-            "--save-requests",
-            type=OutputFile(),
-            help="Per-request Parquet (timestamps, status, error, class, endpoint, lengths, token "
-            "times), journaled as the run goes so a crash or Ctrl-C keeps every finished request; "
-            "read it with `fineserve report`.",
-        ),
-        click.option(
-            "--save-detailed",
-            is_flag=True,
-            help="Also put vLLM's per-request lists in the result JSON: input_lens, "
-            "output_lens, ttfts and itls (seconds), errors ('' when ok). Response texts are "
-            "not kept, so generated_texts is not written.",
-        ),
-        click.option(
-            "--goodput",
-            multiple=True,
-            help="SLOs in ms for goodput, vLLM's syntax: --goodput ttft:500 --goodput tpot:50 "
-            '(or "ttft:500 tpot:50"); metrics ttft, tpot, e2el, and ttfo (first answer '
-            "token, for reasoning models).",
-        ),
-        click.option(
-            "--percentile-metrics",
-            default=",".join(default_of(MetricsConfig, "percentile_metrics")),
-            show_default=True,
-            help="Metrics that get the --metric-percentiles keys (vLLM).",
-        ),
-        click.option(
-            "--metric-percentiles",
-            default=",".join(f"{q:g}" for q in default_of(MetricsConfig, "metric_percentiles")),
-            show_default=True,
-            help="Comma-separated percentiles reported as p<q>_<metric>_ms (vLLM).",
-        ),
-        click.option(
-            "--metrics-window",
-            type=POSITIVE,
-            default=default_of(MetricsConfig, "window_s"),
-            show_default=True,
-            help="Seconds per window of the instantaneous metrics (rate, failures, tokens/s, "
-            "TTFT/ITL mean and p99, ITL jitter).",
-        ),
-        click.option("--disable-tqdm", is_flag=True, help="No progress bar."),
-        click.option(
-            "--lanes",
-            type=click.IntRange(min=1),
-            help="Engine threads (default: half the CPUs, 1 to 8).",
-        ),
-        click.option(
-            "--warm-connections",
-            type=click.IntRange(min=0),
-            help="Connections opened before the start (default: peak requests in any 1 s, capped).",
-        ),
-        click.option(
-            "--connect-timeout",
-            type=POSITIVE,
-            default=default_of(EngineConfig, "connect_timeout_s"),
-            show_default=True,
-            help="Seconds.",
-        ),
-        click.option(
-            "--first-byte-timeout",
-            type=POSITIVE,
-            default=default_of(EngineConfig, "first_byte_timeout_s"),
-            show_default=True,
-            help="Seconds until response headers.",
-        ),
-        click.option(
-            "--idle-timeout",
-            type=POSITIVE,
-            default=default_of(EngineConfig, "idle_timeout_s"),
-            show_default=True,
-            help="Seconds without a byte mid-response.",
-        ),
-        click.option(
-            "--request-timeout",
-            type=POSITIVE,
-            default=default_of(EngineConfig, "request_timeout_s"),
-            show_default=True,
-            help="Seconds for a whole request.",
-        ),
-        click.option(
-            "--max-response-mb",
-            type=click.FloatRange(min=0, min_open=True),
-            default=default_of(EngineConfig, "max_response_mb"),
-            show_default=True,
-            help="A longer response fails as too_large (a runaway or endless answer).",
-        ),
-        click.option(
-            "--source-ip",
-            help="Comma-separated local addresses to open connections from, in turn (e.g. "
-            "127.0.0.2,127.0.0.3 towards a server on loopback): past ~28k connections to "
-            "one server, one address runs out of ephemeral ports.",
-        ),
-        click.option(
-            "--drain-grace",
-            type=POSITIVE,
-            default=default_of(EngineConfig, "drain_grace_s"),
-            show_default=True,
-            help="On Ctrl-C/SIGTERM, seconds to let in-flight requests finish.",
-        ),
-        click.option(
-            "--realtime-priority",
-            is_flag=True,
-            help="Run engine lanes under SCHED_FIFO (needs root or CAP_SYS_NICE) while they "
-            "are mostly idle: fewer late sends for sparse or bursty schedules on contended "
-            "cores. A lane busy more than 60% of the time (a high steady rate) drops back "
-            "to normal scheduling, as the kernel's RT throttling would otherwise pause it.",
-        ),
-    ]
-    return apply_options(f, opts)
+    """Options of `blast`, shared by `sweep` (server, prompts, results, metrics, engine)."""
+    return apply_options(
+        f,
+        [*_TARGET_OPTIONS, *_PROMPT_OPTIONS, *_OUTPUT_OPTIONS, *_METRICS_OPTIONS, *_ENGINE_OPTIONS],
+    )
 
 
 def ray_options(f: Any) -> Any:

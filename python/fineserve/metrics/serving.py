@@ -541,27 +541,39 @@ class MetricsAccumulator:
             m["window_s"] = self.windows.window_s
             m["windows"] = self.windows.rows(end_ns=self.last_end_ns)
         if self.groups:
-            breakdown: dict[str, dict[str, Any]] = {}
-            for (name, value), acc in sorted(self.groups.items()):
-                sub = acc.result(
-                    lag_percentiles,
-                    percentile_metrics=percentile_metrics,
-                    metric_percentiles=metric_percentiles,
-                )
-                # A group's duration is the run's, so its throughputs add up to the run's.
-                for key in ("request_throughput", "output_throughput", "request_goodput"):
-                    if sub.get(key) is not None:
-                        count = {
-                            "request_throughput": sub["completed"],
-                            "output_throughput": sub["total_output_tokens"],
-                            "request_goodput": sub.get("good_requests", 0),
-                        }[key]
-                        sub[key] = per_s(count)
-                for key in ("scheduled_per_second", "sent_per_second", "first_error_by_kind"):
-                    sub.pop(key, None)
-                breakdown.setdefault(name, {})[value] = sub
-            m["breakdown"] = breakdown
+            m["breakdown"] = self._breakdown(
+                per_s, lag_percentiles, percentile_metrics, metric_percentiles
+            )
         return m
+
+    def _breakdown(
+        self,
+        per_s: Any,
+        lag_percentiles: tuple[float, ...],
+        percentile_metrics: tuple[str, ...],
+        metric_percentiles: tuple[float, ...],
+    ) -> dict[str, dict[str, Any]]:
+        """Each group's metrics; its throughputs over the run's duration, so that they add
+        up to the run's."""
+        breakdown: dict[str, dict[str, Any]] = {}
+        for (name, value), acc in sorted(self.groups.items()):
+            sub = acc.result(
+                lag_percentiles,
+                percentile_metrics=percentile_metrics,
+                metric_percentiles=metric_percentiles,
+            )
+            counts = {
+                "request_throughput": sub["completed"],
+                "output_throughput": sub["total_output_tokens"],
+                "request_goodput": sub.get("good_requests", 0),
+            }
+            for key, count in counts.items():
+                if sub.get(key) is not None:
+                    sub[key] = per_s(count)
+            for key in ("scheduled_per_second", "sent_per_second", "first_error_by_kind"):
+                sub.pop(key, None)
+            breakdown.setdefault(name, {})[value] = sub
+        return breakdown
 
 
 def take_record_rows(columns: dict[str, Any], rows: npt.NDArray[np.int64]) -> dict[str, Any]:

@@ -39,6 +39,26 @@ class RequestShapes:
     #: server would do (``reason_ratio``; prefix blocks, for its cached-token counts).
     mock_fields: bool = False
 
+    @classmethod
+    def for_targets(
+        cls,
+        builder: SyntheticPromptBuilder | TokenizedPromptBuilder,
+        targets: Any,
+        output_lens: npt.NDArray[np.int64] | None = None,
+        *,
+        mock_fields: bool = False,
+    ) -> RequestShapes:
+        """The shapes for resolved :class:`~fineserve.targets.Targets`."""
+        return cls(
+            builder,
+            targets.templates,
+            targets.model,
+            targets.class_models,
+            targets.deployment,
+            output_lens,
+            mock_fields=mock_fields,
+        )
+
 
 def engine_chunks(
     chunks: Iterator[Schedule],
