@@ -141,6 +141,20 @@ def _stream_runner(cfg: BlastConfig, is_mock: bool, quiet: bool) -> Callable[...
     return functools.partial(run_stream_ray, address=cfg.ray.address, workers=cfg.ray.workers)
 
 
+@dataclass
+class PreparedRun:
+    """Everything decided before the first request leaves."""
+
+    workload: Workload
+    first: Schedule
+    builder: PromptBuilder
+    targets: Targets
+    shapes: RequestShapes
+    sizing: EngineSizing
+    mode: str
+    total: int | None
+
+
 def run_blast(
     cfg: BlastConfig,
     servers: list[str] | Callable[[], list[str]],
@@ -151,6 +165,49 @@ def run_blast(
     for, is closed with the run's final metadata. ``servers`` may be a function that starts
     the servers (the embedded mock): it is called once the workload and prompts are built,
     so that a bad option is reported before any server starts."""
+    run = prepare_run(cfg, servers, quiet=quiet)
+    writer = None
+    if cfg.output.save_requests is not None:
+        meta = run_meta(cfg, run.targets.urls, run.targets.model, run.workload.info)
+        writer = RequestsWriter(cfg.output.save_requests, meta)
+    accumulator = MetricsAccumulator(
+        slos=dict(cfg.metrics.slos), window_s=cfg.metrics.window_s, groups=BREAKDOWNS
+    )
+    sink = MetricsSink(accumulator, writer, run.targets.urls)
+    prefix = PrefixHitCounter(run.builder.block_size)
+    digest = ScheduleDigest()
+    generated: dict[str, Any] = {}  # the schedule's digest, once it is known
+    try:
+        outcome = _send(cfg, run, sink, writer, prefix, digest, generated, quiet)
+    except BaseException:
+        if writer is not None:  # keep what finished, marked as cut short
+            try:
+                writer.close({"partial": True, "aborted": True, **generated})
+            except Exception as e:  # never in place of the error that stopped the run
+                warn(f"closing the request records failed too: {e}")
+        raise
+    metrics = _metrics(cfg, sink, prefix, run.builder, outcome, quiet)
+    header = _header(cfg, run.mode, metrics, run.sizing, run.targets)
+    if writer is not None:
+        writer.close(_final_meta(outcome, digest.hexdigest(), metrics, header))
+    return BlastRun(
+        metrics,
+        header,
+        outcome.interrupted,
+        run.targets.model,
+        run.targets.urls[0],
+        run.workload.info,
+        writer,
+        digest.hexdigest(),
+    )
+
+
+def prepare_run(
+    cfg: BlastConfig, servers: list[str] | Callable[[], list[str]], *, quiet: bool = False
+) -> PreparedRun:
+    """Workload, prompts, targets, request shapes, engine sizing, the plan and the
+    warm-up: every check before the run, the servers started only once the workload and
+    the prompts are known to be good."""
     is_mock = cfg.uses_mock
     workload = build_workload(cfg.workload)
     for line in workload.notes if not quiet else ():
@@ -158,10 +215,8 @@ def run_blast(
     first = next(workload.chunks, None)
     if first is None or not len(first):
         raise FineserveError("the workload has no requests")
-    seed = cfg.workload.seed
-    chat = cfg.target.chat
     builder, dataset_output_lens = select_builder(
-        cfg.prompts, seed, first, chat=chat, quiet=quiet, is_mock=is_mock
+        cfg.prompts, cfg.workload.seed, first, chat=cfg.target.chat, quiet=quiet, is_mock=is_mock
     )
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
     shapes = RequestShapes.for_targets(builder, targets, dataset_output_lens, mock_fields=is_mock)
@@ -175,68 +230,53 @@ def run_blast(
     if cfg.engine.warmup_requests:
         body = first_body(targets, builder, first)
         warm_up(targets, body, cfg.engine.warmup_requests, sizing.options)
+    return PreparedRun(workload, first, builder, targets, shapes, sizing, mode, total)
 
-    writer = None
-    if cfg.output.save_requests is not None:
-        meta = run_meta(cfg, targets.urls, targets.model, workload.info)
-        writer = RequestsWriter(cfg.output.save_requests, meta)
-    accumulator = MetricsAccumulator(
-        slos=dict(cfg.metrics.slos), window_s=cfg.metrics.window_s, groups=BREAKDOWNS
-    )
-    sink = MetricsSink(accumulator, writer, targets.urls)
-    schedule_digest = ScheduleDigest()
-    prefix = PrefixHitCounter(builder.block_size)
-    generated: dict[str, Any] = {}
+
+def _send(
+    cfg: BlastConfig,
+    run: PreparedRun,
+    sink: MetricsSink,
+    writer: RequestsWriter | None,
+    prefix: PrefixHitCounter,
+    digest: ScheduleDigest,
+    generated: dict[str, Any],
+    quiet: bool,
+) -> StreamOutcome:
+    """The run itself: the schedule's chunks become request bodies and go to the engine
+    (local or Ray); records drain into ``sink`` as they complete."""
 
     def schedule_then_digest() -> Iterator[Schedule]:
         """The schedule's chunks; once the last is generated, its digest goes into the
         results' metadata at once, so that a run that then crashes still has it."""
-        yield from (c for part in ([first], workload.chunks) for c in part)
-        generated["schedule_digest"] = schedule_digest.hexdigest()
+        yield from (c for part in ([run.first], run.workload.chunks) for c in part)
+        generated["schedule_digest"] = digest.hexdigest()
         if writer is not None:
             writer.add_meta(generated)
 
-    try:
-        outcome = _stream_runner(cfg, is_mock, quiet)(
-            targets.urls,
-            engine_chunks(schedule_then_digest(), shapes, schedule_digest, prefix),
-            sizing.options,
-            sink,
-            total=total,
-            show_progress=cfg.output.show_progress,
-        )
-    except BaseException:
-        if writer is not None:  # keep what finished, marked as cut short
-            try:
-                writer.close({"partial": True, "aborted": True, **generated})
-            except Exception as e:  # never in place of the error that stopped the run
-                warn(f"closing the request records failed too: {e}")
-        raise
-    metrics = _metrics(cfg, sink, prefix, builder, outcome, quiet)
-    header = _header(cfg, mode, metrics, sizing, targets)
-    digest = schedule_digest.hexdigest()
-    if writer is not None:
-        writer.close(
-            {
-                "partial": outcome.interrupted,
-                "stopped_at_ns": outcome.stopped_at_ns,
-                "schedule_digest": digest,
-                # Wall clock of the run's start instant: record times + this = Unix ns.
-                "t0_unix_ns": outcome.t0_unix_ns,
-                "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
-                "header": header,
-            }
-        )
-    return BlastRun(
-        metrics,
-        header,
-        outcome.interrupted,
-        targets.model,
-        targets.urls[0],
-        workload.info,
-        writer,
-        digest,
+    return _stream_runner(cfg, cfg.uses_mock, quiet)(
+        run.targets.urls,
+        engine_chunks(schedule_then_digest(), run.shapes, digest, prefix),
+        run.sizing.options,
+        sink,
+        total=run.total,
+        show_progress=cfg.output.show_progress,
     )
+
+
+def _final_meta(
+    outcome: StreamOutcome, digest: str, metrics: dict[str, Any], header: dict[str, Any]
+) -> dict[str, Any]:
+    """What the results file's footer says once the run is over."""
+    return {
+        "partial": outcome.interrupted,
+        "stopped_at_ns": outcome.stopped_at_ns,
+        "schedule_digest": digest,
+        # Wall clock of the run's start instant: record times + this = Unix ns.
+        "t0_unix_ns": outcome.t0_unix_ns,
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
+        "header": header,
+    }
 
 
 def _metrics(
@@ -285,7 +325,7 @@ def _header(
         "max_burst_per_ms": sizing.burst_per_ms,
         "class_models": targets.class_models,
     }
-    if mode != "poisson":
-        offered = metrics.get("offered_request_rate")
-        header["request_rate"] = f"{offered:.2f} (mean)" if offered else "-"
+    if mode != "poisson":  # the schedule's measured mean rate (a number; text.py says so)
+        header["request_rate"] = metrics.get("offered_request_rate")
+        header["request_rate_is_mean"] = True
     return header

@@ -49,7 +49,10 @@ def _summary_totals(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> Non
     """The header and FineServe's totals and throughputs."""
     t.row("Backend:", header.get("backend"))
     t.row("Request generation mode:", header.get("mode"))
-    t.row("Traffic request rate:", header.get("request_rate"))
+    rate = header.get("request_rate")
+    if header.get("request_rate_is_mean"):
+        rate = f"{rate:.2f} (mean)" if rate else "-"
+    t.row("Traffic request rate:", rate)
     t.row("Max request concurrency:", header.get("max_concurrency") or "not set")
     t.row("Successful requests:", m["completed"])
     t.row("Failed requests:", m["failed"])
