@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from fineserve import _engine
+from fineserve import EngineOptions, _engine
 from fineserve.api import BodyTemplate
 from fineserve.server import fetch_models
 
@@ -66,18 +66,18 @@ def main() -> None:
                 time.sleep(0.1)
         base_rss = rss_mib()
         started = time.monotonic()
-        run = _engine.start_run(
-            [base + "/v1/completions"],
+        options = EngineOptions(
+            lanes=1, warm_connections=n, connect_timeout_s=30.0, start_delay_ms=50.0
+        )
+        run = _engine.start_run([base + "/v1/completions"], options)
+        run.feed(
             np.zeros(n, np.int64),
             np.zeros(n, np.uint32),
             [body],
             np.zeros(n, np.uint32),
             np.full(n, 20, np.uint32),
-            lanes=1,
-            warm_connections=n,
-            connect_timeout_s=30.0,
-            start_delay_ms=50.0,
         )
+        run.close_input()
         peak = 0
         peak_rss = base_rss
         while not run.wait(0.05):

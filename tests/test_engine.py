@@ -210,14 +210,16 @@ def test_stop_marks_unsent_and_cancel_marks_in_flight() -> None:
         t = (np.arange(n) * 20e6).astype(np.int64)  # 2 s of schedule
         bodies = completion_bodies(n, 4)
         run = _engine.start_run(
-            [m.base_url + "/v1/completions"],
+            [m.base_url + "/v1/completions"], EngineOptions(warm_connections=16, lanes=2)
+        )
+        run.feed(
             t,
             np.arange(n, dtype=np.uint32),
             bodies,
             np.zeros(n, dtype=np.uint32),
             np.full(n, 4, dtype=np.uint32),
-            warm_connections=16,
         )
+        run.close_input()
         assert not run.wait(0.5)
         run.stop()
         assert not run.wait(0.3)  # in-flight requests are still waiting for their TTFT
@@ -236,8 +238,7 @@ def test_stop_marks_unsent_and_cancel_marks_in_flight() -> None:
 
 def test_invalid_schedule_is_rejected_with_one_line() -> None:
     with pytest.raises(_engine.EngineError, match="not sorted at index 1"):
-        _engine.start_run(
-            ["http://127.0.0.1:9/v1/completions"],
+        _engine.start_run(["http://127.0.0.1:9/v1/completions"], EngineOptions()).feed(
             np.array([5, 1], dtype=np.int64),
             np.zeros(2, dtype=np.uint32),
             [b"{}"],
@@ -245,14 +246,7 @@ def test_invalid_schedule_is_rejected_with_one_line() -> None:
             np.zeros(2, dtype=np.uint32),
         )
     with pytest.raises(_engine.EngineError, match="https is not supported"):
-        _engine.start_run(
-            ["https://x/v1/completions"],
-            np.zeros(1, dtype=np.int64),
-            np.zeros(1, dtype=np.uint32),
-            [b"{}"],
-            np.zeros(1, dtype=np.uint32),
-            np.zeros(1, dtype=np.uint32),
-        )
+        _engine.start_run(["https://x/v1/completions"], EngineOptions())
 
 
 def test_connections_come_from_the_given_source_addresses() -> None:

@@ -5,7 +5,7 @@ event never happened.
 """
 
 from collections.abc import Sequence
-from typing import TypeAlias, final
+from typing import Protocol, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
@@ -43,12 +43,21 @@ class Run:
         bodies: list[bytes],
         endpoint_idx: npt.NDArray[np.uint32],
         expected_output_tokens: npt.NDArray[np.uint32],
-        *,
         turns: _Turns | None = None,
     ) -> None:
-        """Append a chunk to the schedule of a run started with ``more=True``; its send
-        offsets continue the previous chunk's. Raises :class:`EngineError`, accepting
-        nothing, once the input is closed or the run is stopping."""
+        """Append a chunk to the schedule; its send offsets continue the previous chunk's.
+
+        ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
+        ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]``;
+        ``endpoint_idx`` = ``len(endpoints) + g`` routes it, when it is sent, to the
+        endpoint of ``route_groups[g]`` with the fewest requests outstanding. ``turns`` =
+        (parent, think_ns, followers) makes request i wait for request ``parent[i]`` (an
+        earlier schedule index; -1: none) to end and leave ``think_ns[i]`` later (its
+        recorded ``scheduled_ns`` is that release time); if that turn fails or is not
+        sent, request i is not sent. ``followers[i]`` counts the requests that follow
+        request i. With ``turn_affinity``, request i goes to the endpoint that served
+        ``parent[i]``. Raises :class:`EngineError`, accepting nothing, if the chunk is
+        invalid, the input is closed or the run is stopping."""
     def close_input(self) -> None:
         """Declare the schedule complete; the run ends when every fed request is done."""
     def drain(self) -> dict[str, npt.NDArray[np.generic] | list[str]]:
@@ -74,57 +83,46 @@ class Run:
         with error_message (list[str]); t0_unix_ns; stopped. Can be called once.
         """
 
+class _EngineOptions(Protocol):
+    """What :func:`start_run` reads from its options, by attribute name: a
+    ``fineserve.EngineOptions``, or any object with these attributes."""
+
+    stream: bool
+    max_concurrency: int | None
+    lanes: int
+    warm_connections: int
+    spin_us: int
+    start_delay_ms: float
+    connect_timeout_s: float
+    first_byte_timeout_s: float
+    idle_timeout_s: float
+    total_timeout_s: float
+    max_body_bytes: int
+    api_key: str | None
+    realtime_priority: bool
+    route_groups: list[list[int]]
+    source_ips: list[str]
+    turn_affinity: bool
+
 def start_run(
     endpoints: list[str],
-    t_ns: npt.NDArray[np.int64],
-    body_idx: npt.NDArray[np.uint32],
-    bodies: list[bytes],
-    endpoint_idx: npt.NDArray[np.uint32],
-    expected_output_tokens: npt.NDArray[np.uint32],
+    options: _EngineOptions,
     *,
-    stream: bool = True,
-    max_concurrency: int | None = None,
-    lanes: int = 2,
-    warm_connections: int = 0,
-    spin_us: int = 200,
-    start_delay_ms: float = 10.0,
-    connect_timeout_s: float = 10.0,
-    first_byte_timeout_s: float = 600.0,
-    idle_timeout_s: float = 600.0,
-    total_timeout_s: float = 3600.0,
-    max_body_bytes: int = 67_108_864,
-    api_key: str | None = None,
-    realtime_priority: bool = False,
-    more: bool = False,
-    route_groups: list[list[int]] = ...,  # []
-    turns: _Turns | None = None,
-    source_ips: list[str] = ...,  # []
     start_at_unix_ns: int | None = None,
-    turn_affinity: bool = True,
 ) -> Run:
-    """Start an open-loop run and return at once.
+    """Start an open-loop run over ``endpoints`` (full http:// URLs) and return at once;
+    the schedule comes through :meth:`Run.feed` until :meth:`Run.close_input`.
 
-    ``endpoint_idx`` = ``len(endpoints) + g`` routes a request, when it is sent, to the
-    endpoint of ``route_groups[g]`` with the fewest requests outstanding. ``turns`` =
-    (parent, think_ns, followers) makes request i wait for request ``parent[i]`` (an
-    earlier schedule index; -1: none) to end and leave ``think_ns[i]`` later (its recorded
-    ``scheduled_ns`` is that release time); if that turn fails or is not sent, request i
-    is not sent. ``followers[i]`` counts the requests that follow request i. With
-    ``turn_affinity``, request i goes to the endpoint that served ``parent[i]`` (its own
-    ``endpoint_idx`` is ignored), so a prefix cache can reuse the conversation.
-    ``source_ips``: local addresses new connections are bound to, in turn (each lane starts
-    at a different one), to get past one address's ~28k ephemeral ports per server.
-    ``start_at_unix_ns``: start at that system-clock instant rather than
-    ``start_delay_ms`` after warm-up (a common start for several machines); if warm-up
-    ends later, the run starts then (compare ``t0_unix_ns`` in the results).
-
-    ``t_ns`` are send offsets from the start instant (non-decreasing); request i sends
-    ``bodies[body_idx[i]]`` as a POST to ``endpoints[endpoint_idx[i]]`` (full http:// URLs).
-    ``warm_connections`` per endpoint are opened before the start instant. The bearer
-    token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears in any output.
-    ``realtime_priority`` runs the lanes under SCHED_FIFO when the process may (root or
-    CAP_SYS_NICE); otherwise lanes only ask for nice -10. With ``more``, the input stays
-    open for :meth:`Run.feed` until :meth:`Run.close_input`.
+    ``options`` (see ``fineserve.EngineOptions``): ``warm_connections`` per endpoint are
+    opened before the start instant, which is ``start_delay_ms`` after warm-up or, with
+    ``start_at_unix_ns``, that system-clock instant (a common start for several
+    machines; if warm-up ends later, the run starts then: compare ``t0_unix_ns`` in the
+    results). ``source_ips``: local addresses new connections are bound to, in turn (each
+    lane starts at a different one), to get past one address's ~28k ephemeral ports per
+    server. The bearer token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears
+    in any output. ``realtime_priority`` runs the lanes under SCHED_FIFO when the process
+    may (root or CAP_SYS_NICE); otherwise lanes only ask for nice -10. Bad options raise
+    :class:`EngineError` in one line.
     """
 
 @final

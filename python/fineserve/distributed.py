@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from . import _engine
-from .console import note, warn
+from .console import warn
 from .errors import FineserveError
 from .results import records_from_table, records_to_batch
 from .runner import (
@@ -47,9 +47,7 @@ from .runner import (
     RunRecords,
     StreamOutcome,
     _PendingExtras,
-    _ProgressBar,
-    engine_kwargs,
-    interrupts,
+    drive,
     run_engine,
     unsent_records,
 )
@@ -164,7 +162,7 @@ class EngineWorker:
         endpoints: list[str],
         table: pa.Table,
         bodies: list[bytes],
-        options: dict[str, Any],
+        options: EngineOptions,
         start_at_unix_ns: int,
     ) -> None:
         self.endpoints = endpoints
@@ -172,17 +170,20 @@ class EngineWorker:
         turns = None
         if "parent" in table.column_names:
             turns = tuple(table.column(c).to_numpy() for c in ("parent", "think_ns", "followers"))
+        # No more lanes than requests: a small share needs no idle threads.
+        lanes = max(1, min(options.lanes, table.num_rows))
         self.run = _engine.start_run(
-            endpoints,
+            endpoints, replace(options, lanes=lanes), start_at_unix_ns=start_at_unix_ns
+        )
+        self.run.feed(
             table.column("t_ns").to_numpy(),
             table.column("body_idx").to_numpy(),
             bodies,
             table.column("endpoint_idx").to_numpy(),
             table.column("expected_output_tokens").to_numpy(),
-            start_at_unix_ns=start_at_unix_ns,
-            turns=turns,
-            **options,
+            turns,
         )
+        self.run.close_input()
 
     def progress(self) -> dict[str, Any]:
         return dict(self.run.progress()) if self.run is not None else {}
@@ -355,151 +356,159 @@ def run_stream_ray(
     all_chunks = list(chunks)  # the whole schedule: it is split across the workers
     if not all_chunks or not sum(len(c) for c in all_chunks):
         return StreamOutcome(False, 0.0, 0, {}, 0, 0)
-    pending = _PendingExtras()
-    base = 0
-    for c in all_chunks:
-        pending.push(base, c)
-        base += len(c)
-    parts = partition(all_chunks, workers)
-
-    if not ray.is_initialized():
-        probe_address(address)
-        kwargs = dict(ray_init or {})
-        kwargs.setdefault("log_to_driver", False)
-        kwargs.setdefault("include_dashboard", False)
-        try:
-            ray.init(address=None if address == "local" else address, **kwargs)
-        except Exception as e:  # ConnectionError, RuntimeError, … as Ray words it
-            raise FineserveError(f"--ray {address}: {str(e).splitlines()[0]}") from None
-    # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
-    # SPREAD puts the actors on different nodes where there are several.
-    remote_cls = ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
-    actors = [remote_cls.options(scheduling_strategy="SPREAD").remote(w) for w in range(workers)]
-    stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
-    for s, a in zip(stats, actors):
-        s.clock = clock_offset_ns(ray, a)
-        # An offset within its own uncertainty is noise (same host, or clocks already in
-        # sync): correcting by it would only add that noise to the start.
-        s.applied_offset_ns = s.clock[0] if abs(s.clock[0]) > s.clock[1] else 0
-    kwargs = engine_kwargs(options)
-    # Warm connections are per engine: split the planned count over the workers.
-    kwargs["warm_connections"] = -(-options.warm_connections // workers)
-    # The workers' environment may differ from the driver's (other nodes).
-    kwargs["api_key"] = os.environ.get("OPENAI_API_KEY") or None
-    t0_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
-    try:
-        ray.get(
-            [
-                a.start.remote(
-                    endpoints, p.table, p.bodies, kwargs, t0_unix_ns + s.applied_offset_ns
-                )
-                for a, p, s in zip(actors, parts, stats)
-            ]
-        )
-    except Exception as e:
-        for a in actors:
-            ray.kill(a)
-        raise FineserveError(f"starting the Ray workers: {_first_line(e)}") from None
-
+    _init_ray(ray, address, ray_init)
+    fleet = RayFleet(ray, endpoints, all_chunks, options, sink, workers)
     if on_started is not None:
-        on_started(actors)
-    bar = _ProgressBar(total, f"{description} ({workers} Ray workers)") if show_progress else None
-    started = time.monotonic()
-    interrupted = False
-    stopped_at_ns: int | None = None
-    stop_deadline: float | None = None
+        on_started(fleet.actors)
+    return drive(
+        fleet,
+        sink,
+        grace_s=options.drain_grace_s,
+        total=total,
+        show_progress=show_progress,
+        description=f"{description} ({workers} Ray workers)",
+    )
 
-    def deliver(s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
-        if batch is None or batch.num_rows == 0:
-            return
-        cols, _ = records_from_table(batch, endpoints)
+
+def _init_ray(ray: Any, address: str, ray_init: dict[str, Any] | None) -> None:
+    if ray.is_initialized():
+        return
+    probe_address(address)
+    kwargs = dict(ray_init or {})
+    kwargs.setdefault("log_to_driver", False)
+    kwargs.setdefault("include_dashboard", False)
+    try:
+        ray.init(address=None if address == "local" else address, **kwargs)
+    except Exception as e:  # ConnectionError, RuntimeError, … as Ray words it
+        raise FineserveError(f"--ray {address}: {str(e).splitlines()[0]}") from None
+
+
+class RayFleet:
+    """A :class:`runner.Driver` over Ray actors, each running its part of the schedule
+    (:func:`partition`) with the engine on its node from a common start instant."""
+
+    where = " on every worker"
+
+    def __init__(
+        self,
+        ray: Any,
+        endpoints: list[str],
+        chunks: list[EngineChunk],
+        options: EngineOptions,
+        sink: RecordSink,
+        workers: int,
+    ) -> None:
+        self._ray = ray
+        self._endpoints = endpoints
+        self._sink = sink
+        self._pending = _PendingExtras()
+        self.requests = 0
+        for c in chunks:
+            self._pending.push(self.requests, c)
+            self.requests += len(c)
+        parts = partition(chunks, workers)
+        # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
+        # SPREAD puts the actors on different nodes where there are several.
+        remote_cls = ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
+        spread = remote_cls.options(scheduling_strategy="SPREAD")
+        self.actors = [spread.remote(w) for w in range(workers)]
+        self.stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
+        for s, a in zip(self.stats, self.actors):
+            s.clock = clock_offset_ns(ray, a)
+            # An offset within its own uncertainty is noise (same host, or clocks already
+            # in sync): correcting by it would only add that noise to the start.
+            s.applied_offset_ns = s.clock[0] if abs(s.clock[0]) > s.clock[1] else 0
+        worker_options = replace(
+            options,
+            # Warm connections are per engine: the planned count is split over the workers.
+            warm_connections=-(-options.warm_connections // workers),
+            # The workers' environment may differ from the driver's (other nodes).
+            api_key=options.api_key or os.environ.get("OPENAI_API_KEY") or None,
+        )
+        self.t0_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
+        starts = [
+            a.start.remote(
+                endpoints, p.table, p.bodies, worker_options, self.t0_unix_ns + s.applied_offset_ns
+            )
+            for a, p, s in zip(self.actors, parts, self.stats)
+        ]
+        try:
+            ray.get(starts)
+        except Exception as e:
+            self._kill()
+            raise FineserveError(f"starting the Ray workers: {_first_line(e)}") from None
+
+    def _live(self) -> list[tuple[_WorkerStats, Any]]:
+        return [(s, a) for s, a in zip(self.stats, self.actors) if not s.dead]
+
+    def _deliver(self, s: _WorkerStats, cols: dict[str, Any]) -> None:
         s.fold(cols)
-        extra = pending.take(np.asarray(cols["index"], np.uint64))
+        extra = self._pending.take(np.asarray(cols["index"], np.uint64))
         extra["worker"] = np.full(len(cols["index"]), s.worker, np.uint16)
-        sink.add(cols, extra)
+        self._sink.add(cols, extra)
 
-    def poll_once() -> None:
-        live = [(s, a) for s, a in zip(stats, actors) if not s.done and not s.dead]
+    def _deliver_batch(self, s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
+        if batch is not None and batch.num_rows:
+            self._deliver(s, records_from_table(batch, self._endpoints)[0])
+
+    def wait(self) -> None:
+        time.sleep(POLL_S)
+
+    def poll(self) -> bool:
+        live = [(s, a) for s, a in self._live() if not s.done]
         calls = [(s, a.drain.remote(), a.progress.remote(), a.wait.remote(0.0)) for s, a in live]
         for s, d, p, w in calls:
             try:
-                batch, prog, finished = ray.get([d, p, w])
+                batch, prog, finished = self._ray.get([d, p, w])
             except Exception as e:  # RayActorError and the like: the worker is gone
                 s.dead = _first_line(e)
                 warn(f"Ray worker {s.worker} died: {s.dead}")
                 continue
             s.progress = prog
-            deliver(s, batch)
-            if finished:
-                s.done = True
+            self._deliver_batch(s, batch)
+            s.done = bool(finished)
+        return all(s.done or s.dead for s in self.stats)
 
-    with interrupts() as intr:
-        while True:
-            try:
-                intr.check()
-                poll_once()
-                if bar:
-                    bar.update(_sum_progress(stats), sink.live())
-                if all(s.done or s.dead for s in stats):
-                    break
-                if stop_deadline is not None and time.monotonic() >= stop_deadline:
-                    note("drain grace period over: cancelling the rest on every worker")
-                    ray.get([a.cancel.remote() for s, a in zip(stats, actors) if not s.dead])
-                    stop_deadline = float("inf")
-                with intr.waiting():
-                    time.sleep(POLL_S)
-            except KeyboardInterrupt:
-                if interrupted:
-                    note("aborting in-flight requests on every worker")
-                    stop_deadline = time.monotonic()
-                    continue
-                interrupted = True
-                stopped_at_ns = max(time.time_ns() - t0_unix_ns, 0)
-                sink.stopped(stopped_at_ns)
-                note(
-                    f"interrupted: stopping {workers} Ray workers; draining in-flight requests "
-                    f"for up to {options.drain_grace_s:g}s (Ctrl-C again to abort them)"
-                )
-                for s, a in zip(stats, actors):
-                    if not s.dead:
-                        a.stop.remote()
-                stop_deadline = time.monotonic() + options.drain_grace_s
+    def progress(self) -> dict[str, Any]:
+        return _sum_progress(self.stats)
 
-    for s, a in zip(stats, actors):
-        if s.dead:
-            continue
+    def elapsed_ns(self) -> int:
+        return max(time.time_ns() - self.t0_unix_ns, 0)
+
+    def stop(self) -> str:
+        for _, a in self._live():
+            a.stop.remote()
+        return f"stopping {len(self.actors)} Ray workers; draining in-flight requests"
+
+    def cancel(self) -> None:
         try:
-            batch, prog, t0 = ray.get(a.finish.remote())
-        except Exception as e:
-            s.dead = _first_line(e)
-            continue
-        s.progress, s.t0_unix_ns = prog, t0 - s.applied_offset_ns  # on the driver's clock
-        deliver(s, batch)
-    for s in stats:
-        if s.dead:
-            lost = s.lost_records()
-            if len(lost["index"]):
-                s.fold(lost)
-                extra = pending.take(lost["index"])
-                extra["worker"] = np.full(len(lost["index"]), s.worker, np.uint16)
-                sink.add(lost, extra)
-    for a in actors:
-        ray.kill(a)
-    if bar:
-        bar.update(_sum_progress(stats), sink.live(), force=True)
-        bar.close()
-    summaries = [s.summary(t0_unix_ns) for s in stats]
-    final = _sum_progress(stats)
-    return StreamOutcome(
-        interrupted,
-        time.monotonic() - started,
-        t0_unix_ns,
-        final,
-        base,
-        0,
-        workers=summaries,
-        stopped_at_ns=stopped_at_ns,
-    )
+            self._ray.get([a.cancel.remote() for _, a in self._live()])
+        except Exception as e:  # a worker died meanwhile: the next poll says which
+            warn(f"cancelling the Ray workers: {_first_line(e)}")
+
+    def finish(self) -> StreamOutcome:
+        for s, a in self._live():
+            try:
+                batch, prog, t0 = self._ray.get(a.finish.remote())
+            except Exception as e:
+                s.dead = _first_line(e)
+                continue
+            s.progress, s.t0_unix_ns = prog, t0 - s.applied_offset_ns  # on the driver's clock
+            self._deliver_batch(s, batch)
+        for s in self.stats:
+            if s.dead:
+                lost = s.lost_records()
+                if len(lost["index"]):
+                    self._deliver(s, lost)
+        self._kill()
+        summaries = [s.summary(self.t0_unix_ns) for s in self.stats]
+        return StreamOutcome(
+            False, 0.0, self.t0_unix_ns, self.progress(), self.requests, 0, workers=summaries
+        )
+
+    def _kill(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
 
 
 def probe_address(address: str, timeout_s: float = 5.0) -> None:

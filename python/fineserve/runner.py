@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import math
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -27,11 +30,17 @@ def default_lanes() -> int:
 
 @dataclass
 class EngineOptions:
+    """How the engine runs. It crosses into Rust as it is: ``_engine.start_run`` reads each
+    field by name (all but ``drain_grace_s``, which the stop/drain loop uses), so this is
+    the one place an engine setting has its default."""
+
     stream: bool = True
     max_concurrency: int | None = None
     lanes: int = field(default_factory=default_lanes)
     warm_connections: int = 0
     spin_us: int = 200
+    #: Gap between the end of warm-up and the start instant.
+    start_delay_ms: float = 10.0
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 600.0
     idle_timeout_s: float = 600.0
@@ -46,6 +55,8 @@ class EngineOptions:
     source_ips: list[str] = field(default_factory=list)
     #: A conversation's later turn goes to the endpoint of its previous turn.
     turn_affinity: bool = True
+    #: Bearer token; None: ``$OPENAI_API_KEY`` where the engine runs. Never shown.
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -160,17 +171,16 @@ class EngineChunk:
         """How many requests are scheduled before ``horizon_ns``."""
         return int(np.searchsorted(self.t_ns, horizon_ns, side="left"))
 
-    def turn_args(self) -> Any:
-        if self.turns is None:
-            return None
-        parent, think, followers = self.turns
-        return (
-            np.ascontiguousarray(parent, dtype=np.int64),
-            np.ascontiguousarray(think, dtype=np.int64),
-            np.ascontiguousarray(followers, dtype=np.uint32),
-        )
-
     def engine_args(self) -> tuple[Any, ...]:
+        """``Run.feed``'s arguments for this chunk."""
+        turns = None
+        if self.turns is not None:
+            parent, think, followers = self.turns
+            turns = (
+                np.ascontiguousarray(parent, dtype=np.int64),
+                np.ascontiguousarray(think, dtype=np.int64),
+                np.ascontiguousarray(followers, dtype=np.uint32),
+            )
         return (
             np.ascontiguousarray(self.t_ns, dtype=np.int64),
             np.ascontiguousarray(self.body_idx, dtype=np.uint32),
@@ -179,6 +189,7 @@ class EngineChunk:
             np.ascontiguousarray(
                 np.clip(self.expected_output_tokens, 0, 2**32 - 1), dtype=np.uint32
             ),
+            turns,
         )
 
 
@@ -317,26 +328,6 @@ def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[
     return out
 
 
-def engine_kwargs(options: EngineOptions) -> dict[str, Any]:
-    """``_engine.start_run``'s keyword arguments for ``options``."""
-    return {
-        "stream": options.stream,
-        "max_concurrency": options.max_concurrency,
-        "lanes": options.lanes,
-        "warm_connections": options.warm_connections,
-        "spin_us": options.spin_us,
-        "connect_timeout_s": options.connect_timeout_s,
-        "first_byte_timeout_s": options.first_byte_timeout_s,
-        "idle_timeout_s": options.idle_timeout_s,
-        "total_timeout_s": options.total_timeout_s,
-        "max_body_bytes": options.max_body_bytes,
-        "realtime_priority": options.realtime_priority,
-        "route_groups": options.route_groups,
-        "source_ips": options.source_ips,
-        "turn_affinity": options.turn_affinity,
-    }
-
-
 def run_engine(
     endpoints: list[str],
     t_ns: npt.NDArray[np.int64],
@@ -386,6 +377,215 @@ class StreamOutcome:
     stopped_at_ns: int | None = None
 
 
+class Driver(Protocol):
+    """A run as the stop/drain loop (:func:`drive`) sees it: one engine here
+    (:class:`LocalRun`) or a fleet of Ray workers (``distributed.RayFleet``)."""
+
+    #: Appended to the loop's notes about the run ("" or " on every worker").
+    where: str
+
+    def wait(self) -> None:
+        """Blocks a short while (a signal may cut it short)."""
+
+    def poll(self) -> bool:
+        """Hands the records completed since the last poll to the sink and, unless
+        stopping, feeds what comes due; True once every request has ended."""
+
+    def progress(self) -> dict[str, Any]:
+        """The engine's counters (summed over workers)."""
+
+    def elapsed_ns(self) -> int:
+        """Time since the run's start instant."""
+
+    def stop(self) -> str:
+        """Stops dispatch (in-flight requests go on); says what it stopped."""
+
+    def cancel(self) -> None:
+        """Aborts the requests in flight."""
+
+    def finish(self) -> StreamOutcome:
+        """After the loop: the last records to the sink, and what the run did."""
+
+
+def drive(
+    driver: Driver,
+    sink: RecordSink,
+    *,
+    grace_s: float,
+    total: int | None = None,
+    show_progress: bool = True,
+    description: str = "requests",
+) -> StreamOutcome:
+    """The stop/drain loop both local and Ray runs use: poll until every request has
+    ended, with a progress bar. On Ctrl-C/SIGTERM dispatch stops (``sink.stopped``), the
+    requests in flight get ``grace_s`` to end and are then cancelled; a second Ctrl-C
+    cancels them at once. A signal raises only while the loop waits, so a batch is never
+    half-folded into the sink."""
+    bar = _ProgressBar(total, description) if show_progress else None
+    started = time.monotonic()
+    stopped_at_ns = _poll_until_over(driver, sink, grace_s, bar)
+    outcome = driver.finish()
+    if bar:
+        bar.update(driver.progress(), sink.live(), force=True)
+        bar.close()
+    return dataclasses.replace(
+        outcome,
+        interrupted=stopped_at_ns is not None,
+        wall_s=time.monotonic() - started,
+        stopped_at_ns=stopped_at_ns,
+    )
+
+
+def _poll_until_over(
+    driver: Driver, sink: RecordSink, grace_s: float, bar: _ProgressBar | None
+) -> int | None:
+    """:func:`drive`'s loop; returns where the run was stopped (None: not stopped)."""
+    stopped_at_ns: int | None = None
+    cancel_at = math.inf
+    with interrupts() as intr:
+        try:
+            while True:
+                try:
+                    intr.check()
+                    with intr.waiting():
+                        driver.wait()
+                    over = driver.poll()
+                    if bar:
+                        bar.update(driver.progress(), sink.live())
+                    if over:
+                        return stopped_at_ns
+                    if time.monotonic() >= cancel_at:
+                        note(f"drain grace period over: cancelling the rest{driver.where}")
+                        driver.cancel()
+                        cancel_at = math.inf
+                except KeyboardInterrupt:
+                    if stopped_at_ns is not None:  # the second one
+                        note(f"aborting in-flight requests{driver.where}")
+                        driver.cancel()
+                        cancel_at = math.inf
+                        continue
+                    stopped_at_ns = driver.elapsed_ns()
+                    sink.stopped(stopped_at_ns)
+                    note(
+                        f"interrupted: {driver.stop()} for up to {grace_s:g}s "
+                        "(Ctrl-C again to abort them)"
+                    )
+                    cancel_at = time.monotonic() + grace_s
+        except BaseException:
+            driver.cancel()
+            raise
+
+
+class LocalRun:
+    """A :class:`Driver` over one engine run on this machine. Chunks are fed while the fed
+    schedule reaches less than ``lookahead_ns`` past the run's clock: a chunk is split at
+    that horizon and the rest held, so a chunk of 65,536 rows at 50 req/s is not fed 22
+    minutes ahead. Records drain into ``sink`` as they complete, so memory follows the
+    requests in flight, not the run's length."""
+
+    where = ""
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        chunks: Iterator[EngineChunk],
+        options: EngineOptions,
+        sink: RecordSink,
+        lookahead_ns: int,
+    ) -> None:
+        self._chunks = chunks
+        self._sink = sink
+        self._lookahead_ns = lookahead_ns
+        self._pending = _PendingExtras()
+        #: Generated, waiting for its turn to be fed.
+        self.held: EngineChunk | None = None
+        self.fed = 0
+        self._fed_until_ns = 0
+        self._exhausted = False
+        self._stopping = False
+        self._over = False
+        self._final: dict[str, Any] | None = None
+        try:
+            self._run = _engine.start_run(endpoints, options)
+        except _engine.EngineError as e:
+            raise FineserveError(str(e)) from None
+        try:
+            self._feed_due(lookahead_ns, at_least_one=True)
+        except BaseException:
+            self._run.cancel()
+            raise
+        if options.realtime_priority:
+            _report_realtime(self._run)
+
+    def _feed_due(self, horizon_ns: int, *, at_least_one: bool = False) -> None:
+        """Feeds what is due before ``horizon_ns`` (with ``at_least_one``, at least one
+        request); closes the input once the chunks run out."""
+        while not self._exhausted and (at_least_one or self._fed_until_ns < horizon_ns):
+            if self.held is None:
+                self.held = next(self._chunks, None)
+                if self.held is None:
+                    self._exhausted = True
+                    self._run.close_input()
+                    return
+            held = self.held
+            cut = max(held.due_before(horizon_ns), 1 if at_least_one else 0)
+            at_least_one = False
+            if cut == 0 and len(held):
+                return
+            part, rest = held.split(cut) if cut < len(held) else (held, None)
+            try:
+                self._run.feed(*part.engine_args())
+            except _engine.EngineError as e:
+                raise FineserveError(str(e)) from None
+            self._pending.push(self.fed, part)
+            self.fed += len(part)
+            if len(part):
+                self._fed_until_ns = int(part.t_ns[-1])
+            self.held = rest
+
+    def wait(self) -> None:
+        self._over = self._run.wait(0.1 if self._exhausted or self._stopping else 0.02)
+
+    def poll(self) -> bool:
+        cols = self._run.drain()
+        if len(cols["index"]):
+            self._sink.add(cols, self._pending.take(cols["index"]))
+        if not self._over and not self._stopping:
+            self._feed_due(self.elapsed_ns() + self._lookahead_ns)
+        return self._over
+
+    def progress(self) -> dict[str, Any]:
+        return self._final if self._final is not None else dict(self._run.progress())
+
+    def elapsed_ns(self) -> int:
+        return int(self._run.progress()["elapsed_ns"])
+
+    def stop(self) -> str:
+        self._stopping = True
+        self._run.stop()
+        in_flight = self._run.progress()["in_flight"]
+        return f"dispatch stopped; draining {in_flight} in-flight requests"
+
+    def cancel(self) -> None:
+        self._stopping = True
+        self._run.cancel()
+
+    def finish(self) -> StreamOutcome:
+        held = self.held
+        generated_not_fed = len(held) if held is not None else 0
+        if held is not None and generated_not_fed:
+            # Explicit records, so the results file accounts for them row by row too.
+            reason = "run stopped before this request was fed"
+            self._sink.add(_not_sent_records(self.fed, held, reason), held.extra)
+        self._final = dict(self._run.progress())  # the handle is spent once results() returns
+        last = self._run.results()
+        if len(last["index"]):
+            self._sink.add(last, self._pending.take(last["index"]))
+        return StreamOutcome(
+            False, 0.0, int(last["t0_unix_ns"]), self._final, self.fed, generated_not_fed
+        )
+
+
 def run_stream(
     endpoints: list[str],
     chunks: Iterator[EngineChunk],
@@ -397,115 +597,22 @@ def run_stream(
     show_progress: bool = True,
     description: str = "requests",
 ) -> StreamOutcome:
-    """Runs a schedule given as chunks (send offsets continue across chunks).
-
-    Chunks are fed while the fed schedule reaches less than ``lookahead_s`` past the
-    run's clock, and records drain into ``sink`` as they complete, so memory follows the
-    requests in flight, not the run's length. On Ctrl-C/SIGTERM dispatch stops, in-flight
-    requests drain within ``options.drain_grace_s``, and requests already generated but
-    not fed are reported to the sink as not sent.
-    """
+    """Runs a schedule given as chunks (send offsets continue across chunks) on this
+    machine: fed within ``lookahead_s`` of the run's clock (:class:`LocalRun`), stopped
+    and drained by :func:`drive` (``options.drain_grace_s``). Requests already generated
+    but not fed when the run stops are reported to the sink as not sent."""
     first = next(chunks, None)
     if first is None:
         return StreamOutcome(False, 0.0, 0, {}, 0, 0)
-    lookahead_ns = int(lookahead_s * 1e9)
-    held: EngineChunk | None = None  # generated, waiting for its turn
-    # Only what is due within the lookahead is fed (at least one request): a chunk of
-    # 65,536 rows at 50 req/s would otherwise be fed 22 minutes ahead.
-    cut = max(first.due_before(lookahead_ns), 1)
-    if cut < len(first):
-        first, held = first.split(cut)
-    try:
-        run = _engine.start_run(
-            endpoints,
-            *first.engine_args(),
-            **engine_kwargs(options),
-            more=True,
-            turns=first.turn_args(),
-        )
-    except _engine.EngineError as e:
-        raise FineserveError(str(e)) from None
-    pending = _PendingExtras()
-    pending.push(0, first)
-    fed = len(first)
-    fed_until_ns = int(first.t_ns[-1]) if len(first) else 0
-    exhausted = False
-
-    if options.realtime_priority:
-        _report_realtime(run)
-    bar = _ProgressBar(total, description) if show_progress else None
-    interrupted = False
-    stopped_at_ns: int | None = None
-    started = time.monotonic()
-
-    def drain() -> None:
-        cols = run.drain()
-        if len(cols["index"]):
-            sink.add(cols, pending.take(cols["index"]))
-
-    with interrupts() as intr:
-        try:
-            while True:
-                intr.check()
-                if not exhausted:
-                    horizon_ns = int(run.progress()["elapsed_ns"]) + lookahead_ns
-                    while not exhausted and fed_until_ns < horizon_ns:
-                        if held is None:
-                            held = next(chunks, None)
-                            if held is None:
-                                exhausted = True
-                                run.close_input()
-                                break
-                        cut = held.due_before(horizon_ns)
-                        if cut == 0 and len(held):
-                            break
-                        part, rest = held.split(cut) if cut < len(held) else (held, None)
-                        try:
-                            run.feed(*part.engine_args(), turns=part.turn_args())
-                        except _engine.EngineError as e:
-                            raise FineserveError(str(e)) from None
-                        pending.push(fed, part)
-                        fed += len(part)
-                        if len(part):
-                            fed_until_ns = int(part.t_ns[-1])
-                        held = rest
-                with intr.waiting():
-                    done = run.wait(0.1 if exhausted else 0.02)
-                drain()
-                if bar:
-                    bar.update(run.progress(), sink.live())
-                if done:
-                    break
-        except KeyboardInterrupt:
-            interrupted = True
-            stopped_at_ns = int(run.progress()["elapsed_ns"])
-            sink.stopped(stopped_at_ns)
-            _drain(run, options.drain_grace_s, intr)
-        except BaseException:
-            run.cancel()
-            raise
-    generated_not_fed = len(held) if held is not None else 0
-    if held is not None and generated_not_fed:
-        # Explicit records, so the results file accounts for them row by row too.
-        sink.add(
-            _not_sent_records(fed, held, "run stopped before this request was fed"),
-            held.extra,
-        )
-    if bar:
-        bar.update(run.progress(), sink.live(), force=True)
-        bar.close()
-    final = dict(run.progress())
-    last = run.results()
-    if len(last["index"]):
-        sink.add(last, pending.take(last["index"]))
-    return StreamOutcome(
-        interrupted,
-        time.monotonic() - started,
-        int(last["t0_unix_ns"]),
-        final,
-        fed,
-        generated_not_fed,
-        stopped_at_ns=stopped_at_ns,
+    chunks = itertools.chain([first], chunks)
+    local = LocalRun(endpoints, chunks, options, sink, int(lookahead_s * 1e9))
+    return drive(
+        local,
+        sink,
+        grace_s=options.drain_grace_s,
+        total=total,
+        show_progress=show_progress,
+        description=description,
     )
 
 
@@ -567,28 +674,6 @@ def _report_realtime(run: _engine.Run) -> None:
             "--realtime-priority: not permitted here (needs root or CAP_SYS_NICE); "
             "lanes run at normal priority"
         )
-
-
-def _drain(run: _engine.Run, grace_s: float, intr: Interrupts) -> None:
-    run.stop()
-    in_flight = run.progress()["in_flight"]
-    note(
-        f"interrupted: dispatch stopped; draining {in_flight} in-flight requests for up to "
-        f"{grace_s:g}s (Ctrl-C again to abort them)"
-    )
-    deadline = time.monotonic() + grace_s
-    try:
-        while True:
-            with intr.waiting():
-                if run.wait(0.1):
-                    break
-            if time.monotonic() >= deadline:
-                note("drain grace period over: cancelling the rest")
-                run.cancel()
-                break
-    except KeyboardInterrupt:
-        note("aborting in-flight requests")
-        run.cancel()
 
 
 class _ProgressBar:

@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::client::ClientConfig;
-use crate::engine::{self, EngineConfig, RunHandle, Schedule};
+use crate::engine::{self, timeout_secs, EngineConfig, RunHandle, Schedule};
 use crate::error::EngineError as CoreError;
 use crate::mock::{Fault, FaultConfig, MockConfig, MockServer, ReasoningField};
 use crate::records::{ErrorKind, RecordColumns};
@@ -27,16 +27,6 @@ create_exception!(
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> Self {
         EngineError::new_err(e.to_string())
-    }
-}
-
-fn secs(name: &str, v: f64) -> PyResult<Duration> {
-    if v.is_finite() && v > 0.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(EngineError::new_err(format!(
-            "{name} must be a positive number of seconds, got {v}"
-        )))
     }
 }
 
@@ -100,11 +90,10 @@ impl PyRun {
         self.with(|h| h.cancel())
     }
 
-    /// Appends a chunk to the schedule (see `start_run(..., more=True)`). Raises
-    /// `EngineError`, accepting nothing, once the input is closed or the run is stopping.
-    #[pyo3(signature = (
-        t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, *, turns = None,
-    ))]
+    /// Appends a chunk to the schedule: request i sends `bodies[body_idx[i]]` at
+    /// `t_ns[i]`; `turns` = (parent, think_ns, followers). Raises `EngineError`, accepting
+    /// nothing, once the input is closed or the run is stopping.
+    #[pyo3(signature = (t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, turns = None))]
     fn feed(
         &self,
         t_ns: PyReadonlyArray1<'_, i64>,
@@ -112,16 +101,29 @@ impl PyRun {
         bodies: Vec<Bound<'_, PyBytes>>,
         endpoint_idx: PyReadonlyArray1<'_, u32>,
         expected_output_tokens: PyReadonlyArray1<'_, u32>,
-        turns: Turns<'_>,
+        turns: Option<PyTurns<'_>>,
     ) -> PyResult<()> {
-        let chunk = schedule_from(
-            t_ns,
-            body_idx,
-            bodies,
-            endpoint_idx,
-            expected_output_tokens,
-            turns,
-        )?;
+        let (parent, think_ns, followers) = match turns {
+            Some(PyTurns(p, t, f)) => (
+                p.as_slice()?.to_vec(),
+                t.as_slice()?.to_vec(),
+                f.as_slice()?.to_vec(),
+            ),
+            None => (Vec::new(), Vec::new(), Vec::new()),
+        };
+        let chunk = Schedule {
+            t_ns: t_ns.as_slice()?.to_vec(),
+            body_idx: body_idx.as_slice()?.to_vec(),
+            endpoint_idx: endpoint_idx.as_slice()?.to_vec(),
+            expected_output_tokens: expected_output_tokens.as_slice()?.to_vec(),
+            bodies: bodies
+                .iter()
+                .map(|b| Bytes::copy_from_slice(b.as_bytes()))
+                .collect(),
+            parent,
+            think_ns,
+            followers,
+        };
         self.with(|h| h.feed(chunk))?.map_err(PyErr::from)
     }
 
@@ -186,62 +188,17 @@ fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>>
 }
 
 /// Conversation columns of a chunk: (parent, think_ns, followers), all or none.
-type Turns<'py> = Option<(
+#[derive(FromPyObject)]
+struct PyTurns<'py>(
     PyReadonlyArray1<'py, i64>,
     PyReadonlyArray1<'py, i64>,
     PyReadonlyArray1<'py, u32>,
-)>;
+);
 
-fn schedule_from(
-    t_ns: PyReadonlyArray1<'_, i64>,
-    body_idx: PyReadonlyArray1<'_, u32>,
-    bodies: Vec<Bound<'_, PyBytes>>,
-    endpoint_idx: PyReadonlyArray1<'_, u32>,
-    expected_output_tokens: PyReadonlyArray1<'_, u32>,
-    turns: Turns<'_>,
-) -> PyResult<Schedule> {
-    let (parent, think_ns, followers) = match turns {
-        Some((p, t, f)) => (
-            p.as_slice()?.to_vec(),
-            t.as_slice()?.to_vec(),
-            f.as_slice()?.to_vec(),
-        ),
-        None => (Vec::new(), Vec::new(), Vec::new()),
-    };
-    Ok(Schedule {
-        t_ns: t_ns.as_slice()?.to_vec(),
-        body_idx: body_idx.as_slice()?.to_vec(),
-        endpoint_idx: endpoint_idx.as_slice()?.to_vec(),
-        expected_output_tokens: expected_output_tokens.as_slice()?.to_vec(),
-        bodies: bodies
-            .iter()
-            .map(|b| Bytes::copy_from_slice(b.as_bytes()))
-            .collect(),
-        parent,
-        think_ns,
-        followers,
-    })
-}
-
-/// Starts an open-loop run over a columnar schedule and returns at once. With `more`, the
-/// input stays open for `Run.feed` chunks until `Run.close_input`.
-#[pyfunction]
-#[pyo3(signature = (
-    endpoints, t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, *,
-    stream = true, max_concurrency = None, lanes = 2, warm_connections = 0, spin_us = 200,
-    start_delay_ms = 10.0, connect_timeout_s = 10.0, first_byte_timeout_s = 600.0,
-    idle_timeout_s = 600.0, total_timeout_s = 3600.0, max_body_bytes = 67_108_864,
-    api_key = None, realtime_priority = false, more = false, route_groups = Vec::new(),
-    turns = None, source_ips = Vec::new(), start_at_unix_ns = None, turn_affinity = true,
-))]
-#[allow(clippy::too_many_arguments)]
-fn start_run(
-    endpoints: Vec<String>,
-    t_ns: PyReadonlyArray1<'_, i64>,
-    body_idx: PyReadonlyArray1<'_, u32>,
-    bodies: Vec<Bound<'_, PyBytes>>,
-    endpoint_idx: PyReadonlyArray1<'_, u32>,
-    expected_output_tokens: PyReadonlyArray1<'_, u32>,
+/// `fineserve.runner.EngineOptions` as it crosses: each field read by attribute name
+/// (`drain_grace_s` stays on the Python side). No `Debug`: it holds the API key.
+#[derive(FromPyObject)]
+struct PyEngineOptions {
     stream: bool,
     max_concurrency: Option<usize>,
     lanes: usize,
@@ -255,61 +212,77 @@ fn start_run(
     max_body_bytes: usize,
     api_key: Option<String>,
     realtime_priority: bool,
-    more: bool,
     route_groups: Vec<Vec<usize>>,
-    turns: Turns<'_>,
     source_ips: Vec<String>,
-    start_at_unix_ns: Option<i64>,
     turn_affinity: bool,
-) -> PyResult<PyRun> {
-    let source_ips = source_ips
-        .iter()
-        .map(|s| {
-            s.trim().parse::<std::net::IpAddr>().map_err(|_| {
-                EngineError::new_err(format!("source address {s:?} is not an IP address"))
+}
+
+/// The engine's configuration for these options, without endpoints or a start instant
+/// (`start_run` adds both); `EngineConfig::validate` checks it as the run starts.
+impl TryFrom<PyEngineOptions> for EngineConfig {
+    type Error = CoreError;
+
+    fn try_from(o: PyEngineOptions) -> Result<Self, CoreError> {
+        let source_ips = o
+            .source_ips
+            .iter()
+            .map(|s| {
+                s.trim().parse::<std::net::IpAddr>().map_err(|_| {
+                    CoreError::InvalidConfig(format!("source address {s:?} is not an IP address"))
+                })
             })
+            .collect::<Result<Vec<_>, _>>()?;
+        let api_key = o.api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
+        let client = ClientConfig {
+            stream: o.stream,
+            connect_timeout: timeout_secs("connect_timeout_s", o.connect_timeout_s)?,
+            first_byte_timeout: timeout_secs("first_byte_timeout_s", o.first_byte_timeout_s)?,
+            idle_timeout: timeout_secs("idle_timeout_s", o.idle_timeout_s)?,
+            total_timeout: timeout_secs("total_timeout_s", o.total_timeout_s)?,
+            max_body_bytes: o.max_body_bytes,
+            authorization: api_key
+                .filter(|k| !k.is_empty())
+                .and_then(|k| ClientConfig::bearer(&k)),
+            source_ips,
+        };
+        let start_delay =
+            Duration::try_from_secs_f64(o.start_delay_ms.max(0.0) / 1e3).map_err(|_| {
+                CoreError::InvalidConfig(format!(
+                    "start_delay_ms must be a number of milliseconds, got {}",
+                    o.start_delay_ms
+                ))
+            })?;
+        Ok(EngineConfig {
+            endpoints: Vec::new(),
+            client,
+            max_concurrency: o.max_concurrency,
+            lanes: o.lanes,
+            warm_connections: o.warm_connections,
+            spin: Duration::from_micros(o.spin_us),
+            start_delay,
+            start_at_unix_ns: None,
+            realtime_priority: o.realtime_priority,
+            route_groups: o.route_groups,
+            turn_affinity: o.turn_affinity,
         })
-        .collect::<PyResult<Vec<_>>>()?;
-    let schedule = schedule_from(
-        t_ns,
-        body_idx,
-        bodies,
-        endpoint_idx,
-        expected_output_tokens,
-        turns,
-    )?;
-    let api_key = api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
-    let client = ClientConfig {
-        stream,
-        connect_timeout: secs("connect_timeout_s", connect_timeout_s)?,
-        first_byte_timeout: secs("first_byte_timeout_s", first_byte_timeout_s)?,
-        idle_timeout: secs("idle_timeout_s", idle_timeout_s)?,
-        total_timeout: secs("total_timeout_s", total_timeout_s)?,
-        max_body_bytes,
-        authorization: api_key
-            .filter(|k| !k.is_empty())
-            .and_then(|k| ClientConfig::bearer(&k)),
-        source_ips,
-    };
+    }
+}
+
+/// Starts an open-loop run and returns at once; its schedule comes through `Run.feed`
+/// until `Run.close_input`.
+#[pyfunction]
+#[pyo3(signature = (endpoints, options, *, start_at_unix_ns = None))]
+fn start_run(
+    endpoints: Vec<String>,
+    options: PyEngineOptions,
+    start_at_unix_ns: Option<i64>,
+) -> PyResult<PyRun> {
     let config = EngineConfig {
         endpoints,
-        client,
-        max_concurrency,
-        lanes,
-        warm_connections,
-        spin: Duration::from_micros(spin_us),
-        start_delay: Duration::from_secs_f64(start_delay_ms.max(0.0) / 1e3),
         start_at_unix_ns,
-        realtime_priority,
-        route_groups,
-        turn_affinity,
+        ..EngineConfig::try_from(options)?
     };
-    let expected_len = if more { 0 } else { schedule.len() };
-    let handle = engine::start_streaming(config, expected_len)?;
-    handle.feed(schedule)?;
-    if !more {
-        handle.close_input();
-    }
+    let handle = engine::start_streaming(config, 0)?;
     Ok(PyRun {
         handle: Mutex::new(Some(handle)),
     })

@@ -1,0 +1,151 @@
+//! One request, from its lane's deadline to its record: waiting for its previous turn
+//! and for a concurrency slot, routing, sending, and accounting for how it ended.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::client::{execute, Pool, RunClock};
+use crate::records::{ErrorKind, RequestRecord};
+
+use super::lanes::{push_record, Chunk, LaneState};
+use super::routing::{route, Outstanding};
+use super::turns::follow_turn;
+use super::Shared;
+
+pub(super) fn dispatch(
+    shared: &Arc<Shared>,
+    pool: &Rc<Pool>,
+    state: &Rc<LaneState>,
+    clock: RunClock,
+    lane: usize,
+    chunk: &Chunk,
+    j: usize,
+) {
+    let sched = &chunk.schedule;
+    let body = sched.bodies[sched.body_idx[j] as usize].clone();
+    let endpoint = sched.endpoint_idx[j];
+    let scheduled_ns = sched.t_ns[j];
+    let index = chunk.base + j as u64;
+    let expected = sched.expected_output_tokens[j] as usize;
+    let parent = sched.parent.get(j).copied().unwrap_or(-1);
+    let think_ns = sched.think_ns.get(j).copied().unwrap_or(0);
+    let followers = sched.followers.get(j).copied().unwrap_or(0);
+    state.enter();
+    shared.progress.dispatched.fetch_add(1, Ordering::Relaxed);
+    let shared = Arc::clone(shared);
+    let pool = Rc::clone(pool);
+    let state = Rc::clone(state);
+    tokio::task::spawn_local(async move {
+        let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
+        if parent >= 0 {
+            match follow_turn(&shared, clock, parent as u64, think_ns).await {
+                Ok((release_ns, served_by)) => {
+                    rec.scheduled_ns = release_ns;
+                    if shared.config.turn_affinity {
+                        rec.endpoint_idx = served_by;
+                    }
+                }
+                Err(why) => {
+                    rec.fail(ErrorKind::NotSent, why);
+                    shared.progress.not_sent.fetch_add(1, Ordering::Relaxed);
+                    if followers > 0 {
+                        shared
+                            .turns
+                            .publish(index, followers, (-1, false, endpoint));
+                    }
+                    push_record(&shared, lane, rec);
+                    state.leave();
+                    return;
+                }
+            }
+        }
+        let outcome = {
+            let work = run_request(&shared, &pool, clock, body, &mut rec);
+            tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => None,
+                r = work => Some(r),
+            }
+        };
+        let p = &shared.progress;
+        match outcome {
+            None => {
+                if rec.sent_ns < 0 {
+                    rec.fail(
+                        ErrorKind::NotSent,
+                        "cancelled while queued for a concurrency slot",
+                    );
+                } else {
+                    rec.fail(ErrorKind::Cancelled, "in flight when the run was cancelled");
+                }
+                rec.done_ns = clock.now_ns();
+            }
+            Some(Err((kind, msg))) => rec.fail(kind, msg),
+            Some(Ok(())) => {}
+        }
+        if rec.sent_ns >= 0 {
+            p.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if rec.error == ErrorKind::Ok {
+                p.succeeded.fetch_add(1, Ordering::Relaxed);
+            } else {
+                p.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            p.not_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        if followers > 0 {
+            let ok = rec.error == ErrorKind::Ok;
+            shared
+                .turns
+                .publish(index, followers, (rec.done_ns, ok, rec.endpoint_idx));
+        }
+        push_record(&shared, lane, rec);
+        state.leave();
+    });
+}
+
+async fn run_request(
+    shared: &Shared,
+    pool: &Pool,
+    clock: RunClock,
+    body: Bytes,
+    rec: &mut RequestRecord,
+) -> Result<(), (ErrorKind, String)> {
+    let _permit = match &shared.semaphore {
+        Some(sem) => Some(
+            Arc::clone(sem)
+                .acquire_owned()
+                .await
+                .map_err(|_| (ErrorKind::NotSent, "concurrency limiter closed".to_owned()))?,
+        ),
+        None => None,
+    };
+    // Routed when it can leave (after any concurrency wait), so the choice sees the
+    // endpoints' load at that moment.
+    let endpoint = route(shared, rec.endpoint_idx as usize);
+    rec.endpoint_idx = endpoint as u32;
+    let _outstanding = Outstanding::on(&shared.outstanding[endpoint]);
+    let cfg = &shared.config.client;
+    let progress = &shared.progress;
+    let result = tokio::time::timeout(
+        cfg.total_timeout,
+        execute(pool, cfg, clock, endpoint, body, rec, || {
+            progress.sent.fetch_add(1, Ordering::Relaxed);
+            progress.in_flight.fetch_add(1, Ordering::Relaxed);
+        }),
+    )
+    .await;
+    match result {
+        Err(_) => Err((
+            ErrorKind::TotalTimeout,
+            format!(
+                "request exceeded the total timeout of {:?}",
+                cfg.total_timeout
+            ),
+        )),
+        Ok(r) => r,
+    }
+}

@@ -1,0 +1,61 @@
+//! A run's live counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::client::RunClock;
+
+/// Live counters, readable from any thread while the run goes on.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub scheduled: AtomicU64,
+    pub dispatched: AtomicU64,
+    pub sent: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub not_sent: AtomicU64,
+    pub in_flight: AtomicU64,
+    pub warm_connections: AtomicU64,
+    pub warm_failures: AtomicU64,
+    pub realtime_lanes: AtomicU64,
+    /// Times a lane left SCHED_FIFO because it was busy (see `RealtimeGovernor`).
+    pub realtime_demotions: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgressSnapshot {
+    pub scheduled: u64,
+    pub dispatched: u64,
+    pub sent: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub not_sent: u64,
+    pub in_flight: u64,
+    pub elapsed_ns: i64,
+    pub started: bool,
+    pub warm_connections: u64,
+    pub warm_failures: u64,
+    pub realtime_lanes: u64,
+    pub realtime_demotions: u64,
+}
+
+impl Progress {
+    /// The counters now; `t0` is the run's start instant once it is fixed.
+    pub(super) fn snapshot(&self, t0: Option<&Instant>) -> ProgressSnapshot {
+        ProgressSnapshot {
+            scheduled: self.scheduled.load(Ordering::Relaxed),
+            dispatched: self.dispatched.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            not_sent: self.not_sent.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            elapsed_ns: t0.map_or(0, |t0| RunClock { t0: *t0 }.now_ns()),
+            started: t0.is_some(),
+            warm_connections: self.warm_connections.load(Ordering::Relaxed),
+            warm_failures: self.warm_failures.load(Ordering::Relaxed),
+            realtime_lanes: self.realtime_lanes.load(Ordering::Relaxed),
+            realtime_demotions: self.realtime_demotions.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The columnar schedule a run is fed, and the checks a chunk of it must pass.
+
+use bytes::Bytes;
+
+use crate::error::EngineError;
+
+/// A run's schedule, or one chunk of it, columnar.
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    /// Send offset from the run's start instant, non-decreasing (also across chunks).
+    pub t_ns: Vec<i64>,
+    /// Index into `bodies` for each request.
+    pub body_idx: Vec<u32>,
+    pub endpoint_idx: Vec<u32>,
+    /// Used to size per-request buffers; the body itself carries `max_tokens`.
+    pub expected_output_tokens: Vec<u32>,
+    pub bodies: Vec<Bytes>,
+    /// Conversation turns (all three empty when there are none): the schedule index of the
+    /// turn this request follows (-1: none); it leaves `think_ns` after that turn ends,
+    /// not at `t_ns` (which then only orders the schedule).
+    pub parent: Vec<i64>,
+    pub think_ns: Vec<i64>,
+    /// How many later requests follow this one (its end is published for them).
+    pub followers: Vec<u32>,
+}
+
+impl Schedule {
+    pub fn len(&self) -> usize {
+        self.t_ns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.t_ns.is_empty()
+    }
+
+    /// Checks the columns; `after_ns` is the last send offset of the previous chunk.
+    /// `n_targets` counts endpoints plus route groups (see `EngineConfig::route_groups`).
+    pub fn validate(&self, n_targets: usize, after_ns: i64) -> Result<(), EngineError> {
+        let n = self.t_ns.len();
+        let bad = |m: String| Err(EngineError::InvalidSchedule(m));
+        if self.body_idx.len() != n
+            || self.endpoint_idx.len() != n
+            || self.expected_output_tokens.len() != n
+        {
+            return bad(format!(
+                "column lengths differ: t_ns {n}, body_idx {}, endpoint_idx {}, expected_output_tokens {}",
+                self.body_idx.len(),
+                self.endpoint_idx.len(),
+                self.expected_output_tokens.len()
+            ));
+        }
+        if let Some(i) = self.t_ns.iter().position(|&t| t < 0) {
+            return bad(format!("t_ns[{i}] is negative"));
+        }
+        if let Some(&first) = self.t_ns.first() {
+            if first < after_ns {
+                return bad(format!(
+                    "t_ns[0] = {first} is before the previous chunk's last send offset {after_ns}"
+                ));
+            }
+        }
+        if let Some(i) = self.t_ns.windows(2).position(|w| w[1] < w[0]) {
+            return bad(format!("t_ns is not sorted at index {}", i + 1));
+        }
+        if let Some(i) = self
+            .body_idx
+            .iter()
+            .position(|&b| b as usize >= self.bodies.len())
+        {
+            return bad(format!("body_idx[{i}] is outside the body table"));
+        }
+        if let Some(i) = self
+            .endpoint_idx
+            .iter()
+            .position(|&e| e as usize >= n_targets)
+        {
+            return bad(format!("endpoint_idx[{i}] has no endpoint or route group"));
+        }
+        let turns = [self.parent.len(), self.think_ns.len(), self.followers.len()];
+        if turns.iter().any(|&l| l != 0) {
+            if turns.iter().any(|&l| l != n) {
+                return bad(
+                    "parent, think_ns and followers must all be given, one per request".into(),
+                );
+            }
+            if let Some(i) = self.think_ns.iter().position(|&t| t < 0) {
+                return bad(format!("think_ns[{i}] is negative"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,102 @@
+//! Conversation turns: a later turn leaves `think_ns` after its previous turn ends, so
+//! the end of a turn is published for the requests that follow it, across lanes.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::client::RunClock;
+
+use super::pacing::{STOPPED_REASON, STOP_POLL};
+use super::Shared;
+
+/// How a turn ended: (done_ns, succeeded, the endpoint that served it).
+type TurnEnd = Option<(i64, bool, u32)>;
+
+/// Publishes the end of turns that other requests follow. A follower may start waiting
+/// before or after its turn ends; a `watch` channel per turn covers both, across lanes.
+#[derive(Default)]
+pub(super) struct TurnBoard {
+    slots: Mutex<HashMap<u64, TurnSlot>>,
+}
+
+struct TurnSlot {
+    end: tokio::sync::watch::Sender<TurnEnd>,
+    /// Followers that have not read the end yet (the slot goes when none is left).
+    left: u32,
+}
+
+impl TurnBoard {
+    fn slot<R>(&self, index: u64, f: impl FnOnce(&mut TurnSlot) -> R) -> Option<R> {
+        let mut slots = self.slots.lock().ok()?;
+        let slot = slots.entry(index).or_insert_with(|| TurnSlot {
+            end: tokio::sync::watch::channel(None).0,
+            left: u32::MAX,
+        });
+        Some(f(slot))
+    }
+
+    pub(super) fn publish(&self, index: u64, followers: u32, end: (i64, bool, u32)) {
+        self.slot(index, |s| {
+            s.left = s.left.min(followers);
+            s.end.send_replace(Some(end));
+        });
+    }
+
+    fn subscribe(&self, index: u64) -> Option<tokio::sync::watch::Receiver<TurnEnd>> {
+        self.slot(index, |s| s.end.subscribe())
+    }
+
+    fn consumed(&self, index: u64) {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(s) = slots.get_mut(&index) {
+                s.left = s.left.saturating_sub(1);
+                if s.left == 0 {
+                    slots.remove(&index);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
+/// offset and the endpoint that served the turn, or why the follower cannot be sent (the
+/// turn failed, or the run stopped).
+pub(super) async fn follow_turn(
+    shared: &Shared,
+    clock: RunClock,
+    parent: u64,
+    think_ns: i64,
+) -> Result<(i64, u32), &'static str> {
+    let Some(mut rx) = shared.turns.subscribe(parent) else {
+        return Err("turn bookkeeping failed");
+    };
+    let end = loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Err(STOPPED_REASON);
+        }
+        if let Some(end) = *rx.borrow_and_update() {
+            break end;
+        }
+        // Woken by the turn's end; the timeout only lets a stop be noticed.
+        let _ = tokio::time::timeout(STOP_POLL, rx.changed()).await;
+    };
+    shared.turns.consumed(parent);
+    let (done_ns, ok, served_by) = end;
+    if !ok {
+        return Err("the previous turn of its conversation failed or was not sent");
+    }
+    let release_ns = done_ns.saturating_add(think_ns);
+    let deadline = clock.t0 + Duration::from_nanos(release_ns.max(0) as u64);
+    loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return Err(STOPPED_REASON);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok((release_ns, served_by));
+        }
+        tokio::time::sleep_until(deadline.min(now + STOP_POLL).into()).await;
+    }
+}
