@@ -249,6 +249,28 @@ def test_invalid_schedule_is_rejected_with_one_line() -> None:
         _engine.start_run(["https://x/v1/completions"], EngineOptions())
 
 
+def test_engine_options_cross_into_rust_and_bad_ones_are_one_line() -> None:
+    """``start_run`` reads the ``EngineOptions`` dataclass field by field; each bad value
+    is refused in one line, and the API key never shows in the options' repr."""
+    url = ["http://127.0.0.1:9/v1/completions"]
+    cases = [
+        (EngineOptions(lanes=0), "lanes must be >= 1"),
+        (EngineOptions(max_concurrency=0), "max_concurrency must be >= 1"),
+        (EngineOptions(connect_timeout_s=0), "connect_timeout_s must be a positive number"),
+        (EngineOptions(idle_timeout_s=-1.0), "idle_timeout_s must be a positive number"),
+        (EngineOptions(route_groups=[[0, 1]]), "route group 0 must list endpoints 0..1"),
+        (EngineOptions(source_ips=["nope"]), 'source address "nope" is not an IP address'),
+    ]
+    for options, message in cases:
+        with pytest.raises(_engine.EngineError, match=message) as e:
+            _engine.start_run(url, options)
+        assert "\n" not in str(e.value)
+    assert "secret" not in repr(EngineOptions(api_key="secret"))
+    run = _engine.start_run(url, EngineOptions(lanes=1, api_key="secret"), start_at_unix_ns=0)
+    run.close_input()
+    assert run.wait(5) and len(run.results()["index"]) == 0
+
+
 def test_connections_come_from_the_given_source_addresses() -> None:
     """--source-ip: every connection is bound to one of the listed local addresses, in
     turn, so more than one address's ephemeral ports can reach one server."""

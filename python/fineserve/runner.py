@@ -550,7 +550,7 @@ class LocalRun:
         cols = self._run.drain()
         if len(cols["index"]):
             self._sink.add(cols, self._pending.take(cols["index"]))
-        if not self._over and not self._stopping:
+        if not (self._over or self._stopping or self._exhausted):
             self._feed_due(self.elapsed_ns() + self._lookahead_ns)
         return self._over
 
