@@ -547,7 +547,7 @@ class LocalRun:
         self._over = self._run.wait(0.1 if self._exhausted or self._stopping else 0.02)
 
     def poll(self) -> bool:
-        cols = self._run.drain()
+        cols: dict[str, Any] = self._run.drain()
         if len(cols["index"]):
             self._sink.add(cols, self._pending.take(cols["index"]))
         if not (self._over or self._stopping or self._exhausted):
@@ -578,7 +578,7 @@ class LocalRun:
             reason = "run stopped before this request was fed"
             self._sink.add(_not_sent_records(self.fed, held, reason), held.extra)
         self._final = dict(self._run.progress())  # the handle is spent once results() returns
-        last = self._run.results()
+        last: dict[str, Any] = self._run.results()
         if len(last["index"]):
             self._sink.add(last, self._pending.take(last["index"]))
         return StreamOutcome(
