@@ -92,7 +92,8 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
 
 
 def _ok(r: Run) -> npt.NDArray[np.bool_]:
-    return r.col("error_kind") == 0
+    ok: npt.NDArray[np.bool_] = r.col("error_kind") == 0  # a comparison of NDArray[Any] is Any
+    return ok
 
 
 def _latencies(r: Run) -> dict[str, npt.NDArray[np.float64]]:

@@ -119,14 +119,17 @@ def concat(parts: list[Schedule], *, check_order: bool = True) -> Schedule:
     names = set(parts[0].extra)
     if any(set(p.extra) != names for p in parts):
         raise FineserveError("cannot join schedules with different optional columns")
-    hashed = [p.hash_ids is not None for p in parts]
-    if any(hashed) and not all(hashed):
+    blocks = [
+        (p.hash_ids, p.hash_offsets)
+        for p in parts
+        if p.hash_ids is not None and p.hash_offsets is not None
+    ]
+    if blocks and len(blocks) != len(parts):
         raise FineserveError("cannot join schedules with and without prefix blocks")
     hash_ids = hash_offsets = None
-    if all(hashed):
-        hash_ids = np.concatenate([p.hash_ids for p in parts])  # type: ignore[misc]
-        counts = np.concatenate([np.diff(p.hash_offsets) for p in parts])  # type: ignore[arg-type]
-        hash_offsets = offsets_from_counts(counts)
+    if blocks:
+        hash_ids = np.concatenate([ids for ids, _ in blocks])
+        hash_offsets = offsets_from_counts(np.concatenate([np.diff(off) for _, off in blocks]))
     return Schedule(
         np.concatenate([p.t_ns for p in parts]),
         np.concatenate([p.input_len for p in parts]),
@@ -346,7 +349,7 @@ class ScheduleSlice:
 
 def read_schedule(
     path: Path, chunk_rows: int = 65_536, part: ScheduleSlice | None = None
-) -> tuple[Iterator[Schedule], int, dict]:
+) -> tuple[Iterator[Schedule], int, dict[str, Any]]:
     """Opens a schedule written by :func:`write_schedule`: (chunks, rows, metadata); with
     ``part``, only that slice, time-scaled, conversation links renumbered into it."""
     import pyarrow.parquet as pq

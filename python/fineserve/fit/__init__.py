@@ -109,13 +109,14 @@ def slot_merge_scale(
     """
 
     def slot_gap(theta: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        # scipy.special is untyped: its ufuncs give Any, hence the annotated results
         if family == "weibull":
-            ratio = special.gammainc(1 / shape, (slot_ms / theta) ** shape)
+            ratio: npt.NDArray[np.float64] = special.gammainc(1 / shape, (slot_ms / theta) ** shape)
             return slot_ms / np.maximum(ratio, 1e-300)
         x = slot_ms / theta
-        e_min = shape * theta * special.gammainc(shape + 1, x) + slot_ms * special.gammaincc(
-            shape, x
-        )
+        e_min: npt.NDArray[np.float64] = shape * theta * special.gammainc(
+            shape + 1, x
+        ) + slot_ms * special.gammaincc(shape, x)
         return slot_ms * shape * theta / np.maximum(e_min, 1e-300)
 
     lo = np.log(scale_ms) - 30.0

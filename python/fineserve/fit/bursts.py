@@ -80,13 +80,14 @@ def best_slot_phase_ns(t_ns: IntArray, slot_ms: float = 1.0, candidates: int = 1
 
 def _nb_logpmf(k: FloatArray, mu: float, alpha: float) -> FloatArray:
     r = 1.0 / alpha
-    return (
+    logpmf: FloatArray = (  # scipy.special is untyped: its ufuncs give Any
         special.gammaln(k + r)
         - special.gammaln(r)
         - special.gammaln(k + 1)
         + r * math.log(r / (r + mu))
         + k * math.log(mu / (r + mu))
     )
+    return logpmf
 
 
 def _log_p0(mu: float, alpha: float) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ def _from_obj(obj: Any) -> str | None:
         if key in obj:
             return _first_human(obj[key])
     for key in _TEXT_KEYS:
-        if isinstance(obj.get(key), str):
-            return obj[key]
+        text = obj.get(key)
+        if isinstance(text, str):
+            return text
     return None
 
 
@@ -61,6 +63,41 @@ def load_prompt_texts(path: Path) -> tuple[list[str], str]:
     """The dataset's prompt texts and a one-line summary (kept / skipped by reason)."""
     texts, _, summary = load_prompt_dataset(path)
     return texts, summary
+
+
+def _entries(raw: str, path: Path, skipped: Counter[str]) -> tuple[Iterable[Any], str]:
+    """A dataset's entries and its format: a JSON array; one JSON object (maybe
+    pretty-printed; ``{"data": [...]}`` and the like give their first list of entries, else
+    the object is the one entry); else JSONL, read lazily, malformed lines counted in
+    ``skipped`` as they are reached (so its reasons keep the order they first occur in)."""
+    stripped = raw.lstrip()
+    whole: Any = None
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(raw)
+        except json.JSONDecodeError:
+            whole = None
+    if isinstance(whole, dict):
+        lists = [v for v in whole.values() if isinstance(v, list)]
+        return (lists[0] if lists and not _from_obj(whole) else [whole]), "JSON"
+    if stripped.startswith("["):
+        try:
+            return json.loads(raw), "JSON"
+        except json.JSONDecodeError as e:
+            raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return _jsonl_entries(raw, skipped), "JSONL"
+
+
+def _jsonl_entries(raw: str, skipped: Counter[str]) -> Iterator[Any]:
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["malformed line"] += 1
+            continue
+        yield obj
 
 
 def load_prompt_dataset(path: Path) -> tuple[list[str], list[int], str]:
@@ -74,49 +111,14 @@ def load_prompt_dataset(path: Path) -> tuple[list[str], list[int], str]:
     skipped: Counter[str] = Counter()
     texts: list[str] = []
     outputs: list[int] = []
-    stripped = raw.lstrip()
-    whole: Any = None
-    if stripped.startswith("{"):
-        try:  # one JSON object (maybe pretty-printed) rather than JSONL
-            whole = json.loads(raw)
-        except json.JSONDecodeError:
-            whole = None
-    if stripped.startswith("[") or isinstance(whole, dict):
-        if isinstance(whole, dict):
-            # {"data": [...]} and the like: the first list of entries; else one entry.
-            lists = [v for v in whole.values() if isinstance(v, list)]
-            data = lists[0] if lists and not _from_obj(whole) else [whole]
+    entries, fmt = _entries(raw, path, skipped)
+    for obj in entries:
+        t = _from_obj(obj)
+        if t and t.strip():
+            texts.append(t)
+            outputs.append(_output_len(obj))
         else:
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise FineserveError(
-                    f"{path}: not valid JSON ({e.msg} at line {e.lineno})"
-                ) from None
-        fmt = "JSON"
-        for obj in data:
-            t = _from_obj(obj)
-            if t and t.strip():
-                texts.append(t)
-                outputs.append(_output_len(obj))
-            else:
-                skipped["no prompt text"] += 1
-    else:
-        fmt = "JSONL"
-        for line in raw.splitlines():
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                skipped["malformed line"] += 1
-                continue
-            t = _from_obj(obj)
-            if t and t.strip():
-                texts.append(t)
-                outputs.append(_output_len(obj))
-            else:
-                skipped["no prompt text"] += 1
+            skipped["no prompt text"] += 1
     if not texts:
         raise FineserveError(
             f"{path}: no prompt text found ({fmt}; expected ShareGPT conversations, "

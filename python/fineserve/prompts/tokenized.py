@@ -429,8 +429,8 @@ class TokenizedPromptBuilder:
             self._verify(prompts, actual, rows, base_index, report)
             if report.repaired or report.mismatched:
                 if len(rows) < n:  # a sampled prompt was off: check the rest as well
-                    rest = np.setdiff1d(np.arange(n), rows)
-                    self._verify(prompts, actual, rest, base_index, report)
+                    unchecked = np.setdiff1d(np.arange(n, dtype=np.int64), rows)
+                    self._verify(prompts, actual, unchecked, base_index, report)
                 self.check_all = True
         return prompts, actual, report
 

@@ -44,7 +44,7 @@ def fit_zipf_mean_log(mean_log: float, max_value: int) -> float:
     def nll(a: float) -> float:
         # per-sample negative log-likelihood: a·E[log x] + log Σ k^-a
         m = -a * log_s
-        top = m.max()
+        top = float(m.max())
         return a * mean_log + top + math.log(float(np.sum(np.exp(m - top))))
 
     res = minimize_scalar(nll, bounds=(0.01, 10.0), method="bounded")
@@ -97,6 +97,8 @@ def load_burstgpt_params(path: Path) -> dict[str, Any]:
         raise FineserveError(f"--burstgpt-params: cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(p, dict):
+        raise FineserveError(f"{path}: not a JSON object")
     for key in ("window_s", "windows", "input_zipf_a", "output_zipf_a"):
         if key not in p:
             raise FineserveError(f"{path}: missing {key!r}")

@@ -268,33 +268,48 @@ def load_gamma_windows(
             raise FineserveError(f"{path}: windows are not in time order")
     else:
         w = window_seconds * 1e3
-        start = np.arange(len(shape)) * w
+        start = np.arange(len(shape), dtype=np.float64) * w
         end = start + w
     weibull = np.zeros(len(shape), dtype=bool)
     if arrivals not in ARRIVAL_MODES:
         raise FineserveError(f"--parametric-arrivals must be one of {', '.join(ARRIVAL_MODES)}")
     if arrivals == "auto" and "model" in names:
-        model = np.asarray(table["model"].to_pylist(), dtype=object)
         shape, scale = shape.copy(), scale.copy()
-        for family, cols in (
-            ("weibull", ("weibull_shape", "weibull_scale")),
-            ("exponential", (None, "exponential_scale")),
-        ):
-            rows = np.flatnonzero(model == family)
-            if not len(rows):
-                continue
-            missing = [c for c in cols if c is not None and c not in names]
-            if missing:
-                raise FineserveError(f"{path}: {family} windows but no {missing[0]} column")
-            k = np.ones(len(rows)) if cols[0] is None else numeric(table[cols[0]])[rows]
-            theta = numeric(table[cols[1]])[rows]
-            if not np.all(np.isfinite(k) & (k > 0) & np.isfinite(theta) & (theta > 0)):
-                raise FineserveError(
-                    f"{path}:{int(rows[0]) + 2}: {family} parameters must be positive numbers"
-                )
-            shape[rows], scale[rows] = k, theta
-            weibull[rows] = family == "weibull"
+        _apply_fitted_families(path, table, shape, scale, weibull)
     return GammaWindows(start, end, shape, scale, source=str(path), weibull=weibull)
+
+
+def _apply_fitted_families(
+    path: Path,
+    table: Any,  # a pyarrow Table
+    shape: npt.NDArray[np.float64],
+    scale: npt.NDArray[np.float64],
+    weibull: npt.NDArray[np.bool_],
+) -> None:
+    """Windows whose ``model`` column (``fineserve fit``'s choice) names Weibull or
+    Exponential take their shape and scale from that family's columns, in place."""
+    from ..traces.base import numeric
+
+    names = table.column_names
+    model = np.asarray(table["model"].to_pylist(), dtype=object)
+    for family, cols in (
+        ("weibull", ("weibull_shape", "weibull_scale")),
+        ("exponential", (None, "exponential_scale")),
+    ):
+        rows = np.flatnonzero(model == family)
+        if not len(rows):
+            continue
+        missing = [c for c in cols if c is not None and c not in names]
+        if missing:
+            raise FineserveError(f"{path}: {family} windows but no {missing[0]} column")
+        k = np.ones(len(rows)) if cols[0] is None else numeric(table[cols[0]])[rows]
+        theta = numeric(table[cols[1]])[rows]
+        if not np.all(np.isfinite(k) & (k > 0) & np.isfinite(theta) & (theta > 0)):
+            raise FineserveError(
+                f"{path}:{int(rows[0]) + 2}: {family} parameters must be positive numbers"
+            )
+        shape[rows], scale[rows] = k, theta
+        weibull[rows] = family == "weibull"
 
 
 def load_nb_json(path: Path) -> NegBinom:

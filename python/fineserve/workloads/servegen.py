@@ -40,7 +40,7 @@ class Pdf:
     cdf: npt.NDArray[np.float64]
 
     def sample(self, n: int, rng: np.random.Generator) -> npt.NDArray[np.float64]:
-        return self.values[np.searchsorted(self.cdf, rng.random(n) * self.cdf[-1], "right")]
+        return self.values[np.searchsorted(self.cdf, rng.random(n) * float(self.cdf[-1]), "right")]
 
 
 @dataclass
