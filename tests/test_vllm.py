@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import pytest
 
@@ -103,7 +103,7 @@ def second(venv: Path, tiny: Path, work: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def inputs(work: Path) -> dict[str, object]:
+def inputs(work: Path) -> dict[str, Any]:
     dataset, trace = work / "sharegpt.json", work / "hash_trace.jsonl"
     return {
         "dataset": dataset,
@@ -115,7 +115,7 @@ def inputs(work: Path) -> dict[str, object]:
 
 @pytest.mark.parametrize("case", LENGTH_CASES, ids=lambda c: c.name)
 def test_usage_matches_the_schedule(
-    case: LengthCase, plain: Server, tiny: Path, inputs: dict, work: Path
+    case: LengthCase, plain: Server, tiny: Path, inputs: dict[str, Any], work: Path
 ) -> None:
     """vLLM's usage.prompt_tokens is the schedule's input_len on every request (plus the
     chat template's tokens where the server applies it: fineserve sizes the user message),

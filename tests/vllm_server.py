@@ -404,7 +404,7 @@ class BlastRun:
         return [k == "ok" for k in self.col("error_kind")]
 
     def errors(self, limit: int = 5) -> list[str]:
-        out = []
+        out: list[str] = []
         for i, (k, m) in enumerate(zip(self.col("error_kind"), self.col("error_message"))):
             if k != "ok" and len(out) < limit:
                 out.append(f"#{i} {k}: {m}")
@@ -650,7 +650,7 @@ class LengthCase:
     source: str = "random"
 
     def argv(self, **paths: Path) -> list[str]:
-        out = []
+        out: list[str] = []
         for arg in self.args:
             for key, value in paths.items():
                 arg = arg.replace("{" + key + "}", str(value))
