@@ -53,6 +53,7 @@ def test_blast_without_server_uses_embedded_mock(tmp_path: Path) -> None:
     assert res["scheduled"] == res["sent"] + res["not_sent"]
 
 
+@pytest.mark.slow
 def test_progress_display_is_live_and_quiet_on_request() -> None:
     """Generations of ~1 s: before any request finishes the display already shows what
     was sent and is in flight; later the rolling TTFT; nothing with --disable-tqdm."""
@@ -174,6 +175,7 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
     assert "started the embedded mock" not in r.output
 
 
+@pytest.mark.slow
 def test_api_key_is_sent_but_never_echoed(tmp_path: Path) -> None:
     """The key goes to the server, and appears nowhere of ours: not the output, results,
     journal, report, or error messages, even when the server echoes the request back."""

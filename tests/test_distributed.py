@@ -153,6 +153,7 @@ def _blast(tmp: Path, name: str, *extra: str) -> tuple[dict[str, Any], dict[str,
     return json.loads(res.read_text()), cols
 
 
+@pytest.mark.slow
 def test_two_workers_account_like_one_machine(ray_local: Any, tmp_path: Path) -> None:
     one, one_rows = _blast(tmp_path, "single")
     two, two_rows = _blast(tmp_path, "ray2", "--ray", "local", "--workers", "2")
@@ -173,6 +174,7 @@ def test_two_workers_account_like_one_machine(ray_local: Any, tmp_path: Path) ->
     assert all(w["lag_p50_us"] < 1000 for w in workers)
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_reported_and_its_requests_accounted(ray_local: Any) -> None:
     n = 400
     t = np.linspace(0, 4e9, n).astype(np.int64)
@@ -221,6 +223,7 @@ def test_a_worker_that_dies_is_reported_and_its_requests_accounted(ray_local: An
     assert sum(w[1]["outcomes"].values()) == n // 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_worker_and_keeps_their_results(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     out = tmp_path / "partial.json"
@@ -244,6 +247,7 @@ def test_ctrl_c_stops_every_worker_and_keeps_their_results(tmp_path: Path) -> No
     assert all(w["died"] is None for w in res["workers"])
 
 
+@pytest.mark.slow
 def test_conversations_replay_turn_after_turn_across_workers(
     ray_local: Any, tmp_path: Path
 ) -> None:
@@ -282,6 +286,7 @@ def test_conversations_replay_turn_after_turn_across_workers(
     assert set(t["worker"].tolist()) == {0, 1}
 
 
+@pytest.mark.slow
 def test_python_api_spreads_a_schedule_like_run_engine(ray_local: Any, mock: MockServer) -> None:
     n = 120
     t = np.linspace(0, 0.6e9, n).astype(np.int64)

@@ -106,6 +106,7 @@ def test_idle_and_sparse_windows_follow_the_documented_rule() -> None:
     assert math.isnan(w.ks_gamma[2])
 
 
+@pytest.mark.slow
 def test_zero_truncated_nb_recovered_and_better_than_fineserve_moments() -> None:
     rng = np.random.default_rng(5)
     counts = NegBinom(2.6, 1.5).draw(200_000, rng, truncate=True)
@@ -136,6 +137,7 @@ def test_mixture_chosen_when_counts_mix_two_processes() -> None:
     assert weights == pytest.approx([0.25, 0.75], abs=0.01)
 
 
+@pytest.mark.slow
 def test_mixture_nb_file_drives_the_generator(tmp_path: Path) -> None:
     rng = np.random.default_rng(8)
     counts = np.concatenate(
@@ -156,6 +158,7 @@ def test_mixture_nb_file_drives_the_generator(tmp_path: Path) -> None:
     assert np.max(np.abs(cdf(drawn) - cdf(counts))) < 0.01
 
 
+@pytest.mark.slow
 def test_bursty_round_trip_recovers_rate_and_nb() -> None:
     windows = gamma_windows([1.0, 2.0], [20.0, 6.0])
     nb = NegBinom(2.6, 1.5)
@@ -231,6 +234,7 @@ def test_length_fit_and_histogram_sampler(tmp_path: Path) -> None:
     assert stats.spearmanr(gi, go).statistic == pytest.approx(fit.correlation["spearman"], abs=0.03)
 
 
+@pytest.mark.slow
 def test_fit_validate_on_synthetic_bursty_trace(tmp_path: Path) -> None:
     s = generate(gamma_windows([0.8, 1.5, 2.5], [25.0, 10.0, 4.0]), seed=14, nb=NegBinom(1.5, 0.8))
     trace = as_trace(s.t_ns, s.input_len, s.output_len)
@@ -259,6 +263,7 @@ def test_compare_detects_a_different_workload() -> None:
     assert not c.passed
 
 
+@pytest.mark.slow
 def test_cli_fit_generate_compare_round_trip(tmp_path: Path) -> None:
     s = generate(gamma_windows([1.0, 2.0], [10.0, 5.0]), seed=17, nb=NegBinom(2.0, 1.0))
     trace = tmp_path / "t.csv"
@@ -367,6 +372,7 @@ def test_bad_parameter_files_give_one_line(tmp_path: Path) -> None:
         load_nb_json(nb)
 
 
+@pytest.mark.slow
 @needs_shared
 @pytest.mark.parametrize("rel", SHARED_TRACES)
 def test_fit_validate_passes_on_shared_traces(tmp_path: Path, rel: str) -> None:
@@ -380,6 +386,7 @@ def test_fit_validate_passes_on_shared_traces(tmp_path: Path, rel: str) -> None:
     assert summary["n_requests"] > 1000
 
 
+@pytest.mark.slow
 @needs_shared
 def test_fit_takes_a_servegen_composition_as_a_schedule(tmp_path: Path) -> None:
     """A ServeGen pool holds per-client rates, not requests: it is fitted through the
@@ -408,6 +415,7 @@ def test_fit_takes_a_servegen_composition_as_a_schedule(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "sg_validate.json").read_text())["passed"]
 
 
+@pytest.mark.slow
 @needs_shared
 def test_azure_bursts_beat_fineserve_estimator(tmp_path: Path) -> None:
     """On the Azure code trace FineServe's moment NB is undefined (variance < mean); the
@@ -451,6 +459,7 @@ def test_model_class_resolves_the_project_datasets_from_the_repo_root(monkeypatc
     assert files.nb is not None and files.lengths is not None
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     gaps_ms=st.lists(
@@ -478,6 +487,7 @@ def test_fit_any_arrivals_gives_usable_parameters(
     assert int(w.n_requests.sum()) == len(t_ns)
 
 
+@pytest.mark.slow
 def test_fineserve_published_ks_is_scipys_continuous_ks_on_integer_counts() -> None:
     """FineServe's Dense_lt10B NB (mean 2.6285, variance 2.9729, KS 0.276): counts with
     those moments from the zero-truncated NB that matches them reproduce its KS under

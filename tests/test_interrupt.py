@@ -14,6 +14,7 @@ from conftest import interrupted_blast
 from fineserve.results import read_requests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_stops_dispatch_and_keeps_partial_results(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "partial.json"
@@ -39,6 +40,7 @@ def test_signal_stops_dispatch_and_keeps_partial_results(tmp_path: Path, sig: in
     assert res["arrival_rate_error"] < 0.1
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_cancels_in_flight_at_once_and_keeps_results(tmp_path: Path) -> None:
     """In-flight requests wait 20 s for their first token and the drain grace is 60 s: the
     second Ctrl-C ends the run at once, in-flight requests are recorded as cancelled, and

@@ -57,6 +57,7 @@ def _blast_with_nofile(limit: int, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow
 def test_descriptor_shortage_queues_requests_instead_of_failing_or_hanging(
     tmp_path: Path,
 ) -> None:
@@ -87,6 +88,7 @@ def test_descriptor_shortage_queues_requests_instead_of_failing_or_hanging(
     assert in_flight.max() <= 222
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_run_summary_and_output_file(tmp_path: Path) -> None:
     """--save-requests on a full disk (/dev/full answers every write with ENOSPC): the
     journal moves to the temporary directory and says so, the run goes on, the summary

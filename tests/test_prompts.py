@@ -75,6 +75,7 @@ def lengths(tok, prompts: list[str]) -> list[int]:  # type: ignore[no-untyped-de
     return [len(x) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
 
 
+@pytest.mark.slow
 def test_exact_lengths_round_trip(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(tok, seed=3, max_input_len=6000, check="all")
     rng = np.random.default_rng(0)
@@ -88,6 +89,7 @@ def test_exact_lengths_round_trip(tok, tmp_path: Path) -> None:  # type: ignore[
     assert len(firsts) == sum(len(x) >= 8 for x in ids)
 
 
+@pytest.mark.slow
 def test_sampled_check_checks_a_sample_then_everything_after_a_miss(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(tok, seed=5, max_input_len=2000)  # check="sample"
     want = np.random.default_rng(1).integers(1, 2000, 1000)
@@ -135,6 +137,7 @@ def test_dataset_source_and_suffix(tok, tmp_path: Path) -> None:  # type: ignore
     assert texts == ["a b c", "d e f"] and "1 malformed line" in summary
 
 
+@pytest.mark.slow
 def test_hash_ids_share_exactly_the_shared_blocks(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(tok, seed=0, block_size=64, max_input_len=1000, check="all")
     hash_ids = np.array([7, 8, 9, 7, 8, 10, 11, 7])
@@ -177,6 +180,7 @@ def test_distinct_block_ids_never_share_a_block_even_from_a_tiny_source(tok) -> 
     assert all(len(w.split()) == 32 for w in words)
 
 
+@pytest.mark.slow
 def test_shared_prefix_groups(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(
         tok, seed=0, shared_prefix_groups=2, shared_prefix_len=50, check="all"
@@ -190,6 +194,7 @@ def test_shared_prefix_groups(tok) -> None:  # type: ignore[no-untyped-def]
     assert len(ids[4]) == 30 and ids[4] == ids[0][:30]
 
 
+@pytest.mark.slow
 def test_chat_template_applied_with_exact_length(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(tok, seed=0, apply_chat_template=True, check="all")
     prompts, _, report = b.build(0, np.array([40, 400]))
@@ -199,6 +204,7 @@ def test_chat_template_applied_with_exact_length(tok) -> None:  # type: ignore[n
     assert lengths(tok, prompts) == [40, 400]
 
 
+@pytest.mark.slow
 def test_special_tokens_count_towards_a_completions_prompt(
     tokenizer_dir: Path, tmp_path: Path
 ) -> None:
@@ -424,6 +430,7 @@ def test_dataset_file_shapes(tmp_path: Path) -> None:
     assert load_prompt_dataset(single)[:2] == (["just one"], [4])
 
 
+@pytest.mark.slow
 def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
     fast1, fast2 = MockServer(ttft_ms=2, itl_ms=1), MockServer(ttft_ms=2, itl_ms=1)
     slow = MockServer(ttft_ms=300, itl_ms=20)
@@ -462,6 +469,7 @@ def test_round_robin_and_least_outstanding_spread_load(tmp_path: Path) -> None:
             s.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (Path(__file__).parents[1] / "datasets").is_dir(), reason="no datasets")
 def test_route_class_and_class_model(tmp_path: Path) -> None:
     datasets = Path(__file__).resolve().parents[1] / "datasets"
@@ -576,6 +584,7 @@ def test_turns_stay_on_the_server_of_their_conversation(tmp_path: Path, route: s
             s.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data absent")
 def test_mooncake_replay_reports_prefix_hit_rate(tmp_path: Path) -> None:
     res = tmp_path / "r.json"
@@ -624,6 +633,7 @@ def _bailian_trace(path: Path, conversations: int = 12, turns: int = 3) -> None:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
+@pytest.mark.slow
 def test_bailian_turns_extend_their_history(tok, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from fineserve.requests import RequestShapes, engine_chunks
     from fineserve.traces import TraceOptions, load_trace
@@ -659,6 +669,7 @@ def test_bailian_turns_extend_their_history(tok, tmp_path: Path) -> None:  # typ
     assert len({p[:20] for p in (prompts[i] for i in roots)}) == len(roots)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenized", [False, True])
 def test_chat_turns_carry_the_conversation_as_messages(
     tok, tmp_path: Path, tokenized: bool
@@ -732,6 +743,7 @@ def test_blast_replays_conversations_turn_after_turn(tmp_path: Path) -> None:
         assert 0 <= t["sent_ns"][i] - t["scheduled_ns"][i] < 5_000_000
 
 
+@pytest.mark.slow
 def test_pool_grows_for_a_longer_prompt_than_it_was_sized_for(tok) -> None:  # type: ignore[no-untyped-def]
     b = TokenizedPromptBuilder(tok, seed=2, max_input_len=100, check="all")
     small = b.pool.n

@@ -241,6 +241,7 @@ def test_breakdown_by_class_adds_up() -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_crash_journal_has_the_schedule_digest(tmp_path: Path) -> None:
     """SIGKILL (no cleanup at all) after the schedule was generated: the journal left
     behind still names the schedule, as `generate` does for the same options."""
@@ -260,6 +261,7 @@ def test_a_crash_journal_has_the_schedule_digest(tmp_path: Path) -> None:
     assert meta["schedule_digest"] == json.loads(summary.read_text())["digest"]
 
 
+@pytest.mark.slow
 def test_sigint_keeps_a_complete_results_file(tmp_path: Path) -> None:
     req = tmp_path / "req.parquet"
     done = interrupted_blast(signal.SIGINT, "--save-requests", str(req))
@@ -285,6 +287,7 @@ def _png_ok(path: Path) -> tuple[int, int]:
     return img.shape[0], img.shape[1]
 
 
+@pytest.mark.slow
 def test_report_renders_every_panel_and_compares_runs(tmp_path: Path) -> None:
     import base64
     import re
@@ -341,6 +344,7 @@ def test_report_bad_input_is_one_line(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "file not found" in r.output
 
 
+@pytest.mark.slow
 def test_blast_records_the_digest_generate_prints(tmp_path: Path) -> None:
     sched, summary = tmp_path / "s.parquet", tmp_path / "s.json"
     args = ["--mode", "poisson", "--request-rate", "300", "--num-prompts", "200", "--seed", "7"]
@@ -358,6 +362,7 @@ def test_blast_records_the_digest_generate_prints(tmp_path: Path) -> None:
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DATASETS / "Parametric").is_dir(), reason="no datasets")
 def test_every_figure_recomputed_from_the_parquet(tmp_path: Path) -> None:
     """A bursty two-class run over two servers, one failing 10 % of its requests: the

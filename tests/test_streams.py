@@ -707,6 +707,7 @@ def test_results_files_from_before_the_new_columns_still_read(tmp_path: Path) ->
     assert back["cached_tokens"].tolist() == [-1, -1]
 
 
+@pytest.mark.slow
 def test_reasoning_metrics_against_the_mock_add_up_from_the_parquet(tmp_path: Path) -> None:
     """A chat blast against the mock streaming 75 % of each answer as reasoning: TTFO,
     reasoning tokens and share, reasoning time, phase ITL/TPOT and the ttfo goodput SLO
@@ -756,6 +757,7 @@ def test_reasoning_metrics_against_the_mock_add_up_from_the_parquet(tmp_path: Pa
     assert (tmp_path / "rep_reasoning.png").is_file() and 'id="reasoning"' in rep.read_text()
 
 
+@pytest.mark.slow
 def test_servegen_reasoning_share_is_driven_and_compared(tmp_path: Path) -> None:
     """The schedule's reason_ratio reaches the embedded mock per request, and the summary
     compares the achieved reasoning share with the scheduled one."""

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_engine_stub_matches_extension() -> None:
     pytest.importorskip("mypy")
     r = subprocess.run(

@@ -67,6 +67,7 @@ def test_bad_slo_is_one_line(bad: str) -> None:
     assert r.exit_code != 0 and "--slo" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_sweep_finds_the_mock_capacity(tmp_path: Path) -> None:
     """8 generations at once, each holding its slot ~95 ms (TTFT 20 + 15 gaps of 5 ms):
     capacity ≈ 84 req/s. Below it p99 TTFT stays near 20 ms; past it requests queue."""
@@ -108,6 +109,7 @@ def test_sweep_finds_the_mock_capacity(tmp_path: Path) -> None:
     assert "highest load meeting the SLOs" in r.output
 
 
+@pytest.mark.slow
 def test_sweep_catches_overload_that_short_probes_hide(tmp_path: Path) -> None:
     """With an SLO too loose to fail in a 2 s probe, the sustained-rate check alone must
     stop the sweep at the mock's capacity (8 slots of ~95 ms: ~84 req/s)."""
@@ -129,6 +131,7 @@ def test_sweep_catches_overload_that_short_probes_hide(tmp_path: Path) -> None:
 DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DATASETS / "Parametric").is_dir(), reason="no datasets")
 def test_sweep_scales_a_bursty_workload_by_time_scale(tmp_path: Path) -> None:
     """A parametric (bursty) workload swept by time scale: the same trace span every
