@@ -96,3 +96,30 @@ def test_sustained_rate_shows_a_server_that_fell_behind() -> None:
     median_from_scheduled = float(np.median(done - sched))
     r = behind.result(1000, median_from_scheduled)
     assert r["sustained_request_rate"] == pytest.approx(60, rel=0.01)
+
+
+def test_reasoning_tokens_fall_back_to_events_when_the_server_reports_zero() -> None:
+    """vLLM 0.32 reports usage reasoning_tokens 0 while streaming nothing but reasoning:
+    the counted events win then; a positive count from the server wins over events."""
+    from fineserve.metrics import compute_metrics
+    from fineserve.runner import unsent_records
+
+    cols = unsent_records(
+        np.arange(3), np.zeros(3, np.int64), np.zeros(3), np.zeros(3), ["", "", ""]
+    )
+    n = 3
+    cols.update(
+        sent_ns=np.zeros(n, np.int64),
+        first_token_ns=np.full(n, 10, np.int64),
+        done_ns=np.full(n, 100, np.int64),
+        completion_tokens=np.array([6, 6, 6]),
+        reasoning_tokens=np.array([0, 4, -1]),
+        reasoning_chunks=np.array([6, 6, 2]),
+        last_reasoning_ns=np.full(n, 90, np.int64),
+        first_answer_ns=np.array([-1, 95, 95]),
+        error_index=np.zeros(0, np.int64),
+        error_message=[],
+    )
+    m = compute_metrics(cols, np.full(n, 8))
+    assert m["total_reasoning_tokens"] == 6 + 4 + 2
+    assert m["reasoning_token_share"] == pytest.approx(12 / 18)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from . import plotting
 from .errors import FineserveError
 from .metrics import MetricsAccumulator
-from .metrics.serving import itl_ns
+from .metrics.serving import itl_ns, reasoning_tokens
 from .results import read_requests, records_from_table
 
 #: Panels of a single-run report, in order (file stem → title).
@@ -327,9 +327,7 @@ def panel_reasoning(runs: list[Run]) -> bytes | None:
         tokens = np.where(
             r.col("completion_tokens") >= 0, r.col("completion_tokens"), r.col("n_chunks")
         )
-        reasoning = np.where(
-            r.col("reasoning_tokens") >= 0, r.col("reasoning_tokens"), r.col("reasoning_chunks")
-        )
+        reasoning = reasoning_tokens(r.col("reasoning_tokens"), r.col("reasoning_chunks"))
         if not (ok & ((reasoning > 0) | ((answer >= 0) & (answer > first)))).any():
             continue
         shown.append((r, ok, first, answer, sent, tokens, reasoning))

@@ -28,8 +28,9 @@ Definitions (those of FineServe's Generator and vLLM's benchmark, so numbers com
 - Reasoning and answers (reasoning models, tool calls): TTFT stays the first token of any
   kind (vLLM's definition); TTFO = first *answer* token (content or tool call) − send, as
   GuideLLM and AIPerf define it; a request whose stream carried only reasoning has no TTFO.
-  Reasoning tokens are the server's ``completion_tokens_details.reasoning_tokens`` when
-  reported, else the count of reasoning events; ``reasoning_token_share`` is their share of
+  Reasoning tokens are the server's ``completion_tokens_details.reasoning_tokens`` when it
+  reports a positive count, else the count of reasoning events (vLLM 0.32 reports 0 while
+  streaming reasoning); ``reasoning_token_share`` is their share of
   output tokens. Reasoning time = last reasoning event − first token. ITL and TPOT are also
   split by phase: a gap belongs to the reasoning phase when the event that ends it comes no
   later than the request's last reasoning event, to the answer phase otherwise (the switch
@@ -83,6 +84,15 @@ def _column(columns: dict[str, Any], name: str, fill: int, n: int) -> npt.NDArra
     if name in columns:
         return np.asarray(columns[name]).astype(np.int64)
     return np.full(n, fill, dtype=np.int64)
+
+
+def reasoning_tokens(
+    reported: npt.NDArray[np.int64], events: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Each request's reasoning tokens: the server's count when it reports a positive one,
+    else the reasoning events counted (vLLM 0.32 reports ``reasoning_tokens: 0`` in usage
+    while every token of a deepseek_r1 stream is reasoning)."""
+    return np.where(reported > 0, reported, events)
 
 
 def itl_by_phase(
@@ -314,10 +324,8 @@ class MetricsAccumulator:
         n = len(ok)
         answer = _column(columns, "first_answer_ns", -1, n)
         last_reasoning = _column(columns, "last_reasoning_ns", -1, n)
-        reasoning = np.where(
-            _column(columns, "reasoning_tokens", -1, n) >= 0,
-            _column(columns, "reasoning_tokens", -1, n),
-            _column(columns, "reasoning_chunks", 0, n),
+        reasoning = reasoning_tokens(
+            _column(columns, "reasoning_tokens", -1, n), _column(columns, "reasoning_chunks", 0, n)
         )
         has_answer = ok & (answer >= 0)
         self.ttfo.add(answer[has_answer] - sent[has_answer])
