@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import BlastConfig
+from .config import BlastConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, expected_peak_in_flight
@@ -22,7 +22,7 @@ from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .results import RequestsWriter, run_meta
-from .runner import EngineOptions, StreamOutcome, default_lanes, run_stream
+from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .targets import Targets, first_body, resolve_targets, warm_up
 from .workloads.spec import Workload, build_workload, format_duration, plan_workload
@@ -66,7 +66,7 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     mock)."""
     ec = cfg.engine
     burst_per_ms = first.peak_in_window(1_000_000)
-    lanes = ec.lanes or default_lanes()
+    lanes = ec.lanes or default_of(EngineOptions, "lanes")
     if not ec.lanes and burst_per_ms > 1:
         # Requests due in the same millisecond leave together only if lanes send them side
         # by side: one lane sends a burst one request after another.

@@ -444,7 +444,10 @@ class TokenizedPromptBuilder:
 
     @staticmethod
     def _block_tag(block_id: int) -> str:
-        return f"[{block_id}]"
+        # A leading space: right after the previous block's last token ("." for one) a bare
+        # "[" would merge with it (".[" is one token in common BPEs), so the block boundary
+        # would drift by a token and a prefix cache would miss a block the trace shares.
+        return f" [{block_id}]"
 
     def _blocks(self, blocks: npt.NDArray[np.int64], body_len: int, idx: int) -> str:
         if not len(blocks):
