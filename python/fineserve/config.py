@@ -544,7 +544,8 @@ class BlastConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as JSON (results metadata); the API key is left out."""
-        return _jsonable(dataclasses.asdict(self))
+        out: dict[str, Any] = _jsonable(dataclasses.asdict(self))
+        return out
 
 
 def _jsonable(value: Any) -> Any:

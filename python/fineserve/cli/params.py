@@ -153,15 +153,15 @@ class OutputFile(click.Path):
         super().__init__(dir_okay=False, path_type=Path)
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        path = super().convert(value, param, ctx)
-        parent = Path(path).resolve().parent
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        parent = path.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             self.fail(f"cannot create directory {str(parent)!r}: {e.strerror}.", param, ctx)
         if not os.access(parent, os.W_OK):
             self.fail(f"directory {str(parent)!r} is not writable.", param, ctx)
-        if Path(path).exists() and not os.access(path, os.W_OK):
+        if path.exists() and not os.access(path, os.W_OK):
             self.fail(f"{str(path)!r} is not writable.", param, ctx)
         return path
 

@@ -344,7 +344,9 @@ def _parametric(
             {
                 "class": cls,
                 "gamma_params": str(files.gamma),
-                "weibull_windows": int(np.count_nonzero(windows.weibull)),
+                "weibull_windows": int(np.count_nonzero(windows.weibull))
+                if windows.weibull is not None
+                else 0,
                 "nb": None if nb is None else nb.describe(),
                 "lengths": lengths_source,
             }
