@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-WHEEL = os.environ.get("FINESERVE_WHEEL", "")
+WHEEL = (
+    str(Path(os.environ["FINESERVE_WHEEL"]).resolve()) if os.environ.get("FINESERVE_WHEEL") else ""
+)
 
 pytestmark = [
     pytest.mark.slow,
