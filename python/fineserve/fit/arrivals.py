@@ -112,16 +112,20 @@ def weibull_mle(
     return k, scale, n  # Σ (x/λ)^k = n at the MLE
 
 
-def fit_windows(
-    event_ns: IntArray,
-    requests_ns: IntArray,
-    window_s: float = 300.0,
-    *,
-    min_gaps: int = MIN_GAPS,
-) -> WindowFit:
-    """Fits every window of ``event_ns`` (sorted, relative to the first event).
-    ``requests_ns`` only feeds the ``n_requests`` column (with micro-bursts modelled,
-    events are occupied slots and requests are more)."""
+@dataclass
+class _Grid:
+    """The windows over a trace: bounds (ms), requests and events per window, and each
+    event's window."""
+
+    start: FloatArray
+    end: FloatArray
+    n_req: IntArray
+    n_ev: IntArray
+    ev_win: IntArray
+    t_ms: FloatArray
+
+
+def _window_grid(event_ns: IntArray, requests_ns: IntArray, window_s: float) -> _Grid:
     w_ms = window_s * 1e3
     t_ms = event_ns.astype(np.float64) / 1e6
     span_ms = max(float(requests_ns[-1]) / 1e6 if len(requests_ns) else 0.0, t_ms[-1])
@@ -138,11 +142,14 @@ def fit_windows(
     n_req = np.bincount(np.minimum(req_win, n_win - 1), minlength=n_win)
     ev_win = np.minimum((t_ms / w_ms).astype(np.int64), n_win - 1)
     n_ev = np.bincount(ev_win, minlength=n_win)
+    return _Grid(start, end, n_req, n_ev, ev_win, t_ms)
 
+
+def _untied_gaps(t_ms: FloatArray) -> tuple[FloatArray, int, float]:
+    """Gaps between events. Ties (timestamps coarser than the events): a zero gap has no
+    log; they are counted and taken as half the smallest positive gap, i.e. half the
+    timestamp resolution."""
     gaps = np.diff(t_ms)
-    seg = ev_win[:-1]
-    # Ties (timestamps coarser than the events): a zero gap has no log; count them and
-    # treat them as half the smallest positive gap, i.e. half the timestamp resolution.
     tied = gaps <= 0
     n_tied = int(np.count_nonzero(tied))
     tie_ms = 0.5
@@ -150,6 +157,23 @@ def fit_windows(
         positive = gaps[~tied]
         tie_ms = float(positive.min()) / 2 if len(positive) else 0.5
         gaps = np.where(tied, tie_ms, gaps)
+    return gaps, n_tied, tie_ms
+
+
+def fit_windows(
+    event_ns: IntArray,
+    requests_ns: IntArray,
+    window_s: float = 300.0,
+    *,
+    min_gaps: int = MIN_GAPS,
+) -> WindowFit:
+    """Fits every window of ``event_ns`` (sorted, relative to the first event).
+    ``requests_ns`` only feeds the ``n_requests`` column (with micro-bursts modelled,
+    events are occupied slots and requests are more)."""
+    grid = _window_grid(event_ns, requests_ns, window_s)
+    n_win = len(grid.start)
+    gaps, n_tied, tie_ms = _untied_gaps(grid.t_ms)
+    seg = grid.ev_win[:-1]
 
     counts, nonempty, starts = _segments(seg, n_win)
     n = counts[nonempty].astype(np.float64)
@@ -188,18 +212,8 @@ def fit_windows(
     gamma_scale = spread(g_scale, math.nan)
     model = np.full(n_win, "idle", dtype=object)
     model[nonempty] = best
-    cv = spread(np.sqrt(var) / mean, math.nan)
     sparse = counts < min_gaps
-    win_len = end - start
-    # Idle and sparse windows: the documented rule (module docstring).
-    few = sparse & (n_ev > 0)
-    model[few] = "sparse"
-    gamma_shape[few] = 1.0
-    gamma_scale[few] = win_len[few] / n_ev[few]
-    idle = n_ev == 0
-    model[idle] = "idle"
-    gamma_shape[idle] = 1.0
-    gamma_scale[idle] = 1000.0 * win_len[idle]
+    _sparse_and_idle(grid, sparse, model, gamma_shape, gamma_scale)
     weibull_shape = spread(w_shape, math.nan)
     weibull_scale = spread(w_scale, math.nan)
     exp_scale = spread(mean, math.nan)
@@ -218,11 +232,11 @@ def fit_windows(
     ks_gamma[sparse] = math.nan
     ks_model[sparse] = math.nan
     return WindowFit(
-        start_ms=start,
-        end_ms=end,
-        n_requests=n_req.astype(np.int64),
-        n_events=n_ev.astype(np.int64),
-        cv=cv,
+        start_ms=grid.start,
+        end_ms=grid.end,
+        n_requests=grid.n_req.astype(np.int64),
+        n_events=grid.n_ev.astype(np.int64),
+        cv=spread(np.sqrt(var) / mean, math.nan),
         gamma_shape=gamma_shape,
         gamma_scale_ms=gamma_scale,
         weibull_shape=weibull_shape,
@@ -241,6 +255,26 @@ def fit_windows(
         tied_gaps=n_tied,
         tie_ms=tie_ms,
     )
+
+
+def _sparse_and_idle(
+    grid: _Grid,
+    sparse: npt.NDArray[np.bool_],
+    model: npt.NDArray[np.object_],
+    gamma_shape: FloatArray,
+    gamma_scale: FloatArray,
+) -> None:
+    """Idle and sparse windows get an Exponential at their own rate (the documented rule
+    in the module docstring); in place."""
+    win_len = grid.end - grid.start
+    few = sparse & (grid.n_ev > 0)
+    model[few] = "sparse"
+    gamma_shape[few] = 1.0
+    gamma_scale[few] = win_len[few] / grid.n_ev[few]
+    idle = grid.n_ev == 0
+    model[idle] = "idle"
+    gamma_shape[idle] = 1.0
+    gamma_scale[idle] = 1000.0 * win_len[idle]
 
 
 def _pit_ks(
