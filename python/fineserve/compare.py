@@ -251,36 +251,6 @@ def _spearman(x: IntArray, y: IntArray) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def format_comparison(c: Comparison) -> str:
-    head = f"{'metric':<28} {'real':>12} {'generated':>12} {'KS':>7} {'W/mean':>8}  check"
-    lines = [
-        f"Compare {c.real.name} (real) with {c.generated.name} (generated); windows "
-        f"{c.window_s:g} s, slots {c.slot_ms:g} ms",
-        head,
-        "-" * len(head),
-    ]
-
-    def f(x: float, digits: int = 3) -> str:
-        if not math.isfinite(x):
-            return "-"
-        if abs(x) >= 1000:
-            return f"{x:.0f}"
-        return f"{x:.{digits}f}"
-
-    for r in c.rows:
-        check = ""
-        if r.ok is not None:
-            check = f"{'ok  ' if r.ok else 'FAIL'} {r.check} {f(r.value)} <= {f(r.threshold)}"
-        lines.append(
-            f"{r.metric:<28} {f(r.real):>12} {f(r.generated):>12} {f(r.ks):>7} "
-            f"{f(r.wasserstein):>8}  {check}"
-        )
-    lines += [f"note: {n}" for n in c.notes]
-    if any(r.ok is not None for r in c.rows):
-        lines.append("verdict: " + ("all checks pass" if c.passed else "some checks FAIL"))
-    return "\n".join(lines)
-
-
 def plot_comparison(c: Comparison, path: Path) -> Path:
     """Side-by-side panels as one PNG."""
     s = c.series

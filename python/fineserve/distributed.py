@@ -544,28 +544,3 @@ def _first_line(e: BaseException) -> str:
         e = cause
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
-
-
-def format_workers(rows: list[dict[str, Any]]) -> str:
-    """The per-worker breakdown as a table, so an overloaded or dead worker stands out."""
-
-    def num(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
-    head = (
-        f"{'worker':>6} {'requests':>9} {'sent':>9} {'req/s':>9} {'lag p50 us':>11} "
-        f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9}  outcomes"
-    )
-    lines = ["{s:{c}^{n}}".format(s=" Ray workers ", n=len(head), c="="), head]
-    for r in rows:
-        clock = f"{r['clock_offset_us']:+.0f}±{r['clock_offset_uncertainty_us']:.0f}"
-        outcomes = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
-        if r["died"]:
-            outcomes += f"; DIED: {r['died']}"
-        lines.append(
-            f"{r['worker']:>6} {r['requests']:>9} {r['sent']:>9} "
-            f"{num(r['achieved_rps'], '.0f'):>9} {num(r['lag_p50_us'], '.1f'):>11} "
-            f"{num(r['lag_p99_us'], '.1f'):>11} {clock:>14} "
-            f"{num(r['start_error_us'], '+.0f'):>9}  {outcomes}"
-        )
-    return "\n".join(lines)

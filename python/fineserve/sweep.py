@@ -171,46 +171,6 @@ def search(
     return result
 
 
-def format_sweep(r: SweepResult, target_load: float | None = None) -> str:
-    head = (
-        f"{r.unit:>12} {'offered rps':>12} {'sustained':>10} {'ok':>6} {'failed':>6} "
-        + " ".join(f"{s.key:>16}" for s in r.slos)
-        + "  verdict"
-    )
-    lines = [
-        "Capacity sweep: "
-        + "; ".join(str(s) for s in r.slos)
-        + f"; failures <= {100 * r.max_failure_rate:g}%"
-        + (f"; sustained >= {100 * r.min_sustained:g}% of offered" if r.min_sustained else ""),
-        head,
-        "-" * len(head),
-    ]
-    for p in sorted(r.probes, key=lambda p: p.load):
-        m = p.metrics
-        cells = " ".join(f"{m.get(s.key, float('nan')):16.2f}" for s in r.slos)
-        offered, sustained = m.get("offered_request_rate"), m.get("sustained_request_rate")
-        lines.append(
-            f"{p.load:12.3f} {offered or math.nan:12.2f} {sustained or math.nan:10.2f} "
-            f"{m['completed']:6d} "
-            f"{m['failed']:6d} {cells}  {'PASS' if p.passed else 'fail: ' + p.why}"
-        )
-    best = r.best
-    if best is None:
-        lines.append("no probed load meets the SLOs")
-    else:
-        lines.append(
-            f"highest load meeting the SLOs: {best.load:.3f} ({r.unit}), "
-            f"{best.metrics.get('sustained_request_rate') or math.nan:.2f} req/s sustained"
-        )
-        if target_load is not None:
-            n = r.instances_for(target_load)
-            lines.append(
-                f"instances needed for a total load of {target_load:g}: {n} "
-                f"(each carrying {best.sustained_load(r.unit):.3f} {r.unit}, as sustained)"
-            )
-    return "\n".join(lines)
-
-
 def sweep_json(r: SweepResult, target_load: float | None) -> dict[str, Any]:
     best = r.best
     return {

@@ -3,18 +3,42 @@ summaries, per-worker figures) never carries display strings."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .console import one_line
 
+if TYPE_CHECKING:
+    from .compare import Comparison
+    from .fit import FitResult
+    from .sweep import SweepResult
 
-def format_workers(workers: list[dict[str, Any]]) -> str:
-    """The per-worker table of a run spread over Ray workers."""
-    from .distributed import format_workers as _format_workers
 
-    return _format_workers(workers)
+def format_workers(rows: list[dict[str, Any]]) -> str:
+    """The per-worker breakdown as a table, so an overloaded or dead worker stands out."""
+
+    def num(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    head = (
+        f"{'worker':>6} {'requests':>9} {'sent':>9} {'req/s':>9} {'lag p50 us':>11} "
+        f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9}  outcomes"
+    )
+    lines = ["{s:{c}^{n}}".format(s=" Ray workers ", n=len(head), c="="), head]
+    for r in rows:
+        clock = f"{r['clock_offset_us']:+.0f}±{r['clock_offset_uncertainty_us']:.0f}"
+        outcomes = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())
+        if r["died"]:
+            outcomes += f"; DIED: {r['died']}"
+        lines.append(
+            f"{r['worker']:>6} {r['requests']:>9} {r['sent']:>9} "
+            f"{num(r['achieved_rps'], '.0f'):>9} {num(r['lag_p50_us'], '.1f'):>11} "
+            f"{num(r['lag_p99_us'], '.1f'):>11} {clock:>14} "
+            f"{num(r['start_error_us'], '+.0f'):>9}  {outcomes}"
+        )
+    return "\n".join(lines)
 
 
 class _Table:
@@ -251,4 +275,134 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
         )
     row("Digest (t, input, output):", s["digest"])
     lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def format_comparison(c: Comparison) -> str:
+    head = f"{'metric':<28} {'real':>12} {'generated':>12} {'KS':>7} {'W/mean':>8}  check"
+    lines = [
+        f"Compare {c.real.name} (real) with {c.generated.name} (generated); windows "
+        f"{c.window_s:g} s, slots {c.slot_ms:g} ms",
+        head,
+        "-" * len(head),
+    ]
+
+    def f(x: float, digits: int = 3) -> str:
+        if not math.isfinite(x):
+            return "-"
+        if abs(x) >= 1000:
+            return f"{x:.0f}"
+        return f"{x:.{digits}f}"
+
+    for r in c.rows:
+        check = ""
+        if r.ok is not None:
+            check = f"{'ok  ' if r.ok else 'FAIL'} {r.check} {f(r.value)} <= {f(r.threshold)}"
+        lines.append(
+            f"{r.metric:<28} {f(r.real):>12} {f(r.generated):>12} {f(r.ks):>7} "
+            f"{f(r.wasserstein):>8}  {check}"
+        )
+    lines += [f"note: {n}" for n in c.notes]
+    if any(r.ok is not None for r in c.rows):
+        lines.append("verdict: " + ("all checks pass" if c.passed else "some checks FAIL"))
+    return "\n".join(lines)
+
+
+def format_fit_summary(r: FitResult) -> str:
+    from .fit import fit_summary
+
+    s = fit_summary(r)
+    w = s["windows"]
+    lines = [
+        f"Fit of {r.source} as '{r.name}': {r.n_requests} requests over {r.span_s:.1f} s",
+        f"  arrivals   {w['count']} windows of {r.window_s:g} s; best model per window: "
+        + ", ".join(f"{m} {c}" for m, c in w["models"].items()),
+    ]
+    if w["ks_gamma_median"] is not None:
+        lines.append(
+            f"             Gamma KS per window: median {w['ks_gamma_median']:.3f}, "
+            f"p90 {w['ks_gamma_p90']:.3f}; all gaps through their window's CDF: "
+            f"{w['ks_all_gaps']:.3f} (Gamma), {w['ks_all_gaps_chosen_model']:.3f} (best model)"
+        )
+    lines.append(f"  bursts     {r.burst_decision}")
+    if r.bursts is not None:
+        b = r.bursts
+        lines.append(
+            f"             {b.num_samples} slots, mean {b.mean:.3f}, variance {b.variance:.3f}, "
+            f"max {b.max_count}; chosen: {b.chosen} (KS {b.best.ks:.4f})"
+        )
+        for c in b.candidates.values():
+            params = "; ".join(
+                f"w={x.weight:.3f} mu={x.mu:.4g} alpha={x.alpha:.4g}" for x in c.components
+            )
+            plain = (
+                ""
+                if math.isnan(c.ks_plain)
+                else f", as plain NB {c.ks_plain:.4f} (scipy kstest convention {c.ks_scipy:.4f})"
+            )
+            lines.append(
+                f"               {c.name:<14} KS {c.ks:.4f}{plain}, BIC {c.bic:.1f}  [{params}]"
+            )
+        if "nb_moments" not in b.candidates:
+            lines.append(
+                "               nb_moments     undefined: variance <= mean (FineServe's estimator "
+                "needs over-dispersed counts)"
+            )
+    ln = r.lengths
+    pl = ln.params["input_pareto_lognormal"]
+    lines += [
+        f"  lengths    input: Pareto+LogNormal (w={pl['weight_pareto']:.3f}, "
+        f"a={pl['pareto_a']:.3g}, mu={pl['lognorm_mu']:.3f}, sigma={pl['lognorm_sigma']:.3f}) KS "
+        f"{ln.ks['input_pareto_lognormal']:.3f}; Zipf a={ln.params['input_zipf']['a']:.3f} KS "
+        f"{ln.ks['input_zipf']:.3f}",
+        f"             output: Exponential mean {ln.params['output_exponential']['mean']:.1f} KS "
+        f"{ln.ks['output_exponential']:.3f}; Zipf a={ln.params['output_zipf']['a']:.3f} KS "
+        f"{ln.ks['output_zipf']:.3f}",
+        f"             correlation: Pearson {ln.correlation['pearson']:.3f}, on logs "
+        f"{ln.correlation['pearson_log']:.3f}, Spearman {ln.correlation['spearman']:.3f}; the "
+        "generator samples the joint histogram, which keeps it",
+    ]
+    lines += [f"  note       {n}" for n in r.notes]
+    for kind, p in r.files.items():
+        lines.append(f"  wrote      {kind}: {p}")
+    return "\n".join(lines)
+
+
+def format_sweep(r: SweepResult, target_load: float | None = None) -> str:
+    head = (
+        f"{r.unit:>12} {'offered rps':>12} {'sustained':>10} {'ok':>6} {'failed':>6} "
+        + " ".join(f"{s.key:>16}" for s in r.slos)
+        + "  verdict"
+    )
+    lines = [
+        "Capacity sweep: "
+        + "; ".join(str(s) for s in r.slos)
+        + f"; failures <= {100 * r.max_failure_rate:g}%"
+        + (f"; sustained >= {100 * r.min_sustained:g}% of offered" if r.min_sustained else ""),
+        head,
+        "-" * len(head),
+    ]
+    for p in sorted(r.probes, key=lambda p: p.load):
+        m = p.metrics
+        cells = " ".join(f"{m.get(s.key, float('nan')):16.2f}" for s in r.slos)
+        offered, sustained = m.get("offered_request_rate"), m.get("sustained_request_rate")
+        lines.append(
+            f"{p.load:12.3f} {offered or math.nan:12.2f} {sustained or math.nan:10.2f} "
+            f"{m['completed']:6d} "
+            f"{m['failed']:6d} {cells}  {'PASS' if p.passed else 'fail: ' + p.why}"
+        )
+    best = r.best
+    if best is None:
+        lines.append("no probed load meets the SLOs")
+    else:
+        lines.append(
+            f"highest load meeting the SLOs: {best.load:.3f} ({r.unit}), "
+            f"{best.metrics.get('sustained_request_rate') or math.nan:.2f} req/s sustained"
+        )
+        if target_load is not None:
+            n = r.instances_for(target_load)
+            lines.append(
+                f"instances needed for a total load of {target_load:g}: {n} "
+                f"(each carrying {best.sustained_load(r.unit):.3f} {r.unit}, as sustained)"
+            )
     return "\n".join(lines)

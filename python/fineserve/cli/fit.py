@@ -87,7 +87,8 @@ def fit_command(
     """Fit workload parameters (arrival windows, micro-bursts, lengths) from a trace in
     any supported format, in the files `--mode parametric --model-class NAME` reads."""
     from ..config import TraceReadConfig
-    from ..fit import fit_trace, format_fit_summary, write_fit
+    from ..fit import fit_trace, write_fit
+    from ..text import format_comparison, format_fit_summary
     from ..traces import load_trace
 
     started = time.perf_counter()
@@ -111,7 +112,7 @@ def fit_command(
     out(format_fit_summary(result))
     note(f"fit took {time.perf_counter() - started:.2f} s")
     if validate:
-        from ..compare import format_comparison, plot_comparison
+        from ..compare import plot_comparison
         from ..fit.validate import validate_fit
 
         comparison = validate_fit(result, trace, output_dir, seed)
@@ -170,8 +171,9 @@ def compare_command(
 ) -> None:
     """Compare two workloads (traces in any format, or schedules from `generate`):
     per-window rate and CV, requests per slot, gaps and lengths, by KS and Wasserstein."""
-    from ..compare import compare_arrivals, format_comparison, load_arrivals, plot_comparison
+    from ..compare import compare_arrivals, load_arrivals, plot_comparison
     from ..config import TraceReadConfig
+    from ..text import format_comparison
 
     if not (window_seconds > 0 and slot_ms > 0):
         raise FineserveError("--window-seconds and --slot-ms must be > 0")

@@ -19,7 +19,7 @@ from ..config import BlastConfig, MockConfig
 from ..console import note, out, warn
 from ..mock import MockServer
 from ..results import detailed_lists, read_requests, result_json, write_result
-from ..text import format_summary, format_workers
+from ..text import format_summary, format_sweep, format_workers
 from .options import (
     blast_options,
     given_workload_options,
@@ -229,7 +229,6 @@ def sweep_command(
     meets the SLOs, by bracketing and bisection; --output-file writes the JSON."""
     from ..sweep import (
         SweepConfig,
-        format_sweep,
         parse_slo,
         plot_sweep,
         resolve_scale,

@@ -323,69 +323,10 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def format_fit_summary(r: FitResult) -> str:
-    s = fit_summary(r)
-    w = s["windows"]
-    lines = [
-        f"Fit of {r.source} as '{r.name}': {r.n_requests} requests over {r.span_s:.1f} s",
-        f"  arrivals   {w['count']} windows of {r.window_s:g} s; best model per window: "
-        + ", ".join(f"{m} {c}" for m, c in w["models"].items()),
-    ]
-    if w["ks_gamma_median"] is not None:
-        lines.append(
-            f"             Gamma KS per window: median {w['ks_gamma_median']:.3f}, "
-            f"p90 {w['ks_gamma_p90']:.3f}; all gaps through their window's CDF: "
-            f"{w['ks_all_gaps']:.3f} (Gamma), {w['ks_all_gaps_chosen_model']:.3f} (best model)"
-        )
-    lines.append(f"  bursts     {r.burst_decision}")
-    if r.bursts is not None:
-        b = r.bursts
-        lines.append(
-            f"             {b.num_samples} slots, mean {b.mean:.3f}, variance {b.variance:.3f}, "
-            f"max {b.max_count}; chosen: {b.chosen} (KS {b.best.ks:.4f})"
-        )
-        for c in b.candidates.values():
-            params = "; ".join(
-                f"w={x.weight:.3f} mu={x.mu:.4g} alpha={x.alpha:.4g}" for x in c.components
-            )
-            plain = (
-                ""
-                if math.isnan(c.ks_plain)
-                else f", as plain NB {c.ks_plain:.4f} (scipy kstest convention {c.ks_scipy:.4f})"
-            )
-            lines.append(
-                f"               {c.name:<14} KS {c.ks:.4f}{plain}, BIC {c.bic:.1f}  [{params}]"
-            )
-        if "nb_moments" not in b.candidates:
-            lines.append(
-                "               nb_moments     undefined: variance <= mean (FineServe's estimator "
-                "needs over-dispersed counts)"
-            )
-    ln = r.lengths
-    pl = ln.params["input_pareto_lognormal"]
-    lines += [
-        f"  lengths    input: Pareto+LogNormal (w={pl['weight_pareto']:.3f}, "
-        f"a={pl['pareto_a']:.3g}, mu={pl['lognorm_mu']:.3f}, sigma={pl['lognorm_sigma']:.3f}) KS "
-        f"{ln.ks['input_pareto_lognormal']:.3f}; Zipf a={ln.params['input_zipf']['a']:.3f} KS "
-        f"{ln.ks['input_zipf']:.3f}",
-        f"             output: Exponential mean {ln.params['output_exponential']['mean']:.1f} KS "
-        f"{ln.ks['output_exponential']:.3f}; Zipf a={ln.params['output_zipf']['a']:.3f} KS "
-        f"{ln.ks['output_zipf']:.3f}",
-        f"             correlation: Pearson {ln.correlation['pearson']:.3f}, on logs "
-        f"{ln.correlation['pearson_log']:.3f}, Spearman {ln.correlation['spearman']:.3f}; the "
-        "generator samples the joint histogram, which keeps it",
-    ]
-    lines += [f"  note       {n}" for n in r.notes]
-    for kind, p in r.files.items():
-        lines.append(f"  wrote      {kind}: {p}")
-    return "\n".join(lines)
-
-
 __all__ = [
     "BURST_MODES",
     "FitResult",
     "fit_trace",
-    "format_fit_summary",
     "gamma_file_name",
     "write_fit",
 ]
