@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FineserveError
+from .traces.readers import TraceOptions
 
 #: Metrics that take ``--percentile-metrics`` keys and ``--goodput`` SLOs.
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "ttfo")
@@ -44,27 +45,10 @@ def _path(value: Any) -> Path | None:
 # ---------------------------------------------------------------------------- workload
 
 
-@dataclass(frozen=True)
-class TraceReadConfig:
-    """How a trace file is read: its format (detected when None), columns and units."""
-
-    trace_format: str | None = None
-    timestamp_column: str | None = None
-    input_length_column: str | None = None
-    output_length_column: str | None = None
-    timestamp_unit: str | None = None
-    burstgpt_model: str | None = None
-    burstgpt_log_type: str | None = None
-
-    @classmethod
-    def from_params(cls, p: Mapping[str, Any]) -> TraceReadConfig:
-        return cls(**{f.name: p.get(f.name) for f in dataclasses.fields(cls)})
-
-    def options(self) -> Any:
-        """The readers' :class:`~fineserve.traces.TraceOptions`."""
-        from .traces import TraceOptions
-
-        return TraceOptions(**dataclasses.asdict(self))
+def trace_options_from_params(p: Mapping[str, Any]) -> TraceOptions:
+    """How a trace file is read (format, columns, unit; None = the format's default),
+    from the trace options' parameters."""
+    return TraceOptions(**{f.name: p.get(f.name) for f in dataclasses.fields(TraceOptions)})
 
 
 @dataclass(frozen=True)
@@ -122,7 +106,7 @@ class WorkloadConfig:
     lengths: LengthConfig = field(default_factory=LengthConfig)
     #: replay/burstgpt: the trace (``--trace`` or ``--request-trace-csv``).
     trace: Path | None = None
-    trace_read: TraceReadConfig = field(default_factory=TraceReadConfig)
+    trace_read: TraceOptions = field(default_factory=TraceOptions)
     time_scale: float = 1.0
     start_s: float = 0.0
     duration_s: float | None = None
@@ -183,7 +167,7 @@ class WorkloadConfig:
             ramp=ramp,
             lengths=lengths,
             trace=_path(p.get("trace") or p.get("request_trace_csv")),
-            trace_read=TraceReadConfig.from_params(p),
+            trace_read=trace_options_from_params(p),
             time_scale=p.get("time_scale") or 1.0,
             start_s=p.get("start") or 0.0,
             duration_s=p.get("duration"),

@@ -86,13 +86,13 @@ def fit_command(
 ) -> None:
     """Fit workload parameters (arrival windows, micro-bursts, lengths) from a trace in
     any supported format, in the files `--mode parametric --model-class NAME` reads."""
-    from ..config import TraceReadConfig
+    from ..config import trace_options_from_params
     from ..fit import fit_trace, write_fit
     from ..text import format_comparison, format_fit_summary
     from ..traces import load_trace
 
     started = time.perf_counter()
-    options = TraceReadConfig.from_params(trace_opts).options()
+    options = trace_options_from_params(trace_opts)
     trace = _schedule_as_trace(trace_path) or load_trace(trace_path, options)
     note(trace.skip_summary())
     for line in trace.notes:
@@ -172,12 +172,12 @@ def compare_command(
     """Compare two workloads (traces in any format, or schedules from `generate`):
     per-window rate and CV, requests per slot, gaps and lengths, by KS and Wasserstein."""
     from ..compare import compare_arrivals, load_arrivals, plot_comparison
-    from ..config import TraceReadConfig
+    from ..config import trace_options_from_params
     from ..text import format_comparison
 
     if not (window_seconds > 0 and slot_ms > 0):
         raise FineserveError("--window-seconds and --slot-ms must be > 0")
-    options = TraceReadConfig.from_params(trace_opts).options()
+    options = trace_options_from_params(trace_opts)
     real = load_arrivals(real_path, options)
     gen = load_arrivals(generated_path, options, time_scale=time_scale)
     for line in real.notes + gen.notes:

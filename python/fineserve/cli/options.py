@@ -197,7 +197,7 @@ _LENGTH_OPTIONS: list[Any] = [
     ),
 ]
 
-#: Trace files and how to read them (TraceReadConfig).
+#: Trace files and how to read them (TraceOptions).
 _TRACE_OPTIONS: list[Any] = [
     click.option(
         "--request-trace-csv",

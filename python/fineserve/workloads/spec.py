@@ -154,7 +154,7 @@ def _replay(
 ) -> Workload:
     if cfg.trace is None:
         raise FineserveError("--mode replay needs --request-trace-csv or --trace")
-    trace = load_trace(cfg.trace, cfg.trace_read.options())
+    trace = load_trace(cfg.trace, cfg.trace_read)
     notes.append(trace.skip_summary())
     notes.extend(trace.notes)
     info.update(
@@ -252,7 +252,7 @@ def _burstgpt(
         read = cfg.trace_read
         if read.trace_format is None:
             read = dataclasses.replace(read, trace_format="burstgpt")
-        trace = load_trace(cfg.trace, read.options())
+        trace = load_trace(cfg.trace, read)
         notes.append(trace.skip_summary())
         params = fit_burstgpt(trace)
         notes.append(
