@@ -17,7 +17,8 @@ from conftest import completion_bodies, interrupted_blast, invoke, run_schedule
 from fineserve import ERROR_KINDS, EngineOptions, MockServer
 from fineserve.distributed import import_ray, partition, run_engine_ray, run_stream_ray
 from fineserve.errors import FineserveError
-from fineserve.results import read_requests, records_from_table, records_to_batch
+from fineserve.records import records_from_table, records_to_batch
+from fineserve.results import read_requests
 from fineserve.runner import EngineChunk, _CollectingSink
 
 

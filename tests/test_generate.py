@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from conftest import SHARED_DATA, invoke
 from fineserve.api import BodyTemplate
 from fineserve.mock import MockServer
 from fineserve.prompts import SyntheticPromptBuilder
+from fineserve.records import records_from_table
 from fineserve.requests import RequestShapes, engine_chunks
 from fineserve.routing import Deployment
 from fineserve.runner import EngineOptions, RecordSink, run_stream
@@ -115,7 +117,8 @@ class _Collect(RecordSink):
     def __init__(self) -> None:
         self.batches: list[dict] = []
 
-    def add(self, columns: dict, extra: dict) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
+        columns, extra = records_from_table(batch)
         self.batches.append({**columns, **extra})
 
 
@@ -218,9 +221,10 @@ class _StopAfter(RecordSink):
         self.stop_ns: int | None = None
         self.raised = False
 
-    def add(self, columns: dict, extra: dict) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
         import time
 
+        columns, extra = records_from_table(batch)
         self.batches.append({**columns, **extra})
         if not self.raised and time.monotonic() >= self.deadline:
             self.raised = True

@@ -15,8 +15,8 @@ import pytest
 
 from fineserve import _engine
 from fineserve.limits import connection_limits
+from fineserve.records import RECORD_INT_COLUMNS, empty_records, records_to_batch
 from fineserve.results import read_requests
-from fineserve.runner import RECORD_INT_COLUMNS
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit_and_stated() -> None:
@@ -133,8 +133,8 @@ def test_records_dropped_when_no_place_takes_them_are_counted(
     os.symlink("/dev/full", tmp_path / "fallback.journal")
     monkeypatch.setattr(results, "_fallback_path", lambda p: tmp_path / "fallback.journal")
     writer = results.RequestsWriter(tmp_path / "r.parquet", {"seed": 1})
-    batch = results.records_to_batch(
-        {**results._EMPTY_RECORDS, "index": np.arange(3, dtype=np.uint64),
+    batch = records_to_batch(
+        {**empty_records(), "index": np.arange(3, dtype=np.uint64),
          **{c: np.zeros(3, np.int64) for c in RECORD_INT_COLUMNS if c != "index"},
          "error_kind": np.zeros(3, np.uint8), "endpoint_idx": np.zeros(3, np.uint32),
          "chunk_offsets": np.zeros(4, np.uint64)},

@@ -102,7 +102,7 @@ def test_reasoning_tokens_fall_back_to_events_when_the_server_reports_zero() -> 
     """vLLM 0.32 reports usage reasoning_tokens 0 while streaming nothing but reasoning:
     the counted events win then; a positive count from the server wins over events."""
     from fineserve.metrics import compute_metrics
-    from fineserve.runner import unsent_records
+    from fineserve.records import unsent_records
 
     cols = unsent_records(
         np.arange(3), np.zeros(3, np.int64), np.zeros(3), np.zeros(3), ["", "", ""]

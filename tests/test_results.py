@@ -14,7 +14,8 @@ import pytest
 from conftest import interrupted_blast, invoke
 from fineserve.metrics import compute_metrics
 from fineserve.metrics.serving import MetricsAccumulator, parse_goodput
-from fineserve.results import JOURNAL_SUFFIX, RequestsWriter, read_requests, records_to_batch
+from fineserve.records import records_to_batch
+from fineserve.results import JOURNAL_SUFFIX, RequestsWriter, read_requests
 
 
 def _hand_records(rows: list[tuple[int, int, int, int, int]]) -> dict:

@@ -26,8 +26,9 @@ import pytest
 from conftest import kinds, run_schedule
 from fineserve import EngineOptions, MockServer
 from fineserve.api import BodyTemplate
-from fineserve.results import RequestsWriter, read_requests, records_from_table, records_to_batch
-from fineserve.runner import RunRecords, unsent_records
+from fineserve.records import records_from_table, records_to_batch, unsent_records
+from fineserve.results import RequestsWriter, read_requests
+from fineserve.runner import RunRecords
 
 #: A stream script: (path, request body) → the events' bytes, each written on its own.
 Script = Callable[[str, dict[str, Any]], list[bytes]]

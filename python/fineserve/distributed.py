@@ -39,7 +39,7 @@ import pyarrow as pa
 from . import _engine
 from .console import warn
 from .errors import FineserveError
-from .results import records_from_table, records_to_batch
+from .records import records_to_batch, unsent_records, with_extra
 from .runner import (
     EngineChunk,
     EngineOptions,
@@ -49,7 +49,6 @@ from .runner import (
     _PendingExtras,
     drive,
     run_engine,
-    unsent_records,
 )
 
 INSTALL_HINT = "--ray needs Ray: pip install 'fineserve[ray]'"
@@ -279,15 +278,21 @@ class _WorkerStats:
         self.clock: tuple[int, int] = (0, 0)
         self.applied_offset_ns = 0
 
-    def fold(self, cols: dict[str, Any]) -> None:
-        idx = np.asarray(cols["index"], np.int64)
+    def fold(self, batch: pa.RecordBatch) -> None:
+        """Folds a record batch (built with the engine's error kinds, as workers do)."""
+
+        def ints(name: str) -> npt.NDArray[np.int64]:
+            values: npt.NDArray[np.int64] = batch.column(name).to_numpy().astype(np.int64)
+            return values
+
+        idx = ints("index")
         self.seen[np.searchsorted(self.part.index, idx)] = True
-        kind = np.asarray(cols["error_kind"], np.int64)
+        kind = batch.column("error_kind").indices.to_numpy().astype(np.int64)
         self.kinds += np.bincount(kind, minlength=len(self.kinds))
-        sent = np.asarray(cols["sent_ns"], np.int64)
+        sent = ints("sent_ns")
         was = sent >= 0
         if was.any():
-            self.lag_ns.append(sent[was] - np.asarray(cols["scheduled_ns"], np.int64)[was])
+            self.lag_ns.append(sent[was] - ints("scheduled_ns")[was])
             self.first_sent = min(self.first_sent, int(sent[was].min()))
             self.last_sent = max(self.last_sent, int(sent[was].max()))
 
@@ -441,15 +446,14 @@ class RayFleet:
     def _live(self) -> list[tuple[_WorkerStats, Any]]:
         return [(s, a) for s, a in zip(self.stats, self.actors) if not s.dead]
 
-    def _deliver(self, s: _WorkerStats, cols: dict[str, Any]) -> None:
-        s.fold(cols)
-        extra = self._pending.take(np.asarray(cols["index"], np.uint64))
-        extra["worker"] = np.full(len(cols["index"]), s.worker, np.uint16)
-        self._sink.add(cols, extra)
-
-    def _deliver_batch(self, s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
-        if batch is not None and batch.num_rows:
-            self._deliver(s, records_from_table(batch, self._endpoints)[0])
+    def _deliver(self, s: _WorkerStats, batch: pa.RecordBatch | None) -> None:
+        """Passes a worker's batch on to the sink with the schedule's extra columns."""
+        if batch is None or not batch.num_rows:
+            return
+        s.fold(batch)
+        extra = self._pending.take(batch.column("index").to_numpy().astype(np.uint64))
+        extra["worker"] = np.full(batch.num_rows, s.worker, np.uint16)
+        self._sink.add(with_extra(batch, extra))
 
     def wait(self) -> None:
         time.sleep(POLL_S)
@@ -465,7 +469,7 @@ class RayFleet:
                 warn(f"Ray worker {s.worker} died: {s.dead}")
                 continue
             s.progress = prog
-            self._deliver_batch(s, batch)
+            self._deliver(s, batch)
             s.done = bool(finished)
         return all(s.done or s.dead for s in self.stats)
 
@@ -494,12 +498,10 @@ class RayFleet:
                 s.dead = _first_line(e)
                 continue
             s.progress, s.t0_unix_ns = prog, t0 - s.applied_offset_ns  # on the driver's clock
-            self._deliver_batch(s, batch)
+            self._deliver(s, batch)
         for s in self.stats:
             if s.dead:
-                lost = s.lost_records()
-                if len(lost["index"]):
-                    self._deliver(s, lost)
+                self._deliver(s, records_to_batch(s.lost_records(), {}, self._endpoints))
         self._kill()
         summaries = [s.summary(self.t0_unix_ns) for s in self.stats]
         return StreamOutcome(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from . import plotting
 from .errors import FineserveError
 from .metrics import MetricsAccumulator
 from .metrics.serving import itl_ns, reasoning_tokens
-from .results import read_requests, records_from_table
+from .records import records_from_table
+from .results import read_requests
 
 #: Panels of a single-run report, in order (file stem → title).
 PANELS = {
@@ -45,7 +47,7 @@ class Run:
     name: str
     table: pa.Table
     meta: dict[str, Any]
-    columns: dict[str, Any]
+    columns: Mapping[str, Any]
     metrics: dict[str, Any]
 
     def col(self, name: str) -> npt.NDArray[Any]:

@@ -39,16 +39,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from ._engine import ERROR_KINDS
 from .console import note, warn
 from .errors import FineserveError
-from .runner import RECORD_COLUMN_DEFAULTS, RECORD_INT_COLUMNS
+from .records import (
+    RECORD_COLUMN_DEFAULTS,
+    RECORD_INT_COLUMNS,
+    empty_records,
+    file_batch,
+    records_to_batch,
+)
 
 if TYPE_CHECKING:
     from .config import BlastConfig
@@ -77,97 +80,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def records_to_batch(
-    columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]], endpoints: list[str]
-) -> pa.RecordBatch:
-    """One Arrow batch from drained engine columns plus the chunk columns of each row."""
-    n = len(columns["index"])
-    arrays: dict[str, pa.Array] = {
-        c: pa.array(_int_column(columns, c, n).astype(np.int64)) for c in RECORD_INT_COLUMNS
-    }
-    kind = np.asarray(columns["error_kind"]).astype(np.int32)
-    arrays["error_kind"] = pa.DictionaryArray.from_arrays(
-        pa.array(kind), pa.array(ERROR_KINDS, pa.string())
-    )
-    messages: list[str | None] = [None] * n
-    for row, msg in zip(np.asarray(columns["error_index"]).tolist(), columns["error_message"]):
-        messages[int(row)] = msg
-    arrays["error_message"] = pa.array(messages, pa.string())
-    ep = np.asarray(columns["endpoint_idx"]).astype(np.int32)
-    arrays["endpoint"] = pa.DictionaryArray.from_arrays(
-        pa.array(ep), pa.array(endpoints, pa.string())
-    )
-    for name, values in extra.items():
-        if name.startswith("_"):  # the metrics' own columns
-            continue
-        v = np.asarray(values)
-        arrays[name] = pa.array(v.astype(str) if v.dtype == object else v)
-    offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
-    arrays["chunk_ns"] = pa.LargeListArray.from_arrays(
-        pa.array(offsets), pa.array(np.asarray(columns["chunk_ns"]).astype(np.int64))
-    )
-    return pa.RecordBatch.from_pydict(arrays)
-
-
-def records_from_table(
-    data: pa.Table | pa.RecordBatch, endpoints: list[str] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The inverse of :func:`records_to_batch`: engine columns (as ``Run.drain`` gives
-    them) and the extra per-row columns, from a results file's table or a batch that
-    travelled as Arrow (Ray workers). Error kinds are read by name (an unknown one as
-    ``invalid_response``); ``endpoint_idx`` indexes ``endpoints`` when given (the run's
-    list), else the endpoints in order of first appearance."""
-
-    def column(name: str) -> pa.Array:
-        c = data.column(name)
-        return c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-
-    def positions(name: str, names: list[str]) -> npt.NDArray[np.int64]:
-        """Each row's position in ``names``, which grows by the names it lacks."""
-        encoded = pc.dictionary_encode(column(name).cast(pa.string()))
-        for v in encoded.dictionary.to_pylist():
-            if v not in names:
-                names.append(v)
-        lut = np.array([names.index(v) for v in encoded.dictionary.to_pylist()], np.int64)
-        idx = encoded.indices.to_numpy(zero_copy_only=False)  # pyarrow is untyped: Any
-        rows: npt.NDArray[np.int64] = lut[idx]
-        return rows
-
-    present = set(data.schema.names)
-    cols: dict[str, Any] = {
-        c: column(c).to_numpy(zero_copy_only=False).astype(np.int64)
-        if c in present
-        else np.full(data.num_rows, RECORD_COLUMN_DEFAULTS[c], np.int64)
-        for c in RECORD_INT_COLUMNS
-    }
-    cols["index"] = cols["index"].astype(np.uint64)
-    kind = positions("error_kind", list(ERROR_KINDS))
-    kind[kind >= len(ERROR_KINDS)] = ERROR_KINDS.index("invalid_response")
-    cols["error_kind"] = kind.astype(np.uint8)
-    cols["endpoint_idx"] = positions("endpoint", list(endpoints or [])).astype(np.uint32)
-    messages = column("error_message").to_pylist()
-    rows = [i for i, m in enumerate(messages) if m is not None]
-    cols["error_index"] = np.asarray(rows, np.int64)
-    cols["error_message"] = [messages[i] for i in rows]
-    chunks = column("chunk_ns")
-    offsets = chunks.offsets.to_numpy().astype(np.int64) if len(chunks) else np.zeros(1, np.int64)
-    # A slice's values start at offsets[0].
-    cols["chunk_ns"] = chunks.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64)
-    cols["chunk_offsets"] = (offsets - offsets[0]).astype(np.uint64)
-    known = {*RECORD_INT_COLUMNS, "error_kind", "endpoint", "error_message", "chunk_ns"}
-    extra = {
-        c: column(c).to_numpy(zero_copy_only=False) for c in data.schema.names if c not in known
-    }
-    return cols, extra
-
-
-def _int_column(columns: dict[str, Any], name: str, n: int) -> npt.NDArray[Any]:
-    """An engine column; one added later may be missing from hand-built columns."""
-    if name in columns:
-        return np.asarray(columns[name])
-    return np.full(n, RECORD_COLUMN_DEFAULTS[name], np.int64)
 
 
 #: Columns every results file has (what the metrics and the report read).
@@ -216,11 +128,13 @@ class RequestsWriter:
         # Exercise the Arrow paths the first batch takes (IPC writer, dictionaries, list
         # arrays) before the run: their lazy initialisation must not meet a descriptor
         # shortage mid-run.
-        probe = records_to_batch(_EMPTY_RECORDS, {}, [""])
+        probe = records_to_batch(dict(empty_records()), {}, [""])
         with ipc.new_stream(pa.BufferOutputStream(), probe.schema) as w:
             w.write_batch(probe)
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Appends a record batch (the metrics' own ``_`` columns left out)."""
+        batch = file_batch(batch)
         if batch.num_rows == 0:
             return
         if self._sink is None:
@@ -390,19 +304,6 @@ def _why(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno:
         return os.strerror(e.errno)
     return (str(e).splitlines() or [type(e).__name__])[0]
-
-
-#: One empty set of engine columns (to warm up the Arrow conversion before a run).
-_EMPTY_RECORDS: dict[str, Any] = {
-    **{c: np.zeros(0, np.int64) for c in RECORD_INT_COLUMNS},
-    "index": np.zeros(0, np.uint64),
-    "error_kind": np.zeros(0, np.uint8),
-    "endpoint_idx": np.zeros(0, np.uint32),
-    "chunk_ns": np.zeros(0, np.int64),
-    "chunk_offsets": np.zeros(1, np.uint64),
-    "error_index": np.zeros(0, np.int64),
-    "error_message": [],
-}
 
 
 def read_journal(path: Path) -> tuple[pa.Table, bool]:

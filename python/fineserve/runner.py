@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
 from . import _engine
 from .console import note
 from .errors import FineserveError
-from .ragged import offsets_from_counts, take_ragged
+from .records import concat_record_batches, records_from_table, records_to_batch, unsent_records
 
 
 def default_lanes() -> int:
@@ -194,9 +195,10 @@ class EngineChunk:
 
 
 class RecordSink:
-    """Receives drained record batches; ``extra`` holds the chunk columns of each row."""
+    """Receives drained record batches: one typed Arrow batch each (the engine's columns
+    and the schedule's extra columns of each row, :mod:`fineserve.records`)."""
 
-    def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
         raise NotImplementedError
 
     def live(self) -> dict[str, str]:
@@ -244,88 +246,21 @@ class _PendingExtras:
 
 
 class _CollectingSink(RecordSink):
-    """Keeps every batch; concatenated in schedule order at the end (short runs)."""
+    """Keeps every batch; concatenated in schedule order at the end (short runs).
+    ``endpoints``: the run's list, which ``endpoint_idx`` indexes (default: the
+    endpoints in order of first appearance)."""
 
-    def __init__(self) -> None:
-        self.batches: list[tuple[dict[str, Any], dict[str, npt.NDArray[Any]]]] = []
+    def __init__(self, endpoints: list[str] | None = None) -> None:
+        self.endpoints = endpoints
+        self.batches: list[pa.RecordBatch] = []
 
-    def add(self, columns: dict[str, Any], extra: dict[str, npt.NDArray[Any]]) -> None:
-        if len(columns["index"]):
-            self.batches.append((columns, extra))
+    def add(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows:
+            self.batches.append(batch)
 
     def columns(self) -> dict[str, Any]:
-        return concat_record_batches([b for b, _ in self.batches], sort=True)
-
-
-#: The engine's per-request integer columns (times, counts, usage, status).
-RECORD_INT_COLUMNS = (
-    "index",
-    "scheduled_ns",
-    "sent_ns",
-    "first_byte_ns",
-    "first_token_ns",
-    "done_ns",
-    "n_chunks",
-    "completion_tokens",
-    "prompt_tokens",
-    "http_status",
-    # Reasoning, answer and usage details (results files before them lack these).
-    "first_answer_ns",
-    "last_reasoning_ns",
-    "reasoning_chunks",
-    "reasoning_tokens",
-    "cached_tokens",
-    "usage_ignored",
-)
-#: Columns added after the first results files: what a file without them reads as.
-RECORD_COLUMN_DEFAULTS = {
-    "first_answer_ns": -1,
-    "last_reasoning_ns": -1,
-    "reasoning_chunks": 0,
-    "reasoning_tokens": -1,
-    "cached_tokens": -1,
-    "usage_ignored": 0,
-}
-_SCALAR_COLUMNS = (*RECORD_INT_COLUMNS, "error_kind", "endpoint_idx")
-
-
-def concat_record_batches(batches: list[dict[str, Any]], *, sort: bool) -> dict[str, Any]:
-    """One column dict from drained batches (row-aligned chunk and error columns kept
-    consistent); ``sort`` orders rows by schedule index."""
-    if not batches:
-        empty: dict[str, Any] = {c: np.zeros(0, dtype=np.int64) for c in _SCALAR_COLUMNS}
-        empty.update(
-            chunk_ns=np.zeros(0, np.int64),
-            chunk_offsets=np.zeros(1, np.uint64),
-            error_index=np.zeros(0, np.int64),
-            error_message=[],
-        )
-        return empty
-    out: dict[str, Any] = {
-        c: np.concatenate([np.asarray(b[c]) for b in batches]) for c in _SCALAR_COLUMNS
-    }
-    counts = np.concatenate([np.diff(np.asarray(b["chunk_offsets"], np.int64)) for b in batches])
-    chunk_ns = np.concatenate([np.asarray(b["chunk_ns"]) for b in batches])
-    messages: dict[int, str] = {}
-    row0 = 0
-    for b in batches:
-        for r, m in zip(np.asarray(b["error_index"]).tolist(), b["error_message"]):
-            messages[row0 + r] = m
-        row0 += len(b["index"])
-    offsets = offsets_from_counts(counts)
-    order = np.argsort(out["index"], kind="stable") if sort else np.arange(row0)
-    if sort:
-        for c in _SCALAR_COLUMNS:
-            out[c] = out[c][order]
-        chunk_ns, offsets = take_ragged(chunk_ns, offsets, order)
-    out["chunk_ns"] = chunk_ns
-    out["chunk_offsets"] = offsets.astype(np.uint64)
-    position = np.empty(row0, dtype=np.int64)
-    position[order] = np.arange(row0)
-    rows = sorted((int(position[r]), m) for r, m in messages.items())
-    out["error_index"] = np.array([r for r, _ in rows], dtype=np.int64)
-    out["error_message"] = [m for _, m in rows]
-    return out
+        views = [dict(records_from_table(b, self.endpoints)[0]) for b in self.batches]
+        return concat_record_batches(views, sort=True)
 
 
 def run_engine(
@@ -344,7 +279,7 @@ def run_engine(
     """Runs one whole schedule to completion (or interruption) and returns its records
     in schedule order. ``stream`` runs it (default :func:`run_stream`; the Ray path
     passes its own)."""
-    sink = _CollectingSink()
+    sink = _CollectingSink(endpoints)
     chunk = EngineChunk(t_ns, bodies, body_idx, endpoint_idx, expected_output_tokens)
     outcome = (stream or run_stream)(
         endpoints,
@@ -495,6 +430,7 @@ class LocalRun:
     ) -> None:
         self._chunks = chunks
         self._sink = sink
+        self._endpoints = endpoints
         self._lookahead_ns = lookahead_ns
         self._pending = _PendingExtras()
         #: Generated, waiting for its turn to be fed.
@@ -549,10 +485,14 @@ class LocalRun:
     def poll(self) -> bool:
         cols: dict[str, Any] = self._run.drain()
         if len(cols["index"]):
-            self._sink.add(cols, self._pending.take(cols["index"]))
+            self._sink.add(self._batch(cols))
         if not (self._over or self._stopping or self._exhausted):
             self._feed_due(self.elapsed_ns() + self._lookahead_ns)
         return self._over
+
+    def _batch(self, cols: dict[str, Any]) -> pa.RecordBatch:
+        """Drained engine columns joined with their rows' chunk columns."""
+        return records_to_batch(cols, self._pending.take(cols["index"]), self._endpoints)
 
     def progress(self) -> dict[str, Any]:
         return self._final if self._final is not None else dict(self._run.progress())
@@ -576,11 +516,12 @@ class LocalRun:
         if held is not None and generated_not_fed:
             # Explicit records, so the results file accounts for them row by row too.
             reason = "run stopped before this request was fed"
-            self._sink.add(_not_sent_records(self.fed, held, reason), held.extra)
+            unsent = _not_sent_records(self.fed, held, reason)
+            self._sink.add(records_to_batch(unsent, held.extra, self._endpoints))
         self._final = dict(self._run.progress())  # the handle is spent once results() returns
         last: dict[str, Any] = self._run.results()
         if len(last["index"]):
-            self._sink.add(last, self._pending.take(last["index"]))
+            self._sink.add(self._batch(last))
         return StreamOutcome(
             False, 0.0, int(last["t0_unix_ns"]), self._final, self.fed, generated_not_fed
         )
@@ -614,43 +555,6 @@ def run_stream(
         show_progress=show_progress,
         description=description,
     )
-
-
-def unsent_records(
-    index: npt.NDArray[Any],
-    scheduled_ns: npt.NDArray[np.int64],
-    endpoint_idx: npt.NDArray[Any],
-    error_kind: npt.NDArray[Any],
-    messages: list[str],
-) -> dict[str, Any]:
-    """Record columns, as the engine drains them, for requests that have no engine record
-    (never fed, or lost with a worker): no timestamps, a failure kind and a reason each."""
-    n = len(index)
-    never = np.full(n, -1, dtype=np.int64)
-    return {
-        "index": np.asarray(index, dtype=np.uint64),
-        "scheduled_ns": np.asarray(scheduled_ns, dtype=np.int64),
-        "sent_ns": never,
-        "first_byte_ns": never,
-        "first_token_ns": never,
-        "done_ns": never,
-        "n_chunks": np.zeros(n, dtype=np.uint32),
-        "completion_tokens": never,
-        "prompt_tokens": never,
-        "http_status": np.zeros(n, dtype=np.uint16),
-        "error_kind": np.asarray(error_kind, dtype=np.uint8),
-        "endpoint_idx": np.asarray(endpoint_idx, dtype=np.uint32),
-        "first_answer_ns": never,
-        "last_reasoning_ns": never,
-        "reasoning_chunks": np.zeros(n, dtype=np.uint32),
-        "reasoning_tokens": never,
-        "cached_tokens": never,
-        "usage_ignored": np.zeros(n, dtype=np.uint8),
-        "chunk_ns": np.zeros(0, dtype=np.int64),
-        "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
-        "error_index": np.arange(n, dtype=np.int64),
-        "error_message": messages,
-    }
 
 
 def _not_sent_records(base: int, chunk: EngineChunk, reason: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ Definitions (those of FineServe's Generator and vLLM's benchmark, so numbers com
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,7 @@ def itl_ns(
     return itl_with_times(chunk_ns, chunk_offsets, include)[0]
 
 
-def _column(columns: dict[str, Any], name: str, fill: int, n: int) -> npt.NDArray[np.int64]:
+def _column(columns: Mapping[str, Any], name: str, fill: int, n: int) -> npt.NDArray[np.int64]:
     """A record column as int64, or ``fill`` for records from before it existed."""
     if name in columns:
         return np.asarray(columns[name]).astype(np.int64)
@@ -225,7 +226,7 @@ class MetricsAccumulator:
 
     def add(
         self,
-        columns: dict[str, Any],
+        columns: Mapping[str, Any],
         input_len: npt.ArrayLike,
         labels: dict[str, npt.NDArray[Any]] | None = None,
         burst_slots: tuple[npt.NDArray[Any], npt.NDArray[np.bool_]] | None = None,
@@ -312,7 +313,7 @@ class MetricsAccumulator:
 
     def _add_reasoning(
         self,
-        columns: dict[str, Any],
+        columns: Mapping[str, Any],
         ok: npt.NDArray[np.bool_],
         sent: npt.NDArray[np.int64],
         first: npt.NDArray[np.int64],
@@ -362,7 +363,7 @@ class MetricsAccumulator:
         ok: npt.NDArray[np.bool_],
         sent: npt.NDArray[np.int64],
         done: npt.NDArray[np.int64],
-        columns: dict[str, Any],
+        columns: Mapping[str, Any],
     ) -> None:
         offsets = np.asarray(columns["chunk_offsets"]).astype(np.int64)
         owner_ok = np.repeat(ok, np.diff(offsets))
@@ -418,7 +419,7 @@ class MetricsAccumulator:
         first: npt.NDArray[np.int64],
         done: npt.NDArray[np.int64],
         out_tokens: npt.NDArray[np.int64],
-        columns: dict[str, Any],
+        columns: Mapping[str, Any],
     ) -> int:
         good = ok.copy()
         if "ttft" in self.slos:
@@ -436,7 +437,7 @@ class MetricsAccumulator:
 
     def _add_groups(
         self,
-        columns: dict[str, Any],
+        columns: Mapping[str, Any],
         input_len: npt.NDArray[Any],
         labels: dict[str, Any],
         reason_ratio: npt.NDArray[np.float64] | None,
@@ -584,7 +585,7 @@ class MetricsAccumulator:
         return breakdown
 
 
-def take_record_rows(columns: dict[str, Any], rows: npt.NDArray[np.int64]) -> dict[str, Any]:
+def take_record_rows(columns: Mapping[str, Any], rows: npt.NDArray[np.int64]) -> dict[str, Any]:
     """The record columns of ``rows`` (per-row columns, token times and error messages)."""
     from ..ragged import take_ragged
 
@@ -615,7 +616,7 @@ def take_record_rows(columns: dict[str, Any], rows: npt.NDArray[np.int64]) -> di
 
 
 def compute_metrics(
-    columns: dict[str, Any],
+    columns: Mapping[str, Any],
     input_len: npt.ArrayLike,
     *,
     lag_percentiles: tuple[float, ...] = (50, 99, 99.9),

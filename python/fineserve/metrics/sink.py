@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 
-from ..results import RequestsWriter, records_to_batch
+from ..records import records_from_table
+from ..results import RequestsWriter
 from ..runner import RecordSink
 from .serving import MetricsAccumulator
 
@@ -27,9 +28,12 @@ class MetricsSink(RecordSink):
         self.acc = acc or MetricsAccumulator()
         self.writer = writer
         self.endpoints = endpoints or [""]
+        self._given_endpoints = endpoints
         self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
 
-    def add(self, columns: dict[str, Any], extra: dict[str, Any]) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Folds the batch's numpy view into the metrics; writes the batch itself."""
+        columns, extra = records_from_table(batch, self._given_endpoints)
         labels = {k: v for k, v in extra.items() if k in ("class", "model")}
         if len(self.endpoints) > 1:
             names = np.asarray(self.endpoints, dtype=object)
@@ -43,7 +47,7 @@ class MetricsSink(RecordSink):
             ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
         if self.writer is not None:
-            self.writer.write(records_to_batch(columns, extra, self.endpoints))
+            self.writer.write(batch)
 
     def stopped(self, at_ns: int) -> None:
         self.acc.stopped(at_ns)
