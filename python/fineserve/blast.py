@@ -15,7 +15,7 @@ from typing import Any
 from .config import BlastConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
-from .limits import connection_budget, expected_peak_in_flight
+from .limits import connection_budget, mock_peak_in_flight
 from .metrics import MetricsAccumulator
 from .metrics.sink import MetricsSink
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
@@ -71,8 +71,10 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
         # Requests due in the same millisecond leave together only if lanes send them side
         # by side: one lane sends a burst one request after another.
         lanes = max(lanes, 2)
-    mock_latency = (cfg.mock.ttft_ms, cfg.mock.itl_ms) if is_mock else None
-    peak = expected_peak_in_flight(first, mock_latency)
+    per_second = first.peak_in_window(1_000_000_000)
+    # Expected peak in flight: exact against the embedded mock (its TTFT and ITL are
+    # known); for a real server, the busiest second's requests (each taking about 1 s).
+    peak = mock_peak_in_flight(first, cfg.mock.ttft_ms, cfg.mock.itl_ms) if is_mock else per_second
     if ec.max_concurrency:
         peak = min(peak, ec.max_concurrency)
     budget = connection_budget(peak, len(ec.source_ips), is_mock)
@@ -81,7 +83,6 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     n_urls = len(targets.urls)
     warm = ec.warm_connections
     if warm is None:
-        per_second = first.peak_in_window(1_000_000_000)
         warm = min(ec.max_concurrency or max(1, per_second // n_urls), AUTO_WARM_CAP)
     warm = min(warm, max(in_flight_cap // n_urls, 1))
     options = EngineOptions(

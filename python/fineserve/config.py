@@ -24,7 +24,7 @@ from typing import Any
 from .errors import FineserveError
 from .traces.readers import TraceOptions
 
-#: Metrics that take ``--percentile-metrics`` keys and ``--goodput`` SLOs.
+#: Metrics that take ``--percentile-metrics`` keys.
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "ttfo")
 
 
@@ -40,6 +40,12 @@ def default_of(cls: type, name: str) -> Any:
 
 def _path(value: Any) -> Path | None:
     return Path(value) if value else None
+
+
+def _given(p: Mapping[str, Any], **fields: str) -> dict[str, Any]:
+    """``{field: p[param]}`` for each parameter that has a value: one left unset (None, or
+    absent from a hand-built mapping) keeps the dataclass's default, the only one."""
+    return {f: p[name] for f, name in fields.items() if p.get(name) is not None}
 
 
 # ---------------------------------------------------------------------------- workload
@@ -133,50 +139,58 @@ class WorkloadConfig:
                 clients = tuple(int(x) for x in str(p["servegen_clients"]).split(",") if x.strip())
             except ValueError:
                 raise FineserveError("--servegen-clients takes ids like 0,1,5") from None
-        defaults = ParametricConfig()
         parametric = ParametricConfig(
             model_classes=tuple(p.get("model_class") or ()),
             datasets_dir=_path(p.get("datasets_dir")),
             gamma_params_csv=_path(p.get("gamma_params_csv")),
-            window_start_column=p.get("window_start_column") or defaults.window_start_column,
-            window_end_column=p.get("window_end_column") or defaults.window_end_column,
-            gamma_shape_column=p.get("gamma_shape_column") or defaults.gamma_shape_column,
-            gamma_scale_column=p.get("gamma_scale_column") or defaults.gamma_scale_column,
-            window_s=p.get("parametric_window_seconds") or defaults.window_s,
-            extension_mode=p.get("parametric_extension_mode") or defaults.extension_mode,
-            jitter_ratio=p.get("parametric_jitter_ratio", defaults.jitter_ratio),
-            arrivals=p.get("parametric_arrivals") or defaults.arrivals,
             nb_json=_path(p.get("parametric_nb_json")),
             disable_nb_lt10b=bool(p.get("disable_parametric_nb_lt10b")),
-            class_lengths=p.get("class_lengths", True),
-            nb_zero=p.get("parametric_nb_zero") or defaults.nb_zero,
+            **_given(
+                p,
+                window_start_column="window_start_column",
+                window_end_column="window_end_column",
+                gamma_shape_column="gamma_shape_column",
+                gamma_scale_column="gamma_scale_column",
+                window_s="parametric_window_seconds",
+                extension_mode="parametric_extension_mode",
+                jitter_ratio="parametric_jitter_ratio",
+                arrivals="parametric_arrivals",
+                class_lengths="class_lengths",
+                nb_zero="parametric_nb_zero",
+            ),
         )
         lengths = LengthConfig(
-            p.get("random_input_len", 1024),
-            p.get("random_output_len", 128),
-            p.get("random_range_ratio", 0.0),
-            _path(p.get("request_lengths_csv")),
+            request_lengths_csv=_path(p.get("request_lengths_csv")),
+            **_given(
+                p,
+                random_input_len="random_input_len",
+                random_output_len="random_output_len",
+                random_range_ratio="random_range_ratio",
+            ),
         )
         return cls(
-            mode=p.get("mode") or "poisson",
             schedule=_path(p.get("schedule")),
             seed=int(time.time()) if seed == -1 else seed,
-            num_prompts=p.get("num_prompts"),
-            request_rate=p.get("request_rate", math.inf),
-            burstiness=p.get("burstiness", 1.0),
             ramp=ramp,
             lengths=lengths,
             trace=_path(p.get("trace") or p.get("request_trace_csv")),
             trace_read=trace_options_from_params(p),
-            time_scale=p.get("time_scale") or 1.0,
-            start_s=p.get("start") or 0.0,
-            duration_s=p.get("duration"),
             parametric=parametric,
             servegen_pool=_path(p.get("servegen_pool")),
             servegen_clients=clients,
             burstgpt_params=_path(p.get("burstgpt_params")),
-            rate_scale=p.get("rate_scale"),
             given=given,
+            **_given(
+                p,
+                mode="mode",
+                num_prompts="num_prompts",
+                request_rate="request_rate",
+                burstiness="burstiness",
+                time_scale="time_scale",
+                start_s="start",
+                duration_s="duration",
+                rate_scale="rate_scale",
+            ),
         )
 
     @property
@@ -207,15 +221,18 @@ class PromptConfig:
     def from_params(cls, p: Mapping[str, Any]) -> PromptConfig:
         cfg = cls(
             tokenizer=p.get("tokenizer") or None,
-            dataset_name=p.get("dataset_name") or "random",
             dataset_path=_path(p.get("dataset_path")),
             dataset_output_len=bool(p.get("dataset_output_len")),
             apply_chat_template=bool(p.get("apply_chat_template")),
-            prompt_suffix=p.get("prompt_suffix") or "",
-            prefix_block_size=p.get("prefix_block_size") or 512,
-            shared_prefix_groups=p.get("shared_prefix_groups") or 0,
-            shared_prefix_len=p.get("shared_prefix_len") or 0,
-            prompt_check=p.get("prompt_check") or "sample",
+            **_given(
+                p,
+                dataset_name="dataset_name",
+                prompt_suffix="prompt_suffix",
+                prefix_block_size="prefix_block_size",
+                shared_prefix_groups="shared_prefix_groups",
+                shared_prefix_len="shared_prefix_len",
+                prompt_check="prompt_check",
+            ),
         )
         if cfg.dataset_name == "sharegpt" and not cfg.dataset_path:
             raise FineserveError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON)")
@@ -267,15 +284,14 @@ class TargetConfig:
         elif p.get("host") or p.get("port"):
             raise FineserveError("give either --base-url or --host/--port, not both")
         return cls(
-            backend=p.get("backend") or "vllm",
             base_urls=tuple(bases),
             endpoint=p.get("endpoint") or None,
             model=p.get("model") or None,
             class_models=parse_pairs(p.get("class_model") or (), "--class-model"),
             route=tuple(p.get("route") or ()),
             route_class=tuple(p.get("route_class") or ()),
-            turn_affinity=p.get("turn_affinity", True),
             extra_body=parse_extra_body(p.get("extra_request_body")),
+            **_given(p, backend="backend", turn_affinity="turn_affinity"),
             stream=not p.get("disable_stream"),
             ignore_eos=not p.get("disable_ignore_eos"),
             api_key=os.environ.get("OPENAI_API_KEY") or None,
@@ -328,18 +344,21 @@ class EngineConfig:
             except ValueError:
                 raise FineserveError(f"source address {address!r} is not an IP address") from None
         return cls(
-            max_concurrency=p.get("max_concurrency"),
-            lanes=p.get("lanes"),
-            warm_connections=p.get("warm_connections"),
-            connect_timeout_s=p.get("connect_timeout", 10.0),
-            first_byte_timeout_s=p.get("first_byte_timeout", 600.0),
-            idle_timeout_s=p.get("idle_timeout", 600.0),
-            request_timeout_s=p.get("request_timeout", 3600.0),
-            max_response_mb=p.get("max_response_mb", 64.0),
             source_ips=ips,
-            drain_grace_s=p.get("drain_grace", 30.0),
             realtime_priority=bool(p.get("realtime_priority")),
-            warmup_requests=p.get("warmup_requests", 1),
+            **_given(
+                p,
+                max_concurrency="max_concurrency",
+                lanes="lanes",
+                warm_connections="warm_connections",
+                connect_timeout_s="connect_timeout",
+                first_byte_timeout_s="first_byte_timeout",
+                idle_timeout_s="idle_timeout",
+                request_timeout_s="request_timeout",
+                max_response_mb="max_response_mb",
+                drain_grace_s="drain_grace",
+                warmup_requests="warmup_requests",
+            ),
         )
 
 
@@ -375,15 +394,15 @@ class MetricsConfig:
             raise FineserveError("--metric-percentiles takes numbers like 50,90,99") from None
         if any(not 0 < q < 100 for q in qs):
             raise FineserveError("--metric-percentiles must be between 0 and 100 (exclusive)")
-        window = p.get("metrics_window", 10.0)
-        if not (window > 0 and math.isfinite(window)):
+        given: dict[str, Any] = _given(p, window_s="metrics_window")
+        if names:
+            given["percentile_metrics"] = names
+        if qs:
+            given["metric_percentiles"] = qs
+        cfg = cls(slos=parse_goodput(p.get("goodput") or ()), **given)
+        if not (cfg.window_s > 0 and math.isfinite(cfg.window_s)):
             raise FineserveError("--metrics-window must be a positive number of seconds")
-        return cls(
-            parse_goodput(p.get("goodput") or ()),
-            names or cls.percentile_metrics,
-            qs or cls.metric_percentiles,
-            window,
-        )
+        return cfg
 
     def with_slo_percentiles(
         self, metrics: tuple[str, ...], percentiles: tuple[float, ...]
@@ -453,13 +472,16 @@ class MockConfig:
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> MockConfig:
         return cls(
-            ttft_ms=p.get("mock_ttft_ms", 20.0),
-            itl_ms=p.get("mock_itl_ms", 5.0),
-            max_concurrency=p.get("mock_max_concurrency", 0),
-            reasoning_ratio=p.get("mock_reasoning_ratio", 0.0),
-            reasoning_field=p.get("mock_reasoning_field") or "reasoning",
-            tool_calls=p.get("mock_tool_calls", 0.0),
             faults=mock_fault_kwargs(p, "--mock-fault") if "faults" in p else {},
+            **_given(
+                p,
+                ttft_ms="mock_ttft_ms",
+                itl_ms="mock_itl_ms",
+                max_concurrency="mock_max_concurrency",
+                reasoning_ratio="mock_reasoning_ratio",
+                reasoning_field="mock_reasoning_field",
+                tool_calls="mock_tool_calls",
+            ),
         )
 
 
@@ -483,7 +505,7 @@ class RayConfig:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> RayConfig:
-        cfg = cls(p.get("ray") or None, p.get("workers", 2))
+        cfg = cls(p.get("ray") or None, **_given(p, workers="workers"))
         if cfg.address:
             from .distributed import import_ray
 

@@ -83,13 +83,9 @@ def connection_limits(connections_per_endpoint: int, n_sources: int, mock: bool)
     return lines
 
 
-def expected_peak_in_flight(first: Schedule, mock_latency_ms: tuple[float, float] | None) -> int:
-    """The most requests in flight at once that the schedule's first chunk implies: exact
-    against the embedded mock (its TTFT and ITL are known), and for a real server the
-    peak requests in any second (in flight at once if each takes about a second)."""
-    if mock_latency_ms is None:
-        return first.peak_in_window(1_000_000_000)
-    ttft_ms, itl_ms = mock_latency_ms
+def mock_peak_in_flight(first: Schedule, ttft_ms: float, itl_ms: float) -> int:
+    """The most requests in flight at once that the schedule's first chunk implies against
+    the embedded mock, whose TTFT and ITL are known (exact)."""
     busy_ns = np.rint((ttft_ms + itl_ms * np.maximum(first.output_len - 1, 0)) * 1e6)
     starts = first.t_ns
     ends = np.sort(starts + busy_ns.astype(np.int64))

@@ -137,21 +137,19 @@ class RequestsWriter:
         batch = file_batch(batch)
         if batch.num_rows == 0:
             return
-        if self._sink is None:
-            self.dropped += batch.num_rows
-            return
-        try:
-            self._append(batch)
-        except OSError as e:
-            self._move_journal(e)
+        # The current journal, then (once) the one it moves to; else the rows are dropped.
+        for moved in (False, True):
             if self._sink is None:
-                self.dropped += batch.num_rows
-                return
+                break
             try:
                 self._append(batch)
-            except OSError as e2:
-                self._give_up(e2)
-                self.dropped += batch.num_rows
+                return
+            except OSError as e:
+                if moved:
+                    self._give_up(e)
+                else:
+                    self._move_journal(e)
+        self.dropped += batch.num_rows
 
     def _append(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:

@@ -347,33 +347,41 @@ class ScheduleSlice:
         )
 
 
+@dataclass
+class ScheduleFile:
+    """A written schedule opened for sending: its chunks (the slice asked for), the send
+    instant of each of their requests, and the metadata ``generate`` wrote."""
+
+    chunks: Iterator[Schedule]
+    #: Send offsets of the slice's requests (ns, time-scaled): what the plan counts.
+    send_ns: npt.NDArray[np.int64]
+    meta: dict[str, Any]
+
+
 def read_schedule(
     path: Path, chunk_rows: int = 65_536, part: ScheduleSlice | None = None
 ) -> tuple[Iterator[Schedule], int, dict[str, Any]]:
     """Opens a schedule written by :func:`write_schedule`: (chunks, rows, metadata); with
     ``part``, only that slice, time-scaled, conversation links renumbered into it."""
+    if part is None or part.whole:  # no pass over the send times needed
+        pf, meta = _open_parquet(path)
+        return _chunks(pf, chunk_rows), pf.metadata.num_rows, meta
+    f = open_schedule(path, part, chunk_rows)
+    return f.chunks, len(f.send_ns), f.meta
+
+
+def open_schedule(
+    path: Path, part: ScheduleSlice | None = None, chunk_rows: int = 65_536
+) -> ScheduleFile:
+    """The schedule at ``path``, or the ``part`` of it, with its send times: one pass over
+    the send-time column alone (8 bytes a row) finds the slice's rows and gives the plan
+    its figures."""
     import pyarrow.parquet as pq
 
-    try:
-        pf = pq.ParquetFile(str(path))
-    except (OSError, ValueError) as e:
-        raise FineserveError(f"{path}: not a readable Parquet schedule ({e})") from None
-    names = set(pf.schema_arrow.names)
-    missing = {"t_ns", "input_len", "output_len"} - names
-    if missing:
-        raise FineserveError(f"{path}: not a fineserve schedule (missing {sorted(missing)})")
-    raw = (pf.schema_arrow.metadata or {}).get(_META_KEY)
-    meta = json.loads(raw) if raw else {}
-
-    def chunks() -> Iterator[Schedule]:
-        for batch in pf.iter_batches(batch_size=chunk_rows):
-            yield _from_arrow(batch)
-
-    if part is None or part.whole:
-        return chunks(), pf.metadata.num_rows, meta
+    part = part or ScheduleSlice()
     if not (part.time_scale > 0 and np.isfinite(part.time_scale)):
         raise FineserveError(f"--time-scale must be a positive number, got {part.time_scale}")
-    # First pass over the send times alone (8 bytes a row) to find the slice's rows.
+    pf, meta = _open_parquet(path)
     t_ns = pq.read_table(str(path), columns=["t_ns"])["t_ns"].to_numpy()
     start_ns = round(part.start_s * 1e9)
     lo = int(np.searchsorted(t_ns, start_ns, side="left"))
@@ -382,22 +390,45 @@ def read_schedule(
         hi = int(np.searchsorted(t_ns, start_ns + round(part.duration_s * 1e9), side="left"))
     if part.max_requests is not None:
         hi = min(hi, lo + part.max_requests)
-    if hi <= lo:
+    if hi <= lo and not part.whole:  # a whole empty schedule is the caller's to refuse
         span = float(t_ns[-1]) / 1e9 if len(t_ns) else 0.0
         raise FineserveError(
             f"{path}: no request in --start {part.start_s:g} s"
             + (f" --duration {part.duration_s:g} s" if part.duration_s is not None else "")
             + f" (the schedule spans {span:.1f} s)"
         )
+    send_ns = np.rint((t_ns[lo:hi] - start_ns) / part.time_scale).astype(np.int64)
+    if part.whole:
+        return ScheduleFile(_chunks(pf, chunk_rows), send_ns, meta)
     followers = None
-    if "parent" in names:
+    if "parent" in pf.schema_arrow.names:
         # Links into the slice only: a turn whose parent is cut off starts a conversation,
         # and followers are recounted (one beyond the slice would wait forever).
         parent = pq.read_table(str(path), columns=["parent"])["parent"].to_numpy()[lo:hi]
         kids = parent[parent >= lo] - lo
         followers = np.bincount(kids, minlength=hi - lo).astype(np.int64)
+    chunks = _sliced(_chunks(pf, chunk_rows), lo, hi, start_ns, part.time_scale, followers)
+    return ScheduleFile(chunks, send_ns, meta)
 
-    return _sliced(chunks(), lo, hi, start_ns, part.time_scale, followers), hi - lo, meta
+
+def _open_parquet(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The schedule's Parquet file (checked to be one) and its metadata."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (OSError, ValueError) as e:
+        raise FineserveError(f"{path}: not a readable Parquet schedule ({e})") from None
+    missing = {"t_ns", "input_len", "output_len"} - set(pf.schema_arrow.names)
+    if missing:
+        raise FineserveError(f"{path}: not a fineserve schedule (missing {sorted(missing)})")
+    raw = (pf.schema_arrow.metadata or {}).get(_META_KEY)
+    return pf, (json.loads(raw) if raw else {})
+
+
+def _chunks(pf: Any, chunk_rows: int) -> Iterator[Schedule]:
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        yield _from_arrow(batch)
 
 
 def _sliced(

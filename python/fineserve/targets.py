@@ -12,6 +12,7 @@ from .api import BodyTemplate
 from .config import TargetConfig
 from .console import warn
 from .errors import FineserveError
+from .prompts.builder import PromptBuilder
 from .routing import Deployment, parse_pairs, parse_route
 from .runner import EngineOptions, run_engine
 from .schedule import Schedule
@@ -123,8 +124,8 @@ def warm_up(
             raise FineserveError(f"warm-up failed: all {count} requests to {url} failed ({msg})")
 
 
-def first_body(targets: Targets, builder: object, schedule: Schedule) -> bytes:
+def first_body(targets: Targets, builder: PromptBuilder, schedule: Schedule) -> bytes:
     """The warm-up body: the schedule's first prompt, at most 32 tokens out."""
     one = schedule.take(np.arange(1))
-    prompts, _ = builder.build_chunk(0, one, record=False)  # type: ignore[attr-defined]
+    prompts, _ = builder.build_chunk(0, one, record=False)
     return targets.templates[targets.model].render(prompts[0], min(int(schedule.output_len[0]), 32))

@@ -18,8 +18,8 @@ from ..results import write_result
 from ..schedule import write_schedule
 from ..text import format_schedule_summary
 from ..workloads.spec import build_workload
-from .options import given_workload_options, workload_options
-from .params import NON_NEGATIVE, GroupedHelpCommand, Number, OutputFile, fault_options
+from .options import given_workload_options, mock_server_options, workload_options
+from .params import NON_NEGATIVE, GroupedHelpCommand, OutputFile, fault_options
 
 
 @click.command("generate", cls=GroupedHelpCommand)
@@ -62,18 +62,13 @@ def generate_command(output: Path, summary_json: Path | None, **params: Any) -> 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--model", default="fineserve-mock", show_default=True, help="Model id it serves.")
-@click.option(
-    "--ttft-ms", type=NON_NEGATIVE, default=20.0, show_default=True, help="Time to first token."
-)
+@mock_server_options("")
 @click.option(
     "--ttft-per-prompt-token-ms",
     type=NON_NEGATIVE,
     default=0.0,
     show_default=True,
     help="Added to the TTFT per prompt token (a prefill cost).",
-)
-@click.option(
-    "--itl-ms", type=NON_NEGATIVE, default=5.0, show_default=True, help="Inter-token latency."
 )
 @click.option(
     "--itl-jitter-ms",
@@ -84,36 +79,6 @@ def generate_command(output: Path, summary_json: Path | None, **params: Any) -> 
 )
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
-)
-@click.option(
-    "--reasoning-ratio",
-    type=Number(min=0, max=1),
-    default=0.0,
-    show_default=True,
-    help="Share of each chat/Responses answer streamed as reasoning first (a request's "
-    "fineserve_reasoning_ratio field overrides it).",
-)
-@click.option(
-    "--reasoning-field",
-    type=click.Choice(["reasoning", "reasoning_content"]),
-    default="reasoning",
-    show_default=True,
-    help="The delta field reasoning streams in.",
-)
-@click.option(
-    "--tool-calls",
-    type=Number(min=0, max=1),
-    default=0.0,
-    show_default=True,
-    help="Share of chat/Responses answers streamed as tool-call deltas.",
-)
-@click.option(
-    "--max-concurrency",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Generations served at once (0 = no limit); the rest queue, so TTFT grows past "
-    "capacity like a real server's.",
 )
 @fault_options("")
 def mock_command(

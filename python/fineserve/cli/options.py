@@ -3,6 +3,7 @@ from :mod:`fineserve.config`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,52 +36,79 @@ from .params import (
 )
 
 
+def mock_server_options(prefix: str, help_prefix: str = "") -> Callable[[Any], Any]:
+    """The mock's serving options, named ``--{prefix}ttft-ms`` etc. (``fineserve mock``
+    uses no prefix, ``blast`` ``mock-`` for its embedded mock); defaults from
+    :class:`~fineserve.config.MockConfig`."""
+
+    def h(text: str) -> str:
+        return help_prefix + text if help_prefix else text[0].upper() + text[1:]
+
+    options = [
+        click.option(
+            f"--{prefix}ttft-ms",
+            type=NON_NEGATIVE,
+            default=default_of(MockConfig, "ttft_ms"),
+            show_default=True,
+            help=h(
+                "time to first token.",
+            ),
+        ),
+        click.option(
+            f"--{prefix}itl-ms",
+            type=NON_NEGATIVE,
+            default=default_of(MockConfig, "itl_ms"),
+            show_default=True,
+            help=h(
+                "inter-token latency.",
+            ),
+        ),
+        click.option(
+            f"--{prefix}max-concurrency",
+            type=click.IntRange(min=0),
+            default=default_of(MockConfig, "max_concurrency"),
+            show_default=True,
+            help=h(
+                "generations served at once (0 = no limit); the rest queue, "
+                "so TTFT grows past capacity like a real server's.",
+            ),
+        ),
+        click.option(
+            f"--{prefix}reasoning-ratio",
+            type=Number(min=0, max=1),
+            default=default_of(MockConfig, "reasoning_ratio"),
+            show_default=True,
+            help=h(
+                "share of each chat/Responses answer streamed as reasoning "
+                "first (a request's fineserve_reasoning_ratio field overrides it; blast sends a "
+                "schedule's reason_ratio, e.g. ServeGen's reasoning pools, to its embedded mock).",
+            ),
+        ),
+        click.option(
+            f"--{prefix}reasoning-field",
+            type=click.Choice(["reasoning", "reasoning_content"]),
+            default=default_of(MockConfig, "reasoning_field"),
+            show_default=True,
+            help=h(
+                "the delta field reasoning streams in (vLLM >= 0.16: reasoning).",
+            ),
+        ),
+        click.option(
+            f"--{prefix}tool-calls",
+            type=Number(min=0, max=1),
+            default=default_of(MockConfig, "tool_calls"),
+            show_default=True,
+            help=h(
+                "share of chat/Responses answers streamed as tool-call deltas.",
+            ),
+        ),
+    ]
+    return lambda f: apply_options(f, options)
+
+
 def mock_options(f: Any) -> Any:
-    f = click.option(
-        "--mock-ttft-ms",
-        type=NON_NEGATIVE,
-        default=default_of(MockConfig, "ttft_ms"),
-        show_default=True,
-        help="Embedded mock: time to first token.",
-    )(f)
-    f = click.option(
-        "--mock-itl-ms",
-        type=NON_NEGATIVE,
-        default=default_of(MockConfig, "itl_ms"),
-        show_default=True,
-        help="Embedded mock: inter-token latency.",
-    )(f)
-    f = click.option(
-        "--mock-max-concurrency",
-        type=click.IntRange(min=0),
-        default=default_of(MockConfig, "max_concurrency"),
-        show_default=True,
-        help="Embedded mock: generations served at once (0 = no limit; the rest queue).",
-    )(f)
-    f = click.option(
-        "--mock-reasoning-ratio",
-        type=Number(min=0, max=1),
-        default=default_of(MockConfig, "reasoning_ratio"),
-        show_default=True,
-        help="Embedded mock: share of each chat/Responses answer streamed as reasoning first "
-        "(a schedule's reason_ratio, e.g. ServeGen's reasoning pools, overrides it per "
-        "request).",
-    )(f)
-    f = click.option(
-        "--mock-reasoning-field",
-        type=click.Choice(["reasoning", "reasoning_content"]),
-        default=default_of(MockConfig, "reasoning_field"),
-        show_default=True,
-        help="Embedded mock: the delta field reasoning streams in (vLLM >= 0.16: reasoning).",
-    )(f)
-    f = click.option(
-        "--mock-tool-calls",
-        type=Number(min=0, max=1),
-        default=default_of(MockConfig, "tool_calls"),
-        show_default=True,
-        help="Embedded mock: share of chat/Responses answers streamed as tool-call deltas.",
-    )(f)
-    return fault_options("mock-")(f)
+    """The embedded mock's options on blast and sweep."""
+    return fault_options("mock-")(mock_server_options("mock-", "Embedded mock: ")(f))
 
 
 #: Arrivals and the schedule (WorkloadConfig).

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from ..config import LengthConfig, ParametricConfig, WorkloadConfig
 from ..errors import FineserveError
 from ..metrics.windows import add_counts
-from ..schedule import Schedule, ScheduleSlice, read_schedule
+from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
@@ -294,19 +294,13 @@ def _schedule_file(cfg: WorkloadConfig) -> Workload:
         max_requests=cfg.num_prompts,
         time_scale=cfg.time_scale,
     )
-    chunks, rows, meta = read_schedule(cfg.schedule, part=part)
+    f = open_schedule(cfg.schedule, part)
     info: dict[str, Any] = {"mode": "schedule", "schedule": str(cfg.schedule)}
     if not part.whole:
         info["slice"] = dataclasses.asdict(part)
-    info["generated_by"] = meta
-    # The plan from the send times alone (8 bytes a row), cut as read_schedule cuts.
-    import pyarrow.parquet as pq
-
-    t_ns = pq.read_table(str(cfg.schedule), columns=["t_ns"])["t_ns"].to_numpy()
-    start_ns = round(part.start_s * 1e9)
-    lo = int(np.searchsorted(t_ns, start_ns, side="left"))
-    sent_at = np.rint((t_ns[lo : lo + rows] - start_ns) / part.time_scale).astype(np.int64)
-    return Workload(chunks, rows, info, plan=plan_from_send_times(iter([sent_at])))
+    info["generated_by"] = f.meta
+    plan = plan_from_send_times(iter([f.send_ns]))
+    return Workload(f.chunks, len(f.send_ns), info, plan=plan)
 
 
 def _parametric(
