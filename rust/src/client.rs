@@ -9,16 +9,19 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RequestRecord};
 use crate::sse::{decode_event, ChunkInfo, EventKind, SseParser};
+use crate::tls::{describe as describe_tls, tls_cause, ClientTlsOptions};
 
 /// One target URL, resolved once before the run.
 #[derive(Debug, Clone)]
@@ -27,6 +30,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub host_header: HeaderValue,
     pub uri: Uri,
+    /// `https://`: the connection speaks TLS, with SNI (and certificate name) `server_name`.
+    pub tls: bool,
+    pub server_name: ServerName<'static>,
 }
 
 impl Endpoint {
@@ -36,18 +42,21 @@ impl Endpoint {
             reason: reason.to_owned(),
         };
         let uri: Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(bad("https is not supported yet; use http://")),
-            _ => return Err(bad("URL must start with http://")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad("URL must start with http:// or https://")),
+        };
         let authority = uri.authority().ok_or_else(|| bad("URL has no host"))?;
-        let port = authority.port_u16().unwrap_or(80);
-        let addr = (authority.host().trim_matches(['[', ']']), port)
+        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let host = authority.host().trim_matches(['[', ']']);
+        let addr = (host, port)
             .to_socket_addrs()
             .map_err(|e| bad(&format!("cannot resolve host: {e}")))?
             .next()
             .ok_or_else(|| bad("host resolves to no address"))?;
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| bad("host is not a valid TLS server name"))?;
         let host_header =
             HeaderValue::from_str(authority.as_str()).map_err(|_| bad("invalid host"))?;
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -57,6 +66,8 @@ impl Endpoint {
             addr,
             host_header,
             uri: path_uri,
+            tls,
+            server_name,
         })
     }
 }
@@ -72,10 +83,40 @@ pub struct ClientConfig {
     pub max_body_bytes: usize,
     /// `Authorization` value, marked sensitive so it never appears in debug output.
     pub authorization: Option<HeaderValue>,
+    /// `--header`s, on every request (credential-like values marked sensitive).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers whose value each request carries in its schedule (`Schedule::header_values`):
+    /// a session id, a data-parallel rank.
+    pub request_headers: Vec<HeaderName>,
+    /// Strings blanked out of every error message: the API key and credential-like
+    /// header values.
+    pub secrets: Vec<String>,
+    /// How `https://` endpoints are checked (`--cacert`, `--insecure`, `--cert/--key`).
+    pub tls: ClientTlsOptions,
     /// Local addresses new connections are bound to, in turn (empty: the kernel picks).
     /// One address has ~28k ephemeral ports towards one server; several lift that limit
     /// (e.g. 127.0.0.2, 127.0.0.3, … towards a server on loopback).
     pub source_ips: Vec<IpAddr>,
+}
+
+impl Default for ClientConfig {
+    /// The Python layer's `EngineOptions` defaults.
+    fn default() -> Self {
+        Self {
+            stream: true,
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(600),
+            total_timeout: Duration::from_secs(3600),
+            max_body_bytes: 64 << 20,
+            authorization: None,
+            headers: Vec::new(),
+            request_headers: Vec::new(),
+            secrets: Vec::new(),
+            tls: ClientTlsOptions::default(),
+            source_ips: Vec::new(),
+        }
+    }
 }
 
 impl ClientConfig {
@@ -85,19 +126,24 @@ impl ClientConfig {
         Some(v)
     }
 
-    /// `message` with the API key blanked out: error text quotes server responses, and a
-    /// server or proxy may echo the request's headers back.
-    pub fn redact(&self, message: String) -> String {
+    /// `message` with the API key and credential-like header values blanked out: error
+    /// text quotes server responses, and a server or proxy may echo the request's headers
+    /// back.
+    pub fn redact(&self, mut message: String) -> String {
         let key = self
             .authorization
             .as_ref()
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim_start_matches("Bearer ").trim())
-            .filter(|k| !k.is_empty());
-        match key {
-            Some(k) if message.contains(k) => message.replace(k, "[redacted]"),
-            _ => message,
+            .map(|v| v.trim_start_matches("Bearer ").trim());
+        for secret in key
+            .into_iter()
+            .chain(self.secrets.iter().map(String::as_str))
+        {
+            if !secret.is_empty() && message.contains(secret) {
+                message = message.replace(secret, "[redacted]");
+            }
         }
+        message
     }
 }
 
@@ -110,6 +156,8 @@ pub struct Pool {
     connect_timeout: Duration,
     source_ips: Vec<IpAddr>,
     next_source: Cell<usize>,
+    /// For `https://` endpoints (built once per run, shared by the lanes).
+    tls: Option<TlsConnector>,
 }
 
 type Failure = (ErrorKind, String);
@@ -120,6 +168,7 @@ impl Pool {
         connect_timeout: Duration,
         source_ips: Vec<IpAddr>,
         first_source: usize,
+        tls: Option<TlsConnector>,
     ) -> Self {
         let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
         Self {
@@ -128,6 +177,7 @@ impl Pool {
             connect_timeout,
             source_ips,
             next_source: Cell::new(first_source),
+            tls,
         }
     }
 
@@ -162,35 +212,42 @@ impl Pool {
         &self.endpoints[i]
     }
 
-    /// Opens a new connection; its driver task runs on the current `LocalSet`.
+    /// Opens a new connection (TCP, then TLS for `https://`, within the connect timeout);
+    /// its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
-        let addr = self.endpoints[endpoint].addr;
-        let stream = match tokio::time::timeout(self.connect_timeout, self.open(addr)).await {
-            Err(_) => {
-                return Err((
-                    ErrorKind::ConnectTimeout,
-                    format!(
-                        "connect to {addr} timed out after {:?}",
-                        self.connect_timeout
-                    ),
-                ))
-            }
-            Ok(Err(failure)) => return Err(failure),
-            Ok(Ok(s)) => s,
+        let ep = &self.endpoints[endpoint];
+        let addr = ep.addr;
+        let timed_out = || {
+            (
+                ErrorKind::ConnectTimeout,
+                format!(
+                    "connect to {addr} timed out after {:?}",
+                    self.connect_timeout
+                ),
+            )
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let stream = tokio::time::timeout_at(deadline, self.open(addr))
             .await
+            .map_err(|_| timed_out())??;
+        let _ = stream.set_nodelay(true);
+        if !ep.tls {
+            return handshake_http1(TokioIo::new(stream), addr).await;
+        }
+        let Some(tls) = &self.tls else {
+            return Err((ErrorKind::Tls, "no TLS configuration for https".to_owned()));
+        };
+        let stream = tokio::time::timeout_at(deadline, tls.connect(ep.server_name.clone(), stream))
+            .await
+            .map_err(|_| timed_out())?
             .map_err(|e| {
+                let why = tls_cause(&e).map_or_else(|| e.to_string(), describe_tls);
                 (
-                    ErrorKind::Connect,
-                    format!("HTTP handshake with {addr}: {e}"),
+                    ErrorKind::Tls,
+                    format!("TLS handshake with {}: {why}", ep.url),
                 )
             })?;
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        handshake_http1(TokioIo::new(stream), addr).await
     }
 
     pub fn put(&self, endpoint: usize, sender: Sender) {
@@ -216,6 +273,26 @@ impl Pool {
             }
         }
     }
+}
+
+/// HTTP/1.1 over an open (plain or TLS) stream; the connection's driver runs on the
+/// current `LocalSet`.
+async fn handshake_http1<T>(io: TokioIo<T>, addr: SocketAddr) -> Result<Sender, Failure>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| {
+            (
+                ErrorKind::Connect,
+                format!("HTTP handshake with {addr}: {e}"),
+            )
+        })?;
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {
@@ -248,6 +325,13 @@ impl RunClock {
     }
 }
 
+/// What one request sends: its body and its values of `ClientConfig::request_headers`.
+#[derive(Debug, Clone)]
+pub struct RequestParts {
+    pub body: Bytes,
+    pub header_values: Vec<i64>,
+}
+
 /// Runs one request on `pool`, filling `rec`. Returns the failure, if any; a partially filled
 /// `rec` (timestamps so far) is kept either way.
 ///
@@ -259,11 +343,11 @@ pub async fn execute(
     cfg: &ClientConfig,
     clock: RunClock,
     endpoint: usize,
-    body: Bytes,
+    request: RequestParts,
     rec: &mut RequestRecord,
     on_sent: impl FnOnce(),
 ) -> Result<(), Failure> {
-    execute_unredacted(pool, cfg, clock, endpoint, body, rec, on_sent)
+    execute_unredacted(pool, cfg, clock, endpoint, request, rec, on_sent)
         .await
         .map_err(|(kind, msg)| (kind, cfg.redact(msg)))
 }
@@ -273,10 +357,14 @@ async fn execute_unredacted(
     cfg: &ClientConfig,
     clock: RunClock,
     endpoint: usize,
-    body: Bytes,
+    request: RequestParts,
     rec: &mut RequestRecord,
     on_sent: impl FnOnce(),
 ) -> Result<(), Failure> {
+    let RequestParts {
+        body,
+        header_values,
+    } = request;
     rec.sent_ns = clock.now_ns();
     on_sent();
     let first_byte_deadline = tokio::time::Instant::now() + cfg.first_byte_timeout;
@@ -294,6 +382,15 @@ async fn execute_unredacted(
             );
         if let Some(auth) = &cfg.authorization {
             builder = builder.header(AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in &cfg.headers {
+            builder = builder.header(name, value.clone());
+        }
+        // A negative value: this request does not carry that header.
+        for (name, &v) in cfg.request_headers.iter().zip(header_values.iter()) {
+            if v >= 0 {
+                builder = builder.header(name, HeaderValue::from(v));
+            }
         }
         builder
             .body(Full::new(body.clone()))
@@ -316,7 +413,7 @@ async fn execute_unredacted(
                 reused = false;
                 sender = pool.connect(endpoint).await?;
             }
-            Ok(Err(e)) => return Err((ErrorKind::Transport, transport_message(&e))),
+            Ok(Err(e)) => return Err(transport_failure(&e)),
             Ok(Ok(r)) => break r,
         }
     };
@@ -392,6 +489,16 @@ fn closed_before_response(e: &hyper::Error) -> bool {
     false
 }
 
+/// A broken exchange: `tls` when the TLS layer is the cause (a server that asks for a
+/// client certificate refuses it only after the client's handshake ends, on the first
+/// request; a peer that drops TLS mid-stream), `transport` otherwise.
+fn transport_failure(e: &hyper::Error) -> Failure {
+    match tls_cause(e) {
+        Some(t) => (ErrorKind::Tls, format!("TLS: {}", describe_tls(t))),
+        None => (ErrorKind::Transport, transport_message(e)),
+    }
+}
+
 fn transport_message(e: &hyper::Error) -> String {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -440,7 +547,7 @@ async fn next_frame(
                 ))
             }
             Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err((ErrorKind::Transport, transport_message(&e))),
+            Ok(Some(Err(e))) => return Err(transport_failure(&e)),
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     return Ok(Some(data));
@@ -605,19 +712,17 @@ mod tests {
     #[test]
     fn the_api_key_is_redacted_from_messages() {
         let cfg = ClientConfig {
-            stream: true,
-            connect_timeout: Duration::from_secs(1),
-            first_byte_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            total_timeout: Duration::from_secs(1),
-            max_body_bytes: 1,
             authorization: ClientConfig::bearer("sk-SECRET"),
-            source_ips: Vec::new(),
+            secrets: vec!["gw-token-1".into()],
+            ..ClientConfig::default()
         };
         let msg = cfg.redact("HTTP 401: bad header Authorization: Bearer sk-SECRET".into());
         assert_eq!(msg, "HTTP 401: bad header Authorization: Bearer [redacted]");
+        let msg = cfg.redact("echo: X-Gw: gw-token-1, sk-SECRET".into());
+        assert_eq!(msg, "echo: X-Gw: [redacted], [redacted]");
         let none = ClientConfig {
             authorization: None,
+            secrets: Vec::new(),
             ..cfg
         };
         assert_eq!(none.redact("sk-SECRET".into()), "sk-SECRET");

@@ -11,6 +11,7 @@ pub mod records;
 mod recv_stamp;
 pub mod sse;
 pub mod timer;
+pub mod tls;
 
 #[cfg(feature = "python")]
 mod python;

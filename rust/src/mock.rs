@@ -77,6 +77,9 @@ pub struct MockConfig {
     pub tool_calls: f64,
     /// Capacity in blocks of the prefix-cache LRU behind `cached_tokens` (0: none cached).
     pub cache_blocks: usize,
+    /// Serve HTTPS with a certificate signed by a CA made at start
+    /// ([`MockServer::ca_pem`]).
+    pub tls: bool,
 }
 
 /// The chat delta field that carries reasoning.
@@ -246,6 +249,7 @@ impl Default for MockConfig {
             reasoning_field: ReasoningField::Reasoning,
             tool_calls: 0.0,
             cache_blocks: 100_000,
+            tls: false,
         }
     }
 }
@@ -328,6 +332,8 @@ pub struct MockStats {
     pub active_streams: AtomicU64,
     pub bad_requests: AtomicU64,
     pub connections: AtomicU64,
+    /// TLS handshakes that failed (a client that does not trust the mock's CA).
+    pub tls_failures: AtomicU64,
     /// Faults injected so far, in [`Fault::ALL`] order.
     pub faults: [AtomicU64; Fault::ALL.len()],
     fault_seq: AtomicU64,
@@ -379,6 +385,8 @@ impl MockStats {
 
 pub struct MockServer {
     addr: SocketAddr,
+    /// With `MockConfig::tls`: the PEM of the CA that signed the mock's certificate.
+    ca_pem: Option<String>,
     stats: Arc<MockStats>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -421,6 +429,13 @@ impl MockServer {
         let addr = listener
             .local_addr()
             .map_err(|e| EngineError::io("reading the mock address", e))?;
+        let identity = if config.tls {
+            Some(crate::tls::MockIdentity::generate(host)?)
+        } else {
+            None
+        };
+        let ca_pem = identity.as_ref().map(|i| i.ca_pem.clone());
+        let acceptor = identity.map(|i| tokio_rustls::TlsAcceptor::from(i.server_config));
         let stats = Arc::new(MockStats::default());
         stats.now_ns();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -452,11 +467,12 @@ impl MockServer {
                                 let cfg = Arc::clone(&cfg);
                                 let st = Arc::clone(&st);
                                 let slots = slots.clone();
+                                let tls = acceptor.clone();
                                 if cfg.record_arrivals && recv_stamp::enable(&stream).is_ok() {
                                     let (io, rx_ns) = recv_stamp::StampedStream::new(stream);
-                                    tokio::spawn(serve_connection(io, Some(rx_ns), cfg, st, slots));
+                                    tokio::spawn(serve_maybe_tls(io, tls, Some(rx_ns), cfg, st, slots));
                                 } else {
-                                    tokio::spawn(serve_connection(stream, None, cfg, st, slots));
+                                    tokio::spawn(serve_maybe_tls(stream, tls, None, cfg, st, slots));
                                 }
                             }
                         }
@@ -467,6 +483,7 @@ impl MockServer {
             .map_err(|e| EngineError::io("spawning the mock thread", e))?;
         Ok(Self {
             addr,
+            ca_pem,
             stats,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -479,6 +496,11 @@ impl MockServer {
 
     pub fn stats(&self) -> &MockStats {
         &self.stats
+    }
+
+    /// The CA a client trusts to reach this mock over TLS (None without `tls`).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     pub fn stop(&mut self) {
@@ -494,6 +516,28 @@ impl MockServer {
 impl Drop for MockServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Serves one connection, after a TLS handshake when the mock speaks TLS.
+async fn serve_maybe_tls<S>(
+    stream: S,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    rx_ns: Option<Arc<AtomicI64>>,
+    cfg: Arc<MockConfig>,
+    stats: Arc<MockStats>,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match tls {
+        None => serve_connection(stream, rx_ns, cfg, stats, slots).await,
+        Some(acceptor) => match acceptor.accept(stream).await {
+            Ok(s) => serve_connection(s, rx_ns, cfg, stats, slots).await,
+            Err(_) => {
+                stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        },
     }
 }
 

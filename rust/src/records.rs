@@ -30,10 +30,12 @@ pub enum ErrorKind {
     Cancelled = 11,
     /// The response exceeded the body size limit.
     TooLarge = 12,
+    /// TLS failed: handshake (certificate, refused), or the TLS layer broke mid-response.
+    Tls = 13,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::Ok,
         ErrorKind::NotSent,
         ErrorKind::Connect,
@@ -47,6 +49,7 @@ impl ErrorKind {
         ErrorKind::Incomplete,
         ErrorKind::Cancelled,
         ErrorKind::TooLarge,
+        ErrorKind::Tls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +67,7 @@ impl ErrorKind {
             ErrorKind::Incomplete => "incomplete",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::TooLarge => "too_large",
+            ErrorKind::Tls => "tls",
         }
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fineserve_engine::client::ClientConfig;
+use fineserve_engine::tls::ClientTlsOptions as TlsOptions;
 use fineserve_engine::{start, EngineConfig, ErrorKind, MockConfig, MockServer, Schedule};
 
 fn config(url: String, warm: usize) -> EngineConfig {
@@ -16,8 +17,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
             idle_timeout: Duration::from_secs(10),
             total_timeout: Duration::from_secs(30),
             max_body_bytes: 1 << 20,
-            authorization: None,
-            source_ips: Vec::new(),
+            ..ClientConfig::default()
         },
         max_concurrency: None,
         lanes: 2,
@@ -374,4 +374,74 @@ fn mock_tool_calls_and_cached_tokens() {
     let plain = r#"{"model":"m","prompt":"a b","max_tokens":2,"stream":true,"stream_options":{"include_usage":true}}"#;
     let c = run_bodies(url, &[plain], true);
     assert_eq!(c.cached_tokens[0], -1, "no hash_ids: not reported");
+}
+
+#[test]
+fn https_to_the_mock_needs_its_ca_or_insecure() {
+    let _serial = serial();
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            ttft: Duration::from_millis(1),
+            itl: Duration::from_millis(1),
+            tls: true,
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    let ca = std::env::temp_dir().join(format!("fineserve-mock-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, mock.ca_pem().expect("a TLS mock has a CA")).expect("write ca");
+    let url = format!("https://{}/v1/completions", mock.addr());
+    let run_with = |tls: TlsOptions, warm: usize| {
+        let mut cfg = config(url.clone(), warm);
+        cfg.client.tls = tls;
+        let run = start(schedule(20, 100_000, 3, false), cfg).expect("start");
+        assert!(run.wait(Duration::from_secs(20)));
+        run.finish().columns
+    };
+    // Trusted through --cacert: every request completes, over warmed TLS connections.
+    let trusted = TlsOptions {
+        ca_file: Some(ca.clone()),
+        ..TlsOptions::default()
+    };
+    let c = run_with(trusted, 4);
+    assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8));
+    assert!(c.n_chunks.iter().all(|&n| n == 3));
+    // Not trusted: every request fails as `tls`, naming the cause.
+    let c = run_with(TlsOptions::default(), 0);
+    assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Tls as u8));
+    let (_, msg) = &c.error_messages[0];
+    assert!(msg.contains("unknown issuer"), "{msg}");
+    // --insecure: completes without the CA.
+    let insecure = TlsOptions {
+        insecure: true,
+        ..TlsOptions::default()
+    };
+    let c = run_with(insecure, 2);
+    assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8));
+    assert!(mock.stats().tls_failures.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    let _ = std::fs::remove_file(ca);
+}
+
+#[test]
+fn an_http_client_against_the_tls_mock_fails_in_one_line() {
+    let mock = MockServer::start(
+        "127.0.0.1",
+        0,
+        MockConfig {
+            tls: true,
+            ..MockConfig::default()
+        },
+    )
+    .expect("mock");
+    let run = start(
+        schedule(3, 0, 2, false),
+        config(format!("http://{}/v1/completions", mock.addr()), 0),
+    )
+    .expect("start");
+    assert!(run.wait(Duration::from_secs(20)));
+    let c = run.finish().columns;
+    assert!(c.error_kind.iter().all(|&k| k != ErrorKind::Ok as u8));
+    assert!(c.error_messages.iter().all(|(_, m)| !m.contains('\n')));
 }

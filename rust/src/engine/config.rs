@@ -91,14 +91,12 @@ mod tests {
         EngineConfig {
             endpoints: vec!["http://127.0.0.1:9/v1/completions".into()],
             client: ClientConfig {
-                stream: true,
                 connect_timeout: s,
                 first_byte_timeout: s,
                 idle_timeout: s,
                 total_timeout: s,
                 max_body_bytes: 1 << 20,
-                authorization: None,
-                source_ips: Vec::new(),
+                ..ClientConfig::default()
             },
             max_concurrency: None,
             lanes: 1,

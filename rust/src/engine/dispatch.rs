@@ -5,9 +5,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
-use crate::client::{execute, Pool, RunClock};
+use crate::client::{execute, Pool, RequestParts, RunClock};
 use crate::records::{ErrorKind, RequestRecord};
 
 use super::lanes::{push_record, Chunk, LaneState};
@@ -25,7 +23,10 @@ pub(super) fn dispatch(
     j: usize,
 ) {
     let sched = &chunk.schedule;
-    let body = sched.bodies[sched.body_idx[j] as usize].clone();
+    let request = RequestParts {
+        body: sched.bodies[sched.body_idx[j] as usize].clone(),
+        header_values: sched.header_values.iter().map(|col| col[j]).collect(),
+    };
     let endpoint = sched.endpoint_idx[j];
     let scheduled_ns = sched.t_ns[j];
     let index = chunk.base + j as u64;
@@ -63,7 +64,7 @@ pub(super) fn dispatch(
             }
         }
         let outcome = {
-            let work = run_request(&shared, &pool, clock, body, &mut rec);
+            let work = run_request(&shared, &pool, clock, request, &mut rec);
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => None,
@@ -111,7 +112,7 @@ async fn run_request(
     shared: &Shared,
     pool: &Pool,
     clock: RunClock,
-    body: Bytes,
+    request: RequestParts,
     rec: &mut RequestRecord,
 ) -> Result<(), (ErrorKind, String)> {
     let _permit = match &shared.semaphore {
@@ -132,7 +133,7 @@ async fn run_request(
     let progress = &shared.progress;
     let result = tokio::time::timeout(
         cfg.total_timeout,
-        execute(pool, cfg, clock, endpoint, body, rec, || {
+        execute(pool, cfg, clock, endpoint, request, rec, || {
             progress.sent.fetch_add(1, Ordering::Relaxed);
             progress.in_flight.fetch_add(1, Ordering::Relaxed);
         }),

@@ -98,6 +98,7 @@ impl RunHandle {
         }
         chunk.validate(
             self.shared.endpoints.len() + self.shared.config.route_groups.len(),
+            self.shared.config.client.request_headers.len(),
             feeder.last_t_ns,
         )?;
         let base = feeder.next_index;

@@ -153,6 +153,7 @@ async fn lane_main(
         shared.config.client.connect_timeout,
         shared.config.client.source_ips.clone(),
         lane,
+        shared.tls.clone(),
     ));
     warm_pool(&shared, &pool, lanes).await;
 

@@ -47,6 +47,9 @@ use turns::TurnBoard;
 /// What a run's lanes and its handle share.
 struct Shared {
     endpoints: Vec<Endpoint>,
+    /// Built once when an endpoint is `https://`: every lane's connections share its
+    /// configuration and TLS session cache.
+    tls: Option<tokio_rustls::TlsConnector>,
     config: EngineConfig,
     progress: Progress,
     stopping: AtomicBool,
@@ -88,6 +91,11 @@ pub fn start_streaming(
         .iter()
         .map(|u| Endpoint::parse(u))
         .collect::<Result<Vec<_>, _>>()?;
+    let tls = if endpoints.iter().any(|e| e.tls) {
+        Some(tokio_rustls::TlsConnector::from(config.client.tls.build()?))
+    } else {
+        None
+    };
     crate::limits::raise_nofile_limit();
     let lanes = if expected_len > 0 {
         config.lanes.min(expected_len)
@@ -111,6 +119,7 @@ pub fn start_streaming(
             .collect(),
         turns: TurnBoard::default(),
         endpoints,
+        tls,
         config,
     });
     let mut handles = Vec::with_capacity(lanes);

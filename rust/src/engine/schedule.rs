@@ -22,6 +22,9 @@ pub struct Schedule {
     pub think_ns: Vec<i64>,
     /// How many later requests follow this one (its end is published for them).
     pub followers: Vec<u32>,
+    /// One column per `ClientConfig::request_headers` (all or none): each request's value
+    /// of that header; negative: the request does not carry it.
+    pub header_values: Vec<Vec<i64>>,
 }
 
 impl Schedule {
@@ -34,8 +37,14 @@ impl Schedule {
     }
 
     /// Checks the columns; `after_ns` is the last send offset of the previous chunk.
-    /// `n_targets` counts endpoints plus route groups (see `EngineConfig::route_groups`).
-    pub fn validate(&self, n_targets: usize, after_ns: i64) -> Result<(), EngineError> {
+    /// `n_targets` counts endpoints plus route groups (see `EngineConfig::route_groups`);
+    /// `n_headers` is the number of per-request headers.
+    pub fn validate(
+        &self,
+        n_targets: usize,
+        n_headers: usize,
+        after_ns: i64,
+    ) -> Result<(), EngineError> {
         let n = self.t_ns.len();
         let bad = |m: String| Err(EngineError::InvalidSchedule(m));
         if self.body_idx.len() != n
@@ -85,6 +94,17 @@ impl Schedule {
             }
             if let Some(i) = self.think_ns.iter().position(|&t| t < 0) {
                 return bad(format!("think_ns[{i}] is negative"));
+            }
+        }
+        if !self.header_values.is_empty() || n_headers > 0 {
+            if self.header_values.len() != n_headers {
+                return bad(format!(
+                    "{} header columns for {n_headers} per-request headers",
+                    self.header_values.len()
+                ));
+            }
+            if let Some(c) = self.header_values.iter().position(|col| col.len() != n) {
+                return bad(format!("header column {c} is not one value per request"));
             }
         }
         Ok(())
