@@ -44,6 +44,7 @@ class Run:
         endpoint_idx: npt.NDArray[np.uint32],
         expected_output_tokens: npt.NDArray[np.uint32],
         turns: _Turns | None = None,
+        header_values: Sequence[npt.NDArray[np.int64]] | None = None,
     ) -> None:
         """Append a chunk to the schedule; its send offsets continue the previous chunk's.
 
@@ -56,8 +57,10 @@ class Run:
         recorded ``scheduled_ns`` is that release time); if that turn fails or is not
         sent, request i is not sent. ``followers[i]`` counts the requests that follow
         request i. With ``turn_affinity``, request i goes to the endpoint that served
-        ``parent[i]``. Raises :class:`EngineError`, accepting nothing, if the chunk is
-        invalid, the input is closed or the run is stopping."""
+        ``parent[i]``. ``header_values``: one column per ``request_headers`` option,
+        request i's value of that header (negative: it carries none); None: no request
+        of this chunk carries them. Raises :class:`EngineError`, accepting nothing, if
+        the chunk is invalid, the input is closed or the run is stopping."""
     def close_input(self) -> None:
         """Declare the schedule complete; the run ends when every fed request is done."""
     def drain(self) -> dict[str, npt.NDArray[np.generic] | list[str]]:
@@ -103,6 +106,12 @@ class _EngineOptions(Protocol):
     route_groups: list[list[int]]
     source_ips: list[str]
     turn_affinity: bool
+    headers: list[tuple[str, str, bool]]
+    request_headers: list[str]
+    ca_file: str | None
+    client_cert_file: str | None
+    client_key_file: str | None
+    insecure: bool
 
 def start_run(
     endpoints: list[str],
@@ -110,7 +119,8 @@ def start_run(
     *,
     start_at_unix_ns: int | None = None,
 ) -> Run:
-    """Start an open-loop run over ``endpoints`` (full http:// URLs) and return at once;
+    """Start an open-loop run over ``endpoints`` (full http:// or https:// URLs) and
+    return at once;
     the schedule comes through :meth:`Run.feed` until :meth:`Run.close_input`.
 
     ``options`` (see ``fineserve.EngineOptions``): ``warm_connections`` per endpoint are
@@ -120,7 +130,12 @@ def start_run(
     results). ``source_ips``: local addresses new connections are bound to, in turn (each
     lane starts at a different one), to get past one address's ~28k ephemeral ports per
     server. The bearer token is ``api_key`` or else ``$OPENAI_API_KEY``; it never appears
-    in any output. ``realtime_priority`` runs the lanes under SCHED_FIFO when the process
+    in any output. ``headers`` (name, value, secret) go on every request; a secret value
+    is blanked out of every error message. ``https://`` endpoints are checked against
+    the system's roots plus ``ca_file`` (PEM), or not at all with ``insecure``;
+    ``client_cert_file``/``client_key_file`` answer a server that asks for a client
+    certificate. TLS handshakes happen while warming connections; a TLS failure is
+    error kind ``tls``. ``realtime_priority`` runs the lanes under SCHED_FIFO when the process
     may (root or CAP_SYS_NICE); otherwise lanes only ask for nice -10. Bad options raise
     :class:`EngineError` in one line.
     """
@@ -159,14 +174,19 @@ class MockServer:
         reasoning_field: str = ...,  # "reasoning"
         tool_calls: float = 0.0,
         cache_blocks: int = 100_000,
+        tls: bool = False,
     ) -> Self: ...
     @property
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
+    @property
+    def ca_pem(self) -> str | None:
+        """With ``tls=True``: the PEM of the CA made at start that signed the mock's
+        certificate; None otherwise."""
     def stats(self) -> dict[str, int]:
-        """Counters: requests, completions, active_streams, bad_requests, connections, and
-        ``fault_<name>`` for each injected fault."""
+        """Counters: requests, completions, active_streams, bad_requests, connections,
+        tls_failures, and ``fault_<name>`` for each injected fault."""
     def take_token_times(self) -> dict[str, npt.NDArray[np.int64]]:
         """Token emission instants (ns since the mock started) of the streams finished
         since the last call, by the requests' ``user`` field (needs

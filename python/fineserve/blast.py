@@ -10,9 +10,10 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .config import BlastConfig, default_of
+from .config import BlastConfig, TargetConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, mock_peak_in_flight
@@ -21,6 +22,8 @@ from .metrics.sink import MetricsSink
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
+from .requests.pinning import Pinner
+from .requests.shaping import BREAKDOWNS
 from .results import RequestsWriter, run_meta
 from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
@@ -31,8 +34,6 @@ from .workloads.spec import Workload, build_workload, format_duration, plan_work
 AUTO_WARM_CAP = 16_384
 #: Runs that send for longer than this are called out before they start.
 LONG_RUN_S = 600.0
-#: Labels the metrics are broken down by.
-BREAKDOWNS = ("class", "endpoint", "model")
 
 
 @dataclass
@@ -100,8 +101,27 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
         route_groups=targets.deployment.route_groups,
         turn_affinity=cfg.target.turn_affinity,
         source_ips=list(ec.source_ips),
+        **transport_options(cfg.target),
     )
     return EngineSizing(options, lanes, warm, burst_per_ms, budget.lines)
+
+
+def transport_options(target: TargetConfig) -> dict[str, Any]:
+    """The engine's headers and TLS settings (``EngineOptions`` fields)."""
+    tls = target.tls
+
+    def path(p: Path | None) -> str | None:
+        return str(p) if p is not None else None
+
+    return {
+        "headers": [(h.name, h.value, h.secret) for h in target.headers],
+        "request_headers": target.pins.request_headers,
+        "ca_file": path(tls.ca_file),
+        "client_cert_file": path(tls.cert_file),
+        "client_key_file": path(tls.key_file),
+        "insecure": tls.insecure,
+        "api_key": target.api_key,
+    }
 
 
 def _announce_plan(
@@ -219,8 +239,12 @@ def prepare_run(
     builder, dataset_output_lens = select_builder(
         cfg.prompts, cfg.workload.seed, first, chat=cfg.target.chat, quiet=quiet, is_mock=is_mock
     )
+    pinner = Pinner(cfg.target.pins, cfg.workload.seed)
+    pinner.check(first)
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
-    shapes = RequestShapes.for_targets(builder, targets, dataset_output_lens, mock_fields=is_mock)
+    shapes = RequestShapes.for_targets(
+        builder, targets, dataset_output_lens, mock_fields=is_mock, pinner=pinner
+    )
     sizing = size_engine(cfg, first, targets, is_mock)
     mode = workload.info.get("mode", cfg.workload.mode)
     total = workload.total

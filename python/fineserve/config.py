@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import FineserveError
 from .traces.readers import TraceOptions
+from .transport import Header, TlsConfig, parse_headers
 
 #: Metrics that take ``--percentile-metrics`` keys.
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "ttfo")
@@ -250,6 +251,74 @@ class PromptConfig:
 # ---------------------------------------------------------------------------- target
 
 
+#: Where ``--dp-rank-policy`` takes each request's rank from.
+DP_RANK_POLICIES = ("round-robin", "by-class", "by-session")
+
+
+@dataclass(frozen=True)
+class PinConfig:
+    """What pins a request beyond its endpoint: its session in a header (a router keeps
+    sessions sticky), its data-parallel rank in a header (vLLM's
+    ``X-data-parallel-rank``), its LoRA adapter as the request's model."""
+
+    #: Header that carries the conversation id (ServeGen: the client id).
+    session_header: str | None = None
+    #: Data-parallel ranks requests are pinned to (None: not pinned).
+    dp_ranks: int | None = None
+    dp_rank_policy: str = "round-robin"
+    dp_rank_header: str = "X-data-parallel-rank"
+    #: LoRA adapters served as model names; each request (each conversation) asks for one.
+    lora_modules: tuple[str, ...] = ()
+    #: uniform | zipf:S | weights:w1,w2,...
+    lora_distribution: str = "uniform"
+
+    @property
+    def request_headers(self) -> list[str]:
+        """Header names whose value each request carries, in engine column order."""
+        names = [self.session_header] if self.session_header else []
+        return names + ([self.dp_rank_header] if self.dp_ranks else [])
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> PinConfig:
+        from .requests.pinning import lora_weights
+
+        modules = tuple(m.strip() for m in (p.get("lora_modules") or "").split(",") if m.strip())
+        if len(set(modules)) < len(modules):
+            raise FineserveError("--lora-modules lists an adapter twice")
+        cfg = cls(
+            lora_modules=modules,
+            **_given(
+                p,
+                session_header="session_header",
+                dp_ranks="dp_ranks",
+                dp_rank_policy="dp_rank_policy",
+                dp_rank_header="dp_rank_header",
+                lora_distribution="lora_distribution",
+            ),
+        )
+        if cfg.dp_ranks is not None and cfg.dp_ranks < 1:
+            raise FineserveError(f"--dp-ranks must be at least 1, got {cfg.dp_ranks}")
+        if p.get("lora_distribution") and not modules:
+            raise FineserveError("--lora-distribution needs --lora-modules")
+        if modules:
+            lora_weights(cfg.lora_distribution, len(modules))  # refused now, in one line
+        for option, name in (
+            ("--session-header", cfg.session_header),
+            ("--dp-rank-header", cfg.dp_rank_header),
+        ):
+            if name is not None:
+                from .transport import parse_header
+
+                parse_header(f"{name}: 0", option)
+        if (
+            cfg.session_header
+            and cfg.dp_ranks
+            and (cfg.session_header.lower() == cfg.dp_rank_header.lower())
+        ):
+            raise FineserveError("--session-header and --dp-rank-header name the same header")
+        return cfg
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     """The servers and what each request's body says."""
@@ -268,6 +337,10 @@ class TargetConfig:
     extra_body: Mapping[str, Any] = field(default_factory=dict)
     stream: bool = True
     ignore_eos: bool = True
+    #: ``--header``s, on every request (credential-like values never shown).
+    headers: tuple[Header, ...] = ()
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    pins: PinConfig = field(default_factory=PinConfig)
     #: OPENAI_API_KEY, read once; never printed, stored or put in an error.
     api_key: str | None = field(default=None, repr=False, compare=False)
 
@@ -283,6 +356,18 @@ class TargetConfig:
             bases = [single] if single else []
         elif p.get("host") or p.get("port"):
             raise FineserveError("give either --base-url or --host/--port, not both")
+        pins = PinConfig.from_params(p)
+        if pins.lora_modules and p.get("class_model"):
+            raise FineserveError(
+                "--lora-modules and --class-model both choose each request's model; give one"
+            )
+        tls = TlsConfig(
+            ca_file=_path(p.get("cacert")),
+            cert_file=_path(p.get("cert")),
+            key_file=_path(p.get("key")),
+            insecure=bool(p.get("insecure")),
+        )
+        tls.check()
         return cls(
             base_urls=tuple(bases),
             endpoint=p.get("endpoint") or None,
@@ -294,6 +379,9 @@ class TargetConfig:
             **_given(p, backend="backend", turn_affinity="turn_affinity"),
             stream=not p.get("disable_stream"),
             ignore_eos=not p.get("disable_ignore_eos"),
+            headers=parse_headers(p.get("header") or (), reserved=pins.request_headers),
+            tls=tls,
+            pins=pins,
             api_key=os.environ.get("OPENAI_API_KEY") or None,
         )
 
@@ -466,6 +554,8 @@ class MockConfig:
     reasoning_ratio: float = 0.0
     reasoning_field: str = "reasoning"
     tool_calls: float = 0.0
+    #: Serve HTTPS (a CA made at start; ``MockServer.ca_file`` is its PEM).
+    tls: bool = False
     #: MockServer's fault keyword arguments (faults, stall_ms, ...).
     faults: Mapping[str, Any] = field(default_factory=dict)
 
@@ -481,6 +571,7 @@ class MockConfig:
                 reasoning_ratio="mock_reasoning_ratio",
                 reasoning_field="mock_reasoning_field",
                 tool_calls="mock_tool_calls",
+                tls="mock_tls",
             ),
         )
 
@@ -549,8 +640,10 @@ class BlastConfig:
         return not self.target.base_urls
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration as JSON (results metadata); the API key is left out."""
+        """The configuration as JSON (results metadata); the API key is left out and
+        credential-like header values are redacted."""
         out: dict[str, Any] = _jsonable(dataclasses.asdict(self))
+        out["target"]["headers"] = [{"name": h.name, "value": h.shown} for h in self.target.headers]
         return out
 
 

@@ -97,6 +97,10 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
     names = ("t_ns", "body_idx", "endpoint_idx", "expected_output_tokens", "parent", "think_ns")
     cols: dict[str, list[npt.NDArray[Any]]] = {k: [] for k in (*names, "followers")}
     has_turns = any(c.turns is not None for c in chunks)
+    # Per-request header columns ship as header_0, header_1, ... (every chunk has them or
+    # none does: the run's options fix how many).
+    n_headers = max((len(c.header_values) for c in chunks), default=0)
+    headers: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(n_headers)]
     for c in chunks:
         n_c = len(c)
         cols["t_ns"].append(np.asarray(c.t_ns, np.int64))
@@ -113,7 +117,12 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
         cols["parent"].append(np.asarray(parent, np.int64))
         cols["think_ns"].append(np.asarray(think, np.int64))
         cols["followers"].append(np.asarray(followers, np.int64))
+        for k in range(n_headers):
+            values = c.header_values[k] if k < len(c.header_values) else np.full(n_c, -1)
+            headers[k].append(np.asarray(values, np.int64))
         bodies_all.extend(c.bodies)
+    for k in range(n_headers):
+        cols[f"header_{k}"] = headers[k]
     whole = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in cols.items()}
     n = len(whole["t_ns"])
     root = conversation_roots(whole["parent"])
@@ -139,6 +148,8 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
             columns["parent"] = pa.array(local.astype(np.int64))
             columns["think_ns"] = pa.array(whole["think_ns"][rows])
             columns["followers"] = pa.array(whole["followers"][rows].astype(np.uint32))
+        for k in range(n_headers):
+            columns[f"header_{k}"] = pa.array(whole[f"header_{k}"][rows])
         parts.append(WorkerPart(rows, pa.table(columns), [bodies_all[i] for i in used.tolist()]))
     return parts
 
@@ -181,6 +192,14 @@ class EngineWorker:
             table.column("endpoint_idx").to_numpy(),
             table.column("expected_output_tokens").to_numpy(),
             turns,
+            [
+                table.column(c).to_numpy()
+                for c in sorted(
+                    (c for c in table.column_names if c.startswith("header_")),
+                    key=lambda c: int(c.split("_")[1]),
+                )
+            ]
+            or None,
         )
         self.run.close_input()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -85,6 +87,9 @@ class MockServer:
     (tokens a block, default 512) name the prompt's prefix blocks, and usage then reports
     ``cached_tokens`` = the tokens of the leading blocks the mock had seen, at most the
     prompt's. A malformed value is an HTTP 400.
+
+    ``tls=True`` serves HTTPS with a certificate signed by a CA made at start
+    (:attr:`ca_pem`, :attr:`ca_file`); :attr:`base_url` is then ``https://``.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
@@ -92,6 +97,29 @@ class MockServer:
             self._server = _engine.MockServer(host, port, **options)
         except _engine.EngineError as e:
             raise FineserveError(f"mock server: {e}") from None
+        self._ca_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self._server.ca_pem is not None
+
+    @property
+    def ca_pem(self) -> str | None:
+        """With ``tls=True``: the PEM of the CA made at start, which signed the mock's
+        certificate (for ``localhost``, 127.0.0.1, ::1 and its host)."""
+        return self._server.ca_pem
+
+    @property
+    def ca_file(self) -> Path | None:
+        """That CA written to a temporary file (removed at :meth:`stop`): what a client
+        passes as ``--cacert``."""
+        pem = self.ca_pem
+        if pem is None:
+            return None
+        if self._ca_dir is None:
+            self._ca_dir = tempfile.TemporaryDirectory(prefix="fineserve-mock-ca-")
+            (Path(self._ca_dir.name) / "ca.pem").write_text(pem)
+        return Path(self._ca_dir.name) / "ca.pem"
 
     @property
     def host(self) -> str:
@@ -103,7 +131,9 @@ class MockServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     def stats(self) -> dict[str, int]:
         return self._server.stats()
@@ -121,6 +151,9 @@ class MockServer:
 
     def stop(self) -> None:
         self._server.stop()
+        if self._ca_dir is not None:
+            self._ca_dir.cleanup()
+            self._ca_dir = None
 
     def __enter__(self) -> MockServer:
         return self

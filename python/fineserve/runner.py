@@ -58,6 +58,16 @@ class EngineOptions:
     turn_affinity: bool = True
     #: Bearer token; None: ``$OPENAI_API_KEY`` where the engine runs. Never shown.
     api_key: str | None = field(default=None, repr=False)
+    #: Headers on every request: (name, value, secret); a secret value is never shown.
+    headers: list[tuple[str, str, bool]] = field(default_factory=list, repr=False)
+    #: Headers whose value each request carries (``EngineChunk.header_values``).
+    request_headers: list[str] = field(default_factory=list)
+    #: TLS for https:// endpoints: a PEM CA bundle trusted besides the system's roots,
+    #: a client certificate and key, or no verification at all.
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    insecure: bool = False
 
 
 @dataclass
@@ -143,6 +153,8 @@ class EngineChunk:
     extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     #: Conversation turns (parent, think_ns, followers) when the schedule has them.
     turns: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+    #: One column per ``EngineOptions.request_headers`` (negative: no header), or none.
+    header_values: tuple[npt.NDArray[np.int64], ...] = ()
 
     def __len__(self) -> int:
         return len(self.t_ns)
@@ -164,6 +176,7 @@ class EngineChunk:
                 self.expected_output_tokens[rows],
                 {name: col[rows] for name, col in self.extra.items()},
                 turns,
+                tuple(col[rows] for col in self.header_values),
             )
 
         return part(slice(0, k)), part(slice(k, len(self)))
@@ -191,6 +204,7 @@ class EngineChunk:
                 np.clip(self.expected_output_tokens, 0, 2**32 - 1), dtype=np.uint32
             ),
             turns,
+            [np.ascontiguousarray(col, dtype=np.int64) for col in self.header_values] or None,
         )
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from .console import note, one_line
 from .errors import ServerUnreachable
+from .transport import Header, TlsConfig, describe_ssl_error, redact
 
 
 def base_url_from(base_url: str | None, host: str | None, port: int | None) -> str | None:
@@ -33,14 +36,39 @@ def base_url_from(base_url: str | None, host: str | None, port: int | None) -> s
     return f"http://{host or '127.0.0.1'}:{port or 8000}"
 
 
-def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = None) -> list[str]:
-    """Model ids from ``GET /v1/models``; raises :class:`ServerUnreachable` with one line."""
+def fetch_models(
+    base_url: str,
+    timeout_s: float = 5.0,
+    api_key: str | None = None,
+    *,
+    headers: Sequence[Header] = (),
+    tls: TlsConfig | None = None,
+) -> list[str]:
+    """Model ids from ``GET /v1/models`` (with the run's headers and TLS settings); raises
+    :class:`ServerUnreachable` with one line, with no secret in it."""
+    secrets = [api_key or ""] + [h.value for h in headers if h.secret]
+    try:
+        return _fetch_models(base_url, timeout_s, api_key, headers, tls)
+    except ServerUnreachable as e:
+        raise ServerUnreachable(redact(e.message, secrets)) from None
+
+
+def _fetch_models(
+    base_url: str,
+    timeout_s: float,
+    api_key: str | None,
+    headers: Sequence[Header],
+    tls: TlsConfig | None,
+) -> list[str]:
     url = f"{base_url}/v1/models"
     req = urllib.request.Request(url)
+    for h in headers:
+        req.add_header(h.name, h.value)
     if api_key:
         req.add_header("Authorization", f"Bearer {api_key}")
+    context = (tls or TlsConfig()).ssl_context() if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:
             raw = resp.read(1 << 20)
     except urllib.error.HTTPError as e:
         try:
@@ -59,7 +87,11 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
         ) from None
     except urllib.error.URLError as e:
         reason = e.reason
-        if isinstance(reason, ConnectionRefusedError):
+        if isinstance(reason, ssl.SSLError) or (
+            isinstance(reason, ConnectionResetError) and url.startswith("https://")
+        ):
+            why = f"TLS handshake failed: {describe_ssl_error(reason)}"
+        elif isinstance(reason, ConnectionRefusedError):
             why = "connection refused (is the server running? check --base-url/--host/--port)"
         elif isinstance(reason, socket.timeout):
             why = f"no answer within {timeout_s:g}s"
@@ -69,6 +101,12 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
     except (TimeoutError, socket.timeout):
         raise ServerUnreachable(
             f"cannot reach {base_url}: no answer within {timeout_s:g}s"
+        ) from None
+    except ssl.SSLError as e:
+        # TLS 1.3: a server refuses a client certificate (or its absence) after the
+        # client's handshake is done, so the refusal arrives on the first read.
+        raise ServerUnreachable(
+            f"cannot reach {base_url}: TLS handshake failed: {describe_ssl_error(e)}"
         ) from None
     except (ConnectionError, OSError) as e:
         raise ServerUnreachable(f"cannot reach {base_url}: {e}") from None
@@ -85,5 +123,5 @@ def fetch_models(base_url: str, timeout_s: float = 5.0, api_key: str | None = No
 
 def check_url(url: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ServerUnreachable(f"{url}: only http:// URLs are supported")
+    if parts.scheme not in ("http", "https"):
+        raise ServerUnreachable(f"{url}: only http:// and https:// URLs are supported")

@@ -37,14 +37,20 @@ class Targets:
         return f"{len(self.urls)} endpoints ({self.deployment.route})"
 
 
-def resolve_model(base: str, model: str | None, api_key: str | None) -> str:
+def resolve_model(base: str, cfg: TargetConfig, *, quiet: bool = False) -> str:
+    """The model to ask ``base`` for: ``--model``, else the first it lists. LoRA adapters
+    the server does not list are named in a warning (a gateway may not list them)."""
+    model = cfg.model
     try:
-        models = fetch_models(base, api_key=api_key)
+        models = fetch_models(base, api_key=cfg.api_key, headers=cfg.headers, tls=cfg.tls)
     except FineserveError as e:
         if model and "HTTP" in e.message:
             warn(f"{e.message}; using --model {model}")
             return model
         raise
+    missing = [m for m in cfg.pins.lora_modules if m not in models]
+    if missing and models and not quiet:
+        warn(f"{base}/v1/models does not list the LoRA adapter(s) {', '.join(missing)}")
     if model:
         return model
     if not models:
@@ -60,7 +66,9 @@ def resolve_targets(cfg: TargetConfig, bases: list[str], *, quiet: bool = False)
         raise FineserveError("--base-url lists the same server twice")
     for u in urls:
         check_url(u)
-    served = [resolve_model(b, cfg.model, cfg.api_key) for b in bases]
+    if any(u.startswith("https://") for u in urls) and cfg.tls.insecure and not quiet:
+        warn("--insecure: server certificates are not verified")
+    served = [resolve_model(b, cfg, quiet=quiet) for b in bases]
     model = served[0]
     if len(set(served)) > 1 and not cfg.model and not quiet:
         warn(
@@ -77,7 +85,7 @@ def resolve_targets(cfg: TargetConfig, bases: list[str], *, quiet: bool = False)
             extra=dict(cfg.extra_body),
             chat=cfg.chat,
         )
-        for m in {model, *class_models.values()}
+        for m in {model, *class_models.values(), *cfg.pins.lora_modules}
     }
     policy, pins = parse_route(cfg.route)
     deployment = Deployment.from_options(

@@ -91,9 +91,14 @@ impl PyRun {
     }
 
     /// Appends a chunk to the schedule: request i sends `bodies[body_idx[i]]` at
-    /// `t_ns[i]`; `turns` = (parent, think_ns, followers). Raises `EngineError`, accepting
-    /// nothing, once the input is closed or the run is stopping.
-    #[pyo3(signature = (t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, turns = None))]
+    /// `t_ns[i]`; `turns` = (parent, think_ns, followers); `header_values`: one column per
+    /// `EngineOptions.request_headers` (negative: no header). Raises `EngineError`,
+    /// accepting nothing, once the input is closed or the run is stopping.
+    #[pyo3(signature = (
+        t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, turns = None,
+        header_values = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn feed(
         &self,
         t_ns: PyReadonlyArray1<'_, i64>,
@@ -102,6 +107,7 @@ impl PyRun {
         endpoint_idx: PyReadonlyArray1<'_, u32>,
         expected_output_tokens: PyReadonlyArray1<'_, u32>,
         turns: Option<PyTurns<'_>>,
+        header_values: Option<Vec<PyReadonlyArray1<'_, i64>>>,
     ) -> PyResult<()> {
         let (parent, think_ns, followers) = match turns {
             Some(PyTurns(p, t, f)) => (
@@ -123,6 +129,11 @@ impl PyRun {
             parent,
             think_ns,
             followers,
+            header_values: header_values
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.as_slice().map(<[i64]>::to_vec))
+                .collect::<Result<_, _>>()?,
         };
         self.with(|h| h.feed(chunk))?.map_err(PyErr::from)
     }
@@ -215,6 +226,18 @@ struct PyEngineOptions {
     route_groups: Vec<Vec<usize>>,
     source_ips: Vec<String>,
     turn_affinity: bool,
+    headers: Vec<(String, String, bool)>,
+    request_headers: Vec<String>,
+    ca_file: Option<String>,
+    client_cert_file: Option<String>,
+    client_key_file: Option<String>,
+    insecure: bool,
+}
+
+/// A header name as given, or a one-line error naming it.
+fn header_name(name: &str) -> Result<http::HeaderName, CoreError> {
+    http::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| CoreError::InvalidConfig(format!("header name {name:?} is not valid")))
 }
 
 /// The engine's configuration for these options, without endpoints or a start instant
@@ -233,6 +256,33 @@ impl TryFrom<PyEngineOptions> for EngineConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let api_key = o.api_key.or_else(|| std::env::var("OPENAI_API_KEY").ok());
+        let mut secrets = Vec::new();
+        let mut headers = Vec::with_capacity(o.headers.len());
+        for (name, value, sensitive) in o.headers {
+            let n = header_name(&name)?;
+            let mut v = http::HeaderValue::from_str(&value).map_err(|_| {
+                CoreError::InvalidConfig(format!(
+                    "header {name}: the value has characters a header cannot carry"
+                ))
+            })?;
+            if sensitive {
+                v.set_sensitive(true);
+                secrets.push(value);
+            }
+            headers.push((n, v));
+        }
+        let request_headers = o
+            .request_headers
+            .iter()
+            .map(|n| header_name(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = |p: Option<String>| p.filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
+        let tls = crate::tls::ClientTlsOptions {
+            ca_file: path(o.ca_file),
+            cert_file: path(o.client_cert_file),
+            key_file: path(o.client_key_file),
+            insecure: o.insecure,
+        };
         let client = ClientConfig {
             stream: o.stream,
             connect_timeout: timeout_secs("connect_timeout_s", o.connect_timeout_s)?,
@@ -243,6 +293,10 @@ impl TryFrom<PyEngineOptions> for EngineConfig {
             authorization: api_key
                 .filter(|k| !k.is_empty())
                 .and_then(|k| ClientConfig::bearer(&k)),
+            headers,
+            request_headers,
+            secrets,
+            tls,
             source_ips,
         };
         let start_delay =
@@ -294,6 +348,7 @@ struct PyMockServer {
     server: Mutex<Option<MockServer>>,
     host: String,
     port: u16,
+    ca_pem: Option<String>,
 }
 
 #[pymethods]
@@ -306,6 +361,7 @@ impl PyMockServer {
         stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
         record_token_times = false, record_arrivals = false, reasoning_ratio = 0.0,
         reasoning_field = "reasoning".to_owned(), tool_calls = 0.0, cache_blocks = 100_000,
+        tls = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -329,6 +385,7 @@ impl PyMockServer {
         reasoning_field: String,
         tool_calls: f64,
         cache_blocks: usize,
+        tls: bool,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -379,10 +436,12 @@ impl PyMockServer {
             })?,
             tool_calls,
             cache_blocks,
+            tls,
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();
         Ok(Self {
+            ca_pem: server.ca_pem().map(str::to_owned),
             server: Mutex::new(Some(server)),
             host: addr.ip().to_string(),
             port: addr.port(),
@@ -399,7 +458,15 @@ impl PyMockServer {
         self.port
     }
 
-    /// Counters: requests, completions, active_streams, bad_requests, connections, and
+    /// With `tls=True`: the PEM of the CA that signed the mock's certificate (what a
+    /// client trusts, e.g. through `--cacert`); None otherwise.
+    #[getter]
+    fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.clone()
+    }
+
+    /// Counters: requests, completions, active_streams, bad_requests, connections,
+    /// tls_failures, and
     /// `fault_<name>` for each injected fault.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -415,6 +482,7 @@ impl PyMockServer {
             d.set_item("active_streams", st.active_streams.load(Relaxed))?;
             d.set_item("bad_requests", st.bad_requests.load(Relaxed))?;
             d.set_item("connections", st.connections.load(Relaxed))?;
+            d.set_item("tls_failures", st.tls_failures.load(Relaxed))?;
             for (f, n) in Fault::ALL.iter().zip(&st.faults) {
                 d.set_item(format!("fault_{}", f.name()), n.load(Relaxed))?;
             }

@@ -420,7 +420,12 @@ fn https_to_the_mock_needs_its_ca_or_insecure() {
     };
     let c = run_with(insecure, 2);
     assert!(c.error_kind.iter().all(|&k| k == ErrorKind::Ok as u8));
-    assert!(mock.stats().tls_failures.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        mock.stats()
+            .tls_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     let _ = std::fs::remove_file(ca);
 }
 

@@ -94,6 +94,7 @@ def mock_command(
     reasoning_field: str,
     tool_calls: float,
     max_concurrency: int,
+    tls: bool,
     **fault_opts: Any,
 ) -> None:
     """Run the embedded OpenAI-compatible mock server until Ctrl-C."""
@@ -111,12 +112,18 @@ def mock_command(
         reasoning_ratio=reasoning_ratio,
         reasoning_field=reasoning_field,
         tool_calls=tool_calls,
+        tls=tls,
         **faults,
     )
     out(
         f"fineserve mock serving {model!r} at {server.base_url} "
         f"(TTFT {ttft_ms:g} ms, ITL {itl_ms:g} ms); Ctrl-C to stop"
     )
+    if server.ca_file is not None:
+        out(
+            "TLS: a certificate signed by a CA made at start; clients pass "
+            f"--cacert {server.ca_file}"
+        )
     sys.stdout.flush()
     try:
         while True:

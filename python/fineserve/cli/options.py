@@ -11,11 +11,13 @@ import click
 
 from ..api import BACKENDS
 from ..config import (
+    DP_RANK_POLICIES,
     EngineConfig,
     LengthConfig,
     MetricsConfig,
     MockConfig,
     ParametricConfig,
+    PinConfig,
     PromptConfig,
     RampConfig,
     RayConfig,
@@ -100,6 +102,15 @@ def mock_server_options(prefix: str, help_prefix: str = "") -> Callable[[Any], A
             show_default=True,
             help=h(
                 "share of chat/Responses answers streamed as tool-call deltas.",
+            ),
+        ),
+        click.option(
+            f"--{prefix}tls",
+            is_flag=True,
+            default=default_of(MockConfig, "tls"),
+            help=h(
+                "serve HTTPS with a certificate signed by a CA made at start (its PEM is "
+                "written to a temporary file, and the path printed: pass it as --cacert).",
             ),
         ),
     ]
@@ -543,6 +554,78 @@ _METRICS_OPTIONS: list[Any] = [
     ),
 ]
 
+#: How requests reach the servers: headers, TLS, session / rank pinning, LoRA adapters
+#: (TargetConfig.headers, .tls, .pins).
+_TRANSPORT_OPTIONS: list[Any] = [
+    click.option(
+        "--header",
+        "-H",
+        multiple=True,
+        metavar="'NAME: VALUE'",
+        help="A header on every request, warm-up and GET /v1/models included; repeatable. "
+        "Also NAME=VALUE. Values of credential-like headers (Authorization, names with "
+        "auth, key, token, secret, cookie, password) are never shown or stored.",
+    ),
+    click.option(
+        "--cacert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="PEM bundle of CAs trusted for https:// servers, besides the system's roots.",
+    ),
+    click.option(
+        "--cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Client certificate (PEM) for servers that require one (mTLS); with --key.",
+    ),
+    click.option(
+        "--key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Private key (PEM) of --cert.",
+    ),
+    click.option(
+        "--insecure",
+        "-k",
+        is_flag=True,
+        help="Do not verify https:// servers' certificates.",
+    ),
+    click.option(
+        "--session-header",
+        metavar="NAME",
+        help="Header that carries each request's session: its conversation id (ServeGen: "
+        "its client id), so a router can keep sessions sticky.",
+    ),
+    click.option(
+        "--dp-ranks",
+        type=click.IntRange(min=1),
+        help="Pin each request to one of this many data-parallel ranks, in --dp-rank-header "
+        "(vLLM >= 0.18 honours X-data-parallel-rank); metrics are broken down by rank.",
+    ),
+    click.option(
+        "--dp-rank-policy",
+        type=click.Choice(DP_RANK_POLICIES),
+        default=default_of(PinConfig, "dp_rank_policy"),
+        show_default=True,
+        help="round-robin over requests; by-class: each class on one rank; by-session: a "
+        "conversation (or ServeGen client) stays on one rank.",
+    ),
+    click.option(
+        "--dp-rank-header",
+        default=default_of(PinConfig, "dp_rank_header"),
+        show_default=True,
+        help="Header that carries the rank.",
+    ),
+    click.option(
+        "--lora-modules",
+        metavar="A,B,...",
+        help="LoRA adapters (served as model names): each request asks for one, a "
+        "conversation keeps its adapter; metrics are broken down by model.",
+    ),
+    click.option(
+        "--lora-distribution",
+        help="How adapters are drawn: uniform, zipf:S (adapter k has weight 1/k^S) or "
+        "weights:w1,w2,... [default: uniform]",
+    ),
+]
+
 #: Engine sizing, warm-up and timeouts (EngineConfig).
 _ENGINE_OPTIONS: list[Any] = [
     click.option(
@@ -674,7 +757,14 @@ def blast_options(f: Any) -> Any:
     """Options of `blast`, shared by `sweep` (server, prompts, results, metrics, engine)."""
     return apply_options(
         f,
-        [*_TARGET_OPTIONS, *_PROMPT_OPTIONS, *_OUTPUT_OPTIONS, *_METRICS_OPTIONS, *_ENGINE_OPTIONS],
+        [
+            *_TARGET_OPTIONS,
+            *_TRANSPORT_OPTIONS,
+            *_PROMPT_OPTIONS,
+            *_OUTPUT_OPTIONS,
+            *_METRICS_OPTIONS,
+            *_ENGINE_OPTIONS,
+        ],
     )
 
 

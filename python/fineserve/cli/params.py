@@ -40,6 +40,13 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Transport & pinning",
+        (
+            "header", "cacert", "cert", "key", "insecure", "session_header", "dp_ranks",
+            "dp_rank_policy", "dp_rank_header", "lora_modules", "lora_distribution",
+        ),
+    ),
+    (
         "Workload",
         (
             "mode", "request_rate", "num_prompts", "duration", "time_scale", "start", "seed",
@@ -92,7 +99,7 @@ def help_group(name: str) -> str | None:
         if name in names:
             return title
     if name.startswith(("mock_", "fault")):
-        return HELP_GROUPS[5][0]
+        return next(t for t, _ in HELP_GROUPS if t.startswith("Embedded mock"))
     return None
 
 

@@ -17,6 +17,7 @@ import click
 from ..blast import BlastRun, run_blast
 from ..config import BlastConfig, MockConfig
 from ..console import note, out, warn
+from ..errors import FineserveError
 from ..mock import MockServer
 from ..results import detailed_lists, read_requests, result_json, write_result
 from ..text import format_summary, format_sweep, format_workers
@@ -39,23 +40,38 @@ def blast_command(**params: Any) -> None:
     """Drive a server open-loop at a precise schedule and report serving metrics."""
     cfg = BlastConfig.from_params(params, given_workload_options())
     started: list[MockServer] = []
+    with tempfile.TemporaryDirectory(prefix="fineserve-") as tmp:
+        cfg, ca_file = trust_mock(cfg, Path(tmp))
 
-    def servers() -> list[str]:
-        """Called once the workload is built (a bad option never starts the mock)."""
-        if cfg.target.base_urls:
-            return list(cfg.target.base_urls)
-        started.append(start_mock(cfg.mock))
-        return [started[0].base_url]
+        def servers() -> list[str]:
+            """Called once the workload is built (a bad option never starts the mock)."""
+            if cfg.target.base_urls:
+                return list(cfg.target.base_urls)
+            started.append(start_mock(cfg.mock, ca_file))
+            return [started[0].base_url]
 
-    try:
-        _blast(cfg, servers)
-    finally:
-        for mock in started:
-            mock.stop()
+        try:
+            _blast(cfg, servers)
+        finally:
+            for mock in started:
+                mock.stop()
 
 
-def start_mock(cfg: MockConfig) -> MockServer:
-    """The embedded mock server, said in one line."""
+def trust_mock(cfg: BlastConfig, tmp: Path) -> tuple[BlastConfig, Path | None]:
+    """With the embedded mock over TLS, the run trusts the mock's CA: the mock writes it
+    to ``tmp/mock-ca.pem`` as it starts, and that file is the run's ``--cacert`` (unless
+    ``--insecure``)."""
+    if not (cfg.uses_mock and cfg.mock.tls) or cfg.target.tls.insecure:
+        return cfg, None
+    if cfg.target.tls.ca_file is not None:
+        raise FineserveError("--cacert is for a given server; the embedded mock uses its own CA")
+    ca_file = tmp / "mock-ca.pem"
+    tls = dataclasses.replace(cfg.target.tls, ca_file=ca_file)
+    return dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, tls=tls)), ca_file
+
+
+def start_mock(cfg: MockConfig, ca_file: Path | None = None) -> MockServer:
+    """The embedded mock server, said in one line; over TLS, its CA goes to ``ca_file``."""
     mock = MockServer(
         ttft_ms=cfg.ttft_ms,
         itl_ms=cfg.itl_ms,
@@ -63,8 +79,11 @@ def start_mock(cfg: MockConfig) -> MockServer:
         reasoning_ratio=cfg.reasoning_ratio,
         reasoning_field=cfg.reasoning_field,
         tool_calls=cfg.tool_calls,
+        tls=cfg.tls,
         **cfg.faults,
     )
+    if ca_file is not None and mock.ca_pem is not None:
+        ca_file.write_text(mock.ca_pem)
     injected = ", ".join(f"{k} {r:.1%}" for k, r in cfg.faults.get("faults", ()) if r > 0)
     note(
         f"no server given: started the embedded mock server at {mock.base_url} "
@@ -77,6 +96,7 @@ def start_mock(cfg: MockConfig) -> MockServer:
         )
         + (f", {cfg.tool_calls:.0%} tool-call answers" if cfg.tool_calls else "")
         + (f", faults: {injected}" if injected else "")
+        + (", TLS with a CA made at start" if cfg.tls else "")
         + "); pass --base-url or --host/--port to target a real server"
     )
     return mock
@@ -251,7 +271,9 @@ def sweep_command(
     resolved = resolve_scale(cfg.workload, scale)  # refused before the mock starts
     if cfg.output.save_requests is not None:
         warn("--save-requests is ignored by sweep (one file per probe is not written)")
-    mock = start_mock(cfg.mock) if cfg.uses_mock else None
+    tmp = tempfile.TemporaryDirectory(prefix="fineserve-")
+    cfg, ca_file = trust_mock(cfg, Path(tmp.name))
+    mock = start_mock(cfg.mock, ca_file) if cfg.uses_mock else None
     bases = [mock.base_url] if mock is not None else list(cfg.target.base_urls)
     probes: list[Any] = []
 
@@ -267,6 +289,7 @@ def sweep_command(
     finally:
         if mock is not None:
             mock.stop()
+        tmp.cleanup()
     out(format_sweep(result, target_load))
     if cfg.output.output_file:
         write_result(cfg.output.output_file, sweep_json(result, target_load))

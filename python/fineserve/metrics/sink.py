@@ -34,7 +34,7 @@ class MetricsSink(RecordSink):
     def add(self, batch: pa.RecordBatch) -> None:
         """Folds the batch's numpy view into the metrics; writes the batch itself."""
         columns, extra = records_from_table(batch, self._given_endpoints)
-        labels = {k: v for k, v in extra.items() if k in ("class", "model")}
+        labels = {k: v for k, v in extra.items() if k in ("class", "model", "dp_rank")}
         if len(self.endpoints) > 1:
             names = np.asarray(self.endpoints, dtype=object)
             labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]

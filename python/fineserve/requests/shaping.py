@@ -17,10 +17,14 @@ from ..prompts import PrefixHitCounter, SyntheticPromptBuilder, TokenizedPromptB
 from ..routing import Deployment
 from ..runner import EngineChunk
 from ..schedule import Schedule, ScheduleDigest
+from .pinning import Pinner
 from .turns import extend_turns
 
 #: Schedule columns carried into the records (labels for breakdowns and the results file).
 LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio")
+#: Breakdowns of the metrics: schedule labels, the endpoint, the model (class models, LoRA
+#: adapters) and the data-parallel rank.
+BREAKDOWNS = ("class", "endpoint", "model", "dp_rank")
 
 
 @dataclass
@@ -38,6 +42,8 @@ class RequestShapes:
     #: The target is the embedded mock: tell it, per request, what the schedule says the
     #: server would do (``reason_ratio``; prefix blocks, for its cached-token counts).
     mock_fields: bool = False
+    #: Session and data-parallel-rank headers, LoRA adapters (None: none).
+    pinner: Pinner | None = None
 
     @classmethod
     def for_targets(
@@ -47,6 +53,7 @@ class RequestShapes:
         output_lens: npt.NDArray[np.int64] | None = None,
         *,
         mock_fields: bool = False,
+        pinner: Pinner | None = None,
     ) -> RequestShapes:
         """The shapes for resolved :class:`~fineserve.targets.Targets`."""
         return cls(
@@ -57,6 +64,7 @@ class RequestShapes:
             targets.deployment,
             output_lens,
             mock_fields=mock_fields,
+            pinner=pinner if pinner is not None and pinner.active else None,
         )
 
 
@@ -102,6 +110,9 @@ def engine_chunks(
             )
         else:
             models = np.full(n, shapes.default_model, dtype=object)
+        pins = shapes.pinner.pins(base, c) if shapes.pinner is not None else None
+        if pins is not None and pins.models is not None:
+            models = pins.models
         fields = mock_fields(c, shapes.builder.block_size) if shapes.mock_fields else None
         bodies = [
             shapes.templates[m].render(p, int(t), f)
@@ -120,6 +131,8 @@ def engine_chunks(
         }
         if len(shapes.templates) > 1:
             extra["model"] = models
+        if pins is not None:
+            extra.update(pins.labels)
         yield EngineChunk(
             t_ns=c.t_ns,
             bodies=bodies,
@@ -128,6 +141,7 @@ def engine_chunks(
             expected_output_tokens=c.output_len,
             extra=extra,
             turns=turns,
+            header_values=pins.header_values if pins is not None else (),
         )
         base += n
 

@@ -96,7 +96,8 @@ impl Schedule {
                 return bad(format!("think_ns[{i}] is negative"));
             }
         }
-        if !self.header_values.is_empty() || n_headers > 0 {
+        // No columns: this chunk carries none of the per-request headers (e.g. warm-up).
+        if !self.header_values.is_empty() {
             if self.header_values.len() != n_headers {
                 return bad(format!(
                     "{} header columns for {n_headers} per-request headers",
