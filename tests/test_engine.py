@@ -245,8 +245,16 @@ def test_invalid_schedule_is_rejected_with_one_line() -> None:
             np.zeros(2, dtype=np.uint32),
             np.zeros(2, dtype=np.uint32),
         )
-    with pytest.raises(_engine.EngineError, match="https is not supported"):
-        _engine.start_run(["https://x/v1/completions"], EngineOptions())
+    with pytest.raises(_engine.EngineError, match="must start with http:// or https://"):
+        _engine.start_run(["ftp://x/v1/completions"], EngineOptions())
+    with pytest.raises(_engine.EngineError, match=r"--cacert /nonexistent\.pem"):
+        _engine.start_run(
+            ["https://127.0.0.1:9/v1/completions"], EngineOptions(ca_file="/nonexistent.pem")
+        )
+    with pytest.raises(_engine.EngineError, match="header name"):
+        _engine.start_run(
+            ["http://127.0.0.1:9/v1/completions"], EngineOptions(request_headers=["bad name"])
+        )
 
 
 def test_engine_options_cross_into_rust_and_bad_ones_are_one_line() -> None:

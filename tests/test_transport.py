@@ -20,6 +20,7 @@ from conftest import invoke, kinds, run_schedule
 from fineserve import EngineOptions, MockServer
 from fineserve.config import PinConfig
 from fineserve.errors import FineserveError
+from fineserve.report import load_run
 from fineserve.requests.pinning import Pinner, lora_weights
 from fineserve.schedule import Schedule
 from fineserve.transport import parse_header
@@ -313,6 +314,28 @@ def test_sessions_ranks_and_adapters_reach_the_server_and_break_down(
     table = pq.read_table(req)
     assert set(table.column("dp_rank").to_pylist()) == {0, 1, 2}
     assert "dp_rank" in r.output  # the summary's breakdown
+    # The report recomputes the same breakdown from the Parquet.
+    again = load_run(req).metrics["breakdown"]
+    assert {str(k): v["completed"] for k, v in again["dp_rank"].items()} == {
+        k: v["completed"] for k, v in ranks.items()
+    }
+    assert set(again["model"]) == {"sql-lora", "chat-lora"}
+
+
+def test_header_columns_survive_the_split_over_ray_workers() -> None:
+    from fineserve.distributed import partition
+    from fineserve.runner import EngineChunk
+
+    n = 10
+    chunk = EngineChunk(
+        np.arange(n, dtype=np.int64), [b"{}"], np.zeros(n, np.uint32), np.zeros(n, np.uint32),
+        np.full(n, 4), header_values=(np.arange(n) + 100, np.arange(n) % 3),
+    )  # fmt: skip
+    parts = partition([chunk], 3)
+    for part in parts:
+        rows = part.index
+        assert part.table.column("header_0").to_pylist() == (rows + 100).tolist()
+        assert part.table.column("header_1").to_pylist() == (rows % 3).tolist()
 
 
 def _chunk(n: int, **extra: Any) -> Schedule:

@@ -17,13 +17,12 @@ from .config import BlastConfig, TargetConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, mock_peak_in_flight
-from .metrics import MetricsAccumulator
+from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.sink import MetricsSink
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .requests.pinning import Pinner
-from .requests.shaping import BREAKDOWNS
 from .results import RequestsWriter, run_meta
 from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from . import plotting
 from .errors import FineserveError
-from .metrics import MetricsAccumulator
+from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.serving import itl_ns, reasoning_tokens
 from .records import records_from_table
 from .results import read_requests
@@ -35,7 +35,7 @@ PANELS = {
     "in_flight": "Requests in flight",
     "burst_fidelity": "Dispatch lag and micro-burst fidelity",
     "windows": "Instantaneous metrics per window",
-    "breakdown": "Breakdown by class, endpoint, model and outcome",
+    "breakdown": "Breakdown by class, endpoint, model, data-parallel rank and outcome",
     "reasoning": "Reasoning and answer: TTFT vs TTFO, reasoning share per request",
 }
 #: Panels drawn only when the runs have what they show.
@@ -54,10 +54,6 @@ class Run:
         return np.asarray(self.columns[name])
 
 
-#: Labels the metrics are broken down by, when the results have them.
-BREAKDOWN_LABELS = ("class", "endpoint", "model")
-
-
 def load_run(path: Path, window_s: float | None = None) -> Run:
     """A results file and its metrics, recomputed. ``window_s`` defaults to the run's own
     ``--metrics-window`` (10 s when it had none), so the report's windows are the run's."""
@@ -71,10 +67,10 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
         window_s = float(options.get("metrics_window") or 10.0)
     labels = {
         name: np.asarray(table[name].to_pylist(), dtype=object)
-        for name in BREAKDOWN_LABELS
+        for name in BREAKDOWNS
         if name in table.column_names
     }
-    acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=BREAKDOWN_LABELS)
+    acc = MetricsAccumulator(slos=slos, window_s=window_s, groups=BREAKDOWNS)
     if meta.get("stopped_at_ns") is not None:
         acc.stopped(int(meta["stopped_at_ns"]))
     ratio = (

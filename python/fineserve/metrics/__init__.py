@@ -1,6 +1,6 @@
 """Serving metrics from per-request records."""
 
 from .histogram import LogHistogram
-from .serving import MetricsAccumulator, compute_metrics
+from .serving import BREAKDOWNS, MetricsAccumulator, compute_metrics
 
-__all__ = ["LogHistogram", "MetricsAccumulator", "compute_metrics"]
+__all__ = ["BREAKDOWNS", "LogHistogram", "MetricsAccumulator", "compute_metrics"]

@@ -56,6 +56,10 @@ from .fidelity import BurstFidelity, SustainedRate
 from .histogram import LogHistogram
 from .windows import WindowStats, add_counts
 
+#: Labels the metrics are broken down by, where the records have them: the schedule's
+#: class, the endpoint, the model (class models, LoRA adapters), the data-parallel rank.
+BREAKDOWNS = ("class", "endpoint", "model", "dp_rank")
+
 _NS_PER_MS = 1e6
 
 

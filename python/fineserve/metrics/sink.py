@@ -12,7 +12,7 @@ import pyarrow as pa
 from ..records import records_from_table
 from ..results import RequestsWriter
 from ..runner import RecordSink
-from .serving import MetricsAccumulator
+from .serving import BREAKDOWNS, MetricsAccumulator
 
 
 class MetricsSink(RecordSink):
@@ -34,7 +34,7 @@ class MetricsSink(RecordSink):
     def add(self, batch: pa.RecordBatch) -> None:
         """Folds the batch's numpy view into the metrics; writes the batch itself."""
         columns, extra = records_from_table(batch, self._given_endpoints)
-        labels = {k: v for k, v in extra.items() if k in ("class", "model", "dp_rank")}
+        labels = {k: v for k, v in extra.items() if k in BREAKDOWNS}
         if len(self.endpoints) > 1:
             names = np.asarray(self.endpoints, dtype=object)
             labels["endpoint"] = names[np.asarray(columns["endpoint_idx"]).astype(np.int64)]

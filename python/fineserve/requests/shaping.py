@@ -22,9 +22,6 @@ from .turns import extend_turns
 
 #: Schedule columns carried into the records (labels for breakdowns and the results file).
 LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio")
-#: Breakdowns of the metrics: schedule labels, the endpoint, the model (class models, LoRA
-#: adapters) and the data-parallel rank.
-BREAKDOWNS = ("class", "endpoint", "model", "dp_rank")
 
 
 @dataclass
