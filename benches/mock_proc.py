@@ -40,8 +40,14 @@ class MockProcess:
             self._proc.kill()
             raise SystemExit(f"mock process did not start: {line.strip()!r}")
         self.port = int(line.split()[1])
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.tls = bool(options.get("tls"))
+        self.base_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self._dir = tempfile.TemporaryDirectory(prefix="fineserve-mock-")
+        #: With ``tls=True``: the mock's CA (PEM), what a client passes as its CA file.
+        self.ca_file: Path | None = None
+        if self.tls:
+            self.ca_file = Path(self._dir.name) / "ca.pem"
+            self._ask(f"ca {self.ca_file}")
 
     def _ask(self, command: str) -> str:
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -91,6 +97,9 @@ def _serve(options: dict[str, Any]) -> None:
                     arrivals_ns=mock.take_arrival_times(),
                     **{f"t:{k}": v for k, v in tokens.items()},
                 )
+                print("ok", flush=True)
+            elif cmd == "ca":
+                Path(arg).write_text(mock.ca_pem or "")
                 print("ok", flush=True)
             elif cmd == "stats":
                 print(json.dumps(mock.stats()), flush=True)
