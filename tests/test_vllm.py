@@ -226,6 +226,32 @@ def test_two_servers_least_outstanding(
         assert entry["completed"] == f["per_endpoint_ok"][base], (entry, f)
 
 
+def test_headers_and_the_data_parallel_rank_reach_vllm(
+    plain: Server, tiny: Path, work: Path
+) -> None:
+    """vLLM reads X-data-parallel-rank and checks it against its ranks: against one rank,
+    --dp-ranks 2 round-robin gets rank 0's requests served and rank 1's refused by vLLM
+    itself (out of range), and the breakdown by rank shows it. A --header goes along."""
+    run = blast(
+        [plain.base_url],
+        work / "runs",
+        "dp-ranks",
+        [
+            "--tokenizer", str(tiny), "--num-prompts", "8", "--request-rate", "8",
+            "--random-input-len", "32", "--random-output-len", "4", "--warmup-requests", "0",
+            "-H", "X-Test: 1", "--dp-ranks", "2",
+        ],
+        servers=[plain],
+    )  # fmt: skip
+    ranks, kinds = run.col("dp_rank"), run.col("error_kind")
+    assert ranks == [i % 2 for i in range(8)]
+    assert [k for r, k in zip(ranks, kinds) if r == 0] == ["ok"] * 4, run.errors()
+    refused = [m for r, m in zip(ranks, run.col("error_message")) if r == 1]
+    assert len(refused) == 4 and all("out of range" in m for m in refused), refused
+    by_rank = run.key("breakdown")["dp_rank"]
+    assert by_rank["0"]["completed"] == 4 and by_rank["1"]["completed"] == 0, by_rank
+
+
 def test_reasoning_chat_counts_every_token(reasoning: Server, tiny_r: Path, work: Path) -> None:
     """The issue's acceptance run: a 24-request chat blast against the deepseek_r1 parser
     completes 24/24, and the streamed delta.reasoning events count: the random model never
