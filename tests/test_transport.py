@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from fineserve.report import load_run
 from fineserve.requests.pinning import Pinner, lora_weights
 from fineserve.schedule import Schedule
 from fineserve.transport import parse_header
-from tls_server import Certs, OpenAIServer, make_certs
+from stdlib_server import Certs, OpenAIServer, make_certs
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
 
@@ -206,15 +207,35 @@ def test_the_embedded_mock_over_tls(tmp_path: Path) -> None:
         assert m.stats()["tls_failures"] >= 1
 
 
-def test_credential_header_values_never_leave(servers: list[OpenAIServer], tmp_path: Path) -> None:
+def test_reconnects_resume_their_tls_session() -> None:
+    """The mock closes every connection after its response (close_keepalive), so each
+    request after the first reconnects: those handshakes resume the run's TLS session."""
+    with MockServer(tls=True, ttft_ms=1, itl_ms=1, faults=[("close_keepalive", 1.0)]) as m:
+        rec = run_schedule(
+            m.base_url + "/v1/completions",
+            np.arange(8) * 20_000_000,
+            max_tokens=2,
+            options=EngineOptions(lanes=1, warm_connections=1, ca_file=str(m.ca_file)),
+        )
+        assert kinds(rec) == ["ok"] * 8
+        stats = m.stats()
+        assert stats["connections"] >= 8
+        assert stats["tls_resumed"] >= 6, stats
+
+
+def test_credential_header_values_never_leave(
+    servers: list[OpenAIServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The server echoes the header into its 401 body; neither the output, the JSON, the
-    Parquet nor its metadata shows the value."""
+    Parquet nor its metadata (the command line included) shows the value."""
     srv = start(servers, reject_header="X-Gateway-Token")
     res, req = tmp_path / "r.json", tmp_path / "r.parquet"
-    r = blast(
-        srv.base_url(), "-H", "X-Gateway-Token: gw-s3cret-value", "-H", "Cookie=c00kie-v",
+    args = [
+        "-H", "X-Gateway-Token: gw-s3cret-value", "-H", "Cookie=c00kie-v",
         "--warmup-requests", "0", "--output-file", str(res), "--save-requests", str(req),
-    )  # fmt: skip
+    ]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["fineserve", "blast", "--base-url", srv.base_url(), *args])
+    r = blast(srv.base_url(), *args)
     assert r.exit_code == 0, r.output
     assert all(s.headers.get("x-gateway-token") == "gw-s3cret-value" for s in srv.seen)
     data = res.read_text()
@@ -226,6 +247,8 @@ def test_credential_header_values_never_leave(servers: list[OpenAIServer], tmp_p
     messages = [m for m in table.column("error_message").to_pylist() if m]
     assert messages and all("[redacted]" in m for m in messages)
     assert "[redacted]" in data
+    command = json.loads(table.schema.metadata[b"fineserve.run"])["command"]
+    assert "X-Gateway-Token: [redacted]" in command, command
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,8 @@ class MockServer:
         certificate; None otherwise."""
     def stats(self) -> dict[str, int]:
         """Counters: requests, completions, active_streams, bad_requests, connections,
-        tls_failures, and ``fault_<name>`` for each injected fault."""
+        tls_failures, tls_resumed (handshakes that resumed a session), and
+        ``fault_<name>`` for each injected fault."""
     def take_token_times(self) -> dict[str, npt.NDArray[np.int64]]:
         """Token emission instants (ns since the mock started) of the streams finished
         since the last call, by the requests' ``user`` field (needs

@@ -18,12 +18,13 @@ from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, mock_peak_in_flight
 from .metrics import BREAKDOWNS, MetricsAccumulator
+from .metrics.scrape import Scraper, ScrapeTarget
 from .metrics.sink import MetricsSink
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .requests.pinning import Pinner
-from .results import RequestsWriter, run_meta
+from .results import RequestsWriter, run_meta, server_metrics_path
 from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .targets import Targets, first_body, resolve_targets, warm_up
@@ -193,13 +194,16 @@ def run_blast(
     accumulator = MetricsAccumulator(
         slos=dict(cfg.metrics.slos), window_s=cfg.metrics.window_s, groups=BREAKDOWNS
     )
-    sink = MetricsSink(accumulator, writer, run.targets.urls)
+    scrape = ServerScrape.start(cfg, run.targets, writer, quiet)
+    sink = MetricsSink(accumulator, writer, run.targets.urls, scrape.scraper if scrape else None)
     prefix = PrefixHitCounter(run.builder.block_size)
     digest = ScheduleDigest()
     generated: dict[str, Any] = {}  # the schedule's digest, once it is known
     try:
         outcome = _send(cfg, run, sink, writer, prefix, digest, generated, quiet)
     except BaseException:
+        if scrape is not None:
+            scrape.abort({"partial": True, "aborted": True})
         if writer is not None:  # keep what finished, marked as cut short
             try:
                 writer.close({"partial": True, "aborted": True, **generated})
@@ -207,6 +211,8 @@ def run_blast(
                 warn(f"closing the request records failed too: {e}")
         raise
     metrics = _metrics(cfg, sink, prefix, run.builder, outcome, quiet)
+    if scrape is not None:
+        metrics["server_metrics"] = scrape.finish(outcome)
     header = _header(cfg, run.mode, metrics, run.sizing, run.targets)
     if writer is not None:
         writer.close(_final_meta(outcome, digest.hexdigest(), metrics, header))
@@ -301,6 +307,69 @@ def _final_meta(
         "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))},
         "header": header,
     }
+
+
+@dataclass
+class ServerScrape:
+    """The servers' /metrics scraped beside the run, and their file."""
+
+    scraper: Scraper
+    writer: RequestsWriter | None
+
+    @classmethod
+    def start(
+        cls, cfg: BlastConfig, targets: Targets, requests: RequestsWriter | None, quiet: bool
+    ) -> ServerScrape | None:
+        """Starts scraping (after the warm-up: the counters' increase is the run's), with
+        ``RUN.server-metrics.parquet`` beside the request records when they are saved."""
+        sm = cfg.server_metrics
+        if not sm.enabled:
+            return None
+        path = cfg.target.path
+        pages = []
+        if sm.endpoints:
+            pages = [
+                ScrapeTarget(u[: len(u) - len(path)], u[: len(u) - len(path)] + "/metrics", i)
+                for i, u in enumerate(targets.urls)
+            ]
+        pages += [ScrapeTarget(u, u, None) for u in sm.urls]
+        writer = None
+        if requests is not None:
+            writer = RequestsWriter(
+                server_metrics_path(requests.path),
+                {**requests.meta, "server_metrics_interval_s": sm.interval_s},
+                what="server metrics",
+                sort_column="t_ns",
+            )
+        scraper = Scraper(
+            pages,
+            sm.interval_s,
+            headers=cfg.target.headers,
+            tls=cfg.target.tls,
+            write=writer.write if writer is not None else None,
+        )
+        scraper.start()
+        if not quiet:
+            note(f"scraping {len(pages)} metrics page(s) every {sm.interval_s:g} s")
+        return cls(scraper, writer)
+
+    def finish(self, outcome: StreamOutcome) -> dict[str, Any]:
+        """Stops scraping; closes the file; the summary per page."""
+        if self.scraper.t0_unix_ns is None and outcome.t0_unix_ns:
+            self.scraper.started(outcome.t0_unix_ns)
+        self.scraper.stop()
+        summary = self.scraper.summary()
+        if self.writer is not None:
+            self.writer.close({"t0_unix_ns": outcome.t0_unix_ns, "partial": outcome.interrupted})
+        return summary
+
+    def abort(self, meta: dict[str, Any]) -> None:
+        try:
+            self.scraper.stop()
+            if self.writer is not None:
+                self.writer.close(meta)
+        except Exception as e:  # never in place of the error that stopped the run
+            warn(f"closing the server metrics failed too: {e}")
 
 
 def _metrics(

@@ -608,6 +608,38 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class ServerMetricsConfig:
+    """Scraping the servers' Prometheus metrics during the run."""
+
+    #: Scrape ``<base-url>/metrics`` of every endpoint (``--server-metrics``).
+    endpoints: bool = False
+    #: More pages to scrape (a router, a DCGM or node exporter); not joined to requests.
+    urls: tuple[str, ...] = ()
+    interval_s: float = 0.5
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> ServerMetricsConfig:
+        urls = tuple(u.strip() for u in p.get("server_metrics_url") or () if u.strip())
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise FineserveError(f"--server-metrics-url {u}: expected an http(s):// URL")
+        cfg = cls(
+            endpoints=bool(p.get("server_metrics")),
+            urls=urls,
+            **_given(p, interval_s="server_metrics_interval"),
+        )
+        if not (cfg.interval_s >= 0.05 and math.isfinite(cfg.interval_s)):
+            raise FineserveError(
+                f"--server-metrics-interval must be at least 0.05 s, got {cfg.interval_s:g}"
+            )
+        return cfg
+
+    @property
+    def enabled(self) -> bool:
+        return self.endpoints or bool(self.urls)
+
+
+@dataclass(frozen=True)
 class BlastConfig:
     """Everything one ``blast`` run needs, each stage's slice apart."""
 
@@ -619,6 +651,7 @@ class BlastConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     mock: MockConfig = field(default_factory=MockConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    server_metrics: ServerMetricsConfig = field(default_factory=ServerMetricsConfig)
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any], given: frozenset[str] = frozenset()) -> BlastConfig:
@@ -633,6 +666,7 @@ class BlastConfig:
             output=OutputConfig.from_params(p),
             mock=MockConfig.from_params(p),
             ray=RayConfig.from_params(p),
+            server_metrics=ServerMetricsConfig.from_params(p),
         )
 
     @property

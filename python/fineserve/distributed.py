@@ -449,10 +449,14 @@ class RayFleet:
             # The workers' environment may differ from the driver's (other nodes).
             api_key=options.api_key or os.environ.get("OPENAI_API_KEY") or None,
         )
-        self.t0_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
+        self.start_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
         starts = [
             a.start.remote(
-                endpoints, p.table, p.bodies, worker_options, self.t0_unix_ns + s.applied_offset_ns
+                endpoints,
+                p.table,
+                p.bodies,
+                worker_options,
+                self.start_unix_ns + s.applied_offset_ns,
             )
             for a, p, s in zip(self.actors, parts, self.stats)
         ]
@@ -496,7 +500,10 @@ class RayFleet:
         return _sum_progress(self.stats)
 
     def elapsed_ns(self) -> int:
-        return max(time.time_ns() - self.t0_unix_ns, 0)
+        return max(time.time_ns() - self.start_unix_ns, 0)
+
+    def t0_unix_ns(self) -> int | None:
+        return self.start_unix_ns
 
     def stop(self) -> str:
         for _, a in self._live():
@@ -522,9 +529,9 @@ class RayFleet:
             if s.dead:
                 self._deliver(s, records_to_batch(s.lost_records(), {}, self._endpoints))
         self._kill()
-        summaries = [s.summary(self.t0_unix_ns) for s in self.stats]
+        summaries = [s.summary(self.start_unix_ns) for s in self.stats]
         return StreamOutcome(
-            False, 0.0, self.t0_unix_ns, self.progress(), self.requests, 0, workers=summaries
+            False, 0.0, self.start_unix_ns, self.progress(), self.requests, 0, workers=summaries
         )
 
     def _kill(self) -> None:

@@ -25,7 +25,7 @@ from .errors import FineserveError
 from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.serving import itl_ns, reasoning_tokens
 from .records import records_from_table
-from .results import read_requests
+from .results import read_requests, read_server_metrics
 
 #: Panels of a single-run report, in order (file stem → title).
 PANELS = {
@@ -37,9 +37,11 @@ PANELS = {
     "windows": "Instantaneous metrics per window",
     "breakdown": "Breakdown by class, endpoint, model, data-parallel rank and outcome",
     "reasoning": "Reasoning and answer: TTFT vs TTFO, reasoning share per request",
+    "server": "The server beside the client: send rate, micro-bursts, TTFT and server gauges",
+    "server_queue": "TTFT by server queue depth, and the queue after the largest bursts",
 }
 #: Panels drawn only when the runs have what they show.
-OPTIONAL_PANELS = ("reasoning",)
+OPTIONAL_PANELS = ("reasoning", "server", "server_queue")
 
 
 @dataclass
@@ -49,9 +51,31 @@ class Run:
     meta: dict[str, Any]
     columns: Mapping[str, Any]
     metrics: dict[str, Any]
+    #: ``RUN.server-metrics.parquet`` beside the results, when the run scraped servers.
+    server: pa.Table | None = None
 
     def col(self, name: str) -> npt.NDArray[Any]:
         return np.asarray(self.columns[name])
+
+    def server_series(self, names: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+        """Per page, the first of ``names`` it has, summed over label sets at each
+        sample: (t in s from the start, value)."""
+        if self.server is None or self.server.num_rows == 0:
+            return {}
+        out: dict[str, tuple[Any, Any]] = {}
+        name_col = np.asarray(self.server["name"].to_pylist(), dtype=object)
+        page_col = np.asarray(self.server["endpoint"].to_pylist(), dtype=object)
+        t_col = self.server["t_ns"].to_numpy()
+        v_col = self.server["value"].to_numpy()
+        for page in dict.fromkeys(page_col.tolist()):
+            for n in names:
+                rows = (name_col == n) & (page_col == page)
+                if rows.any():
+                    t, inverse = np.unique(t_col[rows], return_inverse=True)
+                    v = np.bincount(inverse.reshape(-1), weights=v_col[rows])
+                    out[str(page)] = (t / 1e9, v)
+                    break
+        return out
 
 
 def load_run(path: Path, window_s: float | None = None) -> Run:
@@ -86,7 +110,14 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
         metric_percentiles=tuple(options.get("metric_percentiles_list") or (99,)),
     )
     name = Path(path).name
-    return Run(name, table, meta, cols, metrics)
+    try:
+        server = read_server_metrics(Path(path))
+    except FineserveError as e:
+        from .console import warn
+
+        warn(f"{e.message}; the server panels are left out")
+        server = None
+    return Run(name, table, meta, cols, metrics, server)
 
 
 def _ok(r: Run) -> npt.NDArray[np.bool_]:
@@ -349,6 +380,108 @@ def panel_reasoning(runs: list[Run]) -> bytes | None:
     return plotting.png_bytes(fig)
 
 
+def _per_second(t_ns: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+    sec = (t_ns[t_ns >= 0] // 1_000_000_000).astype(np.int64)
+    counts = np.bincount(sec) if len(sec) else np.zeros(0)
+    return np.arange(len(counts)), counts
+
+
+def burst_members(scheduled_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Requests that share their scheduled 1 ms slot with another (micro-burst members)."""
+    slot = scheduled_ns // 1_000_000
+    _, inverse, counts = np.unique(slot, return_inverse=True, return_counts=True)
+    members: npt.NDArray[np.bool_] = counts[inverse.reshape(-1)] >= 2
+    return members
+
+
+def panel_server(runs: list[Run]) -> bytes | None:
+    """Send rate and burst members per second, TTFT per second (p50, p99), and the
+    servers' running / waiting / KV-usage gauges, on one time axis; None without
+    scraped metrics."""
+    from .metrics.scrape import STATE_GAUGES
+
+    shown = [r for r in runs if r.server is not None and r.server.num_rows]
+    if not shown:
+        return None
+    fig, ax = plotting.figure(4, 1, (16, 11))
+    for r in shown:
+        sched, sent = r.col("scheduled_ns"), r.col("sent_ns")
+        x, n = _per_second(sent)
+        ax[0, 0].plot(x, n, label=f"{r.name} sent/s")
+        x, b = _per_second(sent[burst_members(sched) & (sent >= 0)])
+        ax[0, 0].plot(x, b, ls="--", label=f"{r.name} burst members/s")
+        ok = _ok(r) & (r.col("first_token_ns") >= 0)
+        ttft = (r.col("first_token_ns") - sent)[ok] / 1e6
+        sec = (sent[ok] // 1_000_000_000).astype(np.int64)
+        if len(sec):
+            xs = np.unique(sec)
+            p50 = [np.percentile(ttft[sec == s], 50) for s in xs]
+            p99 = [np.percentile(ttft[sec == s], 99) for s in xs]
+            ax[1, 0].plot(xs, p50, label=f"{r.name} TTFT p50")
+            ax[1, 0].plot(xs, p99, ls="--", label=f"{r.name} TTFT p99")
+        for key, row in (("running", 2), ("waiting", 2), ("kv_usage", 3)):
+            for page, (t, v) in r.server_series(STATE_GAUGES[key]).items():
+                ls = ":" if key == "waiting" else "-"
+                ax[row, 0].plot(t, v, ls=ls, label=f"{r.name} {page} {key}")
+    ax[0, 0].set(title="requests sent per second, and micro-burst members", ylabel="requests")
+    ax[1, 0].set(title="TTFT by send second", ylabel="ms")
+    ax[2, 0].set(title="server: running (solid) and waiting (dotted)", ylabel="requests")
+    ax[3, 0].set(title="server: KV-cache usage", ylabel="fraction", xlabel="s from start")
+    for a in ax[:, 0]:
+        a.grid(alpha=0.3)
+        plotting.legend(a)
+    fig.tight_layout()
+    return plotting.png_bytes(fig)
+
+
+def panel_server_queue(runs: list[Run]) -> bytes | None:
+    """TTFT percentiles by the server's queue depth at each request's send, and the
+    waiting queue from 1 s before to 5 s after each of the five largest bursts."""
+    from .metrics.scrape import STATE_GAUGES
+
+    shown = [r for r in runs if "srv_waiting" in r.table.column_names]
+    if not shown:
+        return None
+    fig, ax = plotting.figure(1, 2, (16, 3.8))
+    for r in shown:
+        depth = np.asarray(r.table["srv_waiting"].to_pylist(), dtype=float)
+        ok = _ok(r) & (r.col("first_token_ns") >= 0) & np.isfinite(depth)
+        ttft = (r.col("first_token_ns") - r.col("sent_ns"))[ok] / 1e6
+        d = depth[ok]
+        if len(d):
+            edges = np.unique(np.quantile(d, np.linspace(0, 1, 9)))
+            bins = np.clip(np.searchsorted(edges, d, side="right") - 1, 0, max(len(edges) - 2, 0))
+            xs, p50, p99 = [], [], []
+            for k in np.unique(bins):
+                sel = ttft[bins == k]
+                xs.append(float(np.median(d[bins == k])))
+                p50.append(np.percentile(sel, 50))
+                p99.append(np.percentile(sel, 99))
+            ax[0, 0].plot(xs, p50, marker="o", label=f"{r.name} p50")
+            ax[0, 0].plot(xs, p99, marker="o", ls="--", label=f"{r.name} p99")
+        series = r.server_series(STATE_GAUGES["waiting"])
+        if not series:
+            continue
+        sched = r.col("scheduled_ns")
+        slots, counts = np.unique(sched // 1_000_000, return_counts=True)
+        for k in np.argsort(counts)[::-1][:5]:
+            if counts[k] < 2:
+                break
+            at_s = slots[k] / 1e3
+            for page, (t, v) in series.items():
+                near = (t >= at_s - 1) & (t <= at_s + 5)
+                ax[0, 1].plot(
+                    t[near] - at_s, v[near], label=f"{r.name} burst of {counts[k]} ({page})"
+                )
+    ax[0, 0].set(title="TTFT by server queue depth at send", xlabel="waiting requests", ylabel="ms")
+    ax[0, 1].set(title="waiting queue around the largest bursts", xlabel="s from the burst")
+    for a in ax[0]:
+        a.grid(alpha=0.3)
+        plotting.legend(a)
+    fig.tight_layout()
+    return plotting.png_bytes(fig)
+
+
 _PANEL_FUNCS = {
     "latency_cdfs": panel_latency_cdfs,
     "latency_over_time": panel_latency_over_time,
@@ -358,6 +491,8 @@ _PANEL_FUNCS = {
     "windows": panel_windows,
     "breakdown": panel_breakdown,
     "reasoning": panel_reasoning,
+    "server": panel_server,
+    "server_queue": panel_server_queue,
 }
 
 _KEY_FIGURES = (

@@ -96,6 +96,29 @@ REQUIRED_COLUMNS = (
 PARQUET_ROW_GROUP = 65_536
 
 
+def server_metrics_path(requests_path: Path) -> Path:
+    """``RUN.server-metrics.parquet`` beside ``RUN.parquet`` (``--server-metrics``)."""
+    p = Path(requests_path)
+    stem = p.name[: -len(".parquet")] if p.name.endswith(".parquet") else p.name
+    return p.with_name(stem + ".server-metrics.parquet")
+
+
+def read_server_metrics(requests_path: Path) -> pa.Table | None:
+    """The scraped samples beside a results file (its Parquet, or the journal a crash
+    left); None when the run scraped nothing."""
+    path = server_metrics_path(requests_path)
+    journal = path.with_name(path.name + JOURNAL_SUFFIX)
+    try:
+        if path.is_file():
+            return pq.read_table(path)
+        if journal.is_file():
+            table, _ = read_journal(journal)
+            return table.sort_by("t_ns") if table.num_rows else table
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FineserveError(f"{path}: not a server-metrics file ({e})") from None
+    return None
+
+
 class RequestsWriter:
     """Appends record batches to the journal; ``close`` turns it into the Parquet file.
 
@@ -106,8 +129,18 @@ class RequestsWriter:
     place cannot take it. Each of these says so in one line; none raises, so the summary
     and ``--output-file`` still come."""
 
-    def __init__(self, path: Path, run_meta: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run_meta: dict[str, Any],
+        *,
+        what: str = "request records",
+        sort_column: str = "index",
+    ) -> None:
         self.path = Path(path)
+        #: What the rows are, in messages; the column the Parquet is sorted by.
+        self.what = what
+        self.sort_column = sort_column
         self.journal = self.path.with_name(self.path.name + JOURNAL_SUFFIX)
         self.meta = dict(run_meta)
         self._writer: ipc.RecordBatchStreamWriter | None = None
@@ -193,14 +226,14 @@ class RequestsWriter:
             return
         self._journals.append(fallback)
         warn(
-            f"cannot write {failed}: {_why(e)}; the run goes on, request records continue in "
+            f"cannot write {failed}: {_why(e)}; the run goes on, {self.what} continue in "
             f"{fallback} ({self.rows} written so far stay in {failed})"
         )
 
     def _give_up(self, e: OSError) -> None:
         self._close_sink()
         warn(
-            f"request records are no longer written ({_why(e)}): the run goes on, the "
+            f"{self.what} are no longer written ({_why(e)}): the run goes on, the "
             f"summary and --output-file are unaffected; {self.rows} records kept in "
             + ", ".join(str(j) for j in self._journals)
         )
@@ -241,15 +274,15 @@ class RequestsWriter:
                 warn(f"cannot write {target}: {_why(e)}")
                 continue
             if target != self.path:
-                warn(f"request records written to {target} instead of {self.path}")
+                warn(f"{self.what} written to {target} instead of {self.path}")
             elif moved:
-                note(f"request records joined from {len(self._journals)} journals")
+                note(f"{self.what} joined from {len(self._journals)} journals")
             for j in self._journals:
                 _remove_quietly(j)
             self.final_path = target
             return target
         warn(
-            "request records not joined into Parquet; whole batches remain in "
+            f"{self.what} not joined into Parquet; whole batches remain in "
             + ", ".join(str(j) for j in self._journals)
             + " (`fineserve report` reads a journal)"
         )
@@ -265,16 +298,18 @@ class RequestsWriter:
         if len(self._journals) == 1:
             with pa.memory_map(str(self._journals[0]), "r") as source:
                 table = ipc.open_stream(source).read_all()
-                _sorted_parquet(table, target, metadata)
+                _sorted_parquet(table, target, metadata, self.sort_column)
                 del table
             return
         parts = [read_journal(j)[0] for j in self._journals]
         table = pa.concat_tables([p for p in parts if p.num_columns], promote_options="none")
-        _sorted_parquet(table, target, metadata)
+        _sorted_parquet(table, target, metadata, self.sort_column)
 
 
-def _sorted_parquet(table: pa.Table, target: Path, metadata: dict[bytes, bytes]) -> None:
-    order = np.argsort(table["index"].to_numpy(zero_copy_only=False), kind="stable")
+def _sorted_parquet(
+    table: pa.Table, target: Path, metadata: dict[bytes, bytes], column: str = "index"
+) -> None:
+    order = np.argsort(table[column].to_numpy(zero_copy_only=False), kind="stable")
     schema = table.schema.with_metadata(metadata)
     with pq.ParquetWriter(target, schema, compression="zstd") as out:
         for lo in range(0, len(order), PARQUET_ROW_GROUP):
@@ -406,11 +441,14 @@ def run_meta(
 ) -> dict[str, Any]:
     """The run's metadata in a results file's footer: what ran, where, with what."""
     from . import __version__
+    from .transport import redact
 
     m = cfg.metrics
+    secrets = [cfg.target.api_key or ""] + [h.value for h in cfg.target.headers if h.secret]
     return {
         "fineserve_version": __version__,
-        "command": shlex.join(["fineserve", *sys.argv[1:]]),
+        # Secrets given on the command line (a credential --header) never reach the file.
+        "command": redact(shlex.join(["fineserve", *sys.argv[1:]]), secrets),
         # The configuration too: the command line is the process's, which is not this
         # command's when fineserve runs inside another program (tests, scripts).
         "config": cfg.to_json(),

@@ -223,6 +223,10 @@ class RecordSink:
         """The run was stopped at ``at_ns`` (from its start); records of requests that
         were never due follow."""
 
+    def started(self, t0_unix_ns: int) -> None:
+        """The run's start instant on the system clock, once it is fixed (before any
+        record of the run arrives)."""
+
 
 class _PendingExtras:
     """Per-request chunk columns kept until every request of the chunk has a record, so
@@ -346,6 +350,9 @@ class Driver(Protocol):
     def elapsed_ns(self) -> int:
         """Time since the run's start instant."""
 
+    def t0_unix_ns(self) -> int | None:
+        """The start instant on the system clock; None until it is fixed."""
+
     def stop(self) -> str:
         """Stops dispatch (in-flight requests go on); says what it stopped."""
 
@@ -391,6 +398,7 @@ def _poll_until_over(
     """:func:`drive`'s loop; returns where the run was stopped (None: not stopped)."""
     stopped_at_ns: int | None = None
     cancel_at = math.inf
+    t0_told = False
     with interrupts() as intr:
         try:
             while True:
@@ -398,6 +406,9 @@ def _poll_until_over(
                     intr.check()
                     with intr.waiting():
                         driver.wait()
+                    if not t0_told and (t0 := driver.t0_unix_ns()) is not None:
+                        sink.started(t0)
+                        t0_told = True
                     over = driver.poll()
                     if bar:
                         bar.update(driver.progress(), sink.live())
@@ -513,6 +524,10 @@ class LocalRun:
 
     def elapsed_ns(self) -> int:
         return int(self._run.progress()["elapsed_ns"])
+
+    def t0_unix_ns(self) -> int | None:
+        t0 = int(self._run.progress()["t0_unix_ns"])
+        return t0 if t0 > 0 else None
 
     def stop(self) -> str:
         self._stopping = True

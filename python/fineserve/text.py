@@ -64,6 +64,7 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     _summary_reasoning(t, m)
     _summary_dispatch(t, m, header)
     _summary_prompts(t, m)
+    _summary_server(t, m)
     _summary_accounting(t, m)
     _summary_footer(t, m)
     return "\n".join(t.lines)
@@ -201,6 +202,54 @@ def _summary_prompts(t: _Table, m: dict[str, Any]) -> None:
     if m.get("prompt_check"):
         pc = m["prompt_check"]
         t.row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
+
+
+def _summary_server(t: _Table, m: dict[str, Any]) -> None:
+    """The scraped servers (``--server-metrics``): scrapes, and for the vLLM, SGLang or
+    TGI names a page has, queue, running, KV usage, prefix cache, preemptions and the
+    server's TTFT beside the client's."""
+    from .metrics.scrape import curated
+
+    pages = m.get("server_metrics")
+    if not pages:
+        return
+    t.section("Server metrics")
+    for page, summary in pages.items():
+        ok = summary["scrapes"] - summary["failed"]
+        line = f"{ok}/{summary['scrapes']} ok"
+        if summary.get("slow"):
+            line += f", {summary['slow']} slow"
+        if summary.get("first_error"):
+            line += f" ({summary['first_error']})"
+        t.row(f"{_short(page)}:", line)
+        c = curated(summary)
+        for key, label in (("running", "  running"), ("waiting", "  waiting")):
+            if key in c:
+                t.row(f"{label} (peak / mean):", f"{c[key]['max']:g} / {c[key]['mean']:.2f}")
+        if "kv_usage" in c:
+            kv = c["kv_usage"]
+            t.row(
+                "  KV-cache usage (p99 / max, %):", f"{100 * kv['p99']:.1f} / {100 * kv['max']:.1f}"
+            )
+        if "prefix_hit_rate" in c:
+            t.row("  Prefix-cache hit rate, server (%):", 100 * c["prefix_hit_rate"], ".2f")
+        if "preemptions" in c:
+            t.row("  Preemptions:", f"{c['preemptions']:g}")
+        if "generation_tokens" in c:
+            t.row("  Generated tokens, server:", f"{c['generation_tokens']:g}")
+        if "ttft_s" in c:
+            ttft = c["ttft_s"]
+            t.row(
+                "  Server TTFT (p50 / p99 ms):",
+                f"{1e3 * (ttft.get('p50') or 0):.2f} / {1e3 * (ttft.get('p99') or 0):.2f}",
+            )
+    if any("ttft_s" in curated(s) for s in pages.values()):
+        t.row("Client TTFT (p50 / p99 ms):", f"{m['median_ttft_ms']:.2f} / {m['p99_ttft_ms']:.2f}")
+
+
+def _short(url: str) -> str:
+    """A page's URL without its scheme (the summary's labels are 40 columns)."""
+    return url.split("://", 1)[-1]
 
 
 def _summary_accounting(t: _Table, m: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ use tokio::net::TcpSocket;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::EngineError;
+use crate::mock_metrics::{Gauges, ServingCounters};
 use crate::recv_stamp;
 
 #[derive(Debug, Clone)]
@@ -334,6 +335,8 @@ pub struct MockStats {
     pub connections: AtomicU64,
     /// TLS handshakes that failed (a client that does not trust the mock's CA).
     pub tls_failures: AtomicU64,
+    /// TLS handshakes that resumed an earlier session (no certificate exchange).
+    pub tls_resumed: AtomicU64,
     /// Faults injected so far, in [`Fault::ALL`] order.
     pub faults: [AtomicU64; Fault::ALL.len()],
     fault_seq: AtomicU64,
@@ -342,6 +345,8 @@ pub struct MockStats {
     arrivals: std::sync::Mutex<Vec<i64>>,
     /// Prefix blocks seen (`fineserve_hash_ids`), for `cached_tokens`.
     prefix_cache: std::sync::Mutex<BlockLru>,
+    /// What `GET /metrics` reports (vLLM's names).
+    pub serving: ServingCounters,
     /// The start instant, and the system clock then (kernel receive stamps use it).
     epoch: std::sync::OnceLock<(std::time::Instant, i64)>,
 }
@@ -533,7 +538,12 @@ async fn serve_maybe_tls<S>(
     match tls {
         None => serve_connection(stream, rx_ns, cfg, stats, slots).await,
         Some(acceptor) => match acceptor.accept(stream).await {
-            Ok(s) => serve_connection(s, rx_ns, cfg, stats, slots).await,
+            Ok(s) => {
+                if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    stats.tls_resumed.fetch_add(1, Ordering::Relaxed);
+                }
+                serve_connection(s, rx_ns, cfg, stats, slots).await
+            }
             Err(_) => {
                 stats.tls_failures.fetch_add(1, Ordering::Relaxed);
             }
@@ -608,8 +618,10 @@ async fn handle(
     close: Arc<tokio::sync::Notify>,
 ) -> Result<Response<MockBody>, Infallible> {
     let mut arrival = Instant::now();
+    let received = arrival;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let api = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => return Ok(metrics_response(&cfg, &stats)),
         (&Method::GET, "/v1/models") => {
             let body = serde_json::json!({
                 "object": "list",
@@ -698,7 +710,7 @@ async fn handle(
     }
     // Past capacity a request waits for a slot, and its generation starts when it gets one.
     let permit = match slots {
-        Some(sem) => match sem.acquire_owned().await {
+        Some(sem) => match Waiting::enter(&stats).wait_for(sem).await {
             Ok(p) => Some(p),
             Err(_) => {
                 return Ok(error_response(
@@ -722,6 +734,16 @@ async fn handle(
         };
         (hits as u64 * shape.block_size).min(prompt_tokens)
     });
+    let counters = &stats.serving;
+    counters
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Ordering::Relaxed);
+    if let Some(hit) = cached_tokens {
+        counters
+            .prefix_queries
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        counters.prefix_hits.fetch_add(hit, Ordering::Relaxed);
+    }
     let (reasoning_tokens, tool_call) = if api == Api::Completions {
         (0, false)
     } else {
@@ -749,6 +771,7 @@ async fn handle(
         stall: cfg.faults.stall,
         prompt_tokens,
         include_usage,
+        received,
         start: arrival + ttft,
         itl: if endless { Duration::ZERO } else { cfg.itl },
         jitter: cfg.itl_jitter,
@@ -893,6 +916,50 @@ fn count_prompt_tokens(v: &serde_json::Value, api: Api) -> u64 {
     }
 }
 
+/// A request waiting for a generation slot, counted in `num_requests_waiting` until it
+/// gets one or its client goes away.
+struct Waiting<'a>(&'a MockStats);
+
+impl<'a> Waiting<'a> {
+    fn enter(stats: &'a MockStats) -> Self {
+        stats.serving.waiting.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+
+    async fn wait_for(
+        self,
+        sem: Arc<tokio::sync::Semaphore>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        sem.acquire_owned().await
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.serving.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn metrics_response(cfg: &MockConfig, stats: &MockStats) -> Response<MockBody> {
+    let used_blocks = stats.prefix_cache.lock().map_or(0, |lru| lru.len());
+    let kv_cache_usage = if cfg.cache_blocks > 0 {
+        (used_blocks as f64 / cfg.cache_blocks as f64).min(1.0)
+    } else {
+        0.0
+    };
+    let gauges = Gauges {
+        running: stats.active_streams.load(Ordering::Relaxed),
+        kv_cache_usage,
+    };
+    let page = stats.serving.render(&cfg.model, gauges);
+    let mut r = Response::new(MockBody::whole(Bytes::from(page)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
 /// Held for a generation's life: counts it as active, keeps its capacity slot, and (for a
 /// `close_keepalive` fault) closes the connection when the response is done.
 struct ActiveGuard {
@@ -913,6 +980,8 @@ impl Drop for ActiveGuard {
 struct Generation {
     id: u64,
     api: Api,
+    /// When the request arrived (before any wait for a slot): vLLM's TTFT starts there.
+    received: Instant,
     /// The first this many tokens are reasoning (chat and Responses only).
     reasoning_tokens: u32,
     reasoning_field: ReasoningField,
@@ -1335,6 +1404,12 @@ impl Body for MockBody {
                     (Some(_), Some(g)) => Some(g.stats.now_ns()),
                     _ => None,
                 };
+                let emitted_before = gen.emitted;
+                if emitted_before == 0 {
+                    if let Some(g) = &this._guard {
+                        g.stats.serving.observe_ttft(now - gen.received);
+                    }
+                }
                 loop {
                     gen.pending = None;
                     gen.emitted += 1;
@@ -1356,6 +1431,15 @@ impl Body for MockBody {
                     let reset_due = gen.fault == Some(Fault::Reset) && gen.emitted >= gen.fault_at;
                     if next > now || frame.len() > 16 * 1024 || reset_due {
                         break;
+                    }
+                }
+                if let Some(g) = &this._guard {
+                    let served = &g.stats.serving;
+                    served
+                        .generation_tokens
+                        .fetch_add(u64::from(gen.emitted - emitted_before), Ordering::Relaxed);
+                    if gen.emitted >= gen.n_tokens {
+                        served.success.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Bytes::from(frame)
@@ -1387,6 +1471,14 @@ impl Body for MockBody {
                     return Poll::Pending;
                 }
                 this.phase = Phase::End;
+                if let Some(g) = &this._guard {
+                    let served = &g.stats.serving;
+                    served.observe_ttft(gen.start.saturating_duration_since(gen.received));
+                    served
+                        .generation_tokens
+                        .fetch_add(u64::from(gen.n_tokens), Ordering::Relaxed);
+                    served.success.fetch_add(1, Ordering::Relaxed);
+                }
                 gen.whole_json()
             }
             Phase::End => return Poll::Ready(None),

@@ -52,7 +52,7 @@ impl PyRun {
 #[pymethods]
 impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
-    /// elapsed_ns, started, warm_connections, warm_failures, realtime_lanes,
+    /// elapsed_ns, started, t0_unix_ns, warm_connections, warm_failures, realtime_lanes,
     /// realtime_demotions.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
@@ -66,6 +66,7 @@ impl PyRun {
         d.set_item("in_flight", p.in_flight)?;
         d.set_item("elapsed_ns", p.elapsed_ns)?;
         d.set_item("started", p.started)?;
+        d.set_item("t0_unix_ns", p.t0_unix_ns)?;
         d.set_item("warm_connections", p.warm_connections)?;
         d.set_item("warm_failures", p.warm_failures)?;
         d.set_item("realtime_lanes", p.realtime_lanes)?;
@@ -466,7 +467,7 @@ impl PyMockServer {
     }
 
     /// Counters: requests, completions, active_streams, bad_requests, connections,
-    /// tls_failures, and
+    /// tls_failures, tls_resumed, and
     /// `fault_<name>` for each injected fault.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -483,6 +484,7 @@ impl PyMockServer {
             d.set_item("bad_requests", st.bad_requests.load(Relaxed))?;
             d.set_item("connections", st.connections.load(Relaxed))?;
             d.set_item("tls_failures", st.tls_failures.load(Relaxed))?;
+            d.set_item("tls_resumed", st.tls_resumed.load(Relaxed))?;
             for (f, n) in Fault::ALL.iter().zip(&st.faults) {
                 d.set_item(format!("fault_{}", f.name()), n.load(Relaxed))?;
             }

@@ -21,6 +21,7 @@ from ..config import (
     PromptConfig,
     RampConfig,
     RayConfig,
+    ServerMetricsConfig,
     TargetConfig,
     WorkloadConfig,
     default_of,
@@ -626,6 +627,31 @@ _TRANSPORT_OPTIONS: list[Any] = [
     ),
 ]
 
+#: The servers' Prometheus metrics beside the run (ServerMetricsConfig).
+_SERVER_METRICS_OPTIONS: list[Any] = [
+    click.option(
+        "--server-metrics",
+        is_flag=True,
+        help="Scrape GET <base-url>/metrics of every endpoint during the run: a summary "
+        "per metric in the result JSON (server_metrics), a block in the summary, the "
+        "server's waiting/running/KV usage joined to each request (srv_* columns), and "
+        "RUN.server-metrics.parquet beside --save-requests RUN.parquet.",
+    ),
+    click.option(
+        "--server-metrics-url",
+        multiple=True,
+        metavar="URL",
+        help="Another page to scrape (a router, a DCGM or node exporter); repeatable.",
+    ),
+    click.option(
+        "--server-metrics-interval",
+        type=click.FloatRange(min=0.05),
+        default=default_of(ServerMetricsConfig, "interval_s"),
+        show_default=True,
+        help="Seconds between scrapes (at least 0.05).",
+    ),
+]
+
 #: Engine sizing, warm-up and timeouts (EngineConfig).
 _ENGINE_OPTIONS: list[Any] = [
     click.option(
@@ -763,6 +789,7 @@ def blast_options(f: Any) -> Any:
             *_PROMPT_OPTIONS,
             *_OUTPUT_OPTIONS,
             *_METRICS_OPTIONS,
+            *_SERVER_METRICS_OPTIONS,
             *_ENGINE_OPTIONS,
         ],
     )

@@ -76,7 +76,8 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "output_file", "save_result", "result_dir", "result_filename", "save_requests",
             "save_detailed", "goodput", "percentile_metrics", "metric_percentiles",
-            "metrics_window", "disable_tqdm",
+            "metrics_window", "disable_tqdm", "server_metrics", "server_metrics_url",
+            "server_metrics_interval",
         ),
     ),
     (

@@ -9,9 +9,10 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from ..records import records_from_table
+from ..records import records_from_table, with_extra
 from ..results import RequestsWriter
 from ..runner import RecordSink
+from .scrape import Scraper
 from .serving import BREAKDOWNS, MetricsAccumulator
 
 
@@ -24,9 +25,12 @@ class MetricsSink(RecordSink):
         acc: MetricsAccumulator | None = None,
         writer: RequestsWriter | None = None,
         endpoints: list[str] | None = None,
+        scraper: Scraper | None = None,
     ) -> None:
         self.acc = acc or MetricsAccumulator()
         self.writer = writer
+        #: The servers' metrics: their state at each request's send joins its record.
+        self.scraper = scraper
         self.endpoints = endpoints or [""]
         self._given_endpoints = endpoints
         self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
@@ -47,10 +51,17 @@ class MetricsSink(RecordSink):
             ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
         if self.writer is not None:
+            if self.scraper is not None:
+                state = self.scraper.state_at(columns["endpoint_idx"], columns["sent_ns"])
+                batch = with_extra(batch, dict(state))
             self.writer.write(batch)
 
     def stopped(self, at_ns: int) -> None:
         self.acc.stopped(at_ns)
+
+    def started(self, t0_unix_ns: int) -> None:
+        if self.scraper is not None:
+            self.scraper.started(t0_unix_ns)
 
     def live(self) -> dict[str, str]:
         """TTFT p50/p99 of the requests that completed in the last 10 s."""

@@ -33,6 +33,8 @@ pub struct ProgressSnapshot {
     pub in_flight: u64,
     pub elapsed_ns: i64,
     pub started: bool,
+    /// The start instant on the system clock (ns since the Unix epoch; 0 before it).
+    pub t0_unix_ns: i64,
     pub warm_connections: u64,
     pub warm_failures: u64,
     pub realtime_lanes: u64,
@@ -40,8 +42,13 @@ pub struct ProgressSnapshot {
 }
 
 impl Progress {
-    /// The counters now; `t0` is the run's start instant once it is fixed.
-    pub(super) fn snapshot(&self, t0: Option<&Instant>) -> ProgressSnapshot {
+    /// The counters now; `t0` is the run's start instant once it is fixed (and
+    /// `t0_unix_ns` the system clock then).
+    pub(super) fn snapshot(
+        &self,
+        t0: Option<&Instant>,
+        t0_unix_ns: Option<i64>,
+    ) -> ProgressSnapshot {
         ProgressSnapshot {
             scheduled: self.scheduled.load(Ordering::Relaxed),
             dispatched: self.dispatched.load(Ordering::Relaxed),
@@ -52,6 +59,7 @@ impl Progress {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             elapsed_ns: t0.map_or(0, |t0| RunClock { t0: *t0 }.now_ns()),
             started: t0.is_some(),
+            t0_unix_ns: t0_unix_ns.unwrap_or(0),
             warm_connections: self.warm_connections.load(Ordering::Relaxed),
             warm_failures: self.warm_failures.load(Ordering::Relaxed),
             realtime_lanes: self.realtime_lanes.load(Ordering::Relaxed),

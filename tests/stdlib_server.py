@@ -1,6 +1,7 @@
-"""Independent servers for the transport tests: certificates made with the ``openssl``
-command line, and an OpenAI-style server on Python's ``http.server`` + ``ssl`` (nothing
-of fineserve's), which logs every request's headers."""
+"""An independent server for the transport and server-metrics tests: an OpenAI-style server
+on Python's ``http.server`` + ``ssl`` (nothing of fineserve's) that logs every request's
+headers and can serve ``/metrics`` with its true in-flight count and tokens sent; and
+certificates made with the ``openssl`` command line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -116,6 +118,18 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._log({})
         owner: OpenAIServer = self.server.owner  # type: ignore[attr-defined]
+        if self.path == "/metrics":
+            page = owner.metrics_page()
+            if page is None:
+                self._json(404, {"error": "no such route"})
+                return
+            data = page.encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/plain; version=0.0.4")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self._json(200, {"object": "list", "data": [{"id": m} for m in owner.models]})
 
     def do_POST(self) -> None:
@@ -128,17 +142,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(401, {"error": f"bad {owner.reject_header}: {value}"})
             return
         n = int(body.get("max_tokens", 4))
+        with owner.lock:
+            owner.running += 1
+        try:
+            self._stream(owner, n)
+        finally:
+            with owner.lock:
+                owner.running -= 1
+
+    def _stream(self, owner: OpenAIServer, n: int) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for i in range(n):
+            if owner.token_gap_s:
+                time.sleep(owner.token_gap_s)
             event = {"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
             if owner.drop_after is not None and i == owner.drop_after:
                 # Gone mid-stream, without TLS close_notify or a last chunk.
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+            with owner.lock:
+                owner.generation_tokens += 1
         done = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
         self._chunk(b"data: " + json.dumps(done).encode() + b"\n\n")
         self._chunk(b"data: [DONE]\n\n")
@@ -154,6 +181,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _TlsServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A client warms many connections at once: socketserver's default backlog of 5 would
+    # drop SYNs, and a dropped SYN is retried only after a second.
+    request_queue_size = 256
     ssl_context: ssl.SSLContext | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -209,8 +239,16 @@ class OpenAIServer:
         models: tuple[str, ...] = ("test-model",),
         reject_header: str | None = None,
         drop_after: int | None = None,
+        metrics: str | None = None,
+        token_gap_s: float = 0.0,
     ) -> None:
+        """``metrics``: None (no /metrics), ``"vllm"`` (the true in-flight count and tokens
+        sent, under vLLM's names) or ``"garbage"`` (a page that is not Prometheus text)."""
         self.models = list(models)
+        self.metrics = metrics
+        self.token_gap_s = token_gap_s
+        self.running = 0
+        self.generation_tokens = 0
         self.reject_header = reject_header
         self.drop_after = drop_after
         self.seen: list[Seen] = []
@@ -237,6 +275,22 @@ class OpenAIServer:
 
     def base_url(self, host: str = "127.0.0.1") -> str:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def metrics_page(self) -> str | None:
+        if self.metrics is None:
+            return None
+        if self.metrics == "garbage":
+            return "<html>this is { not a metrics page\n"
+        with self.lock:
+            running, tokens = self.running, self.generation_tokens
+        return (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="test-model"}} {running}\n'
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f'vllm:generation_tokens_total{{model_name="test-model"}} {tokens}\n'
+        )
 
     def posts(self) -> list[Seen]:
         with self.lock:
