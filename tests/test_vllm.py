@@ -252,6 +252,41 @@ def test_headers_and_the_data_parallel_rank_reach_vllm(
     assert by_rank["0"]["completed"] == 4 and by_rank["1"]["completed"] == 0, by_rank
 
 
+def test_server_metrics_read_vllms_own_names(plain: Server, tiny: Path, work: Path) -> None:
+    """--server-metrics against vLLM 0.32: its names are there, its generation-token
+    counter rose by the tokens fineserve received (the warm-up is before the scraping), its
+    running gauge saw requests, and each request carries the server's state at its send."""
+    run = blast(
+        [plain.base_url],
+        work / "runs",
+        "server-metrics",
+        [
+            "--tokenizer", str(tiny), "--num-prompts", "24", "--request-rate", "12",
+            "--random-input-len", "64", "--random-output-len", "16", "--server-metrics",
+            "--server-metrics-interval", "0.1",
+        ],
+        servers=[plain],
+    )  # fmt: skip
+    assert all(run.ok), run.errors()
+    (page,) = run.key("server_metrics").values()
+    assert page["failed"] == 0 and page["scrapes"] >= 10, page
+    m = page["metrics"]
+    for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
+        "vllm:prefix_cache_queries_total", "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    ):  # fmt: skip
+        assert name in m, (name, sorted(m))
+    received = sum(run.col("completion_tokens"))
+    assert m["vllm:generation_tokens_total"]["increase"] == received, (m, received)
+    assert m["vllm:prompt_tokens_total"]["increase"] == sum(run.col("prompt_tokens"))
+    assert m["vllm:num_requests_running"]["max"] >= 1
+    assert m["vllm:time_to_first_token_seconds"]["count"] == 24
+    running = [v for v in run.col("srv_running") if v == v]  # not NaN
+    assert len(running) >= 20, run.col("srv_running")
+
+
 def test_reasoning_chat_counts_every_token(reasoning: Server, tiny_r: Path, work: Path) -> None:
     """The issue's acceptance run: a 24-request chat blast against the deepseek_r1 parser
     completes 24/24, and the streamed delta.reasoning events count: the random model never
