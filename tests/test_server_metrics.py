@@ -141,3 +141,48 @@ def test_server_metrics_options_are_checked(tmp_path: Path) -> None:
     assert r.exit_code != 0 and "expected an http(s):// URL" in r.output
     r = _blast("--server-metrics", "--server-metrics-interval", "0.01", "--num-prompts", "2")
     assert r.exit_code != 0 and "0.05" in r.output
+
+
+PAGE = """# TYPE q gauge
+q{engine="0"} %(q0)s
+q{engine="1"} %(q1)s
+# TYPE tok_total counter
+tok_total %(tok)s
+# TYPE lat histogram
+lat_bucket{le="0.1"} %(b1)s
+lat_bucket{le="1.0"} %(b2)s
+lat_bucket{le="+Inf"} %(b2)s
+lat_sum %(ls)s
+lat_count %(b2)s
+# TYPE rpc summary
+rpc{quantile="0.5"} 0.2
+rpc_sum %(rs)s
+rpc_count %(rc)s
+# TYPE odd untyped
+odd 7
+"""
+
+
+def test_every_metric_type_is_summarised_over_the_run() -> None:
+    """Gauges summed over label sets per scrape; a counter's increase across a reset; a
+    histogram's and a summary's in-run increase (not their totals since start)."""
+    from fineserve.metrics.scrape import Scraper, ScrapeTarget, _parse, _target_summary
+
+    scraper = Scraper([ScrapeTarget("p", "http://x/metrics", 0)], 0.1)
+    st = scraper.stats[0]
+    pages = [
+        dict(q0=1, q1=2, tok=100, b1=10, b2=10, ls=0.5, rs=1.0, rc=10),
+        dict(q0=4, q1=0, tok=150, b1=10, b2=30, ls=8.5, rs=3.0, rc=20),
+        dict(q0=2, q1=1, tok=20, b1=10, b2=30, ls=8.5, rs=4.0, rc=30),  # tok was reset
+    ]
+    for i, values in enumerate(pages):
+        scraper._record(st, i * 100_000_000, _parse(PAGE % values))
+    m = _target_summary(st)["metrics"]
+    assert m["q"]["max"] == 4 and m["q"]["min"] == 3 and m["q"]["mean"] == pytest.approx(10 / 3)
+    assert m["odd"]["mean"] == 7
+    assert m["tok_total"]["increase"] == 50 + 20
+    assert m["tok_total"]["rate"] == pytest.approx(70 / 0.2)
+    lat = m["lat"]
+    assert lat["count"] == 20 and lat["mean"] == pytest.approx(8.0 / 20)
+    assert 0.1 < lat["p50"] <= 1.0  # the 20 new observations all fell in (0.1, 1]
+    assert m["rpc"]["count"] == 20 and m["rpc"]["mean"] == pytest.approx(3.0 / 20)

@@ -226,10 +226,10 @@ class Scraper:
                     inc = delta if delta >= 0 else value
                     prev.increase += inc
                     prev.last = value
-                    if kind in ("counter", "histogram", "summary"):
+                    if _cumulative(kind, s.name):
                         increase = inc
                 st.types[s.name] = kind
-                if kind in ("gauge", "untyped") and not math.isnan(value):
+                if kind in ("gauge", "untyped", "unknown") and not math.isnan(value):
                     gauge_sums[s.name] = gauge_sums.get(s.name, 0.0) + value
                 rows.append((mid_ns, label, s.name, labels, kind, value, increase))
         with self._lock:
@@ -296,6 +296,14 @@ class Scraper:
         return out
 
 
+def _cumulative(kind: str, sample: str) -> bool:
+    """Whether a sample only grows (until a reset): counters, histogram buckets, sums and
+    counts, summary sums and counts (not a summary's quantiles)."""
+    if kind in ("counter", "histogram"):
+        return True
+    return kind == "summary" and sample.endswith(("_sum", "_count"))
+
+
 def _state_column(
     st: TargetStats, names: tuple[str, ...], n: int
 ) -> npt.NDArray[np.float64] | None:
@@ -339,13 +347,19 @@ def _target_summary(st: TargetStats) -> dict[str, Any]:
     if st.scrape_s:
         summary["scrape_ms_p50"] = float(np.percentile(st.scrape_s, 50) * 1e3)
         summary["scrape_ms_max"] = float(max(st.scrape_s) * 1e3)
-    metrics: dict[str, Any] = {}
+    summary["metrics"] = dict(sorted({**_gauges(st), **_cumulatives(st, span_s)}.items()))
+    return summary
+
+
+def _gauges(st: TargetStats) -> dict[str, Any]:
+    """Each gauge's min/mean/p50/p99/max over the scrapes (summed over label sets)."""
+    out: dict[str, Any] = {}
     for name, col in st.gauges.items():
         v = np.asarray(col, np.float64)
         v = v[~np.isnan(v)]
         if len(v):
             p50, p99 = np.percentile(v, [50, 99])
-            metrics[name] = {
+            out[name] = {
                 "type": st.types.get(name, "gauge"),
                 "min": float(v.min()),
                 "mean": float(v.mean()),
@@ -353,42 +367,58 @@ def _target_summary(st: TargetStats) -> dict[str, Any]:
                 "p99": float(p99),
                 "max": float(v.max()),
             }
+    return out
+
+
+@dataclass
+class _InRun:
+    """In-run increases of one histogram or summary, summed over label sets."""
+
+    kind: str
+    buckets: dict[float, float] = field(default_factory=dict)
+    sum: float = 0.0
+    count: float = 0.0
+
+    def entry(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind, "count": self.count}
+        if self.count > 0:
+            out["mean"] = self.sum / self.count
+            if self.kind == "histogram":
+                out["p50"] = histogram_quantile(0.5, self.buckets)
+                out["p99"] = histogram_quantile(0.99, self.buckets)
+        return out
+
+
+def _cumulatives(st: TargetStats, span_s: float) -> dict[str, Any]:
+    """Counters' increase and rate; histograms' and summaries' count and mean (and
+    histograms' p50/p99) of what was observed during the run."""
     counters: dict[str, float] = {}
-    buckets: dict[str, dict[float, float]] = {}
-    sums: dict[str, float] = {}
-    counts: dict[str, float] = {}
+    families: dict[str, _InRun] = {}
     for (name, labels), s in st.series.items():
         kind = st.types.get(name)
         if kind == "counter":
             counters[name] = counters.get(name, 0.0) + s.increase
-        elif kind == "histogram":
-            if name.endswith("_bucket"):
-                le = json.loads(labels).get("le", "+Inf") if labels else "+Inf"
-                base = name[: -len("_bucket")]
-                b = buckets.setdefault(base, {})
-                bound = math.inf if le == "+Inf" else float(le)
-                b[bound] = b.get(bound, 0.0) + s.increase
-            elif name.endswith("_sum"):
-                sums[name[: -len("_sum")]] = sums.get(name[: -len("_sum")], 0.0) + s.increase
-            elif name.endswith("_count"):
-                base = name[: -len("_count")]
-                counts[base] = counts.get(base, 0.0) + s.increase
-    for name, inc in counters.items():
-        metrics[name] = {
-            "type": "counter",
-            "increase": inc,
-            "rate": inc / span_s if span_s > 0 else None,
-        }
-    for base, b in buckets.items():
-        count = counts.get(base, 0.0)
-        entry: dict[str, Any] = {"type": "histogram", "count": count}
-        if count > 0:
-            entry["mean"] = sums.get(base, 0.0) / count
-            entry["p50"] = histogram_quantile(0.5, b)
-            entry["p99"] = histogram_quantile(0.99, b)
-        metrics[base] = entry
-    summary["metrics"] = dict(sorted(metrics.items()))
-    return summary
+            continue
+        if kind not in ("histogram", "summary"):
+            continue
+        base, _, part = name.rpartition("_")
+        if part not in ("bucket", "sum", "count") or (kind == "summary" and part == "bucket"):
+            continue
+        fam = families.setdefault(base, _InRun(kind))
+        if part == "bucket":
+            le = json.loads(labels).get("le", "+Inf") if labels else "+Inf"
+            bound = math.inf if le == "+Inf" else float(le)
+            fam.buckets[bound] = fam.buckets.get(bound, 0.0) + s.increase
+        elif part == "sum":
+            fam.sum += s.increase
+        else:
+            fam.count += s.increase
+    out: dict[str, Any] = {
+        name: {"type": "counter", "increase": inc, "rate": inc / span_s if span_s > 0 else None}
+        for name, inc in counters.items()
+    }
+    out.update({base: fam.entry() for base, fam in families.items()})
+    return out
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
