@@ -162,3 +162,27 @@ def test_sweep_scales_a_bursty_workload_by_time_scale(tmp_path: Path) -> None:
     assert res["best_sustained_load"] == pytest.approx(best["load"] * min(1.0, fraction))
     assert res["instances"] == -(-1000 // res["best_sustained_load"])
     assert "(time scale)" in r.output
+
+
+def test_repeats_near_the_boundary_take_the_majority() -> None:
+    """A noisy server: near its knee (54 req/s) one run in three misjudges the load.
+    With --sweep-repeats 3 every bisection probe runs three times and the majority
+    decides; the bracketing probes run once."""
+    calls: dict[float, int] = {}
+
+    def noisy(load: float) -> dict:
+        calls[load] = calls.get(load, 0) + 1
+        wrong = calls[load] % 3 == 0  # the third run at a load lies
+        p99 = 20 + max(0.0, load - 50) * 10
+        if wrong:
+            p99 = 200.0 if p99 <= 60 else 10.0
+        return {"completed": 100, "failed": 0, "p99_ttft_ms": p99, "request_throughput": load}
+
+    r = search(noisy, 10, [parse_slo("ttft:p99:60")], unit="req/s", repeats=3)
+    bisected = [p for p in r.probes if p.trials]
+    assert bisected and all(len(p.trials) == 3 for p in bisected)
+    assert all(p.passed == (sum(p.trials) >= 2) for p in bisected)
+    assert "of 3 runs passed" in bisected[0].why
+    assert all(not p.trials for p in r.probes[:3])  # 10, 20, 40, ...: bracketing
+    best = r.best
+    assert best is not None and 54 / 1.05 <= best.load <= 54

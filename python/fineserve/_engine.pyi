@@ -32,8 +32,9 @@ class Run:
         realtime_lanes, realtime_demotions (times a busy lane left SCHED_FIFO)."""
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` (GIL released); True once every request is done."""
-    def stop(self) -> None:
-        """Stop dispatching; requests in flight go on until done or :meth:`cancel`."""
+    def stop(self, reason: str | None = None) -> None:
+        """Stop dispatching; requests in flight go on until done or :meth:`cancel`. With
+        ``reason``, the requests never sent give it as their error message."""
     def cancel(self) -> None:
         """Abort requests in flight (recorded as ``cancelled``) and stop dispatching."""
     def feed(

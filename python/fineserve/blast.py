@@ -6,8 +6,10 @@ Kept apart from the command line so that ``sweep`` (and scripts) can run it many
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from .limits import connection_budget, mock_peak_in_flight
 from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.scrape import Scraper, ScrapeTarget
 from .metrics.sink import MetricsSink
+from .metrics.steady import HEADLINE, across_runs, steady_metrics, steady_window
 from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
@@ -195,7 +198,13 @@ def run_blast(
         slos=dict(cfg.metrics.slos), window_s=cfg.metrics.window_s, groups=BREAKDOWNS
     )
     scrape = ServerScrape.start(cfg, run.targets, writer, quiet)
-    sink = MetricsSink(accumulator, writer, run.targets.urls, scrape.scraper if scrape else None)
+    sink = MetricsSink(
+        accumulator,
+        writer,
+        run.targets.urls,
+        scrape.scraper if scrape else None,
+        cfg.stop,
+    )
     prefix = PrefixHitCounter(run.builder.block_size)
     digest = ScheduleDigest()
     generated: dict[str, Any] = {}  # the schedule's digest, once it is known
@@ -387,6 +396,15 @@ def _metrics(
         metric_percentiles=cfg.metrics.metric_percentiles,
     )
     metrics["prefix_hit_rate_theoretical"] = prefix.rate
+    window = steady_window(sink.times) if sink.times is not None else None
+    if window is not None and sink.times is not None:
+        metrics["steady_state"] = window
+        metrics.update(steady_metrics(sink.times, window))
+    if outcome.early_stop is not None:
+        metrics["early_stop"] = {
+            "reason": outcome.early_stop,
+            "at_s": (outcome.stopped_at_ns or 0) / 1e9,
+        }
     if outcome.workers:
         metrics["workers"] = outcome.workers
     if isinstance(builder, TokenizedPromptBuilder):
@@ -422,3 +440,87 @@ def _header(
         header["request_rate"] = metrics.get("offered_request_rate")
         header["request_rate_is_mean"] = True
     return header
+
+
+@dataclass
+class RepeatedRuns:
+    """``--num-runs``: every run, and the figures across them."""
+
+    runs: list[BlastRun]
+    metrics: dict[str, Any]
+
+
+def run_repeated(
+    cfg: BlastConfig,
+    servers: list[str] | Callable[[], list[str]],
+    *,
+    quiet: bool = False,
+) -> RepeatedRuns:
+    """The same schedule ``cfg.repeat.num_runs`` times (each run its own engine, so fresh
+    connections, and its own warm-up), ``--cooldown`` apart, the prefix caches reset in
+    between when asked; with ``--save-requests RUN.parquet`` each run writes
+    ``RUN-run<k>.parquet``. The metrics: the last run's, its headline figures replaced by
+    their means across runs, with ``ci95_``/``cv_`` keys and each run's headline figures
+    under ``runs``. An interrupted run ends the series."""
+    rep = cfg.repeat
+    started: list[list[str]] = []
+
+    def bases() -> list[str]:
+        if not started:
+            started.append(servers() if callable(servers) else list(servers))
+        return started[0]
+
+    runs: list[BlastRun] = []
+    for k in range(rep.num_runs):
+        if k:
+            if rep.cooldown_s:
+                time.sleep(rep.cooldown_s)
+            if rep.reset_prefix_cache:
+                reset_prefix_caches(bases(), cfg.target, quiet)
+        run_cfg = cfg
+        if cfg.output.save_requests is not None and rep.num_runs > 1:
+            p = cfg.output.save_requests
+            stem = p.name[: -len(".parquet")] if p.name.endswith(".parquet") else p.name
+            output = dataclasses.replace(
+                cfg.output, save_requests=p.with_name(f"{stem}-run{k + 1}.parquet")
+            )
+            run_cfg = dataclasses.replace(cfg, output=output)
+        if not quiet and rep.num_runs > 1:
+            note(f"run {k + 1} of {rep.num_runs}")
+        run = run_blast(run_cfg, bases, quiet=quiet or k > 0)
+        runs.append(run)
+        if run.interrupted:
+            break
+    per_run = [
+        {key: r.metrics.get(key) for key in (*HEADLINE, "completed", "failed")} for r in runs
+    ]
+    metrics = {**runs[-1].metrics, **across_runs([r.metrics for r in runs])}
+    metrics["runs"] = per_run
+    return RepeatedRuns(runs, metrics)
+
+
+def reset_prefix_caches(bases: list[str], target: TargetConfig, quiet: bool) -> None:
+    """``POST /reset_prefix_cache`` on each server (vLLM; it answers 404 unless started
+    with VLLM_SERVER_DEV_MODE=1): said in one line when a server does not support it."""
+    import urllib.error
+    import urllib.request
+
+    for base in bases:
+        req = urllib.request.Request(base + "/reset_prefix_cache", data=b"", method="POST")
+        for h in target.headers:
+            req.add_header(h.name, h.value)
+        if target.api_key:
+            req.add_header("Authorization", f"Bearer {target.api_key}")
+        context = target.tls.ssl_context() if base.startswith("https://") else None
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=context):
+                pass
+        except urllib.error.HTTPError as e:
+            if not quiet:
+                warn(
+                    f"{base} cannot reset its prefix cache (HTTP {e.code}; vLLM serves "
+                    "/reset_prefix_cache with VLLM_SERVER_DEV_MODE=1)"
+                )
+        except (urllib.error.URLError, OSError) as e:
+            if not quiet:
+                warn(f"{base}: resetting the prefix cache failed ({e})")

@@ -640,6 +640,55 @@ class ServerMetricsConfig:
 
 
 @dataclass(frozen=True)
+class StopConfig:
+    """Conditions that end a run early (``--stop-on-*``), judged over the requests that
+    completed in the last ``window_s`` seconds (at least ``min_requests`` of them)."""
+
+    failure_rate: float | None = None
+    ttft_p99_ms: float | None = None
+    lag_ms: float | None = None
+    window_s: float = 10.0
+    min_requests: int = 20
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> StopConfig:
+        return cls(
+            **_given(
+                p,
+                failure_rate="stop_on_failure_rate",
+                ttft_p99_ms="stop_on_ttft_p99_ms",
+                lag_ms="stop_on_lag_ms",
+                window_s="stop_window",
+            )
+        )
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in (self.failure_rate, self.ttft_p99_ms, self.lag_ms))
+
+
+@dataclass(frozen=True)
+class RepeatConfig:
+    """``--num-runs``: the same schedule run again, for confidence intervals."""
+
+    num_runs: int = 1
+    cooldown_s: float = 0.0
+    #: ``POST /reset_prefix_cache`` on every endpoint between runs (vLLM).
+    reset_prefix_cache: bool = False
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> RepeatConfig:
+        return cls(
+            **_given(
+                p,
+                num_runs="num_runs",
+                cooldown_s="cooldown",
+                reset_prefix_cache="reset_prefix_cache",
+            )
+        )
+
+
+@dataclass(frozen=True)
 class BlastConfig:
     """Everything one ``blast`` run needs, each stage's slice apart."""
 
@@ -652,6 +701,8 @@ class BlastConfig:
     mock: MockConfig = field(default_factory=MockConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     server_metrics: ServerMetricsConfig = field(default_factory=ServerMetricsConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any], given: frozenset[str] = frozenset()) -> BlastConfig:
@@ -667,6 +718,8 @@ class BlastConfig:
             mock=MockConfig.from_params(p),
             ray=RayConfig.from_params(p),
             server_metrics=ServerMetricsConfig.from_params(p),
+            stop=StopConfig.from_params(p),
+            repeat=RepeatConfig.from_params(p),
         )
 
     @property

@@ -227,9 +227,9 @@ class EngineWorker:
         last.pop("stopped", None)
         return self._batch(last), progress, t0
 
-    def stop(self) -> None:
+    def stop(self, reason: str | None = None) -> None:
         if self.run is not None:
-            self.run.stop()
+            self.run.stop(reason)
 
     def cancel(self) -> None:
         if self.run is not None:
@@ -505,9 +505,9 @@ class RayFleet:
     def t0_unix_ns(self) -> int | None:
         return self.start_unix_ns
 
-    def stop(self) -> str:
+    def stop(self, reason: str | None = None) -> str:
         for _, a in self._live():
-            a.stop.remote()
+            a.stop.remote(reason)
         return f"stopping {len(self.actors)} Ray workers; draining in-flight requests"
 
     def cancel(self) -> None:

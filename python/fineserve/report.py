@@ -24,6 +24,7 @@ from . import plotting
 from .errors import FineserveError
 from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.serving import itl_ns, reasoning_tokens
+from .metrics.steady import RequestTimes, ab_verdicts, steady_metrics, steady_window
 from .records import records_from_table
 from .results import read_requests, read_server_metrics
 
@@ -53,6 +54,8 @@ class Run:
     metrics: dict[str, Any]
     #: ``RUN.server-metrics.parquet`` beside the results, when the run scraped servers.
     server: pa.Table | None = None
+    #: What steady state and the A/B verdicts need of each request.
+    times: RequestTimes | None = None
 
     def col(self, name: str) -> npt.NDArray[Any]:
         return np.asarray(self.columns[name])
@@ -110,6 +113,12 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
         metric_percentiles=tuple(options.get("metric_percentiles_list") or (99,)),
     )
     name = Path(path).name
+    times = RequestTimes()
+    times.add(cols)
+    window = steady_window(times)
+    if window is not None:
+        metrics["steady_state"] = window
+        metrics.update(steady_metrics(times, window))
     try:
         server = read_server_metrics(Path(path))
     except FineserveError as e:
@@ -117,7 +126,7 @@ def load_run(path: Path, window_s: float | None = None) -> Run:
 
         warn(f"{e.message}; the server panels are left out")
         server = None
-    return Run(name, table, meta, cols, metrics, server)
+    return Run(name, table, meta, cols, metrics, server, times)
 
 
 def _ok(r: Run) -> npt.NDArray[np.bool_]:
@@ -242,8 +251,14 @@ def panel_in_flight(runs: list[Run]) -> bytes:
     fig, ax = plotting.figure(1, 1, (16, 3.2))
     for r in runs:
         t, c = in_flight_series(r)
-        ax[0, 0].plot(t, c, label=r.name)
-    ax[0, 0].set(title="requests in flight", xlabel="s", ylabel="requests")
+        line = ax[0, 0].plot(t, c, label=r.name)[0]
+        w = r.metrics.get("steady_state")
+        if w:  # the steady-state window, shaded in the run's colour
+            ax[0, 0].axvspan(
+                w["start_s"], w["end_s"], color=line.get_color(), alpha=0.12,
+                label=f"{r.name} steady state",
+            )  # fmt: skip
+    ax[0, 0].set(title="requests in flight (shaded: steady state)", xlabel="s", ylabel="requests")
     ax[0, 0].grid(alpha=0.3)
     plotting.legend(ax[0, 0])
     fig.tight_layout()
@@ -522,6 +537,48 @@ _KEY_FIGURES = (
 )
 
 
+def verdicts(runs: list[Run]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """Each run after the first against the first: (A, B, per-figure verdicts)."""
+    out = []
+    for b in runs[1:]:
+        a = runs[0]
+        if a.times is not None and b.times is not None:
+            out.append((a.name, b.name, ab_verdicts(a.times, b.times)))
+    return out
+
+
+def format_verdicts(found: list[tuple[str, str, list[dict[str, Any]]]]) -> str:
+    """The verdicts as text: one line per figure."""
+    lines = []
+    for a, b, rows in found:
+        lines.append(f"{b} vs {a} (B - A, 95% bootstrap interval over requests):")
+        for r in rows:
+            lo, hi = r["ci95"]
+            verdict = "significant" if r["significant"] else "not significant"
+            lines.append(
+                f"  {r['label']:<20} {r['a']:>10.2f} -> {r['b']:>10.2f}  "
+                f"{r['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]  {verdict}"
+            )
+    return "\n".join(lines)
+
+
+def _verdict_html(found: list[tuple[str, str, list[dict[str, Any]]]]) -> str:
+    parts = []
+    for a, b, rows in found:
+        body = "".join(
+            f"<tr><th>{html.escape(r['label'])}</th><td>{r['a']:.2f}</td><td>{r['b']:.2f}</td>"
+            f"<td>{r['diff']:+.2f}</td><td>[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]</td>"
+            f"<td>{'<b>significant</b>' if r['significant'] else 'not significant'}</td></tr>"
+            for r in rows
+        )
+        parts.append(
+            f"<h2>{html.escape(b)} vs {html.escape(a)}</h2><p>B − A with a 95% bootstrap "
+            "interval over requests</p><table><tr><th></th><th>A</th><th>B</th><th>B − A</th>"
+            f"<th>95% interval</th><th>verdict</th></tr>{body}</table>"
+        )
+    return "".join(parts)
+
+
 def _table(runs: list[Run]) -> str:
     head = "".join(f"<th>{html.escape(r.name)}</th>" for r in runs)
     rows = []
@@ -593,10 +650,16 @@ def render_report(
             bits.append("<b>partial run</b>")
         metas.append("<p class=meta>" + " · ".join(b for b in bits if b) + "</p>")
     title = "fineserve report: " + ", ".join(r.name for r in runs)
+    found = verdicts(runs)
+    if found:
+        from .console import out as print_out
+
+        print_out(format_verdicts(found))
     doc = (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(metas)}"
-        f"<h2>Key figures</h2>{_table(runs)}{''.join(sections)}</body></html>"
+        f"<h2>Key figures</h2>{_table(runs)}{_verdict_html(found)}{''.join(sections)}"
+        "</body></html>"
     )
     try:
         out.write_text(doc)

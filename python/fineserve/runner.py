@@ -227,6 +227,10 @@ class RecordSink:
         """The run's start instant on the system clock, once it is fixed (before any
         record of the run arrives)."""
 
+    def early_stop(self) -> str | None:
+        """Why the run should stop now (a stop condition met), or None."""
+        return None
+
 
 class _PendingExtras:
     """Per-request chunk columns kept until every request of the chunk has a record, so
@@ -328,6 +332,8 @@ class StreamOutcome:
     workers: list[dict[str, Any]] = field(default_factory=list)
     #: Where a stopped run stopped, ns from its start (None: it ran to the end).
     stopped_at_ns: int | None = None
+    #: Why the run stopped itself early (a --stop-on-* condition), None otherwise.
+    early_stop: str | None = None
 
 
 class Driver(Protocol):
@@ -353,8 +359,9 @@ class Driver(Protocol):
     def t0_unix_ns(self) -> int | None:
         """The start instant on the system clock; None until it is fixed."""
 
-    def stop(self) -> str:
-        """Stops dispatch (in-flight requests go on); says what it stopped."""
+    def stop(self, reason: str | None = None) -> str:
+        """Stops dispatch (in-flight requests go on); says what it stopped. ``reason``:
+        what the requests never sent say."""
 
     def cancel(self) -> None:
         """Aborts the requests in flight."""
@@ -379,24 +386,35 @@ def drive(
     half-folded into the sink."""
     bar = _ProgressBar(total, description) if show_progress else None
     started = time.monotonic()
-    stopped_at_ns = _poll_until_over(driver, sink, grace_s, bar)
+    stop = _poll_until_over(driver, sink, grace_s, bar)
     outcome = driver.finish()
     if bar:
         bar.update(driver.progress(), sink.live(), force=True)
         bar.close()
     return dataclasses.replace(
         outcome,
-        interrupted=stopped_at_ns is not None,
+        interrupted=stop.at_ns is not None and stop.early is None,
         wall_s=time.monotonic() - started,
-        stopped_at_ns=stopped_at_ns,
+        stopped_at_ns=stop.at_ns,
+        early_stop=stop.early,
     )
+
+
+@dataclass
+class _Stop:
+    """Where the run was stopped (None: it ran to the end), and the stop condition that
+    stopped it (None: a signal, or no stop)."""
+
+    at_ns: int | None = None
+    early: str | None = None
 
 
 def _poll_until_over(
     driver: Driver, sink: RecordSink, grace_s: float, bar: _ProgressBar | None
-) -> int | None:
-    """:func:`drive`'s loop; returns where the run was stopped (None: not stopped)."""
+) -> _Stop:
+    """:func:`drive`'s loop; returns where (and why) the run was stopped."""
     stopped_at_ns: int | None = None
+    early: str | None = None
     cancel_at = math.inf
     t0_told = False
     with interrupts() as intr:
@@ -413,7 +431,12 @@ def _poll_until_over(
                     if bar:
                         bar.update(driver.progress(), sink.live())
                     if over:
-                        return stopped_at_ns
+                        return _Stop(stopped_at_ns, early)
+                    if stopped_at_ns is None and (early := sink.early_stop()) is not None:
+                        stopped_at_ns = driver.elapsed_ns()
+                        sink.stopped(stopped_at_ns)
+                        note(f"stopping early: {early}; {driver.stop(early)}")
+                        cancel_at = time.monotonic() + grace_s
                     if time.monotonic() >= cancel_at:
                         note(f"drain grace period over: cancelling the rest{driver.where}")
                         driver.cancel()
@@ -460,6 +483,7 @@ class LocalRun:
         self._pending = _PendingExtras()
         #: Generated, waiting for its turn to be fed.
         self.held: EngineChunk | None = None
+        self._stop_reason: str | None = None
         self.fed = 0
         self._fed_until_ns = 0
         self._exhausted = False
@@ -529,9 +553,10 @@ class LocalRun:
         t0 = int(self._run.progress()["t0_unix_ns"])
         return t0 if t0 > 0 else None
 
-    def stop(self) -> str:
+    def stop(self, reason: str | None = None) -> str:
         self._stopping = True
-        self._run.stop()
+        self._stop_reason = reason
+        self._run.stop(reason)
         in_flight = self._run.progress()["in_flight"]
         return f"dispatch stopped; draining {in_flight} in-flight requests"
 
@@ -544,7 +569,7 @@ class LocalRun:
         generated_not_fed = len(held) if held is not None else 0
         if held is not None and generated_not_fed:
             # Explicit records, so the results file accounts for them row by row too.
-            reason = "run stopped before this request was fed"
+            reason = self._stop_reason or "run stopped before this request was fed"
             unsent = _not_sent_records(self.fed, held, reason)
             self._sink.add(records_to_batch(unsent, held.extra, self._endpoints))
         self._final = dict(self._run.progress())  # the handle is spent once results() returns

@@ -65,6 +65,8 @@ class Probe:
     metrics: dict[str, Any]
     passed: bool
     why: str
+    #: Each run's verdict when the probe was repeated (``--sweep-repeats``).
+    trials: list[bool] = field(default_factory=list)
 
     def sustained_load(self, unit: str) -> float:
         """What one instance is shown to carry: for a request rate, the rate the server
@@ -132,15 +134,24 @@ def search(
     rel_tolerance: float = 0.05,
     max_probes: int = 14,
     log: Callable[[Probe], None] | None = None,
+    repeats: int = 1,
 ) -> SweepResult:
+    """Brackets the boundary (doubling or halving one run at a time), then bisects it,
+    each bisection probe run ``repeats`` times: a load passes when most of its runs do."""
     if not (start > 0 and math.isfinite(start)):
         raise FineserveError("the sweep's starting load must be a positive number")
     result = SweepResult(unit, slos, max_failure_rate, min_sustained)
 
-    def run(load: float) -> bool:
-        m = probe(load)
-        ok, why = judge(m, slos, max_failure_rate, min_sustained)
-        p = Probe(load, m, ok, why)
+    def run(load: float, times: int = 1) -> bool:
+        trials: list[bool] = []
+        for _ in range(times):
+            m = probe(load)
+            ok, why = judge(m, slos, max_failure_rate, min_sustained)
+            trials.append(ok)
+        ok = 2 * sum(trials) > len(trials)
+        if times > 1:
+            why = f"{sum(trials)} of {times} runs passed; the last: {why}"
+        p = Probe(load, m, ok, why, trials if times > 1 else [])
         result.probes.append(p)
         if log:
             log(p)
@@ -164,7 +175,7 @@ def search(
         if (hi - lo) / lo <= rel_tolerance:
             break
         mid = (lo + hi) / 2
-        if run(mid):
+        if run(mid, repeats):
             lo = mid
         else:
             hi = mid
@@ -192,6 +203,7 @@ def sweep_json(r: SweepResult, target_load: float | None) -> dict[str, Any]:
                 "load": p.load,
                 "passed": p.passed,
                 "why": p.why,
+                **({"trials": p.trials} if p.trials else {}),
                 "metrics": {k: v for k, v in p.metrics.items() if not isinstance(v, (list, dict))},
             }
             for p in sorted(r.probes, key=lambda p: p.load)
@@ -246,6 +258,8 @@ class SweepConfig:
     tolerance: float = 0.05
     max_probes: int = 14
     target_load: float | None = None
+    #: Runs of each bisection probe (near the boundary); the majority decides.
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         if not (self.step_seconds > 0 and 0 <= self.max_failure_rate < 1 and self.tolerance > 0):
@@ -327,4 +341,5 @@ def run_sweep(
         rel_tolerance=cfg.tolerance,
         max_probes=cfg.max_probes,
         log=log,
+        repeats=cfg.repeats,
     )

@@ -64,6 +64,8 @@ def format_summary(m: dict[str, Any], header: dict[str, Any]) -> str:
     _summary_reasoning(t, m)
     _summary_dispatch(t, m, header)
     _summary_prompts(t, m)
+    _summary_steady(t, m)
+    _summary_runs(t, m)
     _summary_server(t, m)
     _summary_accounting(t, m)
     _summary_footer(t, m)
@@ -204,6 +206,43 @@ def _summary_prompts(t: _Table, m: dict[str, Any]) -> None:
         t.row("Prompts checked / off:", f"{pc['checked']} / {pc['mismatched']}")
 
 
+def _summary_steady(t: _Table, m: dict[str, Any]) -> None:
+    """The steady-state window and the headline latencies over it."""
+    w = m.get("steady_state")
+    if not w:
+        return
+    t.section("Steady state")
+    t.row("Window (s):", f"{w['start_s']:.2f} - {w['end_s']:.2f}")
+    t.row("Requests sent in it:", m.get("steady_requests"))
+    for key, label in (
+        ("steady_request_throughput", "Request throughput (req/s):"),
+        ("steady_median_ttft_ms", "Median TTFT (ms):"),
+        ("steady_p99_ttft_ms", "P99 TTFT (ms):"),
+        ("steady_median_tpot_ms", "Median TPOT (ms):"),
+        ("steady_p99_e2e_latency_ms", "P99 E2E Latency (ms):"),
+    ):
+        if m.get(key) is not None:
+            t.row(label, m[key], ".2f")
+
+
+def _summary_runs(t: _Table, m: dict[str, Any]) -> None:
+    """``--num-runs``: each headline figure's mean ± the half-width of its 95% interval."""
+    n = m.get("num_runs") or 1
+    if n < 2:
+        return
+    from .metrics.steady import HEADLINE
+
+    t.section(f"Across {n} runs (mean ± 95% CI)")
+    for key in HEADLINE:
+        ci = m.get(f"ci95_{key}")
+        if ci is None:
+            continue
+        half = (ci[1] - ci[0]) / 2
+        cv = m.get(f"cv_{key}")
+        label = key.replace("_ms", " (ms)").replace("_", " ")
+        t.row(f"{label}:", f"{m[key]:.2f} ± {half:.2f}" + (f" (CV {cv:.1%})" if cv else ""))
+
+
 def _summary_server(t: _Table, m: dict[str, Any]) -> None:
     """The scraped servers (``--server-metrics``): scrapes, and for the vLLM, SGLang or
     TGI names a page has, queue, running, KV usage, prefix cache, preemptions and the
@@ -263,6 +302,9 @@ def _summary_accounting(t: _Table, m: dict[str, Any]) -> None:
         if name != "not_sent":
             t.row(f"    {name}:", count)
     t.row("Not sent:", m["not_sent"])
+    if m.get("early_stop"):
+        stop = m["early_stop"]
+        t.row("Stopped early at (s):", f"{stop['at_s']:.2f} ({stop['reason']})")
     if m.get("not_reached"):
         t.row("Not reached (stopped):", m["not_reached"])
     for group, values in m.get("breakdown", {}).items():

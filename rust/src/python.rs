@@ -81,9 +81,14 @@ impl PyRun {
         Ok(py.detach(move || waiter.wait(d)))
     }
 
-    /// Stops dispatching; requests in flight continue until done or `cancel()`.
-    fn stop(&self) -> PyResult<()> {
-        self.with(|h| h.stop())
+    /// Stops dispatching; requests in flight continue until done or `cancel()`. With a
+    /// `reason`, the requests never sent say it instead of "run stopped ...".
+    #[pyo3(signature = (reason = None))]
+    fn stop(&self, reason: Option<String>) -> PyResult<()> {
+        self.with(|h| match reason {
+            Some(r) => h.stop_because(&r),
+            None => h.stop(),
+        })
     }
 
     /// Aborts requests in flight (recorded as cancelled) and stops dispatching.

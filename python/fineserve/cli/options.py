@@ -21,7 +21,9 @@ from ..config import (
     PromptConfig,
     RampConfig,
     RayConfig,
+    RepeatConfig,
     ServerMetricsConfig,
+    StopConfig,
     TargetConfig,
     WorkloadConfig,
     default_of,
@@ -652,6 +654,56 @@ _SERVER_METRICS_OPTIONS: list[Any] = [
     ),
 ]
 
+#: Repeated runs and early stop (RepeatConfig, StopConfig).
+_RUN_CONTROL_OPTIONS: list[Any] = [
+    click.option(
+        "--num-runs",
+        type=click.IntRange(min=1),
+        default=default_of(RepeatConfig, "num_runs"),
+        show_default=True,
+        help="Run the same schedule this many times (fresh connections each time): each "
+        "headline metric's mean, 95% confidence interval and CV across runs.",
+    ),
+    click.option(
+        "--cooldown",
+        type=click.FloatRange(min=0),
+        default=default_of(RepeatConfig, "cooldown_s"),
+        show_default=True,
+        help="Seconds between runs (with --num-runs).",
+    ),
+    click.option(
+        "--reset-prefix-cache",
+        is_flag=True,
+        help="Between runs, POST /reset_prefix_cache to every endpoint (vLLM), so each run "
+        "starts with a cold prefix cache.",
+    ),
+    click.option(
+        "--stop-on-failure-rate",
+        type=click.FloatRange(min=0, max=1, min_open=True),
+        help="End the run early when this share of the requests that completed in the last "
+        "--stop-window seconds failed; the rest of the schedule is not sent (with the reason).",
+    ),
+    click.option(
+        "--stop-on-ttft-p99-ms",
+        type=POSITIVE,
+        help="End the run early when p99 TTFT over the last --stop-window seconds exceeds this.",
+    ),
+    click.option(
+        "--stop-on-lag-ms",
+        type=POSITIVE,
+        help="End the run early when p99 dispatch lag (sent - scheduled) over the last "
+        "--stop-window seconds exceeds this: the client cannot keep the schedule.",
+    ),
+    click.option(
+        "--stop-window",
+        type=POSITIVE,
+        default=default_of(StopConfig, "window_s"),
+        show_default=True,
+        help="Seconds of completed requests the --stop-on-* conditions look at (at least "
+        f"{default_of(StopConfig, 'min_requests')} requests).",
+    ),
+]
+
 #: Engine sizing, warm-up and timeouts (EngineConfig).
 _ENGINE_OPTIONS: list[Any] = [
     click.option(
@@ -790,6 +842,7 @@ def blast_options(f: Any) -> Any:
             *_OUTPUT_OPTIONS,
             *_METRICS_OPTIONS,
             *_SERVER_METRICS_OPTIONS,
+            *_RUN_CONTROL_OPTIONS,
             *_ENGINE_OPTIONS,
         ],
     )

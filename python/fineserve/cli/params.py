@@ -88,6 +88,13 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max_response_mb", "source_ip", "drain_grace", "realtime_priority",
         ),
     ),
+    (
+        "Repeats & early stop",
+        (
+            "num_runs", "cooldown", "reset_prefix_cache", "stop_on_failure_rate",
+            "stop_on_ttft_p99_ms", "stop_on_lag_ms", "stop_window",
+        ),
+    ),
     ("Embedded mock (used when no server is given)", ()),
     ("Distributed", ("ray", "workers")),
 )  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ..blast import BlastRun, run_blast
+from ..blast import BlastRun, run_blast, run_repeated
 from ..config import BlastConfig, MockConfig
 from ..console import note, out, warn
 from ..errors import FineserveError
@@ -113,7 +113,14 @@ def _blast(cfg: BlastConfig, servers: Callable[[], list[str]]) -> None:
 
 
 def _blast_once(cfg: BlastConfig, servers: Callable[[], list[str]], announce: bool = True) -> None:
-    run = run_blast(cfg, servers)
+    if cfg.repeat.num_runs > 1:
+        repeated = run_repeated(cfg, servers)
+        for earlier in repeated.runs[:-1]:
+            if announce and earlier.writer is not None and earlier.writer.final_path:
+                note(f"wrote {earlier.writer.rows} request records to {earlier.writer.final_path}")
+        run = dataclasses.replace(repeated.runs[-1], metrics=repeated.metrics)
+    else:
+        run = run_blast(cfg, servers)
     out(format_summary(run.metrics, run.header))
     if "workers" in run.metrics:
         out(format_workers(run.metrics["workers"]))
@@ -219,6 +226,14 @@ def vllm_result_path(cfg: BlastConfig, model: str) -> Path:
     help="Stop after this many probes, bracket or not.",
 )
 @click.option(
+    "--sweep-repeats",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run each probe of the bisection (near the boundary) this many times; a load "
+    "passes when most of its runs pass.",
+)
+@click.option(
     "--target-load",
     type=POSITIVE,
     help="Total load to provision for: prints the implied instance count.",
@@ -241,6 +256,7 @@ def sweep_command(
     min_sustained: float,
     tolerance: float,
     max_probes: int,
+    sweep_repeats: int,
     target_load: float | None,
     plot_path: Path | None,
     **params: Any,
@@ -266,11 +282,14 @@ def sweep_command(
         tolerance,
         max_probes,
         target_load,
+        sweep_repeats,
     )
     cfg = BlastConfig.from_params(params, given_workload_options())
     resolved = resolve_scale(cfg.workload, scale)  # refused before the mock starts
     if cfg.output.save_requests is not None:
         warn("--save-requests is ignored by sweep (one file per probe is not written)")
+    if cfg.repeat.num_runs > 1:
+        warn("--num-runs is ignored by sweep; --sweep-repeats repeats its bisection probes")
     tmp = tempfile.TemporaryDirectory(prefix="fineserve-")
     cfg, ca_file = trust_mock(cfg, Path(tmp.name))
     mock = start_mock(cfg.mock, ca_file) if cfg.uses_mock else None

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from ..config import StopConfig
 from ..records import records_from_table, with_extra
 from ..results import RequestsWriter
 from ..runner import RecordSink
 from .scrape import Scraper
 from .serving import BREAKDOWNS, MetricsAccumulator
+from .steady import RequestTimes
+
+#: Requests whose times are kept for steady-state detection (29 bytes each).
+MAX_TIMED_REQUESTS = 20_000_000
 
 
 class MetricsSink(RecordSink):
@@ -26,11 +32,19 @@ class MetricsSink(RecordSink):
         writer: RequestsWriter | None = None,
         endpoints: list[str] | None = None,
         scraper: Scraper | None = None,
+        stop: StopConfig | None = None,
     ) -> None:
         self.acc = acc or MetricsAccumulator()
         self.writer = writer
         #: The servers' metrics: their state at each request's send joins its record.
         self.scraper = scraper
+        self.stop = stop if stop is not None and stop.any else None
+        #: Per drained batch: (monotonic ns, failed?, TTFT ms, lag ms) of its requests that
+        #: were sent, for the --stop-on-* conditions.
+        self.recent: collections.deque[tuple[int, Any, Any, Any]] = collections.deque()
+        #: What steady-state detection needs of every request (up to a cap).
+        self.times: RequestTimes | None = RequestTimes()
+        self._timed = 0
         self.endpoints = endpoints or [""]
         self._given_endpoints = endpoints
         self.recent_ttft: collections.deque[tuple[int, npt.NDArray[np.int64]]] = collections.deque()
@@ -46,15 +60,64 @@ class MetricsSink(RecordSink):
         if "_slot_size" in extra and "_slot_edge" in extra:
             burst = (extra["_slot_size"], extra["_slot_edge"])
         self.acc.add(columns, extra["input_len"], labels, burst, extra.get("reason_ratio"))
+        if self.times is not None:
+            self._timed += len(columns["sent_ns"])
+            if self._timed > MAX_TIMED_REQUESTS:
+                self.times = None  # a very long run: no steady-state figures (memory)
+            else:
+                self.times.add(columns)
         ok = (np.asarray(columns["error_kind"]) == 0) & (np.asarray(columns["first_token_ns"]) >= 0)
         if ok.any():
             ttft = np.asarray(columns["first_token_ns"])[ok] - np.asarray(columns["sent_ns"])[ok]
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
+        if self.stop is not None:
+            self._remember(columns)
         if self.writer is not None:
             if self.scraper is not None:
                 state = self.scraper.state_at(columns["endpoint_idx"], columns["sent_ns"])
                 batch = with_extra(batch, dict(state))
             self.writer.write(batch)
+
+    def _remember(self, columns: Any) -> None:
+        sent = np.asarray(columns["sent_ns"]) >= 0
+        if not sent.any():
+            return
+        failed = np.asarray(columns["error_kind"])[sent] != 0
+        first = np.asarray(columns["first_token_ns"])[sent]
+        ttft_ms = np.where(first >= 0, first - np.asarray(columns["sent_ns"])[sent], -1) / 1e6
+        lag_ms = (
+            np.asarray(columns["sent_ns"])[sent] - np.asarray(columns["scheduled_ns"])[sent]
+        ) / 1e6
+        self.recent.append((time.monotonic_ns(), failed, ttft_ms, lag_ms))
+
+    def early_stop(self) -> str | None:
+        """The first --stop-on-* condition the requests completed within the window meet."""
+        cfg = self.stop
+        if cfg is None:
+            return None
+        horizon = time.monotonic_ns() - int(cfg.window_s * 1e9)
+        while self.recent and self.recent[0][0] < horizon:
+            self.recent.popleft()
+        if not self.recent:
+            return None
+        failed = np.concatenate([r[1] for r in self.recent])
+        if len(failed) < cfg.min_requests:
+            return None
+        window = f"over the last {cfg.window_s:g} s ({len(failed)} requests)"
+        rate = float(failed.mean())
+        if cfg.failure_rate is not None and rate >= cfg.failure_rate:
+            return f"failure rate {rate:.1%} >= {cfg.failure_rate:.1%} {window}"
+        ttft = np.concatenate([r[2] for r in self.recent])
+        ttft = ttft[ttft >= 0]
+        if cfg.ttft_p99_ms is not None and len(ttft) >= cfg.min_requests:
+            p99 = float(np.percentile(ttft, 99))
+            if p99 > cfg.ttft_p99_ms:
+                return f"p99 TTFT {p99:.1f} ms > {cfg.ttft_p99_ms:g} ms {window}"
+        if cfg.lag_ms is not None:
+            p99 = float(np.percentile(np.concatenate([r[3] for r in self.recent]), 99))
+            if p99 > cfg.lag_ms:
+                return f"p99 dispatch lag {p99:.2f} ms > {cfg.lag_ms:g} ms {window}"
+        return None
 
     def stopped(self, at_ns: int) -> None:
         self.acc.stopped(at_ns)

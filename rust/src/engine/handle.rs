@@ -178,6 +178,13 @@ impl RunHandle {
         self.shared.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// Stops dispatching, as `stop`, for `reason`: what the requests never sent say
+    /// (the first reason given is kept).
+    pub fn stop_because(&self, reason: &str) {
+        let _ = self.shared.stop_reason.set(reason.to_owned());
+        self.stop();
+    }
+
     /// Aborts requests in flight (recorded as `Cancelled`); implies `stop`.
     pub fn cancel(&self) {
         self.stop();

@@ -15,7 +15,7 @@ use crate::records::{ErrorKind, RequestRecord};
 use crate::timer::{lower_timer_slack, HiResSleep, RealtimeGovernor};
 
 use super::dispatch::dispatch;
-use super::pacing::{start_instant, wait_for, STOPPED_REASON, STOP_POLL};
+use super::pacing::{start_instant, wait_for, STOP_POLL};
 use super::{Schedule, Shared};
 
 /// A chunk as the lanes see it: where it starts in the whole schedule, and its columns.
@@ -173,7 +173,7 @@ async fn lane_main(
         for j in lane_positions(&chunk, 0, lane, lanes) {
             let deadline = t0 + Duration::from_nanos(chunk.schedule.t_ns[j] as u64);
             if !wait_for(&shared, timer.as_ref(), deadline, spin).await {
-                mark_not_sent(&shared, lane, lanes, &chunk, j as u64, STOPPED_REASON);
+                mark_not_sent(&shared, lane, lanes, &chunk, j as u64, shared.not_sent_reason());
                 break 'chunks;
             }
             dispatch(&shared, &pool, &state, clock, lane, &chunk, j);
@@ -194,7 +194,7 @@ async fn lane_main(
     // not reached is recorded as not sent.
     rx.close();
     while let Ok(chunk) = rx.try_recv() {
-        mark_not_sent(&shared, lane, lanes, &chunk, 0, STOPPED_REASON);
+        mark_not_sent(&shared, lane, lanes, &chunk, 0, shared.not_sent_reason());
     }
 
     while state.in_flight.get() > 0 {

@@ -53,6 +53,9 @@ struct Shared {
     config: EngineConfig,
     progress: Progress,
     stopping: AtomicBool,
+    /// Why the run was stopped early (`RunHandle::stop_because`): what its requests that
+    /// were never sent say.
+    stop_reason: OnceLock<String>,
     cancel: CancellationToken,
     semaphore: Option<Arc<Semaphore>>,
     start_gate: Barrier,
@@ -68,6 +71,15 @@ struct Shared {
     route_cursor: Vec<AtomicU64>,
     /// Ends of conversation turns that later turns wait for.
     turns: TurnBoard,
+}
+
+impl Shared {
+    /// What a request that was never sent because the run stopped says.
+    fn not_sent_reason(&self) -> &str {
+        self.stop_reason
+            .get()
+            .map_or(pacing::STOPPED_REASON, String::as_str)
+    }
 }
 
 /// Starts a run over a whole schedule (fed at once, input closed).
@@ -105,6 +117,7 @@ pub fn start_streaming(
     let shared = Arc::new(Shared {
         progress: Progress::default(),
         stopping: AtomicBool::new(false),
+        stop_reason: OnceLock::new(),
         cancel: CancellationToken::new(),
         semaphore: config.max_concurrency.map(|c| Arc::new(Semaphore::new(c))),
         start_gate: Barrier::new(lanes),

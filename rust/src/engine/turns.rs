@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::RunClock;
 
-use super::pacing::{STOPPED_REASON, STOP_POLL};
+use super::pacing::STOP_POLL;
 use super::Shared;
 
 /// How a turn ended: (done_ns, succeeded, the endpoint that served it).
@@ -63,18 +63,18 @@ impl TurnBoard {
 /// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
 /// offset and the endpoint that served the turn, or why the follower cannot be sent (the
 /// turn failed, or the run stopped).
-pub(super) async fn follow_turn(
-    shared: &Shared,
+pub(super) async fn follow_turn<'a>(
+    shared: &'a Shared,
     clock: RunClock,
     parent: u64,
     think_ns: i64,
-) -> Result<(i64, u32), &'static str> {
+) -> Result<(i64, u32), &'a str> {
     let Some(mut rx) = shared.turns.subscribe(parent) else {
         return Err("turn bookkeeping failed");
     };
     let end = loop {
         if shared.stopping.load(Ordering::Relaxed) {
-            return Err(STOPPED_REASON);
+            return Err(shared.not_sent_reason());
         }
         if let Some(end) = *rx.borrow_and_update() {
             break end;
@@ -91,7 +91,7 @@ pub(super) async fn follow_turn(
     let deadline = clock.t0 + Duration::from_nanos(release_ns.max(0) as u64);
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
-            return Err(STOPPED_REASON);
+            return Err(shared.not_sent_reason());
         }
         let now = Instant::now();
         if now >= deadline {
