@@ -173,7 +173,14 @@ async fn lane_main(
         for j in lane_positions(&chunk, 0, lane, lanes) {
             let deadline = t0 + Duration::from_nanos(chunk.schedule.t_ns[j] as u64);
             if !wait_for(&shared, timer.as_ref(), deadline, spin).await {
-                mark_not_sent(&shared, lane, lanes, &chunk, j as u64, shared.not_sent_reason());
+                mark_not_sent(
+                    &shared,
+                    lane,
+                    lanes,
+                    &chunk,
+                    j as u64,
+                    shared.not_sent_reason(),
+                );
                 break 'chunks;
             }
             dispatch(&shared, &pool, &state, clock, lane, &chunk, j);

@@ -63,12 +63,12 @@ impl TurnBoard {
 /// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
 /// offset and the endpoint that served the turn, or why the follower cannot be sent (the
 /// turn failed, or the run stopped).
-pub(super) async fn follow_turn<'a>(
-    shared: &'a Shared,
+pub(super) async fn follow_turn(
+    shared: &Shared,
     clock: RunClock,
     parent: u64,
     think_ns: i64,
-) -> Result<(i64, u32), &'a str> {
+) -> Result<(i64, u32), &str> {
     let Some(mut rx) = shared.turns.subscribe(parent) else {
         return Err("turn bookkeeping failed");
     };
