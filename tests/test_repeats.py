@@ -43,9 +43,12 @@ def test_num_runs_reports_intervals_and_a_steady_window(tmp_path: Path) -> None:
     r = invoke(
         "blast", "--num-runs", "3", "--num-prompts", "300", "--request-rate", "100",
         "--random-input-len", "8", "--random-output-len", "8", "--disable-tqdm",
-        "--output-file", str(res), "--save-requests", str(req),
+        "--output-file", str(res), "--save-requests", str(req), "--reset-prefix-cache",
+        "--cooldown", "0.2",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
+    # The mock has no /reset_prefix_cache: said (once per reset), the runs go on.
+    assert r.output.count("cannot reset its prefix cache (HTTP 404") == 2
     data = json.loads(res.read_text())
     assert data["num_runs"] == 3 and len(data["runs"]) == 3
     per_run = [run["mean_ttft_ms"] for run in data["runs"]]
@@ -128,6 +131,22 @@ def test_early_stop_on_ttft(tmp_path: Path) -> None:
     assert data["not_reached"] > 200
 
 
+def test_early_stop_on_dispatch_lag(tmp_path: Path) -> None:
+    """Two requests in flight at most against 100 ms answers at 100 req/s: the queue
+    behind the cap shows as dispatch lag, and the run stops on it."""
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "1000", "--request-rate", "100", "--random-input-len", "8",
+        "--random-output-len", "2", "--mock-ttft-ms", "100", "--max-concurrency", "2",
+        "--stop-on-lag-ms", "200", "--stop-window", "1", "--disable-tqdm",
+        "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(res.read_text())
+    assert "p99 dispatch lag" in data["early_stop"]["reason"]
+    assert data["not_reached"] > 500
+
+
 def test_ab_verdicts_find_a_real_difference_and_not_a_null_one() -> None:
     rng = np.random.default_rng(3)
     n = 3000
@@ -144,23 +163,34 @@ def test_ab_verdicts_find_a_real_difference_and_not_a_null_one() -> None:
     assert found["median_ttft_ms"]["significant"]
     null = {v["figure"]: v for v in ab_verdicts(a, same)}
     assert not null["mean_ttft_ms"]["significant"], null["mean_ttft_ms"]
+    assert "runs_ci95" not in mean  # one run a side: no interval over runs
+    # Three runs a side: the requests pooled, and Welch's t over the runs' figures.
+    many = {
+        v["figure"]: v
+        for v in ab_verdicts([run(0.0) for _ in range(3)], [run(10.0) for _ in range(3)])
+    }
+    lo, hi = many["mean_ttft_ms"]["runs_ci95"]
+    assert many["mean_ttft_ms"]["runs_significant"] and lo < 10.0 < hi
 
 
 def test_report_states_ab_verdicts(tmp_path: Path) -> None:
+    """Two series of two runs each (--num-runs 2): the report groups X-run1/X-run2, pools
+    their requests, and adds the interval over runs."""
     paths = []
     for name, ttft in (("a", "20"), ("b", "45")):
         p = tmp_path / f"{name}.parquet"
         r = invoke(
-            "blast", "--num-prompts", "200", "--request-rate", "200", "--random-input-len",
+            "blast", "--num-prompts", "150", "--request-rate", "200", "--random-input-len",
             "8", "--random-output-len", "4", "--mock-ttft-ms", ttft, "--disable-tqdm",
-            "--save-requests", str(p),
+            "--num-runs", "2", "--save-requests", str(p),
         )  # fmt: skip
         assert r.exit_code == 0, r.output
-        paths.append(str(p))
+        paths += [str(tmp_path / f"{name}-run{k}.parquet") for k in (1, 2)]
     out = tmp_path / "rep.html"
     r = invoke("report", *paths, "-o", str(out))
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if "mean TTFT" in x)
-    assert "significant" in line and "not significant" not in line
-    assert "b.parquet vs a.parquet" in r.output
+    assert "significant" in line.split(";")[0] and "not significant" not in line.split(";")[0]
+    assert "over runs" in line
+    assert "b vs a" in r.output
     assert "95% interval" in out.read_text()

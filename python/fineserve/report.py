@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -537,13 +538,29 @@ _KEY_FIGURES = (
 )
 
 
+def run_series(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by series: ``X-run1.parquet``, ``X-run2.parquet``, ... (``--num-runs``)
+    are one series ``X``; any other file is a series of its own."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        m = re.match(r"^(.*)-run\d+\.parquet$", r.name)
+        groups.setdefault(m.group(1) if m else r.name, []).append(r)
+    return groups
+
+
 def verdicts(runs: list[Run]) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """Each run after the first against the first: (A, B, per-figure verdicts)."""
-    out = []
-    for b in runs[1:]:
-        a = runs[0]
-        if a.times is not None and b.times is not None:
-            out.append((a.name, b.name, ab_verdicts(a.times, b.times)))
+    """Each series after the first against the first: (A, B, per-figure verdicts)."""
+    groups = [
+        (name, [r.times for r in rs if r.times is not None])
+        for name, rs in run_series(runs).items()
+    ]
+    out: list[tuple[str, str, list[dict[str, Any]]]] = []
+    if len(groups) < 2 or not groups[0][1]:
+        return out
+    a_name, a_times = groups[0]
+    for b_name, b_times in groups[1:]:
+        if b_times:
+            out.append((a_name, b_name, ab_verdicts(a_times, b_times)))
     return out
 
 
@@ -555,10 +572,15 @@ def format_verdicts(found: list[tuple[str, str, list[dict[str, Any]]]]) -> str:
         for r in rows:
             lo, hi = r["ci95"]
             verdict = "significant" if r["significant"] else "not significant"
-            lines.append(
+            line = (
                 f"  {r['label']:<20} {r['a']:>10.2f} -> {r['b']:>10.2f}  "
                 f"{r['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]  {verdict}"
             )
+            if "runs_ci95" in r:
+                rlo, rhi = r["runs_ci95"]
+                rv = "significant" if r["runs_significant"] else "not significant"
+                line += f"; over runs [{rlo:+.2f}, {rhi:+.2f}] {rv}"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -568,13 +590,21 @@ def _verdict_html(found: list[tuple[str, str, list[dict[str, Any]]]]) -> str:
         body = "".join(
             f"<tr><th>{html.escape(r['label'])}</th><td>{r['a']:.2f}</td><td>{r['b']:.2f}</td>"
             f"<td>{r['diff']:+.2f}</td><td>[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]</td>"
-            f"<td>{'<b>significant</b>' if r['significant'] else 'not significant'}</td></tr>"
+            f"<td>{'<b>significant</b>' if r['significant'] else 'not significant'}</td>"
+            + (
+                f"<td>[{r['runs_ci95'][0]:+.2f}, {r['runs_ci95'][1]:+.2f}] "
+                f"{'<b>significant</b>' if r['runs_significant'] else 'not significant'}</td>"
+                if "runs_ci95" in r
+                else "<td>-</td>"
+            )
+            + "</tr>"
             for r in rows
         )
         parts.append(
             f"<h2>{html.escape(b)} vs {html.escape(a)}</h2><p>B − A with a 95% bootstrap "
-            "interval over requests</p><table><tr><th></th><th>A</th><th>B</th><th>B − A</th>"
-            f"<th>95% interval</th><th>verdict</th></tr>{body}</table>"
+            "interval over requests (and, with several runs a side, Welch's t over runs)</p>"
+            "<table><tr><th></th><th>A</th><th>B</th><th>B − A</th><th>95% interval</th>"
+            f"<th>verdict</th><th>over runs</th></tr>{body}</table>"
         )
     return "".join(parts)
 

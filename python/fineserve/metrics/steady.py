@@ -214,11 +214,27 @@ def _resampled(
     return out
 
 
-def ab_verdicts(a: RequestTimes, b: RequestTimes, seed: int = 0) -> list[dict[str, Any]]:
-    """Per figure: B − A, its 95% bootstrap interval over requests (each side resampled
-    with replacement, percentile interval), and whether the interval excludes zero."""
+def _pooled(parts: Sequence[RequestTimes]) -> RequestTimes:
+    return RequestTimes([p for t in parts for p in t.parts])
+
+
+def ab_verdicts(
+    a: RequestTimes | Sequence[RequestTimes],
+    b: RequestTimes | Sequence[RequestTimes],
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Per figure: B − A, its 95% bootstrap interval over requests (each side's requests
+    pooled over its runs and resampled with replacement; percentile interval), and
+    whether the interval excludes zero. When both sides have several runs, also over
+    runs: the difference of the per-run figures' means with Welch's t interval
+    (``runs_ci95``, ``runs_significant``)."""
+    a_runs = [a] if isinstance(a, RequestTimes) else list(a)
+    b_runs = [b] if isinstance(b, RequestTimes) else list(b)
     rng = np.random.default_rng(seed)
-    va, vb = per_request(a), per_request(b)
+    va, vb = per_request(_pooled(a_runs)), per_request(_pooled(b_runs))
+    by_run = len(a_runs) >= 2 and len(b_runs) >= 2
+    ra = [per_request(t) for t in a_runs] if by_run else []
+    rb = [per_request(t) for t in b_runs] if by_run else []
     out = []
     for key, label, series, how in VERDICT_FIGURES:
         xa, xb = va[series], vb[series]
@@ -227,15 +243,35 @@ def ab_verdicts(a: RequestTimes, b: RequestTimes, seed: int = 0) -> list[dict[st
         diff = float(_stat(xb, how) - _stat(xa, how))
         boot = _resampled(xb, how, rng) - _resampled(xa, how, rng)
         low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-        out.append(
-            {
-                "figure": key,
-                "label": label,
-                "a": float(_stat(xa, how)),
-                "b": float(_stat(xb, how)),
-                "diff": diff,
-                "ci95": [low, high],
-                "significant": bool(low > 0 or high < 0),
-            }
-        )
+        row: dict[str, Any] = {
+            "figure": key,
+            "label": label,
+            "a": float(_stat(xa, how)),
+            "b": float(_stat(xb, how)),
+            "diff": diff,
+            "ci95": [low, high],
+            "significant": bool(low > 0 or high < 0),
+        }
+        if by_run:
+            pa_ = [float(_stat(r[series], how)) for r in ra if len(r[series])]
+            pb_ = [float(_stat(r[series], how)) for r in rb if len(r[series])]
+            if len(pa_) >= 2 and len(pb_) >= 2:
+                lo, hi = welch_interval(np.asarray(pa_), np.asarray(pb_))
+                row["runs_ci95"] = [lo, hi]
+                row["runs_significant"] = bool(lo > 0 or hi < 0)
+        out.append(row)
     return out
+
+
+def welch_interval(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """95% interval of mean(b) − mean(a) by Welch's t (unequal variances)."""
+    from scipy.stats import t as student_t
+
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    diff = float(b.mean() - a.mean())
+    if se == 0:
+        return diff, diff
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(student_t.ppf(0.975, dof)) * se
+    return diff - half, diff + half
