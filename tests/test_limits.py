@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import invoke
 from fineserve import _engine
 from fineserve.limits import connection_limits
 from fineserve.records import RECORD_INT_COLUMNS, empty_records, records_to_batch
@@ -149,3 +150,36 @@ def test_records_dropped_when_no_place_takes_them_are_counted(
     assert path == tmp_path / "r.parquet"
     table, meta = read_requests(path)
     assert table.num_rows == 0 and meta["dropped_rows"] == 6
+
+
+def test_connections_are_bounded_over_every_lane_and_the_verdict_says_so(
+    tmp_path: Path,
+) -> None:
+    """--max-connections 16 against ~40 requests in flight (400 req/s, ~100 ms streams), on
+    3 lanes that each pool idle connections: no request fails, never more than 16
+    connections open at once, and the result says the client was the bottleneck."""
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "400", "--request-rate", "400", "--random-input-len", "8",
+        "--random-output-len", "16", "--mock-itl-ms", "6", "--lanes", "3",
+        "--max-connections", "16", "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(res.read_text())
+    assert out["completed"] == 400 and out["failed"] == 0
+    assert out["max_connections"] == 16 and out["connections_peak"] <= 16
+    assert out["connection_waits"] > 0 and out["client_saturated"] is True
+    assert any("connects waited" in why for why in out["client_saturation_reasons"])
+    assert "Client saturated:" in r.output and "the client, not the server" in r.output
+
+
+def test_an_unsaturated_run_says_so(tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "50", "--request-rate", "100", "--random-input-len", "8",
+        "--random-output-len", "4", "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(res.read_text())
+    assert out["client_saturated"] is False and out["client_saturation_reasons"] == []
+    assert out["connection_waits"] == 0

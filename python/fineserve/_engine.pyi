@@ -93,6 +93,7 @@ class _EngineOptions(Protocol):
 
     stream: bool
     max_concurrency: int | None
+    max_connections: int
     lanes: int
     warm_connections: int
     spin_us: int

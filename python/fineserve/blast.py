@@ -82,16 +82,19 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     if ec.max_concurrency:
         peak = min(peak, ec.max_concurrency)
     budget = connection_budget(peak, len(ec.source_ips), is_mock)
-    # One cap on requests in flight: the user's, or what the descriptors allow.
+    # One cap on requests in flight: the user's, or what the descriptors allow; and one on
+    # connections open at once over every lane (idle pooled ones hold descriptors too).
     in_flight_cap = min(ec.max_concurrency or budget.max_in_flight, budget.max_in_flight)
+    max_connections = min(ec.max_connections or budget.max_in_flight, budget.max_in_flight)
     n_urls = len(targets.urls)
     warm = ec.warm_connections
     if warm is None:
         warm = min(ec.max_concurrency or max(1, per_second // n_urls), AUTO_WARM_CAP)
-    warm = min(warm, max(in_flight_cap // n_urls, 1))
+    warm = min(warm, max(min(in_flight_cap, max_connections) // n_urls, 1))
     options = EngineOptions(
         stream=cfg.target.stream,
         max_concurrency=in_flight_cap,
+        max_connections=max_connections,
         lanes=lanes,
         warm_connections=warm,
         connect_timeout_s=ec.connect_timeout_s,
@@ -220,6 +223,12 @@ def run_blast(
                 warn(f"closing the request records failed too: {e}")
         raise
     metrics = _metrics(cfg, sink, prefix, run.builder, outcome, quiet)
+    metrics.update(client_saturation(cfg, metrics, outcome.progress, sink, run.sizing))
+    if metrics["client_saturated"] and not quiet:
+        warn(
+            "the client, not the server, limited this run: "
+            + "; ".join(metrics["client_saturation_reasons"])
+        )
     if scrape is not None:
         metrics["server_metrics"] = scrape.finish(outcome)
     header = _header(cfg, run.mode, metrics, run.sizing, run.targets)
@@ -379,6 +388,49 @@ class ServerScrape:
                 self.writer.close(meta)
         except Exception as e:  # never in place of the error that stopped the run
             warn(f"closing the server metrics failed too: {e}")
+
+
+#: Dispatch lag (p99) past which the client did not keep the schedule.
+SATURATION_LAG_US = 1000.0
+
+
+def client_saturation(
+    cfg: BlastConfig,
+    metrics: dict[str, Any],
+    progress: dict[str, Any],
+    sink: MetricsSink,
+    sizing: EngineSizing,
+) -> dict[str, Any]:
+    """Whether the client, not the server, was the bottleneck, and why: connects waited
+    for the connection budget (the open-files limit, or --max-connections), or dispatch
+    lag went past 1 ms at p99 (lanes that cannot keep the schedule). Each reason names
+    its remedy. A lag that --max-concurrency causes is the user's own cap, not counted."""
+    reasons = []
+    waits = int(progress.get("connection_waits") or 0)
+    wait_ns = int(progress.get("connection_wait_ns") or 0)
+    cap = sizing.options.max_connections
+    if waits:
+        reasons.append(
+            f"{waits} connects waited for one of {cap} connections (mean "
+            f"{wait_ns / waits / 1e3:.0f} us): raise the open-files limit (`ulimit -Hn`), "
+            "--max-connections, or spread the load (--ray workers, more machines)"
+        )
+    lag = metrics.get("p99_dispatch_lag_us")
+    if lag is not None and lag > SATURATION_LAG_US and not cfg.engine.max_concurrency:
+        reasons.append(
+            f"p99 dispatch lag {lag / 1e3:.2f} ms > {SATURATION_LAG_US / 1e3:g} ms: the "
+            f"{sizing.lanes} lanes could not keep the schedule; more --lanes, a less busy "
+            "host, or --ray workers"
+        )
+    return {
+        "client_saturated": bool(reasons),
+        "client_saturation_reasons": reasons,
+        "connection_waits": waits,
+        "connection_wait_mean_us": wait_ns / waits / 1e3 if waits else 0.0,
+        "connections_peak": int(progress.get("connections_peak") or 0),
+        "max_connections": cap,
+        "pool_exhausted_seconds": len(sink.pool_exhausted_s),
+    }
 
 
 def _metrics(

@@ -409,6 +409,8 @@ class EngineConfig:
     from this once the workload and the servers are known)."""
 
     max_concurrency: int | None = None
+    #: Connections open at once (None: what the open-files limit allows).
+    max_connections: int | None = None
     #: None: half the CPUs (1 to 8), at least 2 for a schedule with bursts.
     lanes: int | None = None
     #: None: the peak requests in any second, capped.
@@ -437,6 +439,7 @@ class EngineConfig:
             **_given(
                 p,
                 max_concurrency="max_concurrency",
+                max_connections="max_connections",
                 lanes="lanes",
                 warm_connections="warm_connections",
                 connect_timeout_s="connect_timeout",

@@ -56,6 +56,9 @@ class EngineOptions:
     source_ips: list[str] = field(default_factory=list)
     #: A conversation's later turn goes to the endpoint of its previous turn.
     turn_affinity: bool = True
+    #: Connections open at once over every lane (0: no cap); a connect past it waits for
+    #: one to close (shown as dispatch lag) instead of failing for want of descriptors.
+    max_connections: int = 0
     #: Bearer token; None: ``$OPENAI_API_KEY`` where the engine runs. Never shown.
     api_key: str | None = field(default=None, repr=False)
     #: Headers on every request: (name, value, secret); a secret value is never shown.
@@ -230,6 +233,9 @@ class RecordSink:
     def early_stop(self) -> str | None:
         """Why the run should stop now (a stop condition met), or None."""
         return None
+
+    def watch(self, progress: dict[str, Any]) -> None:
+        """The engine's live counters, at every turn of the drive loop."""
 
 
 class _PendingExtras:
@@ -428,8 +434,10 @@ def _poll_until_over(
                         sink.started(t0)
                         t0_told = True
                     over = driver.poll()
+                    progress = driver.progress()
+                    sink.watch(progress)
                     if bar:
-                        bar.update(driver.progress(), sink.live())
+                        bar.update(progress, sink.live())
                     if over:
                         return _Stop(stopped_at_ns, early)
                     if stopped_at_ns is None and (early := sink.early_stop()) is not None:
@@ -671,6 +679,9 @@ class _ProgressBar:
             "rate": f"{self._rate:.0f}/s",
             **(live or {}),
         }
+        if p.get("connection_waiting"):
+            # The client, not the server, holds requests back right now.
+            fields["client-limited"] = f"{p['connection_waiting']} wait for a connection"
         # Redrawn now: tqdm redraws only when its count moves, which leaves the postfix
         # (sent, in flight, rate) stale while long generations are under way.
         self._bar.set_postfix(fields, refresh=True)

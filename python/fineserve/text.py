@@ -179,6 +179,17 @@ def _summary_dispatch(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> N
             f"{'s' if lanes > 1 else ''}: a burst takes ~{burst // lanes} sends per lane; "
             "--lanes adds senders)"
         )
+    if "client_saturated" in m:
+        t.row(
+            "Client saturated:",
+            "yes (see the warning above)" if m["client_saturated"] else "no",
+        )
+        if m.get("connection_waits"):
+            t.row(
+                "  waited for a connection:",
+                f"{m['connection_waits']} (mean {m['connection_wait_mean_us']:.0f} us, "
+                f"{m['pool_exhausted_seconds']} s exhausted)",
+            )
     if m.get("burst_sent_in_slot_fraction") is not None:
         t.row(
             "Burst members in their slot (%):",

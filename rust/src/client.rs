@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use crate::engine::{ConnBudget, ConnSlot};
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RequestRecord};
 use crate::sse::{decode_event, ChunkInfo, EventKind, SseParser};
@@ -158,6 +160,8 @@ pub struct Pool {
     next_source: Cell<usize>,
     /// For `https://` endpoints (built once per run, shared by the lanes).
     tls: Option<TlsConnector>,
+    /// Connections open at once over every lane (the descriptor budget).
+    budget: Arc<ConnBudget>,
 }
 
 type Failure = (ErrorKind, String);
@@ -169,6 +173,7 @@ impl Pool {
         source_ips: Vec<IpAddr>,
         first_source: usize,
         tls: Option<TlsConnector>,
+        budget: Arc<ConnBudget>,
     ) -> Self {
         let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
         Self {
@@ -178,6 +183,7 @@ impl Pool {
             source_ips,
             next_source: Cell::new(first_source),
             tls,
+            budget,
         }
     }
 
@@ -215,6 +221,9 @@ impl Pool {
     /// Opens a new connection (TCP, then TLS for `https://`, within the connect timeout);
     /// its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
+        // Past the budget, wait for a connection to close (client-side queueing, not part
+        // of the connect timeout); the slot goes back when this connection closes.
+        let slot = self.budget.take().await;
         let ep = &self.endpoints[endpoint];
         let addr = ep.addr;
         let timed_out = || {
@@ -232,7 +241,7 @@ impl Pool {
             .map_err(|_| timed_out())??;
         let _ = stream.set_nodelay(true);
         if !ep.tls {
-            return handshake_http1(TokioIo::new(stream), addr).await;
+            return handshake_http1(TokioIo::new(stream), addr, slot).await;
         }
         let Some(tls) = &self.tls else {
             return Err((ErrorKind::Tls, "no TLS configuration for https".to_owned()));
@@ -247,11 +256,27 @@ impl Pool {
                     format!("TLS handshake with {}: {why}", ep.url),
                 )
             })?;
-        handshake_http1(TokioIo::new(stream), addr).await
+        handshake_http1(TokioIo::new(stream), addr, slot).await
     }
 
+    /// Closes up to `n` idle connections (another lane waits for connection budget).
+    pub fn trim(&self, n: usize) {
+        let mut idle = self.idle.borrow_mut();
+        let mut left = n;
+        for list in idle.iter_mut() {
+            while left > 0 && list.pop().is_some() {
+                left -= 1;
+            }
+        }
+    }
+
+    pub fn budget(&self) -> &ConnBudget {
+        &self.budget
+    }
+
+    /// Pools a connection for reuse; closes it instead while a connect waits for budget.
     pub fn put(&self, endpoint: usize, sender: Sender) {
-        if !sender.is_closed() {
+        if !sender.is_closed() && !self.budget.under_pressure() {
             self.idle.borrow_mut()[endpoint].push(sender);
         }
     }
@@ -277,7 +302,11 @@ impl Pool {
 
 /// HTTP/1.1 over an open (plain or TLS) stream; the connection's driver runs on the
 /// current `LocalSet`.
-async fn handshake_http1<T>(io: TokioIo<T>, addr: SocketAddr) -> Result<Sender, Failure>
+async fn handshake_http1<T>(
+    io: TokioIo<T>,
+    addr: SocketAddr,
+    slot: ConnSlot,
+) -> Result<Sender, Failure>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
 {
@@ -291,6 +320,7 @@ where
         })?;
     tokio::task::spawn_local(async move {
         let _ = conn.await;
+        drop(slot);
     });
     Ok(sender)
 }

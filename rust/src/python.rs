@@ -52,7 +52,8 @@ impl PyRun {
 #[pymethods]
 impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
-    /// elapsed_ns, started, t0_unix_ns, warm_connections, warm_failures, realtime_lanes,
+    /// elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
+    /// connection_waiting, connection_waits, connection_wait_ns, warm_connections, warm_failures, realtime_lanes,
     /// realtime_demotions.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
@@ -67,6 +68,11 @@ impl PyRun {
         d.set_item("elapsed_ns", p.elapsed_ns)?;
         d.set_item("started", p.started)?;
         d.set_item("t0_unix_ns", p.t0_unix_ns)?;
+        d.set_item("connections_open", p.connections_open)?;
+        d.set_item("connections_peak", p.connections_peak)?;
+        d.set_item("connection_waiting", p.connection_waiting)?;
+        d.set_item("connection_waits", p.connection_waits)?;
+        d.set_item("connection_wait_ns", p.connection_wait_ns)?;
         d.set_item("warm_connections", p.warm_connections)?;
         d.set_item("warm_failures", p.warm_failures)?;
         d.set_item("realtime_lanes", p.realtime_lanes)?;
@@ -218,6 +224,7 @@ struct PyTurns<'py>(
 struct PyEngineOptions {
     stream: bool,
     max_concurrency: Option<usize>,
+    max_connections: usize,
     lanes: usize,
     warm_connections: usize,
     spin_us: u64,
@@ -316,6 +323,7 @@ impl TryFrom<PyEngineOptions> for EngineConfig {
             endpoints: Vec::new(),
             client,
             max_concurrency: o.max_concurrency,
+            max_connections: o.max_connections,
             lanes: o.lanes,
             warm_connections: o.warm_connections,
             spin: Duration::from_micros(o.spin_us),

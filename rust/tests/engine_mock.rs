@@ -20,6 +20,7 @@ fn config(url: String, warm: usize) -> EngineConfig {
             ..ClientConfig::default()
         },
         max_concurrency: None,
+        max_connections: 0,
         lanes: 2,
         warm_connections: warm,
         spin: Duration::from_micros(200),

@@ -719,6 +719,13 @@ _ENGINE_OPTIONS: list[Any] = [
         help="Cap on requests in flight; excess requests queue (queueing shows as dispatch lag).",
     ),
     click.option(
+        "--max-connections",
+        type=click.IntRange(min=1),
+        help="Connections open at once over every lane (default: what the open-files limit "
+        "allows); a request past it waits for one to close (shown as dispatch lag and "
+        "in the saturation verdict) instead of failing.",
+    ),
+    click.option(
         "--warmup-requests",
         "--num-warmups",
         type=click.IntRange(min=0),

@@ -83,7 +83,8 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "Engine & timeouts",
         (
-            "max_concurrency", "warmup_requests", "lanes", "warm_connections",
+            "max_concurrency", "max_connections", "warmup_requests", "lanes",
+            "warm_connections",
             "connect_timeout", "first_byte_timeout", "idle_timeout", "request_timeout",
             "max_response_mb", "source_ip", "drain_grace", "realtime_priority",
         ),

@@ -42,6 +42,10 @@ class MetricsSink(RecordSink):
         #: Per drained batch: (monotonic ns, failed?, TTFT ms, lag ms) of its requests that
         #: were sent, for the --stop-on-* conditions.
         self.recent: collections.deque[tuple[int, Any, Any, Any]] = collections.deque()
+        #: Seconds of the run in which a connect waited for connection budget, and the
+        #: last counters seen (for the saturation verdict).
+        self.pool_exhausted_s: set[int] = set()
+        self.last_progress: dict[str, Any] = {}
         #: What steady-state detection needs of every request (up to a cap).
         self.times: RequestTimes | None = RequestTimes()
         self._timed = 0
@@ -118,6 +122,11 @@ class MetricsSink(RecordSink):
             if p99 > cfg.lag_ms:
                 return f"p99 dispatch lag {p99:.2f} ms > {cfg.lag_ms:g} ms {window}"
         return None
+
+    def watch(self, progress: dict[str, Any]) -> None:
+        self.last_progress = progress
+        if progress.get("connection_waiting") and progress.get("started"):
+            self.pool_exhausted_s.add(int(progress.get("elapsed_ns", 0)) // 1_000_000_000)
 
     def stopped(self, at_ns: int) -> None:
         self.acc.stopped(at_ns)

@@ -11,6 +11,9 @@ pub struct EngineConfig {
     pub endpoints: Vec<String>,
     pub client: ClientConfig,
     pub max_concurrency: Option<usize>,
+    /// Connections open at once over every lane (0: no cap); a connect past it waits for
+    /// one to close.
+    pub max_connections: usize,
     pub lanes: usize,
     /// Connections opened per endpoint before the start instant (split over lanes).
     pub warm_connections: usize,
@@ -99,6 +102,7 @@ mod tests {
                 ..ClientConfig::default()
             },
             max_concurrency: None,
+            max_connections: 0,
             lanes: 1,
             warm_connections: 0,
             spin: Duration::ZERO,

@@ -72,9 +72,11 @@ impl RunHandle {
     }
 
     pub fn progress(&self) -> ProgressSnapshot {
-        self.shared
-            .progress
-            .snapshot(self.shared.t0.get(), self.shared.t0_unix_ns.get().copied())
+        self.shared.progress.snapshot(
+            self.shared.t0.get(),
+            self.shared.t0_unix_ns.get().copied(),
+            &self.shared.budget,
+        )
     }
 
     /// Waits up to `timeout` for every lane to finish; true when they have.

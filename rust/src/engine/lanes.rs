@@ -154,8 +154,21 @@ async fn lane_main(
         shared.config.client.source_ips.clone(),
         lane,
         shared.tls.clone(),
+        Arc::clone(&shared.budget),
     ));
     warm_pool(&shared, &pool, lanes).await;
+    // While a connect (in any lane) waits for budget, this lane's idle connections close:
+    // a quiet lane must not sit on descriptors a busy one needs.
+    let trimmer = Rc::clone(&pool);
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(TRIM_EVERY).await;
+            let waiting = trimmer.budget().waiting();
+            if waiting > 0 {
+                trimmer.trim(waiting);
+            }
+        }
+    });
 
     // Common start instant: the first lane through the gate fixes it.
     shared.start_gate.wait();
@@ -209,8 +222,16 @@ async fn lane_main(
     }
 }
 
+/// How often a lane looks whether another waits for connection budget.
+const TRIM_EVERY: Duration = Duration::from_millis(2);
+
 async fn warm_pool(shared: &Shared, pool: &Rc<Pool>, lanes: usize) {
-    let per_lane = shared.config.warm_connections.div_ceil(lanes);
+    let mut per_lane = shared.config.warm_connections.div_ceil(lanes);
+    let cap = shared.config.max_connections;
+    if cap > 0 {
+        // Warm connections never exceed the budget: nothing would close to let them in.
+        per_lane = per_lane.min(cap / (lanes * shared.endpoints.len()).max(1));
+    }
     if per_lane == 0 {
         return;
     }

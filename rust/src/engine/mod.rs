@@ -15,6 +15,7 @@
 //! `pacing` (start instant and deadlines), `dispatch` (one request from deadline to
 //! record), `turns` (conversation turns), `routing` (least-outstanding) and `progress`.
 
+mod budget;
 mod config;
 mod dispatch;
 mod handle;
@@ -36,6 +37,7 @@ use crate::client::Endpoint;
 use crate::error::EngineError;
 use crate::records::RequestRecord;
 
+pub use budget::{ConnBudget, ConnSlot};
 pub use config::{timeout_secs, EngineConfig};
 pub use handle::{RunHandle, RunOutput, RunWaiter};
 pub use progress::{Progress, ProgressSnapshot};
@@ -58,6 +60,8 @@ struct Shared {
     stop_reason: OnceLock<String>,
     cancel: CancellationToken,
     semaphore: Option<Arc<Semaphore>>,
+    /// Connections open at once, over every lane.
+    budget: Arc<ConnBudget>,
     start_gate: Barrier,
     t0: OnceLock<Instant>,
     t0_unix_ns: OnceLock<i64>,
@@ -120,6 +124,7 @@ pub fn start_streaming(
         stop_reason: OnceLock::new(),
         cancel: CancellationToken::new(),
         semaphore: config.max_concurrency.map(|c| Arc::new(Semaphore::new(c))),
+        budget: Arc::new(ConnBudget::new(config.max_connections)),
         start_gate: Barrier::new(lanes),
         t0: OnceLock::new(),
         t0_unix_ns: OnceLock::new(),

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use crate::client::RunClock;
 
+use super::budget::ConnBudget;
+
 /// Live counters, readable from any thread while the run goes on.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -35,6 +37,13 @@ pub struct ProgressSnapshot {
     pub started: bool,
     /// The start instant on the system clock (ns since the Unix epoch; 0 before it).
     pub t0_unix_ns: i64,
+    /// Connections open now, the most at once, connects waiting for budget now, and
+    /// connects that waited (with their total wait).
+    pub connections_open: u64,
+    pub connections_peak: u64,
+    pub connection_waiting: u64,
+    pub connection_waits: u64,
+    pub connection_wait_ns: u64,
     pub warm_connections: u64,
     pub warm_failures: u64,
     pub realtime_lanes: u64,
@@ -48,6 +57,7 @@ impl Progress {
         &self,
         t0: Option<&Instant>,
         t0_unix_ns: Option<i64>,
+        budget: &ConnBudget,
     ) -> ProgressSnapshot {
         ProgressSnapshot {
             scheduled: self.scheduled.load(Ordering::Relaxed),
@@ -60,6 +70,11 @@ impl Progress {
             elapsed_ns: t0.map_or(0, |t0| RunClock { t0: *t0 }.now_ns()),
             started: t0.is_some(),
             t0_unix_ns: t0_unix_ns.unwrap_or(0),
+            connections_open: budget.open() as u64,
+            connections_peak: budget.peak.load(Ordering::Relaxed) as u64,
+            connection_waiting: budget.waiting() as u64,
+            connection_waits: budget.waits.load(Ordering::Relaxed),
+            connection_wait_ns: budget.wait_ns.load(Ordering::Relaxed),
             warm_connections: self.warm_connections.load(Ordering::Relaxed),
             warm_failures: self.warm_failures.load(Ordering::Relaxed),
             realtime_lanes: self.realtime_lanes.load(Ordering::Relaxed),

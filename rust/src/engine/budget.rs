@@ -1,0 +1,141 @@
+//! The run's connection budget: connections open at once, over every lane, at most `cap`.
+//!
+//! Lanes keep their own idle connections, so a cap on requests in flight alone does not
+//! bound descriptors: one lane's idle pool holds descriptors while another lane opens new
+//! connections. A lane that needs a connection past the cap waits here (its request's
+//! dispatch lag grows, honestly) instead of failing with "too many open files"; meanwhile
+//! lanes close connections they would have pooled, so the waiters get budget back.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+pub struct ConnBudget {
+    cap: usize,
+    open: AtomicUsize,
+    waiting: AtomicUsize,
+    freed: Notify,
+    /// Connects that had to wait for budget, and the ns they waited in all.
+    pub waits: AtomicU64,
+    pub wait_ns: AtomicU64,
+    /// The most connections open at once.
+    pub peak: AtomicUsize,
+}
+
+/// One connection's share of the budget, returned when dropped (the connection closed).
+#[derive(Debug)]
+pub struct ConnSlot(Arc<ConnBudget>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// How often a waiter looks again even without a wake-up (a release racing its wait).
+const RECHECK: Duration = Duration::from_millis(5);
+
+impl ConnBudget {
+    /// `cap` = 0: no cap.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: if cap == 0 { usize::MAX } else { cap },
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+            waits: AtomicU64::new(0),
+            wait_ns: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        let mut open = self.open.load(Ordering::Acquire);
+        loop {
+            if open >= self.cap {
+                return false;
+            }
+            match self.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.peak.fetch_max(open + 1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// A slot for one new connection, waiting for one to close when the budget is spent.
+    pub async fn take(self: &Arc<Self>) -> ConnSlot {
+        if self.try_take() {
+            return ConnSlot(Arc::clone(self));
+        }
+        let started = std::time::Instant::now();
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        while !self.try_take() {
+            let _ = tokio::time::timeout(RECHECK, self.freed.notified()).await;
+        }
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        ConnSlot(Arc::clone(self))
+    }
+
+    /// Connects waiting for budget now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Whether a lane should close a connection instead of pooling it: someone waits.
+    pub fn under_pressure(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spent_budget_waits_until_a_connection_closes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let budget = Arc::new(ConnBudget::new(2));
+        rt.block_on(async {
+            let a = budget.take().await;
+            let _b = budget.take().await;
+            assert_eq!(budget.open(), 2);
+            let waiter = async {
+                let _c = budget.take().await;
+                budget.open()
+            };
+            let release = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert!(budget.under_pressure());
+                drop(a);
+            };
+            let (open, ()) = tokio::join!(waiter, release);
+            assert_eq!(open, 2);
+        });
+        assert_eq!(budget.waits.load(Ordering::Relaxed), 1);
+        assert!(budget.wait_ns.load(Ordering::Relaxed) >= 15_000_000);
+        assert_eq!(budget.peak.load(Ordering::Relaxed), 2);
+        assert_eq!(budget.open(), 0);
+    }
+}
