@@ -9,6 +9,7 @@ reasoning, tool-call, cached-token and Responses shapes; part (c) the results fi
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.error
@@ -839,3 +840,21 @@ def test_measured_prefix_hits_come_from_the_server_and_are_shown_per_endpoint(
     # Not the embedded mock: fineserve does not tell these servers the blocks, so no
     # cached tokens are reported and nothing is claimed.
     assert m["prefix_hit_rate_measured"] is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_TIMESTAMPNS is Linux's")
+def test_token_times_are_the_kernels_receive_stamps(tmp_path: Path) -> None:
+    """On Linux every token event is timed by the kernel's receive stamp of its bytes,
+    and the result says so."""
+    from conftest import invoke
+
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "40", "--request-rate", "100", "--random-input-len", "8",
+        "--random-output-len", "6", "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(res.read_text())
+    assert out["token_time_source"] == "kernel"
+    assert out["kernel_stamped_token_fraction"] == 1.0
+    assert "Token times stamped by:" in r.output

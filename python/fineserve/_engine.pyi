@@ -28,7 +28,9 @@ class Run:
 
     def progress(self) -> dict[str, int | bool]:
         """Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent,
-        in_flight, elapsed_ns, started, warm_connections, warm_failures,
+        in_flight, elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
+        connection_waiting, connection_waits, connection_wait_ns, token_events,
+        kernel_stamped_events, warm_connections, warm_failures,
         realtime_lanes, realtime_demotions (times a busy lane left SCHED_FIFO)."""
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` (GIL released); True once every request is done."""

@@ -448,6 +448,15 @@ def _metrics(
         metric_percentiles=cfg.metrics.metric_percentiles,
     )
     metrics["prefix_hit_rate_theoretical"] = prefix.rate
+    events = int(outcome.progress.get("token_events") or 0)
+    if events:
+        # Which clock timed the token events: the kernel's receive stamps (SO_TIMESTAMPNS)
+        # or, where the kernel gave none, the lane's own clock when it read them.
+        kernel = int(outcome.progress.get("kernel_stamped_events") or 0) / events
+        metrics["kernel_stamped_token_fraction"] = kernel
+        metrics["token_time_source"] = (
+            "kernel" if kernel >= 0.99 else "user space" if kernel <= 0.01 else "mixed"
+        )
     window = steady_window(sink.times) if sink.times is not None else None
     if window is not None and sink.times is not None:
         metrics["steady_state"] = window

@@ -179,6 +179,11 @@ def _summary_dispatch(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> N
             f"{'s' if lanes > 1 else ''}: a burst takes ~{burst // lanes} sends per lane; "
             "--lanes adds senders)"
         )
+    if m.get("token_time_source"):
+        t.row(
+            "Token times stamped by:",
+            f"{m['token_time_source']} ({100 * m['kernel_stamped_token_fraction']:.1f}% kernel)",
+        )
     if "client_saturated" in m:
         t.row(
             "Client saturated:",

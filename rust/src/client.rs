@@ -6,6 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tokio_rustls::TlsConnector;
 use crate::engine::{ConnBudget, ConnSlot};
 use crate::error::EngineError;
 use crate::records::{ErrorKind, RequestRecord};
+use crate::recv_stamp::{self, StampedStream};
 use crate::sse::{decode_event, ChunkInfo, EventKind, SseParser};
 use crate::tls::{describe as describe_tls, tls_cause, ClientTlsOptions};
 
@@ -149,7 +151,31 @@ impl ClientConfig {
     }
 }
 
-pub type Sender = SendRequest<Full<Bytes>>;
+/// One connection: hyper's request handle, and the kernel's receive stamp of the latest
+/// bytes read on it (system-clock ns; 0 where the kernel gives none).
+pub struct Sender {
+    send: SendRequest<Full<Bytes>>,
+    rx_unix_ns: Arc<AtomicI64>,
+}
+
+impl Sender {
+    pub fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.send.is_ready()
+    }
+
+    async fn ready(&mut self) -> Result<(), hyper::Error> {
+        self.send.ready().await
+    }
+
+    /// The kernel's receive stamp of the latest bytes (0: none).
+    pub fn last_rx_unix_ns(&self) -> i64 {
+        self.rx_unix_ns.load(Ordering::Relaxed)
+    }
+}
 
 /// Idle keep-alive connections per endpoint, most recently used first.
 pub struct Pool {
@@ -240,8 +266,13 @@ impl Pool {
             .await
             .map_err(|_| timed_out())??;
         let _ = stream.set_nodelay(true);
+        // The kernel stamps each segment as it arrives (SO_TIMESTAMPNS): token times then
+        // exclude how long this lane waited for a core. Where it cannot, reads carry no
+        // stamp and events are stamped in user space, as before.
+        let _ = recv_stamp::enable(&stream);
+        let (stream, rx_unix_ns) = StampedStream::new(stream);
         if !ep.tls {
-            return handshake_http1(TokioIo::new(stream), addr, slot).await;
+            return handshake_http1(TokioIo::new(stream), addr, slot, rx_unix_ns).await;
         }
         let Some(tls) = &self.tls else {
             return Err((ErrorKind::Tls, "no TLS configuration for https".to_owned()));
@@ -256,7 +287,7 @@ impl Pool {
                     format!("TLS handshake with {}: {why}", ep.url),
                 )
             })?;
-        handshake_http1(TokioIo::new(stream), addr, slot).await
+        handshake_http1(TokioIo::new(stream), addr, slot, rx_unix_ns).await
     }
 
     /// Closes up to `n` idle connections (another lane waits for connection budget).
@@ -306,6 +337,7 @@ async fn handshake_http1<T>(
     io: TokioIo<T>,
     addr: SocketAddr,
     slot: ConnSlot,
+    rx_unix_ns: Arc<AtomicI64>,
 ) -> Result<Sender, Failure>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
@@ -322,7 +354,10 @@ where
         let _ = conn.await;
         drop(slot);
     });
-    Ok(sender)
+    Ok(Sender {
+        send: sender,
+        rx_unix_ns,
+    })
 }
 
 fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {
@@ -338,13 +373,30 @@ fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {
     }
 }
 
-/// Monotonic ns since the run's start instant.
+/// Monotonic ns since the run's start instant; `t0_unix_ns` is the system clock then, to
+/// bring the kernel's receive stamps onto the run's clock.
 #[derive(Debug, Clone, Copy)]
 pub struct RunClock {
     pub t0: Instant,
+    pub t0_unix_ns: i64,
 }
 
 impl RunClock {
+    /// When bytes read at kernel stamp `rx_unix_ns` arrived, on the run's clock: the stamp
+    /// where there is one, not before `not_before_ns` (a stamp of earlier bytes) and not
+    /// after now; else now. The flag says whether the kernel's stamp was used.
+    pub fn arrival_ns(&self, rx_unix_ns: i64, not_before_ns: i64) -> (i64, bool) {
+        let now = self.now_ns();
+        if rx_unix_ns <= 0 || self.t0_unix_ns <= 0 {
+            return (now, false);
+        }
+        let t = rx_unix_ns - self.t0_unix_ns;
+        if t < not_before_ns {
+            return (now, false);
+        }
+        (t.min(now), true)
+    }
+
     pub fn now_ns(&self) -> i64 {
         let now = Instant::now();
         if now >= self.t0 {
@@ -428,7 +480,7 @@ async fn execute_unredacted(
     };
 
     let resp = loop {
-        let sent = tokio::time::timeout_at(first_byte_deadline, sender.send_request(build()?));
+        let sent = tokio::time::timeout_at(first_byte_deadline, sender.send.send_request(build()?));
         match sent.await {
             Err(_) => {
                 return Err((
@@ -447,7 +499,7 @@ async fn execute_unredacted(
             Ok(Ok(r)) => break r,
         }
     };
-    rec.first_byte_ns = clock.now_ns();
+    rec.first_byte_ns = clock.arrival_ns(sender.last_rx_unix_ns(), rec.sent_ns).0;
     rec.http_status = resp.status().as_u16();
     let retry_after = resp
         .headers()
@@ -487,7 +539,7 @@ async fn execute_unredacted(
         ));
     }
     let outcome = if is_sse {
-        read_stream(&mut body, cfg, clock, rec).await
+        read_stream(&mut body, cfg, clock, rec, &sender).await
     } else {
         read_whole(&mut body, cfg, clock, rec).await
     };
@@ -658,12 +710,19 @@ async fn read_stream(
     cfg: &ClientConfig,
     clock: RunClock,
     rec: &mut RequestRecord,
+    conn: &Sender,
 ) -> Result<(), Failure> {
     let mut parser = SseParser::new();
     let mut state = StreamState::default();
+    let mut last_ns = rec.sent_ns;
     while let Some(data) = next_frame(body, cfg.idle_timeout).await? {
-        let t_ns = clock.now_ns();
+        let (t_ns, kernel) = clock.arrival_ns(conn.last_rx_unix_ns(), last_ns);
+        last_ns = t_ns;
+        let events_before = rec.chunk_ns.len();
         parser.feed(&data, |ev| state.on_event(ev, t_ns, rec));
+        if kernel {
+            rec.kernel_stamped_events += (rec.chunk_ns.len() - events_before) as u32;
+        }
         if let Some(f) = state.failure.take() {
             return Err(f);
         }
@@ -756,6 +815,28 @@ mod tests {
             ..cfg
         };
         assert_eq!(none.redact("sk-SECRET".into()), "sk-SECRET");
+    }
+
+    #[test]
+    fn kernel_stamps_are_used_only_when_they_can_be_right() {
+        let t0 = Instant::now();
+        let clock = RunClock {
+            t0,
+            t0_unix_ns: 1_000_000_000_000,
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        // A stamp 2 ms into the run, after the request left at 1 ms: used as it is.
+        assert_eq!(
+            clock.arrival_ns(1_000_002_000_000, 1_000_000),
+            (2_000_000, true)
+        );
+        // A stamp of bytes from before the request (an earlier response): the lane's clock.
+        let (t, kernel) = clock.arrival_ns(1_000_000_500_000, 1_000_000);
+        assert!(!kernel && t >= 5_000_000);
+        // No stamp, or a stamp from the future (clocks stepped): never after now.
+        assert!(!clock.arrival_ns(0, 0).1);
+        let (t, kernel) = clock.arrival_ns(2_000_000_000_000, 0);
+        assert!(kernel && t <= clock.now_ns());
     }
 
     #[test]

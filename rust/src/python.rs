@@ -54,7 +54,7 @@ impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
     /// elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
     /// connection_waiting, connection_waits, connection_wait_ns, warm_connections, warm_failures, realtime_lanes,
-    /// realtime_demotions.
+    /// realtime_demotions, token_events, kernel_stamped_events.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
         let d = PyDict::new(py);
@@ -77,6 +77,8 @@ impl PyRun {
         d.set_item("warm_failures", p.warm_failures)?;
         d.set_item("realtime_lanes", p.realtime_lanes)?;
         d.set_item("realtime_demotions", p.realtime_demotions)?;
+        d.set_item("token_events", p.token_events)?;
+        d.set_item("kernel_stamped_events", p.kernel_stamped_events)?;
         Ok(d)
     }
 

@@ -98,6 +98,8 @@ pub struct RequestRecord {
     pub reasoning_tokens: i64,
     /// Server-reported `prompt_tokens_details.cached_tokens` (-1: not reported).
     pub cached_tokens: i64,
+    /// Token events whose time is the kernel's receive stamp (the rest: user space).
+    pub kernel_stamped_events: u32,
     /// 1 if a usage value of an unexpected type was ignored.
     pub usage_ignored: u8,
     /// Arrival instant of every token-bearing event (reasoning, answer or tool call).
@@ -124,6 +126,7 @@ impl RequestRecord {
             reasoning_chunks: 0,
             reasoning_tokens: -1,
             cached_tokens: -1,
+            kernel_stamped_events: 0,
             usage_ignored: 0,
             chunk_ns: Vec::with_capacity(expected_chunks),
         }

@@ -1,4 +1,4 @@
-//! Kernel receive timestamps for the mock's arrival log.
+//! Kernel receive timestamps: the mock's arrival log, and the client's token times.
 //!
 //! A request's arrival, stamped in the handler, includes however long the mock's own thread
 //! waited for a core; on a machine where the load generator and the mock share cores, that

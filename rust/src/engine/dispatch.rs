@@ -87,6 +87,12 @@ pub(super) fn dispatch(
             Some(Err((kind, msg))) => rec.fail(kind, msg),
             Some(Ok(())) => {}
         }
+        if !rec.chunk_ns.is_empty() {
+            p.token_events
+                .fetch_add(rec.chunk_ns.len() as u64, Ordering::Relaxed);
+            p.kernel_stamped_events
+                .fetch_add(u64::from(rec.kernel_stamped_events), Ordering::Relaxed);
+        }
         if rec.sent_ns >= 0 {
             p.in_flight.fetch_sub(1, Ordering::Relaxed);
             if rec.error == ErrorKind::Ok {

@@ -173,7 +173,10 @@ async fn lane_main(
     // Common start instant: the first lane through the gate fixes it.
     shared.start_gate.wait();
     let t0 = start_instant(&shared);
-    let clock = RunClock { t0 };
+    let clock = RunClock {
+        t0,
+        t0_unix_ns: shared.t0_unix_ns.get().copied().unwrap_or(0),
+    };
 
     let state = Rc::new(LaneState {
         in_flight: Cell::new(0),

@@ -22,6 +22,9 @@ pub struct Progress {
     pub realtime_lanes: AtomicU64,
     /// Times a lane left SCHED_FIFO because it was busy (see `RealtimeGovernor`).
     pub realtime_demotions: AtomicU64,
+    /// Token events timed, and of those, timed by the kernel's receive stamp.
+    pub token_events: AtomicU64,
+    pub kernel_stamped_events: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,6 +51,8 @@ pub struct ProgressSnapshot {
     pub warm_failures: u64,
     pub realtime_lanes: u64,
     pub realtime_demotions: u64,
+    pub token_events: u64,
+    pub kernel_stamped_events: u64,
 }
 
 impl Progress {
@@ -67,7 +72,13 @@ impl Progress {
             failed: self.failed.load(Ordering::Relaxed),
             not_sent: self.not_sent.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            elapsed_ns: t0.map_or(0, |t0| RunClock { t0: *t0 }.now_ns()),
+            elapsed_ns: t0.map_or(0, |t0| {
+                RunClock {
+                    t0: *t0,
+                    t0_unix_ns: 0,
+                }
+                .now_ns()
+            }),
             started: t0.is_some(),
             t0_unix_ns: t0_unix_ns.unwrap_or(0),
             connections_open: budget.open() as u64,
@@ -79,6 +90,8 @@ impl Progress {
             warm_failures: self.warm_failures.load(Ordering::Relaxed),
             realtime_lanes: self.realtime_lanes.load(Ordering::Relaxed),
             realtime_demotions: self.realtime_demotions.load(Ordering::Relaxed),
+            token_events: self.token_events.load(Ordering::Relaxed),
+            kernel_stamped_events: self.kernel_stamped_events.load(Ordering::Relaxed),
         }
     }
 }
