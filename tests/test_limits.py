@@ -183,3 +183,25 @@ def test_an_unsaturated_run_says_so(tmp_path: Path) -> None:
     out = json.loads(res.read_text())
     assert out["client_saturated"] is False and out["client_saturation_reasons"] == []
     assert out["connection_waits"] == 0
+
+
+def test_warm_connections_follow_littles_law_from_the_warm_up(tmp_path: Path) -> None:
+    """400 req/s of ~95 ms requests (mock TTFT 20 ms + 15 × 5 ms) keep ~40 in flight: the
+    warm pool is sized from that (×1.5 headroom, plus the lanes), not from the 400 requests
+    of the busiest second."""
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "800", "--request-rate", "400", "--random-input-len", "8",
+        "--random-output-len", "16", "--disable-tqdm", "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(res.read_text())
+    assert out["completed"] == 800
+    assert 40 <= out["warm_connections"] <= 120, out["warm_connections"]
+    assert "the time per request expected from the warm-up" in r.output
+    explicit = invoke(
+        "blast", "--num-prompts", "50", "--request-rate", "400", "--random-input-len", "8",
+        "--random-output-len", "4", "--warm-connections", "30", "--disable-tqdm",
+        "--output-file", str(res),
+    )  # fmt: skip
+    assert json.loads(res.read_text())["warm_connections"] == 30, explicit.output

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import BlastConfig, TargetConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
@@ -30,7 +32,7 @@ from .requests.pinning import Pinner
 from .results import RequestsWriter, run_meta, server_metrics_path
 from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
-from .targets import Targets, first_body, resolve_targets, warm_up
+from .targets import Targets, WarmUpTiming, first_body, resolve_targets, warm_up
 from .workloads.spec import Workload, build_workload, format_duration, plan_workload
 
 #: Cap on connections opened before the start instant when sized automatically.
@@ -110,6 +112,32 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
         **transport_options(cfg.target),
     )
     return EngineSizing(options, lanes, warm, burst_per_ms, budget.lines)
+
+
+#: Headroom over the expected concurrency when warming connections.
+WARM_HEADROOM = 1.5
+
+
+def resize_warm(
+    sizing: EngineSizing, first: Schedule, timing: WarmUpTiming, n_urls: int, quiet: bool
+) -> None:
+    """Warm connections from the expected peak concurrency (Little's law over the busiest
+    stretch: the most requests scheduled within any one expected request duration, from
+    the warm-up's TTFT and TPOT at the schedule's mean output, with headroom), not the
+    busiest second's request count; never more than planned."""
+    e2e_s = timing.e2e_s(float(np.mean(first.output_len)) if len(first) else 1.0)
+    window_ns = max(int(e2e_s * 1e9), 1_000_000)
+    expected = first.peak_in_window(window_ns) / max(n_urls, 1)
+    warm = min(sizing.warm, max(math.ceil(expected * WARM_HEADROOM) + sizing.lanes, 1))
+    if warm < sizing.warm:
+        if not quiet:
+            note(
+                f"warm connections: {warm} per endpoint (at most {math.ceil(expected)} "
+                f"requests due within {e2e_s * 1e3:.0f} ms, the time per request expected "
+                f"from the warm-up, ×{WARM_HEADROOM:g}; was {sizing.warm}); more open as needed"
+            )
+        sizing.warm = warm
+        sizing.options.warm_connections = warm
 
 
 def transport_options(target: TargetConfig) -> dict[str, Any]:
@@ -277,7 +305,9 @@ def prepare_run(
         total = _announce_plan(cfg, workload, targets, sizing, mode)
     if cfg.engine.warmup_requests:
         body = first_body(targets, builder, first)
-        warm_up(targets, body, cfg.engine.warmup_requests, sizing.options)
+        timing = warm_up(targets, body, cfg.engine.warmup_requests, sizing.options)
+        if timing is not None and cfg.engine.warm_connections is None:
+            resize_warm(sizing, first, timing, len(targets.urls), quiet)
     return PreparedRun(workload, first, builder, targets, shapes, sizing, mode, total)
 
 
@@ -429,6 +459,7 @@ def client_saturation(
         "connection_wait_mean_us": wait_ns / waits / 1e3 if waits else 0.0,
         "connections_peak": int(progress.get("connections_peak") or 0),
         "max_connections": cap,
+        "warm_connections": sizing.warm,
         "pool_exhausted_seconds": len(sink.pool_exhausted_s),
     }
 

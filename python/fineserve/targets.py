@@ -97,14 +97,27 @@ def resolve_targets(cfg: TargetConfig, bases: list[str], *, quiet: bool = False)
     return Targets(urls, model, class_models, templates, deployment)
 
 
+@dataclass
+class WarmUpTiming:
+    """What the warm-up's successful requests took (medians, seconds)."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def e2e_s(self, output_tokens: float) -> float:
+        """Expected end-to-end time of a request of ``output_tokens`` tokens."""
+        return self.ttft_s + self.tpot_s * max(output_tokens - 1, 0)
+
+
 def warm_up(
     targets: Targets,
     body_of_first: bytes,
     count: int,
     options: EngineOptions,
-) -> None:
+) -> WarmUpTiming | None:
     """FineServe's warm-up: ``count`` copies of the first prompt (at most 32 tokens out) to
-    every endpoint; an endpoint that fails them all stops the run in one line."""
+    every endpoint; an endpoint that fails them all stops the run in one line. Returns the
+    successful requests' median TTFT and TPOT (None if none streamed a token)."""
     urls = targets.urls
     warm_opts = dataclasses.replace(
         options, warm_connections=0, max_concurrency=None, route_groups=[]
@@ -130,6 +143,14 @@ def warm_up(
             msgs = dict(zip(rec.col("error_index").tolist(), rec.columns["error_message"]))
             msg = msgs.get(int(rows[0]), "unknown") if len(rows) else "unknown"
             raise FineserveError(f"warm-up failed: all {count} requests to {url} failed ({msg})")
+    sent, first, done = rec.col("sent_ns"), rec.col("first_token_ns"), rec.col("done_ns")
+    ok = (kinds == 0) & (first >= 0)
+    if not ok.any():
+        return None
+    chunks = rec.col("n_chunks")
+    multi = ok & (chunks > 1)
+    tpot = (done - first)[multi] / (chunks[multi] - 1) if multi.any() else np.zeros(1)
+    return WarmUpTiming(float(np.median(first[ok] - sent[ok])) / 1e9, float(np.median(tpot)) / 1e9)
 
 
 def first_body(targets: Targets, builder: PromptBuilder, schedule: Schedule) -> bytes:
