@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import invoke
@@ -158,17 +159,24 @@ def test_connections_are_bounded_over_every_lane_and_the_verdict_says_so(
     """--max-connections 16 against ~40 requests in flight (400 req/s, ~100 ms streams), on
     3 lanes that each pool idle connections: no request fails, never more than 16
     connections open at once, and the result says the client was the bottleneck."""
-    res = tmp_path / "r.json"
+    res, req = tmp_path / "r.json", tmp_path / "r.parquet"
     r = invoke(
         "blast", "--num-prompts", "400", "--request-rate", "400", "--random-input-len", "8",
         "--random-output-len", "16", "--mock-itl-ms", "6", "--lanes", "3",
         "--max-connections", "16", "--disable-tqdm", "--output-file", str(res),
+        "--save-requests", str(req),
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     out = json.loads(res.read_text())
     assert out["completed"] == 400 and out["failed"] == 0
     assert out["max_connections"] == 16 and out["connections_peak"] <= 16
     assert out["connection_waits"] > 0 and out["client_saturated"] is True
+    assert out["pool_wait_p99_us"] > 0  # the waits are per request, in the dispatch lag
+    table = pq.read_table(req)
+    waited = np.asarray(table["conn_wait_ns"].to_pylist())
+    assert (waited > 0).sum() > 0
+    lag = np.asarray(table["sent_ns"].to_pylist()) - np.asarray(table["scheduled_ns"].to_pylist())
+    assert (lag >= waited).all()
     assert any("connects waited" in why for why in out["client_saturation_reasons"])
     assert "Client saturated:" in r.output and "the client, not the server" in r.output
 

@@ -85,7 +85,9 @@ class Run:
         events); reasoning_tokens, cached_tokens (int64, the server's
         ``completion_tokens_details.reasoning_tokens`` and
         ``prompt_tokens_details.cached_tokens``, -1 = not reported); usage_ignored (uint8,
-        1 = a usage value of an unexpected type was ignored); error_index (int64 rows)
+        1 = a usage value of an unexpected type was ignored); conn_wait_ns (int64, ns
+        waited for connection budget before the send, part of the dispatch lag);
+        error_index (int64 rows)
         with error_message (list[str]); t0_unix_ns; stopped. Can be called once.
         """
 

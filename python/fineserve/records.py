@@ -39,6 +39,8 @@ RECORD_INT_COLUMNS = (
     "reasoning_tokens",
     "cached_tokens",
     "usage_ignored",
+    # ns waited for connection budget before the send (part of the dispatch lag).
+    "conn_wait_ns",
 )
 #: Columns added after the first results files: what a file without them reads as.
 RECORD_COLUMN_DEFAULTS = {
@@ -48,6 +50,7 @@ RECORD_COLUMN_DEFAULTS = {
     "reasoning_tokens": -1,
     "cached_tokens": -1,
     "usage_ignored": 0,
+    "conn_wait_ns": 0,
 }
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -88,6 +91,7 @@ class RecordColumns(TypedDict):
     reasoning_tokens: npt.NDArray[np.int64]
     cached_tokens: npt.NDArray[np.int64]
     usage_ignored: npt.NDArray[Any]
+    conn_wait_ns: npt.NDArray[np.int64]
     error_kind: npt.NDArray[np.uint8]
     endpoint_idx: npt.NDArray[np.uint32]
     chunk_ns: npt.NDArray[np.int64]
@@ -295,6 +299,7 @@ def unsent_records(
         "reasoning_tokens": never,
         "cached_tokens": never,
         "usage_ignored": np.zeros(n, dtype=np.uint8),
+        "conn_wait_ns": np.zeros(n, dtype=np.int64),
         "chunk_ns": np.zeros(0, dtype=np.int64),
         "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
         "error_index": np.arange(n, dtype=np.int64),

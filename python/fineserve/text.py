@@ -193,6 +193,7 @@ def _summary_dispatch(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> N
             t.row(
                 "  waited for a connection:",
                 f"{m['connection_waits']} (mean {m['connection_wait_mean_us']:.0f} us, "
+                f"p99 over sent {m.get('pool_wait_p99_us', 0):.0f} us, "
                 f"{m['pool_exhausted_seconds']} s exhausted)",
             )
     if m.get("burst_sent_in_slot_fraction") is not None:

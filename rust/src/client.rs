@@ -250,6 +250,24 @@ impl Pool {
         // Past the budget, wait for a connection to close (client-side queueing, not part
         // of the connect timeout); the slot goes back when this connection closes.
         let slot = self.budget.take().await;
+        self.connect_with(endpoint, slot).await
+    }
+
+    /// Budget for a new connection to `endpoint` when no idle one is there to reuse,
+    /// waited for now (None: an idle connection can be taken). A request reserves before
+    /// it is stamped as sent, so that waiting for the client's own descriptors shows as
+    /// dispatch lag, not as the server's latency; returns the ns it waited.
+    pub async fn reserve(&self, endpoint: usize) -> (Option<ConnSlot>, i64) {
+        let has_idle = self.idle.borrow()[endpoint].iter().any(|s| !s.is_closed());
+        if has_idle {
+            return (None, 0);
+        }
+        let started = Instant::now();
+        let slot = self.budget.take().await;
+        (Some(slot), started.elapsed().as_nanos() as i64)
+    }
+
+    async fn connect_with(&self, endpoint: usize, slot: ConnSlot) -> Result<Sender, Failure> {
         let ep = &self.endpoints[endpoint];
         let addr = ep.addr;
         let timed_out = || {
@@ -313,7 +331,13 @@ impl Pool {
     }
 
     /// An idle ready connection (`true`: reused), or a new one (`false`).
-    pub async fn take(&self, endpoint: usize) -> Result<(Sender, bool), Failure> {
+    /// An idle ready connection (`true`: reused), or a new one (`false`), opened with
+    /// `reserved` budget when there is some.
+    pub async fn take(
+        &self,
+        endpoint: usize,
+        reserved: Option<ConnSlot>,
+    ) -> Result<(Sender, bool), Failure> {
         loop {
             let candidate = self.idle.borrow_mut()[endpoint].pop();
             match candidate {
@@ -325,7 +349,13 @@ impl Pool {
                         return Ok((s, true));
                     }
                 }
-                None => return Ok((self.connect(endpoint).await?, false)),
+                None => {
+                    let sender = match reserved {
+                        Some(slot) => self.connect_with(endpoint, slot).await?,
+                        None => self.connect(endpoint).await?,
+                    };
+                    return Ok((sender, false));
+                }
             }
         }
     }
@@ -447,10 +477,12 @@ async fn execute_unredacted(
         body,
         header_values,
     } = request;
+    let (reserved, waited_ns) = pool.reserve(endpoint).await;
+    rec.conn_wait_ns = waited_ns;
     rec.sent_ns = clock.now_ns();
     on_sent();
     let first_byte_deadline = tokio::time::Instant::now() + cfg.first_byte_timeout;
-    let (mut sender, mut reused) = pool.take(endpoint).await?;
+    let (mut sender, mut reused) = pool.take(endpoint, reserved).await?;
     let ep = pool.endpoint(endpoint);
     let build = || {
         let mut builder = Request::builder()

@@ -199,6 +199,7 @@ fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>>
     d.set_item("reasoning_chunks", c.reasoning_chunks.into_pyarray(py))?;
     d.set_item("reasoning_tokens", c.reasoning_tokens.into_pyarray(py))?;
     d.set_item("cached_tokens", c.cached_tokens.into_pyarray(py))?;
+    d.set_item("conn_wait_ns", c.conn_wait_ns.into_pyarray(py))?;
     d.set_item("usage_ignored", c.usage_ignored.into_pyarray(py))?;
     d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
     d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;

@@ -100,6 +100,9 @@ pub struct RequestRecord {
     pub cached_tokens: i64,
     /// Token events whose time is the kernel's receive stamp (the rest: user space).
     pub kernel_stamped_events: u32,
+    /// ns the request waited for connection budget before it was sent (part of its
+    /// dispatch lag): the client's own descriptor limit, not the server.
+    pub conn_wait_ns: i64,
     /// 1 if a usage value of an unexpected type was ignored.
     pub usage_ignored: u8,
     /// Arrival instant of every token-bearing event (reasoning, answer or tool call).
@@ -127,6 +130,7 @@ impl RequestRecord {
             reasoning_tokens: -1,
             cached_tokens: -1,
             kernel_stamped_events: 0,
+            conn_wait_ns: 0,
             usage_ignored: 0,
             chunk_ns: Vec::with_capacity(expected_chunks),
         }
@@ -158,6 +162,7 @@ pub struct RecordColumns {
     pub reasoning_chunks: Vec<u32>,
     pub reasoning_tokens: Vec<i64>,
     pub cached_tokens: Vec<i64>,
+    pub conn_wait_ns: Vec<i64>,
     pub usage_ignored: Vec<u8>,
     /// (row, message) for every row with a non-empty error message.
     pub error_messages: Vec<(usize, String)>,
@@ -191,6 +196,7 @@ impl RecordColumns {
             reasoning_chunks: Vec::with_capacity(n),
             reasoning_tokens: Vec::with_capacity(n),
             cached_tokens: Vec::with_capacity(n),
+            conn_wait_ns: Vec::with_capacity(n),
             usage_ignored: Vec::with_capacity(n),
             error_messages: Vec::new(),
             chunk_ns: Vec::with_capacity(records.iter().map(|r| r.chunk_ns.len()).sum()),
@@ -215,6 +221,7 @@ impl RecordColumns {
             cols.reasoning_chunks.push(r.reasoning_chunks);
             cols.reasoning_tokens.push(r.reasoning_tokens);
             cols.cached_tokens.push(r.cached_tokens);
+            cols.conn_wait_ns.push(r.conn_wait_ns);
             cols.usage_ignored.push(r.usage_ignored);
             if !r.error_message.is_empty() {
                 cols.error_messages.push((row, r.error_message));

@@ -45,6 +45,9 @@ class MetricsSink(RecordSink):
         #: Seconds of the run in which a connect waited for connection budget, and the
         #: last counters seen (for the saturation verdict).
         self.pool_exhausted_s: set[int] = set()
+        #: Requests sent, and the connection-budget waits of those that waited (ns).
+        self.sent_count = 0
+        self.conn_waits: list[npt.NDArray[np.int64]] = []
         self.last_progress: dict[str, Any] = {}
         #: What steady-state detection needs of every request (up to a cap).
         self.times: RequestTimes | None = RequestTimes()
@@ -76,6 +79,11 @@ class MetricsSink(RecordSink):
             self.recent_ttft.append((time.monotonic_ns(), ttft.astype(np.int64)))
         if self.stop is not None:
             self._remember(columns)
+        sent = np.asarray(columns["sent_ns"]) >= 0
+        self.sent_count += int(sent.sum())
+        waits = np.asarray(columns["conn_wait_ns"])
+        if len(waits) and (waited := waits[sent & (waits > 0)]).size:
+            self.conn_waits.append(waited.astype(np.int64))
         if self.writer is not None:
             if self.scraper is not None:
                 state = self.scraper.state_at(columns["endpoint_idx"], columns["sent_ns"])
@@ -122,6 +130,18 @@ class MetricsSink(RecordSink):
             if p99 > cfg.lag_ms:
                 return f"p99 dispatch lag {p99:.2f} ms > {cfg.lag_ms:g} ms {window}"
         return None
+
+    def conn_wait_quantile_ns(self, q: float) -> float:
+        """The ``q`` quantile (0-1) of the connection-budget wait over every sent request
+        (most waited nothing)."""
+        if not self.conn_waits or not self.sent_count:
+            return 0.0
+        waited = np.sort(np.concatenate(self.conn_waits))
+        zeros = self.sent_count - len(waited)
+        pos = q * (self.sent_count - 1)
+        if pos < zeros:
+            return 0.0
+        return float(waited[min(int(pos - zeros), len(waited) - 1)])
 
     def watch(self, progress: dict[str, Any]) -> None:
         self.last_progress = progress
