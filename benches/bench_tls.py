@@ -44,13 +44,14 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(mock: MockProcess, rate: float, seconds: float) -> dict[str, Any]:
+def run(mock: MockProcess, rate: float, seconds: float, http2: bool = False) -> dict[str, Any]:
     t_ns = uniform(rate, seconds)
     n = len(t_ns)
     mock.take()
     options = EngineOptions(
-        warm_connections=min(int(rate * 0.1) + 64, 4096),
+        warm_connections=0 if http2 else min(int(rate * 0.1) + 64, 4096),
         ca_file=str(mock.ca_file) if mock.ca_file else None,
+        http2=http2,
     )
     cpu0, wall0 = cpu_s(), time.perf_counter()
     rec = run_engine(

@@ -118,6 +118,7 @@ class _EngineOptions(Protocol):
     client_cert_file: str | None
     client_key_file: str | None
     insecure: bool
+    http2: bool
 
 def start_run(
     endpoints: list[str],

@@ -154,6 +154,7 @@ def transport_options(target: TargetConfig) -> dict[str, Any]:
         "client_cert_file": path(tls.cert_file),
         "client_key_file": path(tls.key_file),
         "insecure": tls.insecure,
+        "http2": target.http2,
         "api_key": target.api_key,
     }
 

@@ -340,6 +340,8 @@ class TargetConfig:
     #: ``--header``s, on every request (credential-like values never shown).
     headers: tuple[Header, ...] = ()
     tls: TlsConfig = field(default_factory=TlsConfig)
+    #: HTTP/2 instead of HTTP/1.1 (``--http2``).
+    http2: bool = False
     pins: PinConfig = field(default_factory=PinConfig)
     #: OPENAI_API_KEY, read once; never printed, stored or put in an error.
     api_key: str | None = field(default=None, repr=False, compare=False)
@@ -381,6 +383,7 @@ class TargetConfig:
             ignore_eos=not p.get("disable_ignore_eos"),
             headers=parse_headers(p.get("header") or (), reserved=pins.request_headers),
             tls=tls,
+            http2=bool(p.get("http2")),
             pins=pins,
             api_key=os.environ.get("OPENAI_API_KEY") or None,
         )

@@ -71,6 +71,9 @@ class EngineOptions:
     client_cert_file: str | None = None
     client_key_file: str | None = None
     insecure: bool = False
+    #: HTTP/2 (prior knowledge on http://, ALPN h2 on https://): one connection per
+    #: endpoint and lane carries every request.
+    http2: bool = False
 
 
 @dataclass

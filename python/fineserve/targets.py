@@ -68,6 +68,11 @@ def resolve_targets(cfg: TargetConfig, bases: list[str], *, quiet: bool = False)
         check_url(u)
     if any(u.startswith("https://") for u in urls) and cfg.tls.insecure and not quiet:
         warn("--insecure: server certificates are not verified")
+    if cfg.http2 and not quiet:
+        warn(
+            "--http2: each lane's requests share one connection, so they reach the server "
+            "less precisely on time than over HTTP/1.1 (benches/bench_http2.py)"
+        )
     served = [resolve_model(b, cfg, quiet=quiet) for b in bases]
     model = served[0]
     if len(set(served)) > 1 and not cfg.model and not quiet:

@@ -34,6 +34,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub host_header: HeaderValue,
     pub uri: Uri,
+    /// The whole URL, for HTTP/2 requests.
+    pub abs_uri: Uri,
     /// `https://`: the connection speaks TLS, with SNI (and certificate name) `server_name`.
     pub tls: bool,
     pub server_name: ServerName<'static>,
@@ -70,6 +72,7 @@ impl Endpoint {
             addr,
             host_header,
             uri: path_uri,
+            abs_uri: uri.clone(),
             tls,
             server_name,
         })
@@ -97,6 +100,8 @@ pub struct ClientConfig {
     pub secrets: Vec<String>,
     /// How `https://` endpoints are checked (`--cacert`, `--insecure`, `--cert/--key`).
     pub tls: ClientTlsOptions,
+    /// HTTP/2 instead of HTTP/1.1 (`--http2`).
+    pub http2: bool,
     /// Local addresses new connections are bound to, in turn (empty: the kernel picks).
     /// One address has ~28k ephemeral ports towards one server; several lift that limit
     /// (e.g. 127.0.0.2, 127.0.0.3, … towards a server on loopback).
@@ -118,6 +123,7 @@ impl Default for ClientConfig {
             request_headers: Vec::new(),
             secrets: Vec::new(),
             tls: ClientTlsOptions::default(),
+            http2: false,
             source_ips: Vec::new(),
         }
     }
@@ -151,24 +157,64 @@ impl ClientConfig {
     }
 }
 
-/// One connection: hyper's request handle, and the kernel's receive stamp of the latest
-/// bytes read on it (system-clock ns; 0 where the kernel gives none).
+/// One connection: hyper's request handle (HTTP/1.1, or HTTP/2 where one connection
+/// carries many requests), and the kernel's receive stamp of the latest bytes read on it
+/// (system-clock ns; 0 where the kernel gives none).
 pub struct Sender {
-    send: SendRequest<Full<Bytes>>,
+    send: Send,
     rx_unix_ns: Arc<AtomicI64>,
+}
+
+enum Send {
+    H1(SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
     pub fn is_closed(&self) -> bool {
-        self.send.is_closed()
+        match &self.send {
+            Send::H1(s) => s.is_closed(),
+            Send::H2(s) => s.is_closed(),
+        }
     }
 
     fn is_ready(&self) -> bool {
-        self.send.is_ready()
+        match &self.send {
+            Send::H1(s) => s.is_ready(),
+            Send::H2(s) => s.is_ready(),
+        }
     }
 
     async fn ready(&mut self) -> Result<(), hyper::Error> {
-        self.send.ready().await
+        match &mut self.send {
+            Send::H1(s) => s.ready().await,
+            Send::H2(s) => s.ready().await,
+        }
+    }
+
+    /// Another handle on an HTTP/2 connection (its requests multiplex); None for HTTP/1.1.
+    fn share(&self) -> Option<Sender> {
+        match &self.send {
+            Send::H2(s) => Some(Sender {
+                send: Send::H2(s.clone()),
+                rx_unix_ns: Arc::clone(&self.rx_unix_ns),
+            }),
+            Send::H1(_) => None,
+        }
+    }
+
+    fn is_h2(&self) -> bool {
+        matches!(self.send, Send::H2(_))
+    }
+
+    async fn send_request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match &mut self.send {
+            Send::H1(s) => s.send_request(req).await,
+            Send::H2(s) => s.send_request(req).await,
+        }
     }
 
     /// The kernel's receive stamp of the latest bytes (0: none).
@@ -188,6 +234,9 @@ pub struct Pool {
     tls: Option<TlsConnector>,
     /// Connections open at once over every lane (the descriptor budget).
     budget: Arc<ConnBudget>,
+    /// Speak HTTP/2 (prior knowledge on http://, ALPN h2 on https://): one connection
+    /// per endpoint and lane carries every request.
+    http2: bool,
 }
 
 type Failure = (ErrorKind, String);
@@ -200,6 +249,7 @@ impl Pool {
         first_source: usize,
         tls: Option<TlsConnector>,
         budget: Arc<ConnBudget>,
+        http2: bool,
     ) -> Self {
         let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
         Self {
@@ -210,6 +260,7 @@ impl Pool {
             next_source: Cell::new(first_source),
             tls,
             budget,
+            http2,
         }
     }
 
@@ -290,7 +341,7 @@ impl Pool {
         let _ = recv_stamp::enable(&stream);
         let (stream, rx_unix_ns) = StampedStream::new(stream);
         if !ep.tls {
-            return handshake_http1(TokioIo::new(stream), addr, slot, rx_unix_ns).await;
+            return handshake(TokioIo::new(stream), addr, slot, rx_unix_ns, self.http2).await;
         }
         let Some(tls) = &self.tls else {
             return Err((ErrorKind::Tls, "no TLS configuration for https".to_owned()));
@@ -305,7 +356,7 @@ impl Pool {
                     format!("TLS handshake with {}: {why}", ep.url),
                 )
             })?;
-        handshake_http1(TokioIo::new(stream), addr, slot, rx_unix_ns).await
+        handshake(TokioIo::new(stream), addr, slot, rx_unix_ns, self.http2).await
     }
 
     /// Closes up to `n` idle connections (another lane waits for connection budget).
@@ -324,7 +375,16 @@ impl Pool {
     }
 
     /// Pools a connection for reuse; closes it instead while a connect waits for budget.
+    /// An HTTP/2 handle is dropped: its connection stays pooled, shared.
     pub fn put(&self, endpoint: usize, sender: Sender) {
+        if sender.is_h2() {
+            let mut idle = self.idle.borrow_mut();
+            if idle[endpoint].iter().all(|s| s.is_closed()) && !sender.is_closed() {
+                idle[endpoint].clear();
+                idle[endpoint].push(sender);
+            }
+            return;
+        }
         if !sender.is_closed() && !self.budget.under_pressure() {
             self.idle.borrow_mut()[endpoint].push(sender);
         }
@@ -338,6 +398,23 @@ impl Pool {
         endpoint: usize,
         reserved: Option<ConnSlot>,
     ) -> Result<(Sender, bool), Failure> {
+        if self.http2 {
+            let shared = self.idle.borrow()[endpoint]
+                .iter()
+                .find(|s| !s.is_closed())
+                .and_then(Sender::share);
+            if let Some(s) = shared {
+                return Ok((s, true));
+            }
+            let sender = match reserved {
+                Some(slot) => self.connect_with(endpoint, slot).await?,
+                None => self.connect(endpoint).await?,
+            };
+            if let Some(s) = sender.share() {
+                self.idle.borrow_mut()[endpoint].push(s);
+            }
+            return Ok((sender, false));
+        }
         loop {
             let candidate = self.idle.borrow_mut()[endpoint].pop();
             match candidate {
@@ -363,31 +440,43 @@ impl Pool {
 
 /// HTTP/1.1 over an open (plain or TLS) stream; the connection's driver runs on the
 /// current `LocalSet`.
-async fn handshake_http1<T>(
+async fn handshake<T>(
     io: TokioIo<T>,
     addr: SocketAddr,
     slot: ConnSlot,
     rx_unix_ns: Arc<AtomicI64>,
+    http2: bool,
 ) -> Result<Sender, Failure>
 where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::marker::Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| {
-            (
-                ErrorKind::Connect,
-                format!("HTTP handshake with {addr}: {e}"),
-            )
-        })?;
-    tokio::task::spawn_local(async move {
-        let _ = conn.await;
-        drop(slot);
-    });
-    Ok(Sender {
-        send: sender,
-        rx_unix_ns,
-    })
+    let failed = |e: hyper::Error| {
+        (
+            ErrorKind::Connect,
+            format!("HTTP handshake with {addr}: {e}"),
+        )
+    };
+    let send = if http2 {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(failed)?;
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+        Send::H2(sender)
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(failed)?;
+        tokio::task::spawn_local(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+        Send::H1(sender)
+    };
+    Ok(Sender { send, rx_unix_ns })
 }
 
 fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {
@@ -484,11 +573,20 @@ async fn execute_unredacted(
     let first_byte_deadline = tokio::time::Instant::now() + cfg.first_byte_timeout;
     let (mut sender, mut reused) = pool.take(endpoint, reserved).await?;
     let ep = pool.endpoint(endpoint);
+    let h2 = sender.is_h2();
     let build = || {
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(ep.uri.clone())
-            .header(HOST, ep.host_header.clone())
+        // HTTP/2 carries the authority in the request line (`:authority`), not `Host`.
+        let mut builder = if h2 {
+            Request::builder()
+                .method(Method::POST)
+                .uri(ep.abs_uri.clone())
+        } else {
+            Request::builder()
+                .method(Method::POST)
+                .uri(ep.uri.clone())
+                .header(HOST, ep.host_header.clone())
+        };
+        builder = builder
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(
                 USER_AGENT,
@@ -512,7 +610,7 @@ async fn execute_unredacted(
     };
 
     let resp = loop {
-        let sent = tokio::time::timeout_at(first_byte_deadline, sender.send.send_request(build()?));
+        let sent = tokio::time::timeout_at(first_byte_deadline, sender.send_request(build()?));
         match sent.await {
             Err(_) => {
                 return Err((

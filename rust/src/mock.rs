@@ -576,8 +576,11 @@ async fn serve_connection<S>(
             Arc::clone(&close_req),
         )
     });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge, or
+    // ALPN h2 over TLS).
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

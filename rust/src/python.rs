@@ -248,6 +248,7 @@ struct PyEngineOptions {
     client_cert_file: Option<String>,
     client_key_file: Option<String>,
     insecure: bool,
+    http2: bool,
 }
 
 /// A header name as given, or a one-line error naming it.
@@ -313,6 +314,7 @@ impl TryFrom<PyEngineOptions> for EngineConfig {
             request_headers,
             secrets,
             tls,
+            http2: o.http2,
             source_ips,
         };
         let start_delay =

@@ -15,8 +15,9 @@ use rustls::{CertificateError, DigitallySignedStruct, Error as TlsError, Signatu
 
 use crate::error::EngineError;
 
-/// ALPN: the lanes speak HTTP/1.1 (one request per connection at a time).
+/// ALPN: the lanes speak HTTP/1.1 (one request per connection at a time), or HTTP/2.
 const ALPN_HTTP1: &[u8] = b"http/1.1";
+const ALPN_H2: &[u8] = b"h2";
 
 /// How the client checks servers and proves itself (`--cacert`, `--insecure`, `--cert`,
 /// `--key`).
@@ -63,6 +64,11 @@ impl ClientTlsOptions {
     /// verification; a client certificate when given; ALPN `http/1.1`; TLS session
     /// resumption (rustls' in-memory cache, shared by every lane of the run).
     pub fn build(&self) -> Result<Arc<rustls::ClientConfig>, EngineError> {
+        self.build_for(false)
+    }
+
+    /// As [`Self::build`], offering ALPN `h2` instead of `http/1.1` when `http2`.
+    pub fn build_for(&self, http2: bool) -> Result<Arc<rustls::ClientConfig>, EngineError> {
         if self.insecure && self.ca_file.is_some() {
             return Err(bad("--insecure and --cacert exclude each other".into()));
         }
@@ -121,7 +127,7 @@ impl ClientTlsOptions {
             }
             _ => builder.with_no_client_auth(),
         };
-        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        config.alpn_protocols = vec![if http2 { ALPN_H2 } else { ALPN_HTTP1 }.to_vec()];
         Ok(Arc::new(config))
     }
 }
@@ -288,7 +294,7 @@ impl MockIdentity {
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], key_der)
             .map_err(|e| bad(format!("the mock's TLS certificate: {e}")))?;
-        server.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(Self {
             ca_pem: ca_cert.pem(),
             server_config: Arc::new(server),

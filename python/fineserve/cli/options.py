@@ -591,6 +591,12 @@ _TRANSPORT_OPTIONS: list[Any] = [
         help="Do not verify https:// servers' certificates.",
     ),
     click.option(
+        "--http2",
+        is_flag=True,
+        help="Speak HTTP/2 (prior knowledge on http://, ALPN h2 on https://): each lane "
+        "multiplexes its requests over one connection per endpoint.",
+    ),
+    click.option(
         "--session-header",
         metavar="NAME",
         help="Header that carries each request's session: its conversation id (ServeGen: "

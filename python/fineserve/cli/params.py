@@ -42,7 +42,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "Transport & pinning",
         (
-            "header", "cacert", "cert", "key", "insecure", "session_header", "dp_ranks",
+            "header", "cacert", "cert", "key", "insecure", "http2", "session_header", "dp_ranks",
             "dp_rank_policy", "dp_rank_header", "lora_modules", "lora_distribution",
         ),
     ),

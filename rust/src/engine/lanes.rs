@@ -155,6 +155,7 @@ async fn lane_main(
         lane,
         shared.tls.clone(),
         Arc::clone(&shared.budget),
+        shared.config.client.http2,
     ));
     warm_pool(&shared, &pool, lanes).await;
     // While a connect (in any lane) waits for budget, this lane's idle connections close:

@@ -108,7 +108,9 @@ pub fn start_streaming(
         .map(|u| Endpoint::parse(u))
         .collect::<Result<Vec<_>, _>>()?;
     let tls = if endpoints.iter().any(|e| e.tls) {
-        Some(tokio_rustls::TlsConnector::from(config.client.tls.build()?))
+        Some(tokio_rustls::TlsConnector::from(
+            config.client.tls.build_for(config.client.http2)?,
+        ))
     } else {
         None
     };
