@@ -117,9 +117,9 @@ def with_server_view(r: dict[str, Any], mock: MockProcess, t_ns: np.ndarray) -> 
     return r | {"server": peers.server_pacing(arrivals, t_ns)}
 
 
-def fineserve_run(
-    mock: MockProcess, t_ns: np.ndarray, warm: int, realtime: bool | None = None
-) -> dict[str, Any]:
+def run_against_mock(mock: MockProcess, t_ns: np.ndarray, options: EngineOptions) -> dict[str, Any]:
+    """fineserve sends TOKENS-token completion streams to the mock at ``t_ns``; the
+    client-side figures (``summarize``)."""
     n = len(t_ns)
     rec = run_engine(
         [mock.base_url + "/v1/completions"],
@@ -128,13 +128,20 @@ def fineserve_run(
         np.zeros(n, np.uint32),
         np.zeros(n, np.uint32),
         np.full(n, TOKENS),
-        EngineOptions(
-            warm_connections=warm, realtime_priority=REALTIME if realtime is None else realtime
-        ),
+        options,
         show_progress=False,
     )
     sent, sched, kind = rec.col("sent_ns"), rec.col("scheduled_ns"), rec.col("error_kind")
-    return with_server_view(summarize(sched, sent, kind == 0), mock, t_ns)
+    return summarize(sched, sent, kind == 0)
+
+
+def fineserve_run(
+    mock: MockProcess, t_ns: np.ndarray, warm: int, realtime: bool | None = None
+) -> dict[str, Any]:
+    options = EngineOptions(
+        warm_connections=warm, realtime_priority=REALTIME if realtime is None else realtime
+    )
+    return with_server_view(run_against_mock(mock, t_ns, options), mock, t_ns)
 
 
 def baseline_run(mock: MockProcess, t_ns: np.ndarray) -> dict[str, Any]:

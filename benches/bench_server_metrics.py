@@ -19,33 +19,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dispatch import body, summarize, uniform
-from fineserve import EngineOptions, run_engine
+from bench_dispatch import TOKENS, run_against_mock, uniform
+from fineserve import EngineOptions
 from fineserve.metrics.scrape import Scraper, ScrapeTarget
 from mock_proc import MockProcess
-
-TOKENS = 16
 
 
 def one(mock: MockProcess, rate: float, seconds: float, scrape_s: float | None) -> dict[str, Any]:
     t_ns = uniform(rate, seconds)
-    n = len(t_ns)
     scraper = None
     if scrape_s is not None:
         page = ScrapeTarget(mock.base_url, mock.base_url + "/metrics", 0)
         scraper = Scraper([page], scrape_s)
         scraper.start()
-    rec = run_engine(
-        [mock.base_url + "/v1/completions"],
-        t_ns,
-        [body(TOKENS)],
-        np.zeros(n, np.uint32),
-        np.zeros(n, np.uint32),
-        np.full(n, TOKENS),
-        EngineOptions(warm_connections=min(int(rate * 0.1) + 64, 4096)),
-        show_progress=False,
+    r = run_against_mock(
+        mock, t_ns, EngineOptions(warm_connections=min(int(rate * 0.1) + 64, 4096))
     )
-    r = summarize(rec.col("scheduled_ns"), rec.col("sent_ns"), rec.col("error_kind") == 0)
     r.pop("sent_ns")
     if scraper is not None:
         scraper.stop()

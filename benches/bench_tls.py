@@ -30,12 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import peers
-from bench_dispatch import body, passes, summarize, uniform
-from fineserve import EngineOptions, run_engine
+from bench_dispatch import TOKENS, passes, run_against_mock, uniform, with_server_view
+from fineserve import EngineOptions
 from mock_proc import MockProcess
 
-TOKENS = 16
 RATES = [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000]
 
 
@@ -54,23 +52,11 @@ def run(mock: MockProcess, rate: float, seconds: float, http2: bool = False) -> 
         http2=http2,
     )
     cpu0, wall0 = cpu_s(), time.perf_counter()
-    rec = run_engine(
-        [mock.base_url + "/v1/completions"],
-        t_ns,
-        [body(TOKENS)],
-        np.zeros(n, np.uint32),
-        np.zeros(n, np.uint32),
-        np.full(n, TOKENS),
-        options,
-        show_progress=False,
-    )
+    r = run_against_mock(mock, t_ns, options)
     cpu = cpu_s() - cpu0
     wall = time.perf_counter() - wall0
-    sent, sched, kind = rec.col("sent_ns"), rec.col("scheduled_ns"), rec.col("error_kind")
-    r = summarize(sched, sent, kind == 0)
     r.pop("sent_ns")
-    arrivals, _ = mock.take()
-    r["server"] = peers.server_pacing(arrivals, t_ns)
+    r = with_server_view(r, mock, t_ns)
     r["cpu_us_per_request"] = cpu / n * 1e6
     r["wall_s"] = wall
     r["rate"] = rate

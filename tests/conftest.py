@@ -18,6 +18,7 @@ from fineserve import ERROR_KINDS, EngineOptions, MockServer, run_engine
 from fineserve.api import BodyTemplate
 from fineserve.cli import cli
 from fineserve.runner import RunRecords
+from stdlib_server import OpenAIServer
 
 # CI draws the same Hypothesis examples every run (a red build is then the code's, not luck's);
 # local runs keep exploring. HYPOTHESIS_PROFILE overrides either.
@@ -28,6 +29,15 @@ settings.load_profile(
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def servers() -> Iterator[list[OpenAIServer]]:
+    """Independent servers (``stdlib_server.OpenAIServer``) a test starts; closed after it."""
+    started: list[OpenAIServer] = []
+    yield started
+    for s in started:
+        s.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,6 @@ from fineserve.metrics.scrape import histogram_quantile
 from fineserve.report import load_run
 from fineserve.results import server_metrics_path
 from stdlib_server import OpenAIServer
-
-
-@pytest.fixture
-def servers() -> Iterator[list[OpenAIServer]]:
-    started: list[OpenAIServer] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def _blast(*args: str) -> Any:

@@ -9,7 +9,6 @@ import json
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     if shutil.which("openssl") is None:
         pytest.skip("no openssl")
     return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-def servers() -> Iterator[list[OpenAIServer]]:
-    started: list[OpenAIServer] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def start(started: list[OpenAIServer], *args: Any, **kwargs: Any) -> OpenAIServer:

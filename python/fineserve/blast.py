@@ -29,7 +29,7 @@ from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .requests.pinning import Pinner
-from .results import RequestsWriter, run_meta, server_metrics_path
+from .results import RequestsWriter, run_meta, server_metrics_path, sibling_path
 from .runner import EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .targets import Targets, WarmUpTiming, first_body, resolve_targets, warm_up
@@ -573,10 +573,8 @@ def run_repeated(
                 reset_prefix_caches(bases(), cfg.target, quiet)
         run_cfg = cfg
         if cfg.output.save_requests is not None and rep.num_runs > 1:
-            p = cfg.output.save_requests
-            stem = p.name[: -len(".parquet")] if p.name.endswith(".parquet") else p.name
             output = dataclasses.replace(
-                cfg.output, save_requests=p.with_name(f"{stem}-run{k + 1}.parquet")
+                cfg.output, save_requests=sibling_path(cfg.output.save_requests, f"-run{k + 1}")
             )
             run_cfg = dataclasses.replace(cfg, output=output)
         if not quiet and rep.num_runs > 1:
@@ -599,13 +597,11 @@ def reset_prefix_caches(bases: list[str], target: TargetConfig, quiet: bool) -> 
     import urllib.error
     import urllib.request
 
+    from .transport import server_request
+
     for base in bases:
-        req = urllib.request.Request(base + "/reset_prefix_cache", data=b"", method="POST")
-        for h in target.headers:
-            req.add_header(h.name, h.value)
-        if target.api_key:
-            req.add_header("Authorization", f"Bearer {target.api_key}")
-        context = target.tls.ssl_context() if base.startswith("https://") else None
+        req = server_request(base + "/reset_prefix_cache", target.headers, target.api_key, data=b"")
+        context = target.tls.context_for(base)
         try:
             with urllib.request.urlopen(req, timeout=10, context=context):
                 pass

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import FineserveError
 from .traces.readers import TraceOptions
-from .transport import Header, TlsConfig, parse_headers
+from .transport import Header, TlsConfig, parse_header, parse_headers
 
 #: Metrics that take ``--percentile-metrics`` keys.
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el", "ttfo")
@@ -307,8 +307,6 @@ class PinConfig:
             ("--dp-rank-header", cfg.dp_rank_header),
         ):
             if name is not None:
-                from .transport import parse_header
-
                 parse_header(f"{name}: 0", option)
         if (
             cfg.session_header

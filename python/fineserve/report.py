@@ -24,6 +24,7 @@ import pyarrow as pa
 from . import plotting
 from .errors import FineserveError
 from .metrics import BREAKDOWNS, MetricsAccumulator
+from .metrics.fidelity import SLOT_NS, slot_sizes
 from .metrics.serving import itl_ns, reasoning_tokens
 from .metrics.steady import RequestTimes, ab_verdicts, steady_metrics, steady_window
 from .records import records_from_table
@@ -402,14 +403,6 @@ def _per_second(t_ns: npt.NDArray[np.int64]) -> tuple[Any, Any]:
     return np.arange(len(counts)), counts
 
 
-def burst_members(scheduled_ns: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    """Requests that share their scheduled 1 ms slot with another (micro-burst members)."""
-    slot = scheduled_ns // 1_000_000
-    _, inverse, counts = np.unique(slot, return_inverse=True, return_counts=True)
-    members: npt.NDArray[np.bool_] = counts[inverse.reshape(-1)] >= 2
-    return members
-
-
 def panel_server(runs: list[Run]) -> bytes | None:
     """Send rate and burst members per second, TTFT per second (p50, p99), and the
     servers' running / waiting / KV-usage gauges, on one time axis; None without
@@ -424,7 +417,8 @@ def panel_server(runs: list[Run]) -> bytes | None:
         sched, sent = r.col("scheduled_ns"), r.col("sent_ns")
         x, n = _per_second(sent)
         ax[0, 0].plot(x, n, label=f"{r.name} sent/s")
-        x, b = _per_second(sent[burst_members(sched) & (sent >= 0)])
+        # Micro-burst members: requests that share their scheduled 1 ms slot.
+        x, b = _per_second(sent[(slot_sizes(sched)[0] >= 2) & (sent >= 0)])
         ax[0, 0].plot(x, b, ls="--", label=f"{r.name} burst members/s")
         ok = _ok(r) & (r.col("first_token_ns") >= 0)
         ttft = (r.col("first_token_ns") - sent)[ok] / 1e6
@@ -479,11 +473,11 @@ def panel_server_queue(runs: list[Run]) -> bytes | None:
         if not series:
             continue
         sched = r.col("scheduled_ns")
-        slots, counts = np.unique(sched // 1_000_000, return_counts=True)
+        slots, counts = np.unique(sched // SLOT_NS, return_counts=True)
         for k in np.argsort(counts)[::-1][:5]:
             if counts[k] < 2:
                 break
-            at_s = slots[k] / 1e3
+            at_s = slots[k] * SLOT_NS / 1e9
             for page, (t, v) in series.items():
                 near = (t >= at_s - 1) & (t <= at_s + 5)
                 ax[0, 1].plot(

@@ -96,11 +96,16 @@ REQUIRED_COLUMNS = (
 PARQUET_ROW_GROUP = 65_536
 
 
-def server_metrics_path(requests_path: Path) -> Path:
-    """``RUN.server-metrics.parquet`` beside ``RUN.parquet`` (``--server-metrics``)."""
+def sibling_path(requests_path: Path, tag: str) -> Path:
+    """``RUN<tag>.parquet`` beside ``RUN.parquet``."""
     p = Path(requests_path)
     stem = p.name[: -len(".parquet")] if p.name.endswith(".parquet") else p.name
-    return p.with_name(stem + ".server-metrics.parquet")
+    return p.with_name(f"{stem}{tag}.parquet")
+
+
+def server_metrics_path(requests_path: Path) -> Path:
+    """``RUN.server-metrics.parquet`` beside ``RUN.parquet`` (``--server-metrics``)."""
+    return sibling_path(requests_path, ".server-metrics")
 
 
 def read_server_metrics(requests_path: Path) -> pa.Table | None:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from .console import note, one_line
 from .errors import ServerUnreachable
-from .transport import Header, TlsConfig, describe_ssl_error, redact
+from .transport import Header, TlsConfig, describe_ssl_error, redact, server_request
 
 
 def base_url_from(base_url: str | None, host: str | None, port: int | None) -> str | None:
@@ -61,12 +61,8 @@ def _fetch_models(
     tls: TlsConfig | None,
 ) -> list[str]:
     url = f"{base_url}/v1/models"
-    req = urllib.request.Request(url)
-    for h in headers:
-        req.add_header(h.name, h.value)
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
-    context = (tls or TlsConfig()).ssl_context() if url.startswith("https://") else None
+    req = server_request(url, headers, api_key)
+    context = (tls or TlsConfig()).context_for(url)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s, context=context) as resp:
             raw = resp.read(1 << 20)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,27 @@ def parse_headers(specs: Iterable[str], reserved: Sequence[str] = ()) -> tuple[H
     return headers
 
 
+def server_request(
+    url: str,
+    headers: Sequence[Header],
+    api_key: str | None = None,
+    *,
+    data: bytes | None = None,
+    accept: str | None = None,
+) -> urllib.request.Request:
+    """A request from Python's side of a run (the model lookup, a metrics scrape, a cache
+    reset) with the run's ``--header``s and, when given, its bearer token; a POST when
+    ``data`` is given."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else None)
+    if accept:
+        req.add_header("Accept", accept)
+    for h in headers:
+        req.add_header(h.name, h.value)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    return req
+
+
 def redact(message: str, secrets: Iterable[str]) -> str:
     for s in secrets:
         if s and s in message:
@@ -150,6 +172,10 @@ class TlsConfig:
                 ) from None
         ctx.set_alpn_protocols(["http/1.1"])
         return ctx
+
+    def context_for(self, url: str) -> ssl.SSLContext | None:
+        """The SSL context for ``url`` (None for plain http)."""
+        return self.ssl_context() if url.startswith("https://") else None
 
     @property
     def description(self) -> str:

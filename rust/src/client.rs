@@ -298,10 +298,7 @@ impl Pool {
     /// Opens a new connection (TCP, then TLS for `https://`, within the connect timeout);
     /// its driver task runs on the current `LocalSet`.
     pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
-        // Past the budget, wait for a connection to close (client-side queueing, not part
-        // of the connect timeout); the slot goes back when this connection closes.
-        let slot = self.budget.take().await;
-        self.connect_with(endpoint, slot).await
+        self.new_connection(endpoint, None).await
     }
 
     /// Budget for a new connection to `endpoint` when no idle one is there to reuse,
@@ -318,7 +315,18 @@ impl Pool {
         (Some(slot), started.elapsed().as_nanos() as i64)
     }
 
-    async fn connect_with(&self, endpoint: usize, slot: ConnSlot) -> Result<Sender, Failure> {
+    /// A new connection with `reserved` budget, or budget taken now: past the budget, wait
+    /// for a connection to close (client-side queueing, not part of the connect timeout).
+    /// The slot goes back when this connection closes.
+    async fn new_connection(
+        &self,
+        endpoint: usize,
+        reserved: Option<ConnSlot>,
+    ) -> Result<Sender, Failure> {
+        let slot = match reserved {
+            Some(slot) => slot,
+            None => self.budget.take().await,
+        };
         let ep = &self.endpoints[endpoint];
         let addr = ep.addr;
         let timed_out = || {
@@ -406,10 +414,7 @@ impl Pool {
             if let Some(s) = shared {
                 return Ok((s, true));
             }
-            let sender = match reserved {
-                Some(slot) => self.connect_with(endpoint, slot).await?,
-                None => self.connect(endpoint).await?,
-            };
+            let sender = self.new_connection(endpoint, reserved).await?;
             if let Some(s) = sender.share() {
                 self.idle.borrow_mut()[endpoint].push(s);
             }
@@ -426,13 +431,7 @@ impl Pool {
                         return Ok((s, true));
                     }
                 }
-                None => {
-                    let sender = match reserved {
-                        Some(slot) => self.connect_with(endpoint, slot).await?,
-                        None => self.connect(endpoint).await?,
-                    };
-                    return Ok((sender, false));
-                }
+                None => return Ok((self.new_connection(endpoint, reserved).await?, false)),
             }
         }
     }
@@ -461,22 +460,25 @@ where
             hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
                 .await
                 .map_err(failed)?;
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+        drive(conn, slot);
         Send::H2(sender)
     } else {
         let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(failed)?;
-        tokio::task::spawn_local(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+        drive(conn, slot);
         Send::H1(sender)
     };
     Ok(Sender { send, rx_unix_ns })
+}
+
+/// Runs a connection's driver on the current `LocalSet`; its budget slot goes back when
+/// the connection ends.
+fn drive(conn: impl std::future::Future + 'static, slot: ConnSlot) {
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+        drop(slot);
+    });
 }
 
 fn describe_connect_error(addr: SocketAddr, e: &std::io::Error) -> String {

@@ -61,14 +61,9 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
 
 impl ClientTlsOptions {
     /// The rustls client configuration: the platform's roots plus `ca_file`, or no
-    /// verification; a client certificate when given; ALPN `http/1.1`; TLS session
-    /// resumption (rustls' in-memory cache, shared by every lane of the run).
-    pub fn build(&self) -> Result<Arc<rustls::ClientConfig>, EngineError> {
-        self.build_for(false)
-    }
-
-    /// As [`Self::build`], offering ALPN `h2` instead of `http/1.1` when `http2`.
-    pub fn build_for(&self, http2: bool) -> Result<Arc<rustls::ClientConfig>, EngineError> {
+    /// verification; a client certificate when given; ALPN `http/1.1` (`h2` when
+    /// `http2`); TLS session resumption (rustls' in-memory cache, shared by every lane).
+    pub fn build(&self, http2: bool) -> Result<Arc<rustls::ClientConfig>, EngineError> {
         if self.insecure && self.ca_file.is_some() {
             return Err(bad("--insecure and --cacert exclude each other".into()));
         }
@@ -319,7 +314,7 @@ mod tests {
     }
 
     fn refused(o: &ClientTlsOptions) -> String {
-        match o.build() {
+        match o.build(false) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("accepted"),
         }
@@ -377,7 +372,7 @@ mod tests {
             key_file: Some(write(&dir, "a.key", &a.signing_key.serialize_pem())),
             ..o
         };
-        assert!(ok.build().is_ok());
+        assert!(ok.build(false).is_ok());
     }
 
     #[test]
@@ -388,7 +383,7 @@ mod tests {
             ca_file: Some(write(&dir, "ca.pem", &id.ca_pem)),
             ..Default::default()
         };
-        let cfg = o.build().expect("client config");
+        let cfg = o.build(false).expect("client config");
         assert_eq!(cfg.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from ..transport import Header, TlsConfig
+from ..transport import Header, TlsConfig, server_request
 
 #: Gauges of server state, under the names vLLM, SGLang and TGI give them; the first name
 #: a page has is used (summed over its label sets: engines, models).
@@ -196,9 +196,7 @@ class Scraper:
         self._record(st, (sent + received) // 2, families)
 
     def _fetch(self, url: str) -> str:
-        req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4"})
-        for h in self.headers:
-            req.add_header(h.name, h.value)
+        req = server_request(url, self.headers, accept="text/plain;version=0.0.4")
         with urllib.request.urlopen(
             req, timeout=self.timeout_s, context=self._ssl if url.startswith("https") else None
         ) as resp:

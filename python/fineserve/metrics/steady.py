@@ -67,10 +67,13 @@ class RequestTimes:
         )
 
     def arrays(self) -> tuple[npt.NDArray[Any], ...]:
+        """(sent, first token, done, tokens, ok), joined once and kept joined."""
         if not self.parts:
             z = np.zeros(0, np.int64)
             return z, z, z, z, np.zeros(0, bool)
-        return tuple(np.concatenate(c) for c in zip(*self.parts))
+        if len(self.parts) > 1:
+            self.parts = [tuple(np.concatenate(c) for c in zip(*self.parts))]
+        return tuple(self.parts[0])
 
 
 def mser5(series: npt.NDArray[np.float64]) -> int:
@@ -119,7 +122,7 @@ def steady_window(times: RequestTimes) -> dict[str, Any] | None:
 def steady_metrics(times: RequestTimes, window: dict[str, Any]) -> dict[str, Any]:
     """The headline figures over the requests sent inside ``window`` (``steady_`` keys):
     throughputs over the window's length, latencies of its successful requests."""
-    sent, first, done, tokens, ok = times.arrays()
+    sent, _, _, tokens, ok = times.arrays()
     lo, hi = int(window["start_s"] * 1e9), int(window["end_s"] * 1e9)
     inside = (sent >= lo) & (sent <= hi)
     good = inside & ok
@@ -130,11 +133,9 @@ def steady_metrics(times: RequestTimes, window: dict[str, Any]) -> dict[str, Any
         "steady_request_throughput": float(good.sum() / length_s),
         "steady_output_throughput": float(tokens[good].clip(min=0).sum() / length_s),
     }
-    ttft = (first - sent)[good & (first >= 0)] / 1e6
-    e2e = (done - sent)[good] / 1e6
-    multi = good & (first >= 0) & (tokens > 1)
-    tpot = (done - first)[multi] / (tokens[multi] - 1) / 1e6
-    for name, v in (("ttft_ms", ttft), ("tpot_ms", tpot), ("e2e_latency_ms", e2e)):
+    latencies = per_request(times, (lo, hi))
+    for series, name in (("ttft", "ttft_ms"), ("tpot", "tpot_ms"), ("e2e", "e2e_latency_ms")):
+        v = latencies[series]
         if len(v):
             out[f"steady_mean_{name}"] = float(v.mean())
             out[f"steady_median_{name}"] = float(np.median(v))
@@ -183,10 +184,15 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_MAX_N = 20_000
 
 
-def per_request(times: RequestTimes) -> dict[str, npt.NDArray[np.float64]]:
-    """TTFT, TPOT and E2E (ms) of every successful request."""
+def per_request(
+    times: RequestTimes, sent_within: tuple[int, int] | None = None
+) -> dict[str, npt.NDArray[np.float64]]:
+    """TTFT, TPOT and E2E (ms) of every successful request (sent within ``sent_within``,
+    ns on the run's clock, inclusive, when given)."""
     sent, first, done, tokens, ok = times.arrays()
     good = ok & (sent >= 0)
+    if sent_within is not None:
+        good &= (sent >= sent_within[0]) & (sent <= sent_within[1])
     multi = good & (first >= 0) & (tokens > 1)
     return {
         "ttft": ((first - sent)[good & (first >= 0)] / 1e6).astype(np.float64),

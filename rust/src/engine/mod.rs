@@ -109,7 +109,7 @@ pub fn start_streaming(
         .collect::<Result<Vec<_>, _>>()?;
     let tls = if endpoints.iter().any(|e| e.tls) {
         Some(tokio_rustls::TlsConnector::from(
-            config.client.tls.build_for(config.client.http2)?,
+            config.client.tls.build(config.client.http2)?,
         ))
     } else {
         None
