@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,8 +72,15 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     cap the open-files limit allows (both ends of each connection with the in-process
     mock)."""
     ec = cfg.engine
+    processes = cfg.scale_out.processes
     burst_per_ms = first.peak_in_window(1_000_000)
-    lanes = ec.lanes or default_of(EngineOptions, "lanes")
+    # Lanes are per engine; processes on one host share its cores, so by default they
+    # share out the lanes one engine would have had (half the CPUs).
+    lanes = ec.lanes or (
+        max(1, (os.cpu_count() or 2) // 2 // processes)
+        if processes > 1
+        else default_of(EngineOptions, "lanes")
+    )
     if not ec.lanes and burst_per_ms > 1:
         # Requests due in the same millisecond leave together only if lanes send them side
         # by side: one lane sends a burst one request after another.
@@ -83,7 +91,12 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     peak = mock_peak_in_flight(first, cfg.mock.ttft_ms, cfg.mock.itl_ms) if is_mock else per_second
     if ec.max_concurrency:
         peak = min(peak, ec.max_concurrency)
-    budget = connection_budget(peak, len(ec.source_ips), is_mock)
+    if ec.max_concurrency and ec.max_concurrency < processes:
+        raise FineserveError(
+            f"--max-concurrency {ec.max_concurrency} is split over --processes {processes}: "
+            "give at least one request per process"
+        )
+    budget = connection_budget(peak, len(ec.source_ips), is_mock, processes)
     # One cap on requests in flight: the user's, or what the descriptors allow; and one on
     # connections open at once over every lane (idle pooled ones hold descriptors too).
     in_flight_cap = min(ec.max_concurrency or budget.max_in_flight, budget.max_in_flight)
@@ -172,7 +185,7 @@ def _announce_plan(
     )
     note(
         f"plan: {plan.describe()} to {targets.description} ({models}), mode {mode}, "
-        f"seed {cfg.workload.seed}, {sizing.lanes} lanes, {sizing.warm} warm connections "
+        f"seed {cfg.workload.seed}, {engines(cfg, sizing)}, {sizing.warm} warm connections "
         "per endpoint"
     )
     if plan.span_s > LONG_RUN_S:
@@ -183,9 +196,23 @@ def _announce_plan(
     return plan.requests if plan.complete else workload.total
 
 
+def engines(cfg: BlastConfig, sizing: EngineSizing) -> str:
+    """What runs the schedule, for the plan line: "8 lanes", "4 processes × 2 lanes"."""
+    n = cfg.scale_out.engines
+    if n == 1:
+        return f"{sizing.lanes} lanes"
+    noun = "Ray workers" if cfg.scale_out.address else "processes"
+    return f"{n} {noun} × {sizing.lanes} lanes"
+
+
 def _stream_runner(cfg: BlastConfig, is_mock: bool, quiet: bool) -> Callable[..., StreamOutcome]:
-    """The local engine, or the Ray fleet with ``--ray``."""
-    if not cfg.ray.address:
+    """The local engine, processes on this host (``--processes``), or the Ray fleet
+    (``--ray``)."""
+    if cfg.scale_out.processes > 1:
+        from .processes import run_stream_processes
+
+        return functools.partial(run_stream_processes, processes=cfg.scale_out.processes)
+    if not cfg.scale_out.address:
         return run_stream
     from .distributed import run_stream_ray
 
@@ -194,7 +221,9 @@ def _stream_runner(cfg: BlastConfig, is_mock: bool, quiet: bool) -> Callable[...
             "--ray with the embedded mock: it listens on this machine's loopback, so only "
             "workers on this node can reach it"
         )
-    return functools.partial(run_stream_ray, address=cfg.ray.address, workers=cfg.ray.workers)
+    return functools.partial(
+        run_stream_ray, address=cfg.scale_out.address, workers=cfg.scale_out.workers
+    )
 
 
 @dataclass
@@ -444,14 +473,15 @@ def client_saturation(
         reasons.append(
             f"{waits} connects waited for one of {cap} connections (mean "
             f"{wait_ns / waits / 1e3:.0f} us): raise the open-files limit (`ulimit -Hn`), "
-            "--max-connections, or spread the load (--ray workers, more machines)"
+            "--max-connections, or spread the load (--processes, --ray workers, more "
+            "machines)"
         )
     lag = metrics.get("p99_dispatch_lag_us")
     if lag is not None and lag > SATURATION_LAG_US and not cfg.engine.max_concurrency:
         reasons.append(
             f"p99 dispatch lag {lag / 1e3:.2f} ms > {SATURATION_LAG_US / 1e3:g} ms: the "
-            f"{sizing.lanes} lanes could not keep the schedule; more --lanes, a less busy "
-            "host, or --ray workers"
+            f"{engines(cfg, sizing)} could not keep the schedule; more --lanes or "
+            "--processes, a less busy host, or --ray workers"
         )
     return {
         "client_saturated": bool(reasons),
@@ -527,6 +557,7 @@ def _header(
         "request_rate": "inf" if math.isinf(rate) else rate,
         "max_concurrency": cfg.engine.max_concurrency,
         "lanes": sizing.lanes,
+        "engine_processes": cfg.scale_out.processes,
         "max_burst_per_ms": sizing.burst_per_ms,
         "class_models": targets.class_models,
     }

@@ -5,8 +5,8 @@ this is the only module that knows click's parameter names (``from_params``): pa
 stage takes its own slice — :class:`WorkloadConfig` the workload, :class:`PromptConfig` the
 prompt builder, :class:`TargetConfig` the servers and bodies, :class:`EngineConfig` the
 engine's sizing and timeouts, :class:`MetricsConfig` the metrics, :class:`OutputConfig` the
-files, :class:`MockConfig` the embedded mock, :class:`RayConfig` the distributed run — and
-:class:`BlastConfig` holds them all.
+files, :class:`MockConfig` the embedded mock, :class:`ScaleOutConfig` the run spread over
+processes or Ray workers — and :class:`BlastConfig` holds them all.
 """
 
 from __future__ import annotations
@@ -593,19 +593,34 @@ def mock_fault_kwargs(p: Mapping[str, Any], option: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RayConfig:
-    #: A cluster address (auto, ray://HOST:10001) or "local"; None: no Ray.
+class ScaleOutConfig:
+    """One run spread over several engines: processes on this host (past one process's
+    open-files limit and cores), or Ray workers on a cluster's nodes."""
+
+    #: A Ray cluster address (auto, ray://HOST:10001) or "local"; None: no Ray.
     address: str | None = None
     workers: int = 2
+    #: Engine processes on this host (1: the engine runs in this process).
+    processes: int = 1
 
     @classmethod
-    def from_params(cls, p: Mapping[str, Any]) -> RayConfig:
-        cfg = cls(p.get("ray") or None, **_given(p, workers="workers"))
+    def from_params(cls, p: Mapping[str, Any]) -> ScaleOutConfig:
+        cfg = cls(p.get("ray") or None, **_given(p, workers="workers", processes="processes"))
+        if cfg.address and cfg.processes > 1:
+            raise FineserveError(
+                "--processes and --ray are two ways to spread a run; choose one "
+                "(--ray local --workers N also runs on this host)"
+            )
         if cfg.address:
             from .distributed import import_ray
 
             import_ray()  # refused now, before any server starts, if Ray is missing
         return cfg
+
+    @property
+    def engines(self) -> int:
+        """Engine instances the schedule is split over."""
+        return self.workers if self.address else self.processes
 
 
 # ---------------------------------------------------------------------------- blast
@@ -703,7 +718,7 @@ class BlastConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     mock: MockConfig = field(default_factory=MockConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    scale_out: ScaleOutConfig = field(default_factory=ScaleOutConfig)
     server_metrics: ServerMetricsConfig = field(default_factory=ServerMetricsConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     repeat: RepeatConfig = field(default_factory=RepeatConfig)
@@ -720,7 +735,7 @@ class BlastConfig:
             metrics=MetricsConfig.from_params(p),
             output=OutputConfig.from_params(p),
             mock=MockConfig.from_params(p),
-            ray=RayConfig.from_params(p),
+            scale_out=ScaleOutConfig.from_params(p),
             server_metrics=ServerMetricsConfig.from_params(p),
             stop=StopConfig.from_params(p),
             repeat=RepeatConfig.from_params(p),

@@ -30,7 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -265,12 +265,19 @@ def run_engine_ray(
     )
 
 
-def clock_offset_ns(ray: Any, actor: Any, rounds: int = 5) -> tuple[int, int]:
-    """Worker clock minus driver clock, and its uncertainty (half the best round trip)."""
+def share(total: int, workers: int, worker: int) -> int:
+    """Worker ``worker``'s part of ``total`` split as evenly as integers allow (parts
+    differ by at most one and add up to ``total``)."""
+    return total // workers + (1 if worker < total % workers else 0)
+
+
+def clock_offset_ns(backend: Any, actor: Any, rounds: int = 5) -> tuple[int, int]:
+    """Worker clock minus driver clock, and its uncertainty (half the best round trip).
+    ``backend``: Ray, or anything with its ``get``."""
     best: tuple[int, int] | None = None
     for _ in range(rounds):
         sent = time.time_ns()
-        remote = ray.get(actor.clock_ns.remote())
+        remote = backend.get(actor.clock_ns.remote())
         back = time.time_ns()
         half_rtt = (back - sent) // 2
         if best is None or half_rtt < best[1]:
@@ -381,7 +388,28 @@ def run_stream_ray(
     if not all_chunks or not sum(len(c) for c in all_chunks):
         return StreamOutcome(False, 0.0, 0, {}, 0, 0)
     _init_ray(ray, address, ray_init)
-    fleet = RayFleet(ray, endpoints, all_chunks, options, sink, workers)
+    return run_fleet(
+        RayBackend(ray), endpoints, all_chunks, options, sink, workers,
+        total=total, show_progress=show_progress, description=description,
+        on_started=on_started,
+    )  # fmt: skip
+
+
+def run_fleet(
+    backend: FleetBackend,
+    endpoints: list[str],
+    chunks: list[EngineChunk],
+    options: EngineOptions,
+    sink: RecordSink,
+    workers: int,
+    *,
+    total: int | None = None,
+    show_progress: bool = True,
+    description: str = "requests",
+    on_started: Callable[[list[Any]], None] | None = None,
+) -> StreamOutcome:
+    """The schedule split over ``workers`` engines of ``backend``, driven to its end."""
+    fleet = Fleet(backend, endpoints, chunks, options, sink, workers)
     if on_started is not None:
         on_started(fleet.actors)
     return drive(
@@ -390,7 +418,7 @@ def run_stream_ray(
         grace_s=options.drain_grace_s,
         total=total,
         show_progress=show_progress,
-        description=f"{description} ({workers} Ray workers)",
+        description=f"{description} ({workers} {backend.noun})",
     )
 
 
@@ -407,22 +435,67 @@ def _init_ray(ray: Any, address: str, ray_init: dict[str, Any] | None) -> None:
         raise FineserveError(f"--ray {address}: {str(e).splitlines()[0]}") from None
 
 
-class RayFleet:
-    """A :class:`runner.Driver` over Ray actors, each running its part of the schedule
-    (:func:`partition`) with the engine on its node from a common start instant."""
+class FleetBackend(Protocol):
+    """Where a fleet's workers run: the part of Ray's actor API the fleet uses. A worker's
+    methods are called as ``actor.method.remote(*args)``, which returns a reference;
+    :meth:`get` waits for one or a list of them."""
+
+    #: What the workers are called in messages ("Ray workers", "processes").
+    noun: str
+    #: Whether the workers share this host, so the run's connection caps are split over
+    #: them; a cluster's nodes each have their own limits.
+    shares_host: bool
+
+    def spawn(self, workers: int) -> list[Any]:
+        """Starts ``workers`` :class:`EngineWorker` instances; returns their handles."""
+
+    def get(self, refs: Any) -> Any:
+        """The value(s) of one reference or a list of them; raises if a worker failed."""
+
+    def kill(self, actor: Any) -> None:
+        """Ends a worker (a no-op for one already gone)."""
+
+
+class RayBackend:
+    """Workers as Ray actors, spread over the cluster's nodes."""
+
+    noun = "Ray workers"
+    shares_host = False
+
+    def __init__(self, ray: Any) -> None:
+        self._ray = ray
+
+    def spawn(self, workers: int) -> list[Any]:
+        # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
+        # SPREAD puts the actors on different nodes where there are several.
+        remote_cls = self._ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
+        spread = remote_cls.options(scheduling_strategy="SPREAD")
+        return [spread.remote(w) for w in range(workers)]
+
+    def get(self, refs: Any) -> Any:
+        return self._ray.get(refs)
+
+    def kill(self, actor: Any) -> None:
+        self._ray.kill(actor)
+
+
+class Fleet:
+    """A :class:`runner.Driver` over workers (Ray actors, or processes on this host), each
+    running its part of the schedule (:func:`partition`) with the engine from a common
+    start instant."""
 
     where = " on every worker"
 
     def __init__(
         self,
-        ray: Any,
+        backend: FleetBackend,
         endpoints: list[str],
         chunks: list[EngineChunk],
         options: EngineOptions,
         sink: RecordSink,
         workers: int,
     ) -> None:
-        self._ray = ray
+        self._backend = backend
         self._endpoints = endpoints
         self._sink = sink
         self._pending = _PendingExtras()
@@ -431,14 +504,15 @@ class RayFleet:
             self._pending.push(self.requests, c)
             self.requests += len(c)
         parts = partition(chunks, workers)
-        # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
-        # SPREAD puts the actors on different nodes where there are several.
-        remote_cls = ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
-        spread = remote_cls.options(scheduling_strategy="SPREAD")
-        self.actors = [spread.remote(w) for w in range(workers)]
+        self.actors = backend.spawn(workers)
         self.stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
-        for s, a in zip(self.stats, self.actors):
-            s.clock = clock_offset_ns(ray, a)
+        try:
+            for s, a in zip(self.stats, self.actors):
+                s.clock = clock_offset_ns(backend, a)
+        except Exception as e:
+            self._kill()
+            raise FineserveError(f"starting the {backend.noun}: {_first_line(e)}") from None
+        for s in self.stats:
             # An offset within its own uncertainty is noise (same host, or clocks already
             # in sync): correcting by it would only add that noise to the start.
             s.applied_offset_ns = s.clock[0] if abs(s.clock[0]) > s.clock[1] else 0
@@ -449,22 +523,33 @@ class RayFleet:
             # The workers' environment may differ from the driver's (other nodes).
             api_key=options.api_key or os.environ.get("OPENAI_API_KEY") or None,
         )
+        per_worker = [worker_options] * workers
+        if backend.shares_host:
+            # Caps computed for the whole host are shared out exactly (0/None: no cap).
+            per_worker = [
+                replace(
+                    worker_options,
+                    max_connections=share(options.max_connections, workers, w),
+                    max_concurrency=share(options.max_concurrency or 0, workers, w) or None,
+                )
+                for w in range(workers)
+            ]
         self.start_unix_ns = time.time_ns() + int(START_MARGIN_S * 1e9)
         starts = [
             a.start.remote(
                 endpoints,
                 p.table,
                 p.bodies,
-                worker_options,
+                o,
                 self.start_unix_ns + s.applied_offset_ns,
             )
-            for a, p, s in zip(self.actors, parts, self.stats)
+            for a, p, s, o in zip(self.actors, parts, self.stats, per_worker)
         ]
         try:
-            ray.get(starts)
+            backend.get(starts)
         except Exception as e:
             self._kill()
-            raise FineserveError(f"starting the Ray workers: {_first_line(e)}") from None
+            raise FineserveError(f"starting the {backend.noun}: {_first_line(e)}") from None
 
     def _live(self) -> list[tuple[_WorkerStats, Any]]:
         return [(s, a) for s, a in zip(self.stats, self.actors) if not s.dead]
@@ -486,10 +571,10 @@ class RayFleet:
         calls = [(s, a.drain.remote(), a.progress.remote(), a.wait.remote(0.0)) for s, a in live]
         for s, d, p, w in calls:
             try:
-                batch, prog, finished = self._ray.get([d, p, w])
+                batch, prog, finished = self._backend.get([d, p, w])
             except Exception as e:  # RayActorError and the like: the worker is gone
                 s.dead = _first_line(e)
-                warn(f"Ray worker {s.worker} died: {s.dead}")
+                warn(f"{self._backend.noun[:-1]} {s.worker} died: {s.dead}")
                 continue
             s.progress = prog
             self._deliver(s, batch)
@@ -508,18 +593,18 @@ class RayFleet:
     def stop(self, reason: str | None = None) -> str:
         for _, a in self._live():
             a.stop.remote(reason)
-        return f"stopping {len(self.actors)} Ray workers; draining in-flight requests"
+        return f"stopping {len(self.actors)} {self._backend.noun}; draining in-flight requests"
 
     def cancel(self) -> None:
         try:
-            self._ray.get([a.cancel.remote() for _, a in self._live()])
+            self._backend.get([a.cancel.remote() for _, a in self._live()])
         except Exception as e:  # a worker died meanwhile: the next poll says which
-            warn(f"cancelling the Ray workers: {_first_line(e)}")
+            warn(f"cancelling the {self._backend.noun}: {_first_line(e)}")
 
     def finish(self) -> StreamOutcome:
         for s, a in self._live():
             try:
-                batch, prog, t0 = self._ray.get(a.finish.remote())
+                batch, prog, t0 = self._backend.get(a.finish.remote())
             except Exception as e:
                 s.dead = _first_line(e)
                 continue
@@ -529,14 +614,17 @@ class RayFleet:
             if s.dead:
                 self._deliver(s, records_to_batch(s.lost_records(), {}, self._endpoints))
         self._kill()
-        summaries = [s.summary(self.start_unix_ns) for s in self.stats]
+        summaries = [
+            {**s.summary(self.start_unix_ns), "kind": self._backend.noun.capitalize()}
+            for s in self.stats
+        ]
         return StreamOutcome(
             False, 0.0, self.start_unix_ns, self.progress(), self.requests, 0, workers=summaries
         )
 
     def _kill(self) -> None:
         for a in self.actors:
-            self._ray.kill(a)
+            self._backend.kill(a)
 
 
 def probe_address(address: str, timeout_s: float = 5.0) -> None:

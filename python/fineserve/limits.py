@@ -30,24 +30,38 @@ class ConnectionBudget:
     lines: list[str] = field(default_factory=list)
 
 
-def connection_budget(expected_peak_in_flight: int, n_sources: int, mock: bool) -> ConnectionBudget:
+def connection_budget(
+    expected_peak_in_flight: int, n_sources: int, mock: bool, engine_processes: int = 1
+) -> ConnectionBudget:
     """The limits, raised where allowed, and the in-flight cap they imply; ``lines`` state
-    the limits and what the expected peak (requests in flight at once) will meet."""
+    the limits and what the expected peak (requests in flight at once) will meet.
+    ``engine_processes`` > 1: the client ends live in that many child processes, each
+    with the same limit as this one (the embedded mock's ends stay in this process)."""
     _, limit = _engine.raise_open_files_limit()
-    per_request = 2 if mock else 1
+    per_request = 2 if mock and engine_processes == 1 else 1
     if not limit:  # unknown (not Linux): no cap
         return ConnectionBudget(0, per_request, 1 << 30, connection_limits(0, n_sources, mock))
     cap = max((limit - RESERVED_DESCRIPTORS) // per_request, 1)
+    if engine_processes > 1 and not mock:
+        cap *= engine_processes
     # Connections are capped below the descriptor limit, so only the ports can fall short.
     lines = connection_limits(min(expected_peak_in_flight, cap), n_sources, mock)
     needed = expected_peak_in_flight * per_request + RESERVED_DESCRIPTORS
-    if needed > limit:
+    if expected_peak_in_flight > cap:
+        where = (
+            " (both ends: the mock runs in this process)"
+            if per_request == 2
+            else " (the mock's ends, in this process)"
+            if mock
+            else f" over {engine_processes} processes"
+            if engine_processes > 1
+            else ""
+        )
         lines.append(
             f"expected peak of {expected_peak_in_flight} requests in flight needs ~{needed} "
-            f"descriptors{' (both ends: the mock runs in this process)' if mock else ''}, "
-            f"more than the open-files limit {limit}: at most {cap} are in flight, the "
-            "rest wait for a connection (shown as dispatch lag); raise the hard limit "
-            "(`ulimit -Hn`) to send them on time"
+            f"descriptors{where}, more than the open-files limit {limit} allows: at most "
+            f"{cap} are in flight, the rest wait for a connection (shown as dispatch lag); "
+            "raise the hard limit (`ulimit -Hn`) or use --processes to send them on time"
         )
     return ConnectionBudget(limit, per_request, cap, lines)
 

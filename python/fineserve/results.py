@@ -511,6 +511,10 @@ def result_json(
         "max_concurrency": cfg.engine.max_concurrency,
         "seed": cfg.workload.seed,
         "partial": partial,
+        # The engines the schedule was split over (--processes, --ray --workers).
+        "engine_processes": cfg.scale_out.processes,
+        "ray_workers": cfg.scale_out.workers if cfg.scale_out.address else 0,
+        "lanes_per_engine": header.get("lanes"),
     }
     result.update(m)
     return result

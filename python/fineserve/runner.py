@@ -347,7 +347,7 @@ class StreamOutcome:
 
 class Driver(Protocol):
     """A run as the stop/drain loop (:func:`drive`) sees it: one engine here
-    (:class:`LocalRun`) or a fleet of Ray workers (``distributed.RayFleet``)."""
+    (:class:`LocalRun`) or a fleet of Ray workers (``distributed.Fleet``)."""
 
     #: Appended to the loop's notes about the run ("" or " on every worker").
     where: str

@@ -26,7 +26,8 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
         f"{'worker':>6} {'requests':>9} {'sent':>9} {'req/s':>9} {'lag p50 us':>11} "
         f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9}  outcomes"
     )
-    lines = ["{s:{c}^{n}}".format(s=" Ray workers ", n=len(head), c="="), head]
+    title = f" {rows[0].get('kind', 'Ray workers') if rows else 'Workers'} "
+    lines = ["{s:{c}^{n}}".format(s=title, n=len(head), c="="), head]
     for r in rows:
         clock = f"{r['clock_offset_us']:+.0f}±{r['clock_offset_uncertainty_us']:.0f}"
         outcomes = ", ".join(f"{k} {v}" for k, v in r["outcomes"].items())

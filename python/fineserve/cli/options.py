@@ -20,8 +20,8 @@ from ..config import (
     PinConfig,
     PromptConfig,
     RampConfig,
-    RayConfig,
     RepeatConfig,
+    ScaleOutConfig,
     ServerMetricsConfig,
     StopConfig,
     TargetConfig,
@@ -872,9 +872,18 @@ def ray_options(f: Any) -> Any:
         click.option(
             "--workers",
             type=click.IntRange(min=1),
-            default=default_of(RayConfig, "workers"),
+            default=default_of(ScaleOutConfig, "workers"),
             show_default=True,
             help="Ray workers (engine instances) the schedule is split over (with --ray).",
+        ),
+        click.option(
+            "--processes",
+            type=click.IntRange(min=1),
+            default=default_of(ScaleOutConfig, "processes"),
+            show_default=True,
+            help="Engine processes on this host the schedule is split over: each has its "
+            "own open-files limit and lanes (--lanes is per process), for more connections "
+            "and cores than one process has. Results merge as with --ray.",
         ),
     ]
     return apply_options(f, opts)
