@@ -16,7 +16,8 @@ import pytest
 
 from conftest import invoke
 from fineserve import _engine
-from fineserve.limits import connection_limits
+from fineserve import limits
+from fineserve.limits import connection_budget, connection_limits
 from fineserve.records import RECORD_INT_COLUMNS, empty_records, records_to_batch
 from fineserve.results import read_requests
 
@@ -41,6 +42,24 @@ def test_plans_past_the_limits_are_warned_about() -> None:
     # Enough source addresses lift the port warning (not the descriptor one).
     lines = connection_limits(per_source + 1, 2, mock=False)
     assert not any("ephemeral ports" in x and "warning" in x for x in lines)
+
+
+def test_the_cap_keeps_within_the_ephemeral_ports_all_processes_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, files = _engine.raise_open_files_limit()
+    monkeypatch.setattr(limits._engine, "ephemeral_port_range", lambda: (40_000, 40_999))
+    # 1,000 ports per source address and server, a tenth kept free: 900 per pair.
+    assert connection_budget(50_000, 0, mock=False).max_in_flight == min(900, files - 256)
+    four = connection_budget(50_000, 0, mock=False, engine_processes=4)
+    assert four.max_in_flight == min(900, 4 * (files - 256))  # ports are per host
+    assert connection_budget(50_000, 2, False, 4, n_endpoints=3).max_in_flight == min(
+        5_400, 4 * (files - 256)
+    )
+    monkeypatch.setattr(limits._engine, "ephemeral_port_range", lambda: (1, 200_000))
+    # Processes multiply the descriptors: four limits, not one.
+    assert connection_budget(10**6, 0, False, 4).max_in_flight == 4 * (files - 256)
+    assert connection_budget(10**6, 0, True, 4).max_in_flight == files - 256  # mock here
 
 
 def _blast_with_nofile(limit: int, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -96,7 +97,8 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
             f"--max-concurrency {ec.max_concurrency} is split over --processes {processes}: "
             "give at least one request per process"
         )
-    budget = connection_budget(peak, len(ec.source_ips), is_mock, processes)
+    servers = len({urlsplit(u).netloc for u in targets.urls})
+    budget = connection_budget(peak, len(ec.source_ips), is_mock, processes, servers)
     # One cap on requests in flight: the user's, or what the descriptors allow; and one on
     # connections open at once over every lane (idle pooled ones hold descriptors too).
     in_flight_cap = min(ec.max_concurrency or budget.max_in_flight, budget.max_in_flight)

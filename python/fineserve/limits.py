@@ -13,6 +13,8 @@ from .schedule import Schedule
 #: Descriptors kept for everything but connections: Python and its libraries, result
 #: files, the engine's event loops and timers.
 RESERVED_DESCRIPTORS = 256
+#: Share of the ephemeral port range (per source address and server) connections may use.
+PORT_SHARE = 0.9
 
 
 @dataclass
@@ -31,12 +33,18 @@ class ConnectionBudget:
 
 
 def connection_budget(
-    expected_peak_in_flight: int, n_sources: int, mock: bool, engine_processes: int = 1
+    expected_peak_in_flight: int,
+    n_sources: int,
+    mock: bool,
+    engine_processes: int = 1,
+    n_endpoints: int = 1,
 ) -> ConnectionBudget:
     """The limits, raised where allowed, and the in-flight cap they imply; ``lines`` state
     the limits and what the expected peak (requests in flight at once) will meet.
     ``engine_processes`` > 1: the client ends live in that many child processes, each
-    with the same limit as this one (the embedded mock's ends stay in this process)."""
+    with the same limit as this one (the embedded mock's ends stay in this process). The
+    cap also keeps within the ephemeral ports (per source address and server), which all
+    processes of the host share: a connect past them fails at once."""
     _, limit = _engine.raise_open_files_limit()
     per_request = 2 if mock and engine_processes == 1 else 1
     if not limit:  # unknown (not Linux): no cap
@@ -44,8 +52,14 @@ def connection_budget(
     cap = max((limit - RESERVED_DESCRIPTORS) // per_request, 1)
     if engine_processes > 1 and not mock:
         cap *= engine_processes
+    ports = _engine.ephemeral_port_range()
+    if ports is not None:
+        # Some ports stay in TIME_WAIT after the client closes a connection, and other
+        # programs on the host connect too: keep a tenth of the range free.
+        port_cap = int((ports[1] - ports[0] + 1) * max(n_sources, 1) * n_endpoints * PORT_SHARE)
+        cap = max(min(cap, port_cap), 1)
     # Connections are capped below the descriptor limit, so only the ports can fall short.
-    lines = connection_limits(min(expected_peak_in_flight, cap), n_sources, mock)
+    lines = connection_limits(min(expected_peak_in_flight, cap), n_sources, mock, engine_processes)
     needed = expected_peak_in_flight * per_request + RESERVED_DESCRIPTORS
     if expected_peak_in_flight > cap:
         where = (
@@ -59,14 +73,16 @@ def connection_budget(
         )
         lines.append(
             f"expected peak of {expected_peak_in_flight} requests in flight needs ~{needed} "
-            f"descriptors{where}, more than the open-files limit {limit} allows: at most "
+            f"descriptors{where}, more than the open-files limit {limit}: at most "
             f"{cap} are in flight, the rest wait for a connection (shown as dispatch lag); "
             "raise the hard limit (`ulimit -Hn`) or use --processes to send them on time"
         )
     return ConnectionBudget(limit, per_request, cap, lines)
 
 
-def connection_limits(connections_per_endpoint: int, n_sources: int, mock: bool) -> list[str]:
+def connection_limits(
+    connections_per_endpoint: int, n_sources: int, mock: bool, engine_processes: int = 1
+) -> list[str]:
     """Raises the open-files limit; returns a line stating the limits, plus a warning for
     each one that the planned connections (warm connections or the concurrency cap, per
     endpoint) would exceed. ``mock``: the in-process mock holds the other end of each
@@ -82,7 +98,14 @@ def connection_limits(connections_per_endpoint: int, n_sources: int, mock: bool)
             f"; ephemeral ports {ports[0]}-{ports[1]} "
             f"({per_source} connections per source address and server)"
         )
-    needed_files = connections_per_endpoint * (2 if mock else 1)
+    # Client ends spread over the engine processes; the embedded mock's all in this one.
+    needed_files = (
+        connections_per_endpoint * 2
+        if mock and engine_processes == 1
+        else connections_per_endpoint
+        if mock
+        else -(-connections_per_endpoint // engine_processes)
+    )
     if after and needed_files > after:
         lines.append(
             f"warning: {needed_files} descriptors planned, more than the open-files limit "
