@@ -120,12 +120,15 @@ def have_oha() -> bool:
     return OHA.is_file() or shutil.which("oha") is not None
 
 
-def oha_run(url: str, rate: float, n: int, payload: bytes) -> dict[str, Any]:
-    """n requests at ``rate`` req/s; oha's own summary (success rate, req/s)."""
+def oha_run(
+    url: str, rate: float, n: int, payload: bytes, conns: int | None = None
+) -> dict[str, Any]:
+    """n requests at ``rate`` req/s over ``conns`` connections; oha's own summary
+    (success rate, req/s)."""
     exe = str(OHA) if OHA.is_file() else "oha"
     # Enough connections that the rate, not the connection count, paces oha: each request
     # holds one for the mock's TTFT plus the stream (~6 ms).
-    conns = int(min(max(64, rate * 0.02), 4000))
+    conns = conns or int(min(max(64, rate * 0.02), 4000))
     with tempfile.NamedTemporaryFile(suffix=".json") as body:
         body.write(payload)
         body.flush()
