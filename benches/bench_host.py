@@ -9,10 +9,12 @@ command in its own process (``--processes``/``--lanes`` as given); oha as its us
 it (``-q RATE -c CONNECTIONS``), with the same body, on the same host, in the same run.
 
 Parts (``--parts``, comma-separated):
+- ``engine``: the engine alone (Python API, one body, 2,000 warm connections): Poisson
+  arrivals at each rate for 2 s, for each ``--configs`` (processes x lanes per process).
 - ``ceiling``: fineserve at each ``--rates`` (3 s each) and oha at the same rates with each
-  ``--oha-connections``. A rate passes for fineserve if every request succeeds, p99 send
-  lag (client and server) <= 1 ms and the send rate >= 99% of the target; for oha, if
-  every request succeeds and its rate >= 99% of the target.
+  ``--oha-connections``, for each ``--configs``. A rate passes for fineserve if every
+  request succeeds, p99 send lag (client and server) <= 1 ms and the send rate >= 99% of
+  the target; for oha, if every request succeeds and its rate >= 99% of the target.
 - ``double``: fineserve at 2x its highest passing rate (or ``--double-rate``) for 2 s: the
   requests it fails itself (connect errors, descriptors) must be 0; the result must say
   ``client_saturated``.
@@ -21,8 +23,10 @@ Parts (``--parts``, comma-separated):
   1 ms of schedule.
 - ``streams``: ``--streams`` requests that all overlap (starts within 2 s, each lasting
   >= 6 s) over one mock process per 16k streams and ``--processes`` client processes.
+- ``itl``: ``bench_itl.py --streams 1000,10000`` (token timing error against the mock's
+  emission instants).
 
-Usage: python benches/bench_host.py --parts ceiling,double,bursts,streams --json OUT
+Usage: python benches/bench_host.py --parts engine,ceiling,double,bursts,streams,itl --json OUT
 """
 
 from __future__ import annotations
@@ -84,7 +88,11 @@ def fineserve_blast(
     if done.returncode != 0:
         return {"rate": rate, "error": done.stderr.strip().splitlines()[-3:]}
     result = json.loads(res.read_text())
-    table = pq.read_table(req, columns=["scheduled_ns", "sent_ns", "error_kind"])
+    table = pq.read_table(req, columns=["scheduled_ns", "sent_ns", "error_kind", "error_message"])
+    messages: dict[str, int] = {}
+    for m in table["error_message"].to_pylist():
+        if m:
+            messages[m] = messages.get(m, 0) + 1
     sched = table["scheduled_ns"].to_numpy()
     sent = table["sent_ns"].to_numpy()
     kinds = [ERROR_KINDS[k] if isinstance(k, int) else k for k in table["error_kind"].to_pylist()]
@@ -112,6 +120,11 @@ def fineserve_blast(
         "connection_waits": result.get("connection_waits"),
         "pool_wait_p99_us": result.get("pool_wait_p99_us"),
         "token_time_source": result.get("token_time_source"),
+        "errors": sorted(messages.items(), key=lambda kv: -kv[1])[:4],
+        "workers": [
+            {k: w.get(k) for k in ("sent", "outcomes", "lag_p99_us", "achieved_rps")}
+            for w in result.get("workers", [])
+        ],
         "wall_s": wall,
         **peers.server_pacing(arrivals, sched),
     }
@@ -140,19 +153,27 @@ def oha_blast(mock: MockProcess, rate: float, seconds: float, conns: int) -> dic
 
 def part_ceiling(mock: MockProcess, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     rows: dict[str, Any] = {"fineserve": [], "oha": {}}
-    extra = ["--processes", str(args.processes), "--lanes", str(args.lanes)]
-    for rate in args.rates:
-        r = fineserve_blast(mock, rate, 3.0, extra, tmp)
-        log(f"ceiling fineserve {rate:,.0f}: {_brief(r)}")
-        rows["fineserve"].append(r)
+    for procs, lanes in args.configs:
+        # A rate the client cannot keep ends early (the run says so) instead of
+        # spending the bench's time draining a backlog.
+        extra = ["--processes", str(procs), "--lanes", str(lanes), "--stop-on-lag-ms", "100"]
+        for rate in args.rates:
+            r = fineserve_blast(mock, rate, 3.0, extra, tmp)
+            r["config"] = f"{procs}x{lanes}"
+            log(f"ceiling fineserve {procs}x{lanes} {rate:,.0f}: {_brief(r)}")
+            rows["fineserve"].append(r)
+            if not r.get("passed"):
+                break
     for conns in args.oha_connections:
         rows["oha"][str(conns)] = []
         for rate in args.rates:
             r = oha_blast(mock, rate, 3.0, conns)
             log(f"ceiling oha -c {conns} {rate:,.0f}: {_brief(r)}")
             rows["oha"][str(conns)].append(r)
-    passing = [r["rate"] for r in rows["fineserve"] if r.get("passed")]
-    rows["fineserve_ceiling"] = max(passing, default=0)
+    passing = [r for r in rows["fineserve"] if r.get("passed")]
+    best = max(passing, key=lambda r: r["rate"], default=None)
+    rows["fineserve_ceiling"] = best["rate"] if best else 0
+    rows["fineserve_ceiling_config"] = best["config"] if best else None
     oha_best = max(
         (r.get("oha_rps") or 0 for rs in rows["oha"].values() for r in rs if "error" not in r),
         default=0,
@@ -169,10 +190,79 @@ def part_ceiling(mock: MockProcess, args: argparse.Namespace, tmp: Path) -> dict
 
 
 def part_double(mock: MockProcess, rate: float, args: argparse.Namespace, tmp: Path) -> Any:
-    extra = ["--processes", str(args.processes), "--lanes", str(args.lanes)]
+    procs, lanes = args.configs[0]
+    extra = ["--processes", str(procs), "--lanes", str(lanes)]
     r = fineserve_blast(mock, rate, 2.0, extra, tmp)
     log(f"double {rate:,.0f}: {_brief(r)}; reasons {r.get('client_saturation_reasons')}")
     return r
+
+
+def part_engine(mock: MockProcess, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The engine alone (the Python API, one body, warm connections given): Poisson
+    arrivals at each rate for 2 s, for each processes x lanes configuration."""
+    rows = []
+    for procs, lanes in args.configs:
+        for rate in args.rates:
+            n = int(rate * 2)
+            t = np.cumsum(np.random.default_rng(1).exponential(1e9 / rate, n)).astype(np.int64)
+            r = run_api(mock, t, procs, lanes, args.burst_warm, False)
+            r.update(rate=rate, config=f"{procs}x{lanes}")
+            log(f"engine {procs}x{lanes} {rate:,.0f}: {r}")
+            rows.append(r)
+            if r["client_lag_p99_us"] > 1000 or r["ok"] < n:
+                break
+    return rows
+
+
+def run_api(
+    mock: MockProcess, t: np.ndarray, procs: int, lanes: int, warm: int, realtime: bool
+) -> dict[str, Any]:
+    """``t`` (sorted offsets) through ``procs`` engine processes; client and server lag."""
+    n = len(t)
+    options = EngineOptions(
+        lanes=lanes,
+        warm_connections=warm,
+        realtime_priority=realtime,
+        max_connections=18_000 * procs,
+    )
+    chunk = EngineChunk(
+        t, [body(TOKENS)], np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.full(n, TOKENS)
+    )
+    mock.take()
+    sink = _CollectingSink()
+    started = time.monotonic()
+    outcome = run_stream_processes(
+        [mock.base_url + "/v1/completions"],
+        iter([chunk]),
+        options,
+        sink,
+        processes=procs,
+        show_progress=False,
+    )
+    wall = time.monotonic() - started
+    arrivals, _ = mock.take()
+    cols = sink.columns()
+    order = np.argsort(np.asarray(cols["index"]))
+    sent = np.asarray(cols["sent_ns"])[order]
+    kinds = np.asarray(cols["error_kind"])
+    lag_us = (sent - t) / 1e3
+    a = np.sort(arrivals)[-n:]
+    d = a - np.sort(t)[: len(a)]
+    server_lag_us = (d - d.min()) / 1e3
+    span_s = (sent.max() - sent.min()) / 1e9
+    return {
+        "ok": int((kinds == 0).sum()),
+        "outcomes": {ERROR_KINDS[k]: int(c) for k, c in zip(*np.unique(kinds, return_counts=True))},
+        "send_rps": (n - 1) / span_s if span_s else 0.0,
+        "client_within_1ms": float((lag_us <= 1000).mean()),
+        "client_lag_p99_us": float(np.percentile(lag_us, 99)),
+        "client_lag_p999_us": float(np.percentile(lag_us, 99.9)),
+        "server_within_1ms": float((server_lag_us <= 1000).mean()),
+        "server_lag_p99_us": float(np.percentile(server_lag_us, 99)),
+        "server_lag_p999_us": float(np.percentile(server_lag_us, 99.9)),
+        "connections_peak": int(outcome.progress.get("connections_peak", 0)),
+        "wall_s": wall,
+    }
 
 
 def burst_schedule(rate: float, seconds: float, seed: int = 3) -> np.ndarray:
@@ -189,45 +279,10 @@ def part_bursts(mock: MockProcess, args: argparse.Namespace) -> dict[str, Any]:
     t = burst_schedule(args.burst_rate, 3.0)
     n = len(t)
     out: dict[str, Any] = {"requests": n, "rate": n / (t[-1] / 1e9)}
+    procs, lanes = args.configs[-1]
     for realtime in (False, True):
-        options = EngineOptions(
-            lanes=args.lanes,
-            warm_connections=args.burst_warm,
-            realtime_priority=realtime,
-            max_connections=18_000 * args.processes,
-        )
-        chunk = EngineChunk(
-            t, [body(TOKENS)], np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.full(n, TOKENS)
-        )
-        mock.take()
-        sink = _CollectingSink()
-        run_stream_processes(
-            [mock.base_url + "/v1/completions"],
-            iter([chunk]),
-            options,
-            sink,
-            processes=args.processes,
-            show_progress=False,
-        )
-        arrivals, _ = mock.take()
-        cols = sink.columns()
-        order = np.argsort(np.asarray(cols["index"]))
-        sent = np.asarray(cols["sent_ns"])[order]
-        ok = int((np.asarray(cols["error_kind"]) == 0).sum())
-        lag_us = (sent - t) / 1e3
-        a = np.sort(arrivals)[-n:]
-        d = a - np.sort(t)[: len(a)]
-        server_lag_us = (d - d.min()) / 1e3
         key = "realtime" if realtime else "default"
-        out[key] = {
-            "ok": ok,
-            "client_within_1ms": float((lag_us <= 1000).mean()),
-            "client_lag_p99_us": float(np.percentile(lag_us, 99)),
-            "client_lag_p999_us": float(np.percentile(lag_us, 99.9)),
-            "server_within_1ms": float((server_lag_us <= 1000).mean()),
-            "server_lag_p99_us": float(np.percentile(server_lag_us, 99)),
-            "server_lag_p999_us": float(np.percentile(server_lag_us, 99.9)),
-        }
+        out[key] = run_api(mock, t, procs, lanes, args.burst_warm, realtime)
         log(f"bursts {key}: {out[key]}")
     return out
 
@@ -296,9 +351,8 @@ def _brief(r: dict[str, Any]) -> str:
         "passed", "outcomes", "ok", "send_rps", "oha_rps", "lag_p99_us", "server_lag_p99_us",
         "server_lag_max_us", "client_saturated", "connections_peak", "wall_s",
     )  # fmt: skip
-    return ", ".join(
-        f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k in keys if (v := r.get(k)) is not None
-    )
+    shown = [(k, v) for k in keys if (v := r.get(k)) is not None]
+    return ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
 
 
 def main() -> None:
@@ -306,24 +360,27 @@ def main() -> None:
     ap.add_argument("--parts", default="ceiling,double,bursts,streams")
     ap.add_argument("--rates", default="100000,150000,200000,250000")
     ap.add_argument("--oha-connections", default="4000,16000")
-    ap.add_argument("--processes", type=int, default=4)
-    ap.add_argument("--lanes", type=int, default=2, help="per process")
+    ap.add_argument(
+        "--configs", default="1x8,2x4,4x2", help="PROCESSESxLANES to try (lanes per process)"
+    )
+    ap.add_argument("--processes", type=int, default=6, help="client processes for streams")
     ap.add_argument("--mock-workers", type=int, default=6)
     ap.add_argument("--double-rate", type=float, default=0.0)
     ap.add_argument("--burst-rate", type=float, default=67_600.0)
     ap.add_argument("--burst-warm", type=int, default=2000)
     ap.add_argument("--streams", type=int, default=100_000)
+    ap.add_argument("--itl-streams", default="1000,10000")
     ap.add_argument("--json")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
+    args.configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     args.oha_connections = [int(c) for c in args.oha_connections.split(",") if c]
     parts = set(args.parts.split(","))
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"kernel {platform.release()}",
-        "processes": args.processes,
-        "lanes": args.lanes,
+        "configs": args.configs,
         "mock_workers": args.mock_workers,
     }
     log(f"machine: {out['machine']}; have oha: {peers.have_oha()}")
@@ -334,14 +391,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if parts & {"ceiling", "double", "bursts"}:
+        if parts & {"engine", "ceiling", "double", "bursts"}:
             with MockProcess(ttft_ms=5.0, itl_ms=0.0, workers=args.mock_workers) as mock:
+                if "engine" in parts:
+                    out["engine"] = part_engine(mock, args)
+                    save()
                 if "ceiling" in parts:
                     out["ceiling"] = part_ceiling(mock, args, tmp)
                     save()
                 if "double" in parts:
-                    base = args.double_rate or 2 * out.get("ceiling", {}).get(
-                        "fineserve_ceiling", 100_000
+                    base = args.double_rate or 2 * (
+                        out.get("ceiling", {}).get("fineserve_ceiling") or 100_000
                     )
                     out["double"] = part_double(mock, base, args, tmp)
                     save()
@@ -350,6 +410,17 @@ def main() -> None:
                     save()
         if "streams" in parts:
             out["streams"] = part_streams(args)
+            save()
+        if "itl" in parts:
+            itl_json = tmp / "itl.json"
+            here = Path(__file__).resolve().parent
+            subprocess.run(
+                [sys.executable, str(here / "bench_itl.py"), "--streams", args.itl_streams,
+                 "--json", str(itl_json)],
+                timeout=400,
+            )  # fmt: skip
+            if itl_json.exists():
+                out["itl"] = json.loads(itl_json.read_text())
             save()
 
 
