@@ -56,6 +56,8 @@ from fineserve.runner import EngineChunk, _CollectingSink
 from mock_proc import MockProcess
 
 TOKENS = 16
+#: Connections over all client processes, for the mock (one process, 20,000 descriptors).
+MAX_CONNECTIONS = 16_000
 #: Error kinds a client inflicts on itself (its own descriptors, ports, pool).
 SELF_INFLICTED = {"connect", "not_sent", "tls", "cancelled"}
 
@@ -79,7 +81,8 @@ def fineserve_blast(
         sys.executable, "-m", "fineserve.cli", "blast", "--base-url", mock.base_url,
         "--model", "fineserve-mock", "--num-prompts", str(n), "--request-rate", str(rate),
         "--random-input-len", "32", "--random-output-len", str(TOKENS), "--seed", "1",
-        "--disable-tqdm", "--save-requests", str(req), "--output-file", str(res), *extra,
+        "--disable-tqdm", "--save-requests", str(req), "--output-file", str(res),
+        "--max-connections", str(MAX_CONNECTIONS), *extra,
     ]  # fmt: skip
     mock.take()  # forget earlier arrivals
     started = time.monotonic()
@@ -223,7 +226,9 @@ def run_api(
         lanes=lanes,
         warm_connections=warm,
         realtime_priority=realtime,
-        max_connections=18_000 * procs,
+        # Under the mock's own open-files limit (20,000): past it connects would sit in its
+        # accept queue, which measures the mock (oha's largest -c is the same 16,000).
+        max_connections=MAX_CONNECTIONS,
     )
     chunk = EngineChunk(
         t, [body(TOKENS)], np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.full(n, TOKENS)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import invoke
 from fineserve import _engine
-from fineserve import limits
+from fineserve import EngineOptions, limits
 from fineserve.limits import connection_budget, connection_limits
 from fineserve.records import RECORD_INT_COLUMNS, empty_records, records_to_batch
 from fineserve.results import read_requests
@@ -232,3 +232,29 @@ def test_warm_connections_follow_littles_law_from_the_warm_up(tmp_path: Path) ->
         "--output-file", str(res),
     )  # fmt: skip
     assert json.loads(res.read_text())["warm_connections"] == 30, explicit.output
+
+
+def test_past_the_budget_each_lane_reuses_its_connections_instead_of_reconnecting() -> None:
+    """Every lane overloaded (600 requests at once, 16 connections over 4 lanes, streams
+    of ~30 ms): each request waits for one of its lane's own connections, as a fixed pool
+    would. Before, a connection was closed whenever any connect waited for budget, so
+    nearly every request opened a new connection and the send rate fell to the connect
+    rate."""
+    from conftest import run_schedule
+    from fineserve import MockServer
+
+    n = 600
+    with MockServer(ttft_ms=10, itl_ms=5) as m:
+        rec = run_schedule(
+            m.base_url + "/v1/completions",
+            np.zeros(n, np.int64),
+            max_tokens=4,
+            options=EngineOptions(lanes=4, warm_connections=16, max_connections=16),
+        )
+        accepted = m.stats()["connections"]
+    assert np.all(rec.col("error_kind") == 0)
+    assert rec.progress["connections_peak"] <= 16
+    assert rec.progress["connection_waits"] > n // 2  # nearly all waited their turn
+    # 16 warm, some reopened as lanes trade budget (a lane whose queue has drained closes
+    # what comes back, for lanes still waiting); not one per request (608 before).
+    assert accepted <= 16 + n // 10, accepted

@@ -18,6 +18,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::TlsConnector;
 
 use crate::engine::{ConnBudget, ConnSlot};
@@ -237,6 +238,11 @@ pub struct Pool {
     /// Speak HTTP/2 (prior knowledge on http://, ALPN h2 on https://): one connection
     /// per endpoint and lane carries every request.
     http2: bool,
+    /// This lane's requests waiting for a connection, per endpoint: a connection that
+    /// comes back goes to one of them (reused) rather than closing for another lane.
+    waiting_here: RefCell<Vec<usize>>,
+    /// Signalled, per endpoint, when a connection comes back while some wait here.
+    returned: Vec<Notify>,
 }
 
 type Failure = (ErrorKind, String);
@@ -253,7 +259,6 @@ impl Pool {
     ) -> Self {
         let idle = RefCell::new((0..endpoints.len()).map(|_| Vec::new()).collect());
         Self {
-            endpoints,
             idle,
             connect_timeout,
             source_ips,
@@ -261,7 +266,14 @@ impl Pool {
             tls,
             budget,
             http2,
+            waiting_here: RefCell::new(vec![0; endpoints.len()]),
+            returned: (0..endpoints.len()).map(|_| Notify::new()).collect(),
+            endpoints,
         }
+    }
+
+    fn has_idle(&self, endpoint: usize) -> bool {
+        self.idle.borrow()[endpoint].iter().any(|s| !s.is_closed())
     }
 
     /// A TCP connection to `addr`, from the next source address when there are several.
@@ -305,14 +317,41 @@ impl Pool {
     /// waited for now (None: an idle connection can be taken). A request reserves before
     /// it is stamped as sent, so that waiting for the client's own descriptors shows as
     /// dispatch lag, not as the server's latency; returns the ns it waited.
+    ///
+    /// Past the budget the request waits for whichever comes first: budget (a connection
+    /// closed somewhere), or one of this lane's connections coming back. Past a server's
+    /// ceiling every lane waits, and each then reuses its own connections as the server
+    /// frees them, as a fixed pool would: closing them for one another would turn every
+    /// request into a new connection, and the send rate into the connect rate.
     pub async fn reserve(&self, endpoint: usize) -> (Option<ConnSlot>, i64) {
-        let has_idle = self.idle.borrow()[endpoint].iter().any(|s| !s.is_closed());
-        if has_idle {
+        if self.has_idle(endpoint) {
             return (None, 0);
         }
+        if let Some(slot) = self.budget.try_slot() {
+            return (Some(slot), 0);
+        }
         let started = Instant::now();
-        let slot = self.budget.take().await;
-        (Some(slot), started.elapsed().as_nanos() as i64)
+        self.waiting_here.borrow_mut()[endpoint] += 1;
+        let got = {
+            let budget = self.budget.take();
+            tokio::pin!(budget);
+            loop {
+                tokio::select! {
+                    slot = &mut budget => break Some(slot),
+                    () = self.returned[endpoint].notified() => {
+                        if self.has_idle(endpoint) {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        self.waiting_here.borrow_mut()[endpoint] -= 1;
+        let waited_ns = started.elapsed().as_nanos() as i64;
+        if got.is_none() {
+            self.budget.note_wait(waited_ns as u64);
+        }
+        (got, waited_ns)
     }
 
     /// A new connection with `reserved` budget, or budget taken now: past the budget, wait
@@ -367,12 +406,14 @@ impl Pool {
         handshake(TokioIo::new(stream), addr, slot, rx_unix_ns, self.http2).await
     }
 
-    /// Closes up to `n` idle connections (another lane waits for connection budget).
+    /// Closes up to `n` idle connections (another lane waits for connection budget),
+    /// none of an endpoint that requests of this lane wait for.
     pub fn trim(&self, n: usize) {
         let mut idle = self.idle.borrow_mut();
+        let waiting = self.waiting_here.borrow();
         let mut left = n;
-        for list in idle.iter_mut() {
-            while left > 0 && list.pop().is_some() {
+        for (list, &here) in idle.iter_mut().zip(waiting.iter()) {
+            while here == 0 && left > 0 && list.pop().is_some() {
                 left -= 1;
             }
         }
@@ -382,7 +423,8 @@ impl Pool {
         &self.budget
     }
 
-    /// Pools a connection for reuse; closes it instead while a connect waits for budget.
+    /// Pools a connection for reuse (handing it to a request of this lane that waits for
+    /// one); closes it instead while only other lanes wait for budget.
     /// An HTTP/2 handle is dropped: its connection stays pooled, shared.
     pub fn put(&self, endpoint: usize, sender: Sender) {
         if sender.is_h2() {
@@ -393,9 +435,15 @@ impl Pool {
             }
             return;
         }
-        if !sender.is_closed() && !self.budget.under_pressure() {
-            self.idle.borrow_mut()[endpoint].push(sender);
+        if sender.is_closed() {
+            return;
         }
+        if self.waiting_here.borrow()[endpoint] > 0 {
+            self.idle.borrow_mut()[endpoint].push(sender);
+            self.returned[endpoint].notify_one();
+        } else if !self.budget.under_pressure() {
+            self.idle.borrow_mut()[endpoint].push(sender);
+        } // else dropped: closing it frees budget for a lane that waits
     }
 
     /// An idle ready connection (`true`: reused), or a new one (`false`).

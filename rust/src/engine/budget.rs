@@ -76,19 +76,29 @@ impl ConnBudget {
 
     /// A slot for one new connection, waiting for one to close when the budget is spent.
     pub async fn take(self: &Arc<Self>) -> ConnSlot {
-        if self.try_take() {
-            return ConnSlot(Arc::clone(self));
+        if let Some(slot) = self.try_slot() {
+            return slot;
         }
         let started = std::time::Instant::now();
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+        // Counted as waiting until taken or given up (the future dropped: a waiter that
+        // got a pooled connection instead).
+        let _waiting = Waiting::new(self);
         while !self.try_take() {
             let _ = tokio::time::timeout(RECHECK, self.freed.notified()).await;
         }
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.waits.fetch_add(1, Ordering::Relaxed);
-        self.wait_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.note_wait(started.elapsed().as_nanos() as u64);
         ConnSlot(Arc::clone(self))
+    }
+
+    /// A slot now, if the budget has one.
+    pub fn try_slot(self: &Arc<Self>) -> Option<ConnSlot> {
+        self.try_take().then(|| ConnSlot(Arc::clone(self)))
+    }
+
+    /// Counts one wait of `ns` (for budget, or for a pooled connection instead).
+    pub fn note_wait(&self, ns: u64) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Connects waiting for budget now.
@@ -103,6 +113,22 @@ impl ConnBudget {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+}
+
+/// One waiter in `ConnBudget::waiting` for as long as it lives.
+struct Waiting<'a>(&'a ConnBudget);
+
+impl<'a> Waiting<'a> {
+    fn new(budget: &'a ConnBudget) -> Self {
+        budget.waiting.fetch_add(1, Ordering::AcqRel);
+        Self(budget)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
