@@ -37,7 +37,7 @@ impl Drop for ConnSlot {
 }
 
 /// How often a waiter looks again even without a wake-up (a release racing its wait).
-const RECHECK: Duration = Duration::from_millis(5);
+const RECHECK: Duration = Duration::from_millis(100);
 
 impl ConnBudget {
     /// `cap` = 0: no cap.
@@ -83,8 +83,18 @@ impl ConnBudget {
         // Counted as waiting until taken or given up (the future dropped: a waiter that
         // got a pooled connection instead).
         let _waiting = Waiting::new(self);
-        while !self.try_take() {
-            let _ = tokio::time::timeout(RECHECK, self.freed.notified()).await;
+        loop {
+            // Registered before the check, so a slot freed in between still wakes us.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.try_take() {
+                break;
+            }
+            // Woken by the slot's release (Notify passes a wake-up on when its waiter gave
+            // up); the timeout is only a safety net. Past a server's ceiling thousands of
+            // requests wait here: waking each every few ms would take the lanes' cores.
+            let _ = tokio::time::timeout(RECHECK, freed).await;
         }
         self.note_wait(started.elapsed().as_nanos() as u64);
         ConnSlot(Arc::clone(self))
