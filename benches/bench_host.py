@@ -208,27 +208,34 @@ def part_engine(mock: MockProcess, args: argparse.Namespace) -> list[dict[str, A
         for rate in args.rates:
             n = int(rate * 2)
             t = np.cumsum(np.random.default_rng(1).exponential(1e9 / rate, n)).astype(np.int64)
-            r = run_api(mock, t, procs, lanes, args.burst_warm, False)
+            r = run_api(mock, t, procs, lanes, args.burst_warm, False, args.max_connections)
             r.update(rate=rate, config=f"{procs}x{lanes}")
             log(f"engine {procs}x{lanes} {rate:,.0f}: {r}")
             rows.append(r)
-            if r["client_lag_p99_us"] > 1000 or r["ok"] < n:
+            if (r["client_lag_p99_us"] > 1000 or r["ok"] < n) and not args.keep_going:
                 break
     return rows
 
 
 def run_api(
-    mock: MockProcess, t: np.ndarray, procs: int, lanes: int, warm: int, realtime: bool
+    mock: MockProcess,
+    t: np.ndarray,
+    procs: int,
+    lanes: int,
+    warm: int,
+    realtime: bool,
+    max_connections: int = 0,
 ) -> dict[str, Any]:
     """``t`` (sorted offsets) through ``procs`` engine processes; client and server lag."""
     n = len(t)
+    max_connections = max_connections or MAX_CONNECTIONS
     options = EngineOptions(
         lanes=lanes,
         warm_connections=warm,
         realtime_priority=realtime,
         # Under the mock's own open-files limit (20,000): past it connects would sit in its
         # accept queue, which measures the mock (oha's largest -c is the same 16,000).
-        max_connections=MAX_CONNECTIONS,
+        max_connections=max_connections,
     )
     chunk = EngineChunk(
         t, [body(TOKENS)], np.zeros(n, np.uint32), np.zeros(n, np.uint32), np.full(n, TOKENS)
@@ -373,8 +380,10 @@ def main() -> None:
     ap.add_argument("--double-rate", type=float, default=0.0)
     ap.add_argument("--burst-rate", type=float, default=67_600.0)
     ap.add_argument("--burst-warm", type=int, default=2000)
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="engine part")
     ap.add_argument("--streams", type=int, default=100_000)
     ap.add_argument("--itl-streams", default="1000,10000")
+    ap.add_argument("--keep-going", action="store_true", help="engine part: every rate")
     ap.add_argument("--json")
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
