@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import invoke
-from fineserve import _engine
-from fineserve import EngineOptions, limits
+from fineserve import EngineOptions, _engine, limits
 from fineserve.limits import connection_budget, connection_limits
 from fineserve.records import RECORD_INT_COLUMNS, empty_records, records_to_batch
 from fineserve.results import read_requests
@@ -258,3 +257,24 @@ def test_past_the_budget_each_lane_reuses_its_connections_instead_of_reconnectin
     # 16 warm, some reopened as lanes trade budget (a lane whose queue has drained closes
     # what comes back, for lanes still waiting); not one per request (608 before).
     assert accepted <= 16 + n // 10, accepted
+
+
+def test_the_verdict_names_lanes_whose_cores_were_saturated(tmp_path: Path) -> None:
+    """One lane asked for far more than it can send (30,000 req/s, on a machine whose
+    other core holds the mock): most of its windows are over 90% busy with work, and the
+    verdict says so. A lane that only spins between requests (3,000 req/s) is not busy."""
+    out = {}
+    for rate in (30_000, 3_000):
+        res = tmp_path / f"{rate}.json"
+        r = invoke(
+            "blast", "--num-prompts", str(rate * 2), "--request-rate", str(rate),
+            "--lanes", "1", "--mock-itl-ms", "0", "--random-output-len", "4",
+            "--disable-tqdm", "--output-file", str(res),
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        out[rate] = json.loads(res.read_text())
+    busy = out[30_000]
+    assert busy["lanes_cpu_saturated_share"] >= 0.25
+    assert any("used over 90% of their cores" in why for why in busy["client_saturation_reasons"])
+    assert out[3_000]["lanes_cpu_saturated_share"] < 0.25
+    assert not any("cores" in why for why in out[3_000]["client_saturation_reasons"])

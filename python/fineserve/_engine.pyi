@@ -31,7 +31,9 @@ class Run:
         in_flight, elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
         connection_waiting, connection_waits, connection_wait_ns, token_events,
         kernel_stamped_events, warm_connections, warm_failures,
-        realtime_lanes, realtime_demotions (times a busy lane left SCHED_FIFO)."""
+        realtime_lanes, realtime_demotions (times a busy lane left SCHED_FIFO),
+        lane_windows, lane_saturated_windows (100 ms windows of the lanes' pacing, and
+        those in which a lane used over 90% of its core for work; counted as lanes end)."""
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` (GIL released); True once every request is done."""
     def stop(self, reason: str | None = None) -> None:

@@ -454,6 +454,9 @@ class ServerScrape:
 
 #: Dispatch lag (p99) past which the client did not keep the schedule.
 SATURATION_LAG_US = 1000.0
+#: Share of the lanes' 100 ms windows in which a lane used over 90% of its core for work,
+#: past which the lanes' CPU limited the run.
+SATURATION_LANE_SHARE = 0.25
 
 
 def client_saturation(
@@ -464,8 +467,9 @@ def client_saturation(
     sizing: EngineSizing,
 ) -> dict[str, Any]:
     """Whether the client, not the server, was the bottleneck, and why: connects waited
-    for the connection budget (the open-files limit, or --max-connections), or dispatch
-    lag went past 1 ms at p99 (lanes that cannot keep the schedule). Each reason names
+    for the connection budget (the open-files limit, or --max-connections), the lanes'
+    cores were saturated (a quarter of their windows over 90% busy), or dispatch lag went
+    past 1 ms at p99 (lanes that cannot keep the schedule). Each reason names
     its remedy. A lag that --max-concurrency causes is the user's own cap, not counted."""
     reasons = []
     waits = int(progress.get("connection_waits") or 0)
@@ -477,6 +481,14 @@ def client_saturation(
             f"{wait_ns / waits / 1e3:.0f} us): raise the open-files limit (`ulimit -Hn`), "
             "--max-connections, or spread the load (--processes, --ray workers, more "
             "machines)"
+        )
+    windows = int(progress.get("lane_windows") or 0)
+    busy_share = int(progress.get("lane_saturated_windows") or 0) / windows if windows else 0.0
+    if busy_share >= SATURATION_LANE_SHARE:
+        reasons.append(
+            f"the lanes used over 90% of their cores for {busy_share:.0%} of the run (thread "
+            f"CPU time less idle spinning): the {engines(cfg, sizing)} had no time to "
+            "spare; more --lanes or --processes, or a less busy host"
         )
     lag = metrics.get("p99_dispatch_lag_us")
     if lag is not None and lag > SATURATION_LAG_US and not cfg.engine.max_concurrency:
@@ -495,6 +507,7 @@ def client_saturation(
         "max_connections": cap,
         "warm_connections": sizing.warm,
         "pool_exhausted_seconds": len(sink.pool_exhausted_s),
+        "lanes_cpu_saturated_share": busy_share,
     }
 
 

@@ -649,7 +649,8 @@ def _sum_progress(stats: list[_WorkerStats]) -> dict[str, Any]:
     keys = (
         "scheduled", "dispatched", "sent", "succeeded", "failed", "not_sent", "in_flight",
         "connections_open", "connections_peak", "connection_waiting", "connection_waits",
-        "connection_wait_ns", "token_events", "kernel_stamped_events",
+        "connection_wait_ns", "token_events", "kernel_stamped_events", "lane_windows",
+        "lane_saturated_windows",
     )  # fmt: skip
     out: dict[str, Any] = {k: sum(int(s.progress.get(k, 0)) for s in stats) for k in keys}
     out["elapsed_ns"] = max((int(s.progress.get("elapsed_ns", 0)) for s in stats), default=0)

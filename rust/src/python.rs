@@ -54,7 +54,8 @@ impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
     /// elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
     /// connection_waiting, connection_waits, connection_wait_ns, warm_connections, warm_failures, realtime_lanes,
-    /// realtime_demotions, token_events, kernel_stamped_events.
+    /// realtime_demotions, token_events, kernel_stamped_events, lane_windows,
+    /// lane_saturated_windows.
     fn progress<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.with(|h| h.progress())?;
         let d = PyDict::new(py);
@@ -77,6 +78,8 @@ impl PyRun {
         d.set_item("warm_failures", p.warm_failures)?;
         d.set_item("realtime_lanes", p.realtime_lanes)?;
         d.set_item("realtime_demotions", p.realtime_demotions)?;
+        d.set_item("lane_windows", p.lane_windows)?;
+        d.set_item("lane_saturated_windows", p.lane_saturated_windows)?;
         d.set_item("token_events", p.token_events)?;
         d.set_item("kernel_stamped_events", p.kernel_stamped_events)?;
         Ok(d)

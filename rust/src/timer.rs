@@ -6,6 +6,7 @@
 //! yielding to the runtime in a loop (which keeps I/O moving on the lane). Hand-written over
 //! `libc` because the timerfd crates are either synchronous or unmaintained.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -76,12 +77,91 @@ impl HiResSleep {
 
 /// Waits until `deadline`: reactor sleep to `spin` before it, then yield-spin.
 pub async fn sleep_until_precise(timer: &HiResSleep, deadline: Instant, spin: Duration) {
+    spin_until(timer, deadline, spin, None).await;
+}
+
+/// `sleep_until_precise`, adding to `idle` the time spun with nothing else to run.
+pub async fn spin_until(
+    timer: &HiResSleep,
+    deadline: Instant,
+    spin: Duration,
+    idle: Option<&LoadMeter>,
+) {
     let now = Instant::now();
     if deadline > now + spin {
         let _ = timer.sleep(deadline - now - spin).await;
     }
-    while Instant::now() < deadline {
+    let mut last = Instant::now();
+    while last < deadline {
         tokio::task::yield_now().await;
+        let now = Instant::now();
+        // A yield that came straight back ran nothing else: the core was idle, spinning.
+        if let Some(meter) = idle {
+            let step = now - last;
+            if step < LoadMeter::IDLE_YIELD {
+                meter.idle(step);
+            }
+        }
+        last = now;
+    }
+}
+
+/// A lane's own use of its core, per window of 100 ms: its thread's CPU time less what it
+/// spun idle before deadlines (thread CPU time alone counts a lane that spins between
+/// requests as busy). A window above 90% is saturated: the lane had no time to spare.
+pub struct LoadMeter {
+    mark: Instant,
+    mark_cpu_ns: u64,
+    idle_ns: Cell<u64>,
+    mark_idle_ns: u64,
+    pub windows: u64,
+    pub saturated: u64,
+}
+
+impl LoadMeter {
+    const WINDOW: Duration = Duration::from_millis(100);
+    const SATURATED: f64 = 0.9;
+    const IDLE_YIELD: Duration = Duration::from_micros(5);
+
+    pub fn new() -> Self {
+        Self {
+            mark: Instant::now(),
+            mark_cpu_ns: thread_cpu_ns(),
+            idle_ns: Cell::new(0),
+            mark_idle_ns: 0,
+            windows: 0,
+            saturated: 0,
+        }
+    }
+
+    fn idle(&self, d: Duration) {
+        self.idle_ns.set(self.idle_ns.get() + d.as_nanos() as u64);
+    }
+
+    /// Call often (each dispatch); closes a window at most once per `WINDOW`.
+    pub fn tick(&mut self, now: Instant) {
+        if now < self.mark + Self::WINDOW {
+            return;
+        }
+        let cpu = thread_cpu_ns();
+        let idle = self.idle_ns.get();
+        let used = cpu
+            .saturating_sub(self.mark_cpu_ns)
+            .saturating_sub(idle - self.mark_idle_ns);
+        let busy = used as f64 / (now - self.mark).as_nanos().max(1) as f64;
+        self.windows += 1;
+        if busy >= Self::SATURATED {
+            self.saturated += 1;
+        }
+        self.mark = now;
+        self.mark_cpu_ns = cpu;
+        self.mark_idle_ns = idle;
+    }
+}
+
+impl Default for LoadMeter {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::client::{Endpoint, Pool, RunClock};
 use crate::records::{ErrorKind, RequestRecord};
-use crate::timer::{lower_timer_slack, HiResSleep, RealtimeGovernor};
+use crate::timer::{lower_timer_slack, HiResSleep, LoadMeter, RealtimeGovernor};
 
 use super::dispatch::dispatch;
 use super::pacing::{start_instant, wait_for, STOP_POLL};
@@ -184,12 +184,13 @@ async fn lane_main(
         idle: Notify::new(),
     });
     let timer = HiResSleep::new().ok();
+    let mut meter = LoadMeter::new();
     let spin = shared.config.spin;
     let mut since_yield = 0usize;
     'chunks: while let Some(chunk) = next_chunk(&shared, &mut rx).await {
         for j in lane_positions(&chunk, 0, lane, lanes) {
             let deadline = t0 + Duration::from_nanos(chunk.schedule.t_ns[j] as u64);
-            if !wait_for(&shared, timer.as_ref(), deadline, spin).await {
+            if !wait_for(&shared, timer.as_ref(), deadline, spin, &meter).await {
                 mark_not_sent(
                     &shared,
                     lane,
@@ -201,7 +202,9 @@ async fn lane_main(
                 break 'chunks;
             }
             dispatch(&shared, &pool, &state, clock, lane, &chunk, j);
-            governor.tick(Instant::now());
+            let now = Instant::now();
+            governor.tick(now);
+            meter.tick(now);
             since_yield += 1;
             // Far behind schedule, every deadline has passed: let the spawned requests run.
             if since_yield >= 32 {
@@ -214,6 +217,14 @@ async fn lane_main(
         .progress
         .realtime_demotions
         .fetch_add(governor.demotions, Ordering::Relaxed);
+    shared
+        .progress
+        .lane_windows
+        .fetch_add(meter.windows, Ordering::Relaxed);
+    shared
+        .progress
+        .lane_saturated_windows
+        .fetch_add(meter.saturated, Ordering::Relaxed);
     // Stopping (or input closed): nothing more can be fed to this lane; what was fed and
     // not reached is recorded as not sent.
     rx.close();

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::timer::{sleep_until_precise, HiResSleep};
+use crate::timer::{spin_until, HiResSleep, LoadMeter};
 
 use super::Shared;
 
@@ -37,6 +37,7 @@ pub(super) async fn wait_for(
     timer: Option<&HiResSleep>,
     deadline: Instant,
     spin: Duration,
+    meter: &LoadMeter,
 ) -> bool {
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
@@ -48,7 +49,7 @@ pub(super) async fn wait_for(
         }
         let target = deadline.min(now + STOP_POLL);
         match timer {
-            Some(t) => sleep_until_precise(t, target, spin).await,
+            Some(t) => spin_until(t, target, spin, Some(meter)).await,
             None => tokio::time::sleep_until(target.into()).await,
         }
     }

@@ -25,6 +25,10 @@ pub struct Progress {
     /// Token events timed, and of those, timed by the kernel's receive stamp.
     pub token_events: AtomicU64,
     pub kernel_stamped_events: AtomicU64,
+    /// 100 ms windows of the lanes' pacing (summed over lanes), and those in which a lane
+    /// used over 90% of its core for work (`LoadMeter`); counted as each lane ends.
+    pub lane_windows: AtomicU64,
+    pub lane_saturated_windows: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,6 +57,8 @@ pub struct ProgressSnapshot {
     pub realtime_demotions: u64,
     pub token_events: u64,
     pub kernel_stamped_events: u64,
+    pub lane_windows: u64,
+    pub lane_saturated_windows: u64,
 }
 
 impl Progress {
@@ -92,6 +98,8 @@ impl Progress {
             realtime_demotions: self.realtime_demotions.load(Ordering::Relaxed),
             token_events: self.token_events.load(Ordering::Relaxed),
             kernel_stamped_events: self.kernel_stamped_events.load(Ordering::Relaxed),
+            lane_windows: self.lane_windows.load(Ordering::Relaxed),
+            lane_saturated_windows: self.lane_saturated_windows.load(Ordering::Relaxed),
         }
     }
 }
