@@ -64,6 +64,9 @@ def test_two_processes_account_like_one(tmp_path: Path) -> None:
     assert [w["requests"] for w in workers] == [150, 150]
     assert [(w["outcomes"], w["died"]) for w in workers] == [({"ok": 150}, None)] * 2
     assert {w["kind"] for w in workers} == {"Processes"}
+    # Each worker says where it ran: one host, two processes.
+    assert len({w["hostname"] for w in workers}) == 1 and len({w["node_ip"] for w in workers}) == 1
+    assert len({w["pid"] for w in workers}) == 2 and os.getpid() not in {w["pid"] for w in workers}
     # One host, one clock: the offsets are within their bound and none is applied.
     assert all(w["clock_offset_applied_us"] == 0 for w in workers)
     assert all(abs(w["start_error_us"]) < 1000 for w in workers)

@@ -167,6 +167,10 @@ class EngineWorker:
     def clock_ns(self) -> int:
         return time.time_ns()
 
+    def node(self) -> dict[str, Any]:
+        """Where this worker runs: its node's IP address, host name and process id."""
+        return {"node_ip": node_ip(), "hostname": socket.gethostname(), "pid": os.getpid()}
+
     def start(
         self,
         endpoints: list[str],
@@ -265,6 +269,24 @@ def run_engine_ray(
     )
 
 
+def node_ip() -> str:
+    """This node's address as its cluster sees it: Ray's, in a Ray worker; otherwise the
+    address of the interface that routes outwards (no packet is sent), or loopback."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routing only, nothing is sent
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
 def share(total: int, workers: int, worker: int) -> int:
     """Worker ``worker``'s part of ``total`` split as evenly as integers allow (parts
     differ by at most one and add up to ``total``)."""
@@ -303,6 +325,7 @@ class _WorkerStats:
         self.t0_unix_ns: int | None = None
         self.clock: tuple[int, int] = (0, 0)
         self.applied_offset_ns = 0
+        self.node: dict[str, Any] = {}
 
     def fold(self, batch: pa.RecordBatch) -> None:
         """Folds a record batch (built with the engine's error kinds, as workers do)."""
@@ -343,6 +366,7 @@ class _WorkerStats:
             if self.t0_unix_ns is not None
             else None,
             "died": self.dead,
+            **self.node,
         }
 
     def lost_records(self) -> dict[str, Any]:
@@ -508,6 +532,7 @@ class Fleet:
         self.stats = [_WorkerStats(w, p) for w, p in enumerate(parts)]
         try:
             for s, a in zip(self.stats, self.actors):
+                s.node = backend.get(a.node.remote())
                 s.clock = clock_offset_ns(backend, a)
         except Exception as e:
             self._kill()

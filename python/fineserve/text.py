@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from .sweep import SweepResult
 
 
+def _node(worker: dict[str, Any]) -> str:
+    """A worker's node as the table shows it: IP address, and pid where one host runs
+    several (processes)."""
+    ip = str(worker.get("node_ip") or "-")
+    return f"{ip} pid {worker['pid']}" if worker.get("pid") else ip
+
+
 def format_workers(rows: list[dict[str, Any]]) -> str:
     """The per-worker breakdown as a table, so an overloaded or dead worker stands out."""
 
@@ -24,7 +31,7 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
 
     head = (
         f"{'worker':>6} {'requests':>9} {'sent':>9} {'req/s':>9} {'lag p50 us':>11} "
-        f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9}  outcomes"
+        f"{'lag p99 us':>11} {'clock us':>14} {'start us':>9} {'node':>22}  outcomes"
     )
     title = f" {rows[0].get('kind', 'Ray workers') if rows else 'Workers'} "
     lines = ["{s:{c}^{n}}".format(s=title, n=len(head), c="="), head]
@@ -37,7 +44,7 @@ def format_workers(rows: list[dict[str, Any]]) -> str:
             f"{r['worker']:>6} {r['requests']:>9} {r['sent']:>9} "
             f"{num(r['achieved_rps'], '.0f'):>9} {num(r['lag_p50_us'], '.1f'):>11} "
             f"{num(r['lag_p99_us'], '.1f'):>11} {clock:>14} "
-            f"{num(r['start_error_us'], '+.0f'):>9}  {outcomes}"
+            f"{num(r['start_error_us'], '+.0f'):>9} {_node(r):>22}  {outcomes}"
         )
     return "\n".join(lines)
 

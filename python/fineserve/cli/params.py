@@ -97,7 +97,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("Embedded mock (used when no server is given)", ()),
-    ("Distributed", ("ray", "workers")),
+    ("Distributed", ("processes", "ray", "workers")),
 )  # fmt: skip
 
 
