@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUBNET = "10.77.0"
+SUBNET_PREFIX = "10.77"
 RAY_PORT = 6379
 _made = itertools.count()
 
@@ -59,15 +60,24 @@ class NetnsCluster:
         self.delay_ms = delay_ms
         self.cpus = cpus_per_node
         # Interface names are at most 15 characters: keep the tag short and unique.
-        self.tag = f"fs{os.getpid() % 10000}c{next(_made)}"
+        index = next(_made)
+        self.tag = f"fs{os.getpid() % 10000}c{index}"
+        # A subnet of its own: Ray refuses a head at an address another cluster's session
+        # files (in the shared /tmp/ray) still name.
+        self.subnet = f"{SUBNET_PREFIX}.{(os.getpid() + index) % 250}"
         self.names = [f"{self.tag}n{i}" for i in range(nodes)]
         self._ray: list[subprocess.Popen[str]] = []
+        self._logs: list[Any] = []
         self.log_dir = Path(f"/tmp/{self.tag}-logs")
-        #: The environment every process in the cluster gets (Ray's token auth as default).
-        self.env = dict(os.environ)
+        #: The environment every process of the cluster gets: Ray's token authentication
+        #: (on by default for a new head since Ray 2.5x) with one token for the cluster,
+        #: as the README tells a multi-machine cluster to share it.
+        self.token = secrets.token_hex(16)
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
 
     def ip(self, node: int) -> str:
-        return f"{SUBNET}.{node + 1}"
+        return f"{self.subnet}.{node + 1}"
 
     @property
     def address(self) -> str:
@@ -113,13 +123,12 @@ class NetnsCluster:
     def start_ray(self) -> None:
         self.log_dir.mkdir(exist_ok=True)
         ray_bin = str(Path(sys.executable).parent / "ray")
-        common = [
-            "--num-cpus", str(self.cpus), "--include-dashboard", "false",
-            "--disable-usage-stats", "--block",
-        ]  # fmt: skip
+        common = ["--num-cpus", str(self.cpus), "--disable-usage-stats", "--block"]
+        head = ["--head", "--port", str(RAY_PORT), "--include-dashboard", "false"]
         for i in range(self.nodes):
-            role = ["--head", "--port", str(RAY_PORT)] if i == 0 else ["--address", self.address]
+            role = head if i == 0 else ["--address", self.address]
             log = (self.log_dir / f"node{i}.log").open("w")
+            self._logs.append(log)
             command = [
                 *self._netns(i), ray_bin, "start", *role, "--node-ip-address", self.ip(i),
                 *common,
@@ -133,20 +142,25 @@ class NetnsCluster:
                 self._wait_for_head()
         self.wait_for_nodes(self.nodes)
 
-    def _wait_for_head(self, timeout_s: float = 60.0) -> None:
+    def _wait_for_head(self) -> None:
+        if not self.wait_port(0, RAY_PORT, lambda: self._ray[0].poll() is None):
+            raise RuntimeError(f"Ray head did not start: {self.logs(0)[-2000:]}")
+
+    def wait_port(
+        self, node: int, port: int, alive: Any = lambda: True, timeout_s: float = 60.0
+    ) -> bool:
+        """Whether something listens on ``port`` at ``node``'s address, within the time."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and alive():
             probe = subprocess.run(
-                [*self._netns(0), sys.executable, "-c",
-                 f"import socket; socket.create_connection(('{self.ip(0)}', {RAY_PORT}), 1)"],
+                [*self._netns(node), sys.executable, "-c",
+                 f"import socket; socket.create_connection(('{self.ip(node)}', {port}), 1)"],
                 capture_output=True,
             )  # fmt: skip
             if probe.returncode == 0:
-                return
-            if self._ray[0].poll() is not None:
-                break
-            time.sleep(0.5)
-        raise RuntimeError(f"Ray head did not start: {self.logs(0)[-2000:]}")
+                return True
+            time.sleep(0.3)
+        return False
 
     def wait_for_nodes(self, n: int, timeout_s: float = 90.0) -> None:
         code = (
@@ -204,6 +218,8 @@ class NetnsCluster:
                 pass
         for name in self.names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for log in self._logs:
+            log.close()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

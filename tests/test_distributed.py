@@ -307,3 +307,18 @@ def test_python_api_spreads_a_schedule_like_run_engine(ray_local: Any, mock: Moc
     assert np.all(rec.col("error_kind") == 0) and np.all(rec.col("n_chunks") == 4)
     assert [w["requests"] for w in rec.workers] == [40, 40, 40]
     assert rec.progress["succeeded"] == n
+
+
+def test_ray_init_failures_name_their_cause() -> None:
+    from fineserve.distributed import ray_init_error
+
+    log = "gcs_client.cc:210: Unauthenticated: RPC error: InvalidAuthToken: missing or incorrect"
+    line = ray_init_error("h:6379", ConnectionError("Failed to connect to Ray cluster"), log)
+    assert "refused this driver's token" in line and "RAY_AUTH_TOKEN" in line
+    line = ray_init_error(
+        "h:6379",
+        RuntimeError("Version mismatch: The cluster was started with Ray 2.9 / Python 3.10"),
+        "",
+    )
+    assert "another Ray or Python version" in line and "Ray 2.9" in line
+    assert ray_init_error("h:6379", RuntimeError("boom\nmore"), "") == "--ray h:6379: boom"

@@ -24,9 +24,12 @@ may have been in flight), the rest as ``not_sent``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -276,7 +279,8 @@ def node_ip() -> str:
         import ray
 
         if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
+            util: Any = ray.util  # untyped
+            return str(util.get_node_ip_address())
     except ImportError:
         pass
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -453,10 +457,53 @@ def _init_ray(ray: Any, address: str, ray_init: dict[str, Any] | None) -> None:
     kwargs = dict(ray_init or {})
     kwargs.setdefault("log_to_driver", False)
     kwargs.setdefault("include_dashboard", False)
-    try:
-        ray.init(address=None if address == "local" else address, **kwargs)
-    except Exception as e:  # ConnectionError, RuntimeError, … as Ray words it
-        raise FineserveError(f"--ray {address}: {str(e).splitlines()[0]}") from None
+    with _stderr_captured() as captured:
+        try:
+            ray.init(address=None if address == "local" else address, **kwargs)
+            return
+        except Exception as e:  # ConnectionError, RuntimeError, … as Ray words it
+            error = e
+    raise FineserveError(ray_init_error(address, error, "".join(captured))) from None
+
+
+def ray_init_error(address: str, error: BaseException, ray_log: str) -> str:
+    """One line for a failed ``ray.init``, naming the cause where Ray's own log (its core
+    writes to the process's stderr, a dozen lines of retries) or the error says it."""
+    text = f"{error}\n{ray_log}"
+    if "InvalidAuthToken" in text or "Unauthenticated" in text:
+        return (
+            f"--ray {address}: the cluster refused this driver's token (Ray's token "
+            "authentication): run with the cluster's token, RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<a copy of the head's "
+            "~/.ray/auth_token>"
+        )
+    if "ersion mismatch" in text:
+        return (
+            f"--ray {address}: the cluster runs another Ray or Python version than this "
+            f"driver ({str(error).splitlines()[0][:200]}); install the same versions on "
+            "every node"
+        )
+    return f"--ray {address}: {str(error).splitlines()[0]}"
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """File descriptor 2 redirected to a temporary file while the block runs (Ray's C++
+    core logs there directly, past Python's ``sys.stderr``); the list it yields holds
+    what was written, once the block has ended."""
+    text: list[str] = []
+    with tempfile.TemporaryFile(mode="w+", errors="replace") as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield text
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            text.append(f.read())
 
 
 class FleetBackend(Protocol):
