@@ -73,7 +73,15 @@ class NetnsCluster:
         #: (on by default for a new head since Ray 2.5x) with one token for the cluster,
         #: as the README tells a multi-machine cluster to share it.
         self.token = secrets.token_hex(16)
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        # Ray's session files (and its "current cluster" address, which a later
+        # ray.init() with no address would try) in a directory of this cluster's own.
+        self.ray_tmp = Path(f"/tmp/{self.tag}-ray")
+        self.env = dict(
+            os.environ,
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_TMPDIR=str(self.ray_tmp),
+        )
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
 
     def ip(self, node: int) -> str:
@@ -122,6 +130,7 @@ class NetnsCluster:
 
     def start_ray(self) -> None:
         self.log_dir.mkdir(exist_ok=True)
+        self.ray_tmp.mkdir(exist_ok=True)
         ray_bin = str(Path(sys.executable).parent / "ray")
         common = ["--num-cpus", str(self.cpus), "--disable-usage-stats", "--block"]
         head = ["--head", "--port", str(RAY_PORT), "--include-dashboard", "false"]
@@ -220,6 +229,8 @@ class NetnsCluster:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         for log in self._logs:
             log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

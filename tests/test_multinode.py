@@ -119,6 +119,16 @@ def test_a_node_killed_mid_run_is_reported_and_its_requests_accounted(
     assert dead["outcomes"].get("not_sent", 0) > 0
 
 
+def test_pack_puts_the_workers_on_one_node(cluster: NetnsCluster, tmp_path: Path) -> None:
+    rc, out, r = _blast(
+        cluster, tmp_path, "pack", "--ray", cluster.address, "--workers", "2",
+        "--ray-placement", "pack",
+    )  # fmt: skip
+    assert rc == 0, out
+    assert r["completed"] == 400
+    assert len({w["node_ip"] for w in r["workers"]}) == 1
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -224,7 +224,10 @@ def _stream_runner(cfg: BlastConfig, is_mock: bool, quiet: bool) -> Callable[...
             "workers on this node can reach it"
         )
     return functools.partial(
-        run_stream_ray, address=cfg.scale_out.address, workers=cfg.scale_out.workers
+        run_stream_ray,
+        address=cfg.scale_out.address,
+        workers=cfg.scale_out.workers,
+        placement=cfg.scale_out.ray_placement,
     )
 
 

@@ -592,6 +592,10 @@ def mock_fault_kwargs(p: Mapping[str, Any], option: str) -> dict[str, Any]:
     }
 
 
+#: Where Ray workers go: spread over the nodes (default), or packed onto as few as hold them.
+RAY_PLACEMENTS = ("spread", "pack")
+
+
 @dataclass(frozen=True)
 class ScaleOutConfig:
     """One run spread over several engines: processes on this host (past one process's
@@ -602,10 +606,15 @@ class ScaleOutConfig:
     workers: int = 2
     #: Engine processes on this host (1: the engine runs in this process).
     processes: int = 1
+    #: Where Ray puts the workers: "spread" over the nodes, or "pack" onto few.
+    ray_placement: str = "spread"
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> ScaleOutConfig:
-        cfg = cls(p.get("ray") or None, **_given(p, workers="workers", processes="processes"))
+        cfg = cls(
+            p.get("ray") or None,
+            **_given(p, workers="workers", processes="processes", ray_placement="ray_placement"),
+        )
         if cfg.address and cfg.processes > 1:
             raise FineserveError(
                 "--processes and --ray are two ways to spread a run; choose one "

@@ -58,6 +58,8 @@ INSTALL_HINT = "--ray needs Ray: pip install 'fineserve[ray]'"
 #: Time between the workers being ready and the common start instant.
 START_MARGIN_S = 1.0
 POLL_S = 0.25
+#: CPU a worker's placement bundle asks for: a token, so that any node takes many.
+WORKER_CPU = 0.01
 NOT_SENT = _engine.ERROR_KINDS.index("not_sent")
 CANCELLED = _engine.ERROR_KINDS.index("cancelled")
 
@@ -399,6 +401,7 @@ def run_stream_ray(
     *,
     address: str,
     workers: int,
+    placement: str = "spread",
     total: int | None = None,
     show_progress: bool = True,
     description: str = "requests",
@@ -417,7 +420,7 @@ def run_stream_ray(
         return StreamOutcome(False, 0.0, 0, {}, 0, 0)
     _init_ray(ray, address, ray_init)
     return run_fleet(
-        RayBackend(ray), endpoints, all_chunks, options, sink, workers,
+        RayBackend(ray, placement), endpoints, all_chunks, options, sink, workers,
         total=total, show_progress=show_progress, description=description,
         on_started=on_started,
     )  # fmt: skip
@@ -533,15 +536,35 @@ class RayBackend:
     noun = "Ray workers"
     shares_host = False
 
-    def __init__(self, ray: Any) -> None:
+    def __init__(self, ray: Any, placement: str = "spread") -> None:
         self._ray = ray
+        self._placement = placement
 
     def spawn(self, workers: int) -> list[Any]:
-        # num_cpus=0: the engine's lanes are threads of the actor's process, not Ray tasks;
-        # SPREAD puts the actors on different nodes where there are several.
-        remote_cls = self._ray.remote(num_cpus=0, max_concurrency=4)(EngineWorker)
-        spread = remote_cls.options(scheduling_strategy="SPREAD")
-        return [spread.remote(w) for w in range(workers)]
+        # The engine's lanes are threads of the actor's process, not Ray tasks: each worker
+        # asks for a token of CPU, in a placement group whose strategy puts the workers on
+        # different nodes (SPREAD) or on as few as hold them (PACK). A group waits until
+        # its bundles are placed, so a node that joined a moment ago is not passed over.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = "PACK" if self._placement == "pack" else "SPREAD"
+        group = placement_group([{"CPU": WORKER_CPU}] * workers, strategy=strategy)
+        try:
+            self._ray.get(group.ready(), timeout=60)
+        except Exception as e:
+            raise FineserveError(
+                f"--ray: Ray could not place {workers} workers ({_first_line(e)})"
+            ) from None
+        remote_cls = self._ray.remote(num_cpus=WORKER_CPU, max_concurrency=4)(EngineWorker)
+        return [
+            remote_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=w
+                ),
+            ).remote(w)
+            for w in range(workers)
+        ]
 
     def get(self, refs: Any) -> Any:
         return self._ray.get(refs)

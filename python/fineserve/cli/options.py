@@ -12,6 +12,7 @@ import click
 from ..api import BACKENDS
 from ..config import (
     DP_RANK_POLICIES,
+    RAY_PLACEMENTS,
     EngineConfig,
     LengthConfig,
     MetricsConfig,
@@ -875,6 +876,14 @@ def ray_options(f: Any) -> Any:
             default=default_of(ScaleOutConfig, "workers"),
             show_default=True,
             help="Ray workers (engine instances) the schedule is split over (with --ray).",
+        ),
+        click.option(
+            "--ray-placement",
+            type=click.Choice(RAY_PLACEMENTS),
+            default=default_of(ScaleOutConfig, "ray_placement"),
+            show_default=True,
+            help="Where Ray puts the workers: spread over the nodes, or packed onto as few "
+            "as hold them (with --ray).",
         ),
         click.option(
             "--processes",

@@ -97,7 +97,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("Embedded mock (used when no server is given)", ()),
-    ("Distributed", ("processes", "ray", "workers")),
+    ("Distributed", ("processes", "ray", "workers", "ray_placement")),
 )  # fmt: skip
 
 
