@@ -207,8 +207,8 @@ def test_an_unsaturated_run_says_so(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     out = json.loads(res.read_text())
-    assert out["client_saturated"] is False and out["client_saturation_reasons"] == []
-    assert out["connection_waits"] == 0
+    assert out["client_saturated"] is False, out["client_saturation_reasons"]
+    assert out["client_saturation_reasons"] == [] and out["connection_waits"] == 0
 
 
 def test_warm_connections_follow_littles_law_from_the_warm_up(tmp_path: Path) -> None:

@@ -460,6 +460,8 @@ SATURATION_LAG_US = 1000.0
 #: Share of the lanes' 100 ms windows in which a lane used over 90% of its core for work,
 #: past which the lanes' CPU limited the run.
 SATURATION_LANE_SHARE = 0.25
+#: Requests sent before a p99 dispatch lag can call the client saturated.
+SATURATION_MIN_SENT = 100
 
 
 def client_saturation(
@@ -494,7 +496,10 @@ def client_saturation(
             "spare; more --lanes or --processes, or a less busy host"
         )
     lag = metrics.get("p99_dispatch_lag_us")
-    if lag is not None and lag > SATURATION_LAG_US and not cfg.engine.max_concurrency:
+    # Under 100 requests the p99 is the single latest one: one late send (a core lost
+    # for a moment) says nothing about whether the lanes kept the schedule.
+    enough = int(metrics.get("sent") or 0) >= SATURATION_MIN_SENT
+    if lag is not None and lag > SATURATION_LAG_US and enough and not cfg.engine.max_concurrency:
         reasons.append(
             f"p99 dispatch lag {lag / 1e3:.2f} ms > {SATURATION_LAG_US / 1e3:g} ms: the "
             f"{engines(cfg, sizing)} could not keep the schedule; more --lanes or "
