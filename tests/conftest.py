@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import settings
 from fineserve import ERROR_KINDS, EngineOptions, MockServer, run_engine
 from fineserve.api import BodyTemplate
 from fineserve.cli import cli
-from fineserve.runner import RunRecords
+from fineserve.runner import EngineChunk, RunRecords, _CollectingSink
 from stdlib_server import OpenAIServer
 
 # CI draws the same Hypothesis examples every run (a red build is then the code's, not luck's);
@@ -183,3 +184,49 @@ def interrupted_blast(
         proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+#: Starts a two-worker fleet: (url, chunk, sink, on_started) -> StreamOutcome.
+FleetStart = Callable[[str, EngineChunk, _CollectingSink, Callable[[list[Any]], None]], Any]
+
+
+def fleet_losing_worker_1(start: FleetStart, kill: Callable[[Any], None]) -> tuple[Any, list[str]]:
+    """400 requests over 4 s on a two-worker fleet whose worker 1 is killed (``kill`` of
+    its handle) 1.5 s in. Checks that every request is accounted: worker 0's (even rows)
+    all ok, worker 1's partly sent, then cancelled or not sent; returns the outcome and
+    the records' error messages."""
+    n = 400
+    chunk = EngineChunk(
+        np.linspace(0, 4e9, n).astype(np.int64),
+        completion_bodies(1, 4),
+        np.zeros(n, np.uint32),
+        np.zeros(n, np.uint32),
+        np.full(n, 4),
+        extra={"input_len": np.full(n, 16)},
+    )
+    sink = _CollectingSink()
+    killed: list[bool] = []
+
+    def kill_second(workers: list[Any]) -> None:
+        def later() -> None:
+            kill(workers[1])
+            killed.append(True)
+
+        threading.Timer(1.5, later).start()
+
+    with MockServer(ttft_ms=5, itl_ms=1) as m:
+        outcome = start(m.base_url + "/v1/completions", chunk, sink, kill_second)
+    assert killed
+    cols = sink.columns()
+    assert sorted(np.asarray(cols["index"]).tolist()) == list(range(n))  # all accounted
+    kinds = np.array([ERROR_KINDS[k] for k in cols["error_kind"]])
+    idx = np.asarray(cols["index"]).astype(np.int64)
+    assert np.all(kinds[idx % 2 == 0] == "ok")  # the surviving worker's share
+    lost = kinds[idx % 2 == 1]
+    assert (lost == "ok").sum() < n // 2  # the dead worker stopped part-way
+    assert set(lost) <= {"ok", "cancelled", "not_sent"} and "not_sent" in set(lost)
+    w = outcome.workers
+    assert w[0]["died"] is None and w[1]["died"]
+    assert sum(w[1]["outcomes"].values()) == n // 2
+    messages = dict(zip(np.asarray(cols["error_index"]).tolist(), cols["error_message"]))
+    return outcome, list(messages.values())

@@ -6,15 +6,20 @@ import json
 import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import completion_bodies, interrupted_blast, invoke, run_schedule
-from fineserve import ERROR_KINDS, EngineOptions, MockServer
+from conftest import (
+    completion_bodies,
+    fleet_losing_worker_1,
+    interrupted_blast,
+    invoke,
+    run_schedule,
+)
+from fineserve import EngineOptions, MockServer
 from fineserve.distributed import import_ray, partition, run_engine_ray, run_stream_ray
 from fineserve.errors import FineserveError
 from fineserve.records import records_from_table, records_to_batch
@@ -177,51 +182,14 @@ def test_two_workers_account_like_one_machine(ray_local: Any, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_a_worker_that_dies_is_reported_and_its_requests_accounted(ray_local: Any) -> None:
-    n = 400
-    t = np.linspace(0, 4e9, n).astype(np.int64)
-    chunk = EngineChunk(
-        t,
-        completion_bodies(1, 4),
-        np.zeros(n, np.uint32),
-        np.zeros(n, np.uint32),
-        np.full(n, 4),
-        extra={"input_len": np.full(n, 16)},
-    )
-    sink = _CollectingSink()
-    killed: list[str] = []
+    def start(url: str, chunk: EngineChunk, sink: _CollectingSink, on_started: Any) -> Any:
+        return run_stream_ray(
+            [url], iter([chunk]), EngineOptions(lanes=1), sink, address="local", workers=2,
+            show_progress=False, on_started=on_started,
+        )  # fmt: skip
 
-    def kill_second(actors: list[Any]) -> None:
-        def later() -> None:
-            ray_local.kill(actors[1])
-            killed.append("yes")
-
-        threading.Timer(1.5, later).start()
-
-    with MockServer(ttft_ms=5, itl_ms=1) as m:
-        outcome = run_stream_ray(
-            [m.base_url + "/v1/completions"],
-            iter([chunk]),
-            EngineOptions(lanes=1),
-            sink,
-            address="local",
-            workers=2,
-            show_progress=False,
-            on_started=kill_second,
-        )
-    assert killed
-    cols = sink.columns()
-    assert sorted(np.asarray(cols["index"]).tolist()) == list(range(n))  # all accounted
-    kinds = np.array([ERROR_KINDS[k] for k in cols["error_kind"]])
-    idx = np.asarray(cols["index"]).astype(np.int64)
-    assert np.all(kinds[idx % 2 == 0] == "ok")  # the surviving worker's share
-    lost = kinds[idx % 2 == 1]
-    assert (lost == "ok").sum() < n // 2  # the dead worker stopped part-way
-    assert set(lost) <= {"ok", "cancelled", "not_sent"} and "not_sent" in set(lost)
-    messages = dict(zip(np.asarray(cols["error_index"]).tolist(), cols["error_message"]))
-    assert any("worker 1 died" in m for m in messages.values())
-    w = outcome.workers
-    assert w[0]["died"] is None and w[1]["died"]
-    assert sum(w[1]["outcomes"].values()) == n // 2
+    _, messages = fleet_losing_worker_1(start, ray_local.kill)
+    assert any("worker 1 died" in m for m in messages)
 
 
 @pytest.mark.slow

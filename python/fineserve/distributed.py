@@ -415,21 +415,22 @@ def run_stream_ray(
     ray = import_ray()
     if workers < 1:
         raise FineserveError("--workers must be >= 1")
-    all_chunks = list(chunks)  # the whole schedule: it is split across the workers
-    if not all_chunks or not sum(len(c) for c in all_chunks):
-        return StreamOutcome(False, 0.0, 0, {}, 0, 0)
-    _init_ray(ray, address, ray_init)
+
+    def connect() -> FleetBackend:
+        _init_ray(ray, address, ray_init)
+        return RayBackend(ray, placement)
+
     return run_fleet(
-        RayBackend(ray, placement), endpoints, all_chunks, options, sink, workers,
+        connect, endpoints, chunks, options, sink, workers,
         total=total, show_progress=show_progress, description=description,
         on_started=on_started,
     )  # fmt: skip
 
 
 def run_fleet(
-    backend: FleetBackend,
+    make_backend: Callable[[], FleetBackend],
     endpoints: list[str],
-    chunks: list[EngineChunk],
+    chunks: Iterator[EngineChunk],
     options: EngineOptions,
     sink: RecordSink,
     workers: int,
@@ -439,8 +440,14 @@ def run_fleet(
     description: str = "requests",
     on_started: Callable[[list[Any]], None] | None = None,
 ) -> StreamOutcome:
-    """The schedule split over ``workers`` engines of ``backend``, driven to its end."""
-    fleet = Fleet(backend, endpoints, chunks, options, sink, workers)
+    """The schedule split over ``workers`` engines, driven to its end. The whole schedule
+    is generated first (it is split across the workers); ``make_backend`` (starting Ray,
+    say) is called only when it holds a request."""
+    all_chunks = list(chunks)
+    if not sum(len(c) for c in all_chunks):
+        return StreamOutcome(False, 0.0, 0, {}, 0, 0)
+    backend = make_backend()
+    fleet = Fleet(backend, endpoints, all_chunks, options, sink, workers)
     if on_started is not None:
         on_started(fleet.actors)
     return drive(

@@ -186,11 +186,8 @@ def run_stream_processes(
     is per process."""
     from .distributed import run_fleet
 
-    all_chunks = list(chunks)  # the whole schedule: it is split across the processes
-    if not all_chunks or not sum(len(c) for c in all_chunks):
-        return StreamOutcome(False, 0.0, 0, {}, 0, 0)
     return run_fleet(
-        ProcessBackend(), endpoints, all_chunks, options, sink, processes,
+        ProcessBackend, endpoints, chunks, options, sink, processes,
         total=total, show_progress=show_progress, description=description,
         on_started=on_started,
     )  # fmt: skip
