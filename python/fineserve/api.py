@@ -49,6 +49,12 @@ DEFAULT_ENDPOINT = {
 #: Backends whose OpenAI routes accept ``ignore_eos``.
 IGNORE_EOS_BACKENDS = ("vllm", "sglang")
 
+#: Why a multimodal schedule cannot go to a completions (or Responses) endpoint.
+MEDIA_NEEDS_CHAT = (
+    "a multimodal schedule needs the chat completions API (--backend openai-chat, or "
+    "--endpoint /v1/chat/completions): the completions and Responses APIs here carry text only"
+)
+
 
 def is_chat_endpoint(path: str) -> bool:
     """The server applies its chat template and takes a conversation as messages: the
@@ -88,12 +94,31 @@ def parse_extra_body(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _messages_json(prompt: str | Messages) -> str:
+def _messages_json(prompt: str | Messages, media: str = "") -> str:
+    """The messages; ``media`` (JSON text of content parts) joins the last message's text
+    as a list of parts, text first."""
     if isinstance(prompt, str):  # the common case, without building dicts
+        if media:
+            return (
+                f'[{{"role":"user","content":[{{"type":"text","text":{json.dumps(prompt)}}},'
+                f"{media}]}}]"
+            )
         return f'[{{"role":"user","content":{json.dumps(prompt)}}}]'
-    return json.dumps(
-        [{"role": role, "content": content} for role, content in prompt], separators=(",", ":")
+    if not media:
+        return json.dumps(
+            [{"role": role, "content": content} for role, content in prompt],
+            separators=(",", ":"),
+        )
+    earlier = [
+        json.dumps({"role": role, "content": content}, separators=(",", ":"))
+        for role, content in prompt[:-1]
+    ]
+    role, content = prompt[-1]
+    last = (
+        f'{{"role":{json.dumps(role)},"content":[{{"type":"text","text":{json.dumps(content)}}},'
+        f"{media}]}}"
     )
+    return "[" + ",".join([*earlier, last]) + "]"
 
 
 class BodyTemplate:
@@ -151,17 +176,23 @@ class BodyTemplate:
             pos = at + len(_SLOTS[k])
         self._pieces.append(text[pos:])
 
-    def render(self, prompt: str | Messages, max_tokens: int, fields: str = "") -> bytes:
+    def render(
+        self, prompt: str | Messages, max_tokens: int, fields: str = "", media: str = ""
+    ) -> bytes:
         """The body for one request. ``prompt`` is the text (the user message of a chat
         request), or for a chat request a whole conversation of (role, content) pairs.
-        ``fields``: more members for this request only, as JSON text (``"a":1,"b":[2]``)."""
+        ``fields``: more members for this request only, as JSON text (``"a":1,"b":[2]``).
+        ``media``: content parts (JSON text) the user message carries after its text;
+        chat completions only."""
+        if media and "messages" not in self._slots:
+            raise FineserveError(MEDIA_NEEDS_CHAT)
         out = [self._pieces[0]]
         for slot, piece in zip(self._slots, self._pieces[1:]):
             if slot == "prompt":
                 text = prompt if isinstance(prompt, str) else "\n".join(c for _, c in prompt)
                 out.append(json.dumps(text))
             elif slot == "messages":
-                out.append(_messages_json(prompt))
+                out.append(_messages_json(prompt, media))
             elif slot == "input":
                 out.append(
                     json.dumps(prompt) if isinstance(prompt, str) else _messages_json(prompt)

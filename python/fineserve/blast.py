@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .api import MEDIA_NEEDS_CHAT
 from .config import BlastConfig, TargetConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, mock_peak_in_flight
+from .media.requests import MediaRequests, resolve_image_rule
 from .metrics import BREAKDOWNS, MetricsAccumulator
 from .metrics.scrape import Scraper, ScrapeTarget
 from .metrics.sink import MetricsSink
@@ -286,6 +288,8 @@ def run_blast(
                 warn(f"closing the request records failed too: {e}")
         raise
     metrics = _metrics(cfg, sink, prefix, run.builder, outcome, quiet)
+    if run.shapes.media is not None:
+        metrics["media"] = run.shapes.media.summary()
     metrics.update(client_saturation(cfg, metrics, outcome.progress, sink, run.sizing))
     if metrics["client_saturated"] and not quiet:
         warn(
@@ -327,9 +331,17 @@ def prepare_run(
     )
     pinner = Pinner(cfg.target.pins, cfg.workload.seed)
     pinner.check(first)
+    media = None
+    if first.lists:
+        if not cfg.target.chat or cfg.target.backend == "openai-responses":
+            raise FineserveError(MEDIA_NEEDS_CHAT)
+        rule = resolve_image_rule(cfg.media, cfg.prompts.tokenizer, quiet=quiet)
+        if is_mock and rule.name not in ("qwen2-vl", "qwen3-vl") and not quiet:
+            note(f"the embedded mock counts image tokens as qwen2-vl does, not as {rule.name}")
+        media = MediaRequests(cfg.media, rule, cfg.workload.seed)
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
     shapes = RequestShapes.for_targets(
-        builder, targets, dataset_output_lens, mock_fields=is_mock, pinner=pinner
+        builder, targets, dataset_output_lens, mock_fields=is_mock, pinner=pinner, media=media
     )
     sizing = size_engine(cfg, first, targets, is_mock)
     mode = workload.info.get("mode", cfg.workload.mode)

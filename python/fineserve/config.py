@@ -99,6 +99,54 @@ class ParametricConfig:
 
 
 @dataclass(frozen=True)
+class MediaMixConfig:
+    """Synthetic media per request (``--mm-images-per-request`` with ``--mm-image-tokens``,
+    likewise audio and video): counts and per-item token budgets as distributions
+    (:mod:`fineserve.media.dist`). ServeGen's multimodal pools bring their own."""
+
+    images_per_request: str | None = None
+    image_tokens: str | None = None
+    audio_per_request: str | None = None
+    audio_tokens: str | None = None
+    videos_per_request: str | None = None
+    video_tokens: str | None = None
+
+    def spec(self, modality: str) -> tuple[str | None, str | None]:
+        """(count, tokens) of one modality."""
+        if modality == "image":
+            return self.images_per_request, self.image_tokens
+        if modality == "audio":
+            return self.audio_per_request, self.audio_tokens
+        return self.videos_per_request, self.video_tokens
+
+    @property
+    def active(self) -> bool:
+        return any(self.spec(m)[0] is not None for m in ("image", "audio", "video"))
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> MediaMixConfig:
+        cfg = cls(
+            **{
+                f.name: (str(p[f"mm_{f.name}"]) if p.get(f"mm_{f.name}") is not None else None)
+                for f in dataclasses.fields(cls)
+            }
+        )
+        for m, (count_opt, tokens_opt) in {
+            "image": ("--mm-images-per-request", "--mm-image-tokens"),
+            "audio": ("--mm-audio-per-request", "--mm-audio-tokens"),
+            "video": ("--mm-videos-per-request", "--mm-video-tokens"),
+        }.items():
+            count, tokens = cfg.spec(m)
+            if (count is None) != (tokens is None):
+                raise FineserveError(f"{count_opt} and {tokens_opt} go together")
+        if cfg.active:
+            from .media.mix import MediaSampler
+
+            MediaSampler(cfg)  # validates the distributions, before any server starts
+        return cfg
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """What to send and when: ``generate`` and ``blast`` share it."""
 
@@ -122,6 +170,7 @@ class WorkloadConfig:
     servegen_clients: tuple[int, ...] | None = None
     burstgpt_params: Path | None = None
     rate_scale: float | None = None
+    media: MediaMixConfig = field(default_factory=MediaMixConfig)
     #: The workload options the command line set (a schedule refuses those it cannot apply;
     #: an explicit --start is kept even when idle).
     given: frozenset[str] = frozenset()
@@ -180,6 +229,7 @@ class WorkloadConfig:
             servegen_pool=_path(p.get("servegen_pool")),
             servegen_clients=clients,
             burstgpt_params=_path(p.get("burstgpt_params")),
+            media=MediaMixConfig.from_params(p),
             given=given,
             **_given(
                 p,
@@ -253,6 +303,37 @@ class PromptConfig:
 
 #: Where ``--dp-rank-policy`` takes each request's rank from.
 DP_RANK_POLICIES = ("round-robin", "by-class", "by-session")
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """How a multimodal schedule's media is made and sent (:mod:`fineserve.media`)."""
+
+    #: Whose processor sizes images (None: from --mm-processor/--tokenizer, else qwen2-vl).
+    model_family: str | None = None
+    processor: Path | None = None
+    image_format: str = "png"
+    content: str = "gradient"
+    reuse: float = 0.0
+    url_base: str | None = None
+    media_dir: Path | None = None
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> MediaConfig:
+        cfg = cls(
+            model_family=p.get("mm_model_family") or None,
+            processor=_path(p.get("mm_processor")),
+            url_base=p.get("mm_url_base") or None,
+            media_dir=_path(p.get("mm_dir")),
+            **_given(p, image_format="mm_format", content="mm_content", reuse="mm_reuse"),
+        )
+        if cfg.media_dir is not None and cfg.url_base is None:
+            raise FineserveError("--mm-dir goes with --mm-url-base")
+        if cfg.url_base is not None and not cfg.url_base.startswith(("http://", "https://")):
+            raise FineserveError(f"--mm-url-base must be an http(s) URL, got {cfg.url_base!r}")
+        if cfg.model_family is not None and cfg.processor is not None:
+            raise FineserveError("--mm-model-family and --mm-processor: give one")
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -722,6 +803,7 @@ class BlastConfig:
 
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -739,6 +821,7 @@ class BlastConfig:
         return cls(
             workload=WorkloadConfig.from_params(p, given),
             prompts=PromptConfig.from_params(p),
+            media=MediaConfig.from_params(p),
             target=TargetConfig.from_params(p),
             engine=EngineConfig.from_params(p),
             metrics=MetricsConfig.from_params(p),

@@ -7,6 +7,9 @@ which drifts); ``input_len``/``output_len`` are token counts. Optional columns r
 a request follows, -1 for none; ``think_ns``: how long after that turn ends it leaves;
 ``followers``: how many later requests follow it), and prefix blocks as ``hash_ids`` with
 ``hash_offsets`` (request i's block ids are ``hash_ids[hash_offsets[i]:hash_offsets[i+1]]``).
+Multimodal requests carry list columns in ``lists`` (:data:`LIST_COLUMNS`): per request one
+token budget per image, audio clip or video, as (values, offsets) like ``hash_ids``; an
+empty list when it has none. ``input_len`` is then the text part alone.
 
 Long schedules travel as an iterator of chunks (consecutive pieces of one schedule, send
 offsets continuing across chunks), so nothing holds a whole day of requests at once.
@@ -39,6 +42,12 @@ EXTRA_COLUMNS: dict[str, str] = {
     "followers": "int64",
 }
 
+#: Per-request list columns (one entry per media item: its token budget).
+LIST_COLUMNS = ("image_tokens", "audio_tokens", "video_tokens")
+
+#: A list column: row i's values are ``values[offsets[i]:offsets[i+1]]``.
+Ragged = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+
 
 @dataclass
 class Schedule:
@@ -48,6 +57,8 @@ class Schedule:
     extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     hash_ids: npt.NDArray[np.int64] | None = None
     hash_offsets: npt.NDArray[np.int64] | None = None
+    #: Media token budgets per item (:data:`LIST_COLUMNS`); absent for text-only schedules.
+    lists: dict[str, Ragged] = field(default_factory=dict)
     #: Off only for an intermediate that is re-ordered right after (see merge_sorted).
     check_order: bool = field(default=True, repr=False, compare=False)
 
@@ -67,6 +78,11 @@ class Schedule:
             raise FineserveError("hash_ids and hash_offsets go together")
         if self.hash_offsets is not None and len(self.hash_offsets) != n + 1:
             raise FineserveError("hash_offsets must have one entry more than the schedule")
+        for name, (values, offsets) in self.lists.items():
+            if name not in LIST_COLUMNS:
+                raise FineserveError(f"unknown schedule list column {name!r}")
+            if len(offsets) != n + 1 or (n and int(offsets[-1]) != len(values)):
+                raise FineserveError(f"schedule list column {name!r} has a different length")
         if n and np.any(self.t_ns < 0):
             raise FineserveError("schedule send times must be non-negative")
         if n and self.check_order and np.any(np.diff(self.t_ns) < 0):
@@ -101,7 +117,23 @@ class Schedule:
             {k: v[idx] for k, v in self.extra.items()},
             hash_ids,
             hash_offsets,
+            {k: take_ragged(v, off, idx) for k, (v, off) in self.lists.items()},
         )
+
+    def media_counts(self, name: str) -> npt.NDArray[np.int64]:
+        """Items per request in list column ``name`` (zeros when the schedule has none)."""
+        if name not in self.lists:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.diff(self.lists[name][1]).astype(np.int64)
+
+    def media_sums(self, name: str) -> npt.NDArray[np.int64]:
+        """Token budget per request over the items of list column ``name``."""
+        if name not in self.lists:
+            return np.zeros(len(self), dtype=np.int64)
+        values, offsets = self.lists[name]
+        cums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+        sums: npt.NDArray[np.int64] = (cums[offsets[1:]] - cums[offsets[:-1]]).astype(np.int64)
+        return sums
 
 
 def empty_schedule() -> Schedule:
@@ -119,6 +151,9 @@ def concat(parts: list[Schedule], *, check_order: bool = True) -> Schedule:
     names = set(parts[0].extra)
     if any(set(p.extra) != names for p in parts):
         raise FineserveError("cannot join schedules with different optional columns")
+    list_names = set(parts[0].lists)
+    if any(set(p.lists) != list_names for p in parts):
+        raise FineserveError("cannot join schedules with different media columns")
     blocks = [
         (p.hash_ids, p.hash_offsets)
         for p in parts
@@ -137,6 +172,13 @@ def concat(parts: list[Schedule], *, check_order: bool = True) -> Schedule:
         {k: np.concatenate([p.extra[k] for p in parts]) for k in names},
         hash_ids,
         hash_offsets,
+        {
+            k: (
+                np.concatenate([p.lists[k][0] for p in parts]).astype(np.int64),
+                offsets_from_counts(np.concatenate([np.diff(p.lists[k][1]) for p in parts])),
+            )
+            for k in list_names
+        },
         check_order=check_order,
     )
 
@@ -175,6 +217,8 @@ class ScheduleStats:
     last_t_ns: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    #: Per list column: (items, token budget) summed.
+    media: dict[str, list[int]] = field(default_factory=dict)
     _win_n: dict[int, int] = field(default_factory=dict)
     _win_sum: dict[int, float] = field(default_factory=dict)
     _win_sq: dict[int, float] = field(default_factory=dict)
@@ -195,6 +239,10 @@ class ScheduleStats:
         self.last_t_ns = int(t[-1])
         self.input_tokens += int(s.input_len.sum())
         self.output_tokens += int(s.output_len.sum())
+        for name, (values, offsets) in s.lists.items():
+            items_tokens = self.media.setdefault(name, [0, 0])
+            items_tokens[0] += int(offsets[-1] - offsets[0])
+            items_tokens[1] += int(values.sum())
         self._digest.add(s)
         if s.hash_ids is not None and s.hash_offsets is not None:
             from .prompts.prefix import PrefixHitCounter
@@ -260,6 +308,11 @@ class ScheduleStats:
             "slot_ms": self.slot_ns / 1e6,
             "digest": self._digest.hexdigest(),
             "prefix_hit_rate_theoretical": self._prefix.rate if self._prefix else None,
+            **{
+                f"total_{name.removesuffix('_tokens')}_{what}": v
+                for name, (items, tokens) in sorted(self.media.items())
+                for what, v in (("items", items), ("tokens", tokens))
+            },
         }
 
 
@@ -322,6 +375,10 @@ def _to_arrow(s: Schedule) -> Any:
     if s.hash_ids is not None and s.hash_offsets is not None:
         cols["hash_ids"] = pa.ListArray.from_arrays(
             pa.array(s.hash_offsets.astype(np.int32)), pa.array(s.hash_ids)
+        )
+    for name, (values, offsets) in s.lists.items():
+        cols[name] = pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64())
         )
     return pa.table(cols)
 
@@ -475,6 +532,13 @@ def _from_arrow(batch: Any) -> Schedule:
         hash_offsets = lst.offsets.to_numpy().astype(np.int64)
         hash_ids = lst.values.to_numpy().astype(np.int64)[hash_offsets[0] : hash_offsets[-1]]
         hash_offsets = hash_offsets - hash_offsets[0]
+    lists = {}
+    for name in LIST_COLUMNS:
+        if name in col:
+            lst = col[name]
+            offsets = lst.offsets.to_numpy().astype(np.int64)
+            values = lst.values.to_numpy().astype(np.int64)[offsets[0] : offsets[-1]]
+            lists[name] = (values, offsets - offsets[0])
     return Schedule(
         col["t_ns"].to_numpy(),
         col["input_len"].to_numpy(),
@@ -482,4 +546,5 @@ def _from_arrow(batch: Any) -> Schedule:
         extra,
         hash_ids,
         hash_offsets,
+        lists,
     )

@@ -368,7 +368,10 @@ def format_schedule_summary(s: dict[str, Any], info: dict[str, Any]) -> str:
     row("Requests:", s["requests"])
     row("Span (s):", f"{s['span_s']:.3f}")
     row("Mean rate (req/s):", f"{s['mean_rate_rps']:.2f}")
-    row("Total input tokens:", s["total_input_tokens"])
+    media = [m for m in ("image", "audio", "video") if f"total_{m}_items" in s]
+    row("Total input tokens:" if not media else "Total text tokens:", s["total_input_tokens"])
+    for m in media:
+        row(f"Total {m} items / tokens:", f"{s[f'total_{m}_items']} / {s[f'total_{m}_tokens']}")
     row("Total output tokens:", s["total_output_tokens"])
     windows = s["windows"]
     if windows:

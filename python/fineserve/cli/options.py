@@ -15,6 +15,7 @@ from ..config import (
     RAY_PLACEMENTS,
     EngineConfig,
     LengthConfig,
+    MediaConfig,
     MetricsConfig,
     MockConfig,
     ParametricConfig,
@@ -29,6 +30,7 @@ from ..config import (
     WorkloadConfig,
     default_of,
 )
+from ..media.budget import IMAGE_FAMILIES
 from ..workloads.spec import MODES
 from .params import (
     NON_NEGATIVE,
@@ -353,6 +355,30 @@ _PARAMETRIC_OPTIONS: list[Any] = [
     ),
 ]
 
+#: Synthetic media per request (MediaMixConfig).
+_MEDIA_MIX_OPTIONS: list[Any] = [
+    click.option(
+        "--mm-images-per-request",
+        metavar="N|DIST",
+        help="Images per request (any mode but a multimodal ServeGen pool, which has its "
+        "own): a number, uniform:LO,HI, choice:A,B, pdf:V=P,V=P, poisson:MEAN.",
+    ),
+    click.option(
+        "--mm-image-tokens",
+        metavar="T|DIST",
+        help="Token budget per image (same forms; each image is sized so that the model "
+        "family's processor makes that many tokens of it).",
+    ),
+    click.option("--mm-audio-per-request", metavar="N|DIST", help="Audio clips per request."),
+    click.option("--mm-audio-tokens", metavar="T|DIST", help="Token budget per audio clip."),
+    click.option(
+        "--mm-videos-per-request",
+        metavar="N|DIST",
+        help="Videos per request (scheduled and counted; sending video is not supported yet).",
+    ),
+    click.option("--mm-video-tokens", metavar="T|DIST", help="Token budget per video."),
+]
+
 #: ServeGen and BurstGPT.
 _SERVEGEN_BURSTGPT_OPTIONS: list[Any] = [
     click.option(
@@ -423,6 +449,57 @@ _TARGET_OPTIONS: list[Any] = [
 ]
 
 #: Prompts (PromptConfig).
+#: How media is made and sent (MediaConfig).
+_MEDIA_OPTIONS: list[Any] = [
+    click.option(
+        "--mm-model-family",
+        type=click.Choice(IMAGE_FAMILIES),
+        help="Whose processor sizes images to their token budgets (default: from "
+        "--mm-processor's or --tokenizer's config.json, else qwen2-vl).",
+    ),
+    click.option(
+        "--mm-processor",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="A local Hugging Face processor directory whose image processor counts the "
+        "tokens (Qwen-VL-style processors that report an image grid), offline.",
+    ),
+    click.option(
+        "--mm-format",
+        type=click.Choice(["png", "jpeg"]),
+        default=default_of(MediaConfig, "image_format"),
+        show_default=True,
+        help="Image encoding (png is spliced from cached bases: fast; jpeg is encoded "
+        "per image with Pillow: slower).",
+    ),
+    click.option(
+        "--mm-content",
+        type=click.Choice(["gradient", "noise"]),
+        default=default_of(MediaConfig, "content"),
+        show_default=True,
+        help="Image pixels: gradient (small bodies) or noise (bodies as large as raw "
+        "pixels); each image carries its own tag either way.",
+    ),
+    click.option(
+        "--mm-reuse",
+        type=Number(min=0, max=1),
+        default=default_of(MediaConfig, "reuse"),
+        show_default=True,
+        help="Probability that an image repeats an earlier one of the same size (to "
+        "study the server's multimodal cache); otherwise every image is distinct.",
+    ),
+    click.option(
+        "--mm-url-base",
+        metavar="URL",
+        help="Send media as URLs under this base instead of data: URIs; the files are "
+        "written to --mm-dir for you to serve there.",
+    ),
+    click.option(
+        "--mm-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where --mm-url-base's files are written (default: ./fineserve-media).",
+    ),
+]
+
 _PROMPT_OPTIONS: list[Any] = [
     click.option(
         "--tokenizer",
@@ -819,6 +896,7 @@ def workload_options(f: Any) -> Any:
             *_TRACE_OPTIONS,
             *_PARAMETRIC_OPTIONS,
             *_SERVEGEN_BURSTGPT_OPTIONS,
+            *_MEDIA_MIX_OPTIONS,
         ],
     )
 
@@ -853,6 +931,7 @@ def blast_options(f: Any) -> Any:
             *_TARGET_OPTIONS,
             *_TRANSPORT_OPTIONS,
             *_PROMPT_OPTIONS,
+            *_MEDIA_OPTIONS,
             *_OUTPUT_OPTIONS,
             *_METRICS_OPTIONS,
             *_SERVER_METRICS_OPTIONS,

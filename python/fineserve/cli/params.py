@@ -96,6 +96,14 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "stop_on_ttft_p99_ms", "stop_on_lag_ms", "stop_window",
         ),
     ),
+    (
+        "Multimodal",
+        (
+            "mm_images_per_request", "mm_image_tokens", "mm_audio_per_request",
+            "mm_audio_tokens", "mm_videos_per_request", "mm_video_tokens", "mm_model_family",
+            "mm_processor", "mm_format", "mm_content", "mm_reuse", "mm_url_base", "mm_dir",
+        ),
+    ),
     ("Embedded mock (used when no server is given)", ()),
     ("Distributed", ("processes", "ray", "workers", "ray_placement")),
 )  # fmt: skip

@@ -58,7 +58,7 @@ from .windows import WindowStats, add_counts
 
 #: Labels the metrics are broken down by, where the records have them: the schedule's
 #: class, the endpoint, the model (class models, LoRA adapters), the data-parallel rank.
-BREAKDOWNS = ("class", "endpoint", "model", "dp_rank")
+BREAKDOWNS = ("class", "endpoint", "model", "dp_rank", "image_count")
 
 _NS_PER_MS = 1e6
 
@@ -193,6 +193,9 @@ class MetricsAccumulator:
         self.total_reasoning = self.reasoning_requests = 0
         self.cached_tokens = self.cached_prompt_tokens = self.cached_reported = 0
         self.usage_ignored = 0
+        #: Multimodal runs: media totals over completed requests, and the server's prompt
+        #: tokens against text + media budget where it reported them (None: text only).
+        self.media: dict[str, int] | None = None
         #: Σ reason_ratio × output tokens and Σ output tokens of requests that carry a
         #: scheduled reasoning ratio (ServeGen's reasoning pools).
         self.scheduled_reasoning = 0.0
@@ -439,6 +442,50 @@ class MetricsAccumulator:
             good &= tpot <= self.slos["tpot"] * _NS_PER_MS
         return int(good.sum())
 
+    def add_media(self, columns: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        """Media totals of a batch's completed requests (``extra``: the media record
+        columns, :data:`~fineserve.media.requests.MEDIA_RECORD_COLUMNS`)."""
+        if self.media is None:
+            self.media = {}
+        ok = np.asarray(columns["error_kind"]) == 0
+        for m in ("image", "audio"):
+            for col, key in (
+                (f"{m}_count", f"total_{m}_count"),
+                (f"{m}_tokens", f"total_{m}_tokens"),
+                (f"{m}_tokens_scheduled", f"total_{m}_tokens_scheduled"),
+                (f"{m}_bytes", f"total_{m}_bytes"),
+            ):
+                if col in extra:
+                    self.media[key] = self.media.get(key, 0) + int(np.asarray(extra[col])[ok].sum())
+        prompt = np.asarray(columns["prompt_tokens"]).astype(np.int64)
+        rep = ok & (prompt >= 0)
+        budget = np.asarray(extra["input_len"]).astype(np.int64)
+        for col in ("image_tokens", "audio_tokens"):
+            if col in extra:
+                budget = budget + np.asarray(extra[col]).astype(np.int64)
+        self.media["prompt_tokens_reported_requests"] = self.media.get(
+            "prompt_tokens_reported_requests", 0
+        ) + int(rep.sum())
+        self.media["prompt_tokens_server"] = self.media.get("prompt_tokens_server", 0) + int(
+            prompt[rep].sum()
+        )
+        self.media["prompt_tokens_budget"] = self.media.get("prompt_tokens_budget", 0) + int(
+            budget[rep].sum()
+        )
+
+    def _media_result(self) -> dict[str, Any]:
+        if self.media is None:
+            return {}
+        m: dict[str, Any] = dict(self.media)
+        m["total_text_tokens"] = self.total_input
+        server, budget = m["prompt_tokens_server"], m["prompt_tokens_budget"]
+        # > 1: the server counts more than text + media budget (chat template tokens,
+        # vision start/end markers); per request the difference is the mean of that.
+        m["prompt_tokens_server_over_budget"] = server / budget if budget else None
+        n = m["prompt_tokens_reported_requests"]
+        m["mean_prompt_tokens_server_minus_budget"] = (server - budget) / n if n else None
+        return m
+
     def _add_groups(
         self,
         columns: Mapping[str, Any],
@@ -522,6 +569,7 @@ class MetricsAccumulator:
         m.update(_stats(self.e2e_sched, "e2el_from_scheduled"))
         m.update(self._peaks())
         m.update(self._reasoning_result())
+        m.update(self._media_result())
         # vLLM writes request_goodput: null when no --goodput was given.
         m["request_goodput"] = per_s(self.good) if self.slos else None
         if self.slos:

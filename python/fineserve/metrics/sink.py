@@ -67,6 +67,8 @@ class MetricsSink(RecordSink):
         if "_slot_size" in extra and "_slot_edge" in extra:
             burst = (extra["_slot_size"], extra["_slot_edge"])
         self.acc.add(columns, extra["input_len"], labels, burst, extra.get("reason_ratio"))
+        if "image_count" in extra:
+            self.acc.add_media(columns, extra)
         if self.times is not None:
             self._timed += len(columns["sent_ns"])
             if self._timed > MAX_TIMED_REQUESTS:

@@ -12,6 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ..api import BodyTemplate
+from ..errors import FineserveError
+from ..media.requests import MediaRequests
 from ..metrics.fidelity import slot_sizes
 from ..prompts import PrefixHitCounter, SyntheticPromptBuilder, TokenizedPromptBuilder
 from ..routing import Deployment
@@ -41,6 +43,8 @@ class RequestShapes:
     mock_fields: bool = False
     #: Session and data-parallel-rank headers, LoRA adapters (None: none).
     pinner: Pinner | None = None
+    #: A multimodal schedule's media as content parts (None: text only).
+    media: MediaRequests | None = None
 
     @classmethod
     def for_targets(
@@ -51,6 +55,7 @@ class RequestShapes:
         *,
         mock_fields: bool = False,
         pinner: Pinner | None = None,
+        media: MediaRequests | None = None,
     ) -> RequestShapes:
         """The shapes for resolved :class:`~fineserve.targets.Targets`."""
         return cls(
@@ -62,6 +67,7 @@ class RequestShapes:
             output_lens,
             mock_fields=mock_fields,
             pinner=pinner if pinner is not None and pinner.active else None,
+            media=media,
         )
 
 
@@ -111,10 +117,19 @@ def engine_chunks(
         if pins is not None and pins.models is not None:
             models = pins.models
         fields = mock_fields(c, shapes.builder.block_size) if shapes.mock_fields else None
+        media = None
+        if c.lists:
+            if shapes.media is None:
+                raise FineserveError("a chunk of the schedule has media, its first chunk none")
+            media = shapes.media.build(c)
         bodies = [
-            shapes.templates[m].render(p, int(t), f)
-            for p, m, t, f in zip(
-                prompts, models.tolist(), c.output_len.tolist(), fields or [""] * n
+            shapes.templates[m].render(p, int(t), f, mp)
+            for p, m, t, f, mp in zip(
+                prompts,
+                models.tolist(),
+                c.output_len.tolist(),
+                fields or [""] * n,
+                media.parts if media is not None else [""] * n,
             )
         ]
         slot_size, slot_edge = slot_sizes(c.t_ns)
@@ -126,6 +141,8 @@ def engine_chunks(
             "_slot_edge": slot_edge,
             **{k: v for k, v in c.extra.items() if k in LABEL_COLUMNS},
         }
+        if media is not None:
+            extra.update(media.columns)
         if len(shapes.templates) > 1:
             extra["model"] = models
         if pins is not None:

@@ -13,7 +13,11 @@ start, per field a PDF ``"{value: prob, ...}"``). Generation, per trace window:
 - lengths are drawn from the client's PDFs of the dataset window in force (the latest
   dataset window starting at or before the trace window): ``input_tokens`` (language
   pools) or ``text_tokens`` (multimodal pools), ``output_tokens``; ``reason_ratio``, when
-  the client has it, rides along as a column.
+  the client has it, rides along as a column;
+- in multimodal pools (``image_count``/``image_tokens``, likewise audio and video), each
+  request's item count per modality and each item's token budget, drawn from the same
+  window's PDFs (as ServeGen's ``construct.py``): the token PDF conditioned on a
+  positive budget, since an item exists only when its count says so.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ class Pdf:
 
     def sample(self, n: int, rng: np.random.Generator) -> npt.NDArray[np.float64]:
         return self.values[np.searchsorted(self.cdf, rng.random(n) * float(self.cdf[-1]), "right")]
+
+    def positive(self) -> Pdf | None:
+        """The PDF conditioned on values >= 1 (None: no mass there)."""
+        probs = np.diff(np.concatenate([[0.0], self.cdf]))
+        keep = (self.values >= 1) & (probs > 0)
+        if not keep.any():
+            return None
+        return Pdf(self.values[keep], np.cumsum(probs[keep]))
+
+    @property
+    def max_positive(self) -> float:
+        probs = np.diff(np.concatenate([[0.0], self.cdf]))
+        return float(self.values[probs > 0].max())
+
+
+#: Multimodal pools' fields: per modality (count PDF, per-item token PDF).
+MEDIA_FIELDS = {m: (f"{m}_count", f"{m}_tokens") for m in ("image", "audio", "video")}
 
 
 @dataclass
@@ -129,6 +150,16 @@ class ClientPool:
         ]
 
     @property
+    def multimodal(self) -> bool:
+        """Some client has a media count PDF (a ``multimodal/`` pool)."""
+        return any(
+            count in d
+            for c in self.clients
+            for d in c.dataset
+            for count, _ in MEDIA_FIELDS.values()
+        )
+
+    @property
     def span_s(self) -> float:
         return max(float(c.start_s[-1]) for c in self.clients) + self.window_s
 
@@ -204,6 +235,18 @@ def _load_client(i: int, trace_path: Path) -> Client:
         client.dataset = [
             {field: _parse_pdf(ds_path, v) for field, v in raw[s].items()} for s in starts
         ]
+        for start, window in zip(starts, client.dataset):
+            for m, (count, tokens) in MEDIA_FIELDS.items():
+                pc, pt = window.get(count), window.get(tokens)
+                if (
+                    pc is not None
+                    and pc.max_positive >= 1
+                    and (pt is None or pt.positive() is None)
+                ):
+                    raise FineserveError(
+                        f"{ds_path}: window {start}: {count} has requests with {m}s but "
+                        f"{tokens} has no positive budget"
+                    )
     return client
 
 
@@ -263,7 +306,10 @@ def servegen_chunks(
             arrivals = _renewal(t, w_end, rate, c.pattern[k], c.shape[k], rng)
             if not len(arrivals):
                 continue
-            parts.append(_with_lengths(c, arrivals, t, rng, default_input_len, default_output_len))
+            part = _with_lengths(c, arrivals, t, rng, default_input_len, default_output_len)
+            if pool.multimodal:
+                part.lists = _media_lists(c, len(part), t, rng)
+            parts.append(part)
         merged = merge_sorted(parts)
         if len(merged):
             offset_ns = round(start_s * 1e9 / time_scale)
@@ -296,6 +342,33 @@ def _renewal(
         if t >= b:
             break
     return np.concatenate(out)
+
+
+def _media_lists(
+    c: Client, n: int, window_start: float, rng: np.random.Generator
+) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """Per modality, each request's item count and each item's token budget."""
+    from ..ragged import offsets_from_counts
+
+    out = {}
+    for m, (count, tokens) in MEDIA_FIELDS.items():
+        pc = c.pdf_at(window_start, count)
+        counts = np.zeros(n, dtype=np.int64)
+        values = np.zeros(0, dtype=np.int64)
+        if pc is not None:
+            counts = np.maximum(np.rint(pc.sample(n, rng)), 0).astype(np.int64)
+            total = int(counts.sum())
+            if total:
+                pt = c.pdf_at(window_start, tokens)
+                positive = pt.positive() if pt is not None else None
+                if positive is None:  # another window's count PDF with this one's tokens
+                    raise FineserveError(
+                        f"client {c.client_id}: {count} at {window_start:g} s has {m}s but "
+                        f"{tokens} has no positive budget"
+                    )
+                values = np.maximum(np.rint(positive.sample(total, rng)), 1).astype(np.int64)
+        out[f"{m}_tokens"] = (values, offsets_from_counts(counts))
+    return out
 
 
 def _with_lengths(

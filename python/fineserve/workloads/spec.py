@@ -128,7 +128,26 @@ def build_workload(cfg: WorkloadConfig) -> Workload:
     if cfg.mode not in builders:
         raise FineserveError(f"unknown --mode {cfg.mode!r}; choose from {', '.join(MODES)}")
     info: dict[str, Any] = {"mode": cfg.mode, "seed": cfg.seed}
-    return builders[cfg.mode](cfg, np.random.default_rng(cfg.seed), info, [])
+    workload = builders[cfg.mode](cfg, np.random.default_rng(cfg.seed), info, [])
+    if cfg.media.active:
+        if info.get("multimodal"):
+            raise FineserveError(
+                "--mm-*-per-request: the ServeGen pool already gives each request its media"
+            )
+        from ..media.mix import MediaSampler, with_media
+
+        sampler = MediaSampler(cfg.media)
+        # A stream of its own: arrivals and lengths stay those of the text-only workload.
+        rng = np.random.default_rng([cfg.seed, 0x6D6D])
+        workload.chunks = with_media(workload.chunks, sampler, rng)
+        info["multimodal"] = True
+        info["media"] = {
+            m: {"per_request": count, "tokens": tokens}
+            for m in ("image", "audio", "video")
+            for count, tokens in [cfg.media.spec(m)]
+            if count is not None
+        }
+    return workload
 
 
 def _poisson(
@@ -221,6 +240,8 @@ def _servegen(
             f"{lengths.random_input_len} (clients {no_input or 'none'}) and "
             f"--random-output-len {lengths.random_output_len} (clients {no_output or 'none'})"
         )
+    if pool.multimodal:
+        info["multimodal"] = True
     info.update(
         servegen_pool=str(pool.path),
         clients=[c.client_id for c in pool.clients],
@@ -296,6 +317,8 @@ def _schedule_file(cfg: WorkloadConfig) -> Workload:
     )
     f = open_schedule(cfg.schedule, part)
     info: dict[str, Any] = {"mode": "schedule", "schedule": str(cfg.schedule)}
+    if f.meta.get("multimodal") or f.meta.get("workload", {}).get("multimodal"):
+        info["multimodal"] = True
     if not part.whole:
         info["slice"] = dataclasses.asdict(part)
     info["generated_by"] = f.meta
