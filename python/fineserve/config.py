@@ -643,11 +643,15 @@ class MockConfig:
     tls: bool = False
     #: MockServer's fault keyword arguments (faults, stall_ms, ...).
     faults: Mapping[str, Any] = field(default_factory=dict)
+    #: Pixels per image-token side when the mock counts chat images: 28 (Qwen2-VL), or 32
+    #: when the run sizes images for Qwen3-VL.
+    image_token_side: int = 28
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any]) -> MockConfig:
         return cls(
             faults=mock_fault_kwargs(p, "--mock-fault") if "faults" in p else {},
+            image_token_side=32 if p.get("mm_model_family") == "qwen3-vl" else 28,
             **_given(
                 p,
                 ttft_ms="mock_ttft_ms",

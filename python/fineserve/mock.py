@@ -88,6 +88,11 @@ class MockServer:
     ``cached_tokens`` = the tokens of the leading blocks the mock had seen, at most the
     prompt's. A malformed value is an HTTP 400.
 
+    Chat requests' media count as prompt tokens (usage, and ``ttft_per_prompt_token_ms``):
+    each ``data:`` image from its header's pixel size under Qwen2-VL's rule
+    (``image_token_side`` 28; 32 for Qwen3-VL), each ``input_audio`` WAV at one token per
+    40 ms; media given by URL are not fetched and count 0. Unreadable media are an HTTP 400.
+
     ``tls=True`` serves HTTPS with a certificate signed by a CA made at start
     (:attr:`ca_pem`, :attr:`ca_file`); :attr:`base_url` is then ``https://``.
     """

@@ -93,6 +93,21 @@ def _summary_totals(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> Non
     t.row("Failed requests:", m["failed"])
     t.row("Benchmark duration (s):", m["duration"], ".2f")
     t.row("Total input tokens:", m["total_input_tokens"])
+    if "total_image_count" in m:  # a multimodal run: input tokens are its text part
+        t.row("  of which text (budget):", m["total_text_tokens"])
+        for kind in ("image", "audio"):
+            if m.get(f"total_{kind}_count"):
+                t.row(
+                    f"Total {kind} items / tokens:",
+                    f"{m[f'total_{kind}_count']} / {m[f'total_{kind}_tokens']} "
+                    f"({m[f'total_{kind}_bytes'] / 1e6:.1f} MB)",
+                )
+        if m.get("prompt_tokens_server_over_budget") is not None:
+            t.row(
+                "Server prompt tokens / text+media:",
+                f"{m['prompt_tokens_server_over_budget']:.3f} "
+                f"({m['mean_prompt_tokens_server_minus_budget']:+.1f} per request)",
+            )
     t.row("Total generated tokens:", m["total_output_tokens"])
     t.row("Request throughput (req/s):", m["request_throughput"], ".2f")
     t.row("Input token throughput (tok/s):", m["input_throughput"], ".2f")

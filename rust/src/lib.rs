@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod mock;
+pub mod mock_media;
 pub mod mock_metrics;
 pub mod records;
 mod recv_stamp;

@@ -42,6 +42,7 @@ use tokio::net::TcpSocket;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::EngineError;
+use crate::mock_media::{count_media, ImageRule};
 use crate::mock_metrics::{Gauges, ServingCounters};
 use crate::recv_stamp;
 
@@ -78,6 +79,9 @@ pub struct MockConfig {
     pub tool_calls: f64,
     /// Capacity in blocks of the prefix-cache LRU behind `cached_tokens` (0: none cached).
     pub cache_blocks: usize,
+    /// Pixels per image-token side when counting chat images (28: Qwen2-VL; 32: Qwen3-VL);
+    /// image and audio tokens join the prompt tokens (usage and the per-token TTFT).
+    pub image_token_side: u32,
     /// Serve HTTPS with a certificate signed by a CA made at start
     /// ([`MockServer::ca_pem`]).
     pub tls: bool,
@@ -250,6 +254,7 @@ impl Default for MockConfig {
             reasoning_field: ReasoningField::Reasoning,
             tool_calls: 0.0,
             cache_blocks: 100_000,
+            image_token_side: 28,
             tls: false,
         }
     }
@@ -676,7 +681,16 @@ async fn handle(
         .pointer("/stream_options/include_usage")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let prompt_tokens = count_prompt_tokens(&parsed, api);
+    let mut prompt_tokens = count_prompt_tokens(&parsed, api);
+    if api == Api::Chat {
+        match count_media(&parsed, &ImageRule::for_side(cfg.image_token_side)) {
+            Ok(m) => prompt_tokens += m.image_tokens + m.audio_tokens,
+            Err(msg) => {
+                stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return Ok(error_response(StatusCode::BAD_REQUEST, &msg));
+            }
+        }
+    }
     let shape = match RequestShape::parse(&parsed, &cfg) {
         Ok(s) => s,
         Err(msg) => {

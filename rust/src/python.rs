@@ -383,7 +383,7 @@ impl PyMockServer {
         stall_ms = 30_000.0, first_byte_delay_ms = 30_000.0, retry_after_s = 1,
         record_token_times = false, record_arrivals = false, reasoning_ratio = 0.0,
         reasoning_field = "reasoning".to_owned(), tool_calls = 0.0, cache_blocks = 100_000,
-        tls = false,
+        tls = false, image_token_side = 28,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -408,6 +408,7 @@ impl PyMockServer {
         tool_calls: f64,
         cache_blocks: usize,
         tls: bool,
+        image_token_side: u32,
     ) -> PyResult<Self> {
         let ms = |name: &str, v: f64| -> PyResult<Duration> {
             if v.is_finite() && v >= 0.0 {
@@ -459,6 +460,7 @@ impl PyMockServer {
             tool_calls,
             cache_blocks,
             tls,
+            image_token_side: if image_token_side == 32 { 32 } else { 28 },
         };
         let server = MockServer::start(&host, port, cfg)?;
         let addr = server.addr();

@@ -80,6 +80,13 @@ def generate_command(output: Path, summary_json: Path | None, **params: Any) -> 
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server threads."
 )
+@click.option(
+    "--mm-model-family",
+    type=click.Choice(["qwen2-vl", "qwen3-vl"]),
+    default="qwen2-vl",
+    show_default=True,
+    help="Whose rule counts chat images as prompt tokens (28 or 32 px per token side).",
+)
 @fault_options("")
 def mock_command(
     host: str,
@@ -90,6 +97,7 @@ def mock_command(
     itl_ms: float,
     itl_jitter_ms: float,
     workers: int,
+    mm_model_family: str,
     reasoning_ratio: float,
     reasoning_field: str,
     tool_calls: float,
@@ -113,6 +121,7 @@ def mock_command(
         reasoning_field=reasoning_field,
         tool_calls=tool_calls,
         tls=tls,
+        image_token_side=32 if mm_model_family == "qwen3-vl" else 28,
         **faults,
     )
     out(

@@ -80,6 +80,7 @@ def start_mock(cfg: MockConfig, ca_file: Path | None = None) -> MockServer:
         reasoning_field=cfg.reasoning_field,
         tool_calls=cfg.tool_calls,
         tls=cfg.tls,
+        image_token_side=cfg.image_token_side,
         **cfg.faults,
     )
     if ca_file is not None and mock.ca_pem is not None:
