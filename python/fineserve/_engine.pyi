@@ -157,8 +157,9 @@ class MockServer:
     ``reasoning_ratio`` streams that share of each chat/Responses answer as reasoning
     first (in ``reasoning_field``: ``"reasoning"`` or ``"reasoning_content"``);
     ``tool_calls`` is the fraction of requests answered with tool-call fragments;
-    ``cache_blocks`` bounds the prefix-block LRU behind ``cached_tokens``. See
-    ``fineserve.mock.MockServer`` for the per-request body fields."""
+    ``cache_blocks`` bounds the prefix-block LRU behind ``cached_tokens``;
+    ``image_token_side`` (28 or 32) is the pixels per token side when chat images count
+    as prompt tokens. See ``fineserve.mock.MockServer`` for the per-request body fields."""
 
     def __new__(
         cls,
@@ -184,6 +185,7 @@ class MockServer:
         tool_calls: float = 0.0,
         cache_blocks: int = 100_000,
         tls: bool = False,
+        image_token_side: int = 28,
     ) -> Self: ...
     @property
     def host(self) -> str: ...

@@ -225,10 +225,14 @@ mod tests {
         let v = serde_json::json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!!"}},
         ]}]});
-        assert!(count_media(&v, &rule).expect_err("bad media").contains("base64"));
+        assert!(count_media(&v, &rule)
+            .expect_err("bad media")
+            .contains("base64"));
         let v = serde_json::json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ="}},
         ]}]});
-        assert!(count_media(&v, &rule).expect_err("bad media").contains("image 1"));
+        assert!(count_media(&v, &rule)
+            .expect_err("bad media")
+            .contains("image 1"));
     }
 }
