@@ -300,14 +300,19 @@ def test_the_mock_counts_images_and_audio_as_prompt_tokens(tmp_path: Path) -> No
                "--request-rate", "200", "--random-input-len", "20", "--random-output-len", "3",
                "--mm-images-per-request", "choice:0,1,3", "--mm-image-tokens", "uniform:50,900",
                "--mm-audio-per-request", "choice:0,1", "--mm-audio-tokens", "40",
+               "--mm-videos-per-request", "choice:0,1", "--mm-video-tokens", "512",
                "--disable-tqdm", "--output-file", str(res))  # fmt: skip
     assert r.exit_code == 0, r.output
     m = json.loads(res.read_text())
     assert m["completed"] == 30 and m["total_image_count"] > 0 and m["total_audio_count"] > 0
+    assert m["total_video_count"] > 0
     # The mock's count (header sizes, its own Rust rule) equals text + the budgets sent.
     assert m["prompt_tokens_server"] == m["prompt_tokens_budget"]
     assert m["prompt_tokens_budget"] == (
-        m["total_input_tokens"] + m["total_image_tokens"] + m["total_audio_tokens"]
+        m["total_input_tokens"]
+        + m["total_image_tokens"]
+        + m["total_audio_tokens"]
+        + m["total_video_tokens"]
     )
     assert set(m["breakdown"]["image_count"]) <= {"0", "1", "3"}
 
@@ -340,6 +345,64 @@ def test_reuse_url_base_and_refusals(tmp_path: Path, servers: list[OpenAIServer]
     assert r.exit_code != 0 and "needs the chat completions API" in r.output
     assert "Traceback" not in r.output
     r = invoke("blast", "--backend", "openai-chat", "--num-prompts", "3",
-               "--mm-videos-per-request", "1", "--mm-video-tokens", "64",
+               "--mm-videos-per-request", "1", "--mm-video-tokens", "256",
+               "--mm-url-base", "http://media.test/x", "--mm-dir", str(media_dir),
                "--disable-tqdm")  # fmt: skip
-    assert r.exit_code != 0 and "sending video is not supported yet" in r.output
+    assert r.exit_code != 0 and "videos go as data: URIs" in r.output
+
+
+def test_videos_are_jpeg_frames_at_their_budget(
+    tmp_path: Path, servers: list[OpenAIServer]
+) -> None:
+    """Each video arrives as vLLM's ``data:video/jpeg`` (comma-joined JPEG frames): an
+    even number of frames (two a temporal patch, at most 32) whose size Qwen2-VL's video
+    rule (128–768 tokens a frame) turns into the budget."""
+    pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    server = OpenAIServer()
+    servers.append(server)
+    res = tmp_path / "res.json"
+    budgets = [256, 1000, 4096, 12288]
+    r = invoke("blast", "--base-url", server.base_url(), "--backend", "openai-chat",
+               "--num-prompts", "12", "--request-rate", "100", "--random-output-len", "2",
+               "--mm-videos-per-request", "1",
+               "--mm-video-tokens", "choice:" + ",".join(map(str, budgets)),
+               "--disable-tqdm", "--warmup-requests", "0", "--output-file", str(res))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    seen = []
+    for s in server.seen:
+        if s.method != "POST":
+            continue
+        (part,) = [p for p in s.body["messages"][-1]["content"] if p["type"] == "video_url"]
+        url = part["video_url"]["url"]
+        assert url.startswith("data:video/jpeg;base64,")
+        frames = [Image.open(io.BytesIO(base64.b64decode(f))) for f in url.split(",")[1:]]
+        assert len(frames) % 2 == 0 and len(frames) <= 32
+        assert len({f.size for f in frames}) == 1 and all(f.format == "JPEG" for f in frames)
+        w, h = frames[0].size
+        rh, rw = smart_resize(h, w, factor=28, min_pixels=128 * 784, max_pixels=768 * 784)
+        seen.append(len(frames) // 2 * (rh // 28) * (rw // 28))
+    assert len(seen) == 12 and set(seen) <= set(budgets)
+    m = json.loads(res.read_text())
+    assert m["total_video_count"] == 12 and m["total_video_tokens"] == sum(seen)
+    assert m["total_video_tokens_scheduled"] == sum(seen)
+
+
+def test_the_mocks_ttft_grows_with_media_tokens(tmp_path: Path) -> None:
+    """With a prefill cost per prompt token, a request's TTFT at the mock grows with its
+    image tokens as with its text."""
+    from fineserve import MockServer
+
+    with MockServer(ttft_ms=5, itl_ms=1, ttft_per_prompt_token_ms=0.01) as mock:
+        res = tmp_path / "res.json"
+        r = invoke("blast", "--base-url", mock.base_url, "--backend", "openai-chat",
+                   "--num-prompts", "40", "--request-rate", "100", "--random-input-len", "10",
+                   "--random-output-len", "2", "--mm-images-per-request", "choice:0,1",
+                   "--mm-image-tokens", "1000", "--disable-tqdm", "--warmup-requests", "0",
+                   "--output-file", str(res))  # fmt: skip
+        assert r.exit_code == 0, r.output
+    by_count = json.loads(res.read_text())["breakdown"]["image_count"]
+    # 1000 image tokens × 0.01 ms: 10 ms more before the first token.
+    gap_ms = by_count["1"]["median_ttft_ms"] - by_count["0"]["median_ttft_ms"]
+    assert 8 < gap_ms < 16, gap_ms  # counted once, not per message or twice

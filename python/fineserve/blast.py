@@ -289,7 +289,14 @@ def run_blast(
         raise
     metrics = _metrics(cfg, sink, prefix, run.builder, outcome, quiet)
     if run.shapes.media is not None:
-        metrics["media"] = run.shapes.media.summary()
+        metrics["media"] = media = run.shapes.media.summary()
+        if media["images_off_budget"] and not quiet:
+            warn(
+                f"{media['images_off_budget']} of {media['images_encoded']} images could not "
+                f"meet their token budget under {media['image_family']} (nearest size sent; "
+                f"up to {media['image_max_token_deviation']} tokens off): the records keep "
+                "image_tokens (sent) and image_tokens_scheduled"
+            )
     metrics.update(client_saturation(cfg, metrics, outcome.progress, sink, run.sizing))
     if metrics["client_saturated"] and not quiet:
         warn(

@@ -95,7 +95,7 @@ def _summary_totals(t: _Table, m: dict[str, Any], header: dict[str, Any]) -> Non
     t.row("Total input tokens:", m["total_input_tokens"])
     if "total_image_count" in m:  # a multimodal run: input tokens are its text part
         t.row("  of which text (budget):", m["total_text_tokens"])
-        for kind in ("image", "audio"):
+        for kind in ("image", "audio", "video"):
             if m.get(f"total_{kind}_count"):
                 t.row(
                     f"Total {kind} items / tokens:",

@@ -684,7 +684,7 @@ async fn handle(
     let mut prompt_tokens = count_prompt_tokens(&parsed, api);
     if api == Api::Chat {
         match count_media(&parsed, &ImageRule::for_side(cfg.image_token_side)) {
-            Ok(m) => prompt_tokens += m.image_tokens + m.audio_tokens,
+            Ok(m) => prompt_tokens += m.image_tokens + m.audio_tokens + m.video_tokens,
             Err(msg) => {
                 stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 return Ok(error_response(StatusCode::BAD_REQUEST, &msg));

@@ -1,6 +1,8 @@
 //! What a chat request's media cost in prompt tokens, as the mock counts them: each image
 //! from its header's pixel size under Qwen2-VL's `smart_resize` rule (one token per
-//! `side`×`side` px), each WAV clip from its length (one token per 40 ms, as Qwen2-Audio).
+//! `side`×`side` px), each WAV clip from its length (one token per 40 ms, as Qwen2-Audio),
+//! each `data:video/jpeg` video (comma-joined JPEG frames, as vLLM reads them) as two
+//! frames per temporal patch, each patch the first frame's grid (128–768 tokens a frame).
 //!
 //! Only the header bytes are base64-decoded (growing the decoded prefix until the parser
 //! has what it needs), so a 4 MB image costs microseconds. Media given by URL are not
@@ -13,6 +15,8 @@ use base64::Engine as _;
 pub struct MediaTokens {
     pub image_tokens: u64,
     pub images: u32,
+    pub video_tokens: u64,
+    pub videos: u32,
     pub audio_tokens: u64,
     pub audio_clips: u32,
     /// Media given by URL (not fetched, so not counted).
@@ -39,6 +43,16 @@ impl ImageRule {
         min_pixels: 65536,
         max_pixels: 16_777_216,
     };
+
+    /// The rule for a video's frames: the image rule's side, 128–768 tokens a frame.
+    pub fn frames(&self) -> ImageRule {
+        let per = u64::from(self.side) * u64::from(self.side);
+        ImageRule {
+            side: self.side,
+            min_pixels: 128 * per,
+            max_pixels: 768 * per,
+        }
+    }
 
     pub fn for_side(side: u32) -> ImageRule {
         if side == 32 {
@@ -107,6 +121,21 @@ fn data_payload(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("data:")?;
     let (meta, payload) = rest.split_once(',')?;
     meta.ends_with(";base64").then_some(payload)
+}
+
+fn video_tokens(url: &str, rule: &ImageRule, n: usize) -> Result<Option<u64>, String> {
+    let Some(rest) = url.strip_prefix("data:video/jpeg;base64,") else {
+        return Ok(None); // a video file or a URL: not sized here
+    };
+    let frames = rest.split(',').count() as u64;
+    let first = rest.split(',').next().unwrap_or("");
+    let size = with_prefix(first, |b| imagesize::blob_size(b).ok())?
+        .ok_or_else(|| format!("video {n}: its first frame is not an image"))?;
+    let per_patch = rule
+        .frames()
+        .tokens(size.width as u64, size.height as u64)
+        .map_err(|e| format!("video {n}: {e}"))?;
+    Ok(Some(frames.div_ceil(2) * per_patch))
 }
 
 fn image_tokens(url: &str, rule: &ImageRule, n: usize) -> Result<Option<u64>, String> {
@@ -183,7 +212,18 @@ pub fn count_media(v: &serde_json::Value, rule: &ImageRule) -> Result<MediaToken
                 out.audio_tokens += audio_tokens(data, out.audio_clips as usize + 1)?;
                 out.audio_clips += 1;
             }
-            Some("audio_url") | Some("video_url") => out.not_sized += 1,
+            Some("video_url") => {
+                let url = part
+                    .pointer("/video_url/url")
+                    .and_then(|u| u.as_str())
+                    .ok_or_else(|| format!("video {}: no video_url.url", out.videos + 1))?;
+                match video_tokens(url, rule, out.videos as usize + 1)? {
+                    Some(t) => out.video_tokens += t,
+                    None => out.not_sized += 1,
+                }
+                out.videos += 1;
+            }
+            Some("audio_url") => out.not_sized += 1,
             _ => {}
         }
     }

@@ -374,7 +374,8 @@ _MEDIA_MIX_OPTIONS: list[Any] = [
     click.option(
         "--mm-videos-per-request",
         metavar="N|DIST",
-        help="Videos per request (scheduled and counted; sending video is not supported yet).",
+        help="Videos per request (sent as JPEG frames, data:video/jpeg, sized for "
+        "Qwen2-VL's video processor).",
     ),
     click.option("--mm-video-tokens", metavar="T|DIST", help="Token budget per video."),
 ]

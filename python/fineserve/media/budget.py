@@ -15,7 +15,8 @@ search for a size that meets a budget. The rules follow the models' published pr
   image's aspect ratio with at most 12 tiles, plus a thumbnail tile when there are several.
 
 A budget no size can meet exactly gets the nearest representable count; callers record
-the deviation. Audio (``whisper-25hz``: Qwen2-Audio, Qwen2.5-Omni's audio tower): 16 kHz
+the deviation. Videos (Qwen2-VL's video processor) are JPEG frames: two frames a temporal
+patch, each frame 128–768 grid tokens, at most 32 frames (vLLM's default cap). Audio (``whisper-25hz``: Qwen2-Audio, Qwen2.5-Omni's audio tower): 16 kHz
 samples, 160-sample mel frames, two stride-2 stages: one token per 40 ms.
 """
 
@@ -345,6 +346,58 @@ class ProcessorRule:
         size = self._search.size_for(budget)
         counted = self.tokens(size.width, size.height)
         return ImageSize(size.width, size.height, counted)
+
+
+# ------------------------------------------------------------------------ video
+
+#: Qwen2-VL's video processor: frames resized within these pixels (128..768 tokens a
+#: frame), two frames per temporal patch.
+QWEN2_VL_FRAME = QwenVLRule("qwen2-vl-video", 28, 128 * 28 * 28, 768 * 28 * 28)
+TEMPORAL_PATCH = 2
+#: vLLM reads at most 32 frames of a video by default (``num_frames``).
+MAX_VIDEO_FRAMES = 32
+#: Per-frame tokens preferred when a budget can be split several ways (448×448 px).
+_FRAME_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class VideoSize:
+    """A video as JPEG frames (``data:video/jpeg``): frame count and pixel size, and the
+    tokens Qwen2-VL's video processor makes of it."""
+
+    frames: int
+    width: int
+    height: int
+    tokens: int
+
+
+def video_tokens(frames: int, width: int, height: int) -> int:
+    """Qwen2-VL: one temporal patch per two frames, each the frame's grid tokens."""
+    patches = -(-frames // TEMPORAL_PATCH)
+    return patches * QWEN2_VL_FRAME.tokens(width, height)
+
+
+def video_size_for(budget: int) -> VideoSize:
+    """Frames (even, at most 32) and a frame size whose tokens are the budget, the split
+    with per-frame tokens nearest 256; else the nearest representable count."""
+    rule = QWEN2_VL_FRAME
+    lo, hi = rule.token_range
+    most = MAX_VIDEO_FRAMES // TEMPORAL_PATCH
+    target = min(max(budget, lo), most * hi)
+    for delta in range(0, most * hi):
+        for t in (target - delta, target + delta) if delta else (target,):
+            splits = [
+                (abs(t // k - _FRAME_TOKENS), k)
+                for k in range(1, most + 1)
+                if t % k == 0 and lo <= t // k <= hi and rule._grid(t // k) is not None
+            ]
+            if splits:
+                _, k = min(splits)
+                grid = rule._grid(t // k)
+                assert grid is not None
+                a, b = grid
+                return VideoSize(k * TEMPORAL_PATCH, b * rule.factor, a * rule.factor, t)
+    raise FineserveError(f"no video size for {budget} tokens")
 
 
 # ------------------------------------------------------------------------ audio

@@ -18,7 +18,8 @@ raw deflate stream of its own, and spliced after the first row's stream:
 
 A PNG decoder sees an ordinary file: signature, IHDR, tEXt, IDAT × 3, IEND. We write the
 PNG container by hand (with the stdlib's zlib) because no image library can splice a
-cached compressed body; JPEG goes through Pillow each time (slower: it says so).
+cached compressed body; JPEG (images and video frames) goes through Pillow each time
+(slower: it says so).
 """
 
 from __future__ import annotations
@@ -209,6 +210,21 @@ class MediaEncoder:
         Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
         data = buf.getvalue()
         return base64.b64encode(data).decode("ascii"), len(data)
+
+    def video(self, frames: int, width: int, height: int, tag: bytes) -> tuple[str, int]:
+        """A video as ``frames`` JPEG frames of this size (each tagged with the video's tag
+        and its index), as vLLM's ``data:video/jpeg`` payload: the frames' base64 texts
+        joined by commas; and its size in bytes."""
+        base = self._base(width, height)
+        pixels = base.pixels if isinstance(base, _JpegBase) else None
+        if pixels is None:
+            pixels = base_pixels(width, height, self.content, self.seed)
+        texts, total = [], 0
+        for k in range(frames):
+            text, n = self._jpeg(_JpegBase(pixels), tag[:-2] + k.to_bytes(2, "little"))
+            texts.append(text)
+            total += n
+        return ",".join(texts), total
 
     @staticmethod
     def wav(n_samples: int, tag: bytes, sample_rate: int) -> tuple[str, int]:

@@ -2,7 +2,8 @@
 
 Per request, each image becomes an ``image_url`` part (a ``data:`` URI, or a URL under
 ``--mm-url-base``) whose pixel size the model family's processor turns into the item's
-budget (:mod:`.budget`); each audio clip an ``input_audio`` part (WAV). Alongside go the
+budget (:mod:`.budget`); each audio clip an ``input_audio`` part (WAV); each video a
+``video_url`` part of JPEG frames (``data:video/jpeg``, as vLLM reads). Alongside go the
 columns the records keep: per modality the item count, the tokens sent (the family's
 count of what was actually sent) and the tokens scheduled, and the encoded bytes.
 """
@@ -27,9 +28,11 @@ from .budget import (
     ImageRule,
     ImageSize,
     ProcessorRule,
+    VideoSize,
     audio_samples_for,
     image_rule,
     infer_family,
+    video_size_for,
 )
 from .encode import MediaEncoder
 
@@ -43,6 +46,10 @@ MEDIA_RECORD_COLUMNS = (
     "audio_tokens",
     "audio_tokens_scheduled",
     "audio_bytes",
+    "video_count",
+    "video_tokens",
+    "video_tokens_scheduled",
+    "video_bytes",
 )
 #: Earlier images kept per size for --mm-reuse to repeat.
 _REUSE_POOL = 1024
@@ -86,6 +93,7 @@ class MediaRequests:
         self.rule = rule
         self.encoder = MediaEncoder(image_format=cfg.image_format, content=cfg.content, seed=seed)
         self._sizes: dict[int, ImageSize] = {}
+        self._video_sizes: dict[int, VideoSize] = {}
         # Tags: a per-run nonce (a server's cache outlives runs) and a running number.
         self._nonce = os.urandom(6)
         self._serial = 0
@@ -132,16 +140,16 @@ class MediaRequests:
 
     def build(self, c: Schedule) -> MediaChunk:
         n = len(c)
-        video = c.media_counts("video_tokens")
-        if video.any():
+        if self.cfg.url_base is not None and c.media_counts("video_tokens").any():
             raise FineserveError(
-                f"the schedule has video items ({int(video.sum())} in one chunk): sending "
-                "video is not supported yet (images and audio are)"
+                "--mm-url-base: videos go as data: URIs of JPEG frames only (no video file "
+                "is written); leave --mm-url-base out for a schedule with videos"
             )
         cols = {name: np.zeros(n, dtype=np.int64) for name in MEDIA_RECORD_COLUMNS}
         parts: list[list[str]] = [[] for _ in range(n)]
         self._images(c, parts, cols)
         self._audio(c, parts, cols)
+        self._videos(c, parts, cols)
         return MediaChunk([",".join(p) for p in parts], cols)
 
     def _images(
@@ -192,6 +200,27 @@ class MediaRequests:
                 cols["audio_tokens_scheduled"][i] += int(budget)
                 cols["audio_bytes"][i] += nbytes
             cols["audio_count"][i] = hi - lo
+
+    def _videos(
+        self, c: Schedule, parts: list[list[str]], cols: dict[str, npt.NDArray[np.int64]]
+    ) -> None:
+        if "video_tokens" not in c.lists:
+            return
+        values, offsets = c.lists["video_tokens"]
+        for i in range(len(c)):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            for budget in values[lo:hi].tolist():
+                size = self._video_sizes.get(int(budget))
+                if size is None:
+                    size = self._video_sizes[int(budget)] = video_size_for(int(budget))
+                tag, _ = self._tag((size.width, -size.height))
+                b64, nbytes = self.encoder.video(size.frames, size.width, size.height, tag)
+                url = f"data:video/jpeg;base64,{b64}"
+                parts[i].append('{"type":"video_url","video_url":{"url":"' + url + '"}}')
+                cols["video_tokens"][i] += size.tokens
+                cols["video_tokens_scheduled"][i] += int(budget)
+                cols["video_bytes"][i] += nbytes
+            cols["video_count"][i] = hi - lo
 
     def summary(self) -> dict[str, object]:
         """What the run's media were: for the results' JSON."""

@@ -448,7 +448,7 @@ class MetricsAccumulator:
         if self.media is None:
             self.media = {}
         ok = np.asarray(columns["error_kind"]) == 0
-        for m in ("image", "audio"):
+        for m in ("image", "audio", "video"):
             for col, key in (
                 (f"{m}_count", f"total_{m}_count"),
                 (f"{m}_tokens", f"total_{m}_tokens"),
@@ -460,7 +460,7 @@ class MetricsAccumulator:
         prompt = np.asarray(columns["prompt_tokens"]).astype(np.int64)
         rep = ok & (prompt >= 0)
         budget = np.asarray(extra["input_len"]).astype(np.int64)
-        for col in ("image_tokens", "audio_tokens"):
+        for col in ("image_tokens", "audio_tokens", "video_tokens"):
             if col in extra:
                 budget = budget + np.asarray(extra[col]).astype(np.int64)
         self.media["prompt_tokens_reported_requests"] = self.media.get(
