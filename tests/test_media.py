@@ -124,9 +124,9 @@ def test_png_images_decode_to_their_size_with_distinct_pixels(content: str) -> N
     enc = MediaEncoder(content=content)
     decoded = []
     for k in range(3):
-        b64, nbytes = enc.image(1288, 728, k.to_bytes(16, "little"))
-        raw = base64.b64decode(b64)
-        assert len(raw) == nbytes
+        encoded = enc.image(1288, 728, k.to_bytes(16, "little"))
+        raw = encoded.raw()
+        assert len(raw) == encoded.nbytes
         img = Image.open(io.BytesIO(raw))
         img.load()  # decodes every row: the spliced stream and its checksums are valid
         assert img.size == (1288, 728) and img.mode == "RGB"
@@ -134,23 +134,21 @@ def test_png_images_decode_to_their_size_with_distinct_pixels(content: str) -> N
     assert enc.bases_built == 1
     assert not np.array_equal(decoded[0], decoded[1])
     assert np.array_equal(decoded[0][1:, 16:], decoded[1][1:, 16:])  # only the tag differs
-    again = enc.image(1288, 728, (0).to_bytes(16, "little"))[0]
-    assert base64.b64decode(again) == base64.b64decode(enc.image(1288, 728, bytes(16))[0])
+    again = enc.image(1288, 728, (0).to_bytes(16, "little")).raw()
+    assert again == enc.image(1288, 728, bytes(16)).raw()
 
 
 def test_jpeg_and_wav_decode() -> None:
     enc = MediaEncoder(image_format="jpeg")
-    a = Image.open(io.BytesIO(base64.b64decode(enc.image(640, 480, b"a" * 16)[0])))
-    b = Image.open(io.BytesIO(base64.b64decode(enc.image(640, 480, b"b" * 16)[0])))
+    a = Image.open(io.BytesIO(enc.image(640, 480, b"a" * 16).raw()))
+    b = Image.open(io.BytesIO(enc.image(640, 480, b"b" * 16).raw()))
     a.load()
     b.load()
     assert a.size == (640, 480) and a.format == "JPEG"
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     samples, tokens = audio_samples_for(50)
     assert tokens == 50 and audio_tokens(samples) == 50
-    with wave.open(
-        io.BytesIO(base64.b64decode(MediaEncoder.wav(samples, b"t" * 16, 16000)[0]))
-    ) as w:
+    with wave.open(io.BytesIO(MediaEncoder.wav(samples, b"t" * 16, 16000).raw())) as w:
         assert (w.getframerate(), w.getnframes(), w.getnchannels()) == (16000, samples, 1)
     assert audio_samples_for(10**6)[1] == audio_tokens(30 * 16000)  # 30 s at most
 

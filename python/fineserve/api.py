@@ -49,6 +49,10 @@ DEFAULT_ENDPOINT = {
 #: Backends whose OpenAI routes accept ``ignore_eos``.
 IGNORE_EOS_BACKENDS = ("vllm", "sglang")
 
+#: Where a body's media parts go while its JSON text is rendered (a NUL byte cannot
+#: appear unescaped in JSON text, so the mark cannot collide with a prompt).
+_MEDIA_MARK = "\x00media\x00"
+
 #: Why a multimodal schedule cannot go to a completions (or Responses) endpoint.
 MEDIA_NEEDS_CHAT = (
     "a multimodal schedule needs the chat completions API (--backend openai-chat, or "
@@ -177,15 +181,29 @@ class BodyTemplate:
         self._pieces.append(text[pos:])
 
     def render(
-        self, prompt: str | Messages, max_tokens: int, fields: str = "", media: str = ""
+        self,
+        prompt: str | Messages,
+        max_tokens: int,
+        fields: str = "",
+        media: Sequence[bytes] = (),
     ) -> bytes:
         """The body for one request. ``prompt`` is the text (the user message of a chat
         request), or for a chat request a whole conversation of (role, content) pairs.
         ``fields``: more members for this request only, as JSON text (``"a":1,"b":[2]``).
-        ``media``: content parts (JSON text) the user message carries after its text;
-        chat completions only."""
-        if media and "messages" not in self._slots:
+        ``media``: the content parts the user message carries after its text, as pieces
+        of JSON text (joined once, here: they can be megabytes); chat completions only."""
+        if not media:
+            return self._render(prompt, max_tokens, fields).encode()
+        if "messages" not in self._slots:
             raise FineserveError(MEDIA_NEEDS_CHAT)
+        head, tail = (
+            self._render(prompt, max_tokens, fields, _MEDIA_MARK)
+            .encode()
+            .split(_MEDIA_MARK.encode(), 1)
+        )
+        return b"".join((head, *media, tail))
+
+    def _render(self, prompt: str | Messages, max_tokens: int, fields: str, media: str = "") -> str:
         out = [self._pieces[0]]
         for slot, piece in zip(self._slots, self._pieces[1:]):
             if slot == "prompt":
@@ -202,7 +220,7 @@ class BodyTemplate:
             out.append(piece)
         if fields:  # the body is a JSON object: its text ends with "}"
             out[-1] = out[-1][:-1] + "," + fields + "}"
-        return "".join(out).encode()
+        return "".join(out)
 
     def render_all(self, prompts: Iterable[str], max_tokens: Iterable[int]) -> list[bytes]:
         return [self.render(p, int(m)) for p, m in zip(prompts, max_tokens)]

@@ -16,8 +16,9 @@ search for a size that meets a budget. The rules follow the models' published pr
 
 A budget no size can meet exactly gets the nearest representable count; callers record
 the deviation. Videos (Qwen2-VL's video processor) are JPEG frames: two frames a temporal
-patch, each frame 128–768 grid tokens, at most 32 frames (vLLM's default cap). Audio (``whisper-25hz``: Qwen2-Audio, Qwen2.5-Omni's audio tower): 16 kHz
-samples, 160-sample mel frames, two stride-2 stages: one token per 40 ms.
+patch, each frame 128–768 grid tokens, at most 32 frames (vLLM's default cap). Audio
+(``whisper-25hz``: Qwen2-Audio, Qwen2.5-Omni's audio tower): 16 kHz samples, 160-sample
+mel frames, two stride-2 stages: one token per 40 ms.
 """
 
 from __future__ import annotations

@@ -76,6 +76,21 @@ def base_pixels(width: int, height: int, content: str, seed: int) -> np.ndarray:
     return img
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A media file as base64 text in pieces (joined only once, into the request body: a
+    noise image is megabytes, and every copy of it costs), and its size in bytes."""
+
+    pieces: tuple[bytes, ...]
+    nbytes: int
+
+    def text(self) -> str:
+        return b"".join(self.pieces).decode("ascii")
+
+    def raw(self) -> bytes:
+        return base64.b64decode(b"".join(self.pieces))
+
+
 @dataclass
 class _PngBase:
     width: int
@@ -83,7 +98,7 @@ class _PngBase:
     first_row: bytes  # the untagged first row, filter byte included
     head: bytes  # signature + IHDR
     body_chunk: bytes  # IDAT with rows 1.. as raw deflate (CRC included)
-    body_b64_aligned: str  # base64 of body_chunk[:len - len % 3]
+    body_b64_aligned: bytes  # base64 of body_chunk[:len - len % 3]
     body_tail: bytes  # body_chunk's last len % 3 bytes
     body_adler: int
     body_len: int  # uncompressed bytes of rows 1..
@@ -162,15 +177,14 @@ class MediaEncoder:
             first_row,
             head,
             body_chunk,
-            base64.b64encode(body_chunk[:cut]).decode("ascii"),
+            base64.b64encode(body_chunk[:cut]),
             body_chunk[cut:],
             zlib.adler32(rest),
             len(rest),
         )
 
-    def image(self, width: int, height: int, tag: bytes) -> tuple[str, int]:
-        """The image of this size carrying ``tag`` (its first pixels), as base64 text,
-        and its size in bytes."""
+    def image(self, width: int, height: int, tag: bytes) -> Encoded:
+        """The image of this size carrying ``tag`` (its first pixels)."""
         base = self._base(width, height)
         if isinstance(base, _JpegBase):
             return self._jpeg(base, tag)
@@ -187,15 +201,11 @@ class MediaEncoder:
         text = _chunk(b"tEXt", b"fineserve\x00" + b"." * pad)
         prefix = base.head + text + idat1
         suffix = base.body_tail + _chunk(b"IDAT", struct.pack(">I", adler)) + _chunk(b"IEND", b"")
-        b64 = (
-            base64.b64encode(prefix).decode("ascii")
-            + base.body_b64_aligned
-            + base64.b64encode(suffix).decode("ascii")
-        )
         size = len(prefix) + len(base.body_chunk) + len(suffix) - len(base.body_tail)
-        return b64, size
+        pieces = (base64.b64encode(prefix), base.body_b64_aligned, base64.b64encode(suffix))
+        return Encoded(pieces, size)
 
-    def _jpeg(self, base: _JpegBase, tag: bytes) -> tuple[str, int]:
+    def _jpeg(self, base: _JpegBase, tag: bytes) -> Encoded:
         from PIL import Image
 
         pixels = base.pixels.copy()
@@ -209,25 +219,26 @@ class MediaEncoder:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
         data = buf.getvalue()
-        return base64.b64encode(data).decode("ascii"), len(data)
+        return Encoded((base64.b64encode(data),), len(data))
 
-    def video(self, frames: int, width: int, height: int, tag: bytes) -> tuple[str, int]:
+    def video(self, frames: int, width: int, height: int, tag: bytes) -> Encoded:
         """A video as ``frames`` JPEG frames of this size (each tagged with the video's tag
         and its index), as vLLM's ``data:video/jpeg`` payload: the frames' base64 texts
-        joined by commas; and its size in bytes."""
+        joined by commas."""
         base = self._base(width, height)
         pixels = base.pixels if isinstance(base, _JpegBase) else None
         if pixels is None:
             pixels = base_pixels(width, height, self.content, self.seed)
-        texts, total = [], 0
+        pieces: list[bytes] = []
+        total = 0
         for k in range(frames):
-            text, n = self._jpeg(_JpegBase(pixels), tag[:-2] + k.to_bytes(2, "little"))
-            texts.append(text)
-            total += n
-        return ",".join(texts), total
+            frame = self._jpeg(_JpegBase(pixels), tag[:-2] + k.to_bytes(2, "little"))
+            pieces.extend((b",", *frame.pieces) if k else frame.pieces)
+            total += frame.nbytes
+        return Encoded(tuple(pieces), total)
 
     @staticmethod
-    def wav(n_samples: int, tag: bytes, sample_rate: int) -> tuple[str, int]:
+    def wav(n_samples: int, tag: bytes, sample_rate: int) -> Encoded:
         """A 16-bit mono WAV of ``n_samples``: a quiet tone, its first samples the tag."""
         t = np.arange(n_samples, dtype=np.float64)
         pcm = (2000 * np.sin(2 * np.pi * 440.0 * t / sample_rate)).astype("<i2")
@@ -243,4 +254,4 @@ class MediaEncoder:
             + struct.pack("<I", len(data))
         )
         out = header + data
-        return base64.b64encode(out).decode("ascii"), len(out)
+        return Encoded((base64.b64encode(out),), len(out))

@@ -80,6 +80,7 @@ def engine_chunks(
     """Schedule chunks → request bodies, in order; request i's prompt is its own unless
     sharing is intended (hash_ids, shared-prefix groups)."""
     base = 0
+    chunks = _bounded_media(chunks)
     builder = shapes.builder
     # Chat requests carry a conversation as alternating messages; completions one text.
     chat = any(t.chat for t in shapes.templates.values())
@@ -129,7 +130,7 @@ def engine_chunks(
                 models.tolist(),
                 c.output_len.tolist(),
                 fields or [""] * n,
-                media.parts if media is not None else [""] * n,
+                media.parts if media is not None else [()] * n,
             )
         ]
         slot_size, slot_edge = slot_sizes(c.t_ns)
@@ -158,6 +159,29 @@ def engine_chunks(
             header_values=pins.header_values if pins is not None else (),
         )
         base += n
+
+
+#: Media tokens per piece of a multimodal chunk whose bodies are built at once: a chunk's
+#: bodies are held until it is fed, and 4 noise images of 1,196 tokens make 15 MB of body.
+MEDIA_TOKENS_PER_PIECE = 16_384
+
+
+def _bounded_media(chunks: Iterator[Schedule]) -> Iterator[Schedule]:
+    """Multimodal chunks cut into pieces of about :data:`MEDIA_TOKENS_PER_PIECE` media
+    tokens (at least one request each), so bodies are built as they come due; text-only
+    chunks pass whole."""
+    for c in chunks:
+        if not c.lists:
+            yield c
+            continue
+        tokens = sum(c.media_sums(name) for name in c.lists)
+        ends = np.cumsum(tokens)
+        start = 0
+        while start < len(c):
+            reach = (ends[start - 1] if start else 0) + MEDIA_TOKENS_PER_PIECE
+            stop = max(int(np.searchsorted(ends, reach, side="right")), start + 1)
+            yield c.take(np.arange(start, min(stop, len(c))))
+            start = stop
 
 
 def mock_fields(c: Schedule, block_size: int) -> list[str] | None:
