@@ -10,8 +10,9 @@ reported apart.
 Part 2, sending: ``fineserve blast`` at 50 req/s against the mock in its own process
 (which parses every body and sizes each image from its header), 4 images of 1,196 tokens
 a request, against the same schedule without images (the baseline); gradient pixels, and
-noise pixels (15 MB a body) at 10 and 50 req/s. Figures: mean body size, p99 dispatch lag, share sent in its scheduled ms,
-and the server's prompt tokens against text + image budget.
+noise pixels (15 MB a body) at 10 and 50 req/s. Figures: mean body size, p99 dispatch
+lag, share sent in its scheduled ms, and the server's prompt tokens against text + image
+budget.
 
 Usage: python benches/bench_media.py [--seconds 20] [--json out.json]
 """
