@@ -347,6 +347,8 @@ def test_reuse_url_base_and_refusals(tmp_path: Path, servers: list[OpenAIServer]
                "--mm-url-base", "http://media.test/x", "--mm-dir", str(media_dir),
                "--disable-tqdm")  # fmt: skip
     assert r.exit_code != 0 and "videos go as data: URIs" in r.output
+    r = invoke("blast", "--num-prompts", "3", "--mm-format", "jpeg", "--disable-tqdm")
+    assert r.exit_code == 0 and "the --mm-* media options have no effect" in r.output
 
 
 def test_videos_are_jpeg_frames_at_their_budget(

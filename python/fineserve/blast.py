@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .api import MEDIA_NEEDS_CHAT
-from .config import BlastConfig, TargetConfig, default_of
+from .config import BlastConfig, MediaConfig, TargetConfig, default_of
 from .console import note, warn
 from .errors import FineserveError
 from .limits import connection_budget, mock_peak_in_flight
@@ -346,6 +346,8 @@ def prepare_run(
         if is_mock and rule.name not in ("qwen2-vl", "qwen3-vl") and not quiet:
             note(f"the embedded mock counts image tokens as qwen2-vl does, not as {rule.name}")
         media = MediaRequests(cfg.media, rule, cfg.workload.seed)
+    elif cfg.media != MediaConfig() and not quiet:
+        note("the --mm-* media options have no effect: the schedule has no media")
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
     shapes = RequestShapes.for_targets(
         builder, targets, dataset_output_lens, mock_fields=is_mock, pinner=pinner, media=media
