@@ -406,3 +406,18 @@ def test_the_mocks_ttft_grows_with_media_tokens(tmp_path: Path) -> None:
     # 1000 image tokens × 0.01 ms: 10 ms more before the first token.
     gap_ms = by_count["1"]["median_ttft_ms"] - by_count["0"]["median_ttft_ms"]
     assert 8 < gap_ms < 16, gap_ms  # counted once, not per message or twice
+
+
+def test_budgets_beyond_the_model_are_sent_at_the_nearest_size_and_said(tmp_path: Path) -> None:
+    res = tmp_path / "res.json"
+    r = invoke("blast", "--backend", "openai-chat", "--num-prompts", "3",
+               "--request-rate", "100", "--random-output-len", "2",
+               "--mm-images-per-request", "1", "--mm-image-tokens", "100000",
+               "--disable-tqdm", "--output-file", str(res))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "3 of 3 images could not meet their token budget under qwen2-vl" in r.output
+    m = json.loads(res.read_text())
+    assert m["total_image_tokens"] == 3 * 16384  # Qwen2-VL's max_pixels: 16,384 tokens
+    assert m["total_image_tokens_scheduled"] == 300_000
+    assert m["media"]["images_off_budget"] == 3
+    assert m["prompt_tokens_server"] == m["prompt_tokens_budget"]  # the mock agrees
