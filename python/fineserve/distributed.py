@@ -11,11 +11,13 @@ Parquet, JSON and report), with a per-worker breakdown.
 Start instant and clock skew: the driver picks ``t0`` on its own system clock and each
 engine starts at that system-clock instant on its node (``start_at_unix_ns``). The
 residual skew is the offset between the nodes' system clocks (NTP/PTP keep it to well
-under a millisecond on a LAN; nothing here can do better than the clocks). Before the run
-the driver measures each worker's offset with timed round trips (Cristian's method: the
-offset of the exchange with the smallest round trip, within +- half that round trip) and
-reports it with the result, with each engine's actual start relative to ``t0`` (late only
-if its warm-up ran past ``t0``). An offset within its uncertainty is not applied.
+under a millisecond on a LAN). Before the run the driver measures each worker's offset
+with a few hundred UDP probes stamped by both kernels (:mod:`fineserve.clock`: the
+intersection of the exchanges' NTP intervals, a bound of about half the fastest round
+trip), falling back to the backend's own calls (Cristian's method) where UDP does not get
+through, and measures it again at the end (the drift). The result reports them with each
+engine's actual start relative to ``t0`` (late only if its warm-up ran past ``t0``). An
+offset within its bound is not applied.
 
 A worker that dies is reported; the requests of its part that never came back are
 accounted for: those scheduled before its last progress report as ``cancelled`` (they
@@ -40,6 +42,7 @@ import numpy.typing as npt
 import pyarrow as pa
 
 from . import _engine
+from .clock import ClockEstimate, ClockResponder, measure_offset
 from .console import warn
 from .errors import FineserveError
 from .records import records_to_batch, unsent_records, with_extra
@@ -168,9 +171,16 @@ class EngineWorker:
         self.run: Any = None
         self.index = np.zeros(0, np.int64)
         self.endpoints: list[str] = []
+        self._clock: ClockResponder | None = None
 
     def clock_ns(self) -> int:
         return time.time_ns()
+
+    def clock_port(self) -> int:
+        """The UDP port this worker answers clock probes on (started on first call)."""
+        if self._clock is None:
+            self._clock = ClockResponder()
+        return self._clock.port
 
     def node(self) -> dict[str, Any]:
         """Where this worker runs: its node's IP address, host name and process id."""
@@ -300,7 +310,8 @@ def share(total: int, workers: int, worker: int) -> int:
 
 
 def clock_offset_ns(backend: Any, actor: Any, rounds: int = 5) -> tuple[int, int]:
-    """Worker clock minus driver clock, and its uncertainty (half the best round trip).
+    """Worker clock minus driver clock over the backend's own calls, and its uncertainty
+    (half the best round trip): the fallback where UDP probes do not get through.
     ``backend``: Ray, or anything with its ``get``."""
     best: tuple[int, int] | None = None
     for _ in range(rounds):
@@ -312,6 +323,20 @@ def clock_offset_ns(backend: Any, actor: Any, rounds: int = 5) -> tuple[int, int
             best = (remote - (sent + half_rtt), half_rtt)
     assert best is not None
     return best
+
+
+def measure_clock(backend: Any, actor: Any, host: str) -> ClockEstimate:
+    """The worker's clock offset by UDP probes to its node (:mod:`fineserve.clock`), or by
+    the backend's calls when no probe gets through (a firewall between the machines)."""
+    try:
+        port = int(backend.get(actor.clock_port.remote()))
+        found = measure_offset(host, port)
+    except Exception:  # a worker without the method: the fallback below
+        found = None
+    if found is not None:
+        return found
+    offset, bound = clock_offset_ns(backend, actor)
+    return ClockEstimate(offset, bound, bound, 2 * bound, 5, time.time_ns(), "rpc")
 
 
 class _WorkerStats:
@@ -330,6 +355,8 @@ class _WorkerStats:
         self.done = False
         self.t0_unix_ns: int | None = None
         self.clock: tuple[int, int] = (0, 0)
+        self.clock_start: ClockEstimate | None = None
+        self.clock_end: ClockEstimate | None = None
         self.applied_offset_ns = 0
         self.node: dict[str, Any] = {}
 
@@ -368,12 +395,33 @@ class _WorkerStats:
             "clock_offset_us": self.clock[0] / 1e3,
             "clock_offset_uncertainty_us": self.clock[1] / 1e3,
             "clock_offset_applied_us": self.applied_offset_ns / 1e3,
+            **self._clock_details(),
             "start_error_us": (self.t0_unix_ns - t0_unix_ns) / 1e3
             if self.t0_unix_ns is not None
             else None,
             "died": self.dead,
             **self.node,
         }
+
+    def _clock_details(self) -> dict[str, Any]:
+        """How the offset was measured, and the drift from a second measurement at the end
+        (ppm, with its bound; runs under a second say nothing of drift)."""
+        start, end = self.clock_start, self.clock_end
+        if start is None:
+            return {}
+        out: dict[str, Any] = {
+            "clock_offset_method": start.method,
+            "clock_offset_spread_us": start.spread_ns / 1e3,
+            "clock_min_round_trip_us": start.min_delay_ns / 1e3,
+            "clock_probes": start.samples,
+        }
+        if end is not None:
+            out["clock_offset_end_us"] = end.offset_ns / 1e3
+            span_ns = end.at_ns - start.at_ns
+            if span_ns >= 1_000_000_000:
+                out["clock_drift_ppm"] = (end.offset_ns - start.offset_ns) / span_ns * 1e6
+                out["clock_drift_bound_ppm"] = (end.bound_ns + start.bound_ns) / span_ns * 1e6
+        return out
 
     def lost_records(self) -> dict[str, Any]:
         """Records for the rows of a dead worker that never came back."""
@@ -610,7 +658,8 @@ class Fleet:
         try:
             for s, a in zip(self.stats, self.actors):
                 s.node = backend.get(a.node.remote())
-                s.clock = clock_offset_ns(backend, a)
+                s.clock_start = measure_clock(backend, a, s.node.get("node_ip") or "127.0.0.1")
+                s.clock = (s.clock_start.offset_ns, s.clock_start.bound_ns)
         except Exception as e:
             self._kill()
             raise FineserveError(f"starting the {backend.noun}: {_first_line(e)}") from None
@@ -705,6 +754,13 @@ class Fleet:
 
     def finish(self) -> StreamOutcome:
         for s, a in self._live():
+            # The offset again, now that the run is over: how far the clocks drifted.
+            if s.clock_start is not None and s.clock_start.method == "udp":
+                host = s.node.get("node_ip") or "127.0.0.1"
+                try:
+                    s.clock_end = measure_clock(self._backend, a, host)
+                except Exception:  # a worker lost now: finish() says so below
+                    s.clock_end = None
             try:
                 batch, prog, t0 = self._backend.get(a.finish.remote())
             except Exception as e:
