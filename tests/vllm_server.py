@@ -60,21 +60,13 @@ _TEMPLATE = (
 )
 
 
-def _make_model(out: Path, hidden: int, layers: int, reasoning: bool) -> None:
-    """A random-weight Llama and a byte-level BPE trained on the stdlib's sources, built
-    offline (``../shared/vllm-cpu/make_tiny_model.py``). ``reasoning`` adds ``<think>`` and
-    ``</think>`` as special tokens, which the deepseek_r1 reasoning parser needs; random
-    weights never close their thinking, so every generated token streams as reasoning.
-    head_dim is hidden/16 (vLLM's CPU attention needs >= 32)."""
+def _train_bpe(specials: list[str]) -> Any:
+    """A byte-level BPE of 32,000 tokens trained on the stdlib's sources, with
+    ``specials`` as special tokens (offline: no tokenizer is downloaded)."""
     import sysconfig
 
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    specials = ["<|begin|>", "<|end|>", "<|start|>"] + (
-        ["<think>", "</think>"] if reasoning else []
-    )
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:400]]
     bpe = Tokenizer(models.BPE())
@@ -89,8 +81,26 @@ def _make_model(out: Path, hidden: int, layers: int, reasoning: bool) -> None:
             show_progress=False,
         ),
     )
+    return bpe
+
+
+def _make_model(out: Path, hidden: int, layers: int, reasoning: bool) -> None:
+    """A random-weight Llama and a byte-level BPE trained on the stdlib's sources, built
+    offline (``../shared/vllm-cpu/make_tiny_model.py``). ``reasoning`` adds ``<think>`` and
+    ``</think>`` as special tokens, which the deepseek_r1 reasoning parser needs; random
+    weights never close their thinking, so every generated token streams as reasoning.
+    head_dim is hidden/16 (vLLM's CPU attention needs >= 32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|begin|>", "<|end|>", "<|start|>"] + (
+        ["<think>", "</think>"] if reasoning else []
+    )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|begin|>", eos_token="<|end|>", pad_token="<|end|>"
+        tokenizer_object=_train_bpe(specials),
+        bos_token="<|begin|>",
+        eos_token="<|end|>",
+        pad_token="<|end|>",
     )
     tok.chat_template = _TEMPLATE
     cfg = LlamaConfig(
@@ -133,10 +143,7 @@ def _make_vl_model(out: Path) -> None:
     Qwen2-VL's 14 px patches merged 2×2) with the stdlib-trained BPE, Qwen2-VL's vision
     special tokens and its image processor: what vLLM needs to count image tokens as
     Qwen2-VL does, built offline."""
-    import sysconfig
-
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
         PreTrainedTokenizerFast,
         Qwen2VLConfig,
@@ -150,22 +157,8 @@ def _make_vl_model(out: Path) -> None:
         "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
         "<|image_pad|>", "<|video_pad|>",
     ]  # fmt: skip
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:400]]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=32_000,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        tokenizer_object=_train_bpe(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tok.chat_template = _VL_TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}

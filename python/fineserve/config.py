@@ -98,6 +98,14 @@ class ParametricConfig:
     nb_zero: str = "truncate"
 
 
+#: Per modality, the options that give its count and per-item budget.
+MEDIA_MIX_OPTIONS = {
+    "image": ("--mm-images-per-request", "--mm-image-tokens"),
+    "audio": ("--mm-audio-per-request", "--mm-audio-tokens"),
+    "video": ("--mm-videos-per-request", "--mm-video-tokens"),
+}
+
+
 @dataclass(frozen=True)
 class MediaMixConfig:
     """Synthetic media per request (``--mm-images-per-request`` with ``--mm-image-tokens``,
@@ -131,11 +139,7 @@ class MediaMixConfig:
                 for f in dataclasses.fields(cls)
             }
         )
-        for m, (count_opt, tokens_opt) in {
-            "image": ("--mm-images-per-request", "--mm-image-tokens"),
-            "audio": ("--mm-audio-per-request", "--mm-audio-tokens"),
-            "video": ("--mm-videos-per-request", "--mm-video-tokens"),
-        }.items():
+        for m, (count_opt, tokens_opt) in MEDIA_MIX_OPTIONS.items():
             count, tokens = cfg.spec(m)
             if (count is None) != (tokens is None):
                 raise FineserveError(f"{count_opt} and {tokens_opt} go together")

@@ -127,8 +127,8 @@ fn video_tokens(url: &str, rule: &ImageRule, n: usize) -> Result<Option<u64>, St
     let Some(rest) = url.strip_prefix("data:video/jpeg;base64,") else {
         return Ok(None); // a video file or a URL: not sized here
     };
-    let frames = rest.split(',').count() as u64;
     let first = rest.split(',').next().unwrap_or("");
+    let frames = rest.split(',').count() as u64;
     let size = with_prefix(first, |b| imagesize::blob_size(b).ok())?
         .ok_or_else(|| format!("video {n}: its first frame is not an image"))?;
     let per_patch = rule
@@ -179,6 +179,19 @@ fn audio_tokens(data: &str, n: usize) -> Result<u64, String> {
     Ok(audio_tokens_of_samples(samples))
 }
 
+/// A content part's string at `pointer` (its URL or data), or the one-line error naming
+/// the `n`-th item of its `kind` and the missing field.
+fn part_str<'a>(
+    part: &'a serde_json::Value,
+    pointer: &str,
+    kind: &str,
+    n: usize,
+) -> Result<&'a str, String> {
+    part.pointer(pointer)
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| format!("{kind} {n}: no {}", pointer[1..].replace('/', ".")))
+}
+
 /// The media of a chat request's messages (content parts `image_url`, `input_audio`,
 /// `audio_url`, `video_url`); an error for media the mock cannot read (the request gets a
 /// 400, as a real server's would).
@@ -194,30 +207,24 @@ pub fn count_media(v: &serde_json::Value, rule: &ImageRule) -> Result<MediaToken
     for part in parts {
         match part.get("type").and_then(|t| t.as_str()) {
             Some("image_url") => {
-                let url = part
-                    .pointer("/image_url/url")
-                    .and_then(|u| u.as_str())
-                    .ok_or_else(|| format!("image {}: no image_url.url", out.images + 1))?;
-                match image_tokens(url, rule, out.images as usize + 1)? {
+                let n = out.images as usize + 1;
+                let url = part_str(part, "/image_url/url", "image", n)?;
+                match image_tokens(url, rule, n)? {
                     Some(t) => out.image_tokens += t,
                     None => out.not_sized += 1,
                 }
                 out.images += 1;
             }
             Some("input_audio") => {
-                let data = part
-                    .pointer("/input_audio/data")
-                    .and_then(|d| d.as_str())
-                    .ok_or_else(|| format!("audio {}: no input_audio.data", out.audio_clips + 1))?;
-                out.audio_tokens += audio_tokens(data, out.audio_clips as usize + 1)?;
+                let n = out.audio_clips as usize + 1;
+                let data = part_str(part, "/input_audio/data", "audio", n)?;
+                out.audio_tokens += audio_tokens(data, n)?;
                 out.audio_clips += 1;
             }
             Some("video_url") => {
-                let url = part
-                    .pointer("/video_url/url")
-                    .and_then(|u| u.as_str())
-                    .ok_or_else(|| format!("video {}: no video_url.url", out.videos + 1))?;
-                match video_tokens(url, rule, out.videos as usize + 1)? {
+                let n = out.videos as usize + 1;
+                let url = part_str(part, "/video_url/url", "video", n)?;
+                match video_tokens(url, rule, n)? {
                     Some(t) => out.video_tokens += t,
                     None => out.not_sized += 1,
                 }

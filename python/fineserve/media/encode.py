@@ -124,22 +124,23 @@ class MediaEncoder:
         self.content = content
         self.seed = seed
         self.max_bases = 64
-        self._bases: OrderedDict[tuple[int, int], _PngBase | _JpegBase] = OrderedDict()
+        #: Per (width, height, format): a PNG base, or the pixels JPEG frames are made from.
+        self._bases: OrderedDict[tuple[int, int, str], _PngBase | _JpegBase] = OrderedDict()
         self.bases_built = 0
 
     @property
     def mime(self) -> str:
         return "image/png" if self.image_format == "png" else "image/jpeg"
 
-    def _base(self, width: int, height: int) -> _PngBase | _JpegBase:
-        key = (width, height)
+    def _base(self, width: int, height: int, fmt: str) -> _PngBase | _JpegBase:
+        key = (width, height, fmt)
         found = self._bases.get(key)
         if found is not None:
             self._bases.move_to_end(key)
             return found
         pixels = base_pixels(width, height, self.content, self.seed)
         built: _PngBase | _JpegBase
-        if self.image_format == "jpeg":
+        if fmt == "jpeg":
             built = _JpegBase(pixels)
         else:
             built = self._png_base(pixels)
@@ -185,7 +186,7 @@ class MediaEncoder:
 
     def image(self, width: int, height: int, tag: bytes) -> Encoded:
         """The image of this size carrying ``tag`` (its first pixels)."""
-        base = self._base(width, height)
+        base = self._base(width, height, self.image_format)
         if isinstance(base, _JpegBase):
             return self._jpeg(base, tag)
         row = bytearray(base.first_row)
@@ -225,14 +226,12 @@ class MediaEncoder:
         """A video as ``frames`` JPEG frames of this size (each tagged with the video's tag
         and its index), as vLLM's ``data:video/jpeg`` payload: the frames' base64 texts
         joined by commas."""
-        base = self._base(width, height)
-        pixels = base.pixels if isinstance(base, _JpegBase) else None
-        if pixels is None:
-            pixels = base_pixels(width, height, self.content, self.seed)
+        base = self._base(width, height, "jpeg")
+        assert isinstance(base, _JpegBase)
         pieces: list[bytes] = []
         total = 0
         for k in range(frames):
-            frame = self._jpeg(_JpegBase(pixels), tag[:-2] + k.to_bytes(2, "little"))
+            frame = self._jpeg(base, tag[:-2] + k.to_bytes(2, "little"))
             pieces.extend((b",", *frame.pieces) if k else frame.pieces)
             total += frame.nbytes
         return Encoded(tuple(pieces), total)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..config import MediaMixConfig
+from ..config import MEDIA_MIX_OPTIONS, MediaMixConfig
 from ..ragged import offsets_from_counts
 from ..schedule import Ragged, Schedule
 from .dist import IntDist, parse_int_dist
@@ -35,10 +35,10 @@ class MediaSampler:
             count, tokens = cfg.spec(m)
             if count is None:
                 continue
-            opt = f"--mm-{m}s-per-request" if m != "audio" else "--mm-audio-per-request"
+            count_opt, tokens_opt = MEDIA_MIX_OPTIONS[m]
             self.dists[m] = (
-                parse_int_dist(count, opt, floor=0),
-                parse_int_dist(str(tokens), f"--mm-{m}-tokens", floor=1),
+                parse_int_dist(count, count_opt, floor=0),
+                parse_int_dist(str(tokens), tokens_opt, floor=1),
             )
 
     def sample(self, n: int, rng: np.random.Generator) -> dict[str, Ragged]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +153,13 @@ class MediaRequests:
         return MediaChunk(parts, cols)
 
     @staticmethod
+    def _items(c: Schedule, column: str) -> Iterator[tuple[int, int]]:
+        """(request, budget) of each item in list column ``column``, in order."""
+        values, offsets = c.lists[column]
+        rows = np.repeat(np.arange(len(c)), np.diff(offsets))
+        yield from zip(rows.tolist(), values[offsets[0] : offsets[-1]].tolist())
+
+    @staticmethod
     def _add(pieces: list[bytes], *part: bytes) -> None:
         """Appends one content part's pieces (a comma first when it is not the first).
         base64 text and MIME types need no JSON escaping, and escaping megabytes would
@@ -165,81 +173,72 @@ class MediaRequests:
     ) -> None:
         if "image_tokens" not in c.lists:
             return
-        values, offsets = c.lists["image_tokens"]
         ext = "png" if self.cfg.image_format == "png" else "jpg"
         data_head = b'{"type":"image_url","image_url":{"url":"data:' + self.encoder.mime.encode()
-        for i in range(len(c)):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            for budget in values[lo:hi].tolist():
-                size = self.size_for(int(budget))
-                tag, reused = self._tag((size.width, size.height))
-                media = self.encoder.image(size.width, size.height, tag)
-                if self.cfg.url_base is None:
-                    self._add(parts[i], data_head, b";base64,", *media.pieces, b'"}}')
-                else:
-                    url = self._url(media, tag, ext)
-                    self._add(parts[i], b'{"type":"image_url","image_url":{"url":', url, b"}}")
-                cols["image_tokens"][i] += size.tokens
-                cols["image_tokens_scheduled"][i] += int(budget)
-                cols["image_bytes"][i] += media.nbytes
-                deviation = abs(size.tokens - int(budget))
-                self.max_deviation = max(self.max_deviation, deviation)
-                self.off_budget += deviation > max(1, 0.02 * int(budget))
-                self.images += 1
-                self.reused += reused
-            cols["image_count"][i] = hi - lo
+        for i, budget in self._items(c, "image_tokens"):
+            size = self.size_for(budget)
+            tag, reused = self._tag((size.width, size.height))
+            media = self.encoder.image(size.width, size.height, tag)
+            if self.cfg.url_base is None:
+                self._add(parts[i], data_head, b";base64,", *media.pieces, b'"}}')
+            else:
+                url = self._url(media, tag, ext)
+                self._add(parts[i], b'{"type":"image_url","image_url":{"url":', url, b"}}")
+            cols["image_tokens"][i] += size.tokens
+            cols["image_tokens_scheduled"][i] += budget
+            cols["image_bytes"][i] += media.nbytes
+            deviation = abs(size.tokens - budget)
+            self.max_deviation = max(self.max_deviation, deviation)
+            self.off_budget += deviation > max(1, 0.02 * budget)
+            self.images += 1
+            self.reused += reused
+        cols["image_count"][:] = c.media_counts("image_tokens")
 
     def _audio(
         self, c: Schedule, parts: list[list[bytes]], cols: dict[str, npt.NDArray[np.int64]]
     ) -> None:
         if "audio_tokens" not in c.lists:
             return
-        values, offsets = c.lists["audio_tokens"]
-        for i in range(len(c)):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            for budget in values[lo:hi].tolist():
-                samples, tokens = audio_samples_for(int(budget))
-                tag, _ = self._tag((samples, 0))
-                media = self.encoder.wav(samples, tag, AUDIO_SAMPLE_RATE)
-                if self.cfg.url_base is not None:
-                    url = self._url(media, tag, "wav")
-                    self._add(parts[i], b'{"type":"audio_url","audio_url":{"url":', url, b"}}")
-                else:
-                    self._add(
-                        parts[i],
-                        b'{"type":"input_audio","input_audio":{"data":"',
-                        *media.pieces,
-                        b'","format":"wav"}}',
-                    )
-                cols["audio_tokens"][i] += tokens
-                cols["audio_tokens_scheduled"][i] += int(budget)
-                cols["audio_bytes"][i] += media.nbytes
-            cols["audio_count"][i] = hi - lo
+        for i, budget in self._items(c, "audio_tokens"):
+            samples, tokens = audio_samples_for(budget)
+            tag, _ = self._tag((samples, 0))
+            media = self.encoder.wav(samples, tag, AUDIO_SAMPLE_RATE)
+            if self.cfg.url_base is not None:
+                url = self._url(media, tag, "wav")
+                self._add(parts[i], b'{"type":"audio_url","audio_url":{"url":', url, b"}}")
+            else:
+                self._add(
+                    parts[i],
+                    b'{"type":"input_audio","input_audio":{"data":"',
+                    *media.pieces,
+                    b'","format":"wav"}}',
+                )
+            cols["audio_tokens"][i] += tokens
+            cols["audio_tokens_scheduled"][i] += budget
+            cols["audio_bytes"][i] += media.nbytes
+        cols["audio_count"][:] = c.media_counts("audio_tokens")
 
     def _videos(
         self, c: Schedule, parts: list[list[bytes]], cols: dict[str, npt.NDArray[np.int64]]
     ) -> None:
         if "video_tokens" not in c.lists:
             return
-        values, offsets = c.lists["video_tokens"]
-        for i in range(len(c)):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            for budget in values[lo:hi].tolist():
-                size = self._video_sizes.get(int(budget))
-                if size is None:
-                    size = self._video_sizes[int(budget)] = video_size_for(int(budget))
-                tag, _ = self._tag((size.width, -size.height))
-                media = self.encoder.video(size.frames, size.width, size.height, tag)
-                self._add(
-                    parts[i],
-                    b'{"type":"video_url","video_url":{"url":"data:video/jpeg;base64,',
-                    *media.pieces,
-                    b'"}}',
-                )
-                cols["video_tokens"][i] += size.tokens
-                cols["video_tokens_scheduled"][i] += int(budget)
-                cols["video_bytes"][i] += media.nbytes
-            cols["video_count"][i] = hi - lo
+        for i, budget in self._items(c, "video_tokens"):
+            size = self._video_sizes.get(budget)
+            if size is None:
+                size = self._video_sizes[budget] = video_size_for(budget)
+            tag, _ = self._tag((size.width, -size.height))
+            media = self.encoder.video(size.frames, size.width, size.height, tag)
+            self._add(
+                parts[i],
+                b'{"type":"video_url","video_url":{"url":"data:video/jpeg;base64,',
+                *media.pieces,
+                b'"}}',
+            )
+            cols["video_tokens"][i] += size.tokens
+            cols["video_tokens_scheduled"][i] += budget
+            cols["video_bytes"][i] += media.nbytes
+        cols["video_count"][:] = c.media_counts("video_tokens")
 
     def summary(self) -> dict[str, object]:
         """What the run's media were: for the results' JSON."""

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import FineserveError
+from ..ragged import offsets_from_counts
 from ..schedule import Schedule, merge_sorted
 
 
@@ -348,8 +349,6 @@ def _media_lists(
     c: Client, n: int, window_start: float, rng: np.random.Generator
 ) -> dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """Per modality, each request's item count and each item's token budget."""
-    from ..ragged import offsets_from_counts
-
     out = {}
     for m, (count, tokens) in MEDIA_FIELDS.items():
         pc = c.pdf_at(window_start, count)
