@@ -1,9 +1,16 @@
 """``fineserve compare``: how close a generated workload is to a real one.
 
 Both sides are reduced to the same statistics — per-window request rate and CV of the
-inter-arrival gaps, requests per occupied slot, inter-arrival gaps, input and output
-lengths — and compared with the two-sample KS statistic and the Wasserstein-1 distance
-(scaled by the real side's mean where the raw value has units, so it reads as a fraction).
+inter-arrival gaps (and their median relative errors, window by window), requests per
+occupied slot, inter-arrival gaps, the autocorrelation of requests per second at 1, 10 and
+60 s, input and output lengths — and compared with the two-sample KS statistic and the
+Wasserstein-1 distance (scaled by the real side's mean where the raw value has units, so
+it reads as a fraction).
+
+Resolution: the real side's clock is detected (``fit.resolution``); when its timestamps
+are quantised (e.g. whole milliseconds), the generated times are floored to the same clock
+before anything is compared — a continuous generator is otherwise judged on ties it cannot
+have (a trace reproduced to KS 0.004 read as 0.90).
 A trace's times start at its first request, a schedule's at its run start; a schedule made at a time
 scale other than 1 should be compared with ``--time-scale`` to undo it.
 """
@@ -22,6 +29,7 @@ from scipy import stats
 from . import plotting
 from .errors import FineserveError
 from .fit.bursts import best_slot_phase_ns, slot_counts
+from .fit.resolution import CONTINUOUS, Resolution, detect_resolution, quantise_ns
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -36,6 +44,11 @@ class Arrivals:
     input_len: IntArray
     output_len: IntArray
     notes: list[str] = field(default_factory=list)
+    #: Absolute time of the first request (a trace's clock), for its resolution.
+    origin_ns: int = 0
+
+#: Lags (s) of the per-second autocorrelation rows.
+ACF_LAGS_S = (1, 10, 60)
 
 
 def load_arrivals(path: Path, trace_options: Any = None, time_scale: float = 1.0) -> Arrivals:
@@ -48,6 +61,7 @@ def load_arrivals(path: Path, trace_options: Any = None, time_scale: float = 1.0
         raise FineserveError(f"file not found: {path}")
     with path.open("rb") as f:
         is_parquet = f.read(4) == b"PAR1"
+    origin = 0
     if is_parquet:
         chunks, _, _ = read_schedule(path)
         s = concat(list(chunks))
@@ -55,6 +69,7 @@ def load_arrivals(path: Path, trace_options: Any = None, time_scale: float = 1.0
     else:
         trace = load_trace(path, trace_options or TraceOptions())
         t, inp, out, notes = trace.t_ns, trace.input_len, trace.output_len, [trace.skip_summary()]
+        origin = trace.origin_ns
     if len(t) < 2:
         raise FineserveError(f"{path}: {len(t)} requests; comparing needs at least 2")
     # A trace's times start at its first request; a schedule's at the run start, which is
@@ -63,7 +78,7 @@ def load_arrivals(path: Path, trace_options: Any = None, time_scale: float = 1.0
         if not (time_scale > 0 and math.isfinite(time_scale)):
             raise FineserveError("--time-scale must be a positive number")
         t = np.rint(t * time_scale).astype(np.int64)
-    return Arrivals(path.name, t, inp, out, notes)
+    return Arrivals(path.name, t, inp, out, notes, origin)
 
 
 @dataclass
@@ -75,15 +90,21 @@ class Row:
     ks: float = math.nan
     #: Wasserstein-1 distance, divided by the real mean for quantities with units.
     wasserstein: float = math.nan
-    #: What is judged against ``threshold``: "KS", "W" or "error" (|gen − real| / real).
+    #: What is judged against ``threshold``: "KS", "W", "error" (|gen − real| / real),
+    #: "diff" (|gen − real|) or "score" (``score``, a distance computed elsewhere).
     check: str = ""
     threshold: float = math.nan
+    score: float = math.nan
 
     @property
     def value(self) -> float:
         if self.check == "error":
             return abs(self.generated - self.real) / self.real if self.real else math.nan
-        return {"KS": self.ks, "W": self.wasserstein}.get(self.check, math.nan)
+        if self.check == "diff":
+            return abs(self.generated - self.real)
+        return {"KS": self.ks, "W": self.wasserstein, "score": self.score}.get(
+            self.check, math.nan
+        )
 
     @property
     def ok(self) -> bool | None:
@@ -101,6 +122,10 @@ class Comparison:
     rows: list[Row]
     series: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: The real side's clock (generated times were floored to it when quantised).
+    resolution: Resolution = CONTINUOUS
+    #: Seconds each per-second series spans (for the ACF rows' noise).
+    seconds: int = 0
 
     @property
     def passed(self) -> bool:
@@ -115,6 +140,7 @@ class Comparison:
             "generated": self.generated.name,
             "window_s": self.window_s,
             "slot_ms": self.slot_ms,
+            "resolution": self.resolution.to_json(),
             "passed": self.passed,
             "metrics": [
                 {
@@ -165,6 +191,21 @@ def _pair(metric: str, a: FloatArray, b: FloatArray, *, relative: bool = True) -
     return Row(metric, mean, float(np.mean(b)), ks, w)
 
 
+def per_second_acf(t_ns: IntArray, lag_s: int) -> float:
+    """Autocorrelation of requests per second at ``lag_s`` (NaN when too short)."""
+    sec = np.bincount(t_ns // 1_000_000_000).astype(np.float64)
+    if len(sec) <= lag_s + 2:
+        return math.nan
+    x = sec - sec.mean()
+    den = float(np.dot(x, x))
+    return float(np.dot(x[:-lag_s], x[lag_s:]) / den) if den > 0 else math.nan
+
+
+def _median_error(real: FloatArray, gen: FloatArray) -> float:
+    ok = np.isfinite(real) & np.isfinite(gen) & (real > 0)
+    return float(np.median(np.abs(gen[ok] - real[ok]) / real[ok])) if ok.any() else math.nan
+
+
 def compare_arrivals(
     real: Arrivals,
     gen: Arrivals,
@@ -173,6 +214,18 @@ def compare_arrivals(
     slot_ms: float = 1.0,
     thresholds: dict[str, float] | None = None,
 ) -> Comparison:
+    notes = []
+    resolution = detect_resolution(real.t_ns + real.origin_ns)
+    if resolution.kind == "quantised" and resolution.period_ns > 1:
+        p = resolution.period_ns
+        # The real side's relative times plus its origin's phase are on the clock.
+        phase = int(real.origin_ns % p)
+        quantised = quantise_ns(gen.t_ns + phase, p) - phase
+        if not np.array_equal(quantised, gen.t_ns):
+            notes.append(
+                f"generated times floored to the real side's clock ({resolution.describe()})"
+            )
+            gen = Arrivals(gen.name, quantised, gen.input_len, gen.output_len, gen.notes)
     span_s = max(real.t_ns[-1], gen.t_ns[-1]) / 1e9
     n_win = max(1, math.ceil(span_s / window_s))
     rate_r, cv_r = window_stats(real.t_ns, window_s, n_win)
@@ -188,8 +241,20 @@ def compare_arrivals(
     rows.append(_pair("window rate (req/s)", rate_r, rate_g))
     # Window by window: Σ|gen − real| / Σ real, shown in the W column.
     aligned = float(np.abs(rate_g - rate_r).sum() / max(rate_r.sum(), 1e-12))
-    rows.append(Row("window rate, aligned", math.nan, math.nan, wasserstein=aligned, check="W"))
+    rows.append(Row("window rate, aligned", math.nan, math.nan, wasserstein=aligned))
+    rows.append(
+        Row(
+            "window rate error, median",
+            math.nan,
+            math.nan,
+            check="score",
+            score=_median_error(rate_r, rate_g),
+        )
+    )
     rows.append(_pair("window CV of gaps", cv_r, cv_g, relative=False))
+    rows.append(
+        Row("window CV error, median", math.nan, math.nan, check="score", score=_median_error(cv_r, cv_g))
+    )
     r = _pair("requests per occupied slot", slots_r.astype(float), slots_g.astype(float))
     r.ks = _discrete_ks(slots_r, slots_g)
     r.check = "KS"
@@ -200,6 +265,18 @@ def compare_arrivals(
     r = _pair("inter-arrival gap (ms)", gaps_r, gaps_g)
     r.check = "KS"
     rows.append(r)
+    sub_r, sub_g = gaps_r[gaps_r < 1.0], gaps_g[gaps_g < 1.0]
+    if len(sub_r) >= 10 and len(sub_g) >= 10:
+        rows.append(_pair("gaps under 1 ms (ms)", sub_r, sub_g))
+    for lag in ACF_LAGS_S:
+        rows.append(
+            Row(
+                f"requests/s ACF at {lag} s",
+                per_second_acf(real.t_ns, lag),
+                per_second_acf(gen.t_ns, lag),
+                check="diff",
+            )
+        )
     for metric, a, b in (
         ("input length", real.input_len, gen.input_len),
         ("output length", real.output_len, gen.output_len),
@@ -228,14 +305,14 @@ def compare_arrivals(
         "gaps_real": gaps_r,
         "gaps_gen": gaps_g,
     }
-    notes = []
     span_r, span_g = real.t_ns[-1] / 1e9, gen.t_ns[-1] / 1e9
     if abs(span_g - span_r) > 0.1 * max(span_r, span_g):
         notes.append(
             f"the spans differ ({span_r:.0f} s real, {span_g:.0f} s generated): rates are per "
             "window over the longer span, so compare workloads of the same duration"
         )
-    return Comparison(real, gen, window_s, slot_ms, rows, series, notes)
+    seconds = int(min(span_r, span_g)) + 1
+    return Comparison(real, gen, window_s, slot_ms, rows, series, notes, resolution, seconds)
 
 
 def _discrete_ks(a: IntArray, b: IntArray) -> float:

@@ -96,6 +96,9 @@ class ParametricConfig:
     disable_nb_lt10b: bool = False
     class_lengths: bool = True
     nb_zero: str = "truncate"
+    #: Spread requests uniformly inside their slot instead of the trace's placement (a
+    #: trace on a clock grid otherwise generates on the same grid).
+    dequantize: bool = False
 
 
 #: Per modality, the options that give its count and per-item budget.
@@ -211,6 +214,7 @@ class WorkloadConfig:
                 arrivals="parametric_arrivals",
                 class_lengths="class_lengths",
                 nb_zero="parametric_nb_zero",
+                dequantize="dequantize",
             ),
         )
         lengths = LengthConfig(

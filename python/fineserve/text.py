@@ -416,7 +416,7 @@ def format_comparison(c: Comparison) -> str:
     head = f"{'metric':<28} {'real':>12} {'generated':>12} {'KS':>7} {'W/mean':>8}  check"
     lines = [
         f"Compare {c.real.name} (real) with {c.generated.name} (generated); windows "
-        f"{c.window_s:g} s, slots {c.slot_ms:g} ms",
+        f"{c.window_s:g} s, slots {c.slot_ms:g} ms; real clock: {c.resolution.describe()}",
         head,
         "-" * len(head),
     ]
@@ -432,6 +432,8 @@ def format_comparison(c: Comparison) -> str:
         check = ""
         if r.ok is not None:
             check = f"{'ok  ' if r.ok else 'FAIL'} {r.check} {f(r.value)} <= {f(r.threshold)}"
+        elif r.check in ("score", "diff"):
+            check = f"{r.check} {f(r.value)}"
         lines.append(
             f"{r.metric:<28} {f(r.real):>12} {f(r.generated):>12} {f(r.ks):>7} "
             f"{f(r.wasserstein):>8}  {check}"
@@ -458,6 +460,20 @@ def format_fit_summary(r: FitResult) -> str:
             f"p90 {w['ks_gamma_p90']:.3f}; all gaps through their window's CDF: "
             f"{w['ks_all_gaps']:.3f} (Gamma), {w['ks_all_gaps_chosen_model']:.3f} (best model)"
         )
+    m = s["arrival_model"]
+    mem = m["memory"]
+    lines += [
+        f"  clock      {r.resolution.describe()}",
+        f"  model      slot process in {m['slot_ms']:g} ms slots ({m['placement']}): "
+        f"{m['events']} occupied slots in {m['busy_windows']} busy windows; gap laws with "
+        + ", ".join(f"{c} {k}-lognormal" for k, c in m["gap_law_components"].items() if c)
+        + "; memory "
+        + (
+            f"w={mem['weight']:.3f} rho={mem['rho']:.4f}"
+            if mem["weight"] > 0
+            else "none (gaps' lag-1…10 correlations not significant)"
+        ),
+    ]
     lines.append(f"  bursts     {r.burst_decision}")
     if r.bursts is not None:
         b = r.bursts

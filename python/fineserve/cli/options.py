@@ -323,11 +323,22 @@ _PARAMETRIC_OPTIONS: list[Any] = [
     ),
     click.option(
         "--parametric-arrivals",
-        type=click.Choice(["auto", "gamma"]),
+        type=click.Choice(["auto", "renewal", "gamma"]),
         default=default_of(ParametricConfig, "arrivals"),
         show_default=True,
-        help="auto: the per-window family `fineserve fit` chose (Gamma, Weibull, "
-        "Exponential) when the file records it; gamma: the Gamma columns (FineServe).",
+        help="auto: the slot-process model `fineserve fit` wrote "
+        "(Parametric/arrivals/<class>_arrivals.json) when the class has one, else as "
+        "renewal; renewal: per-window renewal gaps of the family `fineserve fit` chose "
+        "(Gamma, Weibull, Exponential) when the file records it; gamma: the Gamma columns "
+        "(FineServe).",
+    ),
+    click.option(
+        "--dequantize",
+        is_flag=True,
+        default=None,
+        help="Spread requests uniformly inside their slot instead of where the trace put "
+        "them (a trace on a clock grid, e.g. whole milliseconds, otherwise generates on the "
+        "same grid).",
     ),
     click.option(
         "--parametric-nb-json",

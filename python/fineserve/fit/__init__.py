@@ -7,7 +7,14 @@ Output layout (the layout ``--model-class`` resolves, FineServe's):
   the per-window best model and the Weibull/Exponential alternatives;
 - ``Parametric/nb/<name>_nb.json``: the micro-burst model (only when bursts are modelled);
 - ``Parametric/lengths/<name>_lengths.json``: the joint length histogram and fitted laws;
+- ``Parametric/arrivals/<name>_arrivals.json``: the slot-process model (``fit.process``:
+  per-window gap laws kept to each window's rate and CV, memory, per-window burst sizes,
+  placement inside slots, the timestamps' resolution), which the generator prefers;
 - ``<name>_fit.json``: everything above plus the fit quality, for scripts.
+
+The timestamps' resolution is detected first (``fit.resolution``): a trace quantised to,
+or on a lattice of, a period at least the slot is modelled in slots of that period with
+the trace's placement inside them, so its ties are ticks, never micro-bursts.
 
 Consistency with the generator: with micro-bursts modelled, the Gamma windows are fitted
 on the *occupied slots* (the generator's events), not on requests, and each window's
@@ -33,7 +40,6 @@ from ..errors import FineserveError
 from ..traces.base import Trace
 from .arrivals import MIN_GAPS, WindowFit, fit_windows
 from .bursts import (
-    MIN_MULTI_SHARE,
     MIN_SLOTS,
     BurstFit,
     best_slot_phase_ns,
@@ -41,6 +47,8 @@ from .bursts import (
     slot_counts,
 )
 from .lengths import LengthFit, fit_lengths
+from .process import ArrivalModel, fit_arrival_model
+from .resolution import Resolution, detect_resolution, lattice_phase_ns
 
 BURST_MODES = ("auto", "on", "off")
 
@@ -58,6 +66,9 @@ class FitResult:
     lengths: LengthFit
     #: Why micro-bursts are (not) modelled, in words.
     burst_decision: str
+    resolution: Resolution
+    #: The slot-process model (what the generator uses by default).
+    model: ArrivalModel
     notes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -152,6 +163,8 @@ def fit_trace(
             f"{trace.path}: all {len(trace)} requests have the same timestamp; there are no "
             "inter-arrival times to fit (check --timestamp-column / --timestamp-unit)"
         )
+    resolution = detect_resolution(trace.t_ns + trace.origin_ns)
+    coarse = resolution.kind != "continuous" and resolution.period_ms >= slot_ms
     # Shift by the grid phase that splits the fewest clusters (best_slot_phase_ns), so the
     # slots seen by the fit are the generator's slots.
     phase_ns = best_slot_phase_ns(trace.t_ns, slot_ms)
@@ -159,26 +172,30 @@ def fit_trace(
     _, counts = slot_counts(t_ns, slot_ms)
     multi = float((counts > 1).mean())
     burst_fit: BurstFit | None = None
-    if bursts == "on" or (
-        bursts == "auto" and multi >= MIN_MULTI_SHARE and len(counts) >= MIN_SLOTS
-    ):
+    if bursts == "on" or (bursts == "auto" and multi > 0 and len(counts) >= MIN_SLOTS and not coarse):
         if multi == 0:
             raise FineserveError(
                 f"--bursts on: no {slot_ms:g} ms slot holds more than one request; nothing to fit"
             )
         burst_fit = fit_bursts(counts, slot_ms)
         decision = (
-            f"modelled: {multi:.1%} of {len(counts)} occupied {slot_ms:g} ms slots hold more than "
-            "one request"
+            f"modelled: {multi:.2%} of {len(counts)} occupied {slot_ms:g} ms slots hold more "
+            "than one request"
         )
     elif bursts == "off":
         decision = "off (--bursts off)"
+    elif coarse and multi > 0:
+        decision = (
+            f"not modelled: {resolution.describe()}; the {multi:.2%} of slots holding several "
+            "requests are ties of that clock, which the arrival model keeps as ticks"
+        )
     else:
         decision = (
             f"not modelled: {multi:.2%} of {len(counts)} occupied {slot_ms:g} ms slots hold more "
-            f"than one request (auto needs >= {MIN_MULTI_SHARE:.0%} of >= {MIN_SLOTS} slots)"
+            f"than one request (auto needs one such slot among >= {MIN_SLOTS})"
         )
-    notes: list[str] = []
+    model = _fit_model(trace, resolution, window_s, slot_ms, burst_fit, phase_ns)
+    notes: list[str] = [] if burst_fit is None else list(burst_fit.notes)
     if burst_fit is not None:
         # Events are the occupied slots, timed by their first request.
         event_ns = t_ns[np.concatenate([[0], np.cumsum(counts)[:-1]])]
@@ -203,7 +220,41 @@ def fit_trace(
         bursts=burst_fit,
         lengths=lengths,
         burst_decision=decision,
+        resolution=resolution,
+        model=model,
         notes=notes,
+    )
+
+
+def _fit_model(
+    trace: Trace,
+    resolution: Resolution,
+    window_s: float,
+    slot_ms: float,
+    burst_fit: BurstFit | None,
+    phase_ns: int,
+) -> ArrivalModel:
+    """The slot-process model, in slots of the trace's clock when that is coarser than
+    ``slot_ms`` (with the grid on its ticks), else of ``slot_ms``."""
+    abs_t = trace.t_ns + trace.origin_ns
+    if resolution.kind == "continuous" or resolution.period_ms < slot_ms:
+        model_slot_ms = slot_ms
+        t_ns = trace.t_ns + phase_ns
+    else:
+        model_slot_ms = resolution.period_ms
+        p = resolution.period_ns
+        if resolution.kind == "lattice":
+            t_ns = trace.t_ns + lattice_phase_ns(abs_t, trace.t_ns, p)
+        else:
+            # Relative times + the origin's phase are on the ticks.
+            t_ns = trace.t_ns + int(trace.origin_ns % p)
+    count_fit = burst_fit if model_slot_ms == slot_ms else None
+    if count_fit is None:
+        _, counts = slot_counts(t_ns, model_slot_ms)
+        if int(counts.max()) > 1:
+            count_fit = fit_bursts(counts, model_slot_ms)
+    return fit_arrival_model(
+        t_ns, window_s=window_s, slot_ms=model_slot_ms, resolution=resolution, bursts=count_fit
     )
 
 
@@ -233,9 +284,10 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
     gamma_path = out_dir / "Parametric" / "gamma" / gamma_file_name(result.name, result.window_s)
     nb_path = out_dir / "Parametric" / "nb" / f"{result.name}_nb.json"
     len_path = out_dir / "Parametric" / "lengths" / f"{result.name}_lengths.json"
+    arrivals_path = out_dir / "Parametric" / "arrivals" / f"{result.name}_arrivals.json"
     summary_path = out_dir / f"{result.name}_fit.json"
     try:
-        for p in (gamma_path, nb_path, len_path):
+        for p in (gamma_path, nb_path, len_path, arrivals_path):
             p.parent.mkdir(parents=True, exist_ok=True)
         w = result.windows
         with gamma_path.open("w", newline="") as f:
@@ -262,8 +314,14 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
                         _num(w.loglik["exponential"][i]),
                     ]
                 )
-        files = {"gamma": gamma_path, "lengths": len_path, "summary": summary_path}
+        files = {
+            "gamma": gamma_path,
+            "lengths": len_path,
+            "arrivals": arrivals_path,
+            "summary": summary_path,
+        }
         meta = {"source": result.source, "fitted_by": "fineserve fit", "command": command}
+        arrivals_path.write_text(json.dumps({**result.model.to_json(), **meta}) + "\n")
         if result.bursts is not None:
             nb_path.write_text(json.dumps({**result.bursts.to_json(), **meta}, indent=1) + "\n")
             files["nb"] = nb_path
@@ -309,6 +367,8 @@ def fit_summary(r: FitResult) -> dict[str, Any]:
         },
         "bursts": None if r.bursts is None else r.bursts.to_json(),
         "burst_decision": r.burst_decision,
+        "resolution": r.resolution.to_json(),
+        "arrival_model": model_summary(r.model),
         "lengths": {
             "fitted": r.lengths.params,
             "ks_stat": r.lengths.ks,
@@ -317,6 +377,25 @@ def fit_summary(r: FitResult) -> dict[str, Any]:
         "notes": r.notes,
     }
     return out
+
+
+def model_summary(m: ArrivalModel) -> dict[str, Any]:
+    w = m.windows
+    return {
+        "slot_ms": m.slot_ms,
+        "windows": len(w),
+        "busy_windows": int(np.count_nonzero(w.n_events)),
+        "events": int(w.n_events.sum()),
+        "requests": int(w.n_requests.sum()),
+        "gap_law_components": {
+            str(k): int(sum(1 for c in w.mixtures if len(c) == k)) for k in (1, 2, 3)
+        },
+        "memory": {"weight": m.memory_weight, "rho": m.memory_rho},
+        "count_components": len(m.count_components),
+        "placement": "on the ticks"
+        if float(m.first_offset_q[-1]) == 0 and float(m.member_gap_q[-1]) == 0
+        else "learned offsets",
+    }
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -328,5 +407,6 @@ __all__ = [
     "FitResult",
     "fit_trace",
     "gamma_file_name",
+    "model_summary",
     "write_fit",
 ]

@@ -19,7 +19,9 @@ estimates the parameters of that process:
 - ``zt_nb_mixture``: two zero-truncated NB components by maximum likelihood (a burst
   process often mixes lone requests with a heavy tail of fan-outs).
 
-The model with the lowest BIC is chosen; all candidates are reported. Everything runs on
+The model with the lowest BIC is chosen among the non-degenerate ones (a component at
+the fit's bounds — alpha at its ceiling with a vanishing mean is the logarithmic-series
+limit, not a law the data pin down); all candidates are reported. Everything runs on
 the histogram of counts (a few dozen distinct values), so fitting costs nothing next to
 finding the slots.
 """
@@ -37,9 +39,8 @@ from scipy import optimize, special, stats
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 
-#: ``--bursts auto`` models micro-bursts when at least this share of occupied slots holds
-#: more than one request, over at least MIN_SLOTS occupied slots.
-MIN_MULTI_SHARE = 0.01
+#: ``--bursts auto`` models micro-bursts when any of at least MIN_SLOTS occupied slots
+#: holds more than one request (the zero-truncated law goes continuously to "always one").
 MIN_SLOTS = 200
 #: Lower bound of alpha in the fits: alpha → 0 is the (zero-truncated) Poisson limit.
 MIN_ALPHA = 1e-6
@@ -138,6 +139,7 @@ class BurstFit:
     candidates: dict[str, Candidate] = field(default_factory=dict)
     chosen: str = ""
     ks_pvalue: float = math.nan
+    notes: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> Candidate:
@@ -259,6 +261,16 @@ def _fit_mixture(values: FloatArray, freq: FloatArray) -> tuple[list[Component],
     return best
 
 
+#: A component is degenerate when its alpha is this close to the ceiling or its mean is
+#: below this (with the mixture's weight, such a component holds no data).
+DEGENERATE_ALPHA = 0.99 * 1e3
+DEGENERATE_MU = 1e-4
+
+
+def degenerate(components: list[Component]) -> bool:
+    return any(c.alpha >= DEGENERATE_ALPHA or c.mu <= DEGENERATE_MU for c in components)
+
+
 def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
     """Fits the candidates to counts per occupied slot (all ≥ 1)."""
     values, freq = np.unique(counts, return_counts=True)
@@ -310,7 +322,18 @@ def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
     if len(values) >= 3:
         comps, ll_mix = _fit_mixture(v, f)
         add("zt_nb_mixture", comps, ll_mix, 5)
-    fit.chosen = min(fit.candidates.values(), key=lambda c: c.bic).name
+    best = min(fit.candidates.values(), key=lambda c: c.bic)
+    sound = [c for c in fit.candidates.values() if not degenerate(c.components)]
+    if degenerate(best.components) and sound:
+        fallback = min(sound, key=lambda c: c.bic)
+        fit.notes.append(
+            f"burst fit: {best.name} has a component at the fit's bounds (alpha "
+            f"{max(x.alpha for x in best.components):.3g}, mu "
+            f"{min(x.mu for x in best.components):.3g}); using {fallback.name} "
+            f"(BIC {fallback.bic - best.bic:+.1f})"
+        )
+        best = fallback
+    fit.chosen = best.name
     # Conservative for discrete data (the KS null distribution assumes a continuous CDF).
     fit.ks_pvalue = float(stats.kstwo.sf(fit.best.ks, n))
     return fit

@@ -51,7 +51,7 @@ from .lengths import LengthSampler
 
 DATASETS_ENV = "FINESERVE_DATASETS"
 EXTENSION_MODES = ("repeat_jitter", "model_sample")
-ARRIVAL_MODES = ("auto", "gamma")
+ARRIVAL_MODES = ("auto", "renewal", "gamma")
 
 
 @dataclass
@@ -126,8 +126,10 @@ class NegBinom:
     def draw(
         self, n: int, rng: np.random.Generator, *, truncate: bool = False
     ) -> npt.NDArray[np.int64]:
-        """``n`` counts; with ``truncate`` zeros are redrawn *within their component*, so
-        a mixture yields Σ w·ZTNB (the law ``fineserve fit`` estimates)."""
+        """``n`` counts; with ``truncate`` each component is drawn from its
+        zero-truncated law (inverse CDF over its pmf, never by redrawing zeros, which
+        takes ~1/P(K > 0) draws: ~17,800 per slot for a component with mean 6e-5), so a
+        mixture yields Σ w·ZTNB (the law ``fineserve fit`` estimates)."""
         parts = self._parts()
         if len(parts) == 1:
             which = np.zeros(n, dtype=np.int64)
@@ -137,13 +139,11 @@ class NegBinom:
         out = np.zeros(n, dtype=np.int64)
         for c, (_, mu, alpha) in enumerate(parts):
             idx = np.flatnonzero(which == c)
-            vals = self._draw_one(mu, alpha, len(idx), rng)
             if truncate:
-                zero = np.flatnonzero(vals == 0)
-                while len(zero):
-                    vals[zero] = self._draw_one(mu, alpha, len(zero), rng)
-                    zero = zero[vals[zero] == 0]
-            out[idx] = vals
+                cdf = _zt_cdf(mu, alpha)
+                out[idx] = np.searchsorted(cdf, rng.random(len(idx)), side="right") + 1
+            else:
+                out[idx] = self._draw_one(mu, alpha, len(idx), rng)
         return out
 
     def pmf(self, k: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
@@ -163,6 +163,22 @@ class NegBinom:
         if self.components:
             d["components"] = [list(c) for c in self.components]
         return d
+
+
+def _zt_cdf(mu: float, alpha: float) -> npt.NDArray[np.float64]:
+    """CDF of the zero-truncated NB at 1, 2, … until it reaches 1 − 1e-12 (table capped
+    at 2^22 entries: the rest of the mass, if any, goes to the last)."""
+    from ..fit.bursts import zt_nb_logpmf
+
+    top = max(64, int(20 * mu))
+    while True:
+        pmf = np.exp(zt_nb_logpmf(np.arange(1, top + 1, dtype=np.float64), mu, alpha))
+        cdf = np.cumsum(pmf)
+        if cdf[-1] >= 1 - 1e-12 or top >= 1 << 22:
+            break
+        top *= 4
+    out: npt.NDArray[np.float64] = cdf / cdf[-1]
+    return out
 
 
 def datasets_dirs(user_dir: Path | None) -> list[Path]:
@@ -186,6 +202,8 @@ class ClassFiles:
     gamma: Path
     nb: Path | None
     lengths: Path | None
+    #: ``fineserve fit``'s slot-process model, when the class has one.
+    arrivals: Path | None = None
 
 
 def resolve_class_files(model_class: str, user_dir: Path | None) -> ClassFiles:
@@ -203,8 +221,12 @@ def resolve_class_files(model_class: str, user_dir: Path | None) -> ClassFiles:
             gamma = others[0]
         nb = d / "Parametric" / "nb" / f"{model_class}_nb.json"
         lengths = d / "Parametric" / "lengths" / f"{model_class}_lengths.json"
+        arrivals = d / "Parametric" / "arrivals" / f"{model_class}_arrivals.json"
         return ClassFiles(
-            gamma, nb if nb.is_file() else None, lengths if lengths.is_file() else None
+            gamma,
+            nb if nb.is_file() else None,
+            lengths if lengths.is_file() else None,
+            arrivals if arrivals.is_file() else None,
         )
     raise FineserveError(
         f"--model-class {model_class}: no parameter file; looked for {', '.join(tried)} "
@@ -226,9 +248,10 @@ def load_gamma_windows(
     are consecutive and ``window_seconds`` long. Rows with invalid parameters are errors
     (a window cannot be skipped without shifting everything after it).
 
-    ``arrivals="auto"`` uses the family that ``fineserve fit`` chose per window (its
-    ``model`` column: Weibull or Exponential windows take their own columns) when the
-    file has one; ``"gamma"`` always uses the Gamma columns, as FineServe does."""
+    ``arrivals="auto"`` or ``"renewal"`` uses the family that ``fineserve fit`` chose per
+    window (its ``model`` column: Weibull or Exponential windows take their own columns)
+    when the file has one; ``"gamma"`` always uses the Gamma columns, as FineServe does.
+    (With ``auto`` a class that has a slot-process model uses that instead of this file.)"""
     from ..traces.base import numeric, require_columns
     from ..traces.readers import read_csv_strings
 
@@ -273,7 +296,7 @@ def load_gamma_windows(
     weibull = np.zeros(len(shape), dtype=bool)
     if arrivals not in ARRIVAL_MODES:
         raise FineserveError(f"--parametric-arrivals must be one of {', '.join(ARRIVAL_MODES)}")
-    if arrivals == "auto" and "model" in names:
+    if arrivals != "gamma" and "model" in names:
         shape, scale = shape.copy(), scale.copy()
         _apply_fitted_families(path, table, shape, scale, weibull)
     return GammaWindows(start, end, shape, scale, source=str(path), weibull=weibull)
@@ -310,6 +333,22 @@ def _apply_fitted_families(
             )
         shape[rows], scale[rows] = k, theta
         weibull[rows] = family == "weibull"
+
+
+def load_arrival_model(path: Path) -> Any:
+    """``Parametric/arrivals/<class>_arrivals.json`` (``fit.process.ArrivalModel``)."""
+    from ..fit.process import ArrivalModel
+
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise FineserveError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict):
+        raise FineserveError(f"{path}: expected a JSON object")
+    return ArrivalModel.from_json(d, str(path))
 
 
 def load_nb_json(path: Path) -> NegBinom:

@@ -19,11 +19,13 @@ from ..traces import load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
 from .mix import label, merge_streams
+from .fitted import fitted_chunks
 from .parametric import (
     ClassFiles,
     NegBinom,
     load_gamma_windows,
     load_nb_json,
+    load_arrival_model,
     parametric_chunks,
     resolve_class_files,
 )
@@ -344,6 +346,38 @@ def _parametric(
     seeds = np.random.SeedSequence(int(rng.integers(2**63))).spawn(len(classes))
     info["classes"] = []
     for (cls, files), ss in zip(classes, seeds):
+        lengths, lengths_source = _class_lengths(
+            cls, files, default_lengths, cfg.lengths, pc, notes
+        )
+        if files.arrivals is not None and pc.arrivals == "auto" and pc.nb_json is None:
+            model = load_arrival_model(files.arrivals)
+            info["classes"].append(
+                {
+                    "class": cls,
+                    "arrival_model": str(files.arrivals),
+                    "resolution": model.resolution.to_json(),
+                    "dequantize": pc.dequantize,
+                    "lengths": lengths_source,
+                }
+            )
+            if pc.dequantize and model.resolution.kind == "continuous":
+                notes.append(f"{cls}: --dequantize has no effect: the trace had no clock grid")
+            streams.append(
+                label(
+                    fitted_chunks(
+                        model,
+                        lengths,
+                        np.random.default_rng(ss),
+                        time_scale=cfg.time_scale,
+                        duration_s=cfg.duration_s,
+                        extension_mode=pc.extension_mode,
+                        jitter_ratio=pc.jitter_ratio,
+                        dequantize=pc.dequantize,
+                    ),
+                    cls,
+                )
+            )
+            continue
         windows = load_gamma_windows(
             files.gamma,
             window_seconds=pc.window_s,
@@ -354,9 +388,6 @@ def _parametric(
             arrivals=pc.arrivals,
         )
         nb = _class_nb(cls, files, explicit_nb, pc, notes)
-        lengths, lengths_source = _class_lengths(
-            cls, files, default_lengths, cfg.lengths, pc, notes
-        )
         info["classes"].append(
             {
                 "class": cls,

@@ -1,0 +1,460 @@
+"""The slot-process arrival model that ``fineserve fit`` writes as
+``Parametric/arrivals/<name>_arrivals.json`` and the generator reads
+(``workloads.fitted``).
+
+Time is cut into slots (1 ms by default, or the trace's clock period when its timestamps
+are coarser: ``fit.resolution``). The model has four layers, each fitted on what the
+generator makes of it:
+
+1. **Events**: the occupied slots. Per window, the count of events and the law of the
+   gaps D between them, in slots: the empirical probabilities of D = 1…8 (the body: on a
+   slot grid a continuous law gets the smallest gaps wrong) and, beyond, a mixture of 1–3
+   log-normals fitted by EM on log(D − U), U uniform (dequantised), the number of
+   components by BIC (windows with < 30 long gaps take the pooled law). The generator
+   calibrates each window's drawn gaps to the window's measured event count and CV (a
+   monotone map of the tail, so the body and the gaps' order are kept): a heavy-tailed
+   sample's CV scatters far from its law's, and users judge a generator window by window.
+2. **Memory**: consecutive gaps are dependent through a Gaussian copula whose latent
+   series is a slow AR(1) plus white noise, z = √w·s + √(1−w)·e; (w, ρ) are fitted by
+   least squares to the autocorrelation of the gaps' normal scores at lags 1…200
+   (w·ρ^k). This keeps ON/OFF persistence (per-second count ACF) that independent gaps
+   lose; w = 0 when the lag-1 to lag-10 correlations are not significant.
+3. **Counts**: requests per occupied slot, the zero-truncated NB (mixture) of
+   ``fit.bursts`` fitted on all slots, with each window's mean count kept (components'
+   means scaled per window), so burst-size trends survive. Sampled directly by inverse
+   CDF (no rejection of zeros).
+4. **Placement**: where requests sit inside their slot — the first member's offset and
+   the gaps between members, as empirical quantiles (all zero for a quantised trace, which
+   keeps generated times on its clock).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import special
+
+from ..errors import FineserveError
+from .bursts import BurstFit
+from .resolution import Resolution
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+FORMAT = "fineserve-arrivals/1"
+MAX_COMPONENTS = 3
+#: Windows with fewer gaps take one log-normal with the trace's pooled log-spread.
+MIN_GAPS = 10
+#: EM sees at most this many gaps of a window (a uniform subsample): the law has ≤ 8
+#: parameters, and fit time must stay ~linear in the trace.
+EM_MAX_GAPS = 4000
+EM_ITERATIONS = 80
+#: Lags of the normal scores' autocorrelation used to fit the memory.
+MEMORY_LAGS = 200
+QUANTILES = 65
+#: Gaps of 1…SMALL_GAPS slots have their own empirical probabilities per window.
+SMALL_GAPS = 8
+#: A window's tail law needs this many long gaps; with fewer it takes the pooled one.
+MIN_TAIL_FIT = 30
+
+
+@dataclass
+class WindowLaws:
+    """Per window: bounds (ms), events and requests counted in the trace, the CV of its
+    event gaps (in slots), and its gap law (log-normal mixture over gaps in slots)."""
+
+    start_ms: FloatArray
+    end_ms: FloatArray
+    n_events: IntArray
+    n_requests: IntArray
+    #: The slots (from the window's start) of its first and last event: the generator
+    #: fills exactly that stretch, so a window busy for 5 s of its 300 stays so.
+    first_event_slot: IntArray
+    last_event_slot: IntArray
+    event_gap_cv: FloatArray
+    #: [window][d − 1] = P(gap = d slots) for d = 1…SMALL_GAPS (the body of the law,
+    #: empirical: gaps of a few slots are what a continuous law on a grid gets wrong).
+    small_pmf: list[list[float]]
+    #: [window][component] = (weight, mu, sigma) of log(gap in slots) given a gap longer
+    #: than SMALL_GAPS slots.
+    mixtures: list[list[tuple[float, float, float]]]
+
+    def __len__(self) -> int:
+        return len(self.start_ms)
+
+
+@dataclass
+class ArrivalModel:
+    slot_ms: float
+    resolution: Resolution
+    windows: WindowLaws
+    #: Copula memory: weight of the slow component and its AR(1) coefficient.
+    memory_weight: float
+    memory_rho: float
+    #: Zero-truncated NB components (weight, mu, alpha) of requests per occupied slot;
+    #: empty when no slot holds more than one request.
+    count_components: list[tuple[float, float, float]]
+    #: Quantiles (at QUANTILES evenly spaced levels) of the first member's offset in its
+    #: slot and of the gaps between members, in slot units.
+    first_offset_q: FloatArray
+    member_gap_q: FloatArray
+    #: Normal-score ACF of the trace's event gaps at lags 1.. (for the record).
+    gap_score_acf: FloatArray = field(default_factory=lambda: np.zeros(0))
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        w = self.windows
+        return {
+            "format": FORMAT,
+            "slot_ms": self.slot_ms,
+            "resolution": self.resolution.to_json(),
+            "memory": {
+                "weight": self.memory_weight,
+                "rho": self.memory_rho,
+                "gap_score_acf": [round(float(x), 5) for x in self.gap_score_acf[:20]],
+            },
+            "counts": {
+                "components": [
+                    {"weight": c[0], "nb_mu": c[1], "nb_alpha": c[2]}
+                    for c in self.count_components
+                ],
+                "law": "zero-truncated NB mixture; per-window mean = n_requests / n_events",
+            },
+            "placement": {
+                "first_offset_quantiles": [float(x) for x in self.first_offset_q],
+                "member_gap_quantiles": [float(x) for x in self.member_gap_q],
+            },
+            "windows": {
+                "start_ms": [float(x) for x in w.start_ms],
+                "end_ms": [float(x) for x in w.end_ms],
+                "n_events": [int(x) for x in w.n_events],
+                "n_requests": [int(x) for x in w.n_requests],
+                "first_event_slot": [int(x) for x in w.first_event_slot],
+                "last_event_slot": [int(x) for x in w.last_event_slot],
+                "event_gap_cv": [None if not math.isfinite(x) else float(x) for x in w.event_gap_cv],
+                "small_gap_pmf": [[round(p, 8) for p in q] for q in w.small_pmf],
+                "gap_law": [[list(c) for c in m] for m in w.mixtures],
+            },
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "") -> ArrivalModel:
+        where = source or "arrival model"
+        if d.get("format") != FORMAT:
+            raise FineserveError(f"{where}: not a {FORMAT} file (format {d.get('format')!r})")
+        try:
+            wd = d["windows"]
+            windows = WindowLaws(
+                start_ms=np.asarray(wd["start_ms"], dtype=np.float64),
+                end_ms=np.asarray(wd["end_ms"], dtype=np.float64),
+                n_events=np.asarray(wd["n_events"], dtype=np.int64),
+                n_requests=np.asarray(wd["n_requests"], dtype=np.int64),
+                first_event_slot=np.asarray(wd["first_event_slot"], dtype=np.int64),
+                last_event_slot=np.asarray(wd["last_event_slot"], dtype=np.int64),
+                event_gap_cv=np.asarray(
+                    [math.nan if x is None else x for x in wd["event_gap_cv"]], dtype=np.float64
+                ),
+                small_pmf=[[float(p) for p in q] for q in wd["small_gap_pmf"]],
+                mixtures=[[(float(a), float(b), float(c)) for a, b, c in m] for m in wd["gap_law"]],
+            )
+            model = cls(
+                slot_ms=float(d["slot_ms"]),
+                resolution=Resolution.from_json(d["resolution"]),
+                windows=windows,
+                memory_weight=float(d["memory"]["weight"]),
+                memory_rho=float(d["memory"]["rho"]),
+                count_components=[
+                    (float(c["weight"]), float(c["nb_mu"]), float(c["nb_alpha"]))
+                    for c in d["counts"]["components"]
+                ],
+                first_offset_q=np.asarray(
+                    d["placement"]["first_offset_quantiles"], dtype=np.float64
+                ),
+                member_gap_q=np.asarray(d["placement"]["member_gap_quantiles"], dtype=np.float64),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FineserveError(f"{where}: malformed arrival model ({e})") from None
+        model.check(where)
+        return model
+
+    def check(self, where: str) -> None:
+        w = self.windows
+        n = len(w.start_ms)
+        if not (self.slot_ms > 0 and math.isfinite(self.slot_ms)):
+            raise FineserveError(f"{where}: slot_ms must be > 0")
+        if n == 0 or any(
+            len(a) != n
+            for a in (w.end_ms, w.n_events, w.n_requests, w.event_gap_cv, w.small_pmf, w.mixtures)
+        ):
+            raise FineserveError(f"{where}: window arrays must be non-empty and of one length")
+        if np.any(w.end_ms <= w.start_ms) or np.any(np.diff(w.start_ms) < 0):
+            raise FineserveError(f"{where}: windows must be in order with end > start")
+        if np.any(w.n_events < 0) or np.any(w.n_requests < w.n_events):
+            raise FineserveError(f"{where}: need 0 <= n_events <= n_requests in every window")
+        busy = w.n_events > 0
+        span = w.last_event_slot - w.first_event_slot
+        if len(w.first_event_slot) != n or len(w.last_event_slot) != n or np.any(
+            busy & ((w.first_event_slot < 0) | (span < w.n_events - 1))
+        ):
+            raise FineserveError(
+                f"{where}: each busy window needs 0 <= first_event_slot and room for its "
+                "events up to last_event_slot"
+            )
+        for i, (m, q) in enumerate(zip(w.mixtures, w.small_pmf)):
+            if any(not (a >= 0 and c > 0) for a, _, c in m):
+                raise FineserveError(f"{where}: window {i}: gap law needs weights >= 0, sigma > 0")
+            if len(q) != SMALL_GAPS or any(not 0 <= p <= 1 for p in q) or sum(q) > 1 + 1e-6:
+                raise FineserveError(
+                    f"{where}: window {i}: small_gap_pmf needs {SMALL_GAPS} probabilities "
+                    "summing to <= 1"
+                )
+            if w.n_events[i] and sum(q) < 1 - 1e-6 and not m:
+                raise FineserveError(f"{where}: window {i}: gaps past the small ones but no law")
+        if not (0 <= self.memory_weight <= 1 and 0 <= self.memory_rho < 1):
+            raise FineserveError(f"{where}: memory weight must be in [0, 1] and rho in [0, 1)")
+        for q in (self.first_offset_q, self.member_gap_q):
+            if len(q) < 2 or np.any(np.diff(q) < 0) or q[0] < 0 or q[-1] > 1:
+                raise FineserveError(f"{where}: placement quantiles must rise within [0, 1]")
+
+
+# --- fitting -------------------------------------------------------------------------
+
+
+def _mixture_em(
+    logx: FloatArray, k: int, rng: np.random.Generator
+) -> tuple[list[tuple[float, float, float]], float]:
+    """A k-component Gaussian mixture of ``logx`` by EM; (components, log-likelihood)."""
+    n = len(logx)
+    qs = np.quantile(logx, (np.arange(k) + 0.5) / k)
+    sd = float(np.std(logx)) or 1.0
+    w = np.full(k, 1.0 / k)
+    mu = qs.astype(np.float64)
+    sig = np.full(k, max(sd / k, 1e-3))
+    ll_prev = -math.inf
+    ll = -math.inf
+    for _ in range(EM_ITERATIONS):
+        z = (logx[:, None] - mu) / sig
+        logp = np.log(np.maximum(w, 1e-300)) - 0.5 * z * z - np.log(sig) - 0.5 * math.log(2 * math.pi)
+        top = logp.max(axis=1, keepdims=True)
+        dens = np.exp(logp - top)
+        tot = dens.sum(axis=1, keepdims=True)
+        ll = float(np.sum(np.log(tot[:, 0]) + top[:, 0]))
+        resp = dens / tot
+        nk = resp.sum(axis=0) + 1e-12
+        w = nk / n
+        mu = (resp * logx[:, None]).sum(axis=0) / nk
+        var = (resp * (logx[:, None] - mu) ** 2).sum(axis=0) / nk
+        # A floor on the spread: a component on one repeated value would have infinite
+        # likelihood (dequantised gaps make exact repeats rare, the floor makes them safe).
+        sig = np.sqrt(np.maximum(var, 1e-4))
+        if ll - ll_prev < 1e-6 * abs(ll) + 1e-9:
+            break
+        ll_prev = ll
+    del rng
+    comps = sorted(((float(a), float(b), float(c)) for a, b, c in zip(w, mu, sig)), key=lambda c: c[1])
+    return [c for c in comps if c[0] > 1e-9], ll
+
+
+def mixture_moments(comps: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Mean and CV of a log-normal mixture."""
+    w = np.array([c[0] for c in comps])
+    mu = np.array([c[1] for c in comps])
+    s = np.array([c[2] for c in comps])
+    w = w / w.sum()
+    m1 = float(np.sum(w * np.exp(mu + s * s / 2)))
+    m2 = float(np.sum(w * np.exp(2 * mu + 2 * s * s)))
+    return m1, math.sqrt(max(m2 / (m1 * m1) - 1, 0.0))
+
+
+def _fit_window_law(
+    x: FloatArray, rng: np.random.Generator
+) -> tuple[list[tuple[float, float, float]], float]:
+    """The gap law of one window (gaps x in slots) and the sample's CV."""
+    cv = float(np.std(x) / np.mean(x))
+    sample = x if len(x) <= EM_MAX_GAPS else rng.choice(x, EM_MAX_GAPS, replace=False)
+    logx = np.log(sample)
+    fits = []
+    for k in range(1, MAX_COMPONENTS + 1):
+        if len(sample) < 20 * k:
+            break
+        comps, ll = _mixture_em(logx, k, rng)
+        bic = (3 * len(comps) - 1) * math.log(len(sample)) - 2 * ll
+        fits.append((bic, comps))
+    # By BIC alone: the window's CV is kept by the generator's calibration, not the law.
+    best = min(fits, key=lambda f: f[0])
+    return best[1], cv
+
+
+def _normal_scores(x: FloatArray, seg: IntArray, rng: np.random.Generator) -> FloatArray:
+    """Φ⁻¹ of each gap's rank within its window (ties broken at random)."""
+    order = np.lexsort((rng.random(len(x)), x, seg))
+    rank = np.empty(len(x), dtype=np.float64)
+    counts = np.bincount(seg)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(len(x)) - start[seg[order]]
+    rank[order] = pos
+    n_seg = counts[seg].astype(np.float64)
+    scores: FloatArray = special.ndtri((rank + 0.5) / n_seg)
+    return scores
+
+
+def _acf(z: FloatArray, lags: int) -> FloatArray:
+    z = z - z.mean()
+    n = len(z)
+    m = 1 << int(math.ceil(math.log2(2 * n)))
+    f = np.fft.rfft(z, m)
+    ac = np.fft.irfft(f * np.conj(f), m)[: lags + 1]
+    return ac[1:] / ac[0] if ac[0] > 0 else np.zeros(lags)
+
+
+def fit_memory(scores: FloatArray) -> tuple[float, float, FloatArray]:
+    """(w, ρ) of z = √w·AR1(ρ) + √(1−w)·noise from the scores' ACF, by least squares on
+    lags 1…MEMORY_LAGS; (0, 0) when lags 1–10 are not significant."""
+    n = len(scores)
+    lags = min(MEMORY_LAGS, max(n // 20, 1))
+    if n < 100:
+        return 0.0, 0.0, np.zeros(0)
+    a = _acf(scores, lags)
+    noise = 1 / math.sqrt(n)
+    # Significance: the mean of the first ten correlations against its null s.d.
+    first = a[: min(10, lags)]
+    if first.mean() < 3 * noise / math.sqrt(len(first)):
+        return 0.0, 0.0, a
+    k = np.arange(1, lags + 1, dtype=np.float64)
+    best = (math.inf, 0.0, 0.0)
+    for rho in 1 - np.geomspace(1e-3, 0.9, 120):
+        basis = rho**k
+        wt = float(np.dot(a, basis) / np.dot(basis, basis))
+        wt = min(max(wt, 0.0), 1.0)
+        err = float(np.sum((a - wt * basis) ** 2))
+        if err < best[0]:
+            best = (err, wt, float(rho))
+    return best[1], best[2], a
+
+
+def _quantiles(v: FloatArray) -> FloatArray:
+    if not len(v):
+        return np.zeros(QUANTILES)
+    q: FloatArray = np.quantile(np.clip(v, 0.0, 1.0), np.linspace(0, 1, QUANTILES))
+    return np.maximum.accumulate(q)
+
+
+def fit_arrival_model(
+    t_ns: IntArray,
+    *,
+    window_s: float,
+    slot_ms: float,
+    resolution: Resolution,
+    bursts: BurstFit | None,
+    seed: int = 0,
+) -> ArrivalModel:
+    """Fits the model to request times ``t_ns`` (sorted, relative, already shifted to the
+    slot grid's phase). ``bursts`` is the count law fitted on the same slots."""
+    rng = np.random.default_rng(seed)
+    slot_ns = slot_ms * 1e6
+    slot = np.floor(t_ns / slot_ns).astype(np.int64)
+    first = np.concatenate([[True], slot[1:] != slot[:-1]])
+    ev_idx = np.flatnonzero(first)
+    ev_slot = slot[ev_idx]
+    counts = np.diff(np.append(ev_idx, len(slot)))
+    # Placement inside slots, in slot units.
+    offset = (t_ns - slot * slot_ns) / slot_ns
+    member_gaps = np.diff(offset)[~first[1:]]
+    first_offset = offset[ev_idx]
+
+    w_slots = window_s * 1e3 / slot_ms
+    span_ms = float(t_ns[-1]) / 1e6
+    w_ms = window_s * 1e3
+    n_win = max(1, math.ceil(span_ms / w_ms + 1e-12))
+    if n_win * w_ms <= span_ms:
+        n_win += 1
+    start = np.arange(n_win) * w_ms
+    # The last window ends with the trace (plus a slot): its events are its own rate.
+    end = np.minimum(start + w_ms, (math.floor(span_ms / slot_ms) + 1) * slot_ms)
+    ev_win = np.minimum((ev_slot / w_slots).astype(np.int64), n_win - 1)
+    n_events = np.bincount(ev_win, minlength=n_win).astype(np.int64)
+    n_requests = np.bincount(ev_win, weights=counts, minlength=n_win).astype(np.int64)
+    win_first_slot = np.round(start / slot_ms).astype(np.int64)
+    first_event_slot = np.zeros(n_win, dtype=np.int64)
+    last_event_slot = np.zeros(n_win, dtype=np.int64)
+    busy = n_events > 0
+    ev_start = np.concatenate([[0], np.cumsum(n_events)[:-1]])
+    first_event_slot[busy] = ev_slot[ev_start[busy]] - win_first_slot[busy]
+    last_event_slot[busy] = ev_slot[ev_start[busy] + n_events[busy] - 1] - win_first_slot[busy]
+
+    d = np.diff(ev_slot).astype(np.float64)  # ≥ 1
+    seg = ev_win[:-1]
+    # Dequantised: ceil(x) = d; the floor keeps a log finite.
+    x = np.maximum(d - rng.random(len(d)), 1e-6)
+    small = d <= SMALL_GAPS
+    small_counts = np.zeros((n_win, SMALL_GAPS + 1))
+    np.add.at(small_counts, (seg[small], d[small].astype(np.int64)), 1.0)
+    gaps_per_win = np.bincount(seg, minlength=n_win)
+    pooled_law: list[tuple[float, float, float]] = []
+    if np.count_nonzero(~small) >= MIN_TAIL_FIT:
+        pooled_law, _ = _fit_window_law(x[~small], rng)
+    elif np.any(~small):
+        lx = np.log(x[~small])
+        pooled_law = [(1.0, float(lx.mean()), max(float(lx.std()), 0.05))]
+    pooled_pmf = small_counts.sum(axis=0)[1:] / max(len(d), 1)
+    cvs = np.full(n_win, math.nan)
+    mixtures: list[list[tuple[float, float, float]]] = []
+    small_pmf: list[list[float]] = []
+    bounds = np.searchsorted(seg, np.arange(n_win + 1))
+    for i in range(n_win):
+        lo, hi = bounds[i], bounds[i + 1]
+        di, xi, si = d[lo:hi], x[lo:hi], small[lo:hi]
+        if len(di) >= 2:
+            cvs[i] = float(np.std(di) / np.mean(di))
+        if n_events[i] == 0:
+            small_pmf.append([0.0] * SMALL_GAPS)
+            mixtures.append([])
+            continue
+        if len(di) >= MIN_GAPS:
+            small_pmf.append([float(v) for v in small_counts[i, 1:] / gaps_per_win[i]])
+        else:
+            small_pmf.append([float(v) for v in pooled_pmf])
+        long_x = xi[~si]
+        if len(long_x) >= MIN_TAIL_FIT:
+            comps, _ = _fit_window_law(long_x, rng)
+        elif pooled_law:
+            comps = pooled_law
+        else:
+            comps = []
+        if sum(small_pmf[-1]) < 1 - 1e-9 and not comps:
+            # Only small gaps were seen anywhere: the window's mass past them goes to the
+            # largest small gap.
+            q = small_pmf[-1]
+            q[-1] += 1 - sum(q)
+        mixtures.append(comps)
+    scores = _normal_scores(x, seg, rng) if len(x) else np.zeros(0)
+    weight, rho, acf = fit_memory(scores)
+    comps_out: list[tuple[float, float, float]] = []
+    if bursts is not None and int(counts.max()) > 1:
+        comps_out = [(c.weight, c.mu, c.alpha) for c in bursts.best.components]
+    return ArrivalModel(
+        slot_ms=slot_ms,
+        resolution=resolution,
+        windows=WindowLaws(
+            start,
+            end,
+            n_events,
+            n_requests,
+            first_event_slot,
+            last_event_slot,
+            cvs,
+            small_pmf,
+            mixtures,
+        ),
+        memory_weight=weight,
+        memory_rho=rho,
+        count_components=comps_out,
+        first_offset_q=_quantiles(first_offset),
+        member_gap_q=_quantiles(member_gaps),
+        gap_score_acf=acf,
+    )
