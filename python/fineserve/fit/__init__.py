@@ -393,7 +393,7 @@ def model_summary(m: ArrivalModel) -> dict[str, Any]:
         "memory": {"weight": m.memory_weight, "rho": m.memory_rho},
         "count_components": len(m.count_components),
         "placement": "on the ticks"
-        if float(m.first_offset_q[-1]) == 0 and float(m.member_gap_q[-1]) == 0
+        if float(m.first_offset_q.max()) == 0 and float(m.member_fraction_q.max()) == 0
         else "learned offsets",
     }
 

@@ -202,10 +202,11 @@ def discrete_ks(values: IntArray, freq: IntArray, pmf_at: FloatArray) -> float:
 
 
 def _fit_zt_nb(
-    values: FloatArray, freq: FloatArray, start: tuple[float, float]
+    values: FloatArray, freq: FloatArray, start: tuple[float, float], *, polish: bool = True
 ) -> tuple[float, float, float]:
     """Weighted ZTNB MLE on (log mu, log alpha), bounded so that a degenerate component
-    cannot run off to infinity."""
+    cannot run off to infinity. ``polish`` adds a Nelder-Mead pass (the final fits; EM's
+    inner steps only need to raise the likelihood)."""
 
     def nll(p: FloatArray) -> float:
         mu, alpha = math.exp(p[0]), MIN_ALPHA + math.exp(p[1])
@@ -214,6 +215,8 @@ def _fit_zt_nb(
     x0 = np.log([min(max(start[0], 1e-3), 1e3), min(max(start[1], 1e-4), 1e2)])
     bounds = [(math.log(1e-6), math.log(1e4)), (math.log(MIN_ALPHA), math.log(1e3))]
     res = optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds)
+    if not polish:
+        return math.exp(res.x[0]), MIN_ALPHA + math.exp(res.x[1]), -float(res.fun)
     res = optimize.minimize(
         nll, res.x, method="Nelder-Mead", bounds=bounds, options={"xatol": 1e-7, "fatol": 1e-9}
     )
@@ -248,7 +251,7 @@ def _fit_mixture(values: FloatArray, freq: FloatArray) -> tuple[list[Component],
             new = []
             for c, r in zip(comps, resp):
                 wf = freq * r
-                mu, alpha, _ = _fit_zt_nb(values, wf, (c.mu, c.alpha))
+                mu, alpha, _ = _fit_zt_nb(values, wf, (c.mu, c.alpha), polish=False)
                 new.append(Component(float(wf.sum() / n), mu, alpha))
             comps = new
             if ll - ll_prev < 1e-7 * abs(ll):

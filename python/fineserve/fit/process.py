@@ -23,9 +23,10 @@ generator makes of it:
    ``fit.bursts`` fitted on all slots, with each window's mean count kept (components'
    means scaled per window), so burst-size trends survive. Sampled directly by inverse
    CDF (no rejection of zeros).
-4. **Placement**: where requests sit inside their slot — the first member's offset and
-   the gaps between members, as empirical quantiles (all zero for a quantised trace, which
-   keeps generated times on its clock).
+4. **Placement**: where requests sit inside their slot, per count of requests in it —
+   the first one's offset, and the others' offsets past it as fractions of the rest of
+   the slot, as empirical quantiles (all zero for a quantised trace, which keeps generated
+   times on its clock; sorted uniform members stay exactly that).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from .resolution import Resolution
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+#: A log-normal mixture: (weight, mu, sigma) of log(gap in slots) per component.
+Law = list[tuple[float, float, float]]
 
 FORMAT = "fineserve-arrivals/1"
 MAX_COMPONENTS = 3
@@ -51,11 +54,16 @@ MAX_COMPONENTS = 3
 MIN_GAPS = 10
 #: EM sees at most this many gaps of a window (a uniform subsample): the law has ≤ 8
 #: parameters, and fit time must stay ~linear in the trace.
-EM_MAX_GAPS = 4000
-EM_ITERATIONS = 80
+EM_MAX_GAPS = 500
+EM_ITERATIONS = 40
 #: Lags of the normal scores' autocorrelation used to fit the memory.
 MEMORY_LAGS = 200
 QUANTILES = 65
+#: Placement is learned per bucket of requests in the slot (lower bounds): where members
+#: sit depends on how many share the slot. Buckets with < MIN_PLACEMENT slots take the
+#: pooled quantiles of all multi-request slots.
+PLACEMENT_BUCKETS = (1, 2, 3, 4, 5, 8, 16)
+MIN_PLACEMENT = 20
 #: Gaps of 1…SMALL_GAPS slots have their own empirical probabilities per window.
 SMALL_GAPS = 8
 #: A window's tail law needs this many long gaps; with fewer it takes the pooled one.
@@ -98,10 +106,11 @@ class ArrivalModel:
     #: Zero-truncated NB components (weight, mu, alpha) of requests per occupied slot;
     #: empty when no slot holds more than one request.
     count_components: list[tuple[float, float, float]]
-    #: Quantiles (at QUANTILES evenly spaced levels) of the first member's offset in its
-    #: slot and of the gaps between members, in slot units.
-    first_offset_q: FloatArray
-    member_gap_q: FloatArray
+    #: Per bucket of requests in the slot (PLACEMENT_BUCKETS), quantiles (at QUANTILES
+    #: evenly spaced levels) of the first request's offset in its slot (slot units) and of
+    #: the other requests' offsets past it, as fractions of the rest of the slot.
+    first_offset_q: FloatArray  # (buckets, QUANTILES)
+    member_fraction_q: FloatArray  # (buckets, QUANTILES)
     #: Normal-score ACF of the trace's event gaps at lags 1.. (for the record).
     gap_score_acf: FloatArray = field(default_factory=lambda: np.zeros(0))
     notes: list[str] = field(default_factory=list)
@@ -125,8 +134,11 @@ class ArrivalModel:
                 "law": "zero-truncated NB mixture; per-window mean = n_requests / n_events",
             },
             "placement": {
-                "first_offset_quantiles": [float(x) for x in self.first_offset_q],
-                "member_gap_quantiles": [float(x) for x in self.member_gap_q],
+                "bucket_min_requests": list(PLACEMENT_BUCKETS),
+                "first_offset_quantiles": [[float(x) for x in q] for q in self.first_offset_q],
+                "member_fraction_quantiles": [
+                    [float(x) for x in q] for q in self.member_fraction_q
+                ],
             },
             "windows": {
                 "start_ms": [float(x) for x in w.start_ms],
@@ -175,7 +187,9 @@ class ArrivalModel:
                 first_offset_q=np.asarray(
                     d["placement"]["first_offset_quantiles"], dtype=np.float64
                 ),
-                member_gap_q=np.asarray(d["placement"]["member_gap_quantiles"], dtype=np.float64),
+                member_fraction_q=np.asarray(
+                    d["placement"]["member_fraction_quantiles"], dtype=np.float64
+                ),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FineserveError(f"{where}: malformed arrival model ({e})") from None
@@ -217,89 +231,122 @@ class ArrivalModel:
                 raise FineserveError(f"{where}: window {i}: gaps past the small ones but no law")
         if not (0 <= self.memory_weight <= 1 and 0 <= self.memory_rho < 1):
             raise FineserveError(f"{where}: memory weight must be in [0, 1] and rho in [0, 1)")
-        for q in (self.first_offset_q, self.member_gap_q):
-            if len(q) < 2 or np.any(np.diff(q) < 0) or q[0] < 0 or q[-1] > 1:
-                raise FineserveError(f"{where}: placement quantiles must rise within [0, 1]")
+        for q in (self.first_offset_q, self.member_fraction_q):
+            if (
+                q.ndim != 2
+                or q.shape[0] != len(PLACEMENT_BUCKETS)
+                or q.shape[1] < 2
+                or np.any(np.diff(q, axis=1) < 0)
+                or np.any(q < 0)
+                or np.any(q > 1)
+            ):
+                raise FineserveError(
+                    f"{where}: placement needs {len(PLACEMENT_BUCKETS)} rows of quantiles "
+                    "rising within [0, 1]"
+                )
 
 
 # --- fitting -------------------------------------------------------------------------
 
 
-def _mixture_em(
-    logx: FloatArray, k: int, rng: np.random.Generator
-) -> tuple[list[tuple[float, float, float]], float]:
-    """A k-component Gaussian mixture of ``logx`` by EM; (components, log-likelihood)."""
-    n = len(logx)
-    qs = np.quantile(logx, (np.arange(k) + 0.5) / k)
-    sd = float(np.std(logx)) or 1.0
-    w = np.full(k, 1.0 / k)
-    mu = qs.astype(np.float64)
-    sig = np.full(k, max(sd / k, 1e-3))
-    ll_prev = -math.inf
-    ll = -math.inf
+def _em_batch(
+    logx: FloatArray, mask: FloatArray, n: FloatArray, k: int
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """k-component Gaussian mixtures of many samples at once, by EM: row i of ``logx``
+    holds sample i (``mask`` 1 on its n[i] values, 0 on padding). Returns weights, means,
+    spreads (rows × k) and log-likelihoods. Batched because fitting hundreds of windows
+    one by one costs seconds of interpreter overhead per trace-day."""
+    rows = logx.shape[0]
+    # Start: components at evenly spaced quantiles of each sample, equal weights.
+    srt = np.sort(np.where(mask > 0, logx, np.inf), axis=1)
+    pos = ((np.arange(k) + 0.5) / k)[None, :] * (n[:, None] - 1)
+    mu = np.take_along_axis(srt, pos.astype(np.int64), axis=1)
+    mean = (logx * mask).sum(axis=1) / n
+    sd = np.sqrt(np.maximum(((logx - mean[:, None]) ** 2 * mask).sum(axis=1) / n, 1e-4))
+    sig = np.repeat(np.maximum(sd / k, 1e-2)[:, None], k, axis=1)
+    w = np.full((rows, k), 1.0 / k)
+    ll = np.zeros(rows)
+    ll_prev = np.full(rows, -np.inf)
+    x = logx[:, :, None]
     for _ in range(EM_ITERATIONS):
-        z = (logx[:, None] - mu) / sig
-        logp = np.log(np.maximum(w, 1e-300)) - 0.5 * z * z - np.log(sig) - 0.5 * math.log(2 * math.pi)
-        top = logp.max(axis=1, keepdims=True)
+        z = (x - mu[:, None, :]) / sig[:, None, :]
+        logp = np.log(np.maximum(w, 1e-300))[:, None, :] - 0.5 * z * z - np.log(sig)[:, None, :]
+        top = logp.max(axis=2, keepdims=True)
         dens = np.exp(logp - top)
-        tot = dens.sum(axis=1, keepdims=True)
-        ll = float(np.sum(np.log(tot[:, 0]) + top[:, 0]))
-        resp = dens / tot
-        nk = resp.sum(axis=0) + 1e-12
-        w = nk / n
-        mu = (resp * logx[:, None]).sum(axis=0) / nk
-        var = (resp * (logx[:, None] - mu) ** 2).sum(axis=0) / nk
+        tot = dens.sum(axis=2, keepdims=True)
+        ll = ((np.log(tot[:, :, 0]) + top[:, :, 0] - 0.5 * math.log(2 * math.pi)) * mask).sum(
+            axis=1
+        )
+        resp = dens / tot * mask[:, :, None]
+        nk = resp.sum(axis=1) + 1e-12
+        w = nk / n[:, None]
+        mu = (resp * x).sum(axis=1) / nk
+        var = (resp * (x - mu[:, None, :]) ** 2).sum(axis=1) / nk
         # A floor on the spread: a component on one repeated value would have infinite
         # likelihood (dequantised gaps make exact repeats rare, the floor makes them safe).
         sig = np.sqrt(np.maximum(var, 1e-4))
-        if ll - ll_prev < 1e-6 * abs(ll) + 1e-9:
+        if np.all(ll - ll_prev <= 1e-6 * np.abs(ll) + 1e-9):
             break
         ll_prev = ll
-    del rng
-    comps = sorted(((float(a), float(b), float(c)) for a, b, c in zip(w, mu, sig)), key=lambda c: c[1])
-    return [c for c in comps if c[0] > 1e-9], ll
+    return w, mu, sig, ll
 
 
-def mixture_moments(comps: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """Mean and CV of a log-normal mixture."""
-    w = np.array([c[0] for c in comps])
-    mu = np.array([c[1] for c in comps])
-    s = np.array([c[2] for c in comps])
-    w = w / w.sum()
-    m1 = float(np.sum(w * np.exp(mu + s * s / 2)))
-    m2 = float(np.sum(w * np.exp(2 * mu + 2 * s * s)))
-    return m1, math.sqrt(max(m2 / (m1 * m1) - 1, 0.0))
-
-
-def _fit_window_law(
-    x: FloatArray, rng: np.random.Generator
-) -> tuple[list[tuple[float, float, float]], float]:
-    """The gap law of one window (gaps x in slots) and the sample's CV."""
-    cv = float(np.std(x) / np.mean(x))
-    sample = x if len(x) <= EM_MAX_GAPS else rng.choice(x, EM_MAX_GAPS, replace=False)
-    logx = np.log(sample)
-    fits = []
+def fit_gap_laws(samples: list[FloatArray], rng: np.random.Generator) -> list[Law]:
+    """The log-normal mixture (1–3 components, by BIC) of each sample of gaps (slots),
+    each subsampled to at most EM_MAX_GAPS. By BIC alone: a window's CV is kept by the
+    generator's calibration, not by its law."""
+    if not samples:
+        return []
+    subs = [x if len(x) <= EM_MAX_GAPS else rng.choice(x, EM_MAX_GAPS, replace=False) for x in samples]
+    width = max(len(x) for x in subs)
+    logx = np.zeros((len(subs), width))
+    mask = np.zeros((len(subs), width))
+    for i, x in enumerate(subs):
+        logx[i, : len(x)] = np.log(x)
+        mask[i, : len(x)] = 1.0
+    n = mask.sum(axis=1)
+    best_bic = np.full(len(subs), math.inf)
+    laws: list[Law] = [[] for _ in subs]
     for k in range(1, MAX_COMPONENTS + 1):
-        if len(sample) < 20 * k:
+        ok = n >= 20 * k
+        if not ok.any():
             break
-        comps, ll = _mixture_em(logx, k, rng)
-        bic = (3 * len(comps) - 1) * math.log(len(sample)) - 2 * ll
-        fits.append((bic, comps))
-    # By BIC alone: the window's CV is kept by the generator's calibration, not the law.
-    best = min(fits, key=lambda f: f[0])
-    return best[1], cv
+        if k == 1:  # closed form
+            mu = ((logx * mask).sum(axis=1) / n)[ok, None]
+            var = ((logx[ok] - mu) ** 2 * mask[ok]).sum(axis=1)
+            sig = np.sqrt(np.maximum(var / n[ok], 1e-4))[:, None]
+            w = np.ones_like(mu)
+            ll = -n[ok] * (np.log(sig[:, 0]) + 0.5 * math.log(2 * math.pi)) - 0.5 * var / sig[:, 0] ** 2
+        else:
+            w, mu, sig, ll = _em_batch(logx[ok], mask[ok], n[ok], k)
+        bic = (3 * k - 1) * np.log(n[ok]) - 2 * ll
+        for j, i in enumerate(np.flatnonzero(ok)):
+            if bic[j] < best_bic[i]:
+                best_bic[i] = bic[j]
+                laws[i] = sorted(
+                    (
+                        (float(a), float(b), float(c))
+                        for a, b, c in zip(w[j], mu[j], sig[j])
+                        if a > 1e-9
+                    ),
+                    key=lambda c: c[1],
+                )
+    for i, x in enumerate(subs):
+        if not laws[i]:  # too few gaps for even one fitted component: moments
+            lx = np.log(x)
+            laws[i] = [(1.0, float(lx.mean()), max(float(lx.std()), 0.05))]
+    return laws
 
 
-def _normal_scores(x: FloatArray, seg: IntArray, rng: np.random.Generator) -> FloatArray:
-    """Φ⁻¹ of each gap's rank within its window (ties broken at random)."""
-    order = np.lexsort((rng.random(len(x)), x, seg))
-    rank = np.empty(len(x), dtype=np.float64)
+def _normal_scores(x: FloatArray, seg: IntArray) -> FloatArray:
+    """Φ⁻¹ of each gap's rank within its window. ``seg`` is sorted and the gaps are
+    dequantised (continuous), so one sort of seg + x/(max x) ranks within windows."""
+    order = np.argsort(seg + x / (float(x.max()) * (1 + 1e-9)), kind="stable")
     counts = np.bincount(seg)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    pos = np.arange(len(x)) - start[seg[order]]
-    rank[order] = pos
-    n_seg = counts[seg].astype(np.float64)
-    scores: FloatArray = special.ndtri((rank + 0.5) / n_seg)
+    rank = np.empty(len(x), dtype=np.float64)
+    rank[order] = np.arange(len(x)) - start[seg[order]]
+    scores: FloatArray = special.ndtri((rank + 0.5) / counts[seg])
     return scores
 
 
@@ -344,6 +391,35 @@ def _quantiles(v: FloatArray) -> FloatArray:
     return np.maximum.accumulate(q)
 
 
+def _placement(
+    t_ns: IntArray, slot: IntArray, slot_ns: float, ev_idx: IntArray, counts: IntArray
+) -> tuple[FloatArray, FloatArray]:
+    """Per bucket: quantiles of the first request's offset in its slot, and of the other
+    requests' offsets past the first as a fraction of the slot left after it (so a
+    generated slot never spills, and sorted uniform members stay uniform)."""
+    offset = (t_ns - slot * slot_ns) / slot_ns
+    first = offset[ev_idx]
+    first_of = np.repeat(first, counts)
+    is_member = np.ones(len(t_ns), dtype=bool)
+    is_member[ev_idx] = False
+    frac = (offset - first_of) / np.maximum(1.0 - first_of, 1e-12)
+    bucket = np.searchsorted(PLACEMENT_BUCKETS, counts, side="right") - 1
+    member_bucket = np.repeat(bucket, counts)
+    pooled_first = _quantiles(first[counts > 1]) if np.any(counts > 1) else _quantiles(first)
+    pooled_frac = _quantiles(frac[is_member])
+    firsts, fracs = [], []
+    for b in range(len(PLACEMENT_BUCKETS)):
+        in_b = bucket == b
+        firsts.append(
+            _quantiles(first[in_b]) if np.count_nonzero(in_b) >= MIN_PLACEMENT else pooled_first
+        )
+        m_b = is_member & (member_bucket == b)
+        fracs.append(
+            _quantiles(frac[m_b]) if np.count_nonzero(m_b) >= MIN_PLACEMENT else pooled_frac
+        )
+    return np.stack(firsts), np.stack(fracs)
+
+
 def fit_arrival_model(
     t_ns: IntArray,
     *,
@@ -362,10 +438,7 @@ def fit_arrival_model(
     ev_idx = np.flatnonzero(first)
     ev_slot = slot[ev_idx]
     counts = np.diff(np.append(ev_idx, len(slot)))
-    # Placement inside slots, in slot units.
-    offset = (t_ns - slot * slot_ns) / slot_ns
-    member_gaps = np.diff(offset)[~first[1:]]
-    first_offset = offset[ev_idx]
+    first_q, fraction_q = _placement(t_ns, slot, slot_ns, ev_idx, counts)
 
     w_slots = window_s * 1e3 / slot_ms
     span_ms = float(t_ns[-1]) / 1e6
@@ -395,17 +468,13 @@ def fit_arrival_model(
     small_counts = np.zeros((n_win, SMALL_GAPS + 1))
     np.add.at(small_counts, (seg[small], d[small].astype(np.int64)), 1.0)
     gaps_per_win = np.bincount(seg, minlength=n_win)
-    pooled_law: list[tuple[float, float, float]] = []
-    if np.count_nonzero(~small) >= MIN_TAIL_FIT:
-        pooled_law, _ = _fit_window_law(x[~small], rng)
-    elif np.any(~small):
-        lx = np.log(x[~small])
-        pooled_law = [(1.0, float(lx.mean()), max(float(lx.std()), 0.05))]
+    long_gaps = x[~small]
+    pooled_law: Law = fit_gap_laws([long_gaps], rng)[0] if len(long_gaps) else []
     pooled_pmf = small_counts.sum(axis=0)[1:] / max(len(d), 1)
     cvs = np.full(n_win, math.nan)
-    mixtures: list[list[tuple[float, float, float]]] = []
     small_pmf: list[list[float]] = []
     bounds = np.searchsorted(seg, np.arange(n_win + 1))
+    own: dict[int, FloatArray] = {}
     for i in range(n_win):
         lo, hi = bounds[i], bounds[i + 1]
         di, xi, si = d[lo:hi], x[lo:hi], small[lo:hi]
@@ -413,26 +482,23 @@ def fit_arrival_model(
             cvs[i] = float(np.std(di) / np.mean(di))
         if n_events[i] == 0:
             small_pmf.append([0.0] * SMALL_GAPS)
-            mixtures.append([])
             continue
         if len(di) >= MIN_GAPS:
             small_pmf.append([float(v) for v in small_counts[i, 1:] / gaps_per_win[i]])
         else:
             small_pmf.append([float(v) for v in pooled_pmf])
-        long_x = xi[~si]
-        if len(long_x) >= MIN_TAIL_FIT:
-            comps, _ = _fit_window_law(long_x, rng)
-        elif pooled_law:
-            comps = pooled_law
-        else:
-            comps = []
-        if sum(small_pmf[-1]) < 1 - 1e-9 and not comps:
+        if np.count_nonzero(~si) >= MIN_TAIL_FIT:
+            own[i] = xi[~si]
+    fitted = dict(zip(own, fit_gap_laws(list(own.values()), rng)))
+    mixtures: list[Law] = []
+    for i in range(n_win):
+        comps = fitted.get(i, pooled_law) if n_events[i] else []
+        if n_events[i] and sum(small_pmf[i]) < 1 - 1e-9 and not comps:
             # Only small gaps were seen anywhere: the window's mass past them goes to the
             # largest small gap.
-            q = small_pmf[-1]
-            q[-1] += 1 - sum(q)
+            small_pmf[i][-1] += 1 - sum(small_pmf[i])
         mixtures.append(comps)
-    scores = _normal_scores(x, seg, rng) if len(x) else np.zeros(0)
+    scores = _normal_scores(x, seg) if len(x) else np.zeros(0)
     weight, rho, acf = fit_memory(scores)
     comps_out: list[tuple[float, float, float]] = []
     if bursts is not None and int(counts.max()) > 1:
@@ -454,7 +520,7 @@ def fit_arrival_model(
         memory_weight=weight,
         memory_rho=rho,
         count_components=comps_out,
-        first_offset_q=_quantiles(first_offset),
-        member_gap_q=_quantiles(member_gaps),
+        first_offset_q=first_q,
+        member_fraction_q=fraction_q,
         gap_score_acf=acf,
     )

@@ -27,7 +27,7 @@ from scipy import signal
 
 from ..errors import FineserveError
 from ..fit.bursts import zt_nb_logpmf
-from ..fit.process import SMALL_GAPS, ArrivalModel
+from ..fit.process import PLACEMENT_BUCKETS, SMALL_GAPS, ArrivalModel
 from ..schedule import Schedule
 from .lengths import LengthSampler
 
@@ -61,7 +61,6 @@ def calibrate_gaps(y: FloatArray, total_slots: int, cv_target: float) -> IntArra
         return np.ones(m, dtype=np.int64)
     if m == 1:
         return np.array([total_slots], dtype=np.int64)
-    whole = _exact_total(_scaled(y, total_slots, cv_target), total_slots)
     if m >= MIN_TAIL_GAPS:
         y_q = float(np.quantile(y, TAIL_QUANTILE))
         tail = y > y_q
@@ -79,9 +78,9 @@ def calibrate_gaps(y: FloatArray, total_slots: int, cv_target: float) -> IntArra
             # leaves the tail unable to reach the CV: the whole-sample map does better.
             if not math.isfinite(cv_target) or abs(_cv(out) - cv_target) <= CV_SLACK * cv_target:
                 return out
-            if abs(_cv(out) - cv_target) <= abs(_cv(whole) - cv_target):
-                return out
-    return whole
+            whole = _exact_total(_scaled(y, total_slots, cv_target), total_slots)
+            return out if abs(_cv(out) - cv_target) <= abs(_cv(whole) - cv_target) else whole
+    return _exact_total(_scaled(y, total_slots, cv_target), total_slots)
 
 
 def _stretch_tail(
@@ -153,11 +152,24 @@ def _fill(y: FloatArray, total_slots: int) -> IntArray:
 
 
 def _exact_total(d: IntArray, total_slots: int) -> IntArray:
-    """The difference to ``total_slots`` goes to (or comes from) the longest gap."""
+    """Gaps changed so they sum to ``total_slots``: a shortfall goes to the longest gap; a
+    surplus (rounding up every tail gap adds ~½ slot each) is taken from all gaps in
+    proportion to their length above 1, the remainder from the longest."""
     diff = total_slots - int(d.sum())
-    i = int(np.argmax(d))
-    if d[i] + diff >= 1:
-        d[i] += diff
+    if diff >= 0:
+        d[int(np.argmax(d))] += diff
+        return d
+    room = d - 1
+    total_room = int(room.sum())
+    if total_room <= 0:
+        return d
+    need = min(-diff, total_room)
+    cut = (room * (need / total_room)).astype(np.int64)
+    d -= cut
+    left = need - int(cut.sum())
+    if left > 0:
+        order = np.argsort(-(d - 1), kind="stable")[:left]
+        d[order] -= 1
     return d
 
 
@@ -315,28 +327,28 @@ def _place(
     rng: np.random.Generator,
     dequantize: bool,
 ) -> FloatArray:
-    """Offsets (slot units, in [0, 1)) of every request, slot by slot."""
+    """Offsets (slot units, in [0, 1)) of every request, slot by slot: the first from its
+    bucket's quantiles, the others sorted fractions of the rest of the slot."""
     n = int(counts.sum())
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    owner = np.repeat(np.arange(len(counts)), counts)
     if dequantize:
-        u = rng.random(n)
-        owner = np.repeat(np.arange(len(counts)), counts)
-        return np.sort(owner + u) - owner
-    g = _quantile_draw(model.member_gap_q, n, rng)
-    g[starts] = _quantile_draw(model.first_offset_q, len(counts), rng)
-    cum = np.cumsum(g)
-    base = np.repeat(cum[starts] - g[starts], counts)
-    off = cum - base  # first member's offset + member gaps so far
-    last = off[starts + counts - 1]
-    first = g[starts]
-    over = last >= 1.0
-    if over.any():
-        # Members that would spill out of their slot are drawn closer, keeping order.
-        span = np.where(over, last - first, 1.0)
-        room = np.where(over, (1.0 - 1e-9) - first, 1.0)
-        factor = np.repeat(np.where(over, room / np.maximum(span, 1e-300), 1.0), counts)
-        f0 = np.repeat(first, counts)
-        off = f0 + (off - f0) * factor
+        return np.sort(owner + rng.random(n)) - owner
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    bucket = np.searchsorted(PLACEMENT_BUCKETS, counts, side="right") - 1
+    first = np.empty(len(counts))
+    frac = np.zeros(n)
+    member_bucket = bucket[owner]
+    is_member = np.ones(n, dtype=bool)
+    is_member[starts] = False
+    for b in np.unique(bucket):
+        sel = bucket == b
+        first[sel] = _quantile_draw(model.first_offset_q[b], int(sel.sum()), rng)
+        m_sel = is_member & (member_bucket == b)
+        frac[m_sel] = _quantile_draw(model.member_fraction_q[b], int(m_sel.sum()), rng)
+    # Sorting owner + fraction orders the fractions within each slot (the first's 0 leads).
+    frac = np.sort(owner + frac) - owner
+    f0 = first[owner]
+    off = f0 + frac * (1.0 - f0)
     return np.clip(off, 0.0, 1.0 - 1e-9)
 
 
