@@ -47,6 +47,7 @@ class Arrivals:
     #: Absolute time of the first request (a trace's clock), for its resolution.
     origin_ns: int = 0
 
+
 #: Lags (s) of the per-second autocorrelation rows.
 ACF_LAGS_S = (1, 10, 60)
 
@@ -102,9 +103,7 @@ class Row:
             return abs(self.generated - self.real) / self.real if self.real else math.nan
         if self.check == "diff":
             return abs(self.generated - self.real)
-        return {"KS": self.ks, "W": self.wasserstein, "score": self.score}.get(
-            self.check, math.nan
-        )
+        return {"KS": self.ks, "W": self.wasserstein, "score": self.score}.get(self.check, math.nan)
 
     @property
     def ok(self) -> bool | None:
@@ -253,7 +252,13 @@ def compare_arrivals(
     )
     rows.append(_pair("window CV of gaps", cv_r, cv_g, relative=False))
     rows.append(
-        Row("window CV error, median", math.nan, math.nan, check="score", score=_median_error(cv_r, cv_g))
+        Row(
+            "window CV error, median",
+            math.nan,
+            math.nan,
+            check="score",
+            score=_median_error(cv_r, cv_g),
+        )
     )
     r = _pair("requests per occupied slot", slots_r.astype(float), slots_g.astype(float))
     r.ks = _discrete_ks(slots_r, slots_g)

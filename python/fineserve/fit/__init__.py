@@ -172,7 +172,9 @@ def fit_trace(
     _, counts = slot_counts(t_ns, slot_ms)
     multi = float((counts > 1).mean())
     burst_fit: BurstFit | None = None
-    if bursts == "on" or (bursts == "auto" and multi > 0 and len(counts) >= MIN_SLOTS and not coarse):
+    if bursts == "on" or (
+        bursts == "auto" and multi > 0 and len(counts) >= MIN_SLOTS and not coarse
+    ):
         if multi == 0:
             raise FineserveError(
                 f"--bursts on: no {slot_ms:g} ms slot holds more than one request; nothing to fit"

@@ -274,6 +274,22 @@ def degenerate(components: list[Component]) -> bool:
     return any(c.alpha >= DEGENERATE_ALPHA or c.mu <= DEGENERATE_MU for c in components)
 
 
+def choose_candidate(candidates: dict[str, Candidate]) -> tuple[str, str]:
+    """The lowest BIC among the non-degenerate candidates (the lowest overall when all
+    are), and a note when a degenerate one had the lowest."""
+    best = min(candidates.values(), key=lambda c: c.bic)
+    sound = [c for c in candidates.values() if not degenerate(c.components)]
+    if not degenerate(best.components) or not sound:
+        return best.name, ""
+    fallback = min(sound, key=lambda c: c.bic)
+    return fallback.name, (
+        f"burst fit: {best.name} has a component at the fit's bounds (alpha "
+        f"{max(x.alpha for x in best.components):.3g}, mu "
+        f"{min(x.mu for x in best.components):.3g}); using {fallback.name} "
+        f"(BIC {fallback.bic - best.bic:+.1f})"
+    )
+
+
 def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
     """Fits the candidates to counts per occupied slot (all ≥ 1)."""
     values, freq = np.unique(counts, return_counts=True)
@@ -325,18 +341,9 @@ def fit_bursts(counts: IntArray, slot_ms: float = 1.0) -> BurstFit:
     if len(values) >= 3:
         comps, ll_mix = _fit_mixture(v, f)
         add("zt_nb_mixture", comps, ll_mix, 5)
-    best = min(fit.candidates.values(), key=lambda c: c.bic)
-    sound = [c for c in fit.candidates.values() if not degenerate(c.components)]
-    if degenerate(best.components) and sound:
-        fallback = min(sound, key=lambda c: c.bic)
-        fit.notes.append(
-            f"burst fit: {best.name} has a component at the fit's bounds (alpha "
-            f"{max(x.alpha for x in best.components):.3g}, mu "
-            f"{min(x.mu for x in best.components):.3g}); using {fallback.name} "
-            f"(BIC {fallback.bic - best.bic:+.1f})"
-        )
-        best = fallback
-    fit.chosen = best.name
+    fit.chosen, note = choose_candidate(fit.candidates)
+    if note:
+        fit.notes.append(note)
     # Conservative for discrete data (the KS null distribution assumes a continuous CDF).
     fit.ks_pvalue = float(stats.kstwo.sf(fit.best.ks, n))
     return fit

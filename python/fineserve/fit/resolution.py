@@ -163,4 +163,4 @@ def lattice_phase_ns(abs_t_ns: IntArray, rel_t_ns: IntArray, period_ns: int) -> 
     middle = ((best_end - best_len / 2 + 0.5) % bins) / bins  # phase of the boundary
     # Relative time r has absolute phase (r + abs0) mod P; we want the boundary at 0.
     abs0 = int(abs_t_ns[0]) - int(rel_t_ns[0])
-    return int(round((1.0 - middle) * period_ns - abs0 % period_ns)) % period_ns
+    return round((1.0 - middle) * period_ns - abs0 % period_ns) % period_ns

@@ -70,8 +70,13 @@ def validate_fit(result: FitResult, trace: Trace, out_dir: Path, seed: int) -> C
     )
 
     comparison = compare_arrivals(real, gen, window_s=result.window_s, slot_ms=result.slot_ms)
+    return judge(comparison)
+
+
+def judge(comparison: Comparison) -> Comparison:
+    """Sets the thresholds of the module's docstring on a comparison's rows (in place)."""
     slots_r, slots_g = (len(comparison.series[k]) for k in ("slots_real", "slots_gen"))
-    n, m = len(real.t_ns), len(gen.t_ns)
+    n, m = len(comparison.real.t_ns), len(comparison.generated.t_ns)
     acf_noise = 2.5 * math.sqrt(2 / max(comparison.seconds, 1))
     thresholds = {
         "requests": 0.05,

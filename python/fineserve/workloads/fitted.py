@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import signal
+from scipy import signal, special
 
 from ..errors import FineserveError
 from ..fit.bursts import zt_nb_logpmf
@@ -45,7 +46,7 @@ MIN_TAIL_GAPS = 10
 CV_SLACK = 0.02
 
 
-def _cv(v: FloatArray) -> float:
+def _cv(v: npt.NDArray[np.floating[Any]] | IntArray) -> float:
     m = float(v.mean())
     return float(v.std() / m) if m > 0 else 0.0
 
@@ -106,7 +107,9 @@ def _stretch_tail(
     beta = 1.0
     if math.isfinite(cv_target) and cv_target > 0:
         mean = total_slots / m
-        want_sq = m * mean * mean * (1 + cv_target * cv_target) - float(np.square(body, dtype=np.float64).sum())
+        want_sq = m * mean * mean * (1 + cv_target * cv_target) - float(
+            np.square(body, dtype=np.float64).sum()
+        )
         lo, hi = math.log(1e-3), math.log(30.0)
         for _ in range(CV_STEPS):
             mid = (lo + hi) / 2
@@ -251,21 +254,51 @@ def _quantile_draw(q: FloatArray, n: int, rng: np.random.Generator) -> FloatArra
 
 
 class _Memory:
-    """The copula's latent series, continued across windows: √w·AR1(ρ) + √(1−w)·noise."""
+    """The order of a window's gaps, continued across windows: each gap's class (a band
+    of ranks, ``fit.process.CLASS_EDGES``) from the fitted Markov chain, and within a
+    class the latent √w·AR1(ρ) + √(1−w)·noise."""
 
-    def __init__(self, weight: float, rho: float, rng: np.random.Generator) -> None:
-        self.w, self.rho, self.rng = weight, rho, rng
+    def __init__(self, model: ArrivalModel, rng: np.random.Generator) -> None:
+        self.w, self.rho, self.rng = model.memory_weight, model.memory_rho, rng
         self.state = float(rng.standard_normal())
+        self.transition = model.class_transition
+        self.cls = 0
+        if self.transition is not None:
+            self.cum = np.cumsum(self.transition, axis=1)
+            self.cum[:, -1] = 1.0
 
-    def next(self, m: int) -> FloatArray:
-        e = self.rng.standard_normal(m)
-        innov = self.rng.standard_normal(m)
-        s, zf = signal.lfilter(
-            [math.sqrt(1 - self.rho**2)], [1.0, -self.rho], innov, zi=[self.rho * self.state]
-        )
-        self.state = float(s[-1])
-        del zf
-        out: FloatArray = math.sqrt(self.w) * s + math.sqrt(1 - self.w) * e
+    def keys(self, m: int) -> FloatArray:
+        """Sort keys of m gaps: class + a level in [0, 1) inside the class."""
+        if self.w > 0:
+            e = self.rng.standard_normal(m)
+            innov = self.rng.standard_normal(m)
+            s, _ = signal.lfilter(
+                [math.sqrt(1 - self.rho**2)], [1.0, -self.rho], innov, zi=[self.rho * self.state]
+            )
+            self.state = float(s[-1])
+            inside: FloatArray = special.ndtr(math.sqrt(self.w) * s + math.sqrt(1 - self.w) * e)
+        else:
+            inside = self.rng.random(m)
+        inside = np.minimum(inside, 1 - 1e-12)
+        if self.transition is None:
+            return inside
+        return self._classes(m) + inside
+
+    def _classes(self, m: int) -> FloatArray:
+        """m steps of the chain from the current class, vectorised: step t's map
+        f_t(s) = next class from s for uniform u_t; prefix compositions by doubling
+        (Hillis–Steele), so the cost is m·k·log m gathers rather than m Python steps."""
+        k = self.cum.shape[0]
+        u = self.rng.random(m)
+        f = (u[:, None, None] >= self.cum[None, :, :]).sum(axis=2)  # (m, k)
+        f = np.minimum(f, k - 1)
+        d = 1
+        while d < m:
+            f[d:] = np.take_along_axis(f[d:], f[:-d], axis=1)
+            d *= 2
+        path = f[:, self.cls]
+        self.cls = int(path[-1])
+        out: FloatArray = path.astype(np.float64)
         return out
 
 
@@ -293,9 +326,8 @@ def _draw_gaps(
         y[~is_small] = _long_gaps(comps, n_long, rng)
     if memory is None:
         return y
-    z = memory.next(m)
     out = np.empty(m)
-    out[np.argsort(z)] = np.sort(y)
+    out[np.argsort(memory.keys(m))] = np.sort(y)
     return out
 
 
@@ -328,28 +360,45 @@ def _place(
     dequantize: bool,
 ) -> FloatArray:
     """Offsets (slot units, in [0, 1)) of every request, slot by slot: the first from its
-    bucket's quantiles, the others sorted fractions of the rest of the slot."""
+    bucket's quantiles, each later one a step (``fit.process``): a stick-breaking
+    fraction, 1 − o_j = (1 − o_0)·Π(1 − f_i) (a cumulative sum of logs within each slot),
+    or an absolute step (members that would spill are drawn closer)."""
     n = int(counts.sum())
     owner = np.repeat(np.arange(len(counts)), counts)
     if dequantize:
         return np.sort(owner + rng.random(n)) - owner
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    bucket = np.searchsorted(PLACEMENT_BUCKETS, counts, side="right") - 1
     first = np.empty(len(counts))
-    frac = np.zeros(n)
-    member_bucket = bucket[owner]
-    is_member = np.ones(n, dtype=bool)
-    is_member[starts] = False
-    for b in np.unique(bucket):
-        sel = bucket == b
+    first_bucket = np.searchsorted(PLACEMENT_BUCKETS, counts, side="right") - 1
+    for b in np.unique(first_bucket):
+        sel = first_bucket == b
         first[sel] = _quantile_draw(model.first_offset_q[b], int(sel.sum()), rng)
-        m_sel = is_member & (member_bucket == b)
-        frac[m_sel] = _quantile_draw(model.member_fraction_q[b], int(m_sel.sum()), rng)
-    # Sorting owner + fraction orders the fractions within each slot (the first's 0 leads).
-    frac = np.sort(owner + frac) - owner
+    remaining = np.repeat(counts, counts) - (np.arange(n) - starts[owner])
+    step_bucket = np.searchsorted(PLACEMENT_BUCKETS, remaining, side="right") - 1
+    step = np.zeros(n)
+    member = np.ones(n, dtype=bool)
+    member[starts] = False
+    for b in np.unique(step_bucket[member]):
+        sel = member & (step_bucket == b)
+        step[sel] = _quantile_draw(model.member_fraction_q[b], int(sel.sum()), rng)
     f0 = first[owner]
-    off = f0 + frac * (1.0 - f0)
-    return np.clip(off, 0.0, 1.0 - 1e-9)
+    if model.step_kind == "fraction":
+        log_left = np.log1p(-np.minimum(step, 1.0 - 1e-12))
+        cum = np.cumsum(log_left)
+        within = cum - np.repeat(cum[starts], counts)  # Σ log(1 − f) since the first
+        off = 1.0 - (1.0 - f0) * np.exp(within)
+    else:
+        cum = np.cumsum(step)
+        off = f0 + cum - np.repeat(cum[starts], counts)
+        last = off[starts + counts - 1]
+        over = np.repeat(last >= 1.0, counts)
+        if over.any():
+            # Members that would spill out of their slot are drawn closer, keeping order.
+            span = np.repeat(last - first, counts)
+            room = (1.0 - 1e-9) - f0
+            off = np.where(over, f0 + (off - f0) * room / np.maximum(span, 1e-300), off)
+    clipped: FloatArray = np.clip(off, 0.0, 1.0 - 1e-9)
+    return clipped
 
 
 def fitted_chunks(
@@ -376,7 +425,11 @@ def fitted_chunks(
         raise FineserveError("--duration must be > 0")
     slot_ms = model.slot_ms
     slot_ns = slot_ms * 1e6
-    memory = _Memory(model.memory_weight, model.memory_rho, rng) if model.memory_weight > 0 else None
+    memory = (
+        _Memory(model, rng)
+        if model.memory_weight > 0 or model.class_transition is not None
+        else None
+    )
     counts_law = _CountLaw(model.count_components)
     k = 0
     while True:
@@ -390,7 +443,9 @@ def fitted_chunks(
         n_ev = int(w.n_events[idx])
         mean_count = float(w.n_requests[idx]) / n_ev if n_ev else 1.0
         if k > n_win and extension_mode == "repeat_jitter" and jitter_ratio > 0 and n_ev:
-            n_ev = max(0, round(n_ev * (1 + float(np.clip(rng.standard_normal(), -3, 3)) * jitter_ratio)))
+            n_ev = max(
+                0, round(n_ev * (1 + float(np.clip(rng.standard_normal(), -3, 3)) * jitter_ratio))
+            )
         first = int(w.first_event_slot[idx])
         stretch = int(w.last_event_slot[idx]) - first  # slots between first and last event
         n_ev = min(n_ev, stretch + 1)

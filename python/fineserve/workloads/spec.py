@@ -17,15 +17,15 @@ from ..metrics.windows import add_counts
 from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
+from .fitted import fitted_chunks
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
 from .mix import label, merge_streams
-from .fitted import fitted_chunks
 from .parametric import (
     ClassFiles,
     NegBinom,
+    load_arrival_model,
     load_gamma_windows,
     load_nb_json,
-    load_arrival_model,
     parametric_chunks,
     resolve_class_files,
 )
