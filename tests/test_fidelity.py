@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA as SHARED
 from conftest import invoke
 from fineserve.compare import Arrivals, compare_arrivals, per_second_acf, window_stats
 from fineserve.errors import FineserveError
@@ -368,3 +369,85 @@ def test_cli_fit_reports_the_clock_and_generate_uses_the_model(tmp_path: Path) -
         "renewal",
     )
     assert r.exit_code == 0, r.output
+
+
+def conversation_trace(n_req: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Interleaved conversations over one of 4 shared system prompts (2 blocks each):
+    each turn's prompt is the previous turn's blocks plus 1–6 new ones. (input_len,
+    hash_ids, hash_offsets), 512-token blocks."""
+    rng = np.random.default_rng(seed)
+    next_id = 100
+    systems = [[10 * k, 10 * k + 1] for k in range(4)]
+    open_convs: list[list[int]] = []
+    prompts = []
+    for _ in range(n_req):
+        if not open_convs or rng.random() < 0.3:
+            open_convs.append(list(systems[int(rng.integers(4))]))
+        i = int(rng.integers(len(open_convs)))
+        grow = int(rng.integers(1, 7))
+        open_convs[i] = open_convs[i] + list(range(next_id, next_id + grow))
+        next_id += grow
+        prompts.append(list(open_convs[i]))
+        if rng.random() < 0.15 or len(open_convs[i]) > 80:
+            open_convs.pop(i)
+    n = np.array([len(p) for p in prompts])
+    input_len = n * 512 - rng.integers(0, 400, len(n))
+    ids = np.concatenate([np.array(p) for p in prompts]).astype(np.int64)
+    offs = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    return input_len.astype(np.int64), ids, offs
+
+
+def test_prefix_sharing_is_fitted_and_kept_within_three_points() -> None:
+    from fineserve.fit.prefix import PrefixSharer, fit_prefix
+    from fineserve.prompts.prefix import PrefixHitCounter
+
+    input_len, ids, offs = conversation_trace(4000, seed=25)
+    model = fit_prefix(input_len, ids, offs, 512)
+    assert 0.5 < model.trace_hit_rate < 0.95  # a conversation trace shares most blocks
+    rates = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        lengths = input_len[rng.permutation(len(input_len))]  # lengths drawn apart
+        sharer = PrefixSharer(model, np.random.default_rng(100 + seed))
+        counter = PrefixHitCounter(512)
+        for lo in range(0, len(lengths), 700):
+            part = lengths[lo : lo + 700]
+            got_ids, got_offs = sharer.assign(part)
+            assert np.array_equal(np.diff(got_offs), np.maximum(-(-part // 512), 1))
+            counter.add(part, got_ids, got_offs)
+        rates.append(counter.rate)
+    assert max(abs(r - model.trace_hit_rate) for r in rates) <= 0.03, rates
+
+
+@pytest.mark.skipif(not (SHARED / "mooncake").is_dir(), reason="../shared/data absent")
+def test_mooncake_fit_generates_blocks_at_the_traces_hit_rate(tmp_path: Path) -> None:
+    r = invoke(
+        "fit",
+        str(SHARED / "mooncake" / "synthetic_trace.jsonl"),
+        "-o",
+        str(tmp_path),
+        "--name",
+        "mc",
+        "--validate",
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "mc_validate.json").read_text())
+    row = next(m for m in report["metrics"] if m["metric"] == "prefix hit rate, theoretical")
+    assert row["ok"] and abs(row["generated"] - row["real"]) <= 0.03
+    assert (tmp_path / "Parametric" / "prefix" / "mc_prefix.json").is_file()
+
+
+def test_prefix_model_file_errors(tmp_path: Path) -> None:
+    from fineserve.workloads.parametric import load_prefix_model
+
+    input_len, ids, offs = conversation_trace(300, seed=26)
+    from fineserve.fit.prefix import fit_prefix
+
+    d = fit_prefix(input_len, ids, offs, 512).to_json()
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps(d))
+    assert load_prefix_model(p).block_size == 512
+    d["hit_share_quantiles"][0][3] = 2.0
+    p.write_text(json.dumps(d))
+    with pytest.raises(FineserveError, match="rising quantiles"):
+        load_prefix_model(p)

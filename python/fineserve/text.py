@@ -474,6 +474,12 @@ def format_fit_summary(r: FitResult) -> str:
             else "none (gaps' lag-1…10 correlations not significant)"
         ),
     ]
+    if r.prefix is not None:
+        lines.append(
+            f"  prefix     hash_ids blocks of {r.prefix.block_size} tokens: theoretical hit rate "
+            f"{100 * r.prefix.trace_hit_rate:.2f} %; generated schedules share blocks the "
+            "same way (hit share by prompt length, parent distance)"
+        )
     lines.append(f"  bursts     {r.burst_decision}")
     if r.bursts is not None:
         b = r.bursts

@@ -54,8 +54,9 @@ def _schedule_as_trace(path: Path) -> Any:
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="Model micro-bursts (NB per occupied slot): auto when >= 1% of occupied slots "
-    "hold several requests.",
+    help="Model micro-bursts (NB per occupied slot) in the FineServe-format files: auto when "
+    "any occupied slot holds several requests and timestamps are finer than a slot (the "
+    "slot-process model always has its count law).",
 )
 @click.option(
     "--min-window-gaps",
@@ -71,6 +72,13 @@ def _schedule_as_trace(path: Path) -> Any:
     "check fails; writes <name>_validate.json and .png.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --validate.")
+@click.option(
+    "--prefix-block-size",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Tokens per hash_ids block of the trace (Mooncake's 512), for its prefix sharing.",
+)
 @trace_format_options
 def fit_command(
     trace_path: Path,
@@ -82,6 +90,7 @@ def fit_command(
     min_window_gaps: int,
     validate: bool,
     seed: int,
+    prefix_block_size: int,
     **trace_opts: Any,
 ) -> None:
     """Fit workload parameters (arrival windows, micro-bursts, lengths) from a trace in
@@ -107,6 +116,7 @@ def fit_command(
         slot_ms=slot_ms,
         bursts=bursts,
         min_gaps=min_window_gaps,
+        prefix_block_size=prefix_block_size,
     )
     write_fit(result, output_dir, command=shlex.join(["fineserve", *sys.argv[1:]]))
     out(format_fit_summary(result))

@@ -7,6 +7,8 @@ Output layout (the layout ``--model-class`` resolves, FineServe's):
   the per-window best model and the Weibull/Exponential alternatives;
 - ``Parametric/nb/<name>_nb.json``: the micro-burst model (only when bursts are modelled);
 - ``Parametric/lengths/<name>_lengths.json``: the joint length histogram and fitted laws;
+- ``Parametric/prefix/<name>_prefix.json``: prefix sharing (``fit.prefix``), for traces
+  with ``hash_ids``;
 - ``Parametric/arrivals/<name>_arrivals.json``: the slot-process model (``fit.process``:
   per-window gap laws kept to each window's rate and CV, memory, per-window burst sizes,
   placement inside slots, the timestamps' resolution), which the generator prefers;
@@ -47,6 +49,7 @@ from .bursts import (
     slot_counts,
 )
 from .lengths import LengthFit, fit_lengths
+from .prefix import PrefixModel, fit_prefix
 from .process import ArrivalModel, fit_arrival_model
 from .resolution import Resolution, detect_resolution, lattice_phase_ns
 
@@ -69,6 +72,8 @@ class FitResult:
     resolution: Resolution
     #: The slot-process model (what the generator uses by default).
     model: ArrivalModel
+    #: Prefix sharing, for traces with ``hash_ids``.
+    prefix: PrefixModel | None = None
     notes: list[str] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -149,6 +154,7 @@ def fit_trace(
     slot_ms: float = 1.0,
     bursts: str = "auto",
     min_gaps: int = MIN_GAPS,
+    prefix_block_size: int = 512,
 ) -> FitResult:
     if bursts not in BURST_MODES:
         raise FineserveError(f"--bursts must be one of {', '.join(BURST_MODES)}")
@@ -211,6 +217,9 @@ def fit_trace(
             "half the smallest positive gap"
         )
     lengths = fit_lengths(trace.input_len, trace.output_len)
+    prefix = None
+    if trace.hash_ids is not None and trace.hash_offsets is not None:
+        prefix = fit_prefix(trace.input_len, trace.hash_ids, trace.hash_offsets, prefix_block_size)
     return FitResult(
         name=name,
         source=str(trace.path),
@@ -224,6 +233,7 @@ def fit_trace(
         burst_decision=decision,
         resolution=resolution,
         model=model,
+        prefix=prefix,
         notes=notes,
     )
 
@@ -287,9 +297,10 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
     nb_path = out_dir / "Parametric" / "nb" / f"{result.name}_nb.json"
     len_path = out_dir / "Parametric" / "lengths" / f"{result.name}_lengths.json"
     arrivals_path = out_dir / "Parametric" / "arrivals" / f"{result.name}_arrivals.json"
+    prefix_path = out_dir / "Parametric" / "prefix" / f"{result.name}_prefix.json"
     summary_path = out_dir / f"{result.name}_fit.json"
     try:
-        for p in (gamma_path, nb_path, len_path, arrivals_path):
+        for p in (gamma_path, nb_path, len_path, arrivals_path, prefix_path):
             p.parent.mkdir(parents=True, exist_ok=True)
         w = result.windows
         with gamma_path.open("w", newline="") as f:
@@ -324,6 +335,12 @@ def write_fit(result: FitResult, out_dir: Path, *, command: str = "") -> dict[st
         }
         meta = {"source": result.source, "fitted_by": "fineserve fit", "command": command}
         arrivals_path.write_text(json.dumps({**result.model.to_json(), **meta}) + "\n")
+        if result.prefix is not None:
+            prefix_path.write_text(json.dumps({**result.prefix.to_json(), **meta}) + "\n")
+            files["prefix"] = prefix_path
+        elif prefix_path.exists():
+            # A stale prefix file would give this class another trace's sharing.
+            prefix_path.unlink()
         if result.bursts is not None:
             nb_path.write_text(json.dumps({**result.bursts.to_json(), **meta}, indent=1) + "\n")
             files["nb"] = nb_path
@@ -371,6 +388,12 @@ def fit_summary(r: FitResult) -> dict[str, Any]:
         "burst_decision": r.burst_decision,
         "resolution": r.resolution.to_json(),
         "arrival_model": model_summary(r.model),
+        "prefix": None
+        if r.prefix is None
+        else {
+            "block_size": r.prefix.block_size,
+            "trace_hit_rate_theoretical": r.prefix.trace_hit_rate,
+        },
         "lengths": {
             "fitted": r.lengths.params,
             "ks_stat": r.lengths.ks,

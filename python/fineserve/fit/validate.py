@@ -13,7 +13,8 @@ autocorrelations over N seconds gets 2.5·√(2/N)):
 - requests per occupied slot: KS ≤ 0.02 + noise;
 - inter-arrival gaps (at the trace's resolution): KS ≤ 0.05 + noise;
 - requests/s autocorrelation at 1, 10 and 60 s: |gen − real| ≤ 0.05 + noise;
-- input and output lengths: KS ≤ 0.02 + noise.
+- input and output lengths: KS ≤ 0.02 + noise;
+- for a trace with ``hash_ids``: the theoretical prefix-cache hit rate within ±0.03.
 
 A renewal fit of a bursty trace fails them (e.g. the Azure code trace's per-window
 Weibull: gap KS ~0.2, ACF at 1 s 0.3 against 0.76) and the slot-process model passes
@@ -31,6 +32,7 @@ from ..schedule import concat
 from ..traces.base import Trace
 from . import FitResult
 
+PREFIX_ROW = "prefix hit rate, theoretical"
 KS_NOISE_C = 1.95  # c(α) of the two-sample KS test at α = 0.001
 
 
@@ -70,6 +72,16 @@ def validate_fit(result: FitResult, trace: Trace, out_dir: Path, seed: int) -> C
     )
 
     comparison = compare_arrivals(real, gen, window_s=result.window_s, slot_ms=result.slot_ms)
+    if result.prefix is not None and generated.hash_ids is not None:
+        from ..compare import Row
+        from ..prompts.prefix import PrefixHitCounter
+
+        assert generated.hash_offsets is not None
+        counter = PrefixHitCounter(result.prefix.block_size)
+        counter.add(generated.input_len, generated.hash_ids, generated.hash_offsets)
+        comparison.rows.append(
+            Row(PREFIX_ROW, result.prefix.trace_hit_rate, counter.rate, check="diff")
+        )
     return judge(comparison)
 
 
@@ -89,6 +101,7 @@ def judge(comparison: Comparison) -> Comparison:
     }
     for lag in ACF_LAGS_S:
         thresholds[f"requests/s ACF at {lag} s"] = 0.05 + acf_noise
+    thresholds[PREFIX_ROW] = 0.03
     for row in comparison.rows:
         if row.metric in thresholds:
             row.threshold = thresholds[row.metric]

@@ -204,6 +204,8 @@ class ClassFiles:
     lengths: Path | None
     #: ``fineserve fit``'s slot-process model, when the class has one.
     arrivals: Path | None = None
+    #: ``fineserve fit``'s prefix-sharing model, when its trace had hash_ids.
+    prefix: Path | None = None
 
 
 def resolve_class_files(model_class: str, user_dir: Path | None) -> ClassFiles:
@@ -222,11 +224,13 @@ def resolve_class_files(model_class: str, user_dir: Path | None) -> ClassFiles:
         nb = d / "Parametric" / "nb" / f"{model_class}_nb.json"
         lengths = d / "Parametric" / "lengths" / f"{model_class}_lengths.json"
         arrivals = d / "Parametric" / "arrivals" / f"{model_class}_arrivals.json"
+        prefix = d / "Parametric" / "prefix" / f"{model_class}_prefix.json"
         return ClassFiles(
             gamma,
             nb if nb.is_file() else None,
             lengths if lengths.is_file() else None,
             arrivals if arrivals.is_file() else None,
+            prefix if prefix.is_file() else None,
         )
     raise FineserveError(
         f"--model-class {model_class}: no parameter file; looked for {', '.join(tried)} "
@@ -339,6 +343,17 @@ def load_arrival_model(path: Path) -> Any:
     """``Parametric/arrivals/<class>_arrivals.json`` (``fit.process.ArrivalModel``)."""
     from ..fit.process import ArrivalModel
 
+    return ArrivalModel.from_json(_json_object(path), str(path))
+
+
+def load_prefix_model(path: Path) -> Any:
+    """``Parametric/prefix/<class>_prefix.json`` (``fit.prefix.PrefixModel``)."""
+    from ..fit.prefix import PrefixModel
+
+    return PrefixModel.from_json(_json_object(path), str(path))
+
+
+def _json_object(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -348,7 +363,7 @@ def load_arrival_model(path: Path) -> Any:
         raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(d, dict):
         raise FineserveError(f"{path}: expected a JSON object")
-    return ArrivalModel.from_json(d, str(path))
+    return d
 
 
 def load_nb_json(path: Path) -> NegBinom:

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from ..config import LengthConfig, ParametricConfig, WorkloadConfig
 from ..errors import FineserveError
+from ..fit.prefix import PrefixSharer, with_blocks
 from ..metrics.windows import add_counts
 from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
@@ -26,6 +27,7 @@ from .parametric import (
     load_arrival_model,
     load_gamma_windows,
     load_nb_json,
+    load_prefix_model,
     parametric_chunks,
     resolve_class_files,
 )
@@ -415,8 +417,57 @@ def _parametric(
                 cls,
             )
         )
+    streams = _with_prefix_blocks(classes, streams, seeds, info, notes)
     info.update(time_scale=cfg.time_scale, duration_s=cfg.duration_s)
     return Workload(_capped(merge_streams(streams), cfg.num_prompts), None, info, notes)
+
+
+def _with_prefix_blocks(
+    classes: list[tuple[str, ClassFiles]],
+    streams: list[Iterator[Schedule]],
+    seeds: list[np.random.SeedSequence],
+    info: dict[str, Any],
+    notes: list[str],
+) -> list[Iterator[Schedule]]:
+    """Classes fitted from a trace with hash_ids share prefix blocks the way it did
+    (``fit.prefix``); in a run that has one, the other classes get unshared blocks (a
+    schedule carries blocks for all its requests or none). Ids of class k start at
+    k·2⁴⁰, so classes never share by accident."""
+    models = [
+        load_prefix_model(files.prefix) if files.prefix is not None else None
+        for _, files in classes
+    ]
+    if not any(m is not None for m in models):
+        return streams
+    block_size = next(m.block_size for m in models if m is not None)
+    out = []
+    for k, ((cls, _), stream, model, ss) in enumerate(zip(classes, streams, models, seeds)):
+        base = k << 40
+        # Its own stream of randomness: the class's arrivals and lengths stay as without.
+        rng = np.random.default_rng(ss.spawn(1)[0])
+        sharer = PrefixSharer(model, rng, id_base=base) if model is not None else None
+        out.append(with_blocks(stream, sharer, block_size, base))
+        info["classes"][k]["prefix"] = (
+            None
+            if model is None
+            else {
+                "block_size": model.block_size,
+                "trace_hit_rate_theoretical": model.trace_hit_rate,
+            }
+        )
+        if model is None:
+            notes.append(f"{cls}: no prefix model: its prompts share no blocks")
+        elif model.block_size != block_size:
+            raise FineserveError(
+                f"{cls}: prefix blocks of {model.block_size} tokens, but another class has "
+                f"{block_size}; fit them with one --prefix-block-size"
+            )
+        else:
+            notes.append(
+                f"{cls}: prefix blocks shared as in its trace (theoretical hit rate there "
+                f"{100 * model.trace_hit_rate:.1f} %)"
+            )
+    return out
 
 
 def _class_nb(
