@@ -408,7 +408,7 @@ def test_fit_validate_passes_on_shared_traces(tmp_path: Path, rel: str) -> None:
         "requests/s ACF at 60 s",
         "input length",
         "output length",
-    }
+    } | ({"prefix hit rate, theoretical"} if "mooncake" in rel else set())
     # The targets themselves, without the sampling allowance (seed 0).
     assert by["window rate error, median"]["check_value"] <= 0.03
     assert by["window CV error, median"]["check_value"] <= 0.05

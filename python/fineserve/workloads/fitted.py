@@ -4,10 +4,11 @@ slots, their gaps drawn from the window's law with the fitted memory and calibra
 window's CV, requests per slot from the window's count law, placed inside the slot as the
 trace placed them.
 
-Calibration: the drawn gaps y (in slots, in their copula order) become whole slots
+Calibration: the drawn gaps y (in slots, in their memory's order) become whole slots
 D = ⌈y⌉ ≥ 1 below the draw's 90th percentile y_q (the body: most gaps, what a KS sees,
 kept as the law made it) and D = ⌈y_q·(1 + κ(e^{β·log(y/y_q)} − 1))⌉ above it (the tail:
-what makes a CV). κ makes ΣD the window's length — so the window holds exactly its fitted
+what makes a CV; narrowed to the top 3, 1, 0.3 % when a high CV needs a few very long
+gaps). κ makes ΣD the window's length — so the window holds exactly its fitted
 number of events, no two in one slot — and β makes the CV of D the window's. The map is
 monotone, so the order the memory gave is kept.
 
@@ -39,8 +40,8 @@ IntArray = npt.NDArray[np.int64]
 CV_STEPS = 30
 TOTAL_STEPS = 14
 #: Gaps above this quantile of a window's draw are its tail (stretched to fit the window
-#: and its CV); a window needs this many gaps for that.
-TAIL_QUANTILE = 0.9
+#: and its CV), tried in turn until the CV is reached; a window needs MIN_TAIL_GAPS gaps.
+TAIL_QUANTILES = (0.9, 0.97, 0.99, 0.997)
 MIN_TAIL_GAPS = 10
 #: How far the tail map may leave the CV before the whole-sample map is tried.
 CV_SLACK = 0.02
@@ -54,34 +55,54 @@ def _cv(v: npt.NDArray[np.floating[Any]] | IntArray) -> float:
 def calibrate_gaps(y: FloatArray, total_slots: int, cv_target: float) -> IntArray:
     """Integer gaps ≥ 1 from positive ``y`` (order kept) summing to ``total_slots`` (the
     stretch from the window's first event to its last) with
-    CV ≈ ``cv_target`` (NaN: no CV target). See the module: the body (below the sample's
-    TAIL_QUANTILE) is kept, the tail is stretched and bent; where the body alone is too long
-    for the window, every gap is scaled instead and the CV is left to the law."""
+    CV ≈ ``cv_target`` (NaN: no CV target). See the module: the body (below a quantile of
+    the draw, TAIL_QUANTILES in turn) is kept, the tail stretched and bent; where no tail
+    can reach the CV, or the body alone is too long for the window, every gap is mapped
+    by a power instead, whichever lands nearer the CV."""
     m = len(y)
     if total_slots <= m:
         return np.ones(m, dtype=np.int64)
     if m == 1:
         return np.array([total_slots], dtype=np.int64)
+    candidates: list[IntArray] = []
     if m >= MIN_TAIL_GAPS:
-        y_q = float(np.quantile(y, TAIL_QUANTILE))
-        tail = y > y_q
-        body = np.maximum(np.ceil(y[~tail]), 1).astype(np.int64)
-        room = total_slots - int(body.sum())
-        n_tail = int(tail.sum())
-        if n_tail and room > n_tail * math.ceil(y_q) + n_tail:
-            out = np.empty(m, dtype=np.int64)
-            out[~tail] = body
-            out[tail] = _stretch_tail(
-                np.log(y[tail] / y_q), y_q, room, m, total_slots, cv_target, body
-            )
-            out = _exact_total(out, total_slots)
-            # A body that alone is more variable than the window (gaps of a few slots)
-            # leaves the tail unable to reach the CV: the whole-sample map does better.
+        # A higher CV needs its excess in fewer, longer gaps: the tail is narrowed until
+        # the CV is reached (a window whose CV is made by two gaps of minutes).
+        for level in TAIL_QUANTILES:
+            out = _tail_mapped(y, level, total_slots, cv_target)
+            if out is None:
+                continue
             if not math.isfinite(cv_target) or abs(_cv(out) - cv_target) <= CV_SLACK * cv_target:
                 return out
-            whole = _exact_total(_scaled(y, total_slots, cv_target), total_slots)
-            return out if abs(_cv(out) - cv_target) <= abs(_cv(whole) - cv_target) else whole
-    return _exact_total(_scaled(y, total_slots, cv_target), total_slots)
+            candidates.append(out)
+    if not candidates or (
+        # A body that alone is more variable than the window (gaps of a few slots) leaves
+        # no tail able to reach the CV: the whole-sample map may do better.
+        _cv(candidates[0]) > cv_target
+    ):
+        candidates.append(_exact_total(_scaled(y, total_slots, cv_target), total_slots))
+    if not math.isfinite(cv_target):
+        return candidates[0]
+    return min(candidates, key=lambda d: abs(_cv(d) - cv_target))
+
+
+def _tail_mapped(
+    y: FloatArray, level: float, total_slots: int, cv_target: float
+) -> IntArray | None:
+    """The gaps with the body (below the ``level`` quantile) kept and the tail stretched
+    (``_stretch_tail``); None when the body alone leaves the tail no room."""
+    m = len(y)
+    y_q = float(np.quantile(y, level))
+    tail = y > y_q
+    body = np.maximum(np.ceil(y[~tail]), 1).astype(np.int64)
+    room = total_slots - int(body.sum())
+    n_tail = int(tail.sum())
+    if not n_tail or room <= n_tail * math.ceil(y_q) + n_tail:
+        return None
+    out = np.empty(m, dtype=np.int64)
+    out[~tail] = body
+    out[tail] = _stretch_tail(np.log(y[tail] / y_q), y_q, room, m, total_slots, cv_target, body)
+    return _exact_total(out, total_slots)
 
 
 def _stretch_tail(
@@ -308,6 +329,7 @@ def _draw_gaps(
     m: int,
     memory: _Memory | None,
     rng: np.random.Generator,
+    gamma: tuple[float, float] | None = None,
 ) -> FloatArray:
     """m gaps (slots, continuous: ⌈y⌉ is the gap) from a window's law, in the memory's
     order: small gaps d − U from their probabilities, longer ones from the log-normal
@@ -323,7 +345,7 @@ def _draw_gaps(
         y[is_small] = np.minimum(d, SMALL_GAPS) - rng.random(n_small) * (1 - 1e-9)
     n_long = m - n_small
     if n_long:
-        y[~is_small] = _long_gaps(comps, n_long, rng)
+        y[~is_small] = _long_gaps(comps, n_long, rng, gamma)
     if memory is None:
         return y
     out = np.empty(m)
@@ -332,7 +354,10 @@ def _draw_gaps(
 
 
 def _long_gaps(
-    comps: list[tuple[float, float, float]], n: int, rng: np.random.Generator
+    comps: list[tuple[float, float, float]],
+    n: int,
+    rng: np.random.Generator,
+    gamma: tuple[float, float] | None = None,
 ) -> FloatArray:
     """n draws of the mixture above SMALL_GAPS slots (redrawing those below: the law was
     fitted on such gaps, so few are; a stubborn remainder sits just above)."""
@@ -342,8 +367,11 @@ def _long_gaps(
     out = np.full(n, math.nan)
     todo = np.arange(n)
     for _ in range(20):
-        which = rng.choice(len(comps), size=len(todo), p=w / w.sum())
-        v = np.exp(mu_all[which] + sig_all[which] * rng.standard_normal(len(todo)))
+        if gamma is not None:
+            v = rng.gamma(gamma[0], gamma[1], len(todo))
+        else:
+            which = rng.choice(len(comps), size=len(todo), p=w / w.sum())
+            v = np.exp(mu_all[which] + sig_all[which] * rng.standard_normal(len(todo)))
         ok = v > SMALL_GAPS
         out[todo[ok]] = v[ok]
         todo = todo[~ok]
@@ -455,7 +483,7 @@ def fitted_chunks(
         if n_ev == 1:
             ev_slot = np.array([first_slot], dtype=np.int64)
         else:
-            y = _draw_gaps(w.small_pmf[idx], w.mixtures[idx], n_ev - 1, memory, rng)
+            y = _draw_gaps(w.small_pmf[idx], w.mixtures[idx], n_ev - 1, memory, rng, w.gamma[idx])
             d = calibrate_gaps(y, stretch, float(w.event_gap_cv[idx]))
             ev_slot = first_slot + np.concatenate([[0], np.cumsum(d)])
         counts = counts_law.draw(n_ev, mean_count, rng)
