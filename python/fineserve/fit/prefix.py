@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from ..errors import FineserveError
 from ..schedule import Schedule
+from .process import quantile_draw, quantile_table
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -131,8 +132,7 @@ def prefix_hits(hash_ids: IntArray, hash_offsets: IntArray) -> tuple[IntArray, I
 
 
 def _quantiles(v: FloatArray) -> FloatArray:
-    q: FloatArray = np.quantile(v, np.linspace(0, 1, QUANTILES))
-    return np.maximum.accumulate(q)
+    return quantile_table(v, QUANTILES, clip=False)
 
 
 def fit_prefix(
@@ -167,11 +167,6 @@ def fit_prefix(
     )
 
 
-def _quantile_draw(q: FloatArray, u: FloatArray) -> FloatArray:
-    out: FloatArray = np.interp(u * (len(q) - 1), np.arange(len(q)), q)
-    return out
-
-
 class PrefixSharer:
     """Gives each chunk's requests block ids (see the module), parents chosen among the
     last HISTORY requests of the run. Ids start at ``id_base`` (classes of one run keep
@@ -199,10 +194,10 @@ class PrefixSharer:
         share = np.empty(k)
         for b in np.unique(bucket):
             sel = bucket == b
-            share[sel] = _quantile_draw(m.share_q[b], u[sel])
+            share[sel] = quantile_draw(m.share_q[b], u[sel])
         h = np.minimum(np.rint(share * n_new).astype(np.int64), n_new)
         dist = np.maximum(
-            np.rint(np.exp(_quantile_draw(m.log_distance_q, self.rng.random(k)))), 1
+            np.rint(np.exp(quantile_draw(m.log_distance_q, self.rng.random(k)))), 1
         ).astype(np.int64)
         parent = self._parents(n_all, idx, h, dist)
         # No earlier prompt is long enough (early in a run, or a rare long prompt): share

@@ -498,14 +498,26 @@ def fit_memory(scores: FloatArray) -> tuple[float, float, FloatArray]:
     return best[1], best[2], a
 
 
-def _quantiles(v: FloatArray) -> FloatArray:
+def quantile_table(v: FloatArray, levels: int = QUANTILES, clip: bool = True) -> FloatArray:
+    """``levels`` evenly spaced quantiles of ``v`` (non-decreasing; of at most
+    QUANTILE_SAMPLE values drawn from it: the table's error is ~1/√n anyway, and sorting
+    millions costs seconds). Zeros for an empty ``v``; clipped to [0, 1] by default."""
     if not len(v):
-        return np.zeros(QUANTILES)
+        return np.zeros(levels)
     if len(v) > QUANTILE_SAMPLE:
-        # 65 quantiles need no more (their error is ~1/√n); sorting millions costs seconds.
         v = v[np.random.default_rng(len(v)).integers(0, len(v), QUANTILE_SAMPLE)]
-    q: FloatArray = np.quantile(np.clip(v, 0.0, 1.0), np.linspace(0, 1, QUANTILES))
+    q: FloatArray = np.quantile(np.clip(v, 0.0, 1.0) if clip else v, np.linspace(0, 1, levels))
     return np.maximum.accumulate(q)
+
+
+def quantile_draw(q: FloatArray, u: FloatArray) -> FloatArray:
+    """Inverse-CDF draws from a quantile table for uniforms ``u`` (linear between levels)."""
+    out: FloatArray = np.interp(u * (len(q) - 1), np.arange(len(q)), q)
+    return out
+
+
+def _quantiles(v: FloatArray) -> FloatArray:
+    return quantile_table(v)
 
 
 def _placement(

@@ -29,7 +29,7 @@ from scipy import signal, special
 
 from ..errors import FineserveError
 from ..fit.bursts import zt_nb_logpmf
-from ..fit.process import PLACEMENT_BUCKETS, SMALL_GAPS, ArrivalModel
+from ..fit.process import PLACEMENT_BUCKETS, SMALL_GAPS, ArrivalModel, quantile_draw
 from ..schedule import Schedule
 from .lengths import LengthSampler
 
@@ -269,9 +269,7 @@ def _match_total(counts: IntArray, total: int, rng: np.random.Generator) -> None
 
 
 def _quantile_draw(q: FloatArray, n: int, rng: np.random.Generator) -> FloatArray:
-    pos = rng.random(n) * (len(q) - 1)
-    out: FloatArray = np.interp(pos, np.arange(len(q)), q)
-    return out
+    return quantile_draw(q, rng.random(n))
 
 
 class _Memory:
