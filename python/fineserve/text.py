@@ -465,13 +465,13 @@ def format_fit_summary(r: FitResult) -> str:
     lines += [
         f"  clock      {r.resolution.describe()}",
         f"  model      slot process in {m['slot_ms']:g} ms slots ({m['placement']}): "
-        f"{m['events']} occupied slots in {m['busy_windows']} busy windows; gap laws with "
-        + ", ".join(f"{c} {k}-lognormal" for k, c in m["gap_law_components"].items() if c)
-        + "; memory "
+        f"{m['events']} occupied slots in {m['busy_windows']} busy windows; gap laws: "
+        + ", ".join(f"{k} {c}" for k, c in m["gap_laws"].items() if c)
+        + f"; memory {mem['chosen']}"
         + (
-            f"w={mem['weight']:.3f} rho={mem['rho']:.4f}"
-            if mem["weight"] > 0
-            else "none (gaps' lag-1…10 correlations not significant)"
+            " (by trial generations against the trace's requests/s autocorrelation)"
+            if mem["trial_acf_errors"]
+            else ""
         ),
     ]
     if r.prefix is not None:

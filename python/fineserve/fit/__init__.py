@@ -412,10 +412,27 @@ def model_summary(m: ArrivalModel) -> dict[str, Any]:
         "busy_windows": int(np.count_nonzero(w.n_events)),
         "events": int(w.n_events.sum()),
         "requests": int(w.n_requests.sum()),
-        "gap_law_components": {
-            str(k): int(sum(1 for c in w.mixtures if len(c) == k)) for k in (1, 2, 3)
+        "gap_laws": {
+            "gamma": int(sum(1 for g, n in zip(w.gamma, w.n_events) if g is not None and n)),
+            **{
+                f"{k}-lognormal": int(
+                    sum(
+                        1
+                        for c, g, n in zip(w.mixtures, w.gamma, w.n_events)
+                        if len(c) == k and g is None and n
+                    )
+                )
+                for k in (1, 2, 3)
+            },
         },
-        "memory": {"weight": m.memory_weight, "rho": m.memory_rho},
+        "memory": {
+            "chosen": m.memory_choice
+            or "none (neither the gaps' classes nor their ranks are significantly dependent)",
+            "trial_acf_errors": m.memory_trial_errors,
+            "weight": m.memory_weight,
+            "rho": m.memory_rho,
+            "class_chain": m.class_transition is not None,
+        },
         "count_components": len(m.count_components),
         "placement": "on the ticks"
         if float(m.first_offset_q.max()) == 0 and float(m.member_fraction_q.max()) == 0
