@@ -477,17 +477,28 @@ def test_shipped_datasets_resolve_with_bursts_and_lengths(tmp_path: Path) -> Non
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     info = json.loads(summary.read_text())["workload"]["classes"][0]
-    assert info["nb"] is not None and info["nb"]["source"].endswith("azure_code_nb.json")
+    assert info["arrival_model"].endswith("azure_code_arrivals.json")
     assert info["lengths"].endswith("azure_code_lengths.json")
     s = json.loads(summary.read_text())
-    assert 0.05 < s["fraction_in_bursts"] < 0.4  # bursts enabled by event_process
+    assert 0.05 < s["fraction_in_bursts"] < 0.4  # the model's count law
+    # The renewal files: FineServe's windows with the NB layer (enabled by event_process).
+    r = invoke(
+        "generate", "--mode", "parametric", "--model-class", "azure_code",
+        "--datasets-dir", str(datasets), "--duration", "600", "-o", str(sched),
+        "--summary-json", str(summary), "--parametric-arrivals", "renewal",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads(summary.read_text())["workload"]["classes"][0]
+    assert info["nb"] is not None and info["nb"]["source"].endswith("azure_code_nb.json")
+    assert 0.05 < json.loads(summary.read_text())["fraction_in_bursts"] < 0.4
     r = invoke(
         "generate", "--mode", "parametric", "--model-class", "mooncake_synthetic",
         "--datasets-dir", str(datasets), "--duration", "300", "-o", str(sched),
         "--summary-json", str(summary),
     )  # fmt: skip
     info = json.loads(summary.read_text())["workload"]["classes"][0]
-    assert info["nb"] is None
+    assert info["resolution"]["kind"] == "quantised"  # ties of its 1 ms clock, not bursts
+    assert info["prefix"]["block_size"] == 512
 
 
 def test_model_class_resolves_the_project_datasets_from_the_repo_root(monkeypatch) -> None:

@@ -56,7 +56,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "burstgpt_log_type", "model_class", "datasets_dir", "class_lengths",
             "gamma_params_csv", "window_start_column", "window_end_column",
             "gamma_shape_column", "gamma_scale_column", "parametric_window_seconds",
-            "parametric_extension_mode", "parametric_jitter_ratio", "parametric_arrivals",
+            "parametric_extension_mode", "parametric_jitter_ratio", "parametric_arrivals", "dequantize",
             "parametric_nb_json", "disable_parametric_nb_lt10b", "parametric_nb_zero",
             "servegen_pool", "servegen_clients", "burstgpt_params", "rate_scale",
         ),
