@@ -451,3 +451,20 @@ def test_prefix_model_file_errors(tmp_path: Path) -> None:
     p.write_text(json.dumps(d))
     with pytest.raises(FineserveError, match="rising quantiles"):
         load_prefix_model(p)
+
+
+@pytest.mark.parametrize("cv", [0.3, 1.0, 4.0, 15.0])
+def test_calibrated_gaps_fill_their_stretch_at_the_windows_cv(cv: float) -> None:
+    from fineserve.workloads.fitted import calibrate_gaps
+
+    rng = np.random.default_rng(int(cv * 10))
+    y = rng.lognormal(3.0, 1.5, 800)  # a law whose own CV (~3) is not the window's
+    d = calibrate_gaps(y, 300_000, cv)
+    assert d.min() >= 1 and int(d.sum()) == 300_000
+    assert d.std() / d.mean() == pytest.approx(cv, rel=0.05)
+    # The order is kept: the memory's arrangement survives calibration.
+    from scipy import stats
+
+    assert stats.spearmanr(y, d).statistic > 0.95
+    assert np.array_equal(calibrate_gaps(y[:5], 5, cv), np.ones(5))  # no room: one slot each
+    assert calibrate_gaps(y[:1], 77, cv).tolist() == [77]

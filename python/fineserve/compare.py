@@ -18,6 +18,7 @@ scale other than 1 should be compared with ``--time-scale`` to undo it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,11 @@ def _pair(metric: str, a: FloatArray, b: FloatArray, *, relative: bool = True) -
     b = b[np.isfinite(b)]
     if not len(a) or not len(b):
         return Row(metric, math.nan, math.nan)
-    ks = float(stats.ks_2samp(a, b).statistic)
+    with warnings.catch_warnings():
+        # scipy falls back from the exact p-value to the asymptotic one with a warning; only
+        # the statistic is used here, which is the same either way.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ks = float(stats.ks_2samp(a, b).statistic)
     w = float(stats.wasserstein_distance(a, b))
     mean = float(np.mean(a))
     if relative:

@@ -183,7 +183,6 @@ class ArrivalModel:
     step_kind: str
     #: Normal-score ACF of the trace's event gaps at lags 1.. (for the record).
     gap_score_acf: FloatArray = field(default_factory=lambda: np.zeros(0))
-    notes: list[str] = field(default_factory=list)
     #: Which memory the fit kept and each candidate's trial error (``_choose_memory``).
     memory_choice: str = ""
     memory_trial_errors: dict[str, float] = field(default_factory=dict)
@@ -231,7 +230,6 @@ class ArrivalModel:
                 "gap_law": [[list(c) for c in m] for m in w.mixtures],
                 "gap_gamma": [None if g is None else list(g) for g in w.gamma],
             },
-            "notes": self.notes,
         }
 
     @classmethod
@@ -516,10 +514,6 @@ def quantile_draw(q: FloatArray, u: FloatArray) -> FloatArray:
     return out
 
 
-def _quantiles(v: FloatArray) -> FloatArray:
-    return quantile_table(v)
-
-
 def _placement(
     t_ns: IntArray, slot: IntArray, slot_ns: float, ev_idx: IntArray, counts: IntArray
 ) -> tuple[FloatArray, FloatArray, str]:
@@ -546,17 +540,19 @@ def _placement(
     remaining = (k_of - j_of)[is_member]
     first_bucket = np.searchsorted(PLACEMENT_BUCKETS, counts, side="right") - 1
     step_bucket = np.searchsorted(PLACEMENT_BUCKETS, remaining, side="right") - 1
-    pooled_first = _quantiles(first[counts > 1]) if np.any(counts > 1) else _quantiles(first)
-    pooled_step = _quantiles(chosen)
+    pooled_first = (
+        quantile_table(first[counts > 1]) if np.any(counts > 1) else quantile_table(first)
+    )
+    pooled_step = quantile_table(chosen)
     firsts, steps = [], []
     for b in range(len(PLACEMENT_BUCKETS)):
         in_b = first_bucket == b
         firsts.append(
-            _quantiles(first[in_b]) if np.count_nonzero(in_b) >= MIN_PLACEMENT else pooled_first
+            quantile_table(first[in_b]) if np.count_nonzero(in_b) >= MIN_PLACEMENT else pooled_first
         )
         s_b = step_bucket == b
         steps.append(
-            _quantiles(chosen[s_b]) if np.count_nonzero(s_b) >= MIN_PLACEMENT else pooled_step
+            quantile_table(chosen[s_b]) if np.count_nonzero(s_b) >= MIN_PLACEMENT else pooled_step
         )
     return np.stack(firsts), np.stack(steps), kind
 

@@ -364,6 +364,21 @@ def _parametric(
             )
             if pc.dequantize and model.resolution.kind == "continuous":
                 notes.append(f"{cls}: --dequantize has no effect: the trace had no clock grid")
+            clock = ""
+            if (
+                model.resolution.kind != "continuous"
+                and model.resolution.period_ms >= model.slot_ms
+            ):
+                clock = (
+                    f"; its trace's {model.resolution.describe()}: spread inside each tick "
+                    "(--dequantize)"
+                    if pc.dequantize
+                    else f"; {model.resolution.describe()}, generated on that clock"
+                )
+            notes.append(
+                f"{cls}: arrivals from the slot-process model {files.arrivals.name} "
+                f"({model.slot_ms:g} ms slots{clock})"
+            )
             streams.append(
                 label(
                     fitted_chunks(
