@@ -79,6 +79,8 @@ QUANTILE_SAMPLE = 100_000
 #: pooled quantiles of all multi-request slots.
 PLACEMENT_BUCKETS = (1, 2, 3, 4, 5, 8, 16)
 MIN_PLACEMENT = 20
+#: A window has its own requests-per-slot law when it has this many multi-request slots.
+MIN_COUNT_SLOTS = 30
 #: Gaps of 1…SMALL_GAPS slots have their own empirical probabilities per window.
 SMALL_GAPS = 8
 #: A window's tail law needs this many long gaps; with fewer it takes the pooled one.
@@ -108,6 +110,10 @@ class WindowLaws:
     #: [window] = (shape, scale in slots) where a Gamma conditioned on exceeding
     #: SMALL_GAPS fits the long gaps better than the mixture (by BIC); else None.
     gamma: list[tuple[float, float] | None]
+    #: [window] = (mu, alpha) of the zero-truncated NB with the window's own mean and
+    #: variance of requests per occupied slot, where it has MIN_COUNT_SLOTS multi-request
+    #: slots; else None (the model's count law at the window's mean).
+    count_law: list[tuple[float, float] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.start_ms)
@@ -125,6 +131,7 @@ class WindowLaws:
                 w.small_pmf,
                 w.mixtures,
                 w.gamma,
+                w.count_law,
             )
         ):
             raise FineserveError(f"{where}: window arrays must be non-empty and of one length")
@@ -143,9 +150,11 @@ class WindowLaws:
                 f"{where}: each busy window needs 0 <= first_event_slot and room for its "
                 "events up to last_event_slot"
             )
-        for i, (m, q, g) in enumerate(zip(w.mixtures, w.small_pmf, w.gamma)):
+        for i, (m, q, g, c) in enumerate(zip(w.mixtures, w.small_pmf, w.gamma, w.count_law)):
             if g is not None and not (g[0] > 0 and g[1] > 0):
                 raise FineserveError(f"{where}: window {i}: gap_gamma needs shape, scale > 0")
+            if c is not None and not (c[0] > 0 and c[1] > 0):
+                raise FineserveError(f"{where}: window {i}: count_law needs mu, alpha > 0")
             if any(not (a >= 0 and c > 0) for a, _, c in m):
                 raise FineserveError(f"{where}: window {i}: gap law needs weights >= 0, sigma > 0")
             if len(q) != SMALL_GAPS or any(not 0 <= p <= 1 for p in q) or sum(q) > 1 + 1e-6:
@@ -229,6 +238,7 @@ class ArrivalModel:
                 "small_gap_pmf": [[round(p, 8) for p in q] for q in w.small_pmf],
                 "gap_law": [[list(c) for c in m] for m in w.mixtures],
                 "gap_gamma": [None if g is None else list(g) for g in w.gamma],
+                "count_law": [None if c is None else list(c) for c in w.count_law],
             },
         }
 
@@ -254,6 +264,10 @@ class ArrivalModel:
                 gamma=[
                     None if g is None else (float(g[0]), float(g[1]))
                     for g in wd.get("gap_gamma") or [None] * len(wd["gap_law"])
+                ],
+                count_law=[
+                    None if c is None else (float(c[0]), float(c[1]))
+                    for c in wd.get("count_law") or [None] * len(wd["gap_law"])
                 ],
             )
             model = cls(
@@ -310,6 +324,57 @@ class ArrivalModel:
 
 
 # --- fitting -------------------------------------------------------------------------
+
+
+def zt_nb_moments(mu: FloatArray, alpha: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Mean and variance of the zero-truncated NB(mu, alpha) (elementwise)."""
+    p0 = np.exp(-np.log1p(alpha * mu) / alpha)
+    keep = np.maximum(1.0 - p0, 1e-300)
+    mean = mu / keep
+    second = (mu + mu * mu * (1.0 + alpha)) / keep
+    var: FloatArray = np.maximum(second - mean * mean, 0.0)
+    return mean, var
+
+
+def window_count_laws(
+    counts: IntArray, ev_win: IntArray, n_win: int
+) -> list[tuple[float, float] | None]:
+    """Per window, the zero-truncated NB with the window's mean and variance of requests
+    per occupied slot (windows with MIN_COUNT_SLOTS multi-request slots; others None):
+    for each alpha of a grid, mu matches the mean (it rises with mu); the alpha whose
+    variance is nearest is kept. All windows at once."""
+    n = np.bincount(ev_win, minlength=n_win).astype(np.float64)
+    s1 = np.bincount(ev_win, weights=counts, minlength=n_win)
+    s2 = np.bincount(ev_win, weights=counts.astype(np.float64) ** 2, minlength=n_win)
+    multi = np.bincount(ev_win, weights=(counts > 1).astype(np.float64), minlength=n_win)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s1 / n
+        var = s2 / n - mean * mean
+    ok = (multi >= MIN_COUNT_SLOTS) & (mean > 1.0)
+    out: list[tuple[float, float] | None] = [None] * n_win
+    if not ok.any():
+        return out
+    m_t, v_t = mean[ok], var[ok]
+    alphas = np.geomspace(1e-4, 1e3, 71)
+    best_err = np.full(len(m_t), np.inf)
+    best = np.zeros((len(m_t), 2))
+    for a in alphas:
+        lo = np.full(len(m_t), 1e-9)
+        hi = np.full(len(m_t), 1e4)
+        for _ in range(60):  # bisection on log mu: the ZT mean rises with mu
+            mid = np.sqrt(lo * hi)
+            too_low = zt_nb_moments(mid, np.full(len(m_t), a))[0] < m_t
+            lo = np.where(too_low, mid, lo)
+            hi = np.where(too_low, hi, mid)
+        mu = np.sqrt(lo * hi)
+        v = zt_nb_moments(mu, np.full(len(m_t), a))[1]
+        err = np.abs(np.log(np.maximum(v, 1e-12)) - np.log(np.maximum(v_t, 1e-12)))
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best[better] = np.stack([mu[better], np.full(int(better.sum()), a)], axis=1)
+    for j, i in enumerate(np.flatnonzero(ok)):
+        out[int(i)] = (float(best[j, 0]), float(best[j, 1]))
+    return out
 
 
 def _em_batch(
@@ -597,8 +662,12 @@ def fit_arrival_model(
     first_event_slot[busy] = ev_slot[ev_start[busy]] - win_first_slot[busy]
     last_event_slot[busy] = ev_slot[ev_start[busy] + n_events[busy] - 1] - win_first_slot[busy]
 
-    d = np.diff(ev_slot).astype(np.float64)  # ≥ 1
-    seg = ev_win[:-1]
+    # Gaps inside a window only: the generator fills each window from its first event to
+    # its last, and a gap that spans windows (into an idle stretch of minutes) is not a
+    # gap of either window's law or CV.
+    inside = ev_win[1:] == ev_win[:-1]
+    d = np.diff(ev_slot)[inside].astype(np.float64)  # ≥ 1
+    seg = ev_win[:-1][inside]
     # Dequantised: ceil(x) = d; the floor keeps a log finite.
     x = np.maximum(d - rng.random(len(d)), 1e-6)
     small = d <= SMALL_GAPS
@@ -660,6 +729,7 @@ def fit_arrival_model(
             small_pmf,
             mixtures,
             gamma_laws,
+            window_count_laws(counts, ev_win, n_win),
         ),
         memory_weight=weight,
         memory_rho=rho,
@@ -689,6 +759,7 @@ def _head(model: ArrivalModel, n_win: int) -> ArrivalModel:
         w.small_pmf[sl],
         w.mixtures[sl],
         w.gamma[sl],
+        w.count_law[sl],
     )
     return dataclasses.replace(model, windows=head)
 

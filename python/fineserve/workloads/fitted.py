@@ -230,6 +230,14 @@ class _CountLaw:
             else:
                 hi = mid
         scale = math.exp((lo + hi) / 2)
+        cdf = self.cdf_for_scale(scale)
+        if len(self._cache) < 4096:
+            self._cache[key] = cdf
+        return cdf
+
+    def cdf_for_scale(self, scale: float) -> FloatArray:
+        """CDF at 1, 2, … of the mixture with its means scaled by ``scale``."""
+        mean = self._mean(scale)
         top = max(64, int(20 * mean))
         while True:
             k = np.arange(1, top + 1, dtype=np.float64)
@@ -240,15 +248,28 @@ class _CountLaw:
             if cdf[-1] >= 1 - 1e-10 or top >= 1 << 20:
                 break
             top *= 4
-        cdf /= cdf[-1]
-        if len(self._cache) < 4096:
-            self._cache[key] = cdf
-        return cdf
+        out: FloatArray = cdf / cdf[-1]
+        return out
 
     def draw(self, n: int, mean: float, rng: np.random.Generator) -> IntArray:
         if not len(self.weights) or mean <= 1 + 1e-9:
             return np.ones(n, dtype=np.int64)
         cdf = self.cdf_for_mean(mean)
+        return (np.searchsorted(cdf, rng.random(n), side="right") + 1).astype(np.int64)
+
+
+class _WindowCountLaws:
+    """Windows' own zero-truncated NB laws, their CDF tables cached."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[float, float], FloatArray] = {}
+
+    def draw(self, law: tuple[float, float], n: int, rng: np.random.Generator) -> IntArray:
+        cdf = self._cache.get(law)
+        if cdf is None:
+            cdf = _CountLaw([(1.0, law[0], law[1])]).cdf_for_scale(1.0)
+            if len(self._cache) < 4096:
+                self._cache[law] = cdf
         return (np.searchsorted(cdf, rng.random(n), side="right") + 1).astype(np.int64)
 
 
@@ -457,6 +478,7 @@ def fitted_chunks(
         else None
     )
     counts_law = _CountLaw(model.count_components)
+    own_laws = _WindowCountLaws()
     k = 0
     while True:
         idx = k % n_win
@@ -484,7 +506,11 @@ def fitted_chunks(
             y = _draw_gaps(w.small_pmf[idx], w.mixtures[idx], n_ev - 1, memory, rng, w.gamma[idx])
             d = calibrate_gaps(y, stretch, float(w.event_gap_cv[idx]))
             ev_slot = first_slot + np.concatenate([[0], np.cumsum(d)])
-        counts = counts_law.draw(n_ev, mean_count, rng)
+        own = w.count_law[idx] if w.count_law else None
+        if own is not None:
+            counts = own_laws.draw(own, n_ev, rng)
+        else:
+            counts = counts_law.draw(n_ev, mean_count, rng)
         if k <= n_win:
             _match_total(counts, int(w.n_requests[idx]), rng)
         off = _place(counts, model, rng, dequantize)
