@@ -42,9 +42,9 @@ FloatArray = npt.NDArray[np.float64]
 #: ``--bursts auto`` models micro-bursts when any of at least MIN_SLOTS occupied slots
 #: holds more than one request (the zero-truncated law goes continuously to "always one").
 MIN_SLOTS = 200
-#: EM iterations of the mixture per starting split (the likelihood gains after ~80 are
+#: EM iterations of the mixture per starting split (the likelihood gains after ~40 are
 #: below a unit in millions; each iteration is two bounded two-parameter fits).
-EM_STEPS = 80
+EM_STEPS = 40
 #: Lower bound of alpha in the fits: alpha → 0 is the (zero-truncated) Poisson limit.
 MIN_ALPHA = 1e-6
 
