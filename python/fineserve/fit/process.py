@@ -769,10 +769,10 @@ def _head(model: ArrivalModel, n_win: int) -> ArrivalModel:
 
 def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
     """Keeps the memory — none, the class chain, the AR latent at ½, 1 or 2 times its
-    fitted weight, or chain and AR at its weight — whose trial generations best reproduce the trace's
-    requests/s autocorrelation at 1, 10 and 60 s (absolute errors weighted 2:1:1, mean
-    over MEMORY_TRIALS seeds, on at most MEMORY_TRIAL_EVENTS events' worth of windows):
-    the figures users judge a generator by, chosen on directly."""
+    fitted weight, or chain and AR at its weight — whose trial generations best reproduce
+    the trace's requests/s autocorrelation at 1, 10 and 60 s (absolute errors weighted
+    2:1:1, mean over MEMORY_TRIALS seeds, on at most MEMORY_TRIAL_EVENTS events' worth of
+    windows): the figures users judge a generator by, chosen on directly."""
     from ..compare import per_second_acf
     from ..workloads.fitted import fitted_chunks
 
