@@ -178,6 +178,9 @@ class WorkloadConfig:
     burstgpt_params: Path | None = None
     rate_scale: float | None = None
     media: MediaMixConfig = field(default_factory=MediaMixConfig)
+    #: Conversation traces: how long after its previous turn ends a turn leaves
+    #: (``workloads.think``: gap, gap-minus-latency, fixed:S, lognormal:MU,SIGMA).
+    think_time: str = "gap"
     #: The workload options the command line set (a schedule refuses those it cannot apply;
     #: an explicit --start is kept even when idle).
     given: frozenset[str] = frozenset()
@@ -249,6 +252,7 @@ class WorkloadConfig:
                 start_s="start",
                 duration_s="duration",
                 rate_scale="rate_scale",
+                think_time="think_time",
             ),
         )
 

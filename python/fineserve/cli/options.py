@@ -198,6 +198,15 @@ _SCHEDULE_OPTIONS: list[Any] = [
         help="> 1 compresses time (replay, parametric, servegen, burstgpt).",
     ),
     click.option(
+        "--think-time",
+        default=None,
+        metavar="MODEL",
+        help="Conversation traces (chat_id/parent_chat_id): how long after its previous "
+        "turn ends a turn leaves: gap (the trace's gap between their arrivals, the default), "
+        "gap-minus-latency (less the previous turn's recorded latency), fixed:SECONDS, "
+        "lognormal:MU,SIGMA (of log seconds).",
+    ),
+    click.option(
         "--start",
         type=NON_NEGATIVE,
         default=default_of(WorkloadConfig, "start_s"),

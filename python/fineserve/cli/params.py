@@ -50,6 +50,7 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "Workload",
         (
             "mode", "request_rate", "num_prompts", "duration", "time_scale", "start", "seed",
+            "think_time",
             "schedule", "burstiness", "ramp", "ramp_start_rate", "ramp_end_rate", "ramp_steps",
             "trace", "request_trace_csv", "trace_format", "timestamp_column", "timestamp_unit",
             "input_length_column", "output_length_column", "burstgpt_model",

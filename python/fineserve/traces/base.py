@@ -14,6 +14,8 @@ from ..errors import FineserveError
 from ..ragged import take_ragged
 
 UNIT_NS = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
+#: The extra column a reader fills with each request's recorded latency (ns; −1 unknown).
+LATENCY_COLUMN = "trace_latency_ns"
 
 #: The longest prompt or answer accepted anywhere, in tokens: trace rows past it are
 #: skipped and counted, options past it are refused.

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import FineserveError
-from .base import UNIT_NS, Trace, finish_trace, numeric, require_columns, to_ns
+from .base import (
+    LATENCY_COLUMN,
+    UNIT_NS,
+    Trace,
+    finish_trace,
+    numeric,
+    require_columns,
+    to_ns,
+)
 
 FORMATS = ("fineserve", "burstgpt", "mooncake", "azure")
 
@@ -233,7 +241,8 @@ def _datetime_ns(col: Any) -> Any:
 
 def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str) -> Trace:
     """Mooncake/Qwen-Bailian JSONL: ``timestamp`` (ms), lengths, ``hash_ids`` (512-token
-    prompt blocks), and for Bailian ``chat_id``/``parent_chat_id``/``turn``."""
+    prompt blocks), for Bailian ``chat_id``/``parent_chat_id``/``turn``, and an optional
+    ``latency`` (same unit as the timestamps)."""
     import pyarrow as pa
     import pyarrow.json as pajson
 
@@ -257,6 +266,11 @@ def _read_mooncake(path: Path, ts_col: str, in_col: str, out_col: str, unit: str
         if src in names:
             v = numeric(table[src])
             extra[dst] = np.where(np.isfinite(v), v, -1).astype(np.int64)
+    if "latency" in names:
+        # A request's recorded latency, in the trace's time unit, for --think-time
+        # gap-minus-latency (−1 where missing).
+        lat = to_ns(numeric(table["latency"]), unit)
+        extra[LATENCY_COLUMN] = np.where(np.isfinite(lat) & (lat >= 0), lat, -1).astype(np.int64)
     hash_ids = hash_offsets = None
     if "hash_ids" in names:
         col = table["hash_ids"].combine_chunks()

@@ -17,6 +17,7 @@ from ..fit.prefix import PrefixSharer, with_blocks
 from ..metrics.windows import add_counts
 from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
+from ..traces.base import LATENCY_COLUMN, Trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
 from .fitted import fitted_chunks
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
@@ -34,6 +35,7 @@ from .parametric import (
 from .poisson import poisson_chunks
 from .replay import replay_chunks, replay_slice
 from .servegen import load_client_pool, servegen_chunks
+from .think import ThinkTime
 
 MODES = ("poisson", "replay", "parametric", "servegen", "burstgpt")
 
@@ -186,6 +188,7 @@ def _replay(
         time_scale=cfg.time_scale,
         skipped=dict(trace.skipped),
     )
+    _think_times(cfg, trace, rng, info, notes)
     lo, hi = replay_slice(trace, cfg.start_s, cfg.duration_s, cfg.num_prompts)
     chunks = replay_chunks(
         trace,
@@ -197,6 +200,34 @@ def _replay(
     sent_at = np.rint((trace.t_ns[lo:hi] - round(cfg.start_s * 1e9)) / cfg.time_scale)
     plan = plan_from_send_times(iter([sent_at.astype(np.int64)]))
     return Workload(chunks, hi - lo, info, notes, plan)
+
+
+def _think_times(
+    cfg: WorkloadConfig,
+    trace: Trace,
+    rng: np.random.Generator,
+    info: dict[str, Any],
+    notes: list[str],
+) -> None:
+    """Later turns' think times by ``--think-time`` (``workloads.think``), in place."""
+    think = ThinkTime.parse(cfg.think_time)
+    # Only think times use it; a schedule has no such column.
+    latency = trace.extra.pop(LATENCY_COLUMN, None)
+    if "parent" not in trace.extra:
+        if think.kind != "gap":
+            notes.append("--think-time has no effect: the trace has no conversations")
+        return
+    think_ns, note = think.think_ns(
+        trace.extra["parent"],
+        trace.extra["think_ns"],
+        latency,
+        # Its own stream: arrivals and lengths stay those of the default think time.
+        np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(2)[1]),
+    )
+    trace.extra["think_ns"] = think_ns
+    info["think_time"] = think.describe()
+    notes.append(note)
+    del rng
 
 
 def _servegen(
