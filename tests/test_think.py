@@ -96,6 +96,7 @@ def test_replayed_turns_leave_their_think_time_after_the_previous_ended(
     assert "think time:" in r.output
     table, _ = read_requests(req)
     cols = {c: np.asarray(table[c].to_pylist()) for c in ("done_ns", "scheduled_ns")}
+    think = np.asarray(table["think_ns"].to_pylist())
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     ids = [row["chat_id"] for row in rows]
     assert all(k == "ok" for k in table["error_kind"].to_pylist())
@@ -105,8 +106,10 @@ def test_replayed_turns_leave_their_think_time_after_the_previous_ended(
             continue
         p = ids.index(row["parent_chat_id"])
         want = expected_ns(row["turn"])  # type: ignore[operator]
-        # The record's scheduled time is the release: the previous turn's end + think.
+        # The record's scheduled time is the release: the previous turn's end + think,
+        # and the record keeps the think time it was released after.
         assert cols["scheduled_ns"][i] == cols["done_ns"][p] + want
+        assert think[i] == want
         later += 1
     assert later == 10
 

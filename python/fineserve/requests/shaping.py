@@ -22,8 +22,10 @@ from ..schedule import Schedule, ScheduleDigest
 from .pinning import Pinner
 from .turns import extend_turns
 
-#: Schedule columns carried into the records (labels for breakdowns and the results file).
-LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio")
+#: Schedule columns carried into the records (labels for breakdowns and the results file;
+#: ``think_ns``: the think time a later turn was released after, beside its release in
+#: ``scheduled_ns``).
+LABEL_COLUMNS = ("class", "client_id", "session_id", "turn", "reason_ratio", "think_ns")
 
 
 @dataclass
