@@ -350,40 +350,23 @@ def test_cli_fit_reports_the_clock_and_generate_uses_the_model(tmp_path: Path) -
     assert r.exit_code == 0, r.output
     assert "clock      timestamps quantised to 1 ms" in r.output
     assert "model      slot process in 1 ms slots (on the ticks)" in r.output
-    for extra, on_grid in (([], True), (["--dequantize"], False)):
-        out = tmp_path / f"g{len(extra)}.parquet"
+
+    def generate_class(out: Path, *extra: str) -> None:
         r = invoke(
-            "generate",
-            "--mode",
-            "parametric",
-            "--model-class",
-            "c",
-            "--datasets-dir",
-            str(tmp_path / "p"),
-            "-o",
-            str(out),
-            *extra,
-        )
+            "generate", "--mode", "parametric", "--model-class", "c", "--datasets-dir",
+            str(tmp_path / "p"), "-o", str(out), *extra,
+        )  # fmt: skip
         assert r.exit_code == 0, r.output
+
+    for extra, on_grid in (((), True), (("--dequantize",), False)):
+        out = tmp_path / f"g{len(extra)}.parquet"
+        generate_class(out, *extra)
         from fineserve.schedule import concat, read_schedule
 
         chunks, _, _ = read_schedule(out)
         t = concat(list(chunks)).t_ns
         assert bool(np.all(t % 1_000_000 == 0)) is on_grid
-    r = invoke(
-        "generate",
-        "--mode",
-        "parametric",
-        "--model-class",
-        "c",
-        "--datasets-dir",
-        str(tmp_path / "p"),
-        "-o",
-        str(tmp_path / "ren.parquet"),
-        "--parametric-arrivals",
-        "renewal",
-    )
-    assert r.exit_code == 0, r.output
+    generate_class(tmp_path / "ren.parquet", "--parametric-arrivals", "renewal")
 
 
 def conversation_trace(n_req: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

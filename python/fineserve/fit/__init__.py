@@ -202,7 +202,7 @@ def fit_trace(
             f"not modelled: {multi:.2%} of {len(counts)} occupied {slot_ms:g} ms slots hold more "
             f"than one request (auto needs one such slot among >= {MIN_SLOTS})"
         )
-    model = _fit_model(trace, resolution, window_s, slot_ms, burst_fit, phase_ns)
+    model = _fit_model(trace, resolution, window_s, slot_ms, burst_fit, phase_ns, counts)
     notes: list[str] = [] if burst_fit is None else list(burst_fit.notes)
     if burst_fit is not None:
         # Events are the occupied slots, timed by their first request.
@@ -245,13 +245,17 @@ def _fit_model(
     slot_ms: float,
     burst_fit: BurstFit | None,
     phase_ns: int,
+    counts: npt.NDArray[np.int64],
 ) -> ArrivalModel:
     """The slot-process model, in slots of the trace's clock when that is coarser than
-    ``slot_ms`` (with the grid on its ticks), else of ``slot_ms``."""
+    ``slot_ms`` (with the grid on its ticks), else of ``slot_ms`` — the grid of
+    ``fit_trace``'s own ``counts`` and ``burst_fit``, which it reuses."""
     abs_t = trace.t_ns + trace.origin_ns
+    count_fit: BurstFit | None = None
     if resolution.kind == "continuous" or resolution.period_ms < slot_ms:
         model_slot_ms = slot_ms
         t_ns = trace.t_ns + phase_ns
+        count_fit = burst_fit
     else:
         model_slot_ms = resolution.period_ms
         p = resolution.period_ns
@@ -260,11 +264,9 @@ def _fit_model(
         else:
             # Relative times + the origin's phase are on the ticks.
             t_ns = trace.t_ns + int(trace.origin_ns % p)
-    count_fit = burst_fit if model_slot_ms == slot_ms else None
-    if count_fit is None:
         _, counts = slot_counts(t_ns, model_slot_ms)
-        if int(counts.max()) > 1:
-            count_fit = fit_bursts(counts, model_slot_ms)
+    if count_fit is None and int(counts.max()) > 1:
+        count_fit = fit_bursts(counts, model_slot_ms)
     return fit_arrival_model(
         t_ns, window_s=window_s, slot_ms=model_slot_ms, resolution=resolution, bursts=count_fit
     )

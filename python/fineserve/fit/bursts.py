@@ -193,6 +193,27 @@ def mixture_pmf(components: list[Component], k: FloatArray) -> FloatArray:
     return out
 
 
+def zt_mixture_cdf(components: list[Component]) -> FloatArray:
+    """CDF at 1, 2, … of the zero-truncated NB mixture (weights normalised) until it
+    reaches 1 − 1e-12 (table capped at 2^22 entries: the rest of the mass, if any, goes to
+    the last). Samplers draw from it by inverse CDF, never by redrawing zeros (which takes
+    ~1/P(K > 0) draws: ~17,800 per slot for a component with mean 6e-5)."""
+    total = sum(c.weight for c in components)
+    mean = 0.0
+    for c in components:
+        p0 = math.exp(_log_p0(c.mu, c.alpha))
+        mean += c.weight / total * (c.mu / max(1.0 - p0, 1e-300) if p0 < 1 - 1e-15 else 1.0)
+    top = max(64, int(20 * mean))
+    while True:
+        cdf = np.cumsum(mixture_pmf(components, np.arange(1, top + 1, dtype=np.float64)))
+        cdf /= total
+        if cdf[-1] >= 1 - 1e-12 or top >= 1 << 22:
+            break
+        top *= 4
+    out: FloatArray = cdf / cdf[-1]
+    return out
+
+
 def discrete_ks(values: IntArray, freq: IntArray, pmf_at: FloatArray) -> float:
     """sup_k |ECDF(k) − CDF(k)| over integers from 1 to max(values), with the model pmf
     given at 1..max(values)."""

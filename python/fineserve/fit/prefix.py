@@ -179,7 +179,6 @@ class PrefixSharer:
         self.off_hist = np.zeros(1, dtype=np.int64)  # their offsets into ids_hist
         self.ids_hist = np.zeros(0, dtype=np.int64)
         self.next_id = id_base
-        self.dropped = 0  # requests that left the history (their index base)
 
     def assign(self, input_len: IntArray) -> tuple[IntArray, IntArray]:
         """(hash_ids, hash_offsets) for the next requests."""
@@ -277,7 +276,6 @@ class PrefixSharer:
             self.n_hist = self.n_hist[extra:]
             self.ids_hist = self.ids_hist[cut:]
             self.off_hist = self.off_hist[extra:] - cut
-            self.dropped += extra
 
 
 def fresh_blocks(

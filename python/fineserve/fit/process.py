@@ -767,6 +767,13 @@ def _head(model: ArrivalModel, n_win: int) -> ArrivalModel:
     return dataclasses.replace(model, windows=head)
 
 
+class _UnitLengths:
+    """Trial generations need times only: lengths of one token, without drawing."""
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[IntArray, IntArray]:
+        return np.ones(n, np.int64), np.ones(n, np.int64)
+
+
 def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
     """Keeps the memory — none, the class chain, the AR latent at ½, 1 or 2 times its
     fitted weight, or chain and AR at its weight — whose trial generations best reproduce
@@ -805,12 +812,7 @@ def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
         trial = dataclasses.replace(head, memory_weight=wt, memory_rho=rho, class_transition=chain)
         errs = []
         for k in range(MEMORY_TRIALS):
-
-            class _Ones:
-                def sample(self, n: int, rng: np.random.Generator) -> tuple[IntArray, IntArray]:
-                    return np.ones(n, np.int64), np.ones(n, np.int64)
-
-            chunks = fitted_chunks(trial, _Ones(), np.random.default_rng([seed, k]))  # type: ignore[arg-type]
+            chunks = fitted_chunks(trial, _UnitLengths(), np.random.default_rng([seed, k]))  # type: ignore[arg-type]
             g = np.concatenate([c.t_ns for c in chunks] or [np.zeros(0, np.int64)])
             gen = np.array([per_second_acf(g, lag) for lag in lags]) if len(g) > 2 else real * 0
             errs.append(float(np.average(np.abs(gen - real)[ok], weights=weights[ok])))

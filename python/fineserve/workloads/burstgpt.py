@@ -10,7 +10,6 @@ fit on a handful of gaps is noise.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,12 +90,9 @@ def fit_burstgpt(trace: Trace, window_s: float = 1200.0) -> dict[str, Any]:
 
 
 def load_burstgpt_params(path: Path) -> dict[str, Any]:
-    try:
-        p = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise FineserveError(f"--burstgpt-params: cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    from .parametric import read_json
+
+    p = read_json(path, "--burstgpt-params")
     if not isinstance(p, dict):
         raise FineserveError(f"{path}: not a JSON object")
     for key in ("window_s", "windows", "input_zipf_a", "output_zipf_a"):

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from scipy import signal, special
 
 from ..errors import FineserveError
-from ..fit.bursts import zt_nb_logpmf
+from ..fit.bursts import Component, zt_mixture_cdf
 from ..fit.process import PLACEMENT_BUCKETS, SMALL_GAPS, ArrivalModel, quantile_draw
 from ..schedule import Schedule
 from .lengths import LengthSampler
@@ -237,19 +237,9 @@ class _CountLaw:
 
     def cdf_for_scale(self, scale: float) -> FloatArray:
         """CDF at 1, 2, … of the mixture with its means scaled by ``scale``."""
-        mean = self._mean(scale)
-        top = max(64, int(20 * mean))
-        while True:
-            k = np.arange(1, top + 1, dtype=np.float64)
-            pmf = np.zeros(top)
-            for w, mu, a in zip(self.weights, self.mu, self.alpha):
-                pmf += w * np.exp(zt_nb_logpmf(k, mu * scale, a))
-            cdf = np.cumsum(pmf)
-            if cdf[-1] >= 1 - 1e-10 or top >= 1 << 20:
-                break
-            top *= 4
-        out: FloatArray = cdf / cdf[-1]
-        return out
+        return zt_mixture_cdf(
+            [Component(w, mu * scale, a) for w, mu, a in zip(self.weights, self.mu, self.alpha)]
+        )
 
     def draw(self, n: int, mean: float, rng: np.random.Generator) -> IntArray:
         if not len(self.weights) or mean <= 1 + 1e-9:

@@ -127,9 +127,10 @@ class NegBinom:
         self, n: int, rng: np.random.Generator, *, truncate: bool = False
     ) -> npt.NDArray[np.int64]:
         """``n`` counts; with ``truncate`` each component is drawn from its
-        zero-truncated law (inverse CDF over its pmf, never by redrawing zeros, which
-        takes ~1/P(K > 0) draws: ~17,800 per slot for a component with mean 6e-5), so a
-        mixture yields Σ w·ZTNB (the law ``fineserve fit`` estimates)."""
+        zero-truncated law (``fit.bursts.zt_mixture_cdf``: inverse CDF, no redrawing of
+        zeros), so a mixture yields Σ w·ZTNB (the law ``fineserve fit`` estimates)."""
+        from ..fit.bursts import Component, zt_mixture_cdf
+
         parts = self._parts()
         if len(parts) == 1:
             which = np.zeros(n, dtype=np.int64)
@@ -140,7 +141,7 @@ class NegBinom:
         for c, (_, mu, alpha) in enumerate(parts):
             idx = np.flatnonzero(which == c)
             if truncate:
-                cdf = _zt_cdf(mu, alpha)
+                cdf = zt_mixture_cdf([Component(1.0, mu, alpha)])
                 out[idx] = np.searchsorted(cdf, rng.random(len(idx)), side="right") + 1
             else:
                 out[idx] = self._draw_one(mu, alpha, len(idx), rng)
@@ -163,22 +164,6 @@ class NegBinom:
         if self.components:
             d["components"] = [list(c) for c in self.components]
         return d
-
-
-def _zt_cdf(mu: float, alpha: float) -> npt.NDArray[np.float64]:
-    """CDF of the zero-truncated NB at 1, 2, … until it reaches 1 − 1e-12 (table capped
-    at 2^22 entries: the rest of the mass, if any, goes to the last)."""
-    from ..fit.bursts import zt_nb_logpmf
-
-    top = max(64, int(20 * mu))
-    while True:
-        pmf = np.exp(zt_nb_logpmf(np.arange(1, top + 1, dtype=np.float64), mu, alpha))
-        cdf = np.cumsum(pmf)
-        if cdf[-1] >= 1 - 1e-12 or top >= 1 << 22:
-            break
-        top *= 4
-    out: npt.NDArray[np.float64] = cdf / cdf[-1]
-    return out
 
 
 def datasets_dirs(user_dir: Path | None) -> list[Path]:
@@ -353,14 +338,21 @@ def load_prefix_model(path: Path) -> Any:
     return PrefixModel.from_json(_json_object(path), str(path))
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def read_json(path: Path, option: str = "") -> Any:
+    """A JSON file's value; a missing file or bad JSON is one line (``option`` names the
+    flag that gave the path)."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as e:
-        raise FineserveError(f"cannot read {path}: {e.strerror}") from None
+        where = f"{option}: " if option else ""
+        raise FineserveError(f"{where}cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    d = read_json(path)
     if not isinstance(d, dict):
         raise FineserveError(f"{path}: expected a JSON object")
     return d
@@ -368,12 +360,7 @@ def _json_object(path: Path) -> dict[str, Any]:
 
 def load_nb_json(path: Path) -> NegBinom:
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except OSError as e:
-        raise FineserveError(f"--parametric-nb-json: cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise FineserveError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    d = read_json(path, "--parametric-nb-json")
     if not isinstance(d, dict) or "nb_mu" not in d or "nb_alpha" not in d:
         raise FineserveError(f"{path}: expected an object with nb_mu and nb_alpha")
     try:

@@ -188,7 +188,7 @@ def _replay(
         time_scale=cfg.time_scale,
         skipped=dict(trace.skipped),
     )
-    _think_times(cfg, trace, rng, info, notes)
+    _think_times(cfg, trace, info, notes)
     lo, hi = replay_slice(trace, cfg.start_s, cfg.duration_s, cfg.num_prompts)
     chunks = replay_chunks(
         trace,
@@ -202,13 +202,7 @@ def _replay(
     return Workload(chunks, hi - lo, info, notes, plan)
 
 
-def _think_times(
-    cfg: WorkloadConfig,
-    trace: Trace,
-    rng: np.random.Generator,
-    info: dict[str, Any],
-    notes: list[str],
-) -> None:
+def _think_times(cfg: WorkloadConfig, trace: Trace, info: dict[str, Any], notes: list[str]) -> None:
     """Later turns' think times by ``--think-time`` (``workloads.think``), in place."""
     think = ThinkTime.parse(cfg.think_time)
     # Only think times use it; a schedule has no such column.
@@ -227,7 +221,6 @@ def _think_times(
     trace.extra["think_ns"] = think_ns
     info["think_time"] = think.describe()
     notes.append(note)
-    del rng
 
 
 def _servegen(
