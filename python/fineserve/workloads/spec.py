@@ -13,13 +13,11 @@ import numpy.typing as npt
 
 from ..config import LengthConfig, ParametricConfig, WorkloadConfig
 from ..errors import FineserveError
-from ..fit.prefix import PrefixSharer, with_blocks
 from ..metrics.windows import add_counts
 from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
 from ..traces.base import LATENCY_COLUMN, Trace
 from .burstgpt import burstgpt_chunks, fit_burstgpt, load_burstgpt_params
-from .fitted import fitted_chunks
 from .lengths import EmpiricalLengths, HistogramLengths, LengthSampler, RandomLengths
 from .mix import label, merge_streams
 from .parametric import (
@@ -376,6 +374,10 @@ def _parametric(
             cls, files, default_lengths, cfg.lengths, pc, notes
         )
         if files.arrivals is not None and pc.arrivals == "auto" and pc.nb_json is None:
+            # Imported here: the fitting package (scipy's optimisers and stats) would add
+            # ~0.6 s to every blast's start-up.
+            from .fitted import fitted_chunks
+
             model = load_arrival_model(files.arrivals)
             info["classes"].append(
                 {
@@ -478,6 +480,8 @@ def _with_prefix_blocks(
     ]
     if not any(m is not None for m in models):
         return streams
+    from ..fit.prefix import PrefixSharer, with_blocks  # as fitted_chunks: start-up time
+
     block_size = next(m.block_size for m in models if m is not None)
     out = []
     for k, ((cls, _), stream, model, ss) in enumerate(zip(classes, streams, models, seeds)):
