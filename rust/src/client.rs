@@ -879,6 +879,9 @@ impl StreamState {
                 }
                 self.finished |= info.finish_reason;
                 record_chunk(&info, t_ns, rec);
+                if let Some(reply) = rec.reply.as_mut() {
+                    reply.capture(data);
+                }
             }
             Err(msg) => self.failure = Some((ErrorKind::InvalidResponse, msg)),
         }
@@ -967,6 +970,9 @@ async fn read_whole(
             }
             // Without streaming the whole answer becomes visible at once: first token = end.
             record_chunk(&info, t_ns, rec);
+            if let Some(reply) = rec.reply.as_mut() {
+                reply.capture(&buf);
+            }
             Ok(())
         }
         Ok(EventKind::Done) => Err((ErrorKind::InvalidResponse, "bare [DONE] body".to_owned())),

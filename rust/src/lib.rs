@@ -11,6 +11,7 @@ pub mod mock_media;
 pub mod mock_metrics;
 pub mod records;
 mod recv_stamp;
+pub mod reply;
 pub mod sse;
 pub mod timer;
 pub mod tls;

@@ -350,6 +350,9 @@ pub struct MockStats {
     arrivals: std::sync::Mutex<Vec<i64>>,
     /// Prefix blocks seen (`fineserve_hash_ids`), for `cached_tokens`.
     prefix_cache: std::sync::Mutex<BlockLru>,
+    /// Responses stored for `previous_response_id`: id → the conversation's tokens so far
+    /// (prompt and output). Bounded: the oldest go first.
+    stored_responses: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
     /// What `GET /metrics` reports (vLLM's names).
     pub serving: ServingCounters,
     /// The start instant, and the system clock then (kernel receive stamps use it).
@@ -641,6 +644,7 @@ async fn handle(
         (&Method::POST, "/v1/completions") => Api::Completions,
         (&Method::POST, "/v1/chat/completions") => Api::Chat,
         (&Method::POST, "/v1/responses") => Api::Responses,
+        (&Method::POST, "/v1/messages") => Api::Messages,
         _ => return Ok(error_response(StatusCode::NOT_FOUND, "no such route")),
     };
     if cfg.record_arrivals {
@@ -682,6 +686,24 @@ async fn handle(
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
     let mut prompt_tokens = count_prompt_tokens(&parsed, api);
+    // Server-side history: the stored conversation comes before this request's input.
+    if let Some(prev) = parsed.get("previous_response_id").filter(|v| !v.is_null()) {
+        let known = prev
+            .as_str()
+            .and_then(|s| s.strip_prefix("resp_"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .and_then(|n| stats.stored_responses.lock().ok()?.get(&n).copied());
+        match known {
+            Some(tokens) if api == Api::Responses => prompt_tokens += tokens,
+            _ => {
+                stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                return Ok(error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("previous response {prev} not found"),
+                ));
+            }
+        }
+    }
     if api == Api::Chat {
         match count_media(&parsed, &ImageRule::for_side(cfg.image_token_side)) {
             Ok(m) => prompt_tokens += m.image_tokens + m.audio_tokens + m.video_tokens,
@@ -743,6 +765,14 @@ async fn handle(
     }
     let ttft = cfg.ttft + cfg.ttft_per_prompt_token * prompt_tokens as u32;
     let seq = stats.completions.fetch_add(1, Ordering::Relaxed);
+    if api == Api::Responses && parsed.get("store").and_then(|v| v.as_bool()) != Some(false) {
+        if let Ok(mut stored) = stats.stored_responses.lock() {
+            stored.insert(seq, prompt_tokens + u64::from(n_tokens));
+            while stored.len() > STORED_RESPONSES {
+                stored.pop_first();
+            }
+        }
+    }
     // Blocks are used once the request is served (not for an injected HTTP error).
     let cached_tokens = shape.hash_ids.as_ref().map(|ids| {
         let hits = match stats.prefix_cache.lock() {
@@ -831,7 +861,20 @@ enum Api {
     Completions,
     Chat,
     Responses,
+    /// Anthropic's `/v1/messages`.
+    Messages,
 }
+
+impl Api {
+    /// Every event is preceded by an `event: <type>` line, and the stream ends without
+    /// `[DONE]` after an event that always carries usage.
+    fn typed_events(self) -> bool {
+        matches!(self, Api::Responses | Api::Messages)
+    }
+}
+
+/// Responses kept for `previous_response_id` (each costs two integers).
+const STORED_RESPONSES: usize = 1 << 20;
 
 /// u = frac((n+1)·√2): a low-discrepancy draw per request, independent of the faults'
 /// golden-ratio sequence over the same request numbers.
@@ -895,28 +938,37 @@ fn count_prompt_tokens(v: &serde_json::Value, api: Api) -> u64 {
     fn words(s: &str) -> u64 {
         s.split_whitespace().count() as u64
     }
-    /// A message's `content`: a string or a list of parts with `text`.
+    /// A message's `content`: a string or a list of parts with `text` (or, for a tool
+    /// result block, `content`).
     fn content_words(c: &serde_json::Value) -> u64 {
         match c {
             serde_json::Value::String(s) => words(s),
             serde_json::Value::Array(parts) => parts
                 .iter()
-                .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
-                .map(words)
+                .map(|p| {
+                    p.get("text")
+                        .or_else(|| p.get("content"))
+                        .map_or(0, content_words)
+                })
                 .sum(),
             _ => 0,
         }
     }
+    // A message's content, a Responses tool result's `output`, a call's `arguments`.
     let messages = |m: Option<&serde_json::Value>| {
         m.and_then(|m| m.as_array()).map_or(0, |msgs| {
             msgs.iter()
-                .filter_map(|m| m.get("content"))
+                .filter_map(|m| {
+                    m.get("content")
+                        .or_else(|| m.get("output"))
+                        .or_else(|| m.get("arguments"))
+                })
                 .map(content_words)
                 .sum()
         })
     };
     match api {
-        Api::Chat => messages(v.get("messages")),
+        Api::Chat | Api::Messages => messages(v.get("messages")),
         Api::Responses => match v.get("input") {
             Some(serde_json::Value::String(s)) => words(s),
             other => messages(other),
@@ -1063,7 +1115,7 @@ impl Generation {
             out.extend_from_slice(b"\n\n");
             return;
         }
-        if self.api == Api::Responses {
+        if self.api.typed_events() {
             out.extend_from_slice(b"event: ");
             out.extend_from_slice(event_type.as_bytes());
             out.push(b'\n');
@@ -1116,6 +1168,7 @@ impl Generation {
                     "{{\"id\":\"chatcmpl-{id}\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}"
                 ));
             }
+            Api::Messages => self.push_messages_token(out, k, reasoning, first_answer),
             Api::Responses => {
                 // Sequence numbers: 0 for response.created, then two per token (an item's
                 // `output_item.added` and the delta), the end after the last token.
@@ -1151,15 +1204,83 @@ impl Generation {
         }
     }
 
-    /// The Responses stream's first event, sent with the headers (as vLLM does).
+    /// Appends token `k`'s events of an Anthropic Messages stream: a content block opens
+    /// where the reasoning (a `thinking` block) and the answer (`text` or `tool_use`) start.
+    fn push_messages_token(&self, out: &mut Vec<u8>, k: u32, reasoning: bool, first_answer: bool) {
+        let id = self.id;
+        let answer_index = u32::from(self.reasoning_tokens > 0);
+        if k == 1 && reasoning {
+            self.push_event(out, "content_block_start",
+                "{\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}");
+        } else if first_answer {
+            if answer_index > 0 {
+                self.push_event(
+                    out,
+                    "content_block_stop",
+                    "{\"type\":\"content_block_stop\",\"index\":0}",
+                );
+            }
+            let block = if self.tool_call {
+                format!("{{\"type\":\"tool_use\",\"id\":\"toolu_{id}\",\"name\":\"{TOOL_NAME}\",\"input\":{{}}}}")
+            } else {
+                "{\"type\":\"text\",\"text\":\"\"}".to_owned()
+            };
+            self.push_event(out, "content_block_start", &format!(
+                "{{\"type\":\"content_block_start\",\"index\":{answer_index},\"content_block\":{block}}}"
+            ));
+        }
+        let (index, delta) = if reasoning {
+            (0, "{\"type\":\"thinking_delta\",\"thinking\":\" tok\"}")
+        } else if self.tool_call {
+            (
+                answer_index,
+                "{\"type\":\"input_json_delta\",\"partial_json\":\" tok\"}",
+            )
+        } else {
+            (answer_index, "{\"type\":\"text_delta\",\"text\":\" tok\"}")
+        };
+        self.push_event(
+            out,
+            "content_block_delta",
+            &format!("{{\"type\":\"content_block_delta\",\"index\":{index},\"delta\":{delta}}}"),
+        );
+    }
+
+    /// The first event of a Responses or Messages stream, sent with the headers (as vLLM
+    /// does for Responses; Anthropic's `message_start` carries the prompt's usage).
     fn created_event(&self) -> Bytes {
+        if self.api == Api::Messages {
+            return self.framed("message_start", &format!(
+                "{{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_{}\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"{}\",\"stop_reason\":null,\"usage\":{}}}}}",
+                self.id, self.model, self.messages_usage(0)
+            ));
+        }
         self.framed("response.created", &format!(
             "{{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{{\"id\":\"resp_{}\",\"object\":\"response\",\"created_at\":0,\"status\":\"in_progress\",\"model\":\"{}\",\"output\":[],\"usage\":null}}}}",
             self.id, self.model
         ))
     }
 
+    /// Anthropic's usage: `input_tokens` excludes the cache reads.
+    fn messages_usage(&self, output_tokens: u32) -> String {
+        let cached = self.cached_tokens.unwrap_or(0);
+        let mut u = format!(
+            "{{\"input_tokens\":{},\"output_tokens\":{output_tokens}",
+            self.prompt_tokens.saturating_sub(cached)
+        );
+        if self.cached_tokens.is_some() {
+            u.push_str(&format!(
+                ",\"cache_read_input_tokens\":{cached},\"cache_creation_input_tokens\":0"
+            ));
+        }
+        u.push('}');
+        u
+    }
+
     fn usage_json(&self) -> String {
+        if self.api == Api::Messages {
+            return self.messages_usage(self.n_tokens);
+        }
         let (p, n) = (self.prompt_tokens, self.n_tokens);
         let mut u = if self.api == Api::Responses {
             format!(
@@ -1195,6 +1316,22 @@ impl Generation {
     fn usage_event(&self) -> Bytes {
         let (id, model) = (self.id, &self.model);
         match self.api {
+            Api::Messages => {
+                let mut out = Vec::with_capacity(320);
+                if self.n_tokens > 0 {
+                    let last = u32::from(self.reasoning_tokens > 0 && self.reasoning_tokens < self.n_tokens);
+                    self.push_event(&mut out, "content_block_stop", &format!(
+                        "{{\"type\":\"content_block_stop\",\"index\":{last}}}"
+                    ));
+                }
+                let stop = if self.tool_call { "tool_use" } else { "max_tokens" };
+                self.push_event(&mut out, "message_delta", &format!(
+                    "{{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{stop}\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}",
+                    self.n_tokens
+                ));
+                self.push_event(&mut out, "message_stop", "{\"type\":\"message_stop\"}");
+                Bytes::from(out)
+            }
             Api::Responses => self.framed("response.completed", &format!(
                 "{{\"type\":\"response.completed\",\"sequence_number\":{},\"response\":{{\"id\":\"resp_{id}\",\"object\":\"response\",\"created_at\":0,\"status\":\"completed\",\"model\":\"{model}\",\"output\":[],\"usage\":{}}}}}",
                 2 * u64::from(self.n_tokens) + 1,
@@ -1240,6 +1377,22 @@ impl Generation {
                 msg.push('}');
                 format!(
                     "{{\"id\":\"chatcmpl-{id}\",\"object\":\"chat.completion\",\"created\":0,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"message\":{msg},\"finish_reason\":\"length\"}}],\"usage\":{usage}}}"
+                )
+            }
+            Api::Messages => {
+                let mut blocks = Vec::new();
+                if r > 0 {
+                    blocks.push(format!("{{\"type\":\"thinking\",\"thinking\":\"{reasoning}\",\"signature\":\"\"}}"));
+                }
+                if self.tool_call && !answer.is_empty() {
+                    blocks.push(format!("{{\"type\":\"tool_use\",\"id\":\"toolu_{id}\",\"name\":\"{TOOL_NAME}\",\"input\":{{}}}}"));
+                } else {
+                    blocks.push(format!("{{\"type\":\"text\",\"text\":\"{answer}\"}}"));
+                }
+                let stop = if self.tool_call { "tool_use" } else { "max_tokens" };
+                format!(
+                    "{{\"id\":\"msg_{id}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{model}\",\"content\":[{}],\"stop_reason\":\"{stop}\",\"stop_sequence\":null,\"usage\":{usage}}}",
+                    blocks.join(",")
                 )
             }
             Api::Responses => {
@@ -1302,7 +1455,7 @@ impl MockBody {
         } else {
             Phase::Tokens
         };
-        let ready = (gen.api == Api::Responses).then(|| gen.created_event());
+        let ready = gen.api.typed_events().then(|| gen.created_event());
         Self {
             phase,
             gen: Some(gen),
@@ -1464,7 +1617,7 @@ impl Body for MockBody {
             Phase::Usage => {
                 this.phase = Phase::Done;
                 // The Responses API always ends with `response.completed`, usage included.
-                if gen.include_usage || gen.api == Api::Responses {
+                if gen.include_usage || gen.api.typed_events() {
                     gen.usage_event()
                 } else {
                     this.gen = Some(gen);
@@ -1473,8 +1626,8 @@ impl Body for MockBody {
             }
             Phase::Done => {
                 this.phase = Phase::End;
-                if gen.api == Api::Responses {
-                    // No `[DONE]` in the Responses API.
+                if gen.api.typed_events() {
+                    // No `[DONE]` in the Responses and Messages APIs.
                     this.gen = Some(gen);
                     return Poll::Ready(None);
                 }

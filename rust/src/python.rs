@@ -5,14 +5,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::client::ClientConfig;
-use crate::engine::{self, timeout_secs, EngineConfig, RunHandle, Schedule};
+use crate::engine::{self, timeout_secs, EngineConfig, HistoryApi, RunHandle, Schedule, TurnText};
 use crate::error::EngineError as CoreError;
 use crate::mock::{Fault, FaultConfig, MockConfig, MockServer, ReasoningField};
 use crate::records::{ErrorKind, RecordColumns};
@@ -109,11 +109,12 @@ impl PyRun {
 
     /// Appends a chunk to the schedule: request i sends `bodies[body_idx[i]]` at
     /// `t_ns[i]`; `turns` = (parent, think_ns, followers); `header_values`: one column per
-    /// `EngineOptions.request_headers` (negative: no header). Raises `EngineError`,
-    /// accepting nothing, once the input is closed or the run is stopping.
+    /// `EngineOptions.request_headers` (negative: no header); `live` = (tool_ns, turn_text)
+    /// for live history (`turn_text`: n × 6 byte offsets, see `engine::TurnText`). Raises
+    /// `EngineError`, accepting nothing, once the input is closed or the run is stopping.
     #[pyo3(signature = (
         t_ns, body_idx, bodies, endpoint_idx, expected_output_tokens, turns = None,
-        header_values = None,
+        header_values = None, live = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn feed(
@@ -125,7 +126,23 @@ impl PyRun {
         expected_output_tokens: PyReadonlyArray1<'_, u32>,
         turns: Option<PyTurns<'_>>,
         header_values: Option<Vec<PyReadonlyArray1<'_, i64>>>,
+        live: Option<PyLive<'_>>,
     ) -> PyResult<()> {
+        let (tool_ns, turn_text) = match live {
+            Some(PyLive(tool, offsets)) => {
+                let offsets = offsets.as_array();
+                if offsets.ncols() != 6 {
+                    return Err(PyValueError::new_err("turn_text must have 6 columns"));
+                }
+                let rows = offsets
+                    .rows()
+                    .into_iter()
+                    .map(|r| TurnText::from_row([r[0], r[1], r[2], r[3], r[4], r[5]]))
+                    .collect();
+                (tool.as_slice()?.to_vec(), rows)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         let (parent, think_ns, followers) = match turns {
             Some(PyTurns(p, t, f)) => (
                 p.as_slice()?.to_vec(),
@@ -146,6 +163,8 @@ impl PyRun {
             parent,
             think_ns,
             followers,
+            tool_ns,
+            turn_text,
             header_values: header_values
                 .unwrap_or_default()
                 .iter()
@@ -204,6 +223,8 @@ fn columns_dict(py: Python<'_>, c: RecordColumns) -> PyResult<Bound<'_, PyDict>>
     d.set_item("cached_tokens", c.cached_tokens.into_pyarray(py))?;
     d.set_item("conn_wait_ns", c.conn_wait_ns.into_pyarray(py))?;
     d.set_item("usage_ignored", c.usage_ignored.into_pyarray(py))?;
+    d.set_item("history_kind", c.history_kind.into_pyarray(py))?;
+    d.set_item("history_bytes", c.history_bytes.into_pyarray(py))?;
     d.set_item("chunk_ns", c.chunk_ns.into_pyarray(py))?;
     d.set_item("chunk_offsets", c.chunk_offsets.into_pyarray(py))?;
     let (rows, msgs): (Vec<i64>, Vec<String>) = c
@@ -223,6 +244,10 @@ struct PyTurns<'py>(
     PyReadonlyArray1<'py, i64>,
     PyReadonlyArray1<'py, u32>,
 );
+
+/// Live-history columns of a chunk: (tool_ns, turn_text).
+#[derive(FromPyObject)]
+struct PyLive<'py>(PyReadonlyArray1<'py, i64>, PyReadonlyArray2<'py, u32>);
 
 /// `fineserve.runner.EngineOptions` as it crosses: each field read by attribute name
 /// (`drain_grace_s` stays on the Python side). No `Debug`: it holds the API key.
@@ -245,6 +270,8 @@ struct PyEngineOptions {
     route_groups: Vec<Vec<usize>>,
     source_ips: Vec<String>,
     turn_affinity: bool,
+    history_api: String,
+    reply_limit_bytes: usize,
     headers: Vec<(String, String, bool)>,
     request_headers: Vec<String>,
     ca_file: Option<String>,
@@ -340,6 +367,10 @@ impl TryFrom<PyEngineOptions> for EngineConfig {
             realtime_priority: o.realtime_priority,
             route_groups: o.route_groups,
             turn_affinity: o.turn_affinity,
+            history_api: HistoryApi::parse(&o.history_api).ok_or_else(|| {
+                CoreError::InvalidConfig(format!("unknown history API {:?}", o.history_api))
+            })?,
+            reply_limit_bytes: o.reply_limit_bytes,
         })
     }
 }

@@ -105,6 +105,12 @@ pub struct RequestRecord {
     pub conn_wait_ns: i64,
     /// 1 if a usage value of an unexpected type was ignored.
     pub usage_ignored: u8,
+    /// Live history: what this turn was sent with (`HistoryKind`; 0: not a follower
+    /// with live history) and the bytes of history spliced into its body (-1: none).
+    pub history_kind: u8,
+    pub history_bytes: i64,
+    /// The reply being kept for the turns that follow this one (live history only).
+    pub reply: Option<Box<crate::reply::Reply>>,
     /// Arrival instant of every token-bearing event (reasoning, answer or tool call).
     pub chunk_ns: Vec<i64>,
 }
@@ -132,6 +138,9 @@ impl RequestRecord {
             kernel_stamped_events: 0,
             conn_wait_ns: 0,
             usage_ignored: 0,
+            history_kind: 0,
+            history_bytes: -1,
+            reply: None,
             chunk_ns: Vec::with_capacity(expected_chunks),
         }
     }
@@ -164,6 +173,8 @@ pub struct RecordColumns {
     pub cached_tokens: Vec<i64>,
     pub conn_wait_ns: Vec<i64>,
     pub usage_ignored: Vec<u8>,
+    pub history_kind: Vec<u8>,
+    pub history_bytes: Vec<i64>,
     /// (row, message) for every row with a non-empty error message.
     pub error_messages: Vec<(usize, String)>,
     pub chunk_ns: Vec<i64>,
@@ -198,6 +209,8 @@ impl RecordColumns {
             cached_tokens: Vec::with_capacity(n),
             conn_wait_ns: Vec::with_capacity(n),
             usage_ignored: Vec::with_capacity(n),
+            history_kind: Vec::with_capacity(n),
+            history_bytes: Vec::with_capacity(n),
             error_messages: Vec::new(),
             chunk_ns: Vec::with_capacity(records.iter().map(|r| r.chunk_ns.len()).sum()),
             chunk_offsets: Vec::with_capacity(n + 1),
@@ -223,6 +236,8 @@ impl RecordColumns {
             cols.cached_tokens.push(r.cached_tokens);
             cols.conn_wait_ns.push(r.conn_wait_ns);
             cols.usage_ignored.push(r.usage_ignored);
+            cols.history_kind.push(r.history_kind);
+            cols.history_bytes.push(r.history_bytes);
             if !r.error_message.is_empty() {
                 cols.error_messages.push((row, r.error_message));
             }

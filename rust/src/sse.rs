@@ -243,7 +243,8 @@ lenient_deserialize!(
     Tag,
     FirstChoice,
     Output,
-    OutputItem
+    OutputItem,
+    Delta
 );
 
 /// The object keys the lenient types look at; anything else is `Other`.
@@ -261,6 +262,12 @@ enum Key {
     CompletionDetails,
     ReasoningTokens,
     CachedTokens,
+    /// Anthropic's usage: cache reads and writes are outside `input_tokens`.
+    CacheRead,
+    CacheCreation,
+    Thinking,
+    PartialJson,
+    StopReason,
     Other,
 }
 
@@ -288,6 +295,11 @@ impl<'de> Deserialize<'de> for Key {
                     "completion_tokens_details" | "output_tokens_details" => Key::CompletionDetails,
                     "reasoning_tokens" => Key::ReasoningTokens,
                     "cached_tokens" => Key::CachedTokens,
+                    "cache_read_input_tokens" => Key::CacheRead,
+                    "cache_creation_input_tokens" => Key::CacheCreation,
+                    "thinking" => Key::Thinking,
+                    "partial_json" => Key::PartialJson,
+                    "stop_reason" => Key::StopReason,
                     _ => Key::Other,
                 })
             }
@@ -438,6 +450,8 @@ struct Usage {
     completion: Num,
     reasoning: Num,
     cached: Num,
+    cache_read: Num,
+    cache_creation: Num,
     bad: bool,
 }
 
@@ -464,6 +478,8 @@ impl Lenient for Usage {
                     u.cached = d.cached;
                     u.bad |= d.bad;
                 }
+                Key::CacheRead => u.cache_read = map.next_value()?,
+                Key::CacheCreation => u.cache_creation = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -474,7 +490,22 @@ impl Lenient for Usage {
 }
 
 impl Usage {
-    fn merge_into(self, info: &mut ChunkInfo) {
+    fn merge_into(mut self, info: &mut ChunkInfo) {
+        // Anthropic counts cache reads and writes outside `input_tokens`: the prompt is
+        // their sum, and the cache reads are the cached tokens.
+        if let Num::Value(read) = self.cache_read {
+            self.cached = Num::Value(read);
+        }
+        if let Num::Value(input) = self.prompt {
+            let extra = [self.cache_read, self.cache_creation]
+                .iter()
+                .map(|n| if let Num::Value(v) = n { *v } else { 0 })
+                .sum::<i64>();
+            self.prompt = Num::Value(input.saturating_add(extra));
+        }
+        for n in [self.cache_read, self.cache_creation] {
+            self.bad |= n == Num::Bad;
+        }
         let bad = &mut info.usage_ignored;
         *bad |= self.bad;
         self.prompt.merge(&mut info.prompt_tokens, bad);
@@ -499,6 +530,13 @@ enum Tag {
     MessageItem,
     ReasoningItem,
     ToolItem,
+    // Anthropic's Messages API: events, and content block / delta types.
+    MessageStart,
+    BlockStart,
+    BlockDelta,
+    MessageDelta,
+    MessageStop,
+    TextItem,
 }
 
 impl Lenient for Tag {
@@ -519,7 +557,17 @@ impl Lenient for Tag {
             "error" => Tag::Error,
             "message" => Tag::MessageItem,
             "reasoning" => Tag::ReasoningItem,
-            "function_call" | "custom_tool_call" | "mcp_call" => Tag::ToolItem,
+            "function_call" | "custom_tool_call" | "mcp_call" | "tool_use" => Tag::ToolItem,
+            "message_start" => Tag::MessageStart,
+            "content_block_start" => Tag::BlockStart,
+            "content_block_delta" => Tag::BlockDelta,
+            "message_delta" => Tag::MessageDelta,
+            "message_stop" => Tag::MessageStop,
+            "text" => Tag::TextItem,
+            "thinking" | "redacted_thinking" => Tag::ReasoningItem,
+            "text_delta" => Tag::AnswerDelta,
+            "thinking_delta" => Tag::ReasoningDelta,
+            "input_json_delta" => Tag::ToolDelta,
             _ => Tag::Other,
         }
     }
@@ -576,7 +624,10 @@ impl Lenient for Output {
         while let Some(item) = seq.next_element::<OutputItem>()? {
             match item.kind {
                 Tag::MessageItem => out.answer |= item.content,
-                Tag::ReasoningItem => out.reasoning |= item.content || item.summary,
+                Tag::TextItem => out.answer |= item.text,
+                Tag::ReasoningItem => {
+                    out.reasoning |= item.content || item.summary || item.thinking
+                }
                 Tag::ToolItem => out.tool_call |= item.name || item.arguments,
                 _ => {}
             }
@@ -592,6 +643,9 @@ struct OutputItem {
     summary: bool,
     name: bool,
     arguments: bool,
+    /// Anthropic content blocks: `text` and `thinking`.
+    text: bool,
+    thinking: bool,
 }
 
 impl Lenient for OutputItem {
@@ -607,12 +661,56 @@ impl Lenient for OutputItem {
                 Key::Summary => it.summary = map.next_value::<Text>()?.0,
                 Key::Name => it.name = map.next_value::<Text>()?.0,
                 Key::Arguments => it.arguments = map.next_value::<Text>()?.0,
+                Key::Text => it.text = map.next_value::<Text>()?.0,
+                Key::Thinking => it.thinking = map.next_value::<Text>()?.0,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         Ok(it)
+    }
+}
+
+/// An event's `delta`: Responses' text (a string), or Anthropic's delta object: its
+/// `type` and whether its `text`, `thinking` or `partial_json` is non-empty, and (in
+/// `message_delta`) whether it carries a `stop_reason`.
+#[derive(Default)]
+struct Delta {
+    kind: Tag,
+    text: bool,
+    thinking: bool,
+    partial_json: bool,
+    stop_reason: bool,
+}
+
+impl Lenient for Delta {
+    fn unexpected() -> Self {
+        Delta::default()
+    }
+    fn on_str(s: &str) -> Self {
+        Delta {
+            text: !s.is_empty(),
+            ..Delta::default()
+        }
+    }
+    fn on_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut d = Delta::default();
+        while let Some(k) = map.next_key::<Key>()? {
+            match k {
+                Key::Type => d.kind = map.next_value()?,
+                Key::Text => d.text = map.next_value::<Text>()?.0,
+                Key::Thinking => d.thinking = map.next_value::<Text>()?.0,
+                Key::PartialJson => d.partial_json = map.next_value::<Text>()?.0,
+                Key::StopReason => {
+                    d.stop_reason = map.next_value::<Option<IgnoredAny>>()?.is_some()
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(d)
     }
 }
 
@@ -635,10 +733,15 @@ struct WireChunk {
     // the `response` of the lifecycle events, and a whole body's `output`.
     #[serde(rename = "type")]
     kind: Tag,
-    delta: Text,
+    delta: Delta,
     message: Option<serde_json::Value>,
     response: Option<WireResponse>,
     output: Output,
+    // Anthropic's Messages API: a `content_block_start`'s block, a whole body's `content`
+    // blocks and its `stop_reason`.
+    content_block: OutputItem,
+    content: Output,
+    stop_reason: Option<IgnoredAny>,
 }
 
 fn error_text(err: &serde_json::Value) -> String {
@@ -673,15 +776,44 @@ pub fn decode_event(data: &[u8]) -> Result<EventKind, String> {
         }
         info.finish_reason = choice.finish_reason.is_some();
     }
-    info.answer |= wire.output.answer;
-    info.reasoning |= wire.output.reasoning;
-    info.tool_call |= wire.output.tool_call;
+    for out in [&wire.output, &wire.content] {
+        info.answer |= out.answer;
+        info.reasoning |= out.reasoning;
+        info.tool_call |= out.tool_call;
+    }
+    info.finish_reason |= wire.stop_reason.is_some();
     wire.usage.merge_into(&mut info);
+    let d = &wire.delta;
     match wire.kind {
-        Tag::AnswerDelta => info.answer |= wire.delta.0,
-        Tag::ReasoningDelta => info.reasoning |= wire.delta.0,
-        Tag::ToolDelta => info.tool_call |= wire.delta.0,
-        Tag::Finished => info.finish_reason = true,
+        Tag::AnswerDelta => info.answer |= d.text,
+        Tag::ReasoningDelta => info.reasoning |= d.text,
+        Tag::ToolDelta => info.tool_call |= d.text,
+        Tag::BlockDelta => match d.kind {
+            Tag::AnswerDelta => info.answer |= d.text,
+            Tag::ReasoningDelta => info.reasoning |= d.thinking,
+            Tag::ToolDelta => info.tool_call |= d.partial_json,
+            _ => {}
+        },
+        Tag::BlockStart => {
+            let b = &wire.content_block;
+            match b.kind {
+                Tag::TextItem => info.answer |= b.text,
+                Tag::ReasoningItem => info.reasoning |= b.thinking,
+                Tag::ToolItem => info.tool_call |= b.name,
+                _ => {}
+            }
+        }
+        Tag::MessageStart => {
+            // Once per stream: the prompt's usage is inside the message object.
+            if let Some(usage) = wire.message.as_ref().and_then(|m| m.get("usage")) {
+                match Usage::deserialize(usage) {
+                    Ok(u) => u.merge_into(&mut info),
+                    Err(_) => info.usage_ignored = true,
+                }
+            }
+        }
+        Tag::MessageDelta => info.finish_reason |= d.stop_reason,
+        Tag::Finished | Tag::MessageStop => info.finish_reason = true,
         Tag::Failed => {
             let err = wire.response.as_ref().and_then(|r| r.error.as_ref());
             info.error = Some(err.map_or_else(|| "response failed".to_owned(), error_text));
@@ -975,6 +1107,62 @@ mod tests {
             br#"{"object":"response","output":[{"type":"function_call","call_id":"c","name":"f","arguments":"{}"}]}"#,
         );
         assert!(call.tool_call && !call.answer);
+    }
+
+    #[test]
+    fn anthropic_messages_events() {
+        let start = chunk(
+            br#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"m","stop_reason":null,"usage":{"input_tokens":7,"cache_read_input_tokens":40,"cache_creation_input_tokens":3,"output_tokens":1}}}"#,
+        );
+        assert!(!start.has_output() && !start.finish_reason);
+        assert_eq!(
+            start.prompt_tokens,
+            Some(50),
+            "input + cache reads + cache writes"
+        );
+        assert_eq!(start.cached_tokens, Some(40));
+        let text_block = chunk(
+            br#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        );
+        assert!(!text_block.has_output());
+        let tool_block = chunk(
+            br#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"f","input":{}}}"#,
+        );
+        assert!(tool_block.tool_call && !tool_block.answer);
+        let text = chunk(
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}"#,
+        );
+        assert!(text.answer && !text.reasoning);
+        let thinking = chunk(
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hm"}}"#,
+        );
+        assert!(thinking.reasoning && !thinking.answer);
+        let sig = chunk(
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"abc"}}"#,
+        );
+        assert!(!sig.has_output());
+        let json = chunk(
+            br#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"a\""}}"#,
+        );
+        assert!(json.tool_call);
+        let delta = chunk(
+            br#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+        );
+        assert!(delta.finish_reason && delta.completion_tokens == Some(15));
+        assert!(chunk(br#"{"type":"message_stop"}"#).finish_reason);
+        assert!(!chunk(br#"{"type":"ping"}"#).has_output());
+        let err = chunk(
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert_eq!(err.error.as_deref(), Some("Overloaded"));
+        let whole = chunk(
+            br#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"thinking","thinking":"t","signature":""},{"type":"text","text":"ok"}],"stop_reason":"max_tokens","usage":{"input_tokens":3,"output_tokens":2}}"#,
+        );
+        assert!(whole.reasoning && whole.answer && whole.finish_reason);
+        assert_eq!(
+            (whole.prompt_tokens, whole.completion_tokens),
+            (Some(3), Some(2))
+        );
     }
 
     proptest! {

@@ -29,6 +29,8 @@ fn config(url: String, warm: usize) -> EngineConfig {
         realtime_priority: false,
         route_groups: Vec::new(),
         turn_affinity: true,
+        history_api: fineserve_engine::engine::HistoryApi::Off,
+        reply_limit_bytes: 1 << 20,
     }
 }
 

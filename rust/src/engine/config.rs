@@ -33,6 +33,12 @@ pub struct EngineConfig {
     /// A conversation's later turn goes to the endpoint that served its previous turn
     /// (session affinity, so the server's prefix cache can reuse the conversation).
     pub turn_affinity: bool,
+    /// Live conversation history: which API's messages the bodies carry (`Off`: later
+    /// turns are sent as rendered).
+    pub history_api: crate::engine::HistoryApi,
+    /// The most reply text kept per turn for its followers (the rest is dropped, and the
+    /// follower's record says so).
+    pub reply_limit_bytes: usize,
 }
 
 impl EngineConfig {
@@ -111,6 +117,8 @@ mod tests {
             realtime_priority: false,
             route_groups: Vec::new(),
             turn_affinity: true,
+            history_api: crate::engine::HistoryApi::Off,
+            reply_limit_bytes: 1 << 20,
         }
     }
 

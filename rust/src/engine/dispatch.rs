@@ -8,9 +8,10 @@ use std::sync::Arc;
 use crate::client::{execute, Pool, RequestParts, RunClock};
 use crate::records::{ErrorKind, RequestRecord};
 
+use super::history::{carry_of, follower_body, HistoryApi};
 use super::lanes::{push_record, Chunk, LaneState};
 use super::routing::{route, Outstanding};
-use super::turns::follow_turn;
+use super::turns::{follow_turn, TurnEnd};
 use super::Shared;
 
 pub(super) fn dispatch(
@@ -23,10 +24,8 @@ pub(super) fn dispatch(
     j: usize,
 ) {
     let sched = &chunk.schedule;
-    let request = RequestParts {
-        body: sched.bodies[sched.body_idx[j] as usize].clone(),
-        header_values: sched.header_values.iter().map(|col| col[j]).collect(),
-    };
+    let mut body = sched.bodies[sched.body_idx[j] as usize].clone();
+    let header_values: Vec<i64> = sched.header_values.iter().map(|col| col[j]).collect();
     let endpoint = sched.endpoint_idx[j];
     let scheduled_ns = sched.t_ns[j];
     let index = chunk.base + j as u64;
@@ -34,6 +33,14 @@ pub(super) fn dispatch(
     let parent = sched.parent.get(j).copied().unwrap_or(-1);
     let think_ns = sched.think_ns.get(j).copied().unwrap_or(0);
     let followers = sched.followers.get(j).copied().unwrap_or(0);
+    let tool_ns = sched.tool_ns.get(j).copied().unwrap_or(think_ns);
+    let api = shared.config.history_api;
+    // Live history: where this turn's body parts are (None: sent as rendered).
+    let mut text = sched
+        .turn_text
+        .get(j)
+        .copied()
+        .filter(|_| api != HistoryApi::Off);
     state.enter();
     shared.progress.dispatched.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(shared);
@@ -42,11 +49,19 @@ pub(super) fn dispatch(
     tokio::task::spawn_local(async move {
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
         if parent >= 0 {
-            match follow_turn(&shared, clock, parent as u64, think_ns).await {
-                Ok((release_ns, served_by)) => {
-                    rec.scheduled_ns = release_ns;
+            match follow_turn(&shared, clock, parent as u64, think_ns, tool_ns).await {
+                Ok(release) => {
+                    rec.scheduled_ns = release.release_ns;
                     if shared.config.turn_affinity {
-                        rec.endpoint_idx = served_by;
+                        rec.endpoint_idx = release.served_by;
+                    }
+                    // Built here, as the turn is released, off the lanes' pacing path.
+                    if let (Some(t), Some(carry)) = (text.as_ref(), release.carry.as_ref()) {
+                        let (spliced, moved) = follower_body(api, &body, t, carry);
+                        body = spliced;
+                        text = Some(moved);
+                        rec.history_kind = carry.kind as u8;
+                        rec.history_bytes = carry.bytes.len() as i64;
                     }
                 }
                 Err(why) => {
@@ -55,7 +70,7 @@ pub(super) fn dispatch(
                     if followers > 0 {
                         shared
                             .turns
-                            .publish(index, followers, (-1, false, endpoint));
+                            .publish(index, followers, TurnEnd::failed(endpoint));
                     }
                     push_record(&shared, lane, rec);
                     state.leave();
@@ -63,6 +78,16 @@ pub(super) fn dispatch(
                 }
             }
         }
+        let capture = followers > 0 && text.is_some();
+        if capture {
+            rec.reply = Some(Box::new(crate::reply::Reply::with_limit(
+                shared.config.reply_limit_bytes,
+            )));
+        }
+        let request = RequestParts {
+            body: body.clone(),
+            header_values,
+        };
         let outcome = {
             let work = run_request(&shared, &pool, clock, request, &mut rec);
             tokio::select! {
@@ -104,11 +129,25 @@ pub(super) fn dispatch(
             p.not_sent.fetch_add(1, Ordering::Relaxed);
         }
         if followers > 0 {
-            let ok = rec.error == ErrorKind::Ok;
-            shared
-                .turns
-                .publish(index, followers, (rec.done_ns, ok, rec.endpoint_idx));
+            let mut end = TurnEnd {
+                done_ns: rec.done_ns,
+                ok: rec.error == ErrorKind::Ok,
+                served_by: rec.endpoint_idx,
+                carry: None,
+                why: None,
+            };
+            if let (true, Some(t), Some(reply)) = (end.ok, text.as_ref(), rec.reply.take()) {
+                match carry_of(api, &body, t, &reply) {
+                    Ok(c) => end.carry = Some(Arc::new(c)),
+                    Err(why) => {
+                        end.ok = false;
+                        end.why = Some(why);
+                    }
+                }
+            }
+            shared.turns.publish(index, followers, end);
         }
+        rec.reply = None;
         push_record(&shared, lane, rec);
         state.leave();
     });

@@ -19,6 +19,7 @@ mod budget;
 mod config;
 mod dispatch;
 mod handle;
+mod history;
 mod lanes;
 mod pacing;
 mod progress;
@@ -40,6 +41,7 @@ use crate::records::RequestRecord;
 pub use budget::{ConnBudget, ConnSlot};
 pub use config::{timeout_secs, EngineConfig};
 pub use handle::{RunHandle, RunOutput, RunWaiter};
+pub use history::{Carry, HistoryApi, HistoryKind, TurnText};
 pub use progress::{Progress, ProgressSnapshot};
 pub use schedule::Schedule;
 

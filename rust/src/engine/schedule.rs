@@ -4,6 +4,8 @@ use bytes::Bytes;
 
 use crate::error::EngineError;
 
+use super::history::TurnText;
+
 /// A run's schedule, or one chunk of it, columnar.
 #[derive(Debug, Clone, Default)]
 pub struct Schedule {
@@ -22,6 +24,11 @@ pub struct Schedule {
     pub think_ns: Vec<i64>,
     /// How many later requests follow this one (its end is published for them).
     pub followers: Vec<u32>,
+    /// Live history (`EngineConfig::history_api`; empty, or one per request with the turn
+    /// columns): the delay after a previous turn whose reply was a tool call (instead of
+    /// `think_ns`), and where each body's parts are.
+    pub tool_ns: Vec<i64>,
+    pub turn_text: Vec<TurnText>,
     /// One column per `ClientConfig::request_headers` (all or none): each request's value
     /// of that header; negative: the request does not carry it.
     pub header_values: Vec<Vec<i64>>,
@@ -94,6 +101,26 @@ impl Schedule {
             }
             if let Some(i) = self.think_ns.iter().position(|&t| t < 0) {
                 return bad(format!("think_ns[{i}] is negative"));
+            }
+        }
+        let live = [self.tool_ns.len(), self.turn_text.len()];
+        if live.iter().any(|&l| l != 0) {
+            if live.iter().chain(turns.iter()).any(|&l| l != n) {
+                return bad(
+                    "tool_ns and turn_text need the turn columns, all one per request".into(),
+                );
+            }
+            if let Some(i) = self.tool_ns.iter().position(|&t| t < 0) {
+                return bad(format!("tool_ns[{i}] is negative"));
+            }
+            for i in 0..n {
+                if self.parent[i] < 0 && self.followers[i] == 0 {
+                    continue; // not a conversation's turn: its offsets are not used
+                }
+                let body = &self.bodies[self.body_idx[i] as usize];
+                if let Err(m) = self.turn_text[i].check(body.len()) {
+                    return bad(format!("request {i}: {m}"));
+                }
             }
         }
         // No columns: this chunk carries none of the per-request headers (e.g. warm-up).

@@ -3,16 +3,47 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::RunClock;
 
+use super::history::Carry;
 use super::pacing::STOP_POLL;
 use super::Shared;
 
-/// How a turn ended: (done_ns, succeeded, the endpoint that served it).
-type TurnEnd = Option<(i64, bool, u32)>;
+/// How a turn ended.
+#[derive(Clone, Debug)]
+pub(super) struct TurnEnd {
+    pub done_ns: i64,
+    /// The turn succeeded; with live history, its carry could be built (else `why`).
+    pub ok: bool,
+    /// The endpoint that served it.
+    pub served_by: u32,
+    /// Live history: the turn's messages and reply, for its followers.
+    pub carry: Option<Arc<Carry>>,
+    /// Why followers cannot be sent although the turn succeeded.
+    pub why: Option<&'static str>,
+}
+
+impl TurnEnd {
+    pub fn failed(endpoint: u32) -> Self {
+        TurnEnd {
+            done_ns: -1,
+            ok: false,
+            served_by: endpoint,
+            carry: None,
+            why: None,
+        }
+    }
+}
+
+/// What a follower learns when it is released.
+pub(super) struct Release {
+    pub release_ns: i64,
+    pub served_by: u32,
+    pub carry: Option<Arc<Carry>>,
+}
 
 /// Publishes the end of turns that other requests follow. A follower may start waiting
 /// before or after its turn ends; a `watch` channel per turn covers both, across lanes.
@@ -22,7 +53,7 @@ pub(super) struct TurnBoard {
 }
 
 struct TurnSlot {
-    end: tokio::sync::watch::Sender<TurnEnd>,
+    end: tokio::sync::watch::Sender<Option<TurnEnd>>,
     /// Followers that have not read the end yet (the slot goes when none is left).
     left: u32,
 }
@@ -37,14 +68,14 @@ impl TurnBoard {
         Some(f(slot))
     }
 
-    pub(super) fn publish(&self, index: u64, followers: u32, end: (i64, bool, u32)) {
+    pub(super) fn publish(&self, index: u64, followers: u32, end: TurnEnd) {
         self.slot(index, |s| {
             s.left = s.left.min(followers);
             s.end.send_replace(Some(end));
         });
     }
 
-    fn subscribe(&self, index: u64) -> Option<tokio::sync::watch::Receiver<TurnEnd>> {
+    fn subscribe(&self, index: u64) -> Option<tokio::sync::watch::Receiver<Option<TurnEnd>>> {
         self.slot(index, |s| s.end.subscribe())
     }
 
@@ -60,15 +91,16 @@ impl TurnBoard {
     }
 }
 
-/// Waits for turn `parent` to end, then until `think_ns` after that; returns the release
-/// offset and the endpoint that served the turn, or why the follower cannot be sent (the
-/// turn failed, or the run stopped).
+/// Waits for turn `parent` to end, then until `think_ns` after that (`tool_ns` when the
+/// turn's reply was a tool call); returns the release, or why the follower cannot be sent
+/// (the turn failed, or the run stopped).
 pub(super) async fn follow_turn(
     shared: &Shared,
     clock: RunClock,
     parent: u64,
     think_ns: i64,
-) -> Result<(i64, u32), &str> {
+    tool_ns: i64,
+) -> Result<Release, &str> {
     let Some(mut rx) = shared.turns.subscribe(parent) else {
         return Err("turn bookkeeping failed");
     };
@@ -76,18 +108,21 @@ pub(super) async fn follow_turn(
         if shared.stopping.load(Ordering::Relaxed) {
             return Err(shared.not_sent_reason());
         }
-        if let Some(end) = *rx.borrow_and_update() {
-            break end;
+        if let Some(end) = rx.borrow_and_update().as_ref() {
+            break end.clone();
         }
         // Woken by the turn's end; the timeout only lets a stop be noticed.
         let _ = tokio::time::timeout(STOP_POLL, rx.changed()).await;
     };
     shared.turns.consumed(parent);
-    let (done_ns, ok, served_by) = end;
-    if !ok {
-        return Err("the previous turn of its conversation failed or was not sent");
+    if !end.ok {
+        return Err(end
+            .why
+            .unwrap_or("the previous turn of its conversation failed or was not sent"));
     }
-    let release_ns = done_ns.saturating_add(think_ns);
+    let tool_call = end.carry.as_ref().is_some_and(|c| !c.tool_ids.is_empty());
+    let delay_ns = if tool_call { tool_ns } else { think_ns };
+    let release_ns = end.done_ns.saturating_add(delay_ns);
     let deadline = clock.t0 + Duration::from_nanos(release_ns.max(0) as u64);
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
@@ -95,7 +130,11 @@ pub(super) async fn follow_turn(
         }
         let now = Instant::now();
         if now >= deadline {
-            return Ok((release_ns, served_by));
+            return Ok(Release {
+                release_ns,
+                served_by: end.served_by,
+                carry: end.carry,
+            });
         }
         tokio::time::sleep_until(deadline.min(now + STOP_POLL).into()).await;
     }
