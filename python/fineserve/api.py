@@ -22,6 +22,8 @@ schedule's, per backend:
   fields). vLLM's ``/v1/responses`` (0.32) accepts ``ignore_eos`` but has no
   ``min_tokens``: against vLLM add ``--extra-request-body '{"ignore_eos": true}'`` for
   exact output lengths. Streams carry usage without ``stream_options``.
+- ``anthropic-messages``: Anthropic's ``/v1/messages`` body (``messages``, ``max_tokens``);
+  the API key goes in ``x-api-key`` with ``anthropic-version`` (see :func:`auth_headers`).
 ``--disable-ignore-eos`` drops ``ignore_eos`` and ``min_tokens``; ``--extra-request-body``
 adds anything else (and overrides these).
 """
@@ -30,11 +32,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import FineserveError
 
-BACKENDS = ("vllm", "sglang", "openai", "openai-chat", "openai-responses", "tgi")
+BACKENDS = (
+    "vllm",
+    "sglang",
+    "openai",
+    "openai-chat",
+    "openai-responses",
+    "anthropic-messages",
+    "tgi",
+)
 
 #: The default path per backend, appended to the base URL.
 DEFAULT_ENDPOINT = {
@@ -43,8 +54,12 @@ DEFAULT_ENDPOINT = {
     "openai": "/v1/completions",
     "openai-chat": "/v1/chat/completions",
     "openai-responses": "/v1/responses",
+    "anthropic-messages": "/v1/messages",
     "tgi": "/v1/chat/completions",
 }
+
+#: Anthropic's API version header, sent unless ``--header`` gives one.
+ANTHROPIC_VERSION = "2023-06-01"
 
 #: Backends whose OpenAI routes accept ``ignore_eos``.
 IGNORE_EOS_BACKENDS = ("vllm", "sglang")
@@ -62,9 +77,48 @@ MEDIA_NEEDS_CHAT = (
 
 def is_chat_endpoint(path: str) -> bool:
     """The server applies its chat template and takes a conversation as messages: the
-    chat completions API and the Responses API."""
+    chat completions API, the Responses API and Anthropic's Messages API."""
     path = path.rstrip("/")
-    return path.endswith("/chat/completions") or path.endswith("/responses")
+    return path.endswith(("/chat/completions", "/responses", "/messages"))
+
+
+def history_api(backend: str, path: str, responses_history: str = "client") -> str:
+    """How the engine splices live history into this run's bodies (``engine::HistoryApi``):
+    ``completions``, ``chat``, ``responses``, ``responses-server`` or ``anthropic``."""
+    if backend == "openai-responses":
+        return "responses-server" if responses_history == "server" else "responses"
+    if backend == "anthropic-messages":
+        return "anthropic"
+    return "chat" if is_chat_endpoint(path) else "completions"
+
+
+#: Where the own text starts inside a user message, as rendered.
+_USER_ITEM = '{"role":"user","content":'
+_USER_ITEM_PARTS = '{"role":"user","content":[{"type":"text","text":'
+
+
+@dataclass(frozen=True)
+class TurnOffsets:
+    """Byte offsets of one turn's body for the engine's live history (``engine::TurnText``):
+    where the previous turn's history is spliced in, where the conversation's messages
+    start, the own message, and the own text as a JSON string literal."""
+
+    splice_at: int
+    items_at: int
+    item_at: int
+    item_end: int
+    text_at: int
+    text_end: int
+
+    def row(self) -> tuple[int, int, int, int, int, int]:
+        return (
+            self.splice_at,
+            self.items_at,
+            self.item_at,
+            self.item_end,
+            self.text_at,
+            self.text_end,
+        )
 
 
 _PROMPT = "__FINESERVE_PROMPT__"
@@ -143,8 +197,12 @@ class BodyTemplate:
         if chat is None:
             chat = is_chat_endpoint(DEFAULT_ENDPOINT[backend])
         self.chat = chat
+        self.backend = backend
         body: dict[str, Any] = {"model": model}
-        if backend == "openai-responses":
+        if backend == "anthropic-messages":
+            body["messages"] = _MESSAGES
+            body["max_tokens"] = _MAX_TOKENS
+        elif backend == "openai-responses":
             body["input"] = _INPUT  # the text, or a conversation's messages
             body["max_output_tokens"] = _MAX_TOKENS
         elif chat:
@@ -157,7 +215,7 @@ class BodyTemplate:
             body["max_tokens"] = _MAX_TOKENS
         body["temperature"] = 0.0
         body["stream"] = stream
-        if stream and backend != "openai-responses":
+        if stream and backend not in ("openai-responses", "anthropic-messages"):
             # Ask for server-side token counts in the last chunk (OpenAI/vLLM/SGLang).
             body["stream_options"] = {"include_usage": True}
         if ignore_eos and backend in IGNORE_EOS_BACKENDS:
@@ -203,9 +261,60 @@ class BodyTemplate:
         )
         return b"".join((head, *media, tail))
 
+    def render_turn(
+        self,
+        text: str,
+        max_tokens: int,
+        fields: str = "",
+        media: Sequence[bytes] = (),
+        *,
+        server_history: bool = False,
+    ) -> tuple[bytes, TurnOffsets]:
+        """A conversation turn's body with only its own new ``text`` (as the user's
+        message, or the prompt), and where its parts are: the engine splices the earlier
+        turns and their actual replies in when the turn is released. ``server_history``:
+        the Responses API's ``previous_response_id`` goes right after the body's ``{``."""
+        slot = next(k for k in self._slots if k in ("prompt", "messages", "input"))
+        if media and slot != "messages":
+            raise FineserveError(MEDIA_NEEDS_CHAT)
+        prompt: str | Messages = text if slot == "prompt" else [("user", text)]
+        mark = _MEDIA_MARK if media else ""
+        rendered, at = self._render_at(prompt, max_tokens, fields, mark)
+        lit = len(json.dumps(text))
+        if slot == "prompt":
+            # Completions: the history continues the prompt string, inside its quotes.
+            off = TurnOffsets(at + 1, at + 1, at + 1, at + lit - 1, at, at + lit)
+        else:
+            head = _USER_ITEM_PARTS if media else _USER_ITEM
+            item_at = at + 1  # after the list's "["
+            text_at = item_at + len(head)
+            end = rendered.index("]", text_at + lit) if not media else -1
+            if media:
+                # The own item ends where the list does: after the media parts and "}".
+                end = rendered.index(_MEDIA_MARK) + len(_MEDIA_MARK) + len("]}")
+            splice = 1 if server_history else item_at
+            off = TurnOffsets(splice, item_at, item_at, end, text_at, text_at + lit)
+        if not media:
+            return rendered.encode(), off
+        head_b, tail_b = rendered.encode().split(_MEDIA_MARK.encode(), 1)
+        grown = sum(len(m) for m in media) - len(_MEDIA_MARK)
+        off = TurnOffsets(
+            off.splice_at, off.items_at, off.item_at, off.item_end + grown, off.text_at, off.text_end
+        )
+        return b"".join((head_b, *media, tail_b)), off
+
     def _render(self, prompt: str | Messages, max_tokens: int, fields: str, media: str = "") -> str:
+        return self._render_at(prompt, max_tokens, fields, media)[0]
+
+    def _render_at(
+        self, prompt: str | Messages, max_tokens: int, fields: str, media: str = ""
+    ) -> tuple[str, int]:
+        """The body's JSON text and where its prompt/messages/input value starts."""
         out = [self._pieces[0]]
+        at = -1
         for slot, piece in zip(self._slots, self._pieces[1:]):
+            if slot in ("prompt", "messages", "input"):
+                at = sum(len(x) for x in out)
             if slot == "prompt":
                 text = prompt if isinstance(prompt, str) else "\n".join(c for _, c in prompt)
                 out.append(json.dumps(text))
@@ -220,7 +329,7 @@ class BodyTemplate:
             out.append(piece)
         if fields:  # the body is a JSON object: its text ends with "}"
             out[-1] = out[-1][:-1] + "," + fields + "}"
-        return "".join(out)
+        return "".join(out), at
 
     def render_all(self, prompts: Iterable[str], max_tokens: Iterable[int]) -> list[bytes]:
         return [self.render(p, int(m)) for p, m in zip(prompts, max_tokens)]

@@ -125,6 +125,7 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
         drain_grace_s=ec.drain_grace_s,
         route_groups=targets.deployment.route_groups,
         turn_affinity=cfg.target.turn_affinity,
+        history_api=cfg.target.history_api if "parent" in first.extra else "off",
         source_ips=list(ec.source_ips),
         **transport_options(cfg.target),
     )
@@ -155,6 +156,36 @@ def resize_warm(
             )
         sizing.warm = warm
         sizing.options.warm_connections = warm
+
+
+def history_notes(cfg: BlastConfig, first: Schedule, history_api: str) -> list[str]:
+    """What later turns of conversations carry, in a line (and what has no effect)."""
+    target = cfg.target
+    given = target.conversation_history != "auto"
+    if "parent" not in first.extra:
+        if given or target.responses_history != "client":
+            return ["--conversation-history has no effect: the schedule has no conversations"]
+        return []
+    if history_api == "off":
+        lines = [
+            "conversation history: synthetic (later turns carry stand-in answers of the "
+            "traced output length, made before the run; --conversation-history live sends "
+            "the replies received)"
+        ]
+        if cfg.workload.tool_latency != "think":
+            lines.append("--tool-latency has no effect without live conversation history")
+        return lines
+    how = {
+        "completions": "each prompt continues with the previous reply's text",
+        "chat": "the earlier turns' actual replies as assistant messages",
+        "responses": "the earlier turns' actual replies in the input",
+        "responses-server": "only the new message, with previous_response_id (server-side)",
+        "anthropic": "the earlier turns' actual replies as assistant messages",
+    }[history_api]
+    return [
+        f"conversation history: live ({how}); a turn that follows a tool call carries its "
+        "result, sent after the tool latency"
+    ]
 
 
 def transport_options(target: TargetConfig) -> dict[str, Any]:
@@ -340,7 +371,7 @@ def prepare_run(
     pinner.check(first)
     media = None
     if first.lists:
-        if not cfg.target.chat or cfg.target.backend == "openai-responses":
+        if not cfg.target.chat or cfg.target.backend in ("openai-responses", "anthropic-messages"):
             raise FineserveError(MEDIA_NEEDS_CHAT)
         rule = resolve_image_rule(cfg.media, cfg.prompts.tokenizer, quiet=quiet)
         if is_mock and rule.name not in ("qwen2-vl", "qwen3-vl") and not quiet:
@@ -349,10 +380,20 @@ def prepare_run(
     elif cfg.media != MediaConfig() and not quiet:
         note("the --mm-* media options have no effect: the schedule has no media")
     targets = resolve_targets(cfg.target, servers() if callable(servers) else servers, quiet=quiet)
-    shapes = RequestShapes.for_targets(
-        builder, targets, dataset_output_lens, mock_fields=is_mock, pinner=pinner, media=media
-    )
     sizing = size_engine(cfg, first, targets, is_mock)
+    history = sizing.options.history_api
+    if not quiet:
+        for line in history_notes(cfg, first, history):
+            note(line)
+    shapes = RequestShapes.for_targets(
+        builder,
+        targets,
+        dataset_output_lens,
+        mock_fields=is_mock,
+        pinner=pinner,
+        media=media,
+        history_api=history,
+    )
     mode = workload.info.get("mode", cfg.workload.mode)
     total = workload.total
     if not quiet:

@@ -181,6 +181,9 @@ class WorkloadConfig:
     #: Conversation traces: how long after its previous turn ends a turn leaves
     #: (``workloads.think``: gap, gap-minus-latency, fixed:S, lognormal:MU,SIGMA).
     think_time: str = "gap"
+    #: The delay after a turn whose reply was a tool call, before its tool result is sent
+    #: (``think``: the turn's think time; fixed:S, lognormal:MU,SIGMA).
+    tool_latency: str = "think"
     #: The workload options the command line set (a schedule refuses those it cannot apply;
     #: an explicit --start is kept even when idle).
     given: frozenset[str] = frozenset()
@@ -253,6 +256,7 @@ class WorkloadConfig:
                 duration_s="duration",
                 rate_scale="rate_scale",
                 think_time="think_time",
+                tool_latency="tool_latency",
             ),
         )
 
@@ -425,6 +429,12 @@ class TargetConfig:
     route: tuple[str, ...] = ()
     route_class: tuple[str, ...] = ()
     turn_affinity: bool = True
+    #: Later turns carry the replies their earlier turns received (``live``), or stand-in
+    #: answers made before the run (``synthetic``); ``auto``: live on chat-style APIs.
+    conversation_history: str = "auto"
+    #: ``--backend openai-responses``: the conversation in each request's ``input``
+    #: (``client``) or kept by the server (``server``: ``previous_response_id``).
+    responses_history: str = "client"
     extra_body: Mapping[str, Any] = field(default_factory=dict)
     stream: bool = True
     ignore_eos: bool = True
@@ -461,6 +471,10 @@ class TargetConfig:
             insecure=bool(p.get("insecure")),
         )
         tls.check()
+        headers = parse_headers(p.get("header") or (), reserved=pins.request_headers)
+        api_key = os.environ.get("OPENAI_API_KEY") or None
+        if p.get("backend") == "anthropic-messages":
+            headers, api_key = _anthropic_auth(headers), None
         return cls(
             base_urls=tuple(bases),
             endpoint=p.get("endpoint") or None,
@@ -469,14 +483,20 @@ class TargetConfig:
             route=tuple(p.get("route") or ()),
             route_class=tuple(p.get("route_class") or ()),
             extra_body=parse_extra_body(p.get("extra_request_body")),
-            **_given(p, backend="backend", turn_affinity="turn_affinity"),
+            **_given(
+                p,
+                backend="backend",
+                turn_affinity="turn_affinity",
+                conversation_history="conversation_history",
+                responses_history="responses_history",
+            ),
             stream=not p.get("disable_stream"),
             ignore_eos=not p.get("disable_ignore_eos"),
-            headers=parse_headers(p.get("header") or (), reserved=pins.request_headers),
+            headers=headers,
             tls=tls,
             http2=bool(p.get("http2")),
             pins=pins,
-            api_key=os.environ.get("OPENAI_API_KEY") or None,
+            api_key=api_key,
         )
 
     @property
@@ -492,6 +512,38 @@ class TargetConfig:
         from .api import is_chat_endpoint
 
         return is_chat_endpoint(self.path)
+
+    @property
+    def live_history(self) -> bool:
+        """Later turns carry the replies their earlier turns actually received."""
+        if self.conversation_history == "auto":
+            return self.chat
+        return self.conversation_history == "live"
+
+    @property
+    def history_api(self) -> str:
+        """The engine's ``history_api`` for this target (``off`` without live history)."""
+        from .api import history_api
+
+        if not self.live_history:
+            return "off"
+        return history_api(self.backend, self.path, self.responses_history)
+
+
+def _anthropic_auth(headers: tuple[Header, ...]) -> tuple[Header, ...]:
+    """Anthropic's Messages API authenticates with ``x-api-key`` (``$ANTHROPIC_API_KEY``,
+    else ``$OPENAI_API_KEY``), not a bearer token, and needs ``anthropic-version``; a
+    ``--header`` of either name is kept as given."""
+    from .api import ANTHROPIC_VERSION
+
+    given = {h.name.lower() for h in headers}
+    key = os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    added = []
+    if key and "x-api-key" not in given:
+        added.append(Header("x-api-key", key))
+    if "anthropic-version" not in given:
+        added.append(Header("anthropic-version", ANTHROPIC_VERSION))
+    return (*headers, *added)
 
 
 # ---------------------------------------------------------------------------- engine

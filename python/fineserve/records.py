@@ -41,7 +41,21 @@ RECORD_INT_COLUMNS = (
     "usage_ignored",
     # ns waited for connection budget before the send (part of the dispatch lag).
     "conn_wait_ns",
+    # Live conversation history: what a later turn was sent with (HISTORY_KINDS) and the
+    # bytes of history spliced into its body (-1: none).
+    "history_kind",
+    "history_bytes",
 )
+
+#: ``history_kind`` values (``engine::HistoryKind``): what a later turn's body carried.
+HISTORY_KINDS = {
+    0: "none",
+    1: "after_text_reply",
+    2: "tool_result_after_tool_call",
+    3: "after_reply_without_text",
+    4: "after_tool_call_without_arguments",
+    5: "after_truncated_reply",
+}
 #: Columns added after the first results files: what a file without them reads as.
 RECORD_COLUMN_DEFAULTS = {
     "first_answer_ns": -1,
@@ -51,6 +65,8 @@ RECORD_COLUMN_DEFAULTS = {
     "cached_tokens": -1,
     "usage_ignored": 0,
     "conn_wait_ns": 0,
+    "history_kind": 0,
+    "history_bytes": -1,
 }
 
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -92,6 +108,8 @@ class RecordColumns(TypedDict):
     cached_tokens: npt.NDArray[np.int64]
     usage_ignored: npt.NDArray[Any]
     conn_wait_ns: npt.NDArray[np.int64]
+    history_kind: npt.NDArray[Any]
+    history_bytes: npt.NDArray[np.int64]
     error_kind: npt.NDArray[np.uint8]
     endpoint_idx: npt.NDArray[np.uint32]
     chunk_ns: npt.NDArray[np.int64]
@@ -300,6 +318,8 @@ def unsent_records(
         "cached_tokens": never,
         "usage_ignored": np.zeros(n, dtype=np.uint8),
         "conn_wait_ns": np.zeros(n, dtype=np.int64),
+        "history_kind": np.zeros(n, dtype=np.uint8),
+        "history_bytes": np.full(n, -1, dtype=np.int64),
         "chunk_ns": np.zeros(0, dtype=np.int64),
         "chunk_offsets": np.zeros(n + 1, dtype=np.uint64),
         "error_index": np.arange(n, dtype=np.int64),

@@ -56,6 +56,13 @@ class EngineOptions:
     source_ips: list[str] = field(default_factory=list)
     #: A conversation's later turn goes to the endpoint of its previous turn.
     turn_affinity: bool = True
+    #: Live conversation history: which API's bodies the engine splices replies into
+    #: (``off``, ``completions``, ``chat``, ``responses``, ``responses-server``,
+    #: ``anthropic``; see :func:`fineserve.api.history_api`).
+    history_api: str = "off"
+    #: The most reply text kept per turn for the next (the rest is dropped; the
+    #: follower's ``history_kind`` says so).
+    reply_limit_bytes: int = 1 << 20
     #: Connections open at once over every lane (0: no cap); a connect past it waits for
     #: one to close (shown as dispatch lag) instead of failing for want of descriptors.
     max_connections: int = 0
@@ -159,6 +166,8 @@ class EngineChunk:
     extra: dict[str, npt.NDArray[Any]] = field(default_factory=dict)
     #: Conversation turns (parent, think_ns, followers) when the schedule has them.
     turns: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+    #: Live history: (tool_ns, turn_text as n × 6 byte offsets, ``api.TurnOffsets``).
+    live: tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]] | None = None
     #: One column per ``EngineOptions.request_headers`` (negative: no header), or none.
     header_values: tuple[npt.NDArray[np.int64], ...] = ()
 
@@ -174,6 +183,9 @@ class EngineChunk:
             turns = None
             if self.turns is not None:
                 turns = (self.turns[0][rows], self.turns[1][rows], self.turns[2][rows])
+            live = None
+            if self.live is not None:
+                live = (self.live[0][rows], self.live[1][rows])
             return EngineChunk(
                 self.t_ns[rows],
                 [self.bodies[int(u)] for u in used],
@@ -182,6 +194,7 @@ class EngineChunk:
                 self.expected_output_tokens[rows],
                 {name: col[rows] for name, col in self.extra.items()},
                 turns,
+                live,
                 tuple(col[rows] for col in self.header_values),
             )
 
@@ -211,6 +224,12 @@ class EngineChunk:
             ),
             turns,
             [np.ascontiguousarray(col, dtype=np.int64) for col in self.header_values] or None,
+            None
+            if self.live is None
+            else (
+                np.ascontiguousarray(self.live[0], dtype=np.int64),
+                np.ascontiguousarray(self.live[1], dtype=np.uint32).reshape(-1, 6),
+            ),
         )
 
 

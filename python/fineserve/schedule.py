@@ -5,7 +5,8 @@ which drifts); ``input_len``/``output_len`` are token counts. Optional columns r
 ``extra``: ``class`` (str), ``client_id``, ``session_id``, ``turn`` (int64),
 ``reason_ratio`` (float64), conversation turns (``parent``: the schedule index of the turn
 a request follows, -1 for none; ``think_ns``: how long after that turn ends it leaves;
-``followers``: how many later requests follow it), and prefix blocks as ``hash_ids`` with
+``followers``: how many later requests follow it; ``tool_ns``: the delay instead of
+``think_ns`` when the previous turn's reply was a tool call), and prefix blocks as ``hash_ids`` with
 ``hash_offsets`` (request i's block ids are ``hash_ids[hash_offsets[i]:hash_offsets[i+1]]``).
 Multimodal requests carry list columns in ``lists`` (:data:`LIST_COLUMNS`): per request one
 token budget per image, audio clip or video, as (values, offsets) like ``hash_ids``; an
@@ -40,6 +41,7 @@ EXTRA_COLUMNS: dict[str, str] = {
     "parent": "int64",
     "think_ns": "int64",
     "followers": "int64",
+    "tool_ns": "int64",
 }
 
 #: Per-request list columns (one entry per media item: its token budget).
@@ -510,8 +512,10 @@ def _sliced(
                 parent = part.extra["parent"]
                 inside = parent >= lo
                 part.extra["parent"] = np.where(inside, parent - lo, -1).astype(np.int64)
-                think = np.where(inside, np.rint(part.extra["think_ns"] / time_scale), 0)
-                part.extra["think_ns"] = think.astype(np.int64)
+                for delay in ("think_ns", "tool_ns"):
+                    if delay in part.extra:
+                        scaled = np.where(inside, np.rint(part.extra[delay] / time_scale), 0)
+                        part.extra[delay] = scaled.astype(np.int64)
                 part.extra["followers"] = followers[first + a - lo : first + b - lo]
             yield part
         if row >= hi:

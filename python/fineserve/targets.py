@@ -81,13 +81,17 @@ def resolve_targets(cfg: TargetConfig, bases: list[str], *, quiet: bool = False)
             f"{model} (pass --model or --class-model)"
         )
     class_models = dict(cfg.class_models)
+    extra = dict(cfg.extra_body)
+    if cfg.history_api == "responses-server":
+        # Server-side history needs the server to keep each response.
+        extra = {"store": True, **extra}
     templates = {
         m: BodyTemplate(
             cfg.backend,
             m,
             stream=cfg.stream,
             ignore_eos=cfg.ignore_eos,
-            extra=dict(cfg.extra_body),
+            extra=extra,
             chat=cfg.chat,
         )
         for m in {model, *class_models.values(), *cfg.pins.lora_modules}

@@ -347,6 +347,10 @@ def _summary_accounting(t: _Table, m: dict[str, Any]) -> None:
         t.row("Stopped early at (s):", f"{stop['at_s']:.2f} ({stop['reason']})")
     if m.get("not_reached"):
         t.row("Not reached (stopped):", m["not_reached"])
+    if m.get("live_history_turns"):
+        t.row("Later turns (live history):", sum(m["live_history_turns"].values()))
+        for kind, count in m["live_history_turns"].items():
+            t.row(f"  {kind.replace('_', ' ')}:", count)
     for group, values in m.get("breakdown", {}).items():
         if len(values) < 2:
             continue

@@ -207,6 +207,14 @@ _SCHEDULE_OPTIONS: list[Any] = [
         "lognormal:MU,SIGMA (of log seconds).",
     ),
     click.option(
+        "--tool-latency",
+        default=None,
+        metavar="MODEL",
+        help="Live conversation history: how long after a turn whose reply was a tool call "
+        "its tool result is sent: think (the turn's --think-time, the default), "
+        "fixed:SECONDS, lognormal:MU,SIGMA (of log seconds).",
+    ),
+    click.option(
         "--start",
         type=NON_NEGATIVE,
         default=default_of(WorkloadConfig, "start_s"),
@@ -429,6 +437,24 @@ _TARGET_OPTIONS: list[Any] = [
         show_default=True,
         help="Request body dialect and default path (vllm/sglang send ignore_eos and "
         "min_tokens for exact output lengths).",
+    ),
+    click.option(
+        "--conversation-history",
+        type=click.Choice(["auto", "live", "synthetic"]),
+        default=default_of(TargetConfig, "conversation_history"),
+        show_default=True,
+        help="Conversation traces: later turns carry the replies their earlier turns "
+        "actually received (live; auto: on chat, Responses and Messages APIs) or "
+        "stand-in answers of the traced output length made before the run (synthetic).",
+    ),
+    click.option(
+        "--responses-history",
+        type=click.Choice(["client", "server"]),
+        default=default_of(TargetConfig, "responses_history"),
+        show_default=True,
+        help="--backend openai-responses with live history: the whole conversation in each "
+        "request's input (client), or only the new message and previous_response_id "
+        "(server; the server must store responses).",
     ),
     click.option(
         "--base-url",

@@ -36,7 +36,8 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "Server",
         (
             "base_url", "host", "port", "backend", "endpoint", "model", "class_model",
-            "route", "route_class", "turn_affinity",
+            "route", "route_class", "turn_affinity", "conversation_history",
+            "responses_history",
         ),
     ),
     (
@@ -50,11 +51,11 @@ HELP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "Workload",
         (
             "mode", "request_rate", "num_prompts", "duration", "time_scale", "start", "seed",
-            "think_time",
+            "think_time", "tool_latency",
             "schedule", "burstiness", "ramp", "ramp_start_rate", "ramp_end_rate", "ramp_steps",
             "trace", "request_trace_csv", "trace_format", "timestamp_column", "timestamp_unit",
             "input_length_column", "output_length_column", "burstgpt_model",
-            "burstgpt_log_type", "model_class", "datasets_dir", "class_lengths",
+            "burstgpt_log_type", "infer_turns", "model_class", "datasets_dir", "class_lengths",
             "gamma_params_csv", "window_start_column", "window_end_column",
             "gamma_shape_column", "gamma_scale_column", "parametric_window_seconds",
             "parametric_extension_mode", "parametric_jitter_ratio", "parametric_arrivals",
@@ -210,6 +211,13 @@ _TRACE_FORMAT_OPTIONS = [
     ),
     click.option("--burstgpt-model", help="BurstGPT: keep rows of this Model."),
     click.option("--burstgpt-log-type", help="BurstGPT: keep rows of this Log Type."),
+    click.option(
+        "--infer-turns",
+        type=click.Choice(["hash-prefix"]),
+        help="Mooncake-format traces without chat ids (e.g. Mooncake's toolagent trace): "
+        "link each request to the latest earlier one whose prompt blocks (hash_ids, all "
+        "but its last) it extends, as a later turn of that conversation.",
+    ),
 ]
 
 

@@ -52,13 +52,26 @@ import numpy as np
 import numpy.typing as npt
 
 from .._engine import ERROR_KINDS
+from ..records import HISTORY_KINDS
 from .fidelity import BurstFidelity, SustainedRate
 from .histogram import LogHistogram
 from .windows import WindowStats, add_counts
 
 #: Labels the metrics are broken down by, where the records have them: the schedule's
-#: class, the endpoint, the model (class models, LoRA adapters), the data-parallel rank.
-BREAKDOWNS = ("class", "endpoint", "model", "dp_rank", "image_count")
+#: class, the endpoint, the model (class models, LoRA adapters), the data-parallel rank,
+#: and a conversation's turn number (TTFT and measured cached tokens by turn).
+BREAKDOWNS = ("class", "endpoint", "model", "dp_rank", "image_count", "turn")
+
+#: Turn numbers from this one on share a breakdown group ("8+").
+TURN_GROUPS = 8
+
+
+def turn_groups(turn: npt.ArrayLike) -> npt.NDArray[Any]:
+    """Turn numbers (from 1) as breakdown labels: "1" … "7", then "8+"."""
+    t = np.asarray(turn).astype(np.int64)
+    out = np.array([str(x) for x in np.clip(t, 1, TURN_GROUPS).tolist()], dtype=object)
+    out[t >= TURN_GROUPS] = f"{TURN_GROUPS}+"
+    return out
 
 _NS_PER_MS = 1e6
 
@@ -215,6 +228,8 @@ class MetricsAccumulator:
         self.slos = dict(slos or {})
         self.last_end_ns = 0
         self.errors_by_kind: Counter[str] = Counter()
+        #: Live history: later turns by what they carried (``records.HISTORY_KINDS``).
+        self.history_kinds: Counter[str] = Counter()
         self.first_error_by_kind: dict[str, str] = {}
         self.scheduled_per_s = np.zeros(0, np.int64)
         self.sent_per_s = np.zeros(0, np.int64)
@@ -315,7 +330,14 @@ class MetricsAccumulator:
         self.errors_by_kind.update(ERROR_KINDS[k] for k in kind[~ok])
         for row, msg in zip(columns["error_index"], columns["error_message"]):
             self.first_error_by_kind.setdefault(ERROR_KINDS[kind[int(row)]], msg)
+        history = _column(columns, "history_kind", 0, len(kind))
+        if history.any():
+            kinds, counts = np.unique(history[history > 0], return_counts=True)
+            for k, c in zip(kinds.tolist(), counts.tolist()):
+                self.history_kinds[HISTORY_KINDS.get(k, str(k))] += c
         if self.group_names and labels:
+            if "turn" in labels:
+                labels = {**labels, "turn": turn_groups(labels["turn"])}
             self._add_groups(columns, np.asarray(input_len), labels, reason_ratio)
 
     def _add_reasoning(
@@ -404,6 +426,8 @@ class MetricsAccumulator:
             self.cached_tokens / self.cached_prompt_tokens if self.cached_reported else None
         )
         m["usage_ignored"] = self.usage_ignored
+        if self.history_kinds:
+            m["live_history_turns"] = dict(sorted(self.history_kinds.items()))
         return m
 
     def _peaks(self) -> dict[str, Any]:

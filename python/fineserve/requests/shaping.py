@@ -20,7 +20,7 @@ from ..routing import Deployment
 from ..runner import EngineChunk
 from ..schedule import Schedule, ScheduleDigest
 from .pinning import Pinner
-from .turns import extend_turns
+from .turns import LiveTurns, extend_turns
 
 #: Schedule columns carried into the records (labels for breakdowns and the results file;
 #: ``think_ns``: the think time a later turn was released after, beside its release in
@@ -47,6 +47,12 @@ class RequestShapes:
     pinner: Pinner | None = None
     #: A multimodal schedule's media as content parts (None: text only).
     media: MediaRequests | None = None
+    #: Live conversation history: the engine's ``history_api`` (``off``: later turns are
+    #: built here with stand-in answers, ``requests.turns``).
+    history_api: str = "off"
+    #: Live history: the delay after a reply that is a tool call, when the schedule has
+    #: no ``tool_ns`` (None: the turn's think time).
+    live_turns: LiveTurns | None = None
 
     @classmethod
     def for_targets(
@@ -58,6 +64,7 @@ class RequestShapes:
         mock_fields: bool = False,
         pinner: Pinner | None = None,
         media: MediaRequests | None = None,
+        history_api: str = "off",
     ) -> RequestShapes:
         """The shapes for resolved :class:`~fineserve.targets.Targets`."""
         return cls(
@@ -70,6 +77,8 @@ class RequestShapes:
             mock_fields=mock_fields,
             pinner=pinner if pinner is not None and pinner.active else None,
             media=media,
+            history_api=history_api,
+            live_turns=LiveTurns() if history_api != "off" else None,
         )
 
 
@@ -97,9 +106,13 @@ def engine_chunks(
             digest.add(c)
         prompts, actual_len = builder.build_chunk(base, c)
         turns = None
+        live_rows = None
         if "parent" in c.extra:
             actual_len = np.asarray(actual_len, dtype=np.int64).copy()
-            extend_turns(builder, base, c, prompts, actual_len, history, chat=chat)
+            if shapes.live_turns is not None:
+                live_rows = shapes.live_turns.own_texts(builder, base, c, prompts, actual_len)
+            else:
+                extend_turns(builder, base, c, prompts, actual_len, history, chat=chat)
             turns = (c.extra["parent"], c.extra["think_ns"], c.extra["followers"])
         if prefix is not None:
             if c.hash_ids is not None and c.hash_offsets is not None:
@@ -135,6 +148,22 @@ def engine_chunks(
                 media.parts if media is not None else [()] * n,
             )
         ]
+        live = None
+        if live_rows is not None:
+            offsets = np.zeros((n, 6), dtype=np.uint32)
+            server = shapes.history_api == "responses-server"
+            for i in live_rows.tolist():
+                body, off = shapes.templates[models[i]].render_turn(
+                    prompts[i],
+                    int(c.output_len[i]),
+                    fields[i] if fields else "",
+                    media.parts[i] if media is not None else (),
+                    server_history=server,
+                )
+                bodies[i] = body
+                offsets[i] = off.row()
+            tool_ns = c.extra.get("tool_ns", c.extra["think_ns"])
+            live = (np.asarray(tool_ns, dtype=np.int64), offsets)
         slot_size, slot_edge = slot_sizes(c.t_ns)
         extra: dict[str, Any] = {
             "input_len": np.asarray(actual_len, dtype=np.int64),
@@ -158,6 +187,7 @@ def engine_chunks(
             expected_output_tokens=c.output_len,
             extra=extra,
             turns=turns,
+            live=live,
             header_values=pins.header_values if pins is not None else (),
         )
         base += n

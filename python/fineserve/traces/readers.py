@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import FineserveError
 from .base import (
@@ -68,6 +69,9 @@ class TraceOptions:
     timestamp_unit: str | None = None
     burstgpt_model: str | None = None
     burstgpt_log_type: str | None = None
+    #: Mooncake-format traces without conversation ids (``toolagent``): ``hash-prefix``
+    #: links a request to the latest earlier one whose prompt blocks it extends.
+    infer_turns: str | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -113,7 +117,12 @@ def load_trace(path: Path, options: TraceOptions | None = None) -> Trace:
     if unit not in UNIT_NS and unit != "datetime":
         raise FineserveError(f"--timestamp-unit must be one of us, ms, s (got {unit!r})")
     if fmt == "mooncake":
-        return _read_mooncake(path, ts_col, in_col, out_col, unit)
+        trace = _read_mooncake(path, ts_col, in_col, out_col, unit)
+        if options.infer_turns == "hash-prefix":
+            infer_turns_from_prefixes(trace)
+        return trace
+    if options.infer_turns:
+        raise FineserveError("--infer-turns needs a Mooncake-format trace (with hash_ids)")
     return _read_csv_trace(path, fmt, ts_col, in_col, out_col, unit, options)
 
 
@@ -316,24 +325,74 @@ def link_turns(trace: Trace) -> None:
     pos = np.minimum(pos, len(chat) - 1)
     found = (parent_chat >= 0) & (chat[order][pos] == parent_chat)
     parent = np.where(found, order[pos], -1).astype(np.int64)
-    # A parent that arrives after its child (clock skew, bad rows) cannot be waited for.
-    late = parent >= np.arange(len(parent))
+    # A parent that is the turn itself or comes after it (a cycle, clock skew, bad rows)
+    # cannot be waited for.
+    late = found & (parent >= np.arange(len(parent)))
     parent[late] = -1
-    orphans = int(np.sum((parent_chat >= 0) & (parent < 0)))
+    if late.any():
+        trace.notes.append(
+            f"{int(late.sum())} turns whose previous turn is themselves or comes after them "
+            "in the trace (a cycle or clock skew) start their own conversation"
+        )
+    orphans = int(np.sum((parent_chat >= 0) & ~found))
     if orphans:
         trace.notes.append(
             f"{orphans} turns whose previous turn is not in the trace start their own conversation"
         )
+    _set_turns(trace, parent, chat)
+
+
+def _set_turns(trace: Trace, parent: npt.NDArray[np.int64], session: npt.NDArray[np.int64]) -> None:
+    """The conversation columns from each row's parent row (earlier, or -1): think time
+    as the gap between arrivals, followers, the first turn's ``session`` id, and the turn
+    number (from 1) where the trace has none."""
     think = np.where(parent >= 0, trace.t_ns - trace.t_ns[np.maximum(parent, 0)], 0)
-    session = chat.copy()
+    session = session.copy()
+    turn = np.ones(len(parent), dtype=np.int64)
     for i in np.flatnonzero(parent >= 0).tolist():  # parents come first: one pass
         session[i] = session[parent[i]]
+        turn[i] = turn[parent[i]] + 1
     trace.extra.update(
         parent=parent,
         think_ns=think.astype(np.int64),
         followers=np.bincount(parent[parent >= 0], minlength=len(parent)).astype(np.int64),
         session_id=session,
     )
+    trace.extra.setdefault("turn", turn)
+
+
+def infer_turns_from_prefixes(trace: Trace) -> None:
+    """``--infer-turns hash-prefix``: a request whose prompt blocks start with all but the
+    last block of an earlier request's (that last one is partial, so it changes as the
+    conversation grows) is taken as that request's next turn: the latest such earlier
+    request with the longest match (at least one full block). Agent traces (Mooncake's
+    ``toolagent``) have no conversation ids; this is a heuristic, and says how many
+    requests it linked."""
+    if "parent" in trace.extra:
+        trace.notes.append("--infer-turns has no effect: the trace has conversation ids")
+        return
+    if trace.hash_ids is None or trace.hash_offsets is None:
+        raise FineserveError("--infer-turns hash-prefix needs hash_ids in the trace")
+    ids, off = trace.hash_ids, trace.hash_offsets
+    n = len(trace.t_ns)
+    parent = np.full(n, -1, dtype=np.int64)
+    # Prefix (all blocks but the last) of each earlier request → latest such request.
+    latest: dict[tuple[int, ...], int] = {}
+    for i in range(n):
+        blocks = tuple(ids[off[i] : off[i + 1]].tolist())
+        for k in range(len(blocks), 0, -1):
+            j = latest.get(blocks[:k])
+            if j is not None:
+                parent[i] = j
+                break
+        if len(blocks) >= 2:
+            latest[blocks[:-1]] = i
+    linked = int(np.count_nonzero(parent >= 0))
+    trace.notes.append(
+        f"--infer-turns hash-prefix: {linked} of {n} requests extend an earlier request's "
+        f"prompt blocks and follow it as later turns ({n - linked} conversations)"
+    )
+    _set_turns(trace, parent, np.arange(n, dtype=np.int64))
 
 
 def pc_fill_empty_lists(col: Any) -> Any:

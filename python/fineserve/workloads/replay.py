@@ -87,5 +87,9 @@ def _slice_turns(
     followers = np.zeros(len(parent), dtype=np.int64)
     kids = parent[lo:hi]
     followers[lo:hi] = np.bincount(kids[kids >= 0], minlength=hi - lo)[: hi - lo]
-    think = np.where(inside & in_slice, np.rint(extra["think_ns"] / time_scale), 0)
-    return {"parent": parent, "followers": followers, "think_ns": think.astype(np.int64)}
+    out = {"parent": parent, "followers": followers}
+    for delay in ("think_ns", "tool_ns"):
+        if delay in extra:
+            scaled = np.where(inside & in_slice, np.rint(extra[delay] / time_scale), 0)
+            out[delay] = scaled.astype(np.int64)
+    return out

@@ -208,6 +208,8 @@ def _think_times(cfg: WorkloadConfig, trace: Trace, info: dict[str, Any], notes:
     if "parent" not in trace.extra:
         if think.kind != "gap":
             notes.append("--think-time has no effect: the trace has no conversations")
+        if cfg.tool_latency != "think":
+            notes.append("--tool-latency has no effect: the trace has no conversations")
         return
     think_ns, note = think.think_ns(
         trace.extra["parent"],
@@ -219,6 +221,22 @@ def _think_times(cfg: WorkloadConfig, trace: Trace, info: dict[str, Any], notes:
     trace.extra["think_ns"] = think_ns
     info["think_time"] = think.describe()
     notes.append(note)
+    if cfg.tool_latency != "think":
+        tool = ThinkTime.parse(cfg.tool_latency, option="--tool-latency")
+        if tool.kind not in ("fixed", "lognormal"):
+            raise FineserveError(
+                f"--tool-latency {cfg.tool_latency!r}: use think, fixed:SECONDS or "
+                "lognormal:MU,SIGMA"
+            )
+        tool_ns, _ = tool.think_ns(
+            trace.extra["parent"],
+            think_ns,
+            None,
+            np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(3)[2]),
+        )
+        trace.extra["tool_ns"] = tool_ns
+        info["tool_latency"] = tool.describe()
+        notes.append(f"tool latency (after a reply that is a tool call): {tool.describe()}")
 
 
 def _servegen(

@@ -33,7 +33,7 @@ class ThinkTime:
     sigma: float = 0.0
 
     @classmethod
-    def parse(cls, spec: str) -> ThinkTime:
+    def parse(cls, spec: str, option: str = "--think-time") -> ThinkTime:
         text = spec.strip()
         head, _, rest = text.partition(":")
         if head in ("gap", "gap-minus-latency") and not rest:
@@ -51,7 +51,7 @@ class ThinkTime:
         except ValueError:
             pass
         raise FineserveError(
-            f"--think-time {spec!r}: use gap, gap-minus-latency, fixed:SECONDS (>= 0) or "
+            f"{option} {spec!r}: use gap, gap-minus-latency, fixed:SECONDS (>= 0) or "
             "lognormal:MU,SIGMA (of log seconds, SIGMA >= 0)"
         )
 
