@@ -14,6 +14,8 @@ from typing_extensions import Self
 __version__: str
 #: Conversation columns: (parent, think_ns, followers).
 _Turns: TypeAlias = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint32]]
+#: Live-history columns: (tool_ns, turn_text: n × 6 uint32 byte offsets).
+_Live: TypeAlias = tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]
 #: Names of ``error_kind`` codes, indexed by code (0 = ``"ok"``).
 ERROR_KINDS: list[str]
 #: Names of the faults the mock can inject (``faults=[(name, ratio), …]``).
@@ -50,6 +52,7 @@ class Run:
         expected_output_tokens: npt.NDArray[np.uint32],
         turns: _Turns | None = None,
         header_values: Sequence[npt.NDArray[np.int64]] | None = None,
+        live: _Live | None = None,
     ) -> None:
         """Append a chunk to the schedule; its send offsets continue the previous chunk's.
 
@@ -64,8 +67,13 @@ class Run:
         request i. With ``turn_affinity``, request i goes to the endpoint that served
         ``parent[i]``. ``header_values``: one column per ``request_headers`` option,
         request i's value of that header (negative: it carries none); None: no request
-        of this chunk carries them. Raises :class:`EngineError`, accepting nothing, if
-        the chunk is invalid, the input is closed or the run is stopping."""
+        of this chunk carries them. ``live`` (with ``history_api`` other than ``"off"``):
+        each turn's body gets the history of its previous turn spliced in when it is
+        released (``turn_text[i]``: splice point, messages start, own message start/end,
+        own text literal start/end, as byte offsets), and leaves ``tool_ns[i]`` instead
+        of ``think_ns[i]`` after a previous turn whose reply was a tool call. Raises
+        :class:`EngineError`, accepting nothing, if the chunk is invalid, the input is
+        closed or the run is stopping."""
     def close_input(self) -> None:
         """Declare the schedule complete; the run ends when every fed request is done."""
     def drain(self) -> dict[str, npt.NDArray[np.generic] | list[str]]:
@@ -114,6 +122,8 @@ class _EngineOptions(Protocol):
     route_groups: list[list[int]]
     source_ips: list[str]
     turn_affinity: bool
+    history_api: str
+    reply_limit_bytes: int
     headers: list[tuple[str, str, bool]]
     request_headers: list[str]
     ca_file: str | None

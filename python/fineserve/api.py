@@ -30,6 +30,7 @@ adds anything else (and overrides these).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -298,9 +299,7 @@ class BodyTemplate:
             return rendered.encode(), off
         head_b, tail_b = rendered.encode().split(_MEDIA_MARK.encode(), 1)
         grown = sum(len(m) for m in media) - len(_MEDIA_MARK)
-        off = TurnOffsets(
-            off.splice_at, off.items_at, off.item_at, off.item_end + grown, off.text_at, off.text_end
-        )
+        off = dataclasses.replace(off, item_end=off.item_end + grown)
         return b"".join((head_b, *media, tail_b)), off
 
     def _render(self, prompt: str | Messages, max_tokens: int, fields: str, media: str = "") -> str:

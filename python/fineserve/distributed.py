@@ -105,6 +105,12 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
     names = ("t_ns", "body_idx", "endpoint_idx", "expected_output_tokens", "parent", "think_ns")
     cols: dict[str, list[npt.NDArray[Any]]] = {k: [] for k in (*names, "followers")}
     has_turns = any(c.turns is not None for c in chunks)
+    # Live history: each turn's delay after a tool call and its body's offsets (six
+    # columns turn_text_0 … turn_text_5), with the turn columns.
+    has_live = any(c.live is not None for c in chunks)
+    live_names = ("tool_ns", *(f"turn_text_{k}" for k in range(6)))
+    if has_live:
+        cols.update({k: [] for k in live_names})
     # Per-request header columns ship as header_0, header_1, ... (every chunk has them or
     # none does: the run's options fix how many).
     n_headers = max((len(c.header_values) for c in chunks), default=0)
@@ -125,6 +131,11 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
         cols["parent"].append(np.asarray(parent, np.int64))
         cols["think_ns"].append(np.asarray(think, np.int64))
         cols["followers"].append(np.asarray(followers, np.int64))
+        if has_live:
+            tool_ns, text = c.live or (np.asarray(think, np.int64), np.zeros((n_c, 6), np.uint32))
+            cols["tool_ns"].append(np.asarray(tool_ns, np.int64))
+            for k in range(6):
+                cols[f"turn_text_{k}"].append(np.asarray(text, np.int64).reshape(-1, 6)[:, k])
         for k in range(n_headers):
             values = c.header_values[k] if k < len(c.header_values) else np.full(n_c, -1)
             headers[k].append(np.asarray(values, np.int64))
@@ -156,6 +167,9 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
             columns["parent"] = pa.array(local.astype(np.int64))
             columns["think_ns"] = pa.array(whole["think_ns"][rows])
             columns["followers"] = pa.array(whole["followers"][rows].astype(np.uint32))
+        if has_live:
+            for name in live_names:
+                columns[name] = pa.array(whole[name][rows])
         for k in range(n_headers):
             columns[f"header_{k}"] = pa.array(whole[f"header_{k}"][rows])
         parts.append(WorkerPart(rows, pa.table(columns), [bodies_all[i] for i in used.tolist()]))
@@ -199,6 +213,12 @@ class EngineWorker:
         turns = None
         if "parent" in table.column_names:
             turns = tuple(table.column(c).to_numpy() for c in ("parent", "think_ns", "followers"))
+        live = None
+        if "tool_ns" in table.column_names:
+            text = np.stack(
+                [table.column(f"turn_text_{k}").to_numpy() for k in range(6)], axis=1
+            ).astype(np.uint32)
+            live = (table.column("tool_ns").to_numpy(), text)
         # No more lanes than requests: a small share needs no idle threads.
         lanes = max(1, min(options.lanes, table.num_rows))
         self.run = _engine.start_run(
@@ -219,6 +239,7 @@ class EngineWorker:
                 )
             ]
             or None,
+            live,
         )
         self.run.close_input()
 

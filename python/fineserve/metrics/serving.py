@@ -73,6 +73,7 @@ def turn_groups(turn: npt.ArrayLike) -> npt.NDArray[Any]:
     out[t >= TURN_GROUPS] = f"{TURN_GROUPS}+"
     return out
 
+
 _NS_PER_MS = 1e6
 
 
@@ -330,15 +331,18 @@ class MetricsAccumulator:
         self.errors_by_kind.update(ERROR_KINDS[k] for k in kind[~ok])
         for row, msg in zip(columns["error_index"], columns["error_message"]):
             self.first_error_by_kind.setdefault(ERROR_KINDS[kind[int(row)]], msg)
-        history = _column(columns, "history_kind", 0, len(kind))
-        if history.any():
-            kinds, counts = np.unique(history[history > 0], return_counts=True)
-            for k, c in zip(kinds.tolist(), counts.tolist()):
-                self.history_kinds[HISTORY_KINDS.get(k, str(k))] += c
+        self._add_history(_column(columns, "history_kind", 0, len(kind)))
         if self.group_names and labels:
             if "turn" in labels:
                 labels = {**labels, "turn": turn_groups(labels["turn"])}
             self._add_groups(columns, np.asarray(input_len), labels, reason_ratio)
+
+    def _add_history(self, history: npt.NDArray[np.int64]) -> None:
+        """Live history: later turns by what they carried."""
+        if history.any():
+            kinds, counts = np.unique(history[history > 0], return_counts=True)
+            for k, c in zip(kinds.tolist(), counts.tolist()):
+                self.history_kinds[HISTORY_KINDS.get(k, str(k))] += c
 
     def _add_reasoning(
         self,

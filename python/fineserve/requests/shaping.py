@@ -115,12 +115,7 @@ def engine_chunks(
                 extend_turns(builder, base, c, prompts, actual_len, history, chat=chat)
             turns = (c.extra["parent"], c.extra["think_ns"], c.extra["followers"])
         if prefix is not None:
-            if c.hash_ids is not None and c.hash_offsets is not None:
-                prefix.add(actual_len, c.hash_ids, c.hash_offsets)
-            elif builder.groups > 0 and builder.prefix_len > 0:
-                prefix.add_shared(base, actual_len, builder.groups, builder.prefix_len)
-            else:
-                prefix.add_plain(actual_len)
+            _count_prefix(prefix, builder, base, c, actual_len)
         classes = c.extra.get("class")
         if classes is not None and shapes.class_models:
             models = np.array(
@@ -150,20 +145,7 @@ def engine_chunks(
         ]
         live = None
         if live_rows is not None:
-            offsets = np.zeros((n, 6), dtype=np.uint32)
-            server = shapes.history_api == "responses-server"
-            for i in live_rows.tolist():
-                body, off = shapes.templates[models[i]].render_turn(
-                    prompts[i],
-                    int(c.output_len[i]),
-                    fields[i] if fields else "",
-                    media.parts[i] if media is not None else (),
-                    server_history=server,
-                )
-                bodies[i] = body
-                offsets[i] = off.row()
-            tool_ns = c.extra.get("tool_ns", c.extra["think_ns"])
-            live = (np.asarray(tool_ns, dtype=np.int64), offsets)
+            live = _live_bodies(shapes, c, live_rows, prompts, models, fields, media, bodies)
         slot_size, slot_edge = slot_sizes(c.t_ns)
         extra: dict[str, Any] = {
             "input_len": np.asarray(actual_len, dtype=np.int64),
@@ -191,6 +173,50 @@ def engine_chunks(
             header_values=pins.header_values if pins is not None else (),
         )
         base += n
+
+
+def _count_prefix(
+    prefix: PrefixHitCounter,
+    builder: SyntheticPromptBuilder | TokenizedPromptBuilder,
+    base: int,
+    c: Schedule,
+    actual_len: npt.NDArray[np.int64],
+) -> None:
+    """The prompts' intended prefix sharing, for the theoretical hit rate."""
+    if c.hash_ids is not None and c.hash_offsets is not None:
+        prefix.add(actual_len, c.hash_ids, c.hash_offsets)
+    elif builder.groups > 0 and builder.prefix_len > 0:
+        prefix.add_shared(base, actual_len, builder.groups, builder.prefix_len)
+    else:
+        prefix.add_plain(actual_len)
+
+
+def _live_bodies(
+    shapes: RequestShapes,
+    c: Schedule,
+    rows: npt.NDArray[np.int64],
+    prompts: list[Any],
+    models: npt.NDArray[Any],
+    fields: list[str] | None,
+    media: Any,
+    bodies: list[bytes],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
+    """Live history: the conversation turns' bodies (``rows``) re-rendered with only
+    their own text, in place, and the engine's columns (tool_ns, turn_text)."""
+    offsets = np.zeros((len(c), 6), dtype=np.uint32)
+    server = shapes.history_api == "responses-server"
+    for i in rows.tolist():
+        body, off = shapes.templates[models[i]].render_turn(
+            prompts[i],
+            int(c.output_len[i]),
+            fields[i] if fields else "",
+            media.parts[i] if media is not None else (),
+            server_history=server,
+        )
+        bodies[i] = body
+        offsets[i] = off.row()
+    tool_ns = c.extra.get("tool_ns", c.extra["think_ns"])
+    return np.asarray(tool_ns, dtype=np.int64), offsets
 
 
 #: Media tokens per piece of a multimodal chunk whose bodies are built at once: a chunk's

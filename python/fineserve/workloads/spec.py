@@ -14,6 +14,7 @@ import numpy.typing as npt
 from ..config import LengthConfig, ParametricConfig, WorkloadConfig
 from ..errors import FineserveError
 from ..metrics.windows import add_counts
+from ..ragged import take_ragged
 from ..schedule import Schedule, ScheduleSlice, open_schedule
 from ..traces import load_trace
 from ..traces.base import LATENCY_COLUMN, Trace
@@ -237,6 +238,42 @@ def _think_times(cfg: WorkloadConfig, trace: Trace, info: dict[str, Any], notes:
         trace.extra["tool_ns"] = tool_ns
         info["tool_latency"] = tool.describe()
         notes.append(f"tool latency (after a reply that is a tool call): {tool.describe()}")
+    order_by_earliest_release(trace)
+
+
+def order_by_earliest_release(trace: Trace) -> None:
+    """A later turn leaves its think time (or tool latency) after its previous turn ends,
+    not at its traced arrival: its send offset becomes the earliest that release can be
+    (its previous turn's offset plus the delay; that turn ends later still), and the rows
+    are re-sorted by it (parents stay ahead of their turns), so the engine reaches each
+    turn before its release however short its think time."""
+    parent = trace.extra["parent"]
+    delay = trace.extra["think_ns"]
+    if "tool_ns" in trace.extra:
+        delay = np.minimum(delay, trace.extra["tool_ns"])
+    later = np.flatnonzero(parent >= 0)
+    if not len(later):
+        return
+    t = trace.t_ns.copy()
+    for _ in range(len(t)):  # one pass per turn depth
+        moved = t[parent[later]] + delay[later]
+        if np.array_equal(moved, t[later]):
+            break
+        t[later] = moved
+    if np.array_equal(t, trace.t_ns):
+        return
+    order = np.argsort(t, kind="stable")
+    where = np.empty_like(order)
+    where[order] = np.arange(len(order))
+    trace.t_ns = t[order]
+    trace.input_len = trace.input_len[order]
+    trace.output_len = trace.output_len[order]
+    for name, col in trace.extra.items():
+        trace.extra[name] = col[order]
+    p = trace.extra["parent"]
+    trace.extra["parent"] = np.where(p >= 0, where[np.maximum(p, 0)], -1).astype(np.int64)
+    if trace.hash_ids is not None and trace.hash_offsets is not None:
+        trace.hash_ids, trace.hash_offsets = take_ragged(trace.hash_ids, trace.hash_offsets, order)
 
 
 def _servegen(
