@@ -24,7 +24,9 @@ from fineserve.traces import TraceOptions, load_trace
 CONVERSATIONS, TURNS = 5, 3
 
 
-def bailian(path: Path, conversations: int = CONVERSATIONS, turns: int = TURNS) -> list[dict[str, Any]]:
+def bailian(
+    path: Path, conversations: int = CONVERSATIONS, turns: int = TURNS
+) -> list[dict[str, Any]]:
     """A Qwen-Bailian-shaped trace: conversations 150 ms apart, turns 1 s apart (trace
     time), each turn's input the whole conversation so far."""
     rows, cid = [], 100
@@ -294,7 +296,9 @@ def test_bad_replies_and_links_are_counted_with_reasons(tmp_path: Path) -> None:
     )
 
 
-def test_synthetic_history_keeps_stand_in_answers(tmp_path: Path, server: ConversationServer) -> None:
+def test_synthetic_history_keeps_stand_in_answers(
+    tmp_path: Path, server: ConversationServer
+) -> None:
     trace = tmp_path / "bailian.jsonl"
     bailian(trace, conversations=2)
     r = blast(
@@ -322,7 +326,7 @@ def toolagent(path: Path) -> None:
         for step in range(3):
             rows.append({"timestamp": 100 * a + 800 * step, "input_length": 512 * len(blocks),
                          "output_length": 5, "hash_ids": list(blocks)})  # fmt: skip
-            blocks = blocks[:-1] + [base + 10 * (step + 1), base + 10 * (step + 1) + 1]
+            blocks = [*blocks[:-1], base + 10 * (step + 1), base + 10 * (step + 1) + 1]
     rows.append({"timestamp": 50, "input_length": 100, "output_length": 5, "hash_ids": [7]})
     rows.sort(key=lambda r: r["timestamp"])
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -377,7 +381,12 @@ def test_mock_refuses_an_unknown_previous_response() -> None:
 
     mock = MockServer()
     try:
-        body = {"model": "m", "input": "hi", "max_output_tokens": 2, "previous_response_id": "resp_999"}
+        body = {
+            "model": "m",
+            "input": "hi",
+            "max_output_tokens": 2,
+            "previous_response_id": "resp_999",
+        }
         req = urllib.request.Request(
             mock.base_url + "/v1/responses", data=json.dumps(body).encode(),
             headers={"content-type": "application/json"},
