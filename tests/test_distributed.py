@@ -256,6 +256,46 @@ def test_conversations_replay_turn_after_turn_across_workers(
 
 
 @pytest.mark.slow
+def test_live_history_stays_with_each_conversation_across_workers(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    """Live history over two Ray workers: each later turn carries the reply its previous
+    turn actually received (an independent server's), on the worker that sent that turn."""
+    from conversation_server import ConversationServer
+    from test_live_history import bailian
+
+    server = ConversationServer()
+    trace, req = tmp_path / "bailian.jsonl", tmp_path / "r.parquet"
+    rows = bailian(trace, conversations=6)
+    try:
+        r = invoke(
+            "blast", "--mode", "replay", "--trace", str(trace), "--time-scale", "5",
+            "--base-url", server.base_url, "--backend", "openai-chat", "--disable-tqdm",
+            "--save-requests", str(req), "--warmup-requests", "0", "--ray", "local",
+            "--workers", "2",
+        )  # fmt: skip
+        posts = server.posts()
+    finally:
+        server.close()
+    assert r.exit_code == 0, r.output
+    by_messages = {json.dumps(p.body["messages"]): p for p in posts}
+    later = [p for p in posts if len(p.body["messages"]) > 1]
+    assert len(later) == 12
+    for p in later:
+        parent = by_messages[json.dumps(p.body["messages"][:-2])]
+        assert p.body["messages"][-2] == {"role": "assistant", "content": parent.text}
+        assert p.received_ns >= parent.ended_ns
+    table, _ = read_requests(req)
+    t = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    assert list(t["history_kind"]).count(1) == 12
+    ids = [row["chat_id"] for row in rows]
+    for i, row in enumerate(rows):
+        if row["parent_chat_id"] >= 0:
+            assert t["worker"][i] == t["worker"][ids.index(row["parent_chat_id"])]
+    assert set(t["worker"].tolist()) == {0, 1}
+
+
+@pytest.mark.slow
 def test_python_api_spreads_a_schedule_like_run_engine(ray_local: Any, mock: MockServer) -> None:
     n = 120
     t = np.linspace(0, 0.6e9, n).astype(np.int64)

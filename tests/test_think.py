@@ -95,21 +95,23 @@ def test_replayed_turns_leave_their_think_time_after_the_previous_ended(
     assert r.exit_code == 0, r.output
     assert "think time:" in r.output
     table, _ = read_requests(req)
-    cols = {c: np.asarray(table[c].to_pylist()) for c in ("done_ns", "scheduled_ns")}
-    think = np.asarray(table["think_ns"].to_pylist())
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    ids = [row["chat_id"] for row in rows]
+    names = ("done_ns", "scheduled_ns", "sent_ns", "think_ns", "session_id", "turn")
+    cols = {c: np.asarray(table[c].to_pylist()) for c in names}
     assert all(k == "ok" for k in table["error_kind"].to_pylist())
+    # Records are in schedule order, where a later turn sits at its earliest release (so
+    # not necessarily the trace's order): a turn is found by its conversation and number.
+    row_of = {(s, t): i for i, (s, t) in enumerate(zip(cols["session_id"], cols["turn"]))}
     later = 0
-    for i, row in enumerate(rows):
-        if row["parent_chat_id"] < 0:
+    for i, (session, turn) in enumerate(zip(cols["session_id"], cols["turn"])):
+        if turn == 1:
             continue
-        p = ids.index(row["parent_chat_id"])
-        want = expected_ns(row["turn"])  # type: ignore[operator]
+        p = row_of[(session, turn - 1)]
+        want = expected_ns(turn)  # type: ignore[operator]
         # The record's scheduled time is the release: the previous turn's end + think,
-        # and the record keeps the think time it was released after.
+        # and the record keeps the think time it was released after; it left then.
         assert cols["scheduled_ns"][i] == cols["done_ns"][p] + want
-        assert think[i] == want
+        assert cols["think_ns"][i] == want
+        assert 0 <= cols["sent_ns"][i] - cols["scheduled_ns"][i] < 20_000_000
         later += 1
     assert later == 10
 

@@ -15,6 +15,7 @@ the models. Helpers: ``tests/vllm_server.py``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,6 +289,48 @@ def test_server_metrics_read_vllms_own_names(plain: Server, tiny: Path, work: Pa
     assert m["vllm:time_to_first_token_seconds"]["count"] == 24
     running = [v for v in run.col("srv_running") if v == v]  # not NaN
     assert len(running) >= 20, run.col("srv_running")
+
+
+@pytest.mark.parametrize("history", ["client", "server"])
+def test_responses_live_history_reaches_vllm(
+    plain: Server, tiny: Path, work: Path, history: str
+) -> None:
+    """Conversations over vLLM's Responses API with live history: each later turn's
+    prompt, as vLLM counts it, holds the previous turn's prompt and the reply it got,
+    whether the conversation travels in ``input`` or stays on the server
+    (``previous_response_id``, VLLM_ENABLE_RESPONSES_API_STORE=1)."""
+    trace = work / f"bailian-{history}.jsonl"
+    rows, cid = [], 10
+    for c in range(3):
+        parent = -1
+        for t in range(3):
+            rows.append(
+                {"chat_id": cid, "parent_chat_id": parent, "turn": t + 1,
+                 "timestamp": 400 * c + 3000 * t, "input_length": 24 + 40 * t,
+                 "output_length": 8}
+            )  # fmt: skip
+            parent, cid = cid, cid + 1
+    rows.sort(key=lambda r: r["timestamp"])
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "--backend", "openai-responses", "--responses-history", history,
+        "--mode", "replay", "--trace", str(trace), "--time-scale", "3",
+        "--tokenizer", str(tiny), "--extra-request-body", '{"ignore_eos": true}',
+        "--warmup-requests", "0",
+    ]  # fmt: skip
+    run = blast([plain.base_url], work / "runs", f"responses-live-{history}", args, servers=[plain])
+    kinds = run.col("error_kind")
+    assert kinds == ["ok"] * 9, run.errors()
+    assert run.key("live_history_turns") == {"after_text_reply": 6}
+    ids = [r["chat_id"] for r in rows]
+    prompt, out = run.col("prompt_tokens"), run.col("completion_tokens")
+    for i, r in enumerate(rows):
+        if r["parent_chat_id"] < 0:
+            continue
+        p = ids.index(r["parent_chat_id"])
+        # The previous prompt and its reply come first, then this turn's own text.
+        assert prompt[i] > prompt[p] + out[p], (i, prompt, out)
+        assert out[p] == 8
 
 
 def test_reasoning_chat_counts_every_token(reasoning: Server, tiny_r: Path, work: Path) -> None:

@@ -326,6 +326,8 @@ class VllmServer:
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
+        # Stored responses, for the Responses API's previous_response_id (live history).
+        env.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(self.command())}\n".encode())

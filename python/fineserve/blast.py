@@ -162,8 +162,15 @@ def history_notes(cfg: BlastConfig, first: Schedule, history_api: str) -> list[s
     """What later turns of conversations carry, in a line (and what has no effect)."""
     target = cfg.target
     given = target.conversation_history != "auto"
+    extra = []
+    if target.responses_history != "client" and target.backend != "openai-responses":
+        extra.append("--responses-history has no effect: the backend is not openai-responses")
+    return extra + _history_lines(cfg, first, history_api, given)
+
+
+def _history_lines(cfg: BlastConfig, first: Schedule, history_api: str, given: bool) -> list[str]:
     if "parent" not in first.extra:
-        if given or target.responses_history != "client":
+        if given:
             return ["--conversation-history has no effect: the schedule has no conversations"]
         return []
     if history_api == "off":
@@ -179,7 +186,7 @@ def history_notes(cfg: BlastConfig, first: Schedule, history_api: str) -> list[s
         "completions": "each prompt continues with the previous reply's text",
         "chat": "the earlier turns' actual replies as assistant messages",
         "responses": "the earlier turns' actual replies in the input",
-        "responses-server": "only the new message, with previous_response_id (server-side)",
+        "responses-server": "only the new message and previous_response_id: the server keeps it",
         "anthropic": "the earlier turns' actual replies as assistant messages",
     }[history_api]
     return [

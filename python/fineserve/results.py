@@ -23,6 +23,11 @@ Reasoning and usage details: ``first_answer_ns`` (first answer event, content or
 ``completion_tokens_details.reasoning_tokens`` / ``prompt_tokens_details.cached_tokens``,
 -1 = not reported) and ``usage_ignored`` (1: a usage value of an unexpected type was
 ignored). Files written before these columns read as if nothing was reported.
+
+Conversations with live history: ``history_kind`` (what a later turn carried,
+``records.HISTORY_KINDS``: 0 none, 1 after a text reply, 2 a tool result after a tool call,
+3 after a reply without answer text, 4 after a tool call without arguments, 5 after a
+truncated reply) and ``history_bytes`` (the history spliced into its body; -1: none).
 """
 
 from __future__ import annotations
