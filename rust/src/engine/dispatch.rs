@@ -49,13 +49,15 @@ pub(super) fn dispatch(
     tokio::task::spawn_local(async move {
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
         if parent >= 0 {
-            match follow_turn(&shared, clock, parent as u64, think_ns, tool_ns).await {
+            let timer = state.release.as_deref();
+            match follow_turn(&shared, timer, clock, parent as u64, think_ns, tool_ns).await {
                 Ok(release) => {
                     rec.scheduled_ns = release.release_ns;
                     if shared.config.turn_affinity {
                         rec.endpoint_idx = release.served_by;
                     }
-                    // Built here, as the turn is released, off the lanes' pacing path.
+                    // Built in the turn's own task as it is released, not in the pacer's
+                    // loop: one copy of the history (bench_live_history measures it).
                     if let (Some(t), Some(carry)) = (text.as_ref(), release.carry.as_ref()) {
                         let (spliced, moved) = follower_body(api, &body, t, carry);
                         body = spliced;

@@ -16,6 +16,7 @@ use crate::timer::{lower_timer_slack, HiResSleep, LoadMeter, RealtimeGovernor};
 
 use super::dispatch::dispatch;
 use super::pacing::{start_instant, wait_for, STOP_POLL};
+use super::turns::ReleaseTimer;
 use super::{Schedule, Shared};
 
 /// A chunk as the lanes see it: where it starts in the whole schedule, and its columns.
@@ -106,6 +107,8 @@ pub(super) fn run_lane(
 pub(super) struct LaneState {
     in_flight: Cell<usize>,
     idle: Notify,
+    /// Releases this lane's later turns at their think time (None: no timerfd).
+    pub(super) release: Option<Rc<ReleaseTimer>>,
 }
 
 impl LaneState {
@@ -179,9 +182,16 @@ async fn lane_main(
         t0_unix_ns: shared.t0_unix_ns.get().copied().unwrap_or(0),
     };
 
+    // No spin before a release: the timerfd wakes within tens of microseconds, and a second
+    // spinner on the lane would take time from its pacer (bench_live_history).
+    let release = ReleaseTimer::start(Duration::ZERO).map(|(timer, task)| {
+        tokio::task::spawn_local(task);
+        timer
+    });
     let state = Rc::new(LaneState {
         in_flight: Cell::new(0),
         idle: Notify::new(),
+        release,
     });
     let timer = HiResSleep::new().ok();
     let mut meter = LoadMeter::new();

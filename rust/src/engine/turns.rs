@@ -1,12 +1,17 @@
 //! Conversation turns: a later turn leaves `think_ns` after its previous turn ends, so
 //! the end of a turn is published for the requests that follow it, across lanes.
 
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{oneshot, Notify};
+
 use crate::client::RunClock;
+use crate::timer::{sleep_until_precise, HiResSleep};
 
 use super::history::Carry;
 use super::pacing::STOP_POLL;
@@ -91,16 +96,102 @@ impl TurnBoard {
     }
 }
 
+/// A lane's release clock for later turns: one timerfd serves every turn waiting on the
+/// lane (tokio's own timer wakes on 1 ms ticks, as coarse as a whole micro-burst slot).
+pub(super) struct ReleaseTimer {
+    queue: RefCell<BinaryHeap<Reverse<Waiting>>>,
+    seq: Cell<u64>,
+    /// An earlier deadline than the one slept for was queued.
+    changed: Notify,
+}
+
+struct Waiting {
+    at: Instant,
+    seq: u64,
+    wake: oneshot::Sender<()>,
+}
+
+impl PartialEq for Waiting {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Waiting {}
+impl PartialOrd for Waiting {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiting {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl ReleaseTimer {
+    /// The timer, and the task (to spawn on the lane) that fires it; None without a
+    /// timerfd (turns then wait on tokio's timer).
+    pub(super) fn start(
+        spin: Duration,
+    ) -> Option<(std::rc::Rc<Self>, impl std::future::Future<Output = ()>)> {
+        let fd = HiResSleep::new().ok()?;
+        let timer = std::rc::Rc::new(ReleaseTimer {
+            queue: RefCell::new(BinaryHeap::new()),
+            seq: Cell::new(0),
+            changed: Notify::new(),
+        });
+        let me = std::rc::Rc::clone(&timer);
+        let task = async move {
+            loop {
+                let next = {
+                    let mut q = me.queue.borrow_mut();
+                    let now = Instant::now();
+                    while q.peek().is_some_and(|w| w.0.at <= now) {
+                        if let Some(Reverse(w)) = q.pop() {
+                            let _ = w.wake.send(());
+                        }
+                    }
+                    q.peek().map(|w| w.0.at)
+                };
+                match next {
+                    None => me.changed.notified().await,
+                    Some(at) => {
+                        tokio::select! {
+                            _ = sleep_until_precise(&fd, at, spin) => {}
+                            _ = me.changed.notified() => {}
+                        }
+                    }
+                }
+            }
+        };
+        Some((timer, task))
+    }
+
+    fn wake_at(&self, at: Instant) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let seq = self.seq.get();
+        self.seq.set(seq + 1);
+        let mut q = self.queue.borrow_mut();
+        let earliest = q.peek().is_none_or(|w| at < w.0.at);
+        q.push(Reverse(Waiting { at, seq, wake: tx }));
+        if earliest {
+            self.changed.notify_one();
+        }
+        rx
+    }
+}
+
 /// Waits for turn `parent` to end, then until `think_ns` after that (`tool_ns` when the
-/// turn's reply was a tool call); returns the release, or why the follower cannot be sent
-/// (the turn failed, or the run stopped).
-pub(super) async fn follow_turn(
-    shared: &Shared,
+/// turn's reply was a tool call), on the lane's `release` clock; returns the release, or
+/// why the follower cannot be sent (the turn failed, or the run stopped).
+pub(super) async fn follow_turn<'a>(
+    shared: &'a Shared,
+    release: Option<&ReleaseTimer>,
     clock: RunClock,
     parent: u64,
     think_ns: i64,
     tool_ns: i64,
-) -> Result<Release, &str> {
+) -> Result<Release, &'a str> {
     let Some(mut rx) = shared.turns.subscribe(parent) else {
         return Err("turn bookkeeping failed");
     };
@@ -124,6 +215,18 @@ pub(super) async fn follow_turn(
     let delay_ns = if tool_call { tool_ns } else { think_ns };
     let release_ns = end.done_ns.saturating_add(delay_ns);
     let deadline = clock.t0 + Duration::from_nanos(release_ns.max(0) as u64);
+    if let Some(timer) = release {
+        let mut woken = timer.wake_at(deadline);
+        loop {
+            if shared.stopping.load(Ordering::Relaxed) {
+                return Err(shared.not_sent_reason());
+            }
+            match tokio::time::timeout(STOP_POLL, &mut woken).await {
+                Ok(_) => break,
+                Err(_) => continue, // only to notice a stop
+            }
+        }
+    }
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
             return Err(shared.not_sent_reason());
