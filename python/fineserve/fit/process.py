@@ -780,7 +780,7 @@ def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
     the trace's requests/s autocorrelation at 1, 10 and 60 s (absolute errors weighted
     2:1:1, mean over MEMORY_TRIALS seeds, on at most MEMORY_TRIAL_EVENTS events' worth of
     windows): the figures users judge a generator by, chosen on directly."""
-    from ..compare import per_second_acf
+    from ..compare import per_second_acfs
     from ..workloads.fitted import fitted_chunks
 
     w = model.windows
@@ -792,7 +792,7 @@ def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
         return
     lags = (1, 10, 60)
     weights = np.array([2.0, 1.0, 1.0])  # the 1 s lag is the headline figure
-    real = np.array([per_second_acf(real_t, lag) for lag in lags])
+    real = per_second_acfs(real_t, lags)
     ok = np.isfinite(real)
     options: dict[str, tuple[float, float, FloatArray | None]] = {"none": (0.0, 0.0, None)}
     chains = [None] if model.class_transition is None else [None, model.class_transition]
@@ -814,7 +814,7 @@ def _choose_memory(model: ArrivalModel, t_ns: IntArray, seed: int) -> None:
         for k in range(MEMORY_TRIALS):
             chunks = fitted_chunks(trial, _UnitLengths(), np.random.default_rng([seed, k]))  # type: ignore[arg-type]
             g = np.concatenate([c.t_ns for c in chunks] or [np.zeros(0, np.int64)])
-            gen = np.array([per_second_acf(g, lag) for lag in lags]) if len(g) > 2 else real * 0
+            gen = per_second_acfs(g, lags) if len(g) > 2 else real * 0
             errs.append(float(np.average(np.abs(gen - real)[ok], weights=weights[ok])))
         errors[name] = float(np.mean(errs))
     best = min(errors, key=lambda n: errors[n])
