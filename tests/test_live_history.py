@@ -211,14 +211,19 @@ def test_anthropic_messages_carry_text_and_tool_use_history(tmp_path: Path) -> N
     try:
         trace = tmp_path / "bailian.jsonl"
         bailian(trace)
-        blast(
+        res, req = tmp_path / "res.json", tmp_path / "r.parquet"
+        r = blast(
             "--base-url", server.base_url, "--backend", "anthropic-messages", "--mode",
             "replay", "--trace", str(trace), "--time-scale", "5", "--model", "conv-model",
+            "--output-file", str(res), "--save-requests", str(req),
             env={"ANTHROPIC_API_KEY": "sk-ant-test-secret", "OPENAI_API_KEY": ""},
         )  # fmt: skip
         posts = server.posts()
     finally:
         server.close()
+    # The key reaches the server and nothing else.
+    for text in (r.output, res.read_text(), req.read_bytes().decode("latin-1")):
+        assert "sk-ant-test-secret" not in text
     assert all(p.path == "/v1/messages" for p in posts)
     assert all(p.headers.get("x-api-key") == "sk-ant-test-secret" for p in posts)
     assert all(p.headers.get("anthropic-version") == "2023-06-01" for p in posts)
