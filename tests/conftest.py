@@ -151,11 +151,16 @@ def free_port() -> int:
 
 
 def interrupted_blast(
-    sig: int, *args: str, again_after_s: float | None = None, after_s: float = 2.5
+    sig: int,
+    *args: str,
+    again_after_s: float | None = None,
+    after_s: float = 2.5,
+    once_exists: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`fineserve blast` of 600 requests at 100 req/s in its own process, sent ``sig``
-    ``after_s`` in (and once more ``again_after_s`` later); ``args`` are added to its
-    command line (a repeated option overrides)."""
+    ``after_s`` in (and once more ``again_after_s`` later); with ``once_exists``,
+    ``after_s`` counts from when that file appears (a loaded machine may take seconds to
+    start the run); ``args`` are added to its command line (a repeated option overrides)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -177,6 +182,10 @@ def interrupted_blast(
         stderr=subprocess.PIPE,
         text=True,
     )
+    if once_exists is not None:
+        give_up = time.monotonic() + 60
+        while not once_exists.exists() and proc.poll() is None and time.monotonic() < give_up:
+            time.sleep(0.05)
     time.sleep(after_s)
     proc.send_signal(sig)
     if again_after_s is not None:

@@ -247,7 +247,11 @@ def test_a_crash_journal_has_the_schedule_digest(tmp_path: Path) -> None:
     """SIGKILL (no cleanup at all) after the schedule was generated: the journal left
     behind still names the schedule, as `generate` does for the same options."""
     req = tmp_path / "req.parquet"
-    done = interrupted_blast(signal.SIGKILL, "--save-requests", str(req))
+    journal = Path(str(req) + JOURNAL_SUFFIX)
+    # Killed 1.5 s after the journal appears: rows are in it whatever the start-up took.
+    done = interrupted_blast(
+        signal.SIGKILL, "--save-requests", str(req), once_exists=journal, after_s=1.5
+    )
     assert done.returncode == -signal.SIGKILL
     assert not req.exists() and Path(str(req) + JOURNAL_SUFFIX).exists()
     table, meta = read_requests(req)
