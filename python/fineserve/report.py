@@ -38,7 +38,8 @@ PANELS = {
     "in_flight": "Requests in flight",
     "burst_fidelity": "Dispatch lag and micro-burst fidelity",
     "windows": "Instantaneous metrics per window",
-    "breakdown": "Breakdown by class, endpoint, model, data-parallel rank, image count and outcome",
+    "breakdown": "Breakdown by class, endpoint, model, data-parallel rank, image count, turn "
+    "and outcome",
     "reasoning": "Reasoning and answer: TTFT vs TTFO, reasoning share per request",
     "server": "The server beside the client: send rate, micro-bursts, TTFT and server gauges",
     "server_queue": "TTFT by server queue depth, and the queue after the largest bursts",
@@ -356,7 +357,7 @@ def panel_breakdown(runs: list[Run]) -> bytes:
             )
     ax[0, 0].set(title="requests by outcome", yscale="log")
     if with_groups:
-        ax[0, 1].set(title="p99 TTFT by class / endpoint / model / image count (ms)")
+        ax[0, 1].set(title="p99 TTFT by class / endpoint / model / image count / turn (ms)")
     for a in ax[0]:
         plotting.legend(a)
     fig.tight_layout()
