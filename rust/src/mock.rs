@@ -1385,7 +1385,8 @@ impl Generation {
                     blocks.push(format!("{{\"type\":\"thinking\",\"thinking\":\"{reasoning}\",\"signature\":\"\"}}"));
                 }
                 if self.tool_call && !answer.is_empty() {
-                    blocks.push(format!("{{\"type\":\"tool_use\",\"id\":\"toolu_{id}\",\"name\":\"{TOOL_NAME}\",\"input\":{{}}}}"));
+                    // The arguments as the other APIs stream them, inside an object.
+                    blocks.push(format!("{{\"type\":\"tool_use\",\"id\":\"toolu_{id}\",\"name\":\"{TOOL_NAME}\",\"input\":{{\"text\":\"{answer}\"}}}}"));
                 } else {
                     blocks.push(format!("{{\"type\":\"text\",\"text\":\"{answer}\"}}"));
                 }
