@@ -415,3 +415,22 @@ def test_mock_refuses_an_unknown_previous_response() -> None:
         assert usage["input_tokens"] == 1 + (1 + 2)
     finally:
         mock.stop()
+
+
+@pytest.mark.parametrize("backend", ["openai-chat", "openai-responses", "anthropic-messages"])
+def test_non_streamed_replies_carry_history_too(tmp_path: Path, backend: str) -> None:
+    """Whole (non-streamed) bodies are read for the reply as streams are: the mock's tool
+    calls (every other answer) come back as tool results, with their arguments."""
+    trace = tmp_path / "bailian.jsonl"
+    bailian(trace, conversations=4)
+    res = tmp_path / "res.json"
+    blast(
+        "--mode", "replay", "--trace", str(trace), "--time-scale", "5", "--backend", backend,
+        "--mock-tool-calls", "0.5", "--disable-stream", "--output-file", str(res),
+    )  # fmt: skip
+    m = json.loads(res.read_text())
+    assert m["completed"] == 12 and m["failed"] == 0
+    kinds = m["live_history_turns"]
+    assert sum(kinds.values()) == 8
+    assert set(kinds) <= {"after_text_reply", "tool_result_after_tool_call"}
+    assert kinds.get("tool_result_after_tool_call", 0) > 0
