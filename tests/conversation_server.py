@@ -72,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": {"message": "previous response not found"}})
             return
         kind = owner.policy(ex)
-        n_tokens = int(body.get("max_tokens") or body.get("max_output_tokens") or 4)
+        keys = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+        n_tokens = int(next((body[k] for k in keys if body.get(k)), 4))
         words = [f"r{ex.n}w{i}" for i in range(max(n_tokens, 1))]
         if kind == "empty":
             words = []

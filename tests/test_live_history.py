@@ -103,6 +103,12 @@ def test_chat_turns_carry_the_replies_they_actually_received(
     # Whole conversations: turn 3 carries turn 1's and turn 2's replies.
     longest = max(posts, key=lambda p: len(p.body["messages"]))
     assert len(longest.body["messages"]) == 2 * TURNS - 1
+    # Each turn's new text is sized so the whole prompt is the trace's input length
+    # (synthetic prompts are a word per token; the replies are as long as the trace says).
+    for p in posts:
+        turn = (len(p.body["messages"]) + 1) // 2
+        words = sum(len(m["content"].split()) for m in p.body["messages"])
+        assert words == 30 + 40 * (turn - 1), (p.n, turn, words)
     table, _ = read_requests(req)
     kinds = table["history_kind"].to_pylist()
     assert kinds.count(1) == CONVERSATIONS * (TURNS - 1) and kinds.count(0) == CONVERSATIONS
@@ -434,3 +440,26 @@ def test_non_streamed_replies_carry_history_too(tmp_path: Path, backend: str) ->
     assert sum(kinds.values()) == 8
     assert set(kinds) <= {"after_text_reply", "tool_result_after_tool_call"}
     assert kinds.get("tool_result_after_tool_call", 0) > 0
+
+
+def test_a_history_longer_than_the_trace_says_so(tmp_path: Path) -> None:
+    """A turn whose trace input is shorter than its previous turn's input and output: it
+    carries the history and one token of new text, and the run says how many did."""
+    rows = [
+        {"chat_id": 1, "parent_chat_id": -1, "turn": 1, "timestamp": 0,
+         "input_length": 100, "output_length": 50},
+        {"chat_id": 2, "parent_chat_id": 1, "turn": 2, "timestamp": 500,
+         "input_length": 120, "output_length": 5},
+        {"chat_id": 3, "parent_chat_id": 2, "turn": 3, "timestamp": 1000,
+         "input_length": 400, "output_length": 5},
+    ]  # fmt: skip
+    trace = tmp_path / "short.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = tmp_path / "res.json"
+    r = blast(
+        "--mode", "replay", "--trace", str(trace), "--backend", "openai-chat",
+        "--time-scale", "5", "--output-file", str(res),
+    )  # fmt: skip
+    assert "1 of 2 later turns had a history" in r.output
+    m = json.loads(res.read_text())
+    assert m["live_history_longer_than_trace"] == 1 and m["completed"] == 3

@@ -33,8 +33,9 @@ from .prompts import PrefixHitCounter, TokenizedPromptBuilder
 from .prompts.builder import PromptBuilder, select_builder
 from .requests import RequestShapes, engine_chunks
 from .requests.pinning import Pinner
+from .requests.turns import LiveTurns
 from .results import RequestsWriter, run_meta, server_metrics_path, sibling_path
-from .runner import EngineOptions, StreamOutcome, run_stream
+from .runner import REPLY_LIMIT_BYTES, EngineOptions, StreamOutcome, run_stream
 from .schedule import Schedule, ScheduleDigest
 from .targets import Targets, WarmUpTiming, first_body, resolve_targets, warm_up
 from .workloads.spec import Workload, build_workload, format_duration, plan_workload
@@ -156,6 +157,21 @@ def resize_warm(
             )
         sizing.warm = warm
         sizing.options.warm_connections = warm
+
+
+def _live_history_notices(metrics: dict[str, Any], live: LiveTurns, quiet: bool) -> None:
+    """After a run with live history: the turns whose history was already as long as the
+    trace's input, and replies cut at the cap, in the results and a line each."""
+    metrics["live_history_longer_than_trace"] = live.history_longer
+    line = live.note()
+    if line and not quiet:
+        note(line)
+    cut = metrics.get("live_history_turns", {}).get("after_truncated_reply", 0)
+    if cut and not quiet:
+        warn(
+            f"live history: {cut} later turns followed a reply longer than "
+            f"{REPLY_LIMIT_BYTES >> 20} MiB of text; they carried its start only"
+        )
 
 
 def history_notes(cfg: BlastConfig, first: Schedule, history_api: str) -> list[str]:
@@ -335,6 +351,9 @@ def run_blast(
                 f"up to {media['image_max_token_deviation']} tokens off): the records keep "
                 "image_tokens (sent) and image_tokens_scheduled"
             )
+    live = run.shapes.live_turns
+    if live is not None:
+        _live_history_notices(metrics, live, quiet)
     metrics.update(client_saturation(cfg, metrics, outcome.progress, sink, run.sizing))
     if metrics["client_saturated"] and not quiet:
         warn(

@@ -29,6 +29,10 @@ def default_lanes() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+#: The most reply text the engine keeps per turn for live history (1 MiB).
+REPLY_LIMIT_BYTES = 1 << 20
+
+
 @dataclass
 class EngineOptions:
     """How the engine runs. It crosses into Rust as it is: ``_engine.start_run`` reads each
@@ -62,7 +66,7 @@ class EngineOptions:
     history_api: str = "off"
     #: The most reply text kept per turn for the next (the rest is dropped; the
     #: follower's ``history_kind`` says so).
-    reply_limit_bytes: int = 1 << 20
+    reply_limit_bytes: int = REPLY_LIMIT_BYTES
     #: Connections open at once over every lane (0: no cap); a connect past it waits for
     #: one to close (shown as dispatch lag) instead of failing for want of descriptors.
     max_connections: int = 0
