@@ -324,7 +324,14 @@ def test_responses_live_history_reaches_vllm(
     assert run.key("live_history_turns") == {"after_text_reply": 6}
     ids = [r["chat_id"] for r in rows]
     prompt, out = run.col("prompt_tokens"), run.col("completion_tokens")
+    per_message = chat_overhead(tiny)
     for i, r in enumerate(rows):
+        # The whole prompt is the trace's input length, plus the chat template's tokens
+        # around each of the turn's messages (a reply re-tokenized in the history may
+        # differ by a token at its edges).
+        messages = 2 * r["turn"] - 1
+        extra = prompt[i] - r["input_length"]
+        assert 0 <= extra <= messages * (per_message + 2), (i, r, prompt[i], per_message)
         if r["parent_chat_id"] < 0:
             continue
         p = ids.index(r["parent_chat_id"])
