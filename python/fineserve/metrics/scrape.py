@@ -125,18 +125,28 @@ class Scraper:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ssl: ssl.SSLContext | None = None
+        #: Set by each page's thread after its first scrape (the run's baseline).
+        self._first: list[threading.Event] = []
 
     # -- lifecycle
 
     def start(self) -> None:
+        """Starts a thread per page and returns once each has taken its first sample
+        (or failed, or the timeout passed): the counters' baseline is then before the run,
+        however long the first request to a busy server takes."""
         if any(t.url.startswith("https://") for t in self.targets):
             self._ssl = (self.tls or TlsConfig()).ssl_context()
         for st in self.stats:
+            first = threading.Event()
             th = threading.Thread(
-                target=self._loop, args=(st,), name="fineserve-scrape", daemon=True
+                target=self._loop, args=(st, first), name="fineserve-scrape", daemon=True
             )
             th.start()
             self._threads.append(th)
+            self._first.append(first)
+        give_up = time.monotonic() + self.timeout_s
+        for first in self._first:
+            first.wait(max(give_up - time.monotonic(), 0.0))
 
     def started(self, t0_unix_ns: int) -> None:
         self.t0_unix_ns = t0_unix_ns
@@ -159,11 +169,14 @@ class Scraper:
 
     # -- scraping
 
-    def _loop(self, st: TargetStats) -> None:
+    def _loop(self, st: TargetStats, first: threading.Event | None = None) -> None:
         next_at = time.monotonic()
         last_flush = next_at
         while True:
             self._scrape(st)
+            if first is not None:
+                first.set()
+                first = None
             if self._stop.is_set():
                 return
             next_at += self.interval_s
