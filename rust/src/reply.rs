@@ -262,8 +262,9 @@ impl Reply {
         }
     }
 
-    /// A Responses output item; `whole`: the item is complete (its text and arguments are
-    /// final, replacing any fragments).
+    /// A Responses output item. A function call's arguments, when the item has them, are
+    /// final and replace any fragments; a message's text is read only from a whole body
+    /// (`streamed` false): a stream already delivered it in `output_text.delta` events.
     fn capture_output_item(&mut self, item: &Value, key: i64, streamed: bool) {
         match str_of(item, "type").unwrap_or("") {
             "function_call" => {
