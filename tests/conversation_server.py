@@ -11,8 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from stdlib_server import JsonSseHandler, _TlsServer
 
 
 @dataclass
@@ -47,20 +48,7 @@ def tool_on_first_turn(ex: Exchange) -> str:
     return "tool" if first else "text"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _json(self, status: int, payload: Any) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class _Handler(JsonSseHandler):
     def do_GET(self) -> None:
         self._json(200, {"object": "list", "data": [{"id": "conv-model"}]})
 
@@ -101,10 +89,6 @@ class _Handler(BaseHTTPRequestHandler):
             if owner.token_gap_s:
                 time.sleep(owner.token_gap_s)
         self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def _chat(self, ex: Exchange, words: list[str]) -> list[tuple[str | None, Any]]:
@@ -198,11 +182,6 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-
-
 class ConversationServer:
     def __init__(self, policy: Policy = lambda ex: "text", *, token_gap_s: float = 0.0) -> None:
         self.policy = policy
@@ -211,7 +190,7 @@ class ConversationServer:
         self.exchanges: list[Exchange] = []
         #: Responses the server keeps: id → the conversation so far, its reply included.
         self.stored: dict[str, list[Any]] = {}
-        self.httpd = _Server(("127.0.0.1", 0), _Handler)
+        self.httpd = _TlsServer(("127.0.0.1", 0), _Handler)  # plain HTTP: no ssl_context
         self.httpd.owner = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True

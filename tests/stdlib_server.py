@@ -97,23 +97,34 @@ class Seen:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class JsonSseHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 replies as one JSON body or as chunked SSE events; no access log."""
+
     protocol_version = "HTTP/1.1"
 
-    def _log(self, body: dict[str, Any]) -> None:
-        owner: OpenAIServer = self.server.owner  # type: ignore[attr-defined]
-        with owner.lock:
-            owner.seen.append(
-                Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-            )
-
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
+    def _json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Handler(JsonSseHandler):
+    def _log(self, body: dict[str, Any]) -> None:
+        owner: OpenAIServer = self.server.owner  # type: ignore[attr-defined]
+        with owner.lock:
+            owner.seen.append(
+                Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+            )
 
     def do_GET(self) -> None:
         self._log({})
@@ -170,13 +181,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(b"data: " + json.dumps(done).encode() + b"\n\n")
         self._chunk(b"data: [DONE]\n\n")
         self.wfile.write(b"0\r\n\r\n")
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 class _TlsServer(ThreadingHTTPServer):
