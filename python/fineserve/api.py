@@ -23,7 +23,7 @@ schedule's, per backend:
   ``min_tokens``: against vLLM add ``--extra-request-body '{"ignore_eos": true}'`` for
   exact output lengths. Streams carry usage without ``stream_options``.
 - ``anthropic-messages``: Anthropic's ``/v1/messages`` body (``messages``, ``max_tokens``);
-  the API key goes in ``x-api-key`` with ``anthropic-version`` (see :func:`auth_headers`).
+  the API key goes in ``x-api-key`` with ``anthropic-version`` (``config.TargetConfig``).
 ``--disable-ignore-eos`` drops ``ignore_eos`` and ``min_tokens``; ``--extra-request-body``
 adds anything else (and overrides these).
 """
@@ -198,7 +198,6 @@ class BodyTemplate:
         if chat is None:
             chat = is_chat_endpoint(DEFAULT_ENDPOINT[backend])
         self.chat = chat
-        self.backend = backend
         body: dict[str, Any] = {"model": model}
         if backend == "anthropic-messages":
             body["messages"] = _MESSAGES
@@ -289,10 +288,11 @@ class BodyTemplate:
             head = _USER_ITEM_PARTS if media else _USER_ITEM
             item_at = at + 1  # after the list's "["
             text_at = item_at + len(head)
-            end = rendered.index("]", text_at + lit) if not media else -1
             if media:
-                # The own item ends where the list does: after the media parts and "}".
+                # The own item ends after its media parts and the "]}" that close them.
                 end = rendered.index(_MEDIA_MARK) + len(_MEDIA_MARK) + len("]}")
+            else:
+                end = rendered.index("]", text_at + lit)
             splice = 1 if server_history else item_at
             off = TurnOffsets(splice, item_at, item_at, end, text_at, text_at + lit)
         if not media:

@@ -177,16 +177,15 @@ def _live_history_notices(metrics: dict[str, Any], live: LiveTurns, quiet: bool)
 def history_notes(cfg: BlastConfig, first: Schedule, history_api: str) -> list[str]:
     """What later turns of conversations carry, in a line (and what has no effect)."""
     target = cfg.target
-    given = target.conversation_history != "auto"
     extra = []
     if target.responses_history != "client" and target.backend != "openai-responses":
         extra.append("--responses-history has no effect: the backend is not openai-responses")
-    return extra + _history_lines(cfg, first, history_api, given)
+    return extra + _history_lines(cfg, first, history_api)
 
 
-def _history_lines(cfg: BlastConfig, first: Schedule, history_api: str, given: bool) -> list[str]:
+def _history_lines(cfg: BlastConfig, first: Schedule, history_api: str) -> list[str]:
     if "parent" not in first.extra:
-        if given:
+        if cfg.target.conversation_history != "auto":
             return ["--conversation-history has no effect: the schedule has no conversations"]
         return []
     if history_api == "off":

@@ -134,8 +134,9 @@ def partition(chunks: list[EngineChunk], workers: int) -> list[WorkerPart]:
         if has_live:
             tool_ns, text = c.live or (np.asarray(think, np.int64), np.zeros((n_c, 6), np.uint32))
             cols["tool_ns"].append(np.asarray(tool_ns, np.int64))
+            offsets = np.asarray(text, np.int64).reshape(-1, 6)
             for k in range(6):
-                cols[f"turn_text_{k}"].append(np.asarray(text, np.int64).reshape(-1, 6)[:, k])
+                cols[f"turn_text_{k}"].append(offsets[:, k])
         for k in range(n_headers):
             values = c.header_values[k] if k < len(c.header_values) else np.full(n_c, -1)
             headers[k].append(np.asarray(values, np.int64))

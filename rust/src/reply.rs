@@ -69,6 +69,11 @@ fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
+/// The elements of `v[key]` when it is an array (none otherwise).
+fn items_of<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
 impl Reply {
     pub fn with_limit(limit: usize) -> Self {
         Reply {
@@ -193,13 +198,7 @@ impl Reply {
             }
             "message" => {
                 // A whole Anthropic body.
-                for (i, b) in v
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
+                for (i, b) in items_of(&v, "content").enumerate() {
                     self.capture_block(b, i as i64);
                 }
             }
@@ -209,13 +208,7 @@ impl Reply {
                     if let Some(id) = str_of(&v, "id") {
                         self.response_id = Some(id.to_owned());
                     }
-                    for (i, item) in v
-                        .get("output")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .enumerate()
-                    {
+                    for (i, item) in items_of(&v, "output").enumerate() {
                         self.capture_output_item(item, i as i64, false);
                     }
                 }
@@ -242,13 +235,7 @@ impl Reply {
                 }
                 _ => {}
             }
-            for (i, call) in d
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
+            for (i, call) in items_of(d, "tool_calls").enumerate() {
                 let key = call
                     .get("index")
                     .and_then(Value::as_i64)
@@ -274,12 +261,7 @@ impl Reply {
                 }
             }
             "message" if !streamed => {
-                for part in item
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for part in items_of(item, "content") {
                     if let Some(t) = str_of(part, "text") {
                         self.push_text(t);
                     }

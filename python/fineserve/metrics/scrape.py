@@ -125,8 +125,6 @@ class Scraper:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ssl: ssl.SSLContext | None = None
-        #: Set by each page's thread after its first scrape (the run's baseline).
-        self._first: list[threading.Event] = []
 
     # -- lifecycle
 
@@ -136,6 +134,7 @@ class Scraper:
         however long the first request to a busy server takes."""
         if any(t.url.startswith("https://") for t in self.targets):
             self._ssl = (self.tls or TlsConfig()).ssl_context()
+        firsts = []  # each set by its page's thread after its first scrape
         for st in self.stats:
             first = threading.Event()
             th = threading.Thread(
@@ -143,9 +142,9 @@ class Scraper:
             )
             th.start()
             self._threads.append(th)
-            self._first.append(first)
+            firsts.append(first)
         give_up = time.monotonic() + self.timeout_s
-        for first in self._first:
+        for first in firsts:
             first.wait(max(give_up - time.monotonic(), 0.0))
 
     def started(self, t0_unix_ns: int) -> None:

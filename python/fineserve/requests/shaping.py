@@ -50,8 +50,8 @@ class RequestShapes:
     #: Live conversation history: the engine's ``history_api`` (``off``: later turns are
     #: built here with stand-in answers, ``requests.turns``).
     history_api: str = "off"
-    #: Live history: the delay after a reply that is a tool call, when the schedule has
-    #: no ``tool_ns`` (None: the turn's think time).
+    #: Live history: each turn's own new text and what could not be sized as the trace
+    #: says (None: synthetic history).
     live_turns: LiveTurns | None = None
 
     @classmethod
@@ -133,19 +133,7 @@ def engine_chunks(
             if shapes.media is None:
                 raise FineserveError("a chunk of the schedule has media, its first chunk none")
             media = shapes.media.build(c)
-        bodies = [
-            shapes.templates[m].render(p, int(t), f, mp)
-            for p, m, t, f, mp in zip(
-                prompts,
-                models.tolist(),
-                c.output_len.tolist(),
-                fields or [""] * n,
-                media.parts if media is not None else [()] * n,
-            )
-        ]
-        live = None
-        if live_rows is not None:
-            live = _live_bodies(shapes, c, live_rows, prompts, models, fields, media, bodies)
+        bodies, live = _bodies(shapes, c, live_rows, prompts, models, fields, media)
         slot_size, slot_edge = slot_sizes(c.t_ns)
         extra: dict[str, Any] = {
             "input_len": np.asarray(actual_len, dtype=np.int64),
@@ -191,21 +179,38 @@ def _count_prefix(
         prefix.add_plain(actual_len)
 
 
-def _live_bodies(
+def _bodies(
     shapes: RequestShapes,
     c: Schedule,
-    rows: npt.NDArray[np.int64],
+    live_rows: npt.NDArray[np.int64] | None,
     prompts: list[Any],
     models: npt.NDArray[Any],
     fields: list[str] | None,
     media: Any,
-    bodies: list[bytes],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]]:
-    """Live history: the conversation turns' bodies (``rows``) re-rendered with only
-    their own text, in place, and the engine's columns (tool_ns, turn_text)."""
-    offsets = np.zeros((len(c), 6), dtype=np.uint32)
+) -> tuple[list[bytes], tuple[npt.NDArray[np.int64], npt.NDArray[np.uint32]] | None]:
+    """The chunk's request bodies; under live history, the conversation turns'
+    (``live_rows``) are rendered once, with only their own text, and the engine's
+    columns (tool_ns, turn_text) come with them."""
+    n = len(c)
+    is_turn = np.zeros(n, dtype=bool)
+    if live_rows is not None:
+        is_turn[live_rows] = True
+    bodies = [
+        b"" if turn else shapes.templates[m].render(p, int(t), f, mp)
+        for p, m, t, f, mp, turn in zip(
+            prompts,
+            models.tolist(),
+            c.output_len.tolist(),
+            fields or [""] * n,
+            media.parts if media is not None else [()] * n,
+            is_turn.tolist(),
+        )
+    ]
+    if live_rows is None:
+        return bodies, None
+    offsets = np.zeros((n, 6), dtype=np.uint32)
     server = shapes.history_api == "responses-server"
-    for i in rows.tolist():
+    for i in live_rows.tolist():
         body, off = shapes.templates[models[i]].render_turn(
             prompts[i],
             int(c.output_len[i]),
@@ -216,7 +221,7 @@ def _live_bodies(
         bodies[i] = body
         offsets[i] = off.row()
     tool_ns = c.extra.get("tool_ns", c.extra["think_ns"])
-    return np.asarray(tool_ns, dtype=np.int64), offsets
+    return bodies, (np.asarray(tool_ns, dtype=np.int64), offsets)
 
 
 #: Media tokens per piece of a multimodal chunk whose bodies are built at once: a chunk's

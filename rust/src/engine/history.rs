@@ -210,46 +210,27 @@ fn assistant_items(api: HistoryApi, reply: &Reply, ids: &[String]) -> String {
 /// The follower's own message as the result of the tool calls: the first call gets the
 /// turn's text, any others an empty result.
 fn tool_result_items(api: HistoryApi, ids: &[String], literal: &str) -> String {
-    let result = |i: usize| if i == 0 { literal } else { "\"\"" };
-    match api {
-        HistoryApi::Responses | HistoryApi::ResponsesServer => ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                format!(
-                    "{{\"type\":\"function_call_output\",\"call_id\":{},\"output\":{}}}",
-                    json_str(id),
-                    result(i)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(","),
-        HistoryApi::Anthropic => {
-            let blocks: Vec<String> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| {
-                    format!(
-                        "{{\"type\":\"tool_result\",\"tool_use_id\":{},\"content\":{}}}",
-                        json_str(id),
-                        result(i)
-                    )
-                })
-                .collect();
-            format!("{{\"role\":\"user\",\"content\":[{}]}}", blocks.join(","))
+    // Each API's result item up to its call id, and the key its result text goes under.
+    let (head, text_key) = match api {
+        HistoryApi::Responses | HistoryApi::ResponsesServer => {
+            ("{\"type\":\"function_call_output\",\"call_id\":", "output")
         }
-        _ => ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                format!(
-                    "{{\"role\":\"tool\",\"tool_call_id\":{},\"content\":{}}}",
-                    json_str(id),
-                    result(i)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(","),
+        HistoryApi::Anthropic => ("{\"type\":\"tool_result\",\"tool_use_id\":", "content"),
+        _ => ("{\"role\":\"tool\",\"tool_call_id\":", "content"),
+    };
+    let items: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let result = if i == 0 { literal } else { "\"\"" };
+            format!("{head}{},\"{text_key}\":{result}}}", json_str(id))
+        })
+        .collect();
+    if api == HistoryApi::Anthropic {
+        // Anthropic's results are content blocks of one user message.
+        format!("{{\"role\":\"user\",\"content\":[{}]}}", items.join(","))
+    } else {
+        items.join(",")
     }
 }
 

@@ -182,9 +182,7 @@ async fn lane_main(
         t0_unix_ns: shared.t0_unix_ns.get().copied().unwrap_or(0),
     };
 
-    // No spin before a release: the timerfd wakes within tens of microseconds, and a second
-    // spinner on the lane would take time from its pacer (bench_live_history).
-    let release = ReleaseTimer::start(Duration::ZERO).map(|(timer, task)| {
+    let release = ReleaseTimer::start().map(|(timer, task)| {
         tokio::task::spawn_local(task);
         timer
     });

@@ -1,9 +1,10 @@
 //! Conversation turns: a later turn leaves `think_ns` after its previous turn ends, so
 //! the end of a turn is published for the requests that follow it, across lanes.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,20 +101,20 @@ impl TurnBoard {
 /// lane (tokio's own timer wakes on 1 ms ticks, as coarse as a whole micro-burst slot).
 pub(super) struct ReleaseTimer {
     queue: RefCell<BinaryHeap<Reverse<Waiting>>>,
-    seq: Cell<u64>,
     /// An earlier deadline than the one slept for was queued.
     changed: Notify,
 }
 
+/// A turn waiting for its release, ordered by deadline alone (turns due at the same
+/// instant are woken together, in any order).
 struct Waiting {
     at: Instant,
-    seq: u64,
     wake: oneshot::Sender<()>,
 }
 
 impl PartialEq for Waiting {
     fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
+        self.at == other.at
     }
 }
 impl Eq for Waiting {}
@@ -124,23 +125,22 @@ impl PartialOrd for Waiting {
 }
 impl Ord for Waiting {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+        self.at.cmp(&other.at)
     }
 }
 
 impl ReleaseTimer {
     /// The timer, and the task (to spawn on the lane) that fires it; None without a
-    /// timerfd (turns then wait on tokio's timer).
-    pub(super) fn start(
-        spin: Duration,
-    ) -> Option<(std::rc::Rc<Self>, impl std::future::Future<Output = ()>)> {
+    /// timerfd (turns then wait on tokio's timer). It does not spin before a release: the
+    /// timerfd wakes within tens of microseconds, and a second spinner on the lane would
+    /// take time from its pacer (bench_live_history).
+    pub(super) fn start() -> Option<(Rc<Self>, impl std::future::Future<Output = ()>)> {
         let fd = HiResSleep::new().ok()?;
-        let timer = std::rc::Rc::new(ReleaseTimer {
+        let timer = Rc::new(ReleaseTimer {
             queue: RefCell::new(BinaryHeap::new()),
-            seq: Cell::new(0),
             changed: Notify::new(),
         });
-        let me = std::rc::Rc::clone(&timer);
+        let me = Rc::clone(&timer);
         let task = async move {
             loop {
                 let next = {
@@ -157,7 +157,7 @@ impl ReleaseTimer {
                     None => me.changed.notified().await,
                     Some(at) => {
                         tokio::select! {
-                            _ = sleep_until_precise(&fd, at, spin) => {}
+                            _ = sleep_until_precise(&fd, at, Duration::ZERO) => {}
                             _ = me.changed.notified() => {}
                         }
                     }
@@ -169,11 +169,9 @@ impl ReleaseTimer {
 
     fn wake_at(&self, at: Instant) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        let seq = self.seq.get();
-        self.seq.set(seq + 1);
         let mut q = self.queue.borrow_mut();
         let earliest = q.peek().is_none_or(|w| at < w.0.at);
-        q.push(Reverse(Waiting { at, seq, wake: tx }));
+        q.push(Reverse(Waiting { at, wake: tx }));
         if earliest {
             self.changed.notify_one();
         }
