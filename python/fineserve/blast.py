@@ -599,6 +599,7 @@ def client_saturation(
         "connection_wait_mean_us": wait_ns / waits / 1e3 if waits else 0.0,
         "pool_wait_p99_us": sink.conn_wait_quantile_ns(0.99) / 1e3,
         "connections_peak": int(progress.get("connections_peak") or 0),
+        "connections_opened": int(progress.get("connections_opened") or 0),
         "max_connections": cap,
         "warm_connections": sizing.warm,
         "pool_exhausted_seconds": len(sink.pool_exhausted_s),

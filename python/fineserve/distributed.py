@@ -828,7 +828,8 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
 def _sum_progress(stats: list[_WorkerStats]) -> dict[str, Any]:
     keys = (
         "scheduled", "dispatched", "sent", "succeeded", "failed", "not_sent", "in_flight",
-        "connections_open", "connections_peak", "connection_waiting", "connection_waits",
+        "connections_open", "connections_peak", "connections_opened", "connection_waiting",
+        "connection_waits",
         "connection_wait_ns", "token_events", "kernel_stamped_events", "lane_windows",
         "lane_saturated_windows",
     )  # fmt: skip

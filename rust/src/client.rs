@@ -4,7 +4,9 @@
 //! Everything here runs on one lane's current-thread runtime, so the pool needs no locks.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -313,6 +315,17 @@ impl Pool {
         self.new_connection(endpoint, None).await
     }
 
+    /// `new_connection` on the heap: a connect (TCP, TLS, handshake) is a state machine
+    /// of kilobytes that every request task would otherwise carry for its whole life,
+    /// though most take a pooled connection (each spawn copies the whole task).
+    fn boxed_connection(
+        &self,
+        endpoint: usize,
+        reserved: Option<ConnSlot>,
+    ) -> Pin<Box<dyn Future<Output = Result<Sender, Failure>> + '_>> {
+        Box::pin(self.new_connection(endpoint, reserved))
+    }
+
     /// Budget for a new connection to `endpoint` when no idle one is there to reuse,
     /// waited for now (None: an idle connection can be taken). A request reserves before
     /// it is stamped as sent, so that waiting for the client's own descriptors shows as
@@ -462,7 +475,7 @@ impl Pool {
             if let Some(s) = shared {
                 return Ok((s, true));
             }
-            let sender = self.new_connection(endpoint, reserved).await?;
+            let sender = self.boxed_connection(endpoint, reserved).await?;
             if let Some(s) = sender.share() {
                 self.idle.borrow_mut()[endpoint].push(s);
             }
@@ -479,7 +492,7 @@ impl Pool {
                         return Ok((s, true));
                     }
                 }
-                None => return Ok((self.new_connection(endpoint, reserved).await?, false)),
+                None => return Ok((self.boxed_connection(endpoint, reserved).await?, false)),
             }
         }
     }
@@ -617,7 +630,7 @@ async fn execute_unredacted(
         header_values,
     } = request;
     let (reserved, waited_ns) = pool.reserve(endpoint).await;
-    rec.conn_wait_ns = waited_ns;
+    rec.conn_wait_ns += waited_ns;
     rec.sent_ns = clock.now_ns();
     on_sent();
     let first_byte_deadline = tokio::time::Instant::now() + cfg.first_byte_timeout;
@@ -673,7 +686,7 @@ async fn execute_unredacted(
             // once on a new connection, as browsers do for a reused connection.
             Ok(Err(e)) if reused && closed_before_response(&e) => {
                 reused = false;
-                sender = pool.connect(endpoint).await?;
+                sender = pool.boxed_connection(endpoint, None).await?;
             }
             Ok(Err(e)) => return Err(transport_failure(&e)),
             Ok(Ok(r)) => break r,
@@ -796,21 +809,58 @@ async fn read_limited(
     }
 }
 
+/// The idle timeout of one response body, armed once: a frame only notes the time, and
+/// the timer, when it fires, is moved to the latest frame + `idle` if one came since.
+/// A timeout per frame put and took a timer-wheel entry for every token.
+struct IdleDeadline {
+    idle: Duration,
+    last_frame: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleDeadline {
+    fn new(idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            idle,
+            last_frame: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
+    }
+
+    /// Ready once `idle` passed without a frame.
+    async fn expired(&mut self) {
+        loop {
+            (&mut self.timer).await;
+            let due = self.last_frame + self.idle;
+            if due <= tokio::time::Instant::now() {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
 async fn next_frame(
     body: &mut hyper::body::Incoming,
-    idle: Duration,
+    idle: &mut IdleDeadline,
 ) -> Result<Option<Bytes>, Failure> {
     loop {
-        match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => {
+        let frame = tokio::select! {
+            biased;
+            f = body.frame() => f,
+            () = idle.expired() => {
                 return Err((
                     ErrorKind::IdleTimeout,
-                    format!("no bytes from the server for {idle:?}"),
+                    format!("no bytes from the server for {:?}", idle.idle),
                 ))
             }
-            Ok(None) => return Ok(None),
-            Ok(Some(Err(e))) => return Err(transport_failure(&e)),
-            Ok(Some(Ok(frame))) => {
+        };
+        idle.last_frame = tokio::time::Instant::now();
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(transport_failure(&e)),
+            Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     return Ok(Some(data));
                 }
@@ -898,7 +948,8 @@ async fn read_stream(
     let mut parser = SseParser::new();
     let mut state = StreamState::default();
     let mut last_ns = rec.sent_ns;
-    while let Some(data) = next_frame(body, cfg.idle_timeout).await? {
+    let mut idle = IdleDeadline::new(cfg.idle_timeout);
+    while let Some(data) = next_frame(body, &mut idle).await? {
         let (t_ns, kernel) = clock.arrival_ns(conn.last_rx_unix_ns(), last_ns);
         last_ns = t_ns;
         let events_before = rec.chunk_ns.len();
@@ -953,7 +1004,8 @@ async fn read_whole(
     rec: &mut RequestRecord,
 ) -> Result<(), Failure> {
     let mut buf = Vec::new();
-    while let Some(data) = next_frame(body, cfg.idle_timeout).await? {
+    let mut idle = IdleDeadline::new(cfg.idle_timeout);
+    while let Some(data) = next_frame(body, &mut idle).await? {
         if buf.len() + data.len() > cfg.max_body_bytes {
             return Err((
                 ErrorKind::TooLarge,

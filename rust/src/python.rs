@@ -52,7 +52,7 @@ impl PyRun {
 #[pymethods]
 impl PyRun {
     /// Live counters: scheduled, dispatched, sent, succeeded, failed, not_sent, in_flight,
-    /// elapsed_ns, started, t0_unix_ns, connections_open, connections_peak,
+    /// elapsed_ns, started, t0_unix_ns, connections_open, connections_peak, connections_opened,
     /// connection_waiting, connection_waits, connection_wait_ns, warm_connections, warm_failures, realtime_lanes,
     /// realtime_demotions, token_events, kernel_stamped_events, lane_windows,
     /// lane_saturated_windows.
@@ -71,6 +71,7 @@ impl PyRun {
         d.set_item("t0_unix_ns", p.t0_unix_ns)?;
         d.set_item("connections_open", p.connections_open)?;
         d.set_item("connections_peak", p.connections_peak)?;
+        d.set_item("connections_opened", p.connections_opened)?;
         d.set_item("connection_waiting", p.connection_waiting)?;
         d.set_item("connection_waits", p.connection_waits)?;
         d.set_item("connection_wait_ns", p.connection_wait_ns)?;

@@ -22,6 +22,9 @@ pub struct ConnBudget {
     pub wait_ns: AtomicU64,
     /// The most connections open at once.
     pub peak: AtomicUsize,
+    /// Connections opened in all (warm ones included): past a server's ceiling, far more
+    /// than the peak means connections were closed and opened again (churn).
+    pub opened: AtomicU64,
 }
 
 /// One connection's share of the budget, returned when dropped (the connection closed).
@@ -46,6 +49,7 @@ impl ConnBudget {
             waits: AtomicU64::new(0),
             wait_ns: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
+            opened: AtomicU64::new(0),
         }
     }
 
@@ -63,6 +67,7 @@ impl ConnBudget {
             ) {
                 Ok(_) => {
                     self.peak.fetch_max(open + 1, Ordering::Relaxed);
+                    self.opened.fetch_add(1, Ordering::Relaxed);
                     return true;
                 }
                 Err(now) => open = now,
@@ -169,6 +174,7 @@ mod tests {
         assert_eq!(budget.waits.load(Ordering::Relaxed), 1);
         assert!(budget.wait_ns.load(Ordering::Relaxed) >= 15_000_000);
         assert_eq!(budget.peak.load(Ordering::Relaxed), 2);
+        assert_eq!(budget.opened.load(Ordering::Relaxed), 3);
         assert_eq!(budget.open(), 0);
     }
 }

@@ -9,11 +9,14 @@ use crate::client::{execute, Pool, RequestParts, RunClock};
 use crate::records::{ErrorKind, RequestRecord};
 
 use super::history::{carry_of, follower_body, HistoryApi};
-use super::lanes::{push_record, Chunk, LaneState};
+use super::lanes::{push_record, Chunk, LaneState, Queued};
 use super::routing::{route, Outstanding};
 use super::turns::{follow_turn, TurnEnd};
 use super::Shared;
 
+/// Spawns request `j` of `chunk`; `held_ns`: how long the pacer held it for want of a
+/// connection or concurrency slot (counted in its connection wait).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn dispatch(
     shared: &Arc<Shared>,
     pool: &Rc<Pool>,
@@ -22,6 +25,7 @@ pub(super) fn dispatch(
     lane: usize,
     chunk: &Chunk,
     j: usize,
+    held_ns: i64,
 ) {
     let sched = &chunk.schedule;
     let mut body = sched.bodies[sched.body_idx[j] as usize].clone();
@@ -48,9 +52,19 @@ pub(super) fn dispatch(
     let state = Rc::clone(state);
     tokio::task::spawn_local(async move {
         let mut rec = RequestRecord::new(index, scheduled_ns, endpoint, expected + 1);
+        rec.conn_wait_ns = held_ns;
         if parent >= 0 {
             let timer = state.release.as_deref();
-            match follow_turn(&shared, timer, clock, parent as u64, think_ns, tool_ns).await {
+            // Boxed: only later turns wait, and the task's size is every request's.
+            let turn = Box::pin(follow_turn(
+                &shared,
+                timer,
+                clock,
+                parent as u64,
+                think_ns,
+                tool_ns,
+            ));
+            match turn.await {
                 Ok(release) => {
                     rec.scheduled_ns = release.release_ns;
                     if shared.config.turn_affinity {
@@ -91,7 +105,8 @@ pub(super) fn dispatch(
             header_values,
         };
         let outcome = {
-            let work = run_request(&shared, &pool, clock, request, &mut rec);
+            let queued = state.queue();
+            let work = run_request(&shared, &pool, clock, request, &mut rec, queued);
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => None,
@@ -161,6 +176,7 @@ async fn run_request(
     clock: RunClock,
     request: RequestParts,
     rec: &mut RequestRecord,
+    queued: Queued,
 ) -> Result<(), (ErrorKind, String)> {
     let _permit = match &shared.semaphore {
         Some(sem) => Some(
@@ -181,6 +197,7 @@ async fn run_request(
     let result = tokio::time::timeout(
         cfg.total_timeout,
         execute(pool, cfg, clock, endpoint, request, rec, || {
+            drop(queued);
             progress.sent.fetch_add(1, Ordering::Relaxed);
             progress.in_flight.fetch_add(1, Ordering::Relaxed);
         }),

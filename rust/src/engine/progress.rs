@@ -48,6 +48,7 @@ pub struct ProgressSnapshot {
     /// connects that waited (with their total wait).
     pub connections_open: u64,
     pub connections_peak: u64,
+    pub connections_opened: u64,
     pub connection_waiting: u64,
     pub connection_waits: u64,
     pub connection_wait_ns: u64,
@@ -89,6 +90,7 @@ impl Progress {
             t0_unix_ns: t0_unix_ns.unwrap_or(0),
             connections_open: budget.open() as u64,
             connections_peak: budget.peak.load(Ordering::Relaxed) as u64,
+            connections_opened: budget.opened.load(Ordering::Relaxed),
             connection_waiting: budget.waiting() as u64,
             connection_waits: budget.waits.load(Ordering::Relaxed),
             connection_wait_ns: budget.wait_ns.load(Ordering::Relaxed),
