@@ -13,8 +13,19 @@ from .schedule import Schedule
 #: Descriptors kept for everything but connections: Python and its libraries, result
 #: files, the engine's event loops and timers.
 RESERVED_DESCRIPTORS = 256
-#: Share of the ephemeral port range (per source address and server) connections may use.
+#: Share of the ephemeral ports connect() takes cheaply (per source address and server)
+#: that connections may use: some stay in TIME_WAIT after the client closes a connection,
+#: and other programs on the host connect too.
 PORT_SHARE = 0.9
+
+
+def cheap_ports(low: int, high: int) -> int:
+    """Ports of ``low``..``high`` that connect() hands out cheaply towards one server:
+    Linux takes ports of one parity first (the other half is bind()'s) and, once that half
+    is used, walks all of it on every connect before trying the rest. Measured on this
+    project's machines (range 32768-60999): 30 us a connect up to ~14,100 connections to
+    one server, 1-2 ms each past it (the lanes' CPU went to the kernel's port search)."""
+    return (high - low + 1) // 2
 
 
 @dataclass
@@ -43,8 +54,8 @@ def connection_budget(
     the limits and what the expected peak (requests in flight at once) will meet.
     ``engine_processes`` > 1: the client ends live in that many child processes, each
     with the same limit as this one (the embedded mock's ends stay in this process). The
-    cap also keeps within the ephemeral ports (per source address and server), which all
-    processes of the host share: a connect past them fails at once."""
+    cap also keeps within the ephemeral ports connect() hands out cheaply (per source
+    address and server; :func:`cheap_ports`), which all processes of the host share."""
     _, limit = _engine.raise_open_files_limit()
     per_request = 2 if mock and engine_processes == 1 else 1
     if not limit:  # unknown (not Linux): no cap
@@ -54,10 +65,8 @@ def connection_budget(
         cap *= engine_processes
     ports = _engine.ephemeral_port_range()
     if ports is not None:
-        # Some ports stay in TIME_WAIT after the client closes a connection, and other
-        # programs on the host connect too: keep a tenth of the range free.
-        port_cap = int((ports[1] - ports[0] + 1) * max(n_sources, 1) * n_endpoints * PORT_SHARE)
-        cap = max(min(cap, port_cap), 1)
+        per_pair = int(cheap_ports(*ports) * PORT_SHARE)
+        cap = max(min(cap, per_pair * max(n_sources, 1) * n_endpoints), 1)
     # Connections are capped below the descriptor limit, so only the ports can fall short.
     lines = connection_limits(min(expected_peak_in_flight, cap), n_sources, mock, engine_processes)
     needed = expected_peak_in_flight * per_request + RESERVED_DESCRIPTORS
@@ -93,10 +102,10 @@ def connection_limits(
     ports = _engine.ephemeral_port_range()
     per_source = 0
     if ports is not None:
-        per_source = ports[1] - ports[0] + 1
+        per_source = cheap_ports(*ports)
         lines[0] += (
-            f"; ephemeral ports {ports[0]}-{ports[1]} "
-            f"({per_source} connections per source address and server)"
+            f"; ephemeral ports {ports[0]}-{ports[1]} (connects stay cheap up to "
+            f"{per_source} connections per source address and server)"
         )
     # Client ends spread over the engine processes; the embedded mock's all in this one.
     needed_files = (
@@ -114,8 +123,9 @@ def connection_limits(
     if per_source and connections_per_endpoint > per_source * max(n_sources, 1):
         lines.append(
             f"warning: {connections_per_endpoint} connections per server planned, more than "
-            f"{per_source} ephemeral ports × {max(n_sources, 1)} source address(es); "
-            "widen net.ipv4.ip_local_port_range or add --source-ip addresses"
+            f"{per_source} cheap ephemeral ports × {max(n_sources, 1)} source address(es) "
+            "(past them each connect walks the used ports, ~1 ms); widen "
+            "net.ipv4.ip_local_port_range or add --source-ip addresses"
         )
     return lines
 

@@ -46,6 +46,9 @@ pub(super) fn dispatch(
         .copied()
         .filter(|_| api != HistoryApi::Off);
     state.enter();
+    // Counted as waiting to leave from now, not from the task's first poll: the pacer
+    // spawns many before any runs. A later turn counts once its previous turn released it.
+    let queued = (parent < 0).then(|| state.queue());
     shared.progress.dispatched.fetch_add(1, Ordering::Relaxed);
     let shared = Arc::clone(shared);
     let pool = Rc::clone(pool);
@@ -105,7 +108,7 @@ pub(super) fn dispatch(
             header_values,
         };
         let outcome = {
-            let queued = state.queue();
+            let queued = queued.unwrap_or_else(|| state.queue());
             let work = run_request(&shared, &pool, clock, request, &mut rec, queued);
             tokio::select! {
                 biased;

@@ -214,8 +214,8 @@ async fn lane_main(
         shared.config.client.http2,
     ));
     warm_pool(&shared, &pool, lanes).await;
-    // While a connect (in any lane) waits for budget, this lane's idle connections close:
-    // a quiet lane must not sit on descriptors a busy one needs.
+    // While a connect (in any lane) waits for budget, this lane's connections that sat
+    // idle a while close: a quiet lane must not sit on descriptors a busy one needs.
     let trimmer = Rc::clone(&pool);
     tokio::task::spawn_local(async move {
         loop {
