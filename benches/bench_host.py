@@ -72,17 +72,24 @@ def body(tokens: int) -> bytes:
 
 
 def fineserve_blast(
-    mock: MockProcess, rate: float, seconds: float, extra: list[str], tmp: Path
+    mock: MockProcess,
+    rate: float,
+    seconds: float,
+    extra: list[str],
+    tmp: Path,
+    max_connections: int | None = MAX_CONNECTIONS,
 ) -> dict[str, Any]:
-    """``fineserve blast`` at ``rate`` for ``seconds``; client and server figures."""
+    """``fineserve blast`` at ``rate`` for ``seconds``; client and server figures.
+    ``max_connections`` None: blast's own cap (open files and ephemeral ports)."""
     req, res = tmp / "r.parquet", tmp / "r.json"
     n = int(rate * seconds)
+    cap = [] if max_connections is None else ["--max-connections", str(max_connections)]
     cmd = [
         sys.executable, "-m", "fineserve.cli", "blast", "--base-url", mock.base_url,
         "--model", "fineserve-mock", "--num-prompts", str(n), "--request-rate", str(rate),
         "--random-input-len", "32", "--random-output-len", str(TOKENS), "--seed", "1",
         "--disable-tqdm", "--save-requests", str(req), "--output-file", str(res),
-        "--max-connections", str(MAX_CONNECTIONS), *extra,
+        *cap, *extra,
     ]  # fmt: skip
     mock.take()  # forget earlier arrivals
     started = time.monotonic()
@@ -120,6 +127,8 @@ def fineserve_blast(
         "client_saturated": result.get("client_saturated"),
         "client_saturation_reasons": result.get("client_saturation_reasons"),
         "connections_peak": result.get("connections_peak"),
+        "connections_opened": result.get("connections_opened"),
+        "max_connections": result.get("max_connections"),
         "connection_waits": result.get("connection_waits"),
         "pool_wait_p99_us": result.get("pool_wait_p99_us"),
         "token_time_source": result.get("token_time_source"),
@@ -189,6 +198,25 @@ def part_ceiling(mock: MockProcess, args: argparse.Namespace, tmp: Path) -> dict
         f"ceiling: fineserve passes {rows['fineserve_ceiling']:,.0f}; best rates fineserve "
         f"{fs_best:,.0f}, oha {oha_best:,.0f}"
     )
+    return rows
+
+
+def part_past(mock: MockProcess, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Past the mock's ceiling: ``blast`` at ``--past-rate`` for 3 s with each connection
+    cap (``auto``: blast's own), and oha at the same rate with each ``-c``, in one run."""
+    rows: dict[str, Any] = {"rate": args.past_rate, "fineserve": [], "oha": []}
+    procs, lanes = args.configs[0]
+    extra = ["--processes", str(procs), "--lanes", str(lanes)]
+    for cap in args.past_connections:
+        conns = None if cap == "auto" else int(cap)
+        r = fineserve_blast(mock, args.past_rate, 3.0, extra, tmp, max_connections=conns)
+        r["cap"], r["config"] = cap, f"{procs}x{lanes}"
+        log(f"past fineserve {cap}: {_brief(r)}; opened {r.get('connections_opened')}")
+        rows["fineserve"].append(r)
+    for conns in args.oha_connections:
+        r = oha_blast(mock, args.past_rate, 3.0, conns)
+        log(f"past oha -c {conns}: {_brief(r)}")
+        rows["oha"].append(r)
     return rows
 
 
@@ -378,6 +406,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=6, help="client processes for streams")
     ap.add_argument("--mock-workers", type=int, default=6)
     ap.add_argument("--double-rate", type=float, default=0.0)
+    ap.add_argument("--past-rate", type=float, default=150_000.0)
+    ap.add_argument("--past-connections", default="auto,4000", help="blast caps, past part")
     ap.add_argument("--burst-rate", type=float, default=67_600.0)
     ap.add_argument("--burst-warm", type=int, default=2000)
     ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="engine part")
@@ -389,6 +419,7 @@ def main() -> None:
     args.rates = [float(r) for r in args.rates.split(",")]
     args.configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     args.oha_connections = [int(c) for c in args.oha_connections.split(",") if c]
+    args.past_connections = [c for c in args.past_connections.split(",") if c]
     parts = set(args.parts.split(","))
     out: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
@@ -405,13 +436,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if parts & {"engine", "ceiling", "double", "bursts"}:
+        if parts & {"engine", "ceiling", "double", "bursts", "past"}:
             with MockProcess(ttft_ms=5.0, itl_ms=0.0, workers=args.mock_workers) as mock:
                 if "engine" in parts:
                     out["engine"] = part_engine(mock, args)
                     save()
                 if "ceiling" in parts:
                     out["ceiling"] = part_ceiling(mock, args, tmp)
+                    save()
+                if "past" in parts:
+                    out["past"] = part_past(mock, args, tmp)
                     save()
                 if "double" in parts:
                     base = args.double_rate or 2 * (
