@@ -324,3 +324,29 @@ def test_past_the_budget_a_lane_holds_its_next_request_instead_of_spawning_it() 
     lag = np.asarray(res["sent_ns"])[sent] - np.asarray(res["scheduled_ns"])[sent]
     late = lag > 300e6  # sent after the first ~two rounds of 8: held a while
     assert late.sum() > 50 and np.all(waited[late] >= 0.9 * lag[late]), (waited, lag)
+
+
+def test_a_connection_unused_for_a_second_goes_to_a_lane_that_waits_for_budget() -> None:
+    """2 connections over 2 lanes. Lane 0's first request streams for ~3 s; lane 1's
+    finishes at once and its connection then sits unused. Lane 0's second request, due
+    at 1.5 s, finds the budget spent: lane 1 gives up its connection (unused for over a
+    second) and the request leaves then, not when lane 0's first one ends."""
+    from fineserve.runner import run_engine
+
+    slow, fast = completion_bodies(1, 300)[0], completion_bodies(1, 1)[0]
+    t = np.array([0, 0, 1_500_000_000, 1_600_000_000], np.int64)
+    with MockServer(ttft_ms=1, itl_ms=10) as m:
+        rec = run_engine(
+            [m.base_url + "/v1/completions"],
+            t,
+            [slow, fast],
+            np.array([0, 1, 0, 1], np.uint32),
+            np.zeros(4, np.uint32),
+            np.array([300, 1, 300, 1]),
+            EngineOptions(lanes=2, warm_connections=2, max_connections=2),
+            show_progress=False,
+        )
+    assert np.all(rec.col("error_kind") == 0)
+    lag_s = (rec.col("sent_ns") - rec.col("scheduled_ns")) / 1e9
+    assert lag_s[2] < 0.5, lag_s  # a connection freed for it, not lane 0's after ~3 s
+    assert rec.progress["connections_peak"] <= 2

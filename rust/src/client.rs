@@ -237,7 +237,7 @@ struct IdleConn {
 /// returned connection again within microseconds; closing it at once for another busy
 /// lane (as before) made both reconnect in turn: at 40k req/s offered to a mock serving
 /// ~20k, 4,000 connections were opened 21,000 times (at 250 ms: 9,000; at 1 s: 5,900).
-pub const IDLE_BEFORE_TRIM: Duration = Duration::from_secs(1);
+const IDLE_BEFORE_TRIM: Duration = Duration::from_secs(1);
 
 /// Idle keep-alive connections per endpoint, oldest first (taken from the back).
 pub struct Pool {
