@@ -2,6 +2,7 @@
 //! and an embedded OpenAI-compatible mock server. The Python bindings live in `python`
 //! (feature `python`), so `cargo test` needs no libpython.
 
+mod chunk_scan;
 pub mod client;
 pub mod engine;
 pub mod error;

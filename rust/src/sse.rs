@@ -757,8 +757,18 @@ fn error_text(err: &serde_json::Value) -> String {
     }
 }
 
-/// Decodes one event's data (or a non-streamed JSON body).
+/// Decodes one event's data (or a non-streamed JSON body): the common chunk shape by a
+/// scan of its bytes (`chunk_scan`), anything else with serde.
 pub fn decode_event(data: &[u8]) -> Result<EventKind, String> {
+    let trimmed = data.trim_ascii();
+    if let Some(info) = crate::chunk_scan::common_chunk(trimmed) {
+        return Ok(EventKind::Chunk(info));
+    }
+    decode_event_with_serde(trimmed)
+}
+
+/// `decode_event` without the fast path: every field of every API, and the error text.
+pub(crate) fn decode_event_with_serde(data: &[u8]) -> Result<EventKind, String> {
     let trimmed = data.trim_ascii();
     if trimmed == b"[DONE]" {
         return Ok(EventKind::Done);
