@@ -350,3 +350,16 @@ def test_a_connection_unused_for_a_second_goes_to_a_lane_that_waits_for_budget()
     lag_s = (rec.col("sent_ns") - rec.col("scheduled_ns")) / 1e9
     assert lag_s[2] < 0.5, lag_s  # a connection freed for it, not lane 0's after ~3 s
     assert rec.progress["connections_peak"] <= 2
+
+
+def test_a_connection_cap_past_the_limits_is_lowered_and_says_so(tmp_path: Path) -> None:
+    res = tmp_path / "r.json"
+    r = invoke(
+        "blast", "--num-prompts", "20", "--request-rate", "100", "--random-input-len", "8",
+        "--random-output-len", "2", "--max-connections", "1000000", "--disable-tqdm",
+        "--output-file", str(res),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cap = json.loads(res.read_text())["max_connections"]
+    assert 0 < cap < 1_000_000
+    assert "--max-connections 1000000 is more than" in r.output and f"at most {cap}" in r.output

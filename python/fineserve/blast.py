@@ -106,6 +106,11 @@ def size_engine(cfg: BlastConfig, first: Schedule, targets: Targets, is_mock: bo
     # connections open at once over every lane (idle pooled ones hold descriptors too).
     in_flight_cap = min(ec.max_concurrency or budget.max_in_flight, budget.max_in_flight)
     max_connections = min(ec.max_connections or budget.max_in_flight, budget.max_in_flight)
+    if ec.max_connections and ec.max_connections > max_connections:
+        budget.lines.append(
+            f"--max-connections {ec.max_connections} is more than the open files and the "
+            f"cheap ephemeral ports allow here: at most {max_connections} are open at once"
+        )
     n_urls = len(targets.urls)
     warm = ec.warm_connections
     if warm is None:

@@ -853,8 +853,9 @@ _ENGINE_OPTIONS: list[Any] = [
         "--max-connections",
         type=click.IntRange(min=1),
         help="Connections open at once over every lane (default: what the open-files limit "
-        "allows); a request past it waits for one to close (shown as dispatch lag and "
-        "in the saturation verdict) instead of failing.",
+        "and the ephemeral ports connect() hands out cheaply allow); a request past it "
+        "waits for one to close (shown as dispatch lag and in the saturation verdict) "
+        "instead of failing.",
     ),
     click.option(
         "--warmup-requests",
