@@ -18,25 +18,29 @@ pub fn common_chunk(json: &[u8]) -> Option<ChunkInfo> {
     let mut info = ChunkInfo::default();
     let mut seen_choices = false;
     let mut seen_usage = false;
-    s.object(|s, key| {
-        match key {
-            b"choices" if !seen_choices => {
-                seen_choices = true;
-                s.choices(&mut info)
-            }
-            // Only `null` here: a count is decoded (and checked) by the serde path.
-            b"usage" if !seen_usage => {
-                seen_usage = true;
-                s.literal(b"null")
-            }
-            // Fields the serde path reads for other APIs (or a second `choices`): let it.
-            b"choices" | b"usage" | b"error" | b"type" | b"delta" | b"message" | b"response"
-            | b"output" | b"content_block" | b"content" | b"stop_reason" => None,
-            _ => s.skip_value(),
+    s.object(|s, key| match key {
+        b"choices" => {
+            first(&mut seen_choices)?;
+            s.choices(&mut info)
         }
+        // Only `null` here: a count is decoded (and checked) by the serde path.
+        b"usage" => {
+            first(&mut seen_usage)?;
+            s.literal(b"null")
+        }
+        // Fields the serde path reads for other APIs: let it.
+        b"error" | b"type" | b"delta" | b"message" | b"response" | b"output" | b"content_block"
+        | b"content" | b"stop_reason" => None,
+        _ => s.skip_value(),
     })?;
     s.ws();
     (s.i == s.b.len()).then_some(info)
+}
+
+/// None on a field's second occurrence (the serde path fails a duplicate field), and
+/// marks it seen.
+fn first(seen: &mut bool) -> Option<()> {
+    (!std::mem::replace(seen, true)).then_some(())
 }
 
 struct Scan<'a> {
@@ -245,24 +249,24 @@ impl Scan<'_> {
     fn choice(&mut self, info: &mut ChunkInfo) -> Option<()> {
         let (mut text, mut delta, mut finish) = (false, false, false);
         self.object(|s, key| match key {
-            b"text" if !text => {
-                text = true;
+            b"text" => {
+                first(&mut text)?;
                 info.answer |= s.text()?;
                 Some(())
             }
-            b"delta" if !delta => {
-                delta = true;
+            b"delta" => {
+                first(&mut delta)?;
                 if s.is_null() {
                     return s.literal(b"null");
                 }
                 s.delta(info)
             }
-            b"finish_reason" if !finish => {
-                finish = true;
+            b"finish_reason" => {
+                first(&mut finish)?;
                 info.finish_reason = !s.is_null();
                 s.skip_value()
             }
-            b"text" | b"delta" | b"finish_reason" | b"message" => None,
+            b"message" => None,
             _ => s.skip_value(),
         })
     }
@@ -270,23 +274,23 @@ impl Scan<'_> {
     fn delta(&mut self, info: &mut ChunkInfo) -> Option<()> {
         let (mut content, mut reasoning, mut reasoning_content) = (false, false, false);
         self.object(|s, key| match key {
-            b"content" if !content => {
-                content = true;
+            b"content" => {
+                first(&mut content)?;
                 info.answer |= s.text()?;
                 Some(())
             }
-            b"reasoning" if !reasoning => {
-                reasoning = true;
+            b"reasoning" => {
+                first(&mut reasoning)?;
                 info.reasoning |= s.text()?;
                 Some(())
             }
-            b"reasoning_content" if !reasoning_content => {
-                reasoning_content = true;
+            b"reasoning_content" => {
+                first(&mut reasoning_content)?;
                 info.reasoning |= s.text()?;
                 Some(())
             }
-            // Tool calls (even null ones) and second copies: the serde path.
-            b"content" | b"reasoning" | b"reasoning_content" | b"tool_calls" => None,
+            // Tool calls (even null ones): the serde path.
+            b"tool_calls" => None,
             _ => s.skip_value(),
         })
     }

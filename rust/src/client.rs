@@ -232,6 +232,13 @@ struct IdleConn {
     since: Instant,
 }
 
+impl IdleConn {
+    fn now(sender: Sender) -> Self {
+        let since = Instant::now();
+        Self { sender, since }
+    }
+}
+
 /// How long a connection sits unused in its lane's pool before the lane gives it up for
 /// another lane waiting for connection budget. A lane past a server's ceiling takes a
 /// returned connection again within microseconds; closing it at once for another busy
@@ -339,8 +346,11 @@ impl Pool {
 
     /// Opens a new connection (TCP, then TLS for `https://`, within the connect timeout);
     /// its driver task runs on the current `LocalSet`.
-    pub async fn connect(&self, endpoint: usize) -> Result<Sender, Failure> {
-        self.new_connection(endpoint, None).await
+    pub fn connect(
+        &self,
+        endpoint: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<Sender, Failure>> + '_>> {
+        self.boxed_connection(endpoint, None)
     }
 
     /// `new_connection` on the heap: a connect (TCP, TLS, handshake) is a state machine
@@ -478,10 +488,7 @@ impl Pool {
     /// one (`trim` closes it if it then sits unused while another lane waits for budget).
     /// An HTTP/2 handle is dropped: its connection stays pooled, shared.
     pub fn put(&self, endpoint: usize, sender: Sender) {
-        let conn = IdleConn {
-            sender,
-            since: Instant::now(),
-        };
+        let conn = IdleConn::now(sender);
         if conn.sender.is_h2() {
             let mut idle = self.idle.borrow_mut();
             if idle[endpoint].iter().all(|c| c.sender.is_closed()) && !conn.sender.is_closed() {
@@ -516,8 +523,7 @@ impl Pool {
             }
             let sender = self.boxed_connection(endpoint, reserved).await?;
             if let Some(s) = sender.share() {
-                let since = Instant::now();
-                self.idle.borrow_mut()[endpoint].push(IdleConn { sender: s, since });
+                self.idle.borrow_mut()[endpoint].push(IdleConn::now(s));
             }
             return Ok((sender, false));
         }
@@ -726,7 +732,7 @@ async fn execute_unredacted(
             // once on a new connection, as browsers do for a reused connection.
             Ok(Err(e)) if reused && closed_before_response(&e) => {
                 reused = false;
-                sender = pool.boxed_connection(endpoint, None).await?;
+                sender = pool.connect(endpoint).await?;
             }
             Ok(Err(e)) => return Err(transport_failure(&e)),
             Ok(Ok(r)) => break r,
